@@ -1,0 +1,29 @@
+//! Prepare the reference 12 MP phone photo (EXIF orientation 6) to a 1024-px JPEG.
+use criterion::{criterion_group, criterion_main, Criterion};
+use sightline_core::{prepare, PrepareOptions};
+
+fn sample(path: &str) -> Option<Vec<u8>> {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/samples").join(path);
+    std::fs::read(p).ok()
+}
+
+fn bench(c: &mut Criterion) {
+    let Some(phone) = sample("large/phone12mp.jpg") else {
+        eprintln!("../shared/samples/large/phone12mp.jpg not found; nothing to bench");
+        return;
+    };
+    let opts = PrepareOptions::default();
+    let mut g = c.benchmark_group("prepare");
+    g.sample_size(20);
+    g.bench_function("phone12mp_to_1024", |b| {
+        b.iter(|| prepare(&phone, &opts).map(|p| p.bytes))
+    });
+    // Baseline in the same run: decode alone with the `image` crate.
+    g.bench_function("baseline_image_decode_only", |b| {
+        b.iter(|| image::load_from_memory(&phone).map(|i| i.width()))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,20 @@
+//! sightline core: the domain with no AWS and no async runtime. Builds for wasm32.
+//!
+//! - [`prepare`]: limits, decode, EXIF orientation, sRGB, resize, JPEG.
+//! - [`pricing`]: the versioned price table and image-token rules (one estimator everywhere).
+//! - [`retry`]: transient vs permanent, backoff.
+//! - [`limiter`]: RPM + TPM reserve-then-correct maths.
+//! - [`keys`]: blob key layout and S3 event key decoding.
+//! - [`model`]: records, results and queue messages.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod keys;
+pub mod limiter;
+pub mod model;
+pub mod prepare;
+pub mod pricing;
+pub mod retry;
+
+pub use model::{AnalysisJob, AnalysisResult, Detail, Estimate, ImageRecord, ImageSize, ImageStatus};
+pub use prepare::{prepare, probe, PrepareError, PrepareOptions, PreparedImage};
+pub use pricing::{EstimateParams, PriceTable, Usage};

@@ -1,0 +1,205 @@
+//! Domain types shared by every adapter, the Lambdas, the CLI and the browser.
+
+use serde::{Deserialize, Serialize};
+
+use crate::pricing::Usage;
+
+/// OpenAI's `detail` setting; other providers ignore it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Detail {
+    Low,
+    #[default]
+    High,
+}
+
+impl Detail {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Detail::Low => "low",
+            Detail::High => "high",
+        }
+    }
+}
+
+/// Width, height and encoded size of an image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ImageSize {
+    pub width: u32,
+    pub height: u32,
+    pub bytes: u64,
+}
+
+/// Pre-call estimate of one analysis (image + prompt + expected output).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Estimate {
+    pub model: String,
+    pub image_tokens: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// input + expected output
+    pub tokens: u64,
+    pub cost_usd: f64,
+    pub price_version: String,
+}
+
+/// Where an image is in the pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageStatus {
+    /// Upload URL handed out, bytes not seen yet.
+    Pending,
+    /// Resized and queued for analysis.
+    Queued,
+    Done,
+    Failed,
+}
+
+impl ImageStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImageStatus::Pending => "pending",
+            ImageStatus::Queued => "queued",
+            ImageStatus::Done => "done",
+            ImageStatus::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ImageStatus> {
+        match s {
+            "pending" => Some(ImageStatus::Pending),
+            "queued" => Some(ImageStatus::Queued),
+            "done" => Some(ImageStatus::Done),
+            "failed" => Some(ImageStatus::Failed),
+            _ => None,
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(self, ImageStatus::Done | ImageStatus::Failed)
+    }
+}
+
+/// The stored record of one image and, once analysed, its result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageRecord {
+    pub image_id: String,
+    pub tenant: String,
+    /// Where it came from: an S3 key, a local path or an upload.
+    pub source: String,
+    pub status: ImageStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original: Option<ImageSize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resized: Option<ImageSize>,
+    /// EXIF orientation of the original (1–8).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub orientation: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// Blob key of the resized JPEG.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resized_key: Option<String>,
+    /// Estimate for the configured model on the resized image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimate: Option<Estimate>,
+    /// Estimate for the same model on the original image (what resizing saved).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_estimate: Option<Estimate>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<AnalysisResult>,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+/// The analysis of one image by one model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AnalysisResult {
+    pub provider: String,
+    pub model: String,
+    /// The analysis object (provider-specific JSON, validated).
+    pub analysis: serde_json::Value,
+    pub usage: Usage,
+    pub cost_usd: f64,
+    /// True when served from the idempotency cache (no provider call, $0).
+    pub cached: bool,
+    pub idempotency_key: String,
+    pub prompt_version: String,
+    pub price_version: String,
+    pub completed_at: String,
+}
+
+/// The queue message that asks for one analysis.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AnalysisJob {
+    /// Message schema version.
+    pub v: u32,
+    pub image_id: String,
+    pub tenant: String,
+    pub resized_key: String,
+    pub sha256: String,
+    pub width: u32,
+    pub height: u32,
+}
+
+impl AnalysisJob {
+    pub const VERSION: u32 = 1;
+
+    /// Parse one queue body; a bad body is a permanent error for that message only.
+    pub fn parse(body: &str) -> Result<AnalysisJob, String> {
+        let job: AnalysisJob =
+            serde_json::from_str(body).map_err(|e| format!("malformed job message: {e}"))?;
+        if job.v != Self::VERSION {
+            return Err(format!("unsupported job message version {}", job.v));
+        }
+        if job.image_id.is_empty() || job.resized_key.is_empty() || job.sha256.len() != 64 {
+            return Err("job message lacks image_id, resized_key or a sha256".into());
+        }
+        Ok(job)
+    }
+}
+
+/// Idempotency key: the same resized bytes, model and prompt version are analysed once.
+pub fn idempotency_key(sha256: &str, model: &str, prompt_version: &str) -> String {
+    format!("{sha256}:{model}:{prompt_version}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_parse_rejects_bad_bodies() {
+        assert!(AnalysisJob::parse("not json").is_err());
+        assert!(AnalysisJob::parse("{}").is_err());
+        let good = AnalysisJob {
+            v: 1,
+            image_id: "i".into(),
+            tenant: "t".into(),
+            resized_key: "resized/t/i.jpg".into(),
+            sha256: "a".repeat(64),
+            width: 1,
+            height: 1,
+        };
+        let body = serde_json::to_string(&good).unwrap();
+        assert_eq!(AnalysisJob::parse(&body).unwrap(), good);
+        let v2 = body.replace("\"v\":1", "\"v\":2");
+        assert!(AnalysisJob::parse(&v2).unwrap_err().contains("version"));
+    }
+
+    #[test]
+    fn status_round_trips() {
+        for s in [
+            ImageStatus::Pending,
+            ImageStatus::Queued,
+            ImageStatus::Done,
+            ImageStatus::Failed,
+        ] {
+            assert_eq!(ImageStatus::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(ImageStatus::parse("nope"), None);
+    }
+}

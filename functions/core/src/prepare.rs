@@ -1,0 +1,434 @@
+//! Image preparation: check limits, decode, orient, convert to sRGB RGB, resize, encode JPEG.
+//!
+//! Limits are checked from the header before anything large is allocated. The output
+//! JPEG carries no metadata (no EXIF, no GPS) and is already upright.
+
+use std::io::Cursor;
+
+use fast_image_resize as fir;
+use image::codecs::jpeg::JpegEncoder;
+use image::metadata::Orientation;
+use image::{DynamicImage, ExtendedColorType, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Knobs for [`prepare`]; the defaults are the product's defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PrepareOptions {
+    /// Longest edge of the output, in pixels; smaller images are never upscaled.
+    pub max_edge: u32,
+    /// JPEG quality, 1–100.
+    pub quality: u8,
+    /// Largest accepted input, in bytes.
+    pub max_input_bytes: u64,
+    /// Largest accepted width × height, read from the header before decoding.
+    pub max_pixels: u64,
+    /// Decoder allocation limit, in bytes.
+    pub max_alloc_bytes: u64,
+}
+
+impl Default for PrepareOptions {
+    fn default() -> Self {
+        PrepareOptions {
+            max_edge: 1024,
+            quality: 85,
+            max_input_bytes: 25 * 1024 * 1024,
+            max_pixels: 100_000_000,
+            max_alloc_bytes: 1024 * 1024 * 1024,
+        }
+    }
+}
+
+/// Why an image cannot be prepared. Every variant is permanent for that image.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PrepareError {
+    #[error("empty file (0 bytes)")]
+    Empty,
+    #[error("file is {bytes} bytes, over the {max}-byte limit")]
+    TooLarge { bytes: u64, max: u64 },
+    #[error("SVG (vector) images are not supported; export a PNG or JPEG")]
+    Svg,
+    #[error("not an image (no known image signature)")]
+    NotAnImage,
+    #[error("unsupported image format {0}; use JPEG, PNG, WebP or GIF")]
+    Unsupported(String),
+    #[error("image is {width}×{height} = {pixels} pixels, over the {max}-pixel limit")]
+    TooManyPixels {
+        width: u32,
+        height: u32,
+        pixels: u64,
+        max: u64,
+    },
+    #[error("image has zero width or height")]
+    ZeroDimensions,
+    #[error("image needs more memory to decode than the {max}-byte limit")]
+    MemoryLimit { max: u64 },
+    #[error("image data is truncated")]
+    Truncated,
+    #[error("image is corrupt: {0}")]
+    Corrupt(String),
+    #[error("invalid options: {0}")]
+    Options(String),
+    #[error("could not encode the output JPEG: {0}")]
+    Encode(String),
+}
+
+impl PrepareError {
+    /// A short stable code for APIs and logs.
+    pub fn code(&self) -> &'static str {
+        match self {
+            PrepareError::Empty => "empty",
+            PrepareError::TooLarge { .. } => "too_large",
+            PrepareError::Svg => "svg_unsupported",
+            PrepareError::NotAnImage => "not_an_image",
+            PrepareError::Unsupported(_) => "unsupported_format",
+            PrepareError::TooManyPixels { .. } => "too_many_pixels",
+            PrepareError::ZeroDimensions => "zero_dimensions",
+            PrepareError::MemoryLimit { .. } => "memory_limit",
+            PrepareError::Truncated => "truncated",
+            PrepareError::Corrupt(_) => "corrupt",
+            PrepareError::Options(_) => "invalid_options",
+            PrepareError::Encode(_) => "encode_failed",
+        }
+    }
+}
+
+/// What the header says, without decoding pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageInfo {
+    pub format: SourceFormat,
+    /// Upright (display) size, after EXIF orientation.
+    pub width: u32,
+    pub height: u32,
+    /// EXIF orientation, 1–8 (1 when absent).
+    pub orientation: u8,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceFormat {
+    Jpeg,
+    Png,
+    Webp,
+    Gif,
+}
+
+impl SourceFormat {
+    fn image_format(self) -> ImageFormat {
+        match self {
+            SourceFormat::Jpeg => ImageFormat::Jpeg,
+            SourceFormat::Png => ImageFormat::Png,
+            SourceFormat::Webp => ImageFormat::WebP,
+            SourceFormat::Gif => ImageFormat::Gif,
+        }
+    }
+
+    pub fn extension(self) -> &'static str {
+        match self {
+            SourceFormat::Jpeg => "jpg",
+            SourceFormat::Png => "png",
+            SourceFormat::Webp => "webp",
+            SourceFormat::Gif => "gif",
+        }
+    }
+}
+
+/// The prepared image and the facts about it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PreparedImage {
+    #[serde(skip)]
+    pub jpeg: Vec<u8>,
+    pub format: SourceFormat,
+    pub orientation: u8,
+    /// Upright size of the original.
+    pub original_width: u32,
+    pub original_height: u32,
+    pub original_bytes: u64,
+    pub width: u32,
+    pub height: u32,
+    pub bytes: u64,
+    /// Lower-case hex sha256 of `jpeg`.
+    pub sha256: String,
+}
+
+/// Identify the format from the signature; SVG and non-images get their own errors.
+pub fn sniff(bytes: &[u8]) -> Result<SourceFormat, PrepareError> {
+    if bytes.is_empty() {
+        return Err(PrepareError::Empty);
+    }
+    match image::guess_format(bytes) {
+        Ok(ImageFormat::Jpeg) => Ok(SourceFormat::Jpeg),
+        Ok(ImageFormat::Png) => Ok(SourceFormat::Png),
+        Ok(ImageFormat::WebP) => Ok(SourceFormat::Webp),
+        Ok(ImageFormat::Gif) => Ok(SourceFormat::Gif),
+        Ok(other) => Err(PrepareError::Unsupported(format!("{other:?}").to_uppercase())),
+        Err(_) if looks_like_svg(bytes) => Err(PrepareError::Svg),
+        Err(_) => Err(PrepareError::NotAnImage),
+    }
+}
+
+fn looks_like_svg(bytes: &[u8]) -> bool {
+    let head = &bytes[..bytes.len().min(4096)];
+    let text = String::from_utf8_lossy(head).to_ascii_lowercase();
+    let t = text.trim_start_matches('\u{feff}').trim_start();
+    t.starts_with('<') && t.contains("<svg")
+}
+
+fn limits(opts: &PrepareOptions) -> Limits {
+    let mut l = Limits::default();
+    l.max_alloc = Some(opts.max_alloc_bytes);
+    // Individual sides: a 100 MP budget never needs a side over 1M pixels.
+    l.max_image_width = Some(1 << 20);
+    l.max_image_height = Some(1 << 20);
+    l
+}
+
+fn map_image_error(e: image::ImageError, opts: &PrepareOptions) -> PrepareError {
+    use image::error::{LimitErrorKind, ImageError};
+    match e {
+        ImageError::Limits(l) => match l.kind() {
+            LimitErrorKind::InsufficientMemory => PrepareError::MemoryLimit {
+                max: opts.max_alloc_bytes,
+            },
+            _ => PrepareError::Corrupt(l.to_string()),
+        },
+        ImageError::IoError(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            PrepareError::Truncated
+        }
+        ImageError::Unsupported(u) => PrepareError::Unsupported(u.to_string()),
+        other => {
+            let msg = other.to_string();
+            let lower = msg.to_ascii_lowercase();
+            if lower.contains("eof") || lower.contains("end of file") || lower.contains("truncat")
+                || lower.contains("no more bytes") || lower.contains("exhausted")
+            {
+                PrepareError::Truncated
+            } else {
+                PrepareError::Corrupt(msg)
+            }
+        }
+    }
+}
+
+fn check_options(opts: &PrepareOptions) -> Result<(), PrepareError> {
+    if opts.max_edge == 0 || opts.max_edge > 16_384 {
+        return Err(PrepareError::Options(format!(
+            "max_edge must be 1..=16384, got {}",
+            opts.max_edge
+        )));
+    }
+    if !(1..=100).contains(&opts.quality) {
+        return Err(PrepareError::Options(format!(
+            "quality must be 1..=100, got {}",
+            opts.quality
+        )));
+    }
+    Ok(())
+}
+
+fn check_size(bytes: &[u8], opts: &PrepareOptions) -> Result<(), PrepareError> {
+    if bytes.is_empty() {
+        return Err(PrepareError::Empty);
+    }
+    let len = bytes.len() as u64;
+    if len > opts.max_input_bytes {
+        return Err(PrepareError::TooLarge {
+            bytes: len,
+            max: opts.max_input_bytes,
+        });
+    }
+    Ok(())
+}
+
+fn check_pixels(width: u32, height: u32, opts: &PrepareOptions) -> Result<(), PrepareError> {
+    if width == 0 || height == 0 {
+        return Err(PrepareError::ZeroDimensions);
+    }
+    let pixels = u64::from(width) * u64::from(height);
+    if pixels > opts.max_pixels {
+        return Err(PrepareError::TooManyPixels {
+            width,
+            height,
+            pixels,
+            max: opts.max_pixels,
+        });
+    }
+    Ok(())
+}
+
+fn swaps_axes(o: Orientation) -> bool {
+    matches!(
+        o,
+        Orientation::Rotate90
+            | Orientation::Rotate270
+            | Orientation::Rotate90FlipH
+            | Orientation::Rotate270FlipH
+    )
+}
+
+/// Read format, upright size and orientation from the header; no pixel decoding.
+pub fn probe(bytes: &[u8], opts: &PrepareOptions) -> Result<ImageInfo, PrepareError> {
+    check_size(bytes, opts)?;
+    let format = sniff(bytes)?;
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format.image_format());
+    reader.limits(limits(opts));
+    let mut decoder = reader.into_decoder().map_err(|e| map_image_error(e, opts))?;
+    let (w, h) = decoder.dimensions();
+    check_pixels(w, h, opts)?;
+    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+    let (width, height) = if swaps_axes(orientation) { (h, w) } else { (w, h) };
+    Ok(ImageInfo {
+        format,
+        width,
+        height,
+        orientation: orientation.to_exif(),
+    })
+}
+
+/// Output size that fits `max_edge` on the long side, never upscaling.
+pub fn fit_within(width: u32, height: u32, max_edge: u32) -> (u32, u32) {
+    let long = width.max(height);
+    if long <= max_edge || long == 0 {
+        return (width, height);
+    }
+    let scale = f64::from(max_edge) / f64::from(long);
+    let w = ((f64::from(width) * scale).round() as u32).clamp(1, max_edge);
+    let h = ((f64::from(height) * scale).round() as u32).clamp(1, max_edge);
+    (w, h)
+}
+
+/// Decode, orient, convert, resize and encode one image.
+pub fn prepare(bytes: &[u8], opts: &PrepareOptions) -> Result<PreparedImage, PrepareError> {
+    check_options(opts)?;
+    check_size(bytes, opts)?;
+    let format = sniff(bytes)?;
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format.image_format());
+    reader.limits(limits(opts));
+    let mut decoder = reader.into_decoder().map_err(|e| map_image_error(e, opts))?;
+    let (stored_w, stored_h) = decoder.dimensions();
+    check_pixels(stored_w, stored_h, opts)?;
+    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+    // The decoder's own limits do not cover every format's buffers: budget them here.
+    let decoded_bytes = decoder.total_bytes();
+    let convert_bytes = if decoder.color_type() == image::ColorType::Rgb8 {
+        0
+    } else {
+        u64::from(stored_w) * u64::from(stored_h) * 3
+    };
+    if decoded_bytes.saturating_add(convert_bytes) > opts.max_alloc_bytes {
+        return Err(PrepareError::MemoryLimit {
+            max: opts.max_alloc_bytes,
+        });
+    }
+    // Some JPEG decoders fill a cut-off scan with grey instead of failing; refuse it here.
+    if format == SourceFormat::Jpeg && !jpeg_has_eoi(bytes) {
+        return Err(PrepareError::Truncated);
+    }
+    // GIF and WebP animations: the decoder yields the first frame.
+    let decoded = DynamicImage::from_decoder(decoder).map_err(|e| map_image_error(e, opts))?;
+
+    let rgb = to_srgb8(decoded);
+    let (up_w, up_h) = if swaps_axes(orientation) {
+        (stored_h, stored_w)
+    } else {
+        (stored_w, stored_h)
+    };
+    // Resize in stored orientation (fewer pixels to rotate afterwards).
+    let (out_w, out_h) = fit_within(up_w, up_h, opts.max_edge);
+    let (target_w, target_h) = if swaps_axes(orientation) {
+        (out_h, out_w)
+    } else {
+        (out_w, out_h)
+    };
+    let resized = resize_rgb(rgb, target_w, target_h)?;
+    let mut upright = DynamicImage::ImageRgb8(resized);
+    upright.apply_orientation(orientation);
+    let upright = upright.into_rgb8();
+
+    let jpeg = encode_jpeg(&upright, opts.quality)?;
+    let sha256 = hex::encode(Sha256::digest(&jpeg));
+    Ok(PreparedImage {
+        format,
+        orientation: orientation.to_exif(),
+        original_width: up_w,
+        original_height: up_h,
+        original_bytes: bytes.len() as u64,
+        width: upright.width(),
+        height: upright.height(),
+        bytes: jpeg.len() as u64,
+        sha256,
+        jpeg,
+    })
+}
+
+/// True when the JPEG's scan data is followed by an EOI marker. Walks the marker segments
+/// up to the first SOS, then looks for FF D9: inside entropy-coded data every FF byte is
+/// stuffed (FF 00) or a restart marker, so FF D9 there is the real end.
+fn jpeg_has_eoi(bytes: &[u8]) -> bool {
+    let mut i = 2; // after SOI
+    while i + 4 <= bytes.len() {
+        if bytes[i] != 0xFF {
+            return false;
+        }
+        let marker = bytes[i + 1];
+        if marker == 0xFF {
+            i += 1; // fill byte
+            continue;
+        }
+        let len = usize::from(u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]));
+        if marker == 0xDA {
+            let scan = i.saturating_add(2).saturating_add(len).min(bytes.len());
+            return bytes[scan..].windows(2).any(|w| w == [0xFF, 0xD9]);
+        }
+        i = i.saturating_add(2).saturating_add(len);
+    }
+    false
+}
+
+/// Any decoded layout (palette, grey, 16-bit, alpha, CMYK already converted by the decoder)
+/// → 8-bit RGB, alpha flattened on white.
+fn to_srgb8(img: DynamicImage) -> RgbImage {
+    if !img.color().has_alpha() {
+        return img.into_rgb8();
+    }
+    let rgba = img.into_rgba8();
+    let (w, h) = rgba.dimensions();
+    let mut out = Vec::with_capacity(w as usize * h as usize * 3);
+    for px in rgba.pixels() {
+        let [r, g, b, a] = px.0;
+        let a = u32::from(a);
+        for c in [r, g, b] {
+            // c·a + 255·(1−a), rounded.
+            out.push(((u32::from(c) * a + 255 * (255 - a) + 127) / 255) as u8);
+        }
+    }
+    // Length is exactly w·h·3 by construction.
+    RgbImage::from_raw(w, h, out).unwrap_or_else(|| RgbImage::new(w, h))
+}
+
+fn resize_rgb(src: RgbImage, w: u32, h: u32) -> Result<RgbImage, PrepareError> {
+    if src.dimensions() == (w, h) {
+        return Ok(src);
+    }
+    let (sw, sh) = src.dimensions();
+    let src_img = fir::images::Image::from_vec_u8(sw, sh, src.into_raw(), fir::PixelType::U8x3)
+        .map_err(|e| PrepareError::Corrupt(format!("resize source: {e}")))?;
+    let mut dst = fir::images::Image::new(w, h, fir::PixelType::U8x3);
+    let mut resizer = fir::Resizer::new();
+    let options = fir::ResizeOptions::new()
+        .resize_alg(fir::ResizeAlg::Convolution(fir::FilterType::Lanczos3));
+    resizer
+        .resize(&src_img, &mut dst, &options)
+        .map_err(|e| PrepareError::Corrupt(format!("resize: {e}")))?;
+    RgbImage::from_raw(w, h, dst.into_vec())
+        .ok_or_else(|| PrepareError::Corrupt("resize produced a short buffer".into()))
+}
+
+fn encode_jpeg(img: &RgbImage, quality: u8) -> Result<Vec<u8>, PrepareError> {
+    let mut out = Vec::with_capacity(img.as_raw().len() / 8);
+    JpegEncoder::new_with_quality(&mut out, quality)
+        .encode(img.as_raw(), img.width(), img.height(), ExtendedColorType::Rgb8)
+        .map_err(|e| PrepareError::Encode(e.to_string()))?;
+    Ok(out)
+}

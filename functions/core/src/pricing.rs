@@ -1,0 +1,464 @@
+//! The versioned price table and the image-token rules.
+//!
+//! One estimator for the browser (via wasm-client) and the server: both call
+//! [`PriceTable::estimate`]. Rules are data (see `data/prices.toml`) because
+//! providers change them.
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Detail, Estimate};
+
+const BUILTIN_TABLE: &str = include_str!("../data/prices.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum PricingError {
+    #[error("price table is not valid TOML: {0}")]
+    Parse(#[from] toml::de::Error),
+    #[error("price table lists model {0:?} twice")]
+    Duplicate(String),
+    #[error("unknown model {model:?}; known models: {known}")]
+    UnknownModel { model: String, known: String },
+}
+
+/// How a provider turns an image into input tokens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "rule", rename_all = "snake_case")]
+pub enum ImageTokenRule {
+    /// OpenAI gpt-4o / gpt-4.1: fit in 2048², shortest side to 768, 512-px tiles.
+    OpenaiTile {
+        base_tokens: u64,
+        tile_tokens: u64,
+        #[serde(default = "default_fit")]
+        fit: u32,
+        #[serde(default = "default_short_side")]
+        short_side: u32,
+        #[serde(default = "default_tile")]
+        tile: u32,
+    },
+    /// OpenAI gpt-4.1-mini/nano, o4-mini: 32-px patches, capped, times a multiplier.
+    OpenaiPatch {
+        max_patches: u64,
+        multiplier: f64,
+        #[serde(default = "default_patch")]
+        patch: u32,
+    },
+    /// Anthropic Claude: ≈ w·h/750 after fitting the long edge and the pixel budget.
+    Anthropic {
+        max_long_edge: u32,
+        max_pixels: u64,
+        pixels_per_token: u64,
+    },
+    /// Gemini: small images are one block; larger ones are 768-px tiles.
+    Gemini {
+        small_max_edge: u32,
+        small_tokens: u64,
+        tile: u32,
+        tile_tokens: u64,
+    },
+}
+
+fn default_fit() -> u32 {
+    2048
+}
+fn default_short_side() -> u32 {
+    768
+}
+fn default_tile() -> u32 {
+    512
+}
+fn default_patch() -> u32 {
+    32
+}
+
+/// One model's prices (USD per 1M tokens), its image rule and where they came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelPrice {
+    pub id: String,
+    pub provider: String,
+    pub input_per_mtok: f64,
+    pub cached_input_per_mtok: f64,
+    pub output_per_mtok: f64,
+    pub batch_input_per_mtok: f64,
+    pub batch_output_per_mtok: f64,
+    pub source: String,
+    pub as_of: String,
+    pub image: ImageTokenRule,
+}
+
+/// Token counts reported by a provider (or estimated).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    /// Part of `input_tokens` served from the provider's prompt cache.
+    #[serde(default)]
+    pub cached_tokens: u64,
+}
+
+impl ModelPrice {
+    /// Input tokens the provider bills for one image of `width`×`height` (as sent).
+    pub fn image_tokens(&self, width: u32, height: u32, detail: Detail) -> u64 {
+        if width == 0 || height == 0 {
+            return 0;
+        }
+        match &self.image {
+            ImageTokenRule::OpenaiTile {
+                base_tokens,
+                tile_tokens,
+                fit,
+                short_side,
+                tile,
+            } => {
+                if detail == Detail::Low {
+                    return *base_tokens;
+                }
+                openai_tiles(width, height, *fit, *short_side, *tile) * tile_tokens + base_tokens
+            }
+            ImageTokenRule::OpenaiPatch {
+                max_patches,
+                multiplier,
+                patch,
+            } => {
+                let patches = openai_patches(width, height, *patch, *max_patches);
+                (patches as f64 * multiplier).ceil() as u64
+            }
+            ImageTokenRule::Anthropic {
+                max_long_edge,
+                max_pixels,
+                pixels_per_token,
+            } => {
+                let (w, h) = fit_long_edge(width as f64, height as f64, *max_long_edge as f64);
+                let (w, h) = fit_pixels(w, h, *max_pixels as f64);
+                let pixels = (w.round() * h.round()) as u64;
+                pixels.div_ceil((*pixels_per_token).max(1))
+            }
+            ImageTokenRule::Gemini {
+                small_max_edge,
+                small_tokens,
+                tile,
+                tile_tokens,
+            } => {
+                if width <= *small_max_edge && height <= *small_max_edge {
+                    *small_tokens
+                } else {
+                    let t = (*tile).max(1);
+                    u64::from(width.div_ceil(t)) * u64::from(height.div_ceil(t)) * tile_tokens
+                }
+            }
+        }
+    }
+
+    /// Dollar cost of a call with this usage.
+    pub fn cost_usd(&self, usage: &Usage) -> f64 {
+        let cached = usage.cached_tokens.min(usage.input_tokens);
+        let fresh = usage.input_tokens - cached;
+        (fresh as f64 * self.input_per_mtok
+            + cached as f64 * self.cached_input_per_mtok
+            + usage.output_tokens as f64 * self.output_per_mtok)
+            / 1_000_000.0
+    }
+
+    /// Dollar cost of the same usage through the provider's batch API.
+    pub fn batch_cost_usd(&self, usage: &Usage) -> f64 {
+        (usage.input_tokens as f64 * self.batch_input_per_mtok
+            + usage.output_tokens as f64 * self.batch_output_per_mtok)
+            / 1_000_000.0
+    }
+}
+
+/// Tiles for the OpenAI tile rule: fit in `fit`², shrink the shortest side to `short`, count `tile` squares.
+fn openai_tiles(width: u32, height: u32, fit: u32, short: u32, tile: u32) -> u64 {
+    let (mut w, mut h) = (width as f64, height as f64);
+    let fit = fit as f64;
+    if w > fit || h > fit {
+        let s = fit / w.max(h);
+        w *= s;
+        h *= s;
+    }
+    let short = short as f64;
+    if w.min(h) > short {
+        let s = short / w.min(h);
+        w *= s;
+        h *= s;
+    }
+    let tile = tile.max(1) as f64;
+    // Round the scaled sides first: OpenAI works in whole pixels.
+    let tw = (w.round() / tile).ceil() as u64;
+    let th = (h.round() / tile).ceil() as u64;
+    tw.max(1) * th.max(1)
+}
+
+/// Patches for the OpenAI patch rule, scaled down when over the budget (OpenAI's published algorithm).
+fn openai_patches(width: u32, height: u32, patch: u32, max_patches: u64) -> u64 {
+    let p = patch.max(1) as f64;
+    let (w, h) = (width as f64, height as f64);
+    let raw = (w / p).ceil() * (h / p).ceil();
+    if raw as u64 <= max_patches {
+        return raw as u64;
+    }
+    let mut r = (p * p * max_patches as f64 / (w * h)).sqrt();
+    let wr = w * r / p;
+    let hr = h * r / p;
+    r *= (wr.floor() / wr).min(hr.floor() / hr);
+    let patches = ((w * r) / p).ceil() * ((h * r) / p).ceil();
+    (patches as u64).min(max_patches)
+}
+
+fn fit_long_edge(w: f64, h: f64, max: f64) -> (f64, f64) {
+    let long = w.max(h);
+    if long > max {
+        let s = max / long;
+        (w * s, h * s)
+    } else {
+        (w, h)
+    }
+}
+
+fn fit_pixels(w: f64, h: f64, max_pixels: f64) -> (f64, f64) {
+    if w * h > max_pixels {
+        let s = (max_pixels / (w * h)).sqrt();
+        (w * s, h * s)
+    } else {
+        (w, h)
+    }
+}
+
+/// Rough text token count (≈4 characters per token) for prompts; good enough for reservations.
+pub fn text_tokens(text: &str) -> u64 {
+    (text.chars().count() as u64).div_ceil(4)
+}
+
+/// What an estimate assumes besides the image.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct EstimateParams {
+    pub detail: Detail,
+    /// Text tokens of the prompt sent with the image.
+    pub prompt_tokens: u64,
+    /// Output tokens expected (used for the cost estimate).
+    pub expected_output_tokens: u64,
+}
+
+impl Default for EstimateParams {
+    fn default() -> Self {
+        Self {
+            detail: Detail::High,
+            prompt_tokens: 120,
+            expected_output_tokens: 250,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TableFile {
+    version: String,
+    models: Vec<ModelPrice>,
+}
+
+/// All known models, by id.
+#[derive(Debug, Clone)]
+pub struct PriceTable {
+    version: String,
+    models: BTreeMap<String, ModelPrice>,
+}
+
+impl PriceTable {
+    /// The table shipped with this build.
+    pub fn builtin() -> &'static PriceTable {
+        static TABLE: OnceLock<PriceTable> = OnceLock::new();
+        TABLE.get_or_init(|| {
+            // The builtin file is checked by a unit test; a broken one is a build bug, not input.
+            #[allow(clippy::expect_used)]
+            PriceTable::from_toml(BUILTIN_TABLE).expect("builtin price table parses")
+        })
+    }
+
+    pub fn from_toml(text: &str) -> Result<PriceTable, PricingError> {
+        let file: TableFile = toml::from_str(text)?;
+        let mut models = BTreeMap::new();
+        for m in file.models {
+            if models.contains_key(&m.id) {
+                return Err(PricingError::Duplicate(m.id));
+            }
+            models.insert(m.id.clone(), m);
+        }
+        Ok(PriceTable {
+            version: file.version,
+            models,
+        })
+    }
+
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    pub fn models(&self) -> impl Iterator<Item = &ModelPrice> {
+        self.models.values()
+    }
+
+    pub fn model(&self, id: &str) -> Result<&ModelPrice, PricingError> {
+        self.models
+            .get(id)
+            .ok_or_else(|| PricingError::UnknownModel {
+                model: id.to_string(),
+                known: self.models.keys().cloned().collect::<Vec<_>>().join(", "),
+            })
+    }
+
+    /// Estimate tokens and cost of analysing one `width`×`height` image with `model`.
+    pub fn estimate(
+        &self,
+        model: &str,
+        width: u32,
+        height: u32,
+        params: &EstimateParams,
+    ) -> Result<Estimate, PricingError> {
+        let m = self.model(model)?;
+        let image_tokens = m.image_tokens(width, height, params.detail);
+        let input_tokens = image_tokens + params.prompt_tokens;
+        let usage = Usage {
+            input_tokens,
+            output_tokens: params.expected_output_tokens,
+            cached_tokens: 0,
+        };
+        Ok(Estimate {
+            model: m.id.clone(),
+            image_tokens,
+            input_tokens,
+            output_tokens: params.expected_output_tokens,
+            tokens: input_tokens + params.expected_output_tokens,
+            cost_usd: m.cost_usd(&usage),
+            price_version: self.version.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokens(model: &str, w: u32, h: u32, detail: Detail) -> u64 {
+        PriceTable::builtin()
+            .model(model)
+            .unwrap()
+            .image_tokens(w, h, detail)
+    }
+
+    #[test]
+    fn builtin_table_has_required_models() {
+        let t = PriceTable::builtin();
+        for id in [
+            "gpt-4.1",
+            "gpt-4.1-mini",
+            "gpt-4.1-nano",
+            "gpt-4o",
+            "gpt-4o-mini",
+            "claude-sonnet-4-5",
+            "claude-haiku-4-5",
+            "gemini-2.5-flash",
+            "gemini-2.5-pro",
+        ] {
+            let m = t.model(id).unwrap();
+            assert!(m.source.starts_with("https://"), "{id} has a source");
+            assert!(!m.as_of.is_empty());
+            assert!(m.input_per_mtok > 0.0 && m.output_per_mtok > m.input_per_mtok);
+        }
+    }
+
+    // OpenAI's published worked examples (vision guide, "Calculating costs").
+    #[test]
+    fn openai_tile_examples() {
+        assert_eq!(tokens("gpt-4o", 1024, 1024, Detail::High), 765);
+        assert_eq!(tokens("gpt-4o", 1024, 1024, Detail::Low), 85);
+        assert_eq!(tokens("gpt-4o", 2048, 4096, Detail::High), 1105);
+        assert_eq!(tokens("gpt-4o", 4096, 8192, Detail::Low), 85);
+        assert_eq!(tokens("gpt-4.1", 1024, 1024, Detail::High), 765);
+        // Small images are one tile: 85 + 170.
+        assert_eq!(tokens("gpt-4o", 300, 200, Detail::High), 255);
+        // gpt-4o-mini: 2833 base + 5667 per tile.
+        assert_eq!(tokens("gpt-4o-mini", 1024, 1024, Detail::High), 2833 + 4 * 5667);
+    }
+
+    #[test]
+    fn openai_patch_examples() {
+        // 1024×1024 → 32×32 = 1024 patches, × 1.62 for gpt-4.1-mini.
+        assert_eq!(
+            tokens("gpt-4.1-mini", 1024, 1024, Detail::High),
+            (1024.0f64 * 1.62).ceil() as u64
+        );
+        // 1800×2400 is over budget → scaled to 33×44 = 1452 patches (OpenAI's example).
+        assert_eq!(openai_patches(1800, 2400, 32, 1536), 1452);
+        assert_eq!(
+            tokens("gpt-4.1-nano", 1800, 2400, Detail::High),
+            (1452.0f64 * 2.46).ceil() as u64
+        );
+        // Detail does not change the patch rule.
+        assert_eq!(
+            tokens("gpt-4.1-mini", 512, 512, Detail::Low),
+            tokens("gpt-4.1-mini", 512, 512, Detail::High)
+        );
+    }
+
+    #[test]
+    fn anthropic_examples() {
+        // Anthropic's table: 200×200 ≈ 54, 1000×1000 ≈ 1334, 1092×1092 ≈ 1590.
+        assert_eq!(tokens("claude-sonnet-4-5", 200, 200, Detail::High), 54);
+        assert_eq!(tokens("claude-sonnet-4-5", 1000, 1000, Detail::High), 1334);
+        assert_eq!(tokens("claude-haiku-4-5", 1092, 1092, Detail::High), 1590);
+        // Large images are capped near the pixel budget.
+        let big = tokens("claude-sonnet-4-5", 4032, 3024, Detail::High);
+        assert!((1590..=1602).contains(&big), "{big}");
+    }
+
+    #[test]
+    fn gemini_examples() {
+        assert_eq!(tokens("gemini-2.5-flash", 384, 384, Detail::High), 258);
+        assert_eq!(tokens("gemini-2.5-flash", 768, 768, Detail::High), 258);
+        assert_eq!(tokens("gemini-2.5-pro", 1024, 768, Detail::High), 516);
+        assert_eq!(tokens("gemini-2.5-pro", 1536, 1536, Detail::High), 1032);
+    }
+
+    #[test]
+    fn cost_uses_cached_and_output_prices() {
+        let m = PriceTable::builtin().model("gpt-4o").unwrap();
+        let usage = Usage {
+            input_tokens: 1_000_000,
+            output_tokens: 1_000_000,
+            cached_tokens: 500_000,
+        };
+        let expected = 0.5 * 2.5 + 0.5 * 1.25 + 10.0;
+        assert!((m.cost_usd(&usage) - expected).abs() < 1e-9);
+        assert!((m.batch_cost_usd(&usage) - (1.25 + 5.0)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn estimate_includes_prompt_and_expected_output() {
+        let t = PriceTable::builtin();
+        let e = t
+            .estimate("gpt-4o", 1024, 1024, &EstimateParams::default())
+            .unwrap();
+        assert_eq!(e.image_tokens, 765);
+        assert_eq!(e.input_tokens, 765 + 120);
+        assert_eq!(e.tokens, 765 + 120 + 250);
+        let expected = (885.0 * 2.5 + 250.0 * 10.0) / 1e6;
+        assert!((e.cost_usd - expected).abs() < 1e-12);
+        assert_eq!(e.price_version, t.version());
+    }
+
+    #[test]
+    fn unknown_model_lists_known_ones() {
+        let err = PriceTable::builtin().model("gpt-99").unwrap_err().to_string();
+        assert!(err.contains("gpt-99") && err.contains("gpt-4o"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_models_are_rejected() {
+        let text = format!("{BUILTIN_TABLE}\n{}", &BUILTIN_TABLE[BUILTIN_TABLE.find("[[models]]").unwrap()..]);
+        assert!(matches!(
+            PriceTable::from_toml(&text),
+            Err(PricingError::Duplicate(_))
+        ));
+    }
+}

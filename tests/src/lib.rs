@@ -1,0 +1,3 @@
+//! Test harness.
+
+pub mod emulator;
