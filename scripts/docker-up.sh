@@ -52,7 +52,8 @@ if ! pgrep -x dockerd >/dev/null 2>&1; then
     # containerd: docker.io on bookworm depends on containerd; dockerd starts
     # its own managed containerd when none is running at the default socket.
     say "starting $DOCKERD (log: $LOG)"
-    $SUDO nohup "$DOCKERD" --bridge=none --iptables=false --ip6tables=false \
+    # setsid: own session, so it outlives the calling shell/job.
+    $SUDO setsid nohup "$DOCKERD" --bridge=none --iptables=false --ip6tables=false \
         >>"$LOG" 2>&1 </dev/null &
     disown || true
 else

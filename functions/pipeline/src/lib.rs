@@ -1,1 +1,18 @@
-//! Use-cases over ports.
+//! sightline use-cases over ports, the shared HTTP router, providers and local adapters.
+//!
+//! - [`ports`]: the traits (blob store, queue, repository, vision provider, presigner, clock).
+//! - [`ingest`] and [`analyze`]: the use-cases; [`worker`]: in-process queue consumers.
+//! - [`http`]: the API router used by the api Lambda and `sightline serve`.
+//! - [`local`]: files + SQLite adapters; [`providers`]: OpenAI-compatible and offline analyzers.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod analyze;
+pub mod http;
+pub mod ingest;
+pub mod local;
+pub mod ports;
+pub mod providers;
+pub mod settings;
+pub mod worker;
+
+pub use settings::Settings;

@@ -1,0 +1,85 @@
+//! Wiring of the local runtime: SQLite + files adapters, provider, use-cases.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use sightline_core::keys::UPLOAD_PREFIX;
+use sightline_pipeline::analyze::Analyzer;
+use sightline_pipeline::ingest::Ingest;
+use sightline_pipeline::local::{FileBlobStore, SqliteDb, SqliteQueue, SqliteRepository};
+use sightline_pipeline::ports::{BlobStore, Clock, Queue, Repository, SystemClock, VisionProvider};
+use sightline_pipeline::providers::local::LocalAnalyzer;
+use sightline_pipeline::providers::openai::OpenAiProvider;
+use sightline_pipeline::worker::{OnOutcome, WorkerPool};
+
+use crate::config::{Config, ProviderKind};
+
+/// Local tenant for CLI runs and the default serve key.
+pub const LOCAL_TENANT: &str = "local";
+/// Deliveries before a message is dead-lettered locally.
+pub const MAX_RECEIVES: u32 = 8;
+
+#[derive(Clone)]
+pub struct LocalApp {
+    pub config: Config,
+    pub clock: Arc<dyn Clock>,
+    pub blobs: Arc<dyn BlobStore>,
+    pub repo: Arc<dyn Repository>,
+    pub queue: Arc<SqliteQueue>,
+    pub provider: Arc<dyn VisionProvider>,
+    pub ingest: Ingest,
+    pub analyzer: Analyzer,
+}
+
+impl LocalApp {
+    pub fn open(config: Config) -> anyhow::Result<LocalApp> {
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let db_path = config.data_dir.join("sightline.db");
+        let db = SqliteDb::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?;
+        let blobs: Arc<dyn BlobStore> = Arc::new(FileBlobStore::new(config.data_dir.join("blobs")));
+        let repo: Arc<dyn Repository> = Arc::new(SqliteRepository::new(db.clone()));
+        let queue = Arc::new(SqliteQueue::new(db, "analyze", MAX_RECEIVES, clock.clone()));
+        let provider: Arc<dyn VisionProvider> = match config.provider {
+            ProviderKind::Local => Arc::new(LocalAnalyzer),
+            ProviderKind::OpenAi => Arc::new(OpenAiProvider::new(
+                &config.openai_base_url,
+                config.openai_api_key.as_deref().unwrap_or_default(),
+                config.timeout,
+            )?),
+        };
+        let settings = Arc::new(config.settings.clone());
+        let queue_port: Arc<dyn Queue> = queue.clone();
+        let ingest = Ingest {
+            blobs: blobs.clone(),
+            repo: repo.clone(),
+            queue: queue_port,
+            settings: settings.clone(),
+            clock: clock.clone(),
+            upload_prefix: UPLOAD_PREFIX.to_string(),
+        };
+        let analyzer = Analyzer::new(blobs.clone(), repo.clone(), provider.clone(), settings, clock.clone());
+        Ok(LocalApp {
+            config,
+            clock,
+            blobs,
+            repo,
+            queue,
+            provider,
+            ingest,
+            analyzer,
+        })
+    }
+
+    pub fn workers(&self, on_outcome: Option<OnOutcome>) -> WorkerPool {
+        WorkerPool {
+            queue: self.queue.clone(),
+            analyzer: self.analyzer.clone(),
+            workers: self.config.workers,
+            batch_size: 10,
+            visibility: self.config.timeout * 2 + Duration::from_secs(30),
+            idle_poll: Duration::from_millis(100),
+            on_outcome,
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! The `sightline` command line.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use serde_json::json;
+use sightline_core::model::ImageStatus;
+use sightline_core::pricing::PriceTable;
+use sightline_core::prepare::probe;
+use sightline_core::prepare;
+use sightline_pipeline::http::{cost_report, default_window};
+
+use crate::app::{LocalApp, LOCAL_TENANT};
+use crate::config::{CommonOpts, Config};
+use crate::run::{collect_inputs, image_json, progress_bar, run_pipeline, summarize, summary_json, summary_table};
+
+#[derive(Debug, Parser)]
+#[command(name = "sightline", version, about = "Shrink, price and analyse images with vision LLMs — locally or on AWS")]
+pub struct Cli {
+    #[command(flatten)]
+    pub common: CommonOpts,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run files or directories through resize → queue → analysis on the embedded default.
+    Run {
+        /// Image files or directories (recursive; jpg, jpeg, png, webp, gif).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// One JSON object per image on stdout, then a summary object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Tokens and cost per model, original vs resized, without storing or calling anything.
+    Estimate {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Models to price (repeatable; default: the configured model).
+        #[arg(long = "models", value_delimiter = ',')]
+        models: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve the HTTP API, the upload widget and in-process workers.
+    Serve {
+        #[arg(long, default_value = "127.0.0.1:8787")]
+        addr: SocketAddr,
+        /// API key accepted for the local tenant.
+        #[arg(long, env = "SIGHTLINE_API_KEY", default_value = "sightline-local-key")]
+        api_key: String,
+        /// Directory with the widget (`www/`) and the built WASM package (`pkg/`).
+        #[arg(long)]
+        web_dir: Option<PathBuf>,
+    },
+    /// List analysed images, newest first.
+    Results {
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cost totals by model and day.
+    Costs {
+        /// First day, YYYY-MM-DD (default: 29 days ago).
+        #[arg(long)]
+        from: Option<String>,
+        /// Last day, YYYY-MM-DD (default: today).
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the models in the price table with prices and sources.
+    Models,
+}
+
+pub async fn main_with(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Models => {
+            let t = PriceTable::builtin();
+            println!("price table {}", t.version());
+            println!("{:<20} {:>10} {:>10} {:>10}  source", "model", "in/1M", "cached/1M", "out/1M");
+            for m in t.models() {
+                println!(
+                    "{:<20} {:>10.3} {:>10.3} {:>10.3}  {} ({})",
+                    m.id, m.input_per_mtok, m.cached_input_per_mtok, m.output_per_mtok, m.source, m.as_of
+                );
+            }
+            Ok(())
+        }
+        Command::Estimate { files, models, json } => {
+            let config = Config::resolve(&cli.common)?;
+            estimate(&config, &files, &models, json)
+        }
+        Command::Run { paths, json } => {
+            let config = Config::resolve(&cli.common)?;
+            let inputs = collect_inputs(&paths)?;
+            if inputs.is_empty() {
+                bail!("no images (jpg, jpeg, png, webp, gif) found in the given paths");
+            }
+            let model = config.settings.model.clone();
+            let app = LocalApp::open(config)?;
+            let pb = progress_bar(inputs.len() as u64);
+            let records = run_pipeline(&app, &inputs, &pb).await?;
+            pb.finish_and_clear();
+            let summary = summarize(&records);
+            let mut out = std::io::stdout().lock();
+            if json {
+                for r in &records {
+                    writeln!(out, "{}", image_json(r))?;
+                }
+                writeln!(out, "{}", summary_json(&summary, &model))?;
+            } else {
+                for r in records.iter().filter(|r| r.status == ImageStatus::Failed) {
+                    writeln!(out, "failed  {}: {}", r.source, r.error.as_deref().unwrap_or("unknown error"))?;
+                }
+                write!(out, "{}", summary_table(&summary, &model))?;
+            }
+            Ok(())
+        }
+        Command::Serve { addr, api_key, web_dir } => {
+            let config = Config::resolve(&cli.common)?;
+            let app = LocalApp::open(config)?;
+            crate::serve::serve(app, addr, &api_key, web_dir.unwrap_or_else(crate::serve::default_web_dir)).await
+        }
+        Command::Results { status, limit, json } => {
+            let config = Config::resolve(&cli.common)?;
+            let status = status
+                .map(|s| ImageStatus::parse(&s).with_context(|| format!("unknown status {s:?}; use pending, queued, done or failed")))
+                .transpose()?;
+            let app = LocalApp::open(config)?;
+            let page = app.repo.list_images(LOCAL_TENANT, status, limit.clamp(1, 1000), None).await?;
+            let mut out = std::io::stdout().lock();
+            for r in &page.images {
+                if json {
+                    writeln!(out, "{}", image_json(r))?;
+                } else {
+                    let desc = r
+                        .result
+                        .as_ref()
+                        .and_then(|x| x.analysis.get("description").and_then(|d| d.as_str()).map(str::to_string))
+                        .or_else(|| r.error.clone())
+                        .unwrap_or_default();
+                    writeln!(out, "{:<8} {:<40} {}", r.status.as_str(), r.image_id, desc)?;
+                }
+            }
+            Ok(())
+        }
+        Command::Costs { from, to, json } => {
+            let config = Config::resolve(&cli.common)?;
+            let app = LocalApp::open(config)?;
+            let (df, dt) = default_window(app.clock.now_ms());
+            let (from, to) = (from.unwrap_or(df), to.unwrap_or(dt));
+            let rows = app.repo.costs(LOCAL_TENANT, &from, &to).await?;
+            let report = cost_report(&from, &to, rows);
+            let mut out = std::io::stdout().lock();
+            if json {
+                writeln!(out, "{}", serde_json::to_string(&report)?)?;
+            } else {
+                writeln!(out, "costs {from} .. {to}")?;
+                writeln!(out, "{:<12} {:<22} {:>7} {:>7} {:>12} {:>12} {:>12}", "day", "model", "images", "cached", "input tok", "output tok", "cost USD")?;
+                for r in &report.rows {
+                    writeln!(out, "{:<12} {:<22} {:>7} {:>7} {:>12} {:>12} {:>12.6}", r.day, r.model, r.images, r.cached_images, r.input_tokens, r.output_tokens, r.cost_usd)?;
+                }
+                let t = &report.total;
+                writeln!(out, "{:<12} {:<22} {:>7} {:>7} {:>12} {:>12} {:>12.6}", "total", "", t.images, t.cached_images, t.input_tokens, t.output_tokens, t.cost_usd)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+fn estimate(config: &Config, files: &[PathBuf], models: &[String], as_json: bool) -> anyhow::Result<()> {
+    let table = PriceTable::builtin();
+    let models: Vec<String> = if models.is_empty() { vec![config.settings.model.clone()] } else { models.to_vec() };
+    for m in &models {
+        table.model(m)?;
+    }
+    let params = config.settings.estimate_params();
+    let opts = config.settings.prepare;
+    let mut out = std::io::stdout().lock();
+    if !as_json {
+        writeln!(out, "{:<32} {:<18} {:>11} {:>11} {:>9} {:>9} {:>11} {:>11}", "file", "model", "original", "resized", "tok orig", "tok new", "cost orig", "cost new")?;
+    }
+    let mut failures = 0;
+    for f in files {
+        let name = f.display().to_string();
+        let size = std::fs::metadata(f).with_context(|| format!("{name}: cannot read"))?.len();
+        let result = if size > opts.max_input_bytes {
+            Err(sightline_core::PrepareError::TooLarge { bytes: size, max: opts.max_input_bytes })
+        } else {
+            let bytes = std::fs::read(f).with_context(|| format!("{name}: cannot read"))?;
+            probe(&bytes, &opts).and_then(|info| prepare(&bytes, &opts).map(|p| (info, p)))
+        };
+        let (info, p) = match result {
+            Ok(v) => v,
+            Err(e) => {
+                failures += 1;
+                if as_json {
+                    writeln!(out, "{}", json!({"file": name, "error": e.to_string(), "code": e.code()}))?;
+                } else {
+                    writeln!(out, "{name:<32} error: {e}")?;
+                }
+                continue;
+            }
+        };
+        for m in &models {
+            let orig = table.estimate(m, info.width, info.height, &params)?;
+            let new = table.estimate(m, p.width, p.height, &params)?;
+            if as_json {
+                writeln!(out, "{}", json!({
+                    "file": name, "model": m,
+                    "original": {"width": info.width, "height": info.height, "bytes": p.original_bytes, "tokens": orig.tokens, "image_tokens": orig.image_tokens, "cost_usd": orig.cost_usd},
+                    "resized": {"width": p.width, "height": p.height, "bytes": p.bytes, "tokens": new.tokens, "image_tokens": new.image_tokens, "cost_usd": new.cost_usd},
+                }))?;
+            } else {
+                writeln!(
+                    out,
+                    "{:<32} {:<18} {:>11} {:>11} {:>9} {:>9} {:>11.6} {:>11.6}",
+                    truncate(&name, 32), m, format!("{}x{}", info.width, info.height), format!("{}x{}", p.width, p.height),
+                    orig.tokens, new.tokens, orig.cost_usd, new.cost_usd
+                )?;
+            }
+        }
+    }
+    if failures > 0 && failures == files.len() {
+        bail!("no file could be estimated");
+    }
+    Ok(())
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        let tail: String = s.chars().rev().take(n - 1).collect::<Vec<_>>().into_iter().rev().collect();
+        format!("…{tail}")
+    }
+}

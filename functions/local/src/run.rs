@@ -1,0 +1,303 @@
+//! `sightline run PATH...`: every image through the full pipeline on the embedded default.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::bail;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
+use sightline_core::keys::sanitize_id;
+use sightline_core::model::{ImageRecord, ImageStatus};
+use sightline_pipeline::ingest::IngestOutcome;
+use sightline_pipeline::ports::rfc3339;
+use sightline_pipeline::worker::OnOutcome;
+use tokio::sync::watch;
+use tracing::warn;
+
+use crate::app::{LocalApp, LOCAL_TENANT, MAX_RECEIVES};
+
+const EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "gif"];
+
+/// Files named on the command line plus, recursively, images in named directories (sorted).
+pub fn collect_inputs(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            walk(p, &mut out)?;
+        } else if p.is_file() {
+            out.push(p.clone());
+        } else {
+            bail!("{}: no such file or directory", p.display());
+        }
+    }
+    Ok(out)
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    entries.sort();
+    for p in entries {
+        if p.is_dir() {
+            walk(&p, out)?;
+        } else if p
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+        {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+/// Run every input through resize → queue → analysis; return the final records, in input order.
+pub async fn run_pipeline(app: &LocalApp, inputs: &[PathBuf], progress: &ProgressBar) -> anyhow::Result<Vec<ImageRecord>> {
+    let run_tag = uuid::Uuid::now_v7().simple().to_string();
+    let ids: Vec<String> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or("image");
+            format!("{}-{}-{}", &run_tag[..12], i, sanitize_id(stem))
+        })
+        .collect();
+    let pending: Arc<Mutex<HashSet<String>>> = Arc::new(Mutex::new(HashSet::new()));
+
+    // Workers start first so analysis overlaps resizing.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (done_tx, mut done_rx) = watch::channel(0u64);
+    let pending_cb = pending.clone();
+    let pb = progress.clone();
+    let on_outcome: OnOutcome = Arc::new(move |msg, outcome| {
+        if outcome.is_retry() {
+            return;
+        }
+        if let Ok(job) = sightline_core::model::AnalysisJob::parse(&msg.body) {
+            if let Ok(mut p) = pending_cb.lock() {
+                if p.remove(&job.image_id) {
+                    pb.inc(1);
+                }
+            }
+        }
+        done_tx.send_modify(|n| *n += 1);
+    });
+    let pool = app.workers(Some(on_outcome));
+    let workers = tokio::spawn(pool.run(stop_rx));
+
+    // Resize with bounded parallelism (CPU-bound work on blocking threads).
+    let parallel = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let sem = Arc::new(tokio::sync::Semaphore::new(parallel));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (path, id) in inputs.iter().zip(ids.iter()) {
+        let permit = sem.clone().acquire_owned().await?;
+        let app = app.clone();
+        let (path, id) = (path.clone(), id.clone());
+        let pending = pending.clone();
+        tasks.spawn(async move {
+            let _permit = permit;
+            let r = ingest_file(&app, &path, &id).await;
+            if let Ok(IngestOutcome::Queued(job)) = &r {
+                if let Ok(mut p) = pending.lock() {
+                    p.insert(job.image_id.clone());
+                }
+                app.ingest.send_jobs(&[IngestOutcome::Queued(job.clone())]).await?;
+            }
+            r.map(|o| (id, o))
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(Ok((_, IngestOutcome::Queued(_)))) => {}
+            Ok(Ok((_, _))) => progress.inc(1),
+            Ok(Err(e)) => bail!("storage error while resizing: {e}"),
+            Err(e) => bail!("resize task failed: {e}"),
+        }
+    }
+
+    // Wait until every queued image is final, or the queue is empty (dead-lettered rest).
+    loop {
+        let left = pending.lock().map(|p| p.len()).unwrap_or(0);
+        if left == 0 {
+            break;
+        }
+        if app.queue.depth().await? == 0 {
+            let stuck: Vec<String> = pending.lock().map(|p| p.iter().cloned().collect()).unwrap_or_default();
+            for id in stuck {
+                let reason = format!("gave up after {MAX_RECEIVES} attempts (dead-lettered)");
+                app.repo
+                    .mark_failed(LOCAL_TENANT, &id, &reason, &rfc3339(app.clock.now_ms()))
+                    .await?;
+                progress.inc(1);
+            }
+            break;
+        }
+        tokio::select! {
+            _ = done_rx.changed() => {}
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
+    let _ = stop_tx.send(true);
+    if let Err(e) = workers.await {
+        warn!(error = %e, "workers ended abnormally");
+    }
+    let mut records = Vec::with_capacity(ids.len());
+    for id in &ids {
+        if let Some(r) = app.repo.get_image(LOCAL_TENANT, id).await? {
+            records.push(r);
+        }
+    }
+    Ok(records)
+}
+
+async fn ingest_file(app: &LocalApp, path: &Path, id: &str) -> Result<IngestOutcome, sightline_pipeline::ports::StoreError> {
+    let source = path.display().to_string();
+    let max = app.config.settings.prepare.max_input_bytes;
+    // Size check before reading the file.
+    let size = match tokio::fs::metadata(path).await {
+        Ok(m) => m.len(),
+        Err(e) => {
+            return app
+                .ingest
+                .reject(LOCAL_TENANT, id, &source, None, &format!("cannot read file: {e}"))
+                .await
+        }
+    };
+    if size > max {
+        let reason = sightline_core::PrepareError::TooLarge { bytes: size, max }.to_string();
+        return app.ingest.reject(LOCAL_TENANT, id, &source, Some(size), &reason).await;
+    }
+    match tokio::fs::read(path).await {
+        Ok(bytes) => app.ingest.ingest_bytes(LOCAL_TENANT, id, &source, bytes).await,
+        Err(e) => {
+            app.ingest
+                .reject(LOCAL_TENANT, id, &source, Some(size), &format!("cannot read file: {e}"))
+                .await
+        }
+    }
+}
+
+/// One JSON object per image (the `--json` format).
+pub fn image_json(r: &ImageRecord) -> Value {
+    let res = r.result.as_ref();
+    json!({
+        "image_id": r.image_id,
+        "source": r.source,
+        "status": match r.status { ImageStatus::Done => "done", ImageStatus::Failed => "failed", s => s.as_str() },
+        "error": r.error,
+        "original": r.original.map(|o| json!({"width": o.width, "height": o.height, "bytes": o.bytes})),
+        "resized": r.resized.map(|o| json!({"width": o.width, "height": o.height, "bytes": o.bytes})),
+        "orientation": r.orientation,
+        "sha256": r.sha256,
+        "estimate": r.estimate.as_ref().map(|e| json!({"model": e.model, "tokens": e.tokens, "image_tokens": e.image_tokens, "cost_usd": e.cost_usd})),
+        "original_estimate": r.original_estimate.as_ref().map(|e| json!({"model": e.model, "tokens": e.tokens, "image_tokens": e.image_tokens, "cost_usd": e.cost_usd})),
+        "usage": res.map(|x| json!({"input_tokens": x.usage.input_tokens, "output_tokens": x.usage.output_tokens, "cached_tokens": x.usage.cached_tokens})),
+        "cost_usd": res.map(|x| x.cost_usd),
+        "provider": res.map(|x| x.provider.clone()),
+        "model": res.map(|x| x.model.clone()),
+        "cached": res.map(|x| x.cached).unwrap_or(false),
+        "result": res.map(|x| x.analysis.clone()),
+    })
+}
+
+/// Totals for the summary table and the `"summary": true` object.
+#[derive(Debug, Default, Clone)]
+pub struct Summary {
+    pub images: u64,
+    pub done: u64,
+    pub failed: u64,
+    pub cached: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cost_usd: f64,
+    pub estimated_cost_usd: f64,
+    pub original_image_tokens: u64,
+    pub resized_image_tokens: u64,
+    pub by_model: BTreeMap<String, (u64, u64, u64, f64)>,
+}
+
+pub fn summarize(records: &[ImageRecord]) -> Summary {
+    let mut s = Summary::default();
+    for r in records {
+        s.images += 1;
+        match r.status {
+            ImageStatus::Done => s.done += 1,
+            _ => s.failed += 1,
+        }
+        if let (Some(o), Some(e)) = (&r.original_estimate, &r.estimate) {
+            s.original_image_tokens += o.image_tokens;
+            s.resized_image_tokens += e.image_tokens;
+        }
+        if let Some(e) = &r.estimate {
+            s.estimated_cost_usd += e.cost_usd;
+        }
+        if let Some(res) = &r.result {
+            if res.cached {
+                s.cached += 1;
+            }
+            s.input_tokens += res.usage.input_tokens;
+            s.output_tokens += res.usage.output_tokens;
+            s.cost_usd += res.cost_usd;
+            let m = s.by_model.entry(res.model.clone()).or_default();
+            m.0 += 1;
+            m.1 += res.usage.input_tokens;
+            m.2 += res.usage.output_tokens;
+            m.3 += res.cost_usd;
+        }
+    }
+    s
+}
+
+pub fn summary_json(s: &Summary, estimate_model: &str) -> Value {
+    json!({
+        "summary": true,
+        "images": s.images,
+        "done": s.done,
+        "failed": s.failed,
+        "cached": s.cached,
+        "input_tokens": s.input_tokens,
+        "output_tokens": s.output_tokens,
+        "cost_usd": s.cost_usd,
+        "by_model": s.by_model.iter().map(|(m, v)| json!({"model": m, "images": v.0, "input_tokens": v.1, "output_tokens": v.2, "cost_usd": v.3})).collect::<Vec<_>>(),
+        "estimate_model": estimate_model,
+        "estimated_cost_usd": s.estimated_cost_usd,
+        "image_tokens_original": s.original_image_tokens,
+        "image_tokens_resized": s.resized_image_tokens,
+        "image_tokens_saved": s.original_image_tokens.saturating_sub(s.resized_image_tokens),
+    })
+}
+
+pub fn summary_table(s: &Summary, estimate_model: &str) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "images {:>5}   done {:>5}   failed {:>5}   cached {:>5}\n",
+        s.images, s.done, s.failed, s.cached
+    ));
+    out.push_str(&format!("{:<24} {:>7} {:>12} {:>12} {:>12}\n", "model", "images", "input tok", "output tok", "cost USD"));
+    for (m, v) in &s.by_model {
+        out.push_str(&format!("{:<24} {:>7} {:>12} {:>12} {:>12.6}\n", m, v.0, v.1, v.2, v.3));
+    }
+    out.push_str(&format!("{:<24} {:>7} {:>12} {:>12} {:>12.6}\n", "total", s.done, s.input_tokens, s.output_tokens, s.cost_usd));
+    let saved = s.original_image_tokens.saturating_sub(s.resized_image_tokens);
+    let pct = if s.original_image_tokens > 0 {
+        100.0 * saved as f64 / s.original_image_tokens as f64
+    } else {
+        0.0
+    };
+    out.push_str(&format!(
+        "estimate on {estimate_model}: ${:.6} for these images; resizing saved {saved} image tokens ({pct:.1}%: {} → {})\n",
+        s.estimated_cost_usd, s.original_image_tokens, s.resized_image_tokens
+    ));
+    out
+}
+
+pub fn progress_bar(len: u64) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    if let Ok(style) = ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} images {msg}") {
+        pb.set_style(style);
+    }
+    pb
+}

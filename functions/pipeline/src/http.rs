@@ -1,0 +1,385 @@
+//! The HTTP API: one axum router for the api Lambda and `sightline serve`.
+//!
+//! Every /v1 route except health needs an API key (`x-api-key` or `Authorization: Bearer`);
+//! the key maps to a tenant, and a tenant never sees another tenant's images (404).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use sightline_core::keys::upload_key;
+use sightline_core::model::{ImageRecord, ImageStatus};
+use tracing::error;
+
+use crate::ports::{rfc3339, Clock, CostRow, Presigner, Repository, StoreError};
+use crate::settings::Settings;
+
+/// Every route of the router (method, path), for the OpenAPI consistency test.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/v1/health"),
+    ("POST", "/v1/uploads"),
+    ("GET", "/v1/images"),
+    ("GET", "/v1/images/{id}"),
+    ("GET", "/v1/costs"),
+];
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub repo: Arc<dyn Repository>,
+    pub presigner: Arc<dyn Presigner>,
+    pub settings: Arc<Settings>,
+    pub clock: Arc<dyn Clock>,
+}
+
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/uploads", post(create_upload))
+        .route("/v1/images", get(list_images))
+        .route("/v1/images/{id}", get(get_image))
+        .route("/v1/costs", get(costs))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+/// A JSON error: `{"error": {"code", "message"}}`; 500s never carry internals.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+    fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+    fn not_found() -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such image")
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (
+            self.status,
+            Json(json!({"error": {"code": self.code, "message": self.message}})),
+        )
+            .into_response();
+        if self.status == StatusCode::TOO_MANY_REQUESTS {
+            resp.headers_mut()
+                .insert("retry-after", axum::http::HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        match e {
+            StoreError::Transient(_) => ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "throttled",
+                "the service is busy; retry shortly",
+            ),
+            StoreError::NotFound(_) => ApiError::not_found(),
+            other => {
+                error!(error = %other, "storage error");
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
+            }
+        }
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
+}
+
+/// sha256 hex of an API key, as stored.
+pub fn hash_api_key(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+async fn tenant(state: &ApiState, headers: &HeaderMap) -> Result<String, ApiError> {
+    let key = headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .or_else(|| {
+            headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+                .map(str::trim)
+        })
+        .filter(|k| !k.is_empty())
+        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing API key"))?;
+    state
+        .repo
+        .tenant_for_key(&hash_api_key(key))
+        .await?
+        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "invalid API key"))
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok", "version": env!("CARGO_PKG_VERSION")}))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UploadRequest {
+    #[serde(default)]
+    filename: Option<String>,
+    content_type: String,
+    content_length: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct UploadResponse {
+    image_id: String,
+    key: String,
+    upload: crate::ports::PresignedUpload,
+}
+
+fn extension_for(content_type: &str) -> Option<&'static str> {
+    match content_type {
+        "image/jpeg" | "image/jpg" => Some("jpg"),
+        "image/png" => Some("png"),
+        "image/webp" => Some("webp"),
+        "image/gif" => Some("gif"),
+        _ => None,
+    }
+}
+
+async fn create_upload(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<(StatusCode, Json<UploadResponse>), ApiError> {
+    let tenant = tenant(&state, &headers).await?;
+    let req: UploadRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
+    let ext = extension_for(&req.content_type).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "unsupported content_type {:?}; use image/jpeg, image/png, image/webp or image/gif",
+            req.content_type
+        ))
+    })?;
+    if req.content_length == 0 {
+        return Err(ApiError::bad_request("content_length must be > 0"));
+    }
+    let max = state.settings.prepare.max_input_bytes;
+    if req.content_length > max {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("content_length {} is over the {max}-byte limit", req.content_length),
+        ));
+    }
+    if req.filename.as_ref().is_some_and(|f| f.len() > 1024) {
+        return Err(ApiError::bad_request("filename is longer than 1024 bytes"));
+    }
+    let image_id = uuid::Uuid::now_v7().to_string();
+    let key = upload_key(&tenant, &image_id, ext);
+    let upload = state
+        .presigner
+        .presign_put(&key, &req.content_type, req.content_length, state.settings.upload_ttl)
+        .await?;
+    let now = rfc3339(state.clock.now_ms());
+    let record = ImageRecord {
+        image_id: image_id.clone(),
+        tenant,
+        source: req.filename.unwrap_or_else(|| key.clone()),
+        status: ImageStatus::Pending,
+        error: None,
+        original: None,
+        resized: None,
+        orientation: None,
+        sha256: None,
+        resized_key: None,
+        estimate: None,
+        original_estimate: None,
+        result: None,
+        created_at: now.clone(),
+        updated_at: now,
+    };
+    state.repo.put_image(&record).await?;
+    Ok((StatusCode::CREATED, Json(UploadResponse { image_id, key, upload })))
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 200
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+async fn get_image(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<ImageRecord>, ApiError> {
+    let tenant = tenant(&state, &headers).await?;
+    if !valid_id(&id) {
+        return Err(ApiError::not_found());
+    }
+    state
+        .repo
+        .get_image(&tenant, &id)
+        .await?
+        .map(Json)
+        .ok_or_else(ApiError::not_found)
+}
+
+async fn list_images(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> Result<Json<crate::ports::ImagePage>, ApiError> {
+    let tenant = tenant(&state, &headers).await?;
+    for k in q.keys() {
+        if !matches!(k.as_str(), "status" | "limit" | "cursor") {
+            return Err(ApiError::bad_request(format!("unknown query parameter {k:?}")));
+        }
+    }
+    let status = q
+        .get("status")
+        .map(|s| {
+            ImageStatus::parse(s).ok_or_else(|| {
+                ApiError::bad_request(format!("status must be pending, queued, done or failed, not {s:?}"))
+            })
+        })
+        .transpose()?;
+    let limit = match q.get("limit") {
+        None => 50,
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=100).contains(n))
+            .ok_or_else(|| ApiError::bad_request("limit must be an integer from 1 to 100"))?,
+    };
+    let cursor = q.get("cursor").map(String::as_str);
+    let page = state
+        .repo
+        .list_images(&tenant, status, limit, cursor)
+        .await
+        .map_err(|e| match e {
+            StoreError::Permanent(m) if m.contains("cursor") => ApiError::bad_request("invalid cursor"),
+            other => other.into(),
+        })?;
+    Ok(Json(page))
+}
+
+/// Totals over a set of ledger rows.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct CostTotals {
+    pub images: u64,
+    pub cached_images: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cost_usd: f64,
+    pub estimated_cost_usd: f64,
+}
+
+impl CostTotals {
+    fn add(&mut self, r: &CostRow) {
+        self.images += r.images;
+        self.cached_images += r.cached_images;
+        self.input_tokens += r.input_tokens;
+        self.output_tokens += r.output_tokens;
+        self.cost_usd += r.cost_usd;
+        self.estimated_cost_usd += r.estimated_cost_usd;
+    }
+}
+
+/// The cost report served by GET /v1/costs and printed by `sightline costs`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CostReport {
+    pub from: String,
+    pub to: String,
+    pub total: CostTotals,
+    pub by_model: Vec<serde_json::Value>,
+    pub by_day: Vec<serde_json::Value>,
+    pub rows: Vec<CostRow>,
+}
+
+pub fn cost_report(from: &str, to: &str, rows: Vec<CostRow>) -> CostReport {
+    let mut total = CostTotals::default();
+    let mut by_model: BTreeMap<String, CostTotals> = BTreeMap::new();
+    let mut by_day: BTreeMap<String, CostTotals> = BTreeMap::new();
+    for r in &rows {
+        total.add(r);
+        by_model.entry(r.model.clone()).or_default().add(r);
+        by_day.entry(r.day.clone()).or_default().add(r);
+    }
+    let flatten = |label: &str, k: String, t: CostTotals| {
+        let mut v = serde_json::to_value(t).unwrap_or_else(|_| json!({}));
+        if let Some(o) = v.as_object_mut() {
+            o.insert(label.to_string(), json!(k));
+        }
+        v
+    };
+    CostReport {
+        from: from.to_string(),
+        to: to.to_string(),
+        total,
+        by_model: by_model.into_iter().map(|(k, t)| flatten("model", k, t)).collect(),
+        by_day: by_day.into_iter().map(|(k, t)| flatten("day", k, t)).collect(),
+        rows,
+    }
+}
+
+fn valid_day(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 10
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b.iter().enumerate().all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit())
+}
+
+/// Default window: the last 30 days up to today (UTC).
+pub fn default_window(now_ms: u64) -> (String, String) {
+    let to = rfc3339(now_ms)[..10].to_string();
+    let from = rfc3339(now_ms.saturating_sub(29 * 86_400_000))[..10].to_string();
+    (from, to)
+}
+
+async fn costs(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> Result<Json<CostReport>, ApiError> {
+    let tenant = tenant(&state, &headers).await?;
+    for k in q.keys() {
+        if !matches!(k.as_str(), "from" | "to") {
+            return Err(ApiError::bad_request(format!("unknown query parameter {k:?}")));
+        }
+    }
+    let (dfrom, dto) = default_window(state.clock.now_ms());
+    let from = q.get("from").cloned().unwrap_or(dfrom);
+    let to = q.get("to").cloned().unwrap_or(dto);
+    if !valid_day(&from) || !valid_day(&to) {
+        return Err(ApiError::bad_request("from and to must be dates like 2026-01-31"));
+    }
+    if from > to {
+        return Err(ApiError::bad_request("from must not be after to"));
+    }
+    let rows = state.repo.costs(&tenant, &from, &to).await?;
+    Ok(Json(cost_report(&from, &to, rows)))
+}

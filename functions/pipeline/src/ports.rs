@@ -1,0 +1,252 @@
+//! Ports: the small traits the use-cases need. `local` (files + SQLite) and `aws`
+//! (S3, SQS, DynamoDB) adapters implement them; the use-cases know neither.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use sightline_core::model::{AnalysisResult, Detail, ImageRecord, ImageStatus};
+use sightline_core::pricing::Usage;
+use sightline_core::retry::FailureKind;
+
+/// Errors from storage and queue adapters.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found: {0}")]
+    NotFound(String),
+    #[error("object {key} is {bytes} bytes, over the {max}-byte limit")]
+    TooLarge { key: String, bytes: u64, max: u64 },
+    /// Retry may help (throttling, network, service errors).
+    #[error("transient storage error: {0}")]
+    Transient(String),
+    #[error("storage error: {0}")]
+    Permanent(String),
+}
+
+impl StoreError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Transient(_))
+    }
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Object storage for originals and resized JPEGs.
+#[async_trait]
+pub trait BlobStore: Send + Sync {
+    async fn put(&self, key: &str, bytes: Vec<u8>, content_type: &str) -> StoreResult<()>;
+    /// The object's size, or None when absent (checked before downloading).
+    async fn size(&self, key: &str) -> StoreResult<Option<u64>>;
+    /// Read an object, refusing (StoreError::TooLarge) anything over `max_bytes`.
+    async fn get(&self, key: &str, max_bytes: u64) -> StoreResult<Vec<u8>>;
+    async fn delete(&self, key: &str) -> StoreResult<()>;
+}
+
+/// One received queue message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueMessage {
+    pub message_id: String,
+    /// Handle for delete / change-visibility (SQS receipt handle).
+    pub receipt: String,
+    pub body: String,
+    /// 1 on first delivery.
+    pub receive_count: u32,
+}
+
+/// A queue with SQS semantics: at-least-once, visibility timeout, redelivery, DLQ.
+#[async_trait]
+pub trait Queue: Send + Sync {
+    /// Send bodies (batched by the adapter: SQS takes 10 at a time).
+    async fn send(&self, bodies: Vec<String>) -> StoreResult<()>;
+    /// Receive up to `max` visible messages and hide them for `visibility`.
+    async fn receive(&self, max: usize, visibility: Duration) -> StoreResult<Vec<QueueMessage>>;
+    /// Acknowledge: the message is done.
+    async fn delete(&self, receipt: &str) -> StoreResult<()>;
+    /// Make the message visible again after `delay` (ChangeMessageVisibility).
+    async fn retry_after(&self, receipt: &str, delay: Duration) -> StoreResult<()>;
+}
+
+/// One page of a tenant's images, newest first.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImagePage {
+    pub images: Vec<ImageRecord>,
+    /// Opaque; pass back to get the next page. None on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// Ledger totals for one (day, model).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CostRow {
+    /// YYYY-MM-DD (UTC).
+    pub day: String,
+    pub model: String,
+    pub images: u64,
+    pub cached_images: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cost_usd: f64,
+    /// Sum of the pre-call estimates of the same images (estimate error = cost − estimate).
+    pub estimated_cost_usd: f64,
+}
+
+/// What `complete` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Completion {
+    /// Result stored and ledger updated, atomically.
+    Stored,
+    /// The image already had a result: nothing written (duplicate delivery).
+    AlreadyDone,
+}
+
+/// Result of trying to take the in-flight claim for an idempotency key.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Claim {
+    /// We hold it until the lease ends; call the provider.
+    Acquired,
+    /// A finished result exists: reuse it at $0.
+    Cached(Box<AnalysisResult>),
+    /// Someone else is calling the provider right now; try later.
+    Busy { retry_in: Duration },
+}
+
+/// Images, results, the idempotency cache, the cost ledger and API keys.
+#[async_trait]
+pub trait Repository: Send + Sync {
+    /// Create or overwrite an image record (resize path: retries are harmless).
+    async fn put_image(&self, record: &ImageRecord) -> StoreResult<()>;
+    async fn get_image(&self, tenant: &str, image_id: &str) -> StoreResult<Option<ImageRecord>>;
+    async fn list_images(
+        &self,
+        tenant: &str,
+        status: Option<ImageStatus>,
+        limit: usize,
+        cursor: Option<&str>,
+    ) -> StoreResult<ImagePage>;
+    /// Mark an image failed with a reason (permanent failures), unless it is already done.
+    async fn mark_failed(&self, tenant: &str, image_id: &str, error: &str, now: &str) -> StoreResult<()>;
+
+    /// Take the in-flight claim for `key` (lease), or learn it is cached or busy.
+    async fn claim(&self, key: &str, owner: &str, lease: Duration, now_ms: u64) -> StoreResult<Claim>;
+    /// Give a claim back after a failed call so a retry can take it at once.
+    async fn release_claim(&self, key: &str, owner: &str) -> StoreResult<()>;
+    /// Atomically: store the result on the image (only if it has none), store it in the
+    /// idempotency cache, and add usage and cost to the ledger. A duplicate never double-counts.
+    async fn complete(
+        &self,
+        tenant: &str,
+        image_id: &str,
+        result: &AnalysisResult,
+        estimated_cost_usd: f64,
+    ) -> StoreResult<Completion>;
+    /// Ledger rows for a tenant, for days in [from, to] (inclusive, YYYY-MM-DD).
+    async fn costs(&self, tenant: &str, from: &str, to: &str) -> StoreResult<Vec<CostRow>>;
+
+    /// Register an API key (stored as its sha256) for a tenant.
+    async fn put_api_key(&self, key_sha256: &str, tenant: &str) -> StoreResult<()>;
+    async fn tenant_for_key(&self, key_sha256: &str) -> StoreResult<Option<String>>;
+}
+
+/// Rate-limit state reported by a provider (x-ratelimit-* headers).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RateInfo {
+    pub remaining_requests: Option<u64>,
+    pub remaining_tokens: Option<u64>,
+    pub reset_requests: Option<Duration>,
+    pub reset_tokens: Option<Duration>,
+}
+
+/// One vision call.
+#[derive(Debug, Clone)]
+pub struct VisionRequest {
+    pub model: String,
+    pub jpeg: std::sync::Arc<Vec<u8>>,
+    pub width: u32,
+    pub height: u32,
+    pub prompt: String,
+    pub max_output_tokens: u32,
+    pub detail: Detail,
+}
+
+#[derive(Debug, Clone)]
+pub struct VisionResponse {
+    /// Validated analysis object.
+    pub analysis: serde_json::Value,
+    pub usage: Usage,
+    /// Model that actually answered (providers may report a dated variant).
+    pub model: String,
+    pub rate: RateInfo,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct ProviderError {
+    pub kind: FailureKind,
+    pub message: String,
+    pub rate: RateInfo,
+    /// Tokens the failed call still consumed, when known (malformed output is billed).
+    pub usage: Option<Usage>,
+}
+
+/// A vision model behind some API.
+#[async_trait]
+pub trait VisionProvider: Send + Sync {
+    /// Provider name stored with results ("openai", "local").
+    fn name(&self) -> &str;
+    /// Whether calls cost money (the local analyzer does not).
+    fn is_paid(&self) -> bool;
+    async fn analyze(&self, request: &VisionRequest) -> Result<VisionResponse, ProviderError>;
+}
+
+/// Hands out upload URLs bound to a key, content type and size.
+#[async_trait]
+pub trait Presigner: Send + Sync {
+    async fn presign_put(
+        &self,
+        key: &str,
+        content_type: &str,
+        content_length: u64,
+        expires_in: Duration,
+    ) -> StoreResult<PresignedUpload>;
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PresignedUpload {
+    pub url: String,
+    pub method: String,
+    /// Headers the client must send with the PUT.
+    pub headers: std::collections::BTreeMap<String, String>,
+    pub expires_at: String,
+}
+
+/// Time source (tests use a fixed one).
+pub trait Clock: Send + Sync {
+    fn now_ms(&self) -> u64;
+}
+
+/// Wall clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    }
+}
+
+/// RFC 3339 UTC timestamp with milliseconds for `ms` since the epoch.
+pub fn rfc3339(ms: u64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let f = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    t.format(&f).unwrap_or_default()
+}
+
+/// The UTC day (YYYY-MM-DD) of an RFC 3339 timestamp produced by [`rfc3339`].
+pub fn day_of(timestamp: &str) -> &str {
+    timestamp.get(..10).unwrap_or(timestamp)
+}

@@ -1,0 +1,197 @@
+//! OpenAI-compatible chat completions (OpenAI, Gemini's OpenAI endpoint, DeepSeek, gateways).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use base64::Engine;
+use reqwest::header::HeaderMap;
+use serde_json::{json, Value};
+use sightline_core::pricing::Usage;
+use sightline_core::retry::{parse_reset, parse_retry_after, FailureKind};
+
+use super::validate_analysis;
+use crate::ports::{ProviderError, RateInfo, VisionProvider, VisionRequest, VisionResponse};
+
+pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
+
+#[derive(Clone)]
+pub struct OpenAiProvider {
+    client: reqwest::Client,
+    base_url: String,
+    api_key: String,
+}
+
+impl std::fmt::Debug for OpenAiProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the key.
+        f.debug_struct("OpenAiProvider").field("base_url", &self.base_url).finish()
+    }
+}
+
+impl OpenAiProvider {
+    pub fn new(base_url: &str, api_key: &str, timeout: Duration) -> anyhow::Result<OpenAiProvider> {
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(Duration::from_secs(10).min(timeout))
+            .build()?;
+        Ok(OpenAiProvider {
+            client,
+            base_url: base_url.trim_end_matches('/').to_string(),
+            api_key: api_key.to_string(),
+        })
+    }
+
+    fn body(req: &VisionRequest) -> Value {
+        let data_url = format!(
+            "data:image/jpeg;base64,{}",
+            base64::engine::general_purpose::STANDARD.encode(req.jpeg.as_slice())
+        );
+        json!({
+            "model": req.model,
+            "messages": [{
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": req.prompt},
+                    {"type": "image_url", "image_url": {"url": data_url, "detail": req.detail.as_str()}}
+                ]
+            }],
+            "max_tokens": req.max_output_tokens,
+            "response_format": {"type": "json_object"},
+            "temperature": 0
+        })
+    }
+}
+
+fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// x-ratelimit-* headers, as OpenAI sends them.
+pub fn rate_info(h: &HeaderMap) -> RateInfo {
+    RateInfo {
+        remaining_requests: header_str(h, "x-ratelimit-remaining-requests").and_then(|v| v.trim().parse().ok()),
+        remaining_tokens: header_str(h, "x-ratelimit-remaining-tokens").and_then(|v| v.trim().parse().ok()),
+        reset_requests: header_str(h, "x-ratelimit-reset-requests").and_then(parse_reset),
+        reset_tokens: header_str(h, "x-ratelimit-reset-tokens").and_then(parse_reset),
+    }
+}
+
+fn usage_of(v: &Value) -> Option<Usage> {
+    let u = v.get("usage")?;
+    Some(Usage {
+        input_tokens: u.get("prompt_tokens")?.as_u64()?,
+        output_tokens: u.get("completion_tokens").and_then(Value::as_u64).unwrap_or(0),
+        cached_tokens: u
+            .pointer("/prompt_tokens_details/cached_tokens")
+            .and_then(Value::as_u64)
+            .unwrap_or(0),
+    })
+}
+
+fn err(kind: FailureKind, message: String, rate: RateInfo, usage: Option<Usage>) -> ProviderError {
+    ProviderError {
+        kind,
+        message,
+        rate,
+        usage,
+    }
+}
+
+#[async_trait]
+impl VisionProvider for OpenAiProvider {
+    fn name(&self) -> &str {
+        "openai"
+    }
+
+    fn is_paid(&self) -> bool {
+        true
+    }
+
+    async fn analyze(&self, req: &VisionRequest) -> Result<VisionResponse, ProviderError> {
+        let url = format!("{}/chat/completions", self.base_url);
+        let sent = self
+            .client
+            .post(&url)
+            .bearer_auth(&self.api_key)
+            .json(&Self::body(req))
+            .send()
+            .await;
+        let resp = match sent {
+            Ok(r) => r,
+            Err(e) if e.is_timeout() => {
+                return Err(err(FailureKind::Timeout, format!("provider timed out: {e}"), RateInfo::default(), None))
+            }
+            Err(e) => {
+                return Err(err(
+                    FailureKind::Connection,
+                    format!("provider unreachable: {e}"),
+                    RateInfo::default(),
+                    None,
+                ))
+            }
+        };
+        let status = resp.status().as_u16();
+        let rate = rate_info(resp.headers());
+        let retry_after = header_str(resp.headers(), "retry-after").and_then(parse_retry_after);
+        let text = match resp.text().await {
+            Ok(t) => t,
+            Err(e) if e.is_timeout() => {
+                return Err(err(FailureKind::Timeout, format!("provider timed out: {e}"), rate, None))
+            }
+            Err(e) => return Err(err(FailureKind::Connection, format!("reading provider response: {e}"), rate, None)),
+        };
+        if status != 200 {
+            let detail = serde_json::from_str::<Value>(&text)
+                .ok()
+                .and_then(|v| v.pointer("/error/message").and_then(Value::as_str).map(str::to_string))
+                .unwrap_or_else(|| text.chars().take(200).collect());
+            return Err(err(
+                FailureKind::Http { status, retry_after },
+                format!("provider returned HTTP {status}: {detail}"),
+                rate,
+                None,
+            ));
+        }
+        let body: Value = serde_json::from_str(&text).map_err(|e| {
+            err(
+                FailureKind::InvalidOutput,
+                format!("provider response is not JSON: {e}"),
+                rate.clone(),
+                None,
+            )
+        })?;
+        let usage = usage_of(&body);
+        let content = body
+            .pointer("/choices/0/message/content")
+            .and_then(Value::as_str)
+            .ok_or_else(|| {
+                err(
+                    FailureKind::InvalidOutput,
+                    "provider response has no message content".into(),
+                    rate.clone(),
+                    usage,
+                )
+            })?;
+        let analysis = validate_analysis(content)
+            .map_err(|m| err(FailureKind::InvalidOutput, m, rate.clone(), usage))?;
+        let usage = usage.ok_or_else(|| {
+            err(
+                FailureKind::InvalidOutput,
+                "provider response has no usage".into(),
+                rate.clone(),
+                None,
+            )
+        })?;
+        let model = body
+            .get("model")
+            .and_then(Value::as_str)
+            .unwrap_or(&req.model)
+            .to_string();
+        Ok(VisionResponse {
+            analysis,
+            usage,
+            model,
+            rate,
+        })
+    }
+}
