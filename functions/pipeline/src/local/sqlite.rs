@@ -572,3 +572,77 @@ impl Queue for SqliteQueue {
             .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use super::*;
+
+    struct ManualClock(AtomicU64);
+    impl Clock for ManualClock {
+        fn now_ms(&self) -> u64 {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
+    fn queue(max_receives: u32) -> (SqliteQueue, Arc<ManualClock>) {
+        let clock = Arc::new(ManualClock(AtomicU64::new(1_000_000)));
+        let db = SqliteDb::in_memory().unwrap();
+        (SqliteQueue::new(db, "q", max_receives, clock.clone()), clock)
+    }
+
+    #[tokio::test]
+    async fn visibility_timeout_hides_then_redelivers_with_counts() {
+        let (q, clock) = queue(5);
+        q.send(vec!["a".into(), "b".into(), "c".into()]).await.unwrap();
+        let first = q.receive(2, Duration::from_secs(30)).await.unwrap();
+        assert_eq!(first.len(), 2, "batch size is honoured");
+        assert!(first.iter().all(|m| m.receive_count == 1));
+        let rest = q.receive(10, Duration::from_secs(30)).await.unwrap();
+        assert_eq!(rest.len(), 1);
+        assert!(q.receive(10, Duration::from_secs(30)).await.unwrap().is_empty(), "in flight = invisible");
+        // Deleted messages are gone; the others come back after the timeout with count 2.
+        q.delete(&first[0].receipt).await.unwrap();
+        clock.0.fetch_add(30_001, Ordering::SeqCst);
+        let again = q.receive(10, Duration::from_secs(30)).await.unwrap();
+        let mut bodies: Vec<_> = again.iter().map(|m| m.body.as_str()).collect();
+        bodies.sort();
+        assert_eq!(bodies.len(), 2);
+        assert!(!bodies.contains(&first[0].body.as_str()));
+        assert!(again.iter().all(|m| m.receive_count == 2));
+        assert_eq!(q.depth().await.unwrap(), 2);
+        // A stale receipt from the first delivery no longer deletes anything.
+        q.delete(&first[1].receipt).await.unwrap();
+        assert_eq!(q.depth().await.unwrap(), 2);
+    }
+
+    #[tokio::test]
+    async fn retry_after_delays_redelivery() {
+        let (q, clock) = queue(5);
+        q.send(vec!["x".into()]).await.unwrap();
+        let m = q.receive(1, Duration::from_secs(300)).await.unwrap().remove(0);
+        q.retry_after(&m.receipt, Duration::from_secs(2)).await.unwrap();
+        clock.0.fetch_add(1_000, Ordering::SeqCst);
+        assert!(q.receive(1, Duration::from_secs(300)).await.unwrap().is_empty());
+        clock.0.fetch_add(1_001, Ordering::SeqCst);
+        let m = q.receive(1, Duration::from_secs(300)).await.unwrap();
+        assert_eq!(m[0].receive_count, 2);
+    }
+
+    #[tokio::test]
+    async fn dead_letter_after_max_receives() {
+        let (q, clock) = queue(3);
+        q.send(vec!["poison".into()]).await.unwrap();
+        for n in 1..=3 {
+            let m = q.receive(1, Duration::from_secs(1)).await.unwrap();
+            assert_eq!(m[0].receive_count, n);
+            clock.0.fetch_add(1_001, Ordering::SeqCst);
+        }
+        assert!(q.receive(1, Duration::from_secs(1)).await.unwrap().is_empty());
+        let dead = q.dead_letters().await.unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!((dead[0].body.as_str(), dead[0].receive_count), ("poison", 3));
+        assert_eq!(q.depth().await.unwrap(), 0);
+    }
+}

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Run every sightline test on a fresh machine of this kind. Installs and starts what the
+# tests need: the Docker engine and the offline emulator image, Chromium + ChromeDriver,
+# the wasm32 target, wasm-bindgen-cli (pinned), wasm-opt, Node packages, cfn-lint and
+# cargo-lambda. Nothing is skipped: a missing prerequisite fails the run.
+#
+#   bash scripts/test.sh            everything
+#   SIGHTLINE_TEST_QUICK=1 ...      Rust unit + local end-to-end tests only (no Docker, no browser)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+export PATH="$HOME/.cargo/bin:$PATH"
+export CARGO_TERM_COLOR=never
+LOGDIR="$ROOT/target/test-logs"
+mkdir -p "$LOGDIR"
+: > "$LOGDIR/results.txt"
+
+step() { printf '\n=== %s ===\n' "$*"; }
+# Record a stage's pass/fail counts from cargo's "test result:" lines.
+count_cargo() {
+  grep -E '^test result:' "$1" | sed -E 's/.* ([0-9]+) passed; ([0-9]+) failed.*/\1 \2/' >> "$LOGDIR/results.txt" || true
+}
+
+step "format and lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "core builds for wasm32"
+rustup target list --installed | grep -qx wasm32-unknown-unknown || rustup target add wasm32-unknown-unknown
+cargo build -p sightline-core --target wasm32-unknown-unknown --locked
+
+if [[ "${SIGHTLINE_TEST_QUICK:-0}" == "1" ]]; then
+  step "Rust tests (quick: no containers)"
+  cargo test --workspace --locked --exclude sightline-tests 2>&1 | tee "$LOGDIR/cargo-test.log"
+  count_cargo "$LOGDIR/cargo-test.log"
+else
+  step "Docker engine and emulator image"
+  bash scripts/docker-up.sh
+  bash scripts/build-emulator-image.sh
+
+  step "Rust tests (unit, contract, local and AWS end-to-end)"
+  cargo test --workspace --locked 2>&1 | tee "$LOGDIR/cargo-test.log"
+  count_cargo "$LOGDIR/cargo-test.log"
+
+  step "WASM client: build, tests in headless Chromium"
+  bash scripts/browser-setup.sh
+  bash scripts/wasm-build.sh
+  bash scripts/wasm-test.sh 2>&1 | tee "$LOGDIR/wasm-test.log"
+  count_cargo "$LOGDIR/wasm-test.log"
+
+  step "browser end-to-end against sightline serve"
+  bash scripts/browser-e2e.sh 2>&1 | tee "$LOGDIR/browser-e2e.log"
+  grep -E '^[0-9]+ passed, [0-9]+ failed' "$LOGDIR/browser-e2e.log" | tail -1 | sed -E 's/([0-9]+) passed, ([0-9]+) failed.*/\1 \2/' >> "$LOGDIR/results.txt" || true
+
+  step "infrastructure checks (cfn-lint, OpenAPI, template safety, cargo lambda build)"
+  SIGHTLINE_CHECK_LAMBDA_BUILD=1 SIGHTLINE_LAMBDA_COMPILER=cargo bash scripts/infra-check.sh 2>&1 | tee "$LOGDIR/infra.log"
+fi
+
+passed=$(awk '{p+=$1} END {print p+0}' "$LOGDIR/results.txt")
+failed=$(awk '{f+=$2} END {print f+0}' "$LOGDIR/results.txt")
+echo
+echo "${passed} passed, ${failed} failed"
+[[ "$failed" == "0" ]]
