@@ -3,7 +3,9 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use sightline_core::{prepare, PrepareOptions};
 
 fn sample(path: &str) -> Option<Vec<u8>> {
-    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/samples").join(path);
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/samples")
+        .join(path);
     std::fs::read(p).ok()
 }
 

@@ -18,18 +18,16 @@ pub fn decode_s3_event_key(raw: &str) -> Result<String, String> {
                 out.push(b' ');
                 i += 1;
             }
-            b'%' if i + 2 < bytes.len() => {
-                match (hex_val(bytes[i + 1]), hex_val(bytes[i + 2])) {
-                    (Some(h), Some(l)) => {
-                        out.push(h << 4 | l);
-                        i += 3;
-                    }
-                    _ => {
-                        out.push(b'%');
-                        i += 1;
-                    }
+            b'%' if i + 2 < bytes.len() => match (hex_val(bytes[i + 1]), hex_val(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push(h << 4 | l);
+                    i += 3;
                 }
-            }
+                _ => {
+                    out.push(b'%');
+                    i += 1;
+                }
+            },
             b => {
                 out.push(b);
                 i += 1;
@@ -115,7 +113,10 @@ mod tests {
             decode_s3_event_key("a+b%2Bc%281%29/%C3%A9.jpg").unwrap(),
             "a b+c(1)/é.jpg"
         );
-        assert_eq!(decode_s3_event_key("uploads%2Ft%2Fx.jpg").unwrap(), "uploads/t/x.jpg");
+        assert_eq!(
+            decode_s3_event_key("uploads%2Ft%2Fx.jpg").unwrap(),
+            "uploads/t/x.jpg"
+        );
         assert_eq!(decode_s3_event_key("100%").unwrap(), "100%");
         assert_eq!(decode_s3_event_key("%zz").unwrap(), "%zz");
         assert_eq!(decode_s3_event_key("%4").unwrap(), "%4");
@@ -133,7 +134,11 @@ mod tests {
         );
         let k = parse_upload_key("uploads/a b+c(1)/é.jpg", UPLOAD_PREFIX).unwrap();
         assert_eq!(k.tenant, "a b+c(1)");
-        assert!(k.image_id.starts_with("_-") && k.image_id.len() == 12, "{}", k.image_id);
+        assert!(
+            k.image_id.starts_with("_-") && k.image_id.len() == 12,
+            "{}",
+            k.image_id
+        );
         let k = parse_upload_key("uploads/x/y/z.png", UPLOAD_PREFIX).unwrap();
         assert_eq!(k.tenant, "default");
         assert!(k.image_id.starts_with("x_y_z-"));

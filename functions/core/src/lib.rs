@@ -15,6 +15,8 @@ pub mod prepare;
 pub mod pricing;
 pub mod retry;
 
-pub use model::{AnalysisJob, AnalysisResult, Detail, Estimate, ImageRecord, ImageSize, ImageStatus};
+pub use model::{
+    AnalysisJob, AnalysisResult, Detail, Estimate, ImageRecord, ImageSize, ImageStatus,
+};
 pub use prepare::{prepare, probe, PrepareError, PrepareOptions, PreparedImage};
 pub use pricing::{EstimateParams, PriceTable, Usage};

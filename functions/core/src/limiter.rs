@@ -140,7 +140,12 @@ impl RateLimiter {
 
     /// Follow the provider's view (x-ratelimit-remaining-* / reset-*): our buckets may not
     /// hold more than the provider says remains.
-    pub fn observe(&mut self, remaining_requests: Option<u64>, remaining_tokens: Option<u64>, now_ms: u64) {
+    pub fn observe(
+        &mut self,
+        remaining_requests: Option<u64>,
+        remaining_tokens: Option<u64>,
+        now_ms: u64,
+    ) {
         self.requests.refill(now_ms);
         self.tokens.refill(now_ms);
         if let (Some(r), true) = (remaining_requests, self.rpm > 0) {

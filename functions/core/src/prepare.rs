@@ -8,7 +8,9 @@ use std::io::Cursor;
 use fast_image_resize as fir;
 use image::codecs::jpeg::JpegEncoder;
 use image::metadata::Orientation;
-use image::{DynamicImage, ExtendedColorType, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage};
+use image::{
+    DynamicImage, ExtendedColorType, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage,
+};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -162,7 +164,9 @@ pub fn sniff(bytes: &[u8]) -> Result<SourceFormat, PrepareError> {
         Ok(ImageFormat::Png) => Ok(SourceFormat::Png),
         Ok(ImageFormat::WebP) => Ok(SourceFormat::Webp),
         Ok(ImageFormat::Gif) => Ok(SourceFormat::Gif),
-        Ok(other) => Err(PrepareError::Unsupported(format!("{other:?}").to_uppercase())),
+        Ok(other) => Err(PrepareError::Unsupported(
+            format!("{other:?}").to_uppercase(),
+        )),
         Err(_) if looks_like_svg(bytes) => Err(PrepareError::Svg),
         Err(_) => Err(PrepareError::NotAnImage),
     }
@@ -185,7 +189,7 @@ fn limits(opts: &PrepareOptions) -> Limits {
 }
 
 fn map_image_error(e: image::ImageError, opts: &PrepareOptions) -> PrepareError {
-    use image::error::{LimitErrorKind, ImageError};
+    use image::error::{ImageError, LimitErrorKind};
     match e {
         ImageError::Limits(l) => match l.kind() {
             LimitErrorKind::InsufficientMemory => PrepareError::MemoryLimit {
@@ -200,8 +204,11 @@ fn map_image_error(e: image::ImageError, opts: &PrepareOptions) -> PrepareError 
         other => {
             let msg = other.to_string();
             let lower = msg.to_ascii_lowercase();
-            if lower.contains("eof") || lower.contains("end of file") || lower.contains("truncat")
-                || lower.contains("no more bytes") || lower.contains("exhausted")
+            if lower.contains("eof")
+                || lower.contains("end of file")
+                || lower.contains("truncat")
+                || lower.contains("no more bytes")
+                || lower.contains("exhausted")
             {
                 PrepareError::Truncated
             } else {
@@ -273,11 +280,17 @@ pub fn probe(bytes: &[u8], opts: &PrepareOptions) -> Result<ImageInfo, PrepareEr
     let format = sniff(bytes)?;
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format.image_format());
     reader.limits(limits(opts));
-    let mut decoder = reader.into_decoder().map_err(|e| map_image_error(e, opts))?;
+    let mut decoder = reader
+        .into_decoder()
+        .map_err(|e| map_image_error(e, opts))?;
     let (w, h) = decoder.dimensions();
     check_pixels(w, h, opts)?;
     let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
-    let (width, height) = if swaps_axes(orientation) { (h, w) } else { (w, h) };
+    let (width, height) = if swaps_axes(orientation) {
+        (h, w)
+    } else {
+        (w, h)
+    };
     Ok(ImageInfo {
         format,
         width,
@@ -305,7 +318,9 @@ pub fn prepare(bytes: &[u8], opts: &PrepareOptions) -> Result<PreparedImage, Pre
     let format = sniff(bytes)?;
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format.image_format());
     reader.limits(limits(opts));
-    let mut decoder = reader.into_decoder().map_err(|e| map_image_error(e, opts))?;
+    let mut decoder = reader
+        .into_decoder()
+        .map_err(|e| map_image_error(e, opts))?;
     let (stored_w, stored_h) = decoder.dimensions();
     check_pixels(stored_w, stored_h, opts)?;
     let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
@@ -428,7 +443,12 @@ fn resize_rgb(src: RgbImage, w: u32, h: u32) -> Result<RgbImage, PrepareError> {
 fn encode_jpeg(img: &RgbImage, quality: u8) -> Result<Vec<u8>, PrepareError> {
     let mut out = Vec::with_capacity(img.as_raw().len() / 8);
     JpegEncoder::new_with_quality(&mut out, quality)
-        .encode(img.as_raw(), img.width(), img.height(), ExtendedColorType::Rgb8)
+        .encode(
+            img.as_raw(),
+            img.width(),
+            img.height(),
+            ExtendedColorType::Rgb8,
+        )
         .map_err(|e| PrepareError::Encode(e.to_string()))?;
     Ok(out)
 }

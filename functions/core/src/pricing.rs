@@ -378,7 +378,10 @@ mod tests {
         // Small images are one tile: 85 + 170.
         assert_eq!(tokens("gpt-4o", 300, 200, Detail::High), 255);
         // gpt-4o-mini: 2833 base + 5667 per tile.
-        assert_eq!(tokens("gpt-4o-mini", 1024, 1024, Detail::High), 2833 + 4 * 5667);
+        assert_eq!(
+            tokens("gpt-4o-mini", 1024, 1024, Detail::High),
+            2833 + 4 * 5667
+        );
     }
 
     #[test]
@@ -449,13 +452,19 @@ mod tests {
 
     #[test]
     fn unknown_model_lists_known_ones() {
-        let err = PriceTable::builtin().model("gpt-99").unwrap_err().to_string();
+        let err = PriceTable::builtin()
+            .model("gpt-99")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("gpt-99") && err.contains("gpt-4o"), "{err}");
     }
 
     #[test]
     fn duplicate_models_are_rejected() {
-        let text = format!("{BUILTIN_TABLE}\n{}", &BUILTIN_TABLE[BUILTIN_TABLE.find("[[models]]").unwrap()..]);
+        let text = format!(
+            "{BUILTIN_TABLE}\n{}",
+            &BUILTIN_TABLE[BUILTIN_TABLE.find("[[models]]").unwrap()..]
+        );
         assert!(matches!(
             PriceTable::from_toml(&text),
             Err(PricingError::Duplicate(_))

@@ -49,11 +49,25 @@ pub fn classify_status(status: u16) -> RetryClass {
 /// Exponential backoff with full jitter: uniform in [0, min(cap, base·2^attempt)],
 /// never below `floor`. `unit` is a uniform random number in [0, 1) supplied by the caller
 /// (core has no RNG so it stays deterministic and wasm-friendly).
-pub fn backoff(attempt: u32, base: Duration, cap: Duration, floor: Duration, unit: f64) -> Duration {
+pub fn backoff(
+    attempt: u32,
+    base: Duration,
+    cap: Duration,
+    floor: Duration,
+    unit: f64,
+) -> Duration {
     let exp = base.as_secs_f64() * 2f64.powi(attempt.min(30) as i32);
     let ceiling = exp.min(cap.as_secs_f64());
-    let unit = if unit.is_finite() { unit.clamp(0.0, 1.0) } else { 0.5 };
-    Duration::from_secs_f64((ceiling * unit).max(floor.as_secs_f64()).min(cap.as_secs_f64().max(floor.as_secs_f64())))
+    let unit = if unit.is_finite() {
+        unit.clamp(0.0, 1.0)
+    } else {
+        0.5
+    };
+    Duration::from_secs_f64(
+        (ceiling * unit)
+            .max(floor.as_secs_f64())
+            .min(cap.as_secs_f64().max(floor.as_secs_f64())),
+    )
 }
 
 /// Delay before the next attempt of a transient failure: the provider's Retry-After when it
@@ -185,7 +199,10 @@ mod tests {
         assert_eq!(parse_reset("1s"), Some(Duration::from_secs(1)));
         assert_eq!(parse_reset("6m0s"), Some(Duration::from_secs(360)));
         assert_eq!(parse_reset("20ms"), Some(Duration::from_millis(20)));
-        assert_eq!(parse_reset("1h2m3.5s"), Some(Duration::from_secs_f64(3723.5)));
+        assert_eq!(
+            parse_reset("1h2m3.5s"),
+            Some(Duration::from_secs_f64(3723.5))
+        );
         assert_eq!(parse_reset("2.5"), Some(Duration::from_millis(2500)));
         assert_eq!(parse_reset("soon"), None);
         assert_eq!(parse_reset("5"), Some(Duration::from_secs(5)));

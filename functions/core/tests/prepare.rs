@@ -65,14 +65,23 @@ fn orientations_one_to_eight_come_out_upright() {
     }
     for o in 1u8..=8 {
         let stored = store_as(&upright, o);
-        let jpeg = with_exif_orientation(&encode(&DynamicImage::ImageRgb8(stored), ImageFormat::Jpeg), o);
+        let jpeg = with_exif_orientation(
+            &encode(&DynamicImage::ImageRgb8(stored), ImageFormat::Jpeg),
+            o,
+        );
         let p = prepare(&jpeg, &PrepareOptions::default()).unwrap();
         assert_eq!((p.width, p.height), (40, 20), "orientation {o}");
         let out = image::load_from_memory(&p.jpeg).unwrap().into_rgb8();
         let tl = out.get_pixel(2, 2);
-        assert!(tl[0] > 200 && tl[2] < 60, "orientation {o}: top-left is {tl:?}");
+        assert!(
+            tl[0] > 200 && tl[2] < 60,
+            "orientation {o}: top-left is {tl:?}"
+        );
         let br = out.get_pixel(37, 17);
-        assert!(br[2] > 200 && br[0] < 60, "orientation {o}: bottom-right is {br:?}");
+        assert!(
+            br[2] > 200 && br[0] < 60,
+            "orientation {o}: bottom-right is {br:?}"
+        );
     }
 }
 
@@ -111,20 +120,59 @@ fn with_exif_orientation(jpeg: &[u8], o: u8) -> Vec<u8> {
 #[test]
 fn pixel_layouts_all_become_rgb_jpeg() {
     let base = DynamicImage::ImageRgba8(RgbaImage::from_fn(64, 48, |x, y| {
-        Rgba([(x * 4) as u8, (y * 5) as u8, 128, if x < 32 { 0 } else { 255 }])
+        Rgba([
+            (x * 4) as u8,
+            (y * 5) as u8,
+            128,
+            if x < 32 { 0 } else { 255 },
+        ])
     }));
     let cases = [
         ("rgba png", encode(&base, ImageFormat::Png)),
-        ("rgba16 png", encode(&DynamicImage::ImageRgba16(base.to_rgba16()), ImageFormat::Png)),
-        ("gray png", encode(&DynamicImage::ImageLuma8(base.to_luma8()), ImageFormat::Png)),
-        ("gray16 png", encode(&DynamicImage::ImageLuma16(base.to_luma16()), ImageFormat::Png)),
-        ("gray+alpha png", encode(&DynamicImage::ImageLumaA8(base.to_luma_alpha8()), ImageFormat::Png)),
+        (
+            "rgba16 png",
+            encode(
+                &DynamicImage::ImageRgba16(base.to_rgba16()),
+                ImageFormat::Png,
+            ),
+        ),
+        (
+            "gray png",
+            encode(&DynamicImage::ImageLuma8(base.to_luma8()), ImageFormat::Png),
+        ),
+        (
+            "gray16 png",
+            encode(
+                &DynamicImage::ImageLuma16(base.to_luma16()),
+                ImageFormat::Png,
+            ),
+        ),
+        (
+            "gray+alpha png",
+            encode(
+                &DynamicImage::ImageLumaA8(base.to_luma_alpha8()),
+                ImageFormat::Png,
+            ),
+        ),
         ("gif", encode(&base, ImageFormat::Gif)),
-        ("webp", encode(&DynamicImage::ImageRgba8(base.to_rgba8()), ImageFormat::WebP)),
-        ("gray jpeg", encode(&DynamicImage::ImageLuma8(base.to_luma8()), ImageFormat::Jpeg)),
+        (
+            "webp",
+            encode(
+                &DynamicImage::ImageRgba8(base.to_rgba8()),
+                ImageFormat::WebP,
+            ),
+        ),
+        (
+            "gray jpeg",
+            encode(
+                &DynamicImage::ImageLuma8(base.to_luma8()),
+                ImageFormat::Jpeg,
+            ),
+        ),
     ];
     for (name, bytes) in cases {
-        let p = prepare(&bytes, &PrepareOptions::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let p =
+            prepare(&bytes, &PrepareOptions::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert_eq!((p.width, p.height), (64, 48), "{name}");
         let out = image::load_from_memory(&p.jpeg).unwrap();
         assert_eq!(out.color(), image::ColorType::Rgb8, "{name}");
@@ -142,26 +190,50 @@ fn never_upscales_and_respects_options() {
     let bytes = encode(&img, ImageFormat::Png);
     let p = prepare(&bytes, &PrepareOptions::default()).unwrap();
     assert_eq!((p.width, p.height), (300, 100));
-    let small = PrepareOptions { max_edge: 150, ..Default::default() };
+    let small = PrepareOptions {
+        max_edge: 150,
+        ..Default::default()
+    };
     let p = prepare(&bytes, &small).unwrap();
     assert_eq!((p.width, p.height), (150, 50));
-    let bad = PrepareOptions { quality: 0, ..Default::default() };
-    assert!(matches!(prepare(&bytes, &bad), Err(PrepareError::Options(_))));
+    let bad = PrepareOptions {
+        quality: 0,
+        ..Default::default()
+    };
+    assert!(matches!(
+        prepare(&bytes, &bad),
+        Err(PrepareError::Options(_))
+    ));
 }
 
 #[test]
 fn hostile_inputs_are_clear_errors() {
     let opts = PrepareOptions::default();
     assert_eq!(prepare(&[], &opts), Err(PrepareError::Empty));
-    assert_eq!(prepare(b"hello, world", &opts), Err(PrepareError::NotAnImage));
     assert_eq!(
-        prepare(b"<?xml version=\"1.0\"?>\n<svg xmlns=\"http://www.w3.org/2000/svg\"/>", &opts),
+        prepare(b"hello, world", &opts),
+        Err(PrepareError::NotAnImage)
+    );
+    assert_eq!(
+        prepare(
+            b"<?xml version=\"1.0\"?>\n<svg xmlns=\"http://www.w3.org/2000/svg\"/>",
+            &opts
+        ),
         Err(PrepareError::Svg)
     );
-    assert!(matches!(prepare(b"BM\x00\x00\x00\x00", &opts), Err(PrepareError::Unsupported(_))));
+    assert!(matches!(
+        prepare(b"BM\x00\x00\x00\x00", &opts),
+        Err(PrepareError::Unsupported(_))
+    ));
 
-    let tiny = PrepareOptions { max_input_bytes: 10, ..Default::default() };
-    assert!(matches!(prepare(&[0xFF; 11], &tiny), Err(PrepareError::TooLarge { bytes: 11, max: 10 })));
+    let tiny = PrepareOptions {
+        max_input_bytes: 10,
+        ..Default::default()
+    };
+    assert!(matches!(
+        prepare(&[0xFF; 11], &tiny),
+        Err(PrepareError::TooLarge { bytes: 11, max: 10 })
+    ));
 
     // Truncated JPEG and PNG.
     let photo = std::fs::read(samples().join("small/rocket.jpg")).unwrap();
@@ -195,18 +267,36 @@ fn decompression_bombs_are_refused_before_decoding() {
     png.extend_from_slice(&idat);
     png.extend_from_slice(&crc32(&idat).to_be_bytes());
     let r = prepare(&png, &PrepareOptions::default());
-    assert!(matches!(r, Err(PrepareError::TooManyPixels { .. })), "{r:?}");
+    assert!(
+        matches!(r, Err(PrepareError::TooManyPixels { .. })),
+        "{r:?}"
+    );
 
     // A real, highly compressible 12000×12000 PNG (144 MP) is refused from its header.
     let big = image::GrayImage::new(12_000, 12_000);
     let mut bytes = Cursor::new(Vec::new());
-    DynamicImage::ImageLuma8(big).write_to(&mut bytes, ImageFormat::Png).unwrap();
+    DynamicImage::ImageLuma8(big)
+        .write_to(&mut bytes, ImageFormat::Png)
+        .unwrap();
     let bytes = bytes.into_inner();
     assert!(bytes.len() < 2_000_000);
     let r = prepare(&bytes, &PrepareOptions::default());
-    assert!(matches!(r, Err(PrepareError::TooManyPixels { pixels: 144_000_000, .. })), "{r:?}");
+    assert!(
+        matches!(
+            r,
+            Err(PrepareError::TooManyPixels {
+                pixels: 144_000_000,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
     // A tight decoder memory limit is also enforced.
-    let opts = PrepareOptions { max_pixels: u64::MAX, max_alloc_bytes: 50_000_000, ..Default::default() };
+    let opts = PrepareOptions {
+        max_pixels: u64::MAX,
+        max_alloc_bytes: 50_000_000,
+        ..Default::default()
+    };
     let r = prepare(&bytes, &opts);
     assert!(matches!(r, Err(PrepareError::MemoryLimit { .. })), "{r:?}");
 }
@@ -216,7 +306,11 @@ fn crc32(data: &[u8]) -> u32 {
     for &b in data {
         crc ^= u32::from(b);
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
@@ -225,8 +319,20 @@ fn crc32(data: &[u8]) -> u32 {
 #[test]
 fn sniff_formats() {
     let img = DynamicImage::ImageRgb8(RgbImage::new(2, 2));
-    assert_eq!(sniff(&encode(&img, ImageFormat::Png)).unwrap(), SourceFormat::Png);
-    assert_eq!(sniff(&encode(&img, ImageFormat::Jpeg)).unwrap(), SourceFormat::Jpeg);
-    assert_eq!(sniff(&encode(&img, ImageFormat::Gif)).unwrap(), SourceFormat::Gif);
-    assert_eq!(sniff(&encode(&img, ImageFormat::WebP)).unwrap(), SourceFormat::Webp);
+    assert_eq!(
+        sniff(&encode(&img, ImageFormat::Png)).unwrap(),
+        SourceFormat::Png
+    );
+    assert_eq!(
+        sniff(&encode(&img, ImageFormat::Jpeg)).unwrap(),
+        SourceFormat::Jpeg
+    );
+    assert_eq!(
+        sniff(&encode(&img, ImageFormat::Gif)).unwrap(),
+        SourceFormat::Gif
+    );
+    assert_eq!(
+        sniff(&encode(&img, ImageFormat::WebP)).unwrap(),
+        SourceFormat::Webp
+    );
 }

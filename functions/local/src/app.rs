@@ -36,7 +36,8 @@ impl LocalApp {
     pub fn open(config: Config) -> anyhow::Result<LocalApp> {
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let db_path = config.data_dir.join("sightline.db");
-        let db = SqliteDb::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?;
+        let db =
+            SqliteDb::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?;
         let blobs: Arc<dyn BlobStore> = Arc::new(FileBlobStore::new(config.data_dir.join("blobs")));
         let repo: Arc<dyn Repository> = Arc::new(SqliteRepository::new(db.clone()));
         let queue = Arc::new(SqliteQueue::new(db, "analyze", MAX_RECEIVES, clock.clone()));
@@ -58,7 +59,13 @@ impl LocalApp {
             clock: clock.clone(),
             upload_prefix: UPLOAD_PREFIX.to_string(),
         };
-        let analyzer = Analyzer::new(blobs.clone(), repo.clone(), provider.clone(), settings, clock.clone());
+        let analyzer = Analyzer::new(
+            blobs.clone(),
+            repo.clone(),
+            provider.clone(),
+            settings,
+            clock.clone(),
+        );
         Ok(LocalApp {
             config,
             clock,

@@ -8,17 +8,23 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use serde_json::json;
 use sightline_core::model::ImageStatus;
-use sightline_core::pricing::PriceTable;
-use sightline_core::prepare::probe;
 use sightline_core::prepare;
+use sightline_core::prepare::probe;
+use sightline_core::pricing::PriceTable;
 use sightline_pipeline::http::{cost_report, default_window};
 
 use crate::app::{LocalApp, LOCAL_TENANT};
 use crate::config::{CommonOpts, Config};
-use crate::run::{collect_inputs, image_json, progress_bar, run_pipeline, summarize, summary_json, summary_table};
+use crate::run::{
+    collect_inputs, image_json, progress_bar, run_pipeline, summarize, summary_json, summary_table,
+};
 
 #[derive(Debug, Parser)]
-#[command(name = "sightline", version, about = "Shrink, price and analyse images with vision LLMs — locally or on AWS")]
+#[command(
+    name = "sightline",
+    version,
+    about = "Shrink, price and analyse images with vision LLMs — locally or on AWS"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub common: CommonOpts,
@@ -87,16 +93,28 @@ pub async fn main_with(cli: Cli) -> anyhow::Result<()> {
         Command::Models => {
             let t = PriceTable::builtin();
             println!("price table {}", t.version());
-            println!("{:<20} {:>10} {:>10} {:>10}  source", "model", "in/1M", "cached/1M", "out/1M");
+            println!(
+                "{:<20} {:>10} {:>10} {:>10}  source",
+                "model", "in/1M", "cached/1M", "out/1M"
+            );
             for m in t.models() {
                 println!(
                     "{:<20} {:>10.3} {:>10.3} {:>10.3}  {} ({})",
-                    m.id, m.input_per_mtok, m.cached_input_per_mtok, m.output_per_mtok, m.source, m.as_of
+                    m.id,
+                    m.input_per_mtok,
+                    m.cached_input_per_mtok,
+                    m.output_per_mtok,
+                    m.source,
+                    m.as_of
                 );
             }
             Ok(())
         }
-        Command::Estimate { files, models, json } => {
+        Command::Estimate {
+            files,
+            models,
+            json,
+        } => {
             let config = Config::resolve(&cli.common)?;
             estimate(&config, &files, &models, json)
         }
@@ -120,24 +138,50 @@ pub async fn main_with(cli: Cli) -> anyhow::Result<()> {
                 writeln!(out, "{}", summary_json(&summary, &model))?;
             } else {
                 for r in records.iter().filter(|r| r.status == ImageStatus::Failed) {
-                    writeln!(out, "failed  {}: {}", r.source, r.error.as_deref().unwrap_or("unknown error"))?;
+                    writeln!(
+                        out,
+                        "failed  {}: {}",
+                        r.source,
+                        r.error.as_deref().unwrap_or("unknown error")
+                    )?;
                 }
                 write!(out, "{}", summary_table(&summary, &model))?;
             }
             Ok(())
         }
-        Command::Serve { addr, api_key, web_dir } => {
+        Command::Serve {
+            addr,
+            api_key,
+            web_dir,
+        } => {
             let config = Config::resolve(&cli.common)?;
             let app = LocalApp::open(config)?;
-            crate::serve::serve(app, addr, &api_key, web_dir.unwrap_or_else(crate::serve::default_web_dir)).await
+            crate::serve::serve(
+                app,
+                addr,
+                &api_key,
+                web_dir.unwrap_or_else(crate::serve::default_web_dir),
+            )
+            .await
         }
-        Command::Results { status, limit, json } => {
+        Command::Results {
+            status,
+            limit,
+            json,
+        } => {
             let config = Config::resolve(&cli.common)?;
             let status = status
-                .map(|s| ImageStatus::parse(&s).with_context(|| format!("unknown status {s:?}; use pending, queued, done or failed")))
+                .map(|s| {
+                    ImageStatus::parse(&s).with_context(|| {
+                        format!("unknown status {s:?}; use pending, queued, done or failed")
+                    })
+                })
                 .transpose()?;
             let app = LocalApp::open(config)?;
-            let page = app.repo.list_images(LOCAL_TENANT, status, limit.clamp(1, 1000), None).await?;
+            let page = app
+                .repo
+                .list_images(LOCAL_TENANT, status, limit.clamp(1, 1000), None)
+                .await?;
             let mut out = std::io::stdout().lock();
             for r in &page.images {
                 if json {
@@ -146,7 +190,12 @@ pub async fn main_with(cli: Cli) -> anyhow::Result<()> {
                     let desc = r
                         .result
                         .as_ref()
-                        .and_then(|x| x.analysis.get("description").and_then(|d| d.as_str()).map(str::to_string))
+                        .and_then(|x| {
+                            x.analysis
+                                .get("description")
+                                .and_then(|d| d.as_str())
+                                .map(str::to_string)
+                        })
                         .or_else(|| r.error.clone())
                         .unwrap_or_default();
                     writeln!(out, "{:<8} {:<40} {}", r.status.as_str(), r.image_id, desc)?;
@@ -166,21 +215,54 @@ pub async fn main_with(cli: Cli) -> anyhow::Result<()> {
                 writeln!(out, "{}", serde_json::to_string(&report)?)?;
             } else {
                 writeln!(out, "costs {from} .. {to}")?;
-                writeln!(out, "{:<12} {:<22} {:>7} {:>7} {:>12} {:>12} {:>12}", "day", "model", "images", "cached", "input tok", "output tok", "cost USD")?;
+                writeln!(
+                    out,
+                    "{:<12} {:<22} {:>7} {:>7} {:>12} {:>12} {:>12}",
+                    "day", "model", "images", "cached", "input tok", "output tok", "cost USD"
+                )?;
                 for r in &report.rows {
-                    writeln!(out, "{:<12} {:<22} {:>7} {:>7} {:>12} {:>12} {:>12.6}", r.day, r.model, r.images, r.cached_images, r.input_tokens, r.output_tokens, r.cost_usd)?;
+                    writeln!(
+                        out,
+                        "{:<12} {:<22} {:>7} {:>7} {:>12} {:>12} {:>12.6}",
+                        r.day,
+                        r.model,
+                        r.images,
+                        r.cached_images,
+                        r.input_tokens,
+                        r.output_tokens,
+                        r.cost_usd
+                    )?;
                 }
                 let t = &report.total;
-                writeln!(out, "{:<12} {:<22} {:>7} {:>7} {:>12} {:>12} {:>12.6}", "total", "", t.images, t.cached_images, t.input_tokens, t.output_tokens, t.cost_usd)?;
+                writeln!(
+                    out,
+                    "{:<12} {:<22} {:>7} {:>7} {:>12} {:>12} {:>12.6}",
+                    "total",
+                    "",
+                    t.images,
+                    t.cached_images,
+                    t.input_tokens,
+                    t.output_tokens,
+                    t.cost_usd
+                )?;
             }
             Ok(())
         }
     }
 }
 
-fn estimate(config: &Config, files: &[PathBuf], models: &[String], as_json: bool) -> anyhow::Result<()> {
+fn estimate(
+    config: &Config,
+    files: &[PathBuf],
+    models: &[String],
+    as_json: bool,
+) -> anyhow::Result<()> {
     let table = PriceTable::builtin();
-    let models: Vec<String> = if models.is_empty() { vec![config.settings.model.clone()] } else { models.to_vec() };
+    let models: Vec<String> = if models.is_empty() {
+        vec![config.settings.model.clone()]
+    } else {
+        models.to_vec()
+    };
     for m in &models {
         table.model(m)?;
     }
@@ -188,14 +270,23 @@ fn estimate(config: &Config, files: &[PathBuf], models: &[String], as_json: bool
     let opts = config.settings.prepare;
     let mut out = std::io::stdout().lock();
     if !as_json {
-        writeln!(out, "{:<32} {:<18} {:>11} {:>11} {:>9} {:>9} {:>11} {:>11}", "file", "model", "original", "resized", "tok orig", "tok new", "cost orig", "cost new")?;
+        writeln!(
+            out,
+            "{:<32} {:<18} {:>11} {:>11} {:>9} {:>9} {:>11} {:>11}",
+            "file", "model", "original", "resized", "tok orig", "tok new", "cost orig", "cost new"
+        )?;
     }
     let mut failures = 0;
     for f in files {
         let name = f.display().to_string();
-        let size = std::fs::metadata(f).with_context(|| format!("{name}: cannot read"))?.len();
+        let size = std::fs::metadata(f)
+            .with_context(|| format!("{name}: cannot read"))?
+            .len();
         let result = if size > opts.max_input_bytes {
-            Err(sightline_core::PrepareError::TooLarge { bytes: size, max: opts.max_input_bytes })
+            Err(sightline_core::PrepareError::TooLarge {
+                bytes: size,
+                max: opts.max_input_bytes,
+            })
         } else {
             let bytes = std::fs::read(f).with_context(|| format!("{name}: cannot read"))?;
             probe(&bytes, &opts).and_then(|info| prepare(&bytes, &opts).map(|p| (info, p)))
@@ -205,7 +296,11 @@ fn estimate(config: &Config, files: &[PathBuf], models: &[String], as_json: bool
             Err(e) => {
                 failures += 1;
                 if as_json {
-                    writeln!(out, "{}", json!({"file": name, "error": e.to_string(), "code": e.code()}))?;
+                    writeln!(
+                        out,
+                        "{}",
+                        json!({"file": name, "error": e.to_string(), "code": e.code()})
+                    )?;
                 } else {
                     writeln!(out, "{name:<32} error: {e}")?;
                 }
@@ -216,17 +311,27 @@ fn estimate(config: &Config, files: &[PathBuf], models: &[String], as_json: bool
             let orig = table.estimate(m, info.width, info.height, &params)?;
             let new = table.estimate(m, p.width, p.height, &params)?;
             if as_json {
-                writeln!(out, "{}", json!({
-                    "file": name, "model": m,
-                    "original": {"width": info.width, "height": info.height, "bytes": p.original_bytes, "tokens": orig.tokens, "image_tokens": orig.image_tokens, "cost_usd": orig.cost_usd},
-                    "resized": {"width": p.width, "height": p.height, "bytes": p.bytes, "tokens": new.tokens, "image_tokens": new.image_tokens, "cost_usd": new.cost_usd},
-                }))?;
+                writeln!(
+                    out,
+                    "{}",
+                    json!({
+                        "file": name, "model": m,
+                        "original": {"width": info.width, "height": info.height, "bytes": p.original_bytes, "tokens": orig.tokens, "image_tokens": orig.image_tokens, "cost_usd": orig.cost_usd},
+                        "resized": {"width": p.width, "height": p.height, "bytes": p.bytes, "tokens": new.tokens, "image_tokens": new.image_tokens, "cost_usd": new.cost_usd},
+                    })
+                )?;
             } else {
                 writeln!(
                     out,
                     "{:<32} {:<18} {:>11} {:>11} {:>9} {:>9} {:>11.6} {:>11.6}",
-                    truncate(&name, 32), m, format!("{}x{}", info.width, info.height), format!("{}x{}", p.width, p.height),
-                    orig.tokens, new.tokens, orig.cost_usd, new.cost_usd
+                    truncate(&name, 32),
+                    m,
+                    format!("{}x{}", info.width, info.height),
+                    format!("{}x{}", p.width, p.height),
+                    orig.tokens,
+                    new.tokens,
+                    orig.cost_usd,
+                    new.cost_usd
                 )?;
             }
         }
@@ -241,7 +346,14 @@ fn truncate(s: &str, n: usize) -> String {
     if s.chars().count() <= n {
         s.to_string()
     } else {
-        let tail: String = s.chars().rev().take(n - 1).collect::<Vec<_>>().into_iter().rev().collect();
+        let tail: String = s
+            .chars()
+            .rev()
+            .take(n - 1)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
         format!("…{tail}")
     }
 }

@@ -25,7 +25,12 @@ pub struct CommonOpts {
     #[arg(long, global = true, env = "SIGHTLINE_MODEL")]
     pub model: Option<String>,
     /// Fallback models, comma-separated, tried when the model is throttled or down.
-    #[arg(long, global = true, env = "SIGHTLINE_FALLBACK_MODELS", value_delimiter = ',')]
+    #[arg(
+        long,
+        global = true,
+        env = "SIGHTLINE_FALLBACK_MODELS",
+        value_delimiter = ','
+    )]
     pub fallback_models: Option<Vec<String>>,
     /// Provider requests per minute (0 = unlimited).
     #[arg(long, global = true, env = "SIGHTLINE_RPM")]
@@ -90,11 +95,15 @@ impl Config {
     pub fn resolve(opts: &CommonOpts) -> anyhow::Result<Config> {
         let file = match &opts.config {
             Some(p) => Some(load_file(p)?),
-            None if Path::new("sightline.toml").exists() => Some(load_file(Path::new("sightline.toml"))?),
+            None if Path::new("sightline.toml").exists() => {
+                Some(load_file(Path::new("sightline.toml"))?)
+            }
             None => None,
         }
         .unwrap_or_default();
-        let api_key = std::env::var("OPENAI_API_KEY").ok().filter(|k| !k.trim().is_empty());
+        let api_key = std::env::var("OPENAI_API_KEY")
+            .ok()
+            .filter(|k| !k.trim().is_empty());
         let provider = match opts.provider.clone().or(file.provider.clone()).as_deref() {
             Some("local") => ProviderKind::Local,
             Some("openai") => ProviderKind::OpenAi,
@@ -109,8 +118,16 @@ impl Config {
         if let Some(m) = opts.model.clone().or(file.model.clone()) {
             settings.model = m;
         }
-        if let Some(f) = opts.fallback_models.clone().or(file.fallback_models.clone()) {
-            settings.fallback_models = f.into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+        if let Some(f) = opts
+            .fallback_models
+            .clone()
+            .or(file.fallback_models.clone())
+        {
+            settings.fallback_models = f
+                .into_iter()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect();
         }
         if let Some(v) = opts.rpm.or(file.rpm) {
             settings.rpm = v;
@@ -142,7 +159,8 @@ impl Config {
             bail!("--max-edge must be 1..=16384");
         }
         settings.validate().map_err(anyhow::Error::msg)?;
-        let timeout = Duration::from_secs(opts.timeout_secs.or(file.timeout_secs).unwrap_or(60).max(1));
+        let timeout =
+            Duration::from_secs(opts.timeout_secs.or(file.timeout_secs).unwrap_or(60).max(1));
         Ok(Config {
             data_dir: opts
                 .data_dir
@@ -164,7 +182,8 @@ impl Config {
 }
 
 fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
@@ -196,7 +215,10 @@ mod tests {
             model: Some("gpt-99".into()),
             ..Default::default()
         };
-        assert!(Config::resolve(&bad).unwrap_err().to_string().contains("gpt-99"));
+        assert!(Config::resolve(&bad)
+            .unwrap_err()
+            .to_string()
+            .contains("gpt-99"));
         let bad = CommonOpts {
             provider: Some("smoke-signals".into()),
             ..Default::default()

@@ -55,7 +55,11 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
 }
 
 /// Run every input through resize → queue → analysis; return the final records, in input order.
-pub async fn run_pipeline(app: &LocalApp, inputs: &[PathBuf], progress: &ProgressBar) -> anyhow::Result<Vec<ImageRecord>> {
+pub async fn run_pipeline(
+    app: &LocalApp,
+    inputs: &[PathBuf],
+    progress: &ProgressBar,
+) -> anyhow::Result<Vec<ImageRecord>> {
     let run_tag = uuid::Uuid::now_v7().simple().to_string();
     let ids: Vec<String> = inputs
         .iter()
@@ -89,7 +93,9 @@ pub async fn run_pipeline(app: &LocalApp, inputs: &[PathBuf], progress: &Progres
     let workers = tokio::spawn(pool.run(stop_rx));
 
     // Resize with bounded parallelism (CPU-bound work on blocking threads).
-    let parallel = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let parallel = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
     let sem = Arc::new(tokio::sync::Semaphore::new(parallel));
     let mut tasks = tokio::task::JoinSet::new();
     for (path, id) in inputs.iter().zip(ids.iter()) {
@@ -104,7 +110,9 @@ pub async fn run_pipeline(app: &LocalApp, inputs: &[PathBuf], progress: &Progres
                 if let Ok(mut p) = pending.lock() {
                     p.insert(job.image_id.clone());
                 }
-                app.ingest.send_jobs(&[IngestOutcome::Queued(job.clone())]).await?;
+                app.ingest
+                    .send_jobs(&[IngestOutcome::Queued(job.clone())])
+                    .await?;
             }
             r.map(|o| (id, o))
         });
@@ -125,7 +133,10 @@ pub async fn run_pipeline(app: &LocalApp, inputs: &[PathBuf], progress: &Progres
             break;
         }
         if app.queue.depth().await? == 0 {
-            let stuck: Vec<String> = pending.lock().map(|p| p.iter().cloned().collect()).unwrap_or_default();
+            let stuck: Vec<String> = pending
+                .lock()
+                .map(|p| p.iter().cloned().collect())
+                .unwrap_or_default();
             for id in stuck {
                 let reason = format!("gave up after {MAX_RECEIVES} attempts (dead-lettered)");
                 app.repo
@@ -153,7 +164,11 @@ pub async fn run_pipeline(app: &LocalApp, inputs: &[PathBuf], progress: &Progres
     Ok(records)
 }
 
-async fn ingest_file(app: &LocalApp, path: &Path, id: &str) -> Result<IngestOutcome, sightline_pipeline::ports::StoreError> {
+async fn ingest_file(
+    app: &LocalApp,
+    path: &Path,
+    id: &str,
+) -> Result<IngestOutcome, sightline_pipeline::ports::StoreError> {
     let source = path.display().to_string();
     let max = app.config.settings.prepare.max_input_bytes;
     // Size check before reading the file.
@@ -162,19 +177,38 @@ async fn ingest_file(app: &LocalApp, path: &Path, id: &str) -> Result<IngestOutc
         Err(e) => {
             return app
                 .ingest
-                .reject(LOCAL_TENANT, id, &source, None, &format!("cannot read file: {e}"))
+                .reject(
+                    LOCAL_TENANT,
+                    id,
+                    &source,
+                    None,
+                    &format!("cannot read file: {e}"),
+                )
                 .await
         }
     };
     if size > max {
         let reason = sightline_core::PrepareError::TooLarge { bytes: size, max }.to_string();
-        return app.ingest.reject(LOCAL_TENANT, id, &source, Some(size), &reason).await;
+        return app
+            .ingest
+            .reject(LOCAL_TENANT, id, &source, Some(size), &reason)
+            .await;
     }
     match tokio::fs::read(path).await {
-        Ok(bytes) => app.ingest.ingest_bytes(LOCAL_TENANT, id, &source, bytes).await,
+        Ok(bytes) => {
+            app.ingest
+                .ingest_bytes(LOCAL_TENANT, id, &source, bytes)
+                .await
+        }
         Err(e) => {
             app.ingest
-                .reject(LOCAL_TENANT, id, &source, Some(size), &format!("cannot read file: {e}"))
+                .reject(
+                    LOCAL_TENANT,
+                    id,
+                    &source,
+                    Some(size),
+                    &format!("cannot read file: {e}"),
+                )
                 .await
         }
     }
@@ -276,12 +310,23 @@ pub fn summary_table(s: &Summary, estimate_model: &str) -> String {
         "images {:>5}   done {:>5}   failed {:>5}   cached {:>5}\n",
         s.images, s.done, s.failed, s.cached
     ));
-    out.push_str(&format!("{:<24} {:>7} {:>12} {:>12} {:>12}\n", "model", "images", "input tok", "output tok", "cost USD"));
+    out.push_str(&format!(
+        "{:<24} {:>7} {:>12} {:>12} {:>12}\n",
+        "model", "images", "input tok", "output tok", "cost USD"
+    ));
     for (m, v) in &s.by_model {
-        out.push_str(&format!("{:<24} {:>7} {:>12} {:>12} {:>12.6}\n", m, v.0, v.1, v.2, v.3));
+        out.push_str(&format!(
+            "{:<24} {:>7} {:>12} {:>12} {:>12.6}\n",
+            m, v.0, v.1, v.2, v.3
+        ));
     }
-    out.push_str(&format!("{:<24} {:>7} {:>12} {:>12} {:>12.6}\n", "total", s.done, s.input_tokens, s.output_tokens, s.cost_usd));
-    let saved = s.original_image_tokens.saturating_sub(s.resized_image_tokens);
+    out.push_str(&format!(
+        "{:<24} {:>7} {:>12} {:>12} {:>12.6}\n",
+        "total", s.done, s.input_tokens, s.output_tokens, s.cost_usd
+    ));
+    let saved = s
+        .original_image_tokens
+        .saturating_sub(s.resized_image_tokens);
     let pct = if s.original_image_tokens > 0 {
         100.0 * saved as f64 / s.original_image_tokens as f64
     } else {
@@ -296,7 +341,9 @@ pub fn summary_table(s: &Summary, estimate_model: &str) -> String {
 
 pub fn progress_bar(len: u64) -> ProgressBar {
     let pb = ProgressBar::new(len);
-    if let Ok(style) = ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} images {msg}") {
+    if let Ok(style) = ProgressStyle::with_template(
+        "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} images {msg}",
+    ) {
         pb.set_style(style);
     }
     pb

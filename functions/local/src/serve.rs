@@ -42,8 +42,15 @@ pub fn default_web_dir() -> PathBuf {
 
 /// Build the whole local app router (API + uploads + widget). `base_url` is what clients
 /// use to reach this server (presigned URLs point at it).
-pub async fn build_router(app: &LocalApp, base_url: &str, api_key: &str, web_dir: PathBuf) -> anyhow::Result<Router> {
-    app.repo.put_api_key(&hash_api_key(api_key), LOCAL_TENANT).await?;
+pub async fn build_router(
+    app: &LocalApp,
+    base_url: &str,
+    api_key: &str,
+    web_dir: PathBuf,
+) -> anyhow::Result<Router> {
+    app.repo
+        .put_api_key(&hash_api_key(api_key), LOCAL_TENANT)
+        .await?;
     let secret: [u8; 32] = rand::random();
     let presigner = LocalPresigner::new(secret.to_vec(), base_url, app.clock.clone());
     let presigner_port: Arc<dyn Presigner> = Arc::new(presigner.clone());
@@ -79,9 +86,10 @@ async fn local_upload(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let grant = st.presigner.verify(&token).map_err(|e| {
-        ApiError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string())
-    })?;
+    let grant = st
+        .presigner
+        .verify(&token)
+        .map_err(|e| ApiError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string()))?;
     let ct = headers
         .get("content-type")
         .and_then(|v| v.to_str().ok())
@@ -90,14 +98,21 @@ async fn local_upload(
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
-            format!("content-type {ct:?} does not match the signed {:?}", grant.content_type),
+            format!(
+                "content-type {ct:?} does not match the signed {:?}",
+                grant.content_type
+            ),
         ));
     }
     if body.len() as u64 != grant.content_length {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
-            format!("body is {} bytes; the URL was signed for {}", body.len(), grant.content_length),
+            format!(
+                "body is {} bytes; the URL was signed for {}",
+                body.len(),
+                grant.content_length
+            ),
         ));
     }
     st.app
@@ -117,7 +132,12 @@ async fn local_upload(
 }
 
 /// Run the server until Ctrl-C.
-pub async fn serve(app: LocalApp, addr: SocketAddr, api_key: &str, web_dir: PathBuf) -> anyhow::Result<()> {
+pub async fn serve(
+    app: LocalApp,
+    addr: SocketAddr,
+    api_key: &str,
+    web_dir: PathBuf,
+) -> anyhow::Result<()> {
     if !addr.ip().is_loopback() {
         tracing::warn!(%addr, "listening on a non-loopback address: the API is reachable from the network");
     }

@@ -138,7 +138,11 @@ impl Analyzer {
 
     async fn fail(&self, job: &AnalysisJob, reason: &str) -> AnalyzeOutcome {
         let now = rfc3339(self.clock.now_ms());
-        if let Err(e) = self.repo.mark_failed(&job.tenant, &job.image_id, reason, &now).await {
+        if let Err(e) = self
+            .repo
+            .mark_failed(&job.tenant, &job.image_id, reason, &now)
+            .await
+        {
             warn!(error = %e, image_id = %job.image_id, "could not record failure");
             return AnalyzeOutcome::Retry {
                 delay: Duration::from_secs(5),
@@ -148,7 +152,11 @@ impl Analyzer {
         AnalyzeOutcome::Failed(reason.to_string())
     }
 
-    async fn handle_job(&self, job: &AnalysisJob, receive_count: u32) -> Result<AnalyzeOutcome, StoreError> {
+    async fn handle_job(
+        &self,
+        job: &AnalysisJob,
+        receive_count: u32,
+    ) -> Result<AnalyzeOutcome, StoreError> {
         let Some(record) = self.repo.get_image(&job.tenant, &job.image_id).await? else {
             return Ok(AnalyzeOutcome::Failed(format!(
                 "image {}/{} has no record",
@@ -164,7 +172,12 @@ impl Analyzer {
         let key = idempotency_key(&job.sha256, &primary, &self.settings.prompt_version);
         match self
             .repo
-            .claim(&key, &self.owner, self.settings.claim_lease, self.clock.now_ms())
+            .claim(
+                &key,
+                &self.owner,
+                self.settings.claim_lease,
+                self.clock.now_ms(),
+            )
             .await?
         {
             Claim::Cached(prev) => {
@@ -175,10 +188,16 @@ impl Analyzer {
                     completed_at: rfc3339(self.clock.now_ms()),
                     ..*prev
                 };
-                return Ok(match self.repo.complete(&job.tenant, &job.image_id, &result, 0.0).await? {
-                    Completion::Stored => AnalyzeOutcome::Cached,
-                    Completion::AlreadyDone => AnalyzeOutcome::AlreadyDone,
-                });
+                return Ok(
+                    match self
+                        .repo
+                        .complete(&job.tenant, &job.image_id, &result, 0.0)
+                        .await?
+                    {
+                        Completion::Stored => AnalyzeOutcome::Cached,
+                        Completion::AlreadyDone => AnalyzeOutcome::AlreadyDone,
+                    },
+                );
             }
             Claim::Busy { retry_in } => {
                 return Ok(AnalyzeOutcome::Retry {
@@ -188,9 +207,13 @@ impl Analyzer {
             }
             Claim::Acquired => {}
         }
-        let outcome = self.call_chain(job, &chain, &key, receive_count, estimated_cost).await;
+        let outcome = self
+            .call_chain(job, &chain, &key, receive_count, estimated_cost)
+            .await;
         match &outcome {
-            Ok(AnalyzeOutcome::Done { .. }) | Ok(AnalyzeOutcome::AlreadyDone) | Ok(AnalyzeOutcome::Cached) => {}
+            Ok(AnalyzeOutcome::Done { .. })
+            | Ok(AnalyzeOutcome::AlreadyDone)
+            | Ok(AnalyzeOutcome::Cached) => {}
             _ => {
                 // Let the next attempt claim at once.
                 if let Err(e) = self.repo.release_claim(&key, &self.owner).await {
@@ -242,12 +265,18 @@ impl Analyzer {
             let reservation = match self.reserve(model, reserve_tokens).await {
                 Ok(r) => r,
                 Err(Denied::TooLarge { tokens, tpm }) => {
-                    let reason = format!("request needs {tokens} tokens, over the per-instance TPM limit {tpm}");
+                    let reason = format!(
+                        "request needs {tokens} tokens, over the per-instance TPM limit {tpm}"
+                    );
                     return Ok(self.fail(job, &reason).await);
                 }
                 Err(Denied::Wait(d)) => {
                     if has_fallback {
-                        info!(model, wait_ms = d.as_millis() as u64, "limiter full; trying fallback model");
+                        info!(
+                            model,
+                            wait_ms = d.as_millis() as u64,
+                            "limiter full; trying fallback model"
+                        );
                         last_retry = Some((d, format!("rate limit for {model}")));
                         continue;
                     }
@@ -261,7 +290,12 @@ impl Analyzer {
             if let Err(e) = &attempt {
                 if e.kind == FailureKind::InvalidOutput {
                     // One in-place retry for invalid output, then it is permanent.
-                    self.settle(model, reservation, e.usage.map(|u| u.input_tokens + u.output_tokens), &e.rate);
+                    self.settle(
+                        model,
+                        reservation,
+                        e.usage.map(|u| u.input_tokens + u.output_tokens),
+                        &e.rate,
+                    );
                     let again = self.reserve(model, reserve_tokens).await;
                     let Ok(r2) = again else {
                         return Ok(AnalyzeOutcome::Retry {
@@ -297,14 +331,24 @@ impl Analyzer {
                         price_version: table.version().to_string(),
                         completed_at: rfc3339(self.clock.now_ms()),
                     };
-                    let est = if self.provider.is_paid() { estimated_cost } else { 0.0 };
-                    return Ok(match self.repo.complete(&job.tenant, &job.image_id, &result, est).await? {
-                        Completion::Stored => AnalyzeOutcome::Done {
-                            model: model.clone(),
-                            cost_usd: cost,
+                    let est = if self.provider.is_paid() {
+                        estimated_cost
+                    } else {
+                        0.0
+                    };
+                    return Ok(
+                        match self
+                            .repo
+                            .complete(&job.tenant, &job.image_id, &result, est)
+                            .await?
+                        {
+                            Completion::Stored => AnalyzeOutcome::Done {
+                                model: model.clone(),
+                                cost_usd: cost,
+                            },
+                            Completion::AlreadyDone => AnalyzeOutcome::AlreadyDone,
                         },
-                        Completion::AlreadyDone => AnalyzeOutcome::AlreadyDone,
-                    });
+                    );
                 }
                 Err(e) => match classify(&e.kind) {
                     RetryClass::Permanent => {
@@ -317,7 +361,10 @@ impl Analyzer {
                             e.kind,
                             FailureKind::Http { retry_after: Some(d), .. } if d >= self.settings.fallback_after
                         );
-                        if has_fallback && (long_wait || !matches!(e.kind, FailureKind::Http { status: 429, .. })) {
+                        if has_fallback
+                            && (long_wait
+                                || !matches!(e.kind, FailureKind::Http { status: 429, .. }))
+                        {
                             info!(model, error = %e.message, "switching to fallback model");
                             last_retry = Some((delay, e.message.clone()));
                             continue;
@@ -330,7 +377,8 @@ impl Analyzer {
                 },
             }
         }
-        let (delay, reason) = last_retry.unwrap_or((Duration::from_secs(5), "no model available".into()));
+        let (delay, reason) =
+            last_retry.unwrap_or((Duration::from_secs(5), "no model available".into()));
         Ok(AnalyzeOutcome::Retry { delay, reason })
     }
 
@@ -339,7 +387,10 @@ impl Analyzer {
         let deadline = self.clock.now_ms() + self.settings.max_inline_wait.as_millis() as u64;
         loop {
             let now = self.clock.now_ms();
-            match self.limiters.with(model, now, |l| l.try_reserve(tokens, now)) {
+            match self
+                .limiters
+                .with(model, now, |l| l.try_reserve(tokens, now))
+            {
                 Ok(r) => return Ok(r),
                 Err(Denied::Wait(d)) if now + (d.as_millis() as u64) <= deadline => {
                     tokio::time::sleep(d.max(Duration::from_millis(5))).await;
@@ -349,7 +400,12 @@ impl Analyzer {
         }
     }
 
-    fn finish(&self, model: &str, reservation: Reservation, attempt: &Result<crate::ports::VisionResponse, ProviderError>) {
+    fn finish(
+        &self,
+        model: &str,
+        reservation: Reservation,
+        attempt: &Result<crate::ports::VisionResponse, ProviderError>,
+    ) {
         match attempt {
             Ok(resp) => self.settle(
                 model,
@@ -358,8 +414,17 @@ impl Analyzer {
                 &resp.rate,
             ),
             Err(e) => {
-                self.settle(model, reservation, e.usage.map(|u| u.input_tokens + u.output_tokens), &e.rate);
-                if let FailureKind::Http { status: 429, retry_after } = &e.kind {
+                self.settle(
+                    model,
+                    reservation,
+                    e.usage.map(|u| u.input_tokens + u.output_tokens),
+                    &e.rate,
+                );
+                if let FailureKind::Http {
+                    status: 429,
+                    retry_after,
+                } = &e.kind
+                {
                     let wait = retry_after.unwrap_or(Duration::from_secs(1));
                     let now = self.clock.now_ms();
                     self.limiters.with(model, now, |l| l.block_for(wait, now));
@@ -369,7 +434,13 @@ impl Analyzer {
     }
 
     /// Correct the reservation with what was used and follow the provider's headers.
-    fn settle(&self, model: &str, reservation: Reservation, used: Option<u64>, rate: &crate::ports::RateInfo) {
+    fn settle(
+        &self,
+        model: &str,
+        reservation: Reservation,
+        used: Option<u64>,
+        rate: &crate::ports::RateInfo,
+    ) {
         let now = self.clock.now_ms();
         self.limiters.with(model, now, |l| {
             match used {

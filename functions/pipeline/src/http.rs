@@ -100,7 +100,11 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound(_) => ApiError::not_found(),
             other => {
                 error!(error = %other, "storage error");
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "internal error",
+                )
             }
         }
     }
@@ -124,11 +128,16 @@ async fn tenant(state: &ApiState, headers: &HeaderMap) -> Result<String, ApiErro
             headers
                 .get("authorization")
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+                .and_then(|v| {
+                    v.strip_prefix("Bearer ")
+                        .or_else(|| v.strip_prefix("bearer "))
+                })
                 .map(str::trim)
         })
         .filter(|k| !k.is_empty())
-        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing API key"))?;
+        .ok_or_else(|| {
+            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing API key")
+        })?;
     state
         .repo
         .tenant_for_key(&hash_api_key(key))
@@ -188,7 +197,10 @@ async fn create_upload(
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_large",
-            format!("content_length {} is over the {max}-byte limit", req.content_length),
+            format!(
+                "content_length {} is over the {max}-byte limit",
+                req.content_length
+            ),
         ));
     }
     if req.filename.as_ref().is_some_and(|f| f.len() > 1024) {
@@ -198,7 +210,12 @@ async fn create_upload(
     let key = upload_key(&tenant, &image_id, ext);
     let upload = state
         .presigner
-        .presign_put(&key, &req.content_type, req.content_length, state.settings.upload_ttl)
+        .presign_put(
+            &key,
+            &req.content_type,
+            req.content_length,
+            state.settings.upload_ttl,
+        )
         .await?;
     let now = rfc3339(state.clock.now_ms());
     let record = ImageRecord {
@@ -219,7 +236,14 @@ async fn create_upload(
         updated_at: now,
     };
     state.repo.put_image(&record).await?;
-    Ok((StatusCode::CREATED, Json(UploadResponse { image_id, key, upload })))
+    Ok((
+        StatusCode::CREATED,
+        Json(UploadResponse {
+            image_id,
+            key,
+            upload,
+        }),
+    ))
 }
 
 fn valid_id(id: &str) -> bool {
@@ -255,14 +279,18 @@ async fn list_images(
     let tenant = tenant(&state, &headers).await?;
     for k in q.keys() {
         if !matches!(k.as_str(), "status" | "limit" | "cursor") {
-            return Err(ApiError::bad_request(format!("unknown query parameter {k:?}")));
+            return Err(ApiError::bad_request(format!(
+                "unknown query parameter {k:?}"
+            )));
         }
     }
     let status = q
         .get("status")
         .map(|s| {
             ImageStatus::parse(s).ok_or_else(|| {
-                ApiError::bad_request(format!("status must be pending, queued, done or failed, not {s:?}"))
+                ApiError::bad_request(format!(
+                    "status must be pending, queued, done or failed, not {s:?}"
+                ))
             })
         })
         .transpose()?;
@@ -280,7 +308,9 @@ async fn list_images(
         .list_images(&tenant, status, limit, cursor)
         .await
         .map_err(|e| match e {
-            StoreError::Permanent(m) if m.contains("cursor") => ApiError::bad_request("invalid cursor"),
+            StoreError::Permanent(m) if m.contains("cursor") => {
+                ApiError::bad_request("invalid cursor")
+            }
             other => other.into(),
         })?;
     Ok(Json(page))
@@ -339,8 +369,14 @@ pub fn cost_report(from: &str, to: &str, rows: Vec<CostRow>) -> CostReport {
         from: from.to_string(),
         to: to.to_string(),
         total,
-        by_model: by_model.into_iter().map(|(k, t)| flatten("model", k, t)).collect(),
-        by_day: by_day.into_iter().map(|(k, t)| flatten("day", k, t)).collect(),
+        by_model: by_model
+            .into_iter()
+            .map(|(k, t)| flatten("model", k, t))
+            .collect(),
+        by_day: by_day
+            .into_iter()
+            .map(|(k, t)| flatten("day", k, t))
+            .collect(),
         rows,
     }
 }
@@ -350,7 +386,9 @@ fn valid_day(s: &str) -> bool {
     b.len() == 10
         && b[4] == b'-'
         && b[7] == b'-'
-        && b.iter().enumerate().all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit())
+        && b.iter()
+            .enumerate()
+            .all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit())
 }
 
 /// Default window: the last 30 days up to today (UTC).
@@ -368,14 +406,18 @@ async fn costs(
     let tenant = tenant(&state, &headers).await?;
     for k in q.keys() {
         if !matches!(k.as_str(), "from" | "to") {
-            return Err(ApiError::bad_request(format!("unknown query parameter {k:?}")));
+            return Err(ApiError::bad_request(format!(
+                "unknown query parameter {k:?}"
+            )));
         }
     }
     let (dfrom, dto) = default_window(state.clock.now_ms());
     let from = q.get("from").cloned().unwrap_or(dfrom);
     let to = q.get("to").cloned().unwrap_or(dto);
     if !valid_day(&from) || !valid_day(&to) {
-        return Err(ApiError::bad_request("from and to must be dates like 2026-01-31"));
+        return Err(ApiError::bad_request(
+            "from and to must be dates like 2026-01-31",
+        ));
     }
     if from > to {
         return Err(ApiError::bad_request("from must not be after to"));

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use sightline_core::keys::{parse_upload_key, resized_key};
 use sightline_core::model::{AnalysisJob, ImageRecord, ImageSize, ImageStatus};
-use sightline_core::pricing::PriceTable;
 use sightline_core::prepare::probe;
+use sightline_core::pricing::PriceTable;
 use sightline_core::{prepare, PrepareError};
 use tracing::{info, warn};
 
@@ -65,7 +65,10 @@ impl Ingest {
 
     async fn prepare_key(&self, key: &str) -> StoreResult<IngestOutcome> {
         let Some(parsed) = parse_upload_key(key, &self.upload_prefix) else {
-            return Ok(IngestOutcome::Ignored(format!("{key} is outside {}", self.upload_prefix)));
+            return Ok(IngestOutcome::Ignored(format!(
+                "{key} is outside {}",
+                self.upload_prefix
+            )));
         };
         let max = self.settings.prepare.max_input_bytes;
         // Check the size before downloading anything.
@@ -76,7 +79,13 @@ impl Ingest {
         if size > max {
             let err = PrepareError::TooLarge { bytes: size, max };
             return self
-                .reject(&parsed.tenant, &parsed.image_id, key, Some(size), &err.to_string())
+                .reject(
+                    &parsed.tenant,
+                    &parsed.image_id,
+                    key,
+                    Some(size),
+                    &err.to_string(),
+                )
                 .await;
         }
         let bytes = match self.blobs.get(key, max).await {
@@ -84,7 +93,13 @@ impl Ingest {
             Err(StoreError::TooLarge { bytes, max, .. }) => {
                 let err = PrepareError::TooLarge { bytes, max };
                 return self
-                    .reject(&parsed.tenant, &parsed.image_id, key, Some(bytes), &err.to_string())
+                    .reject(
+                        &parsed.tenant,
+                        &parsed.image_id,
+                        key,
+                        Some(bytes),
+                        &err.to_string(),
+                    )
                     .await;
             }
             Err(StoreError::NotFound(_)) => {
@@ -92,7 +107,8 @@ impl Ingest {
             }
             Err(e) => return Err(e),
         };
-        self.ingest_bytes(&parsed.tenant, &parsed.image_id, key, bytes).await
+        self.ingest_bytes(&parsed.tenant, &parsed.image_id, key, bytes)
+            .await
     }
 
     /// Prepare bytes for (tenant, image id); `source` is recorded as where they came from.
@@ -115,27 +131,47 @@ impl Ingest {
             Ok(p) => p,
             Err(e) => {
                 return self
-                    .reject(tenant, image_id, source, Some(original_bytes), &e.to_string())
+                    .reject(
+                        tenant,
+                        image_id,
+                        source,
+                        Some(original_bytes),
+                        &e.to_string(),
+                    )
                     .await
             }
         };
         let rkey = resized_key(tenant, image_id);
-        self.blobs.put(&rkey, img.jpeg.clone(), "image/jpeg").await?;
+        self.blobs
+            .put(&rkey, img.jpeg.clone(), "image/jpeg")
+            .await?;
 
         let table = PriceTable::builtin();
         let params = self.settings.estimate_params();
-        let estimate = table.estimate(&self.settings.model, img.width, img.height, &params).ok();
+        let estimate = table
+            .estimate(&self.settings.model, img.width, img.height, &params)
+            .ok();
         let original_estimate = table
-            .estimate(&self.settings.model, img.original_width, img.original_height, &params)
+            .estimate(
+                &self.settings.model,
+                img.original_width,
+                img.original_height,
+                &params,
+            )
             .ok();
         let now = rfc3339(self.clock.now_ms());
         let existing = self.repo.get_image(tenant, image_id).await?;
         if let Some(done) = existing.as_ref().filter(|r| r.result.is_some()) {
             // A retried or repeated event for an image that is already analysed: keep it.
             info!(tenant, image_id, "image already analysed; not queued again");
-            return Ok(IngestOutcome::Ignored(format!("{} already done", done.image_id)));
+            return Ok(IngestOutcome::Ignored(format!(
+                "{} already done",
+                done.image_id
+            )));
         }
-        let created_at = existing.map(|r| r.created_at).unwrap_or_else(|| now.clone());
+        let created_at = existing
+            .map(|r| r.created_at)
+            .unwrap_or_else(|| now.clone());
         let record = ImageRecord {
             image_id: image_id.to_string(),
             tenant: tenant.to_string(),
@@ -184,7 +220,9 @@ impl Ingest {
         warn!(tenant, image_id, source, reason, "image rejected");
         let now = rfc3339(self.clock.now_ms());
         let existing = self.repo.get_image(tenant, image_id).await?;
-        let created_at = existing.map(|r| r.created_at).unwrap_or_else(|| now.clone());
+        let created_at = existing
+            .map(|r| r.created_at)
+            .unwrap_or_else(|| now.clone());
         let record = ImageRecord {
             image_id: image_id.to_string(),
             tenant: tenant.to_string(),

@@ -123,10 +123,22 @@ pub trait Repository: Send + Sync {
         cursor: Option<&str>,
     ) -> StoreResult<ImagePage>;
     /// Mark an image failed with a reason (permanent failures), unless it is already done.
-    async fn mark_failed(&self, tenant: &str, image_id: &str, error: &str, now: &str) -> StoreResult<()>;
+    async fn mark_failed(
+        &self,
+        tenant: &str,
+        image_id: &str,
+        error: &str,
+        now: &str,
+    ) -> StoreResult<()>;
 
     /// Take the in-flight claim for `key` (lease), or learn it is cached or busy.
-    async fn claim(&self, key: &str, owner: &str, lease: Duration, now_ms: u64) -> StoreResult<Claim>;
+    async fn claim(
+        &self,
+        key: &str,
+        owner: &str,
+        lease: Duration,
+        now_ms: u64,
+    ) -> StoreResult<Claim>;
     /// Give a claim back after a failed call so a retry can take it at once.
     async fn release_claim(&self, key: &str, owner: &str) -> StoreResult<()>;
     /// Atomically: store the result on the image (only if it has none), store it in the

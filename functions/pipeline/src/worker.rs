@@ -64,7 +64,9 @@ impl WorkerPool {
                 let outcome = self.analyzer.handle(&msg.body, msg.receive_count).await;
                 debug!(message_id = %msg.message_id, ?outcome, "handled");
                 let ack = match &outcome {
-                    AnalyzeOutcome::Retry { delay, .. } => self.queue.retry_after(&msg.receipt, *delay).await,
+                    AnalyzeOutcome::Retry { delay, .. } => {
+                        self.queue.retry_after(&msg.receipt, *delay).await
+                    }
                     _ => self.queue.delete(&msg.receipt).await,
                 };
                 if let Err(e) = ack {

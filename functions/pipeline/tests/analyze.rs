@@ -26,7 +26,10 @@ struct Scripted {
 
 impl Scripted {
     fn new(steps: Vec<Step>) -> Arc<Scripted> {
-        Arc::new(Scripted { steps: Mutex::new(steps.into()), calls: Mutex::new(Vec::new()) })
+        Arc::new(Scripted {
+            steps: Mutex::new(steps.into()),
+            calls: Mutex::new(Vec::new()),
+        })
     }
     fn calls(&self) -> Vec<String> {
         self.calls.lock().unwrap().clone()
@@ -47,11 +50,20 @@ impl VisionProvider for Scripted {
         match step {
             Ok(()) => Ok(VisionResponse {
                 analysis: serde_json::json!({"description": "ok", "tags": []}),
-                usage: Usage { input_tokens: 1000, output_tokens: 100, cached_tokens: 0 },
+                usage: Usage {
+                    input_tokens: 1000,
+                    output_tokens: 100,
+                    cached_tokens: 0,
+                },
                 model: req.model.clone(),
                 rate: RateInfo::default(),
             }),
-            Err(kind) => Err(ProviderError { kind, message: "scripted".into(), rate: RateInfo::default(), usage: None }),
+            Err(kind) => Err(ProviderError {
+                kind,
+                message: "scripted".into(),
+                rate: RateInfo::default(),
+                usage: None,
+            }),
         }
     }
 }
@@ -73,12 +85,30 @@ async fn fixture(steps: Vec<Step>, fallback: &[&str]) -> Fixture {
         fallback_models: fallback.iter().map(|s| s.to_string()).collect(),
         ..Settings::default()
     };
-    let analyzer = Analyzer::new(blobs.clone(), repo.clone(), provider.clone(), Arc::new(settings), Arc::new(SystemClock));
+    let analyzer = Analyzer::new(
+        blobs.clone(),
+        repo.clone(),
+        provider.clone(),
+        Arc::new(settings),
+        Arc::new(SystemClock),
+    );
     for id in ["a", "b"] {
-        blobs.put(&format!("resized/t/{id}.jpg"), vec![0xFF, 0xD8, 1, 2, 3], "image/jpeg").await.unwrap();
+        blobs
+            .put(
+                &format!("resized/t/{id}.jpg"),
+                vec![0xFF, 0xD8, 1, 2, 3],
+                "image/jpeg",
+            )
+            .await
+            .unwrap();
         repo.put_image(&record(id)).await.unwrap();
     }
-    Fixture { analyzer, repo, provider, _dir: dir }
+    Fixture {
+        analyzer,
+        repo,
+        provider,
+        _dir: dir,
+    }
 }
 
 fn record(id: &str) -> ImageRecord {
@@ -119,19 +149,34 @@ fn job(id: &str) -> String {
 async fn success_then_duplicate_then_same_bytes_is_cached() {
     let f = fixture(vec![Ok(())], &[]).await;
     let first = f.analyzer.handle(&job("a"), 1).await;
-    let AnalyzeOutcome::Done { model, cost_usd } = first else { panic!("{first:?}") };
+    let AnalyzeOutcome::Done { model, cost_usd } = first else {
+        panic!("{first:?}")
+    };
     assert_eq!(model, "gpt-4o");
     // 1000 in × $2.50 + 100 out × $10 per 1M.
     assert!((cost_usd - 0.0035).abs() < 1e-12);
-    assert_eq!(f.analyzer.handle(&job("a"), 2).await, AnalyzeOutcome::AlreadyDone);
-    assert_eq!(f.analyzer.handle(&job("b"), 1).await, AnalyzeOutcome::Cached);
-    assert_eq!(f.provider.calls().len(), 1, "the provider is called once for the same bytes");
+    assert_eq!(
+        f.analyzer.handle(&job("a"), 2).await,
+        AnalyzeOutcome::AlreadyDone
+    );
+    assert_eq!(
+        f.analyzer.handle(&job("b"), 1).await,
+        AnalyzeOutcome::Cached
+    );
+    assert_eq!(
+        f.provider.calls().len(),
+        1,
+        "the provider is called once for the same bytes"
+    );
     let b = f.repo.get_image("t", "b").await.unwrap().unwrap();
     let r = b.result.unwrap();
     assert!(r.cached && r.cost_usd == 0.0);
     let rows = f.repo.costs("t", "0000-01-01", "9999-12-31").await.unwrap();
     let total: f64 = rows.iter().map(|r| r.cost_usd).sum();
-    assert!((total - 0.0035).abs() < 1e-12, "ledger counts the call once");
+    assert!(
+        (total - 0.0035).abs() < 1e-12,
+        "ledger counts the call once"
+    );
     assert_eq!(rows.iter().map(|r| r.images).sum::<u64>(), 2);
 }
 
@@ -139,8 +184,14 @@ async fn success_then_duplicate_then_same_bytes_is_cached() {
 async fn transient_errors_go_back_to_the_queue_with_a_delay() {
     let f = fixture(
         vec![
-            Err(FailureKind::Http { status: 503, retry_after: None }),
-            Err(FailureKind::Http { status: 429, retry_after: Some(Duration::from_secs(3)) }),
+            Err(FailureKind::Http {
+                status: 503,
+                retry_after: None,
+            }),
+            Err(FailureKind::Http {
+                status: 429,
+                retry_after: Some(Duration::from_secs(3)),
+            }),
             Err(FailureKind::Timeout),
         ],
         &[],
@@ -148,48 +199,101 @@ async fn transient_errors_go_back_to_the_queue_with_a_delay() {
     .await;
     for _ in 0..3 {
         match f.analyzer.handle(&job("a"), 1).await {
-            AnalyzeOutcome::Retry { delay, .. } => assert!(delay >= Duration::from_secs(1) && delay <= Duration::from_secs(4), "{delay:?}"),
+            AnalyzeOutcome::Retry { delay, .. } => assert!(
+                delay >= Duration::from_secs(1) && delay <= Duration::from_secs(4),
+                "{delay:?}"
+            ),
             other => panic!("{other:?}"),
         }
         // Let the limiter block from the 429 pass.
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(f.repo.get_image("t", "a").await.unwrap().unwrap().status, ImageStatus::Queued);
+    assert_eq!(
+        f.repo.get_image("t", "a").await.unwrap().unwrap().status,
+        ImageStatus::Queued
+    );
 }
 
 #[tokio::test]
 async fn long_retry_after_switches_to_the_fallback_model() {
     let f = fixture(
-        vec![Err(FailureKind::Http { status: 429, retry_after: Some(Duration::from_secs(60)) }), Ok(())],
+        vec![
+            Err(FailureKind::Http {
+                status: 429,
+                retry_after: Some(Duration::from_secs(60)),
+            }),
+            Ok(()),
+        ],
         &["gpt-4.1"],
     )
     .await;
     let out = f.analyzer.handle(&job("a"), 1).await;
-    assert!(matches!(&out, AnalyzeOutcome::Done { model, .. } if model == "gpt-4.1"), "{out:?}");
+    assert!(
+        matches!(&out, AnalyzeOutcome::Done { model, .. } if model == "gpt-4.1"),
+        "{out:?}"
+    );
     assert_eq!(f.provider.calls(), vec!["gpt-4o", "gpt-4.1"]);
 }
 
 #[tokio::test]
 async fn invalid_output_is_retried_once_then_permanent() {
-    let f = fixture(vec![Err(FailureKind::InvalidOutput), Err(FailureKind::InvalidOutput)], &[]).await;
-    assert!(matches!(f.analyzer.handle(&job("a"), 1).await, AnalyzeOutcome::Failed(_)));
+    let f = fixture(
+        vec![
+            Err(FailureKind::InvalidOutput),
+            Err(FailureKind::InvalidOutput),
+        ],
+        &[],
+    )
+    .await;
+    assert!(matches!(
+        f.analyzer.handle(&job("a"), 1).await,
+        AnalyzeOutcome::Failed(_)
+    ));
     assert_eq!(f.provider.calls().len(), 2);
     let rec = f.repo.get_image("t", "a").await.unwrap().unwrap();
     assert_eq!(rec.status, ImageStatus::Failed);
     assert!(rec.error.unwrap().contains("gpt-4o"));
 
     let f = fixture(vec![Err(FailureKind::InvalidOutput), Ok(())], &[]).await;
-    assert!(matches!(f.analyzer.handle(&job("a"), 1).await, AnalyzeOutcome::Done { .. }));
+    assert!(matches!(
+        f.analyzer.handle(&job("a"), 1).await,
+        AnalyzeOutcome::Done { .. }
+    ));
 }
 
 #[tokio::test]
 async fn permanent_errors_and_bad_messages_are_not_retried() {
-    let f = fixture(vec![Err(FailureKind::Http { status: 400, retry_after: None })], &[]).await;
-    assert!(matches!(f.analyzer.handle(&job("a"), 1).await, AnalyzeOutcome::Failed(_)));
-    assert_eq!(f.repo.get_image("t", "a").await.unwrap().unwrap().status, ImageStatus::Failed);
-    for body in ["", "{", "[]", r#"{"v":1}"#, r#"{"v":9,"image_id":"a","tenant":"t","resized_key":"k","sha256":"x","width":1,"height":1}"#] {
-        assert!(matches!(f.analyzer.handle(body, 1).await, AnalyzeOutcome::Failed(_)), "{body:?}");
+    let f = fixture(
+        vec![Err(FailureKind::Http {
+            status: 400,
+            retry_after: None,
+        })],
+        &[],
+    )
+    .await;
+    assert!(matches!(
+        f.analyzer.handle(&job("a"), 1).await,
+        AnalyzeOutcome::Failed(_)
+    ));
+    assert_eq!(
+        f.repo.get_image("t", "a").await.unwrap().unwrap().status,
+        ImageStatus::Failed
+    );
+    for body in [
+        "",
+        "{",
+        "[]",
+        r#"{"v":1}"#,
+        r#"{"v":9,"image_id":"a","tenant":"t","resized_key":"k","sha256":"x","width":1,"height":1}"#,
+    ] {
+        assert!(
+            matches!(f.analyzer.handle(body, 1).await, AnalyzeOutcome::Failed(_)),
+            "{body:?}"
+        );
     }
     let unknown = job("a").replace("\"image_id\":\"a\"", "\"image_id\":\"zzz\"");
-    assert!(matches!(f.analyzer.handle(&unknown, 1).await, AnalyzeOutcome::Failed(_)));
+    assert!(matches!(
+        f.analyzer.handle(&unknown, 1).await,
+        AnalyzeOutcome::Failed(_)
+    ));
 }

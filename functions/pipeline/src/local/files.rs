@@ -20,10 +20,7 @@ impl FileBlobStore {
     /// Keys are relative paths; anything that could escape the root is refused.
     fn path(&self, key: &str) -> StoreResult<PathBuf> {
         let rel = Path::new(key);
-        let safe = !key.is_empty()
-            && rel
-                .components()
-                .all(|c| matches!(c, Component::Normal(_)));
+        let safe = !key.is_empty() && rel.components().all(|c| matches!(c, Component::Normal(_)));
         if !safe {
             return Err(StoreError::Permanent(format!("invalid blob key {key:?}")));
         }
@@ -44,12 +41,18 @@ impl BlobStore for FileBlobStore {
     async fn put(&self, key: &str, bytes: Vec<u8>, _content_type: &str) -> StoreResult<()> {
         let path = self.path(key)?;
         if let Some(dir) = path.parent() {
-            tokio::fs::create_dir_all(dir).await.map_err(|e| io_err(key, e))?;
+            tokio::fs::create_dir_all(dir)
+                .await
+                .map_err(|e| io_err(key, e))?;
         }
         // Write then rename, so readers never see half a file.
         let tmp = path.with_extension(format!("tmp-{}", uuid::Uuid::new_v4().simple()));
-        tokio::fs::write(&tmp, bytes).await.map_err(|e| io_err(key, e))?;
-        tokio::fs::rename(&tmp, &path).await.map_err(|e| io_err(key, e))
+        tokio::fs::write(&tmp, bytes)
+            .await
+            .map_err(|e| io_err(key, e))?;
+        tokio::fs::rename(&tmp, &path)
+            .await
+            .map_err(|e| io_err(key, e))
     }
 
     async fn size(&self, key: &str) -> StoreResult<Option<u64>> {
@@ -62,7 +65,10 @@ impl BlobStore for FileBlobStore {
 
     async fn get(&self, key: &str, max_bytes: u64) -> StoreResult<Vec<u8>> {
         let path = self.path(key)?;
-        let len = tokio::fs::metadata(&path).await.map_err(|e| io_err(key, e))?.len();
+        let len = tokio::fs::metadata(&path)
+            .await
+            .map_err(|e| io_err(key, e))?
+            .len();
         if len > max_bytes {
             return Err(StoreError::TooLarge {
                 key: key.to_string(),
@@ -93,7 +99,9 @@ mod tests {
         for key in ["../x", "/etc/passwd", "a/../../b", ""] {
             assert!(s.put(key, vec![1], "x").await.is_err(), "{key}");
         }
-        s.put("a b+c(1)/é.jpg", vec![1, 2], "image/jpeg").await.unwrap();
+        s.put("a b+c(1)/é.jpg", vec![1, 2], "image/jpeg")
+            .await
+            .unwrap();
         assert_eq!(s.get("a b+c(1)/é.jpg", 10).await.unwrap(), vec![1, 2]);
         assert!(matches!(
             s.get("a b+c(1)/é.jpg", 1).await,

@@ -71,9 +71,11 @@ impl LocalPresigner {
     pub fn verify(&self, token: &str) -> Result<UploadGrant, GrantError> {
         let (payload, sig) = token.split_once('.').ok_or(GrantError::Malformed)?;
         let sig = B64.decode(sig).map_err(|_| GrantError::Malformed)?;
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.secret).map_err(|_| GrantError::Malformed)?;
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.secret).map_err(|_| GrantError::Malformed)?;
         mac.update(payload.as_bytes());
-        mac.verify_slice(&sig).map_err(|_| GrantError::BadSignature)?;
+        mac.verify_slice(&sig)
+            .map_err(|_| GrantError::BadSignature)?;
         let raw = B64.decode(payload).map_err(|_| GrantError::Malformed)?;
         let grant: UploadGrant = serde_json::from_slice(&raw).map_err(|_| GrantError::Malformed)?;
         if grant.expires_ms < self.clock.now_ms() {
@@ -137,14 +139,22 @@ mod tests {
         assert_eq!((g.key.as_str(), g.content_length), ("uploads/t/i.jpg", 10));
 
         let (payload, sig) = token.split_once('.').unwrap();
-        let forged = UploadGrant { content_length: 10_000_000, ..g.clone() };
+        let forged = UploadGrant {
+            content_length: 10_000_000,
+            ..g.clone()
+        };
         let forged_payload = B64.encode(serde_json::to_vec(&forged).unwrap());
-        assert_eq!(p.verify(&format!("{forged_payload}.{sig}")), Err(GrantError::BadSignature));
+        assert_eq!(
+            p.verify(&format!("{forged_payload}.{sig}")),
+            Err(GrantError::BadSignature)
+        );
         assert_eq!(p.verify(payload), Err(GrantError::Malformed));
         let other = LocalPresigner::new(b"other".to_vec(), "http://x", clock.clone());
         assert_eq!(other.verify(token), Err(GrantError::BadSignature));
 
-        clock.0.store(1_000 + 61_000, std::sync::atomic::Ordering::SeqCst);
+        clock
+            .0
+            .store(1_000 + 61_000, std::sync::atomic::Ordering::SeqCst);
         assert_eq!(p.verify(token), Err(GrantError::Expired));
     }
 }

@@ -11,7 +11,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use sightline_core::model::{AnalysisResult, ImageRecord, ImageStatus};
 
 use crate::ports::{
-    day_of, Claim, Clock, Completion, CostRow, ImagePage, QueueMessage, Queue, Repository,
+    day_of, Claim, Clock, Completion, CostRow, ImagePage, Queue, QueueMessage, Repository,
     StoreError, StoreResult,
 };
 
@@ -111,7 +111,8 @@ fn decode_cursor(cursor: &str) -> StoreResult<(String, String)> {
     let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(cursor)
         .map_err(|_| StoreError::Permanent("invalid cursor".into()))?;
-    let text = String::from_utf8(raw).map_err(|_| StoreError::Permanent("invalid cursor".into()))?;
+    let text =
+        String::from_utf8(raw).map_err(|_| StoreError::Permanent("invalid cursor".into()))?;
     let (a, b) = text
         .split_once('\n')
         .ok_or_else(|| StoreError::Permanent("invalid cursor".into()))?;
@@ -148,7 +149,13 @@ fn store_image(conn: &Connection, rec: &ImageRecord) -> StoreResult<()> {
     conn.execute(
         "INSERT INTO images (tenant, image_id, status, created_at, doc) VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT (tenant, image_id) DO UPDATE SET status = ?3, created_at = ?4, doc = ?5",
-        params![rec.tenant, rec.image_id, rec.status.as_str(), rec.created_at, doc],
+        params![
+            rec.tenant,
+            rec.image_id,
+            rec.status.as_str(),
+            rec.created_at,
+            doc
+        ],
     )
     .map_err(db_err)?;
     Ok(())
@@ -190,7 +197,11 @@ impl Repository for SqliteRepository {
                     .map_err(db_err)?;
                 let rows = stmt
                     .query_map(params![tenant, status, ca, id, (limit + 1) as i64], |r| {
-                        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, String>(2)?,
+                        ))
                     })
                     .map_err(db_err)?
                     .collect::<Result<Vec<_>, _>>()
@@ -214,8 +225,19 @@ impl Repository for SqliteRepository {
             .await
     }
 
-    async fn mark_failed(&self, tenant: &str, image_id: &str, error: &str, now: &str) -> StoreResult<()> {
-        let (t, i, e, now) = (tenant.to_string(), image_id.to_string(), error.to_string(), now.to_string());
+    async fn mark_failed(
+        &self,
+        tenant: &str,
+        image_id: &str,
+        error: &str,
+        now: &str,
+    ) -> StoreResult<()> {
+        let (t, i, e, now) = (
+            tenant.to_string(),
+            image_id.to_string(),
+            error.to_string(),
+            now.to_string(),
+        );
         self.db
             .with(move |c| {
                 let tx = c.transaction().map_err(db_err)?;
@@ -232,7 +254,13 @@ impl Repository for SqliteRepository {
             .await
     }
 
-    async fn claim(&self, key: &str, owner: &str, lease: Duration, now_ms: u64) -> StoreResult<Claim> {
+    async fn claim(
+        &self,
+        key: &str,
+        owner: &str,
+        lease: Duration,
+        now_ms: u64,
+    ) -> StoreResult<Claim> {
         let (key, owner) = (key.to_string(), owner.to_string());
         self.db
             .with(move |c| {
@@ -550,8 +578,11 @@ impl Queue for SqliteQueue {
         let (q, r) = (self.name.clone(), receipt.to_string());
         self.db
             .with(move |c| {
-                c.execute("DELETE FROM queue WHERE queue = ?1 AND receipt = ?2", params![q, r])
-                    .map_err(db_err)?;
+                c.execute(
+                    "DELETE FROM queue WHERE queue = ?1 AND receipt = ?2",
+                    params![q, r],
+                )
+                .map_err(db_err)?;
                 Ok(())
             })
             .await
@@ -589,19 +620,30 @@ mod tests {
     fn queue(max_receives: u32) -> (SqliteQueue, Arc<ManualClock>) {
         let clock = Arc::new(ManualClock(AtomicU64::new(1_000_000)));
         let db = SqliteDb::in_memory().unwrap();
-        (SqliteQueue::new(db, "q", max_receives, clock.clone()), clock)
+        (
+            SqliteQueue::new(db, "q", max_receives, clock.clone()),
+            clock,
+        )
     }
 
     #[tokio::test]
     async fn visibility_timeout_hides_then_redelivers_with_counts() {
         let (q, clock) = queue(5);
-        q.send(vec!["a".into(), "b".into(), "c".into()]).await.unwrap();
+        q.send(vec!["a".into(), "b".into(), "c".into()])
+            .await
+            .unwrap();
         let first = q.receive(2, Duration::from_secs(30)).await.unwrap();
         assert_eq!(first.len(), 2, "batch size is honoured");
         assert!(first.iter().all(|m| m.receive_count == 1));
         let rest = q.receive(10, Duration::from_secs(30)).await.unwrap();
         assert_eq!(rest.len(), 1);
-        assert!(q.receive(10, Duration::from_secs(30)).await.unwrap().is_empty(), "in flight = invisible");
+        assert!(
+            q.receive(10, Duration::from_secs(30))
+                .await
+                .unwrap()
+                .is_empty(),
+            "in flight = invisible"
+        );
         // Deleted messages are gone; the others come back after the timeout with count 2.
         q.delete(&first[0].receipt).await.unwrap();
         clock.0.fetch_add(30_001, Ordering::SeqCst);
@@ -621,10 +663,20 @@ mod tests {
     async fn retry_after_delays_redelivery() {
         let (q, clock) = queue(5);
         q.send(vec!["x".into()]).await.unwrap();
-        let m = q.receive(1, Duration::from_secs(300)).await.unwrap().remove(0);
-        q.retry_after(&m.receipt, Duration::from_secs(2)).await.unwrap();
+        let m = q
+            .receive(1, Duration::from_secs(300))
+            .await
+            .unwrap()
+            .remove(0);
+        q.retry_after(&m.receipt, Duration::from_secs(2))
+            .await
+            .unwrap();
         clock.0.fetch_add(1_000, Ordering::SeqCst);
-        assert!(q.receive(1, Duration::from_secs(300)).await.unwrap().is_empty());
+        assert!(q
+            .receive(1, Duration::from_secs(300))
+            .await
+            .unwrap()
+            .is_empty());
         clock.0.fetch_add(1_001, Ordering::SeqCst);
         let m = q.receive(1, Duration::from_secs(300)).await.unwrap();
         assert_eq!(m[0].receive_count, 2);
@@ -639,10 +691,17 @@ mod tests {
             assert_eq!(m[0].receive_count, n);
             clock.0.fetch_add(1_001, Ordering::SeqCst);
         }
-        assert!(q.receive(1, Duration::from_secs(1)).await.unwrap().is_empty());
+        assert!(q
+            .receive(1, Duration::from_secs(1))
+            .await
+            .unwrap()
+            .is_empty());
         let dead = q.dead_letters().await.unwrap();
         assert_eq!(dead.len(), 1);
-        assert_eq!((dead[0].body.as_str(), dead[0].receive_count), ("poison", 3));
+        assert_eq!(
+            (dead[0].body.as_str(), dead[0].receive_count),
+            ("poison", 3)
+        );
         assert_eq!(q.depth().await.unwrap(), 0);
     }
 }

@@ -98,12 +98,24 @@ pub fn analyze_bytes(bytes: &[u8]) -> Result<Value, String> {
     let top = colours
         .iter()
         .take(2)
-        .map(|c| format!("{} ({:.0}%)", c["name"].as_str().unwrap_or(""), c["share"].as_f64().unwrap_or(0.0) * 100.0))
+        .map(|c| {
+            format!(
+                "{} ({:.0}%)",
+                c["name"].as_str().unwrap_or(""),
+                c["share"].as_f64().unwrap_or(0.0) * 100.0
+            )
+        })
         .collect::<Vec<_>>()
         .join(" and ");
     let description = format!(
         "A {orientation} {w}×{h} image, {} and {}, dominated by {top}.",
-        if brightness < 0.35 { "dark" } else if brightness > 0.7 { "bright" } else { "evenly lit" },
+        if brightness < 0.35 {
+            "dark"
+        } else if brightness > 0.7 {
+            "bright"
+        } else {
+            "evenly lit"
+        },
         if blurry { "blurry" } else { "sharp" },
     );
     Ok(json!({
@@ -167,7 +179,11 @@ fn dominant_colours(img: &RgbImage, n: usize) -> Vec<Value> {
 
 /// A coarse English colour name from hue, saturation and value.
 fn colour_name([r, g, b]: [u8; 3]) -> &'static str {
-    let (r, g, b) = (f64::from(r) / 255.0, f64::from(g) / 255.0, f64::from(b) / 255.0);
+    let (r, g, b) = (
+        f64::from(r) / 255.0,
+        f64::from(g) / 255.0,
+        f64::from(b) / 255.0,
+    );
     let max = r.max(g).max(b);
     let min = r.min(g).min(b);
     let v = max;
@@ -276,7 +292,13 @@ mod tests {
     #[test]
     fn measures_colours_brightness_and_blur() {
         // Left 3/4 blue, right 1/4 red: shares and names come out in order.
-        let img = RgbImage::from_fn(200, 100, |x, _| if x < 150 { Rgb([20, 40, 220]) } else { Rgb([230, 20, 20]) });
+        let img = RgbImage::from_fn(200, 100, |x, _| {
+            if x < 150 {
+                Rgb([20, 40, 220])
+            } else {
+                Rgb([230, 20, 20])
+            }
+        });
         let v = analyze_bytes(&jpeg(DynamicImage::ImageRgb8(img))).unwrap();
         let colours = v["metrics"]["dominant_colors"].as_array().unwrap();
         assert_eq!(colours[0]["name"], "blue");
@@ -288,8 +310,14 @@ mod tests {
         let flat = GrayImage::from_pixel(64, 64, Luma([128]));
         let v = analyze_bytes(&jpeg(DynamicImage::ImageLuma8(flat))).unwrap();
         assert_eq!(v["metrics"]["blurry"], true);
-        assert!(v["quality_issues"].as_array().unwrap().iter().any(|i| i == "low_contrast"));
-        let checker = GrayImage::from_fn(64, 64, |x, y| Luma([if (x + y) % 2 == 0 { 0 } else { 255 }]));
+        assert!(v["quality_issues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i == "low_contrast"));
+        let checker = GrayImage::from_fn(64, 64, |x, y| {
+            Luma([if (x + y) % 2 == 0 { 0 } else { 255 }])
+        });
         let v = analyze_bytes(&jpeg(DynamicImage::ImageLuma8(checker))).unwrap();
         assert_eq!(v["metrics"]["blurry"], false);
         assert_eq!(v["metrics"]["perceptual_hash"].as_str().unwrap().len(), 16);
@@ -299,7 +327,12 @@ mod tests {
     fn perceptual_hash_is_stable_under_resize() {
         let img = GrayImage::from_fn(256, 256, |x, y| Luma([((x * 3 + y) % 256) as u8]));
         let a = dhash(&img);
-        let b = dhash(&image::imageops::resize(&img, 128, 128, image::imageops::FilterType::Lanczos3));
+        let b = dhash(&image::imageops::resize(
+            &img,
+            128,
+            128,
+            image::imageops::FilterType::Lanczos3,
+        ));
         assert!((a ^ b).count_ones() <= 4, "{a:016x} vs {b:016x}");
     }
 

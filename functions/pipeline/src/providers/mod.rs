@@ -15,8 +15,8 @@ pub fn validate_analysis(content: &str) -> Result<Value, String> {
         .or_else(|| trimmed.strip_prefix("```"))
         .and_then(|s| s.strip_suffix("```"))
         .unwrap_or(trimmed);
-    let v: Value = serde_json::from_str(inner.trim())
-        .map_err(|e| format!("model output is not JSON: {e}"))?;
+    let v: Value =
+        serde_json::from_str(inner.trim()).map_err(|e| format!("model output is not JSON: {e}"))?;
     let Value::Object(obj) = v else {
         return Err("model output is not a JSON object".into());
     };

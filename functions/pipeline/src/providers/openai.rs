@@ -24,7 +24,9 @@ pub struct OpenAiProvider {
 impl std::fmt::Debug for OpenAiProvider {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the key.
-        f.debug_struct("OpenAiProvider").field("base_url", &self.base_url).finish()
+        f.debug_struct("OpenAiProvider")
+            .field("base_url", &self.base_url)
+            .finish()
     }
 }
 
@@ -69,8 +71,10 @@ fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
 /// x-ratelimit-* headers, as OpenAI sends them.
 pub fn rate_info(h: &HeaderMap) -> RateInfo {
     RateInfo {
-        remaining_requests: header_str(h, "x-ratelimit-remaining-requests").and_then(|v| v.trim().parse().ok()),
-        remaining_tokens: header_str(h, "x-ratelimit-remaining-tokens").and_then(|v| v.trim().parse().ok()),
+        remaining_requests: header_str(h, "x-ratelimit-remaining-requests")
+            .and_then(|v| v.trim().parse().ok()),
+        remaining_tokens: header_str(h, "x-ratelimit-remaining-tokens")
+            .and_then(|v| v.trim().parse().ok()),
         reset_requests: header_str(h, "x-ratelimit-reset-requests").and_then(parse_reset),
         reset_tokens: header_str(h, "x-ratelimit-reset-tokens").and_then(parse_reset),
     }
@@ -80,7 +84,10 @@ fn usage_of(v: &Value) -> Option<Usage> {
     let u = v.get("usage")?;
     Some(Usage {
         input_tokens: u.get("prompt_tokens")?.as_u64()?,
-        output_tokens: u.get("completion_tokens").and_then(Value::as_u64).unwrap_or(0),
+        output_tokens: u
+            .get("completion_tokens")
+            .and_then(Value::as_u64)
+            .unwrap_or(0),
         cached_tokens: u
             .pointer("/prompt_tokens_details/cached_tokens")
             .and_then(Value::as_u64)
@@ -119,7 +126,12 @@ impl VisionProvider for OpenAiProvider {
         let resp = match sent {
             Ok(r) => r,
             Err(e) if e.is_timeout() => {
-                return Err(err(FailureKind::Timeout, format!("provider timed out: {e}"), RateInfo::default(), None))
+                return Err(err(
+                    FailureKind::Timeout,
+                    format!("provider timed out: {e}"),
+                    RateInfo::default(),
+                    None,
+                ))
             }
             Err(e) => {
                 return Err(err(
@@ -136,17 +148,36 @@ impl VisionProvider for OpenAiProvider {
         let text = match resp.text().await {
             Ok(t) => t,
             Err(e) if e.is_timeout() => {
-                return Err(err(FailureKind::Timeout, format!("provider timed out: {e}"), rate, None))
+                return Err(err(
+                    FailureKind::Timeout,
+                    format!("provider timed out: {e}"),
+                    rate,
+                    None,
+                ))
             }
-            Err(e) => return Err(err(FailureKind::Connection, format!("reading provider response: {e}"), rate, None)),
+            Err(e) => {
+                return Err(err(
+                    FailureKind::Connection,
+                    format!("reading provider response: {e}"),
+                    rate,
+                    None,
+                ))
+            }
         };
         if status != 200 {
             let detail = serde_json::from_str::<Value>(&text)
                 .ok()
-                .and_then(|v| v.pointer("/error/message").and_then(Value::as_str).map(str::to_string))
+                .and_then(|v| {
+                    v.pointer("/error/message")
+                        .and_then(Value::as_str)
+                        .map(str::to_string)
+                })
                 .unwrap_or_else(|| text.chars().take(200).collect());
             return Err(err(
-                FailureKind::Http { status, retry_after },
+                FailureKind::Http {
+                    status,
+                    retry_after,
+                },
                 format!("provider returned HTTP {status}: {detail}"),
                 rate,
                 None,

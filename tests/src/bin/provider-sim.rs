@@ -1,0 +1,117 @@
+//! `provider-sim`: run the OpenAI chat-completions simulator until Ctrl-C.
+//!
+//! ```text
+//! provider-sim --port 8090 --rpm 60 --tpm 100000 --latency-ms 300 --error-rate 0.05 --seed 1 --api-key sk-sim
+//! ```
+//!
+//! Point an OpenAI client at the printed base URL. `GET /sim/stats`, `POST /sim/reset` and
+//! `POST /sim/config` (partial JSON) control it at run time; `x-sim-fault: 500|502|503|504|429|
+//! timeout|malformed|bad-content|none` forces a fault for one request.
+
+use clap::Parser;
+use sightline_tests::sim::{EveryNth, Fault, FaultPlan, SimConfig, SimServer};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "provider-sim",
+    about = "Fake OpenAI chat completions API for tests and benchmarks"
+)]
+struct Args {
+    /// Port on 127.0.0.1 (0 = any free port).
+    #[arg(long, default_value_t = 8090)]
+    port: u16,
+    /// Accepted bearer key ("" = accept any key).
+    #[arg(long, env = "SIM_API_KEY", default_value = "sk-sim")]
+    api_key: String,
+    /// Requests per minute per key (0 = unlimited).
+    #[arg(long, default_value_t = 0)]
+    rpm: u64,
+    /// Tokens per minute per key (0 = unlimited).
+    #[arg(long, default_value_t = 0)]
+    tpm: u64,
+    /// Fixed latency per admitted request.
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
+    /// Extra random latency in 0..=jitter.
+    #[arg(long, default_value_t = 0)]
+    jitter_ms: u64,
+    /// Probability of a 5xx (drawn from --error-statuses).
+    #[arg(long, default_value_t = 0.0)]
+    error_rate: f64,
+    /// 5xx statuses to inject (500, 502, 503, 504), comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [500u16, 502, 503])]
+    error_statuses: Vec<u16>,
+    /// Probability of an injected 429.
+    #[arg(long, default_value_t = 0.0)]
+    rate_limit_rate: f64,
+    /// Retry-After (seconds) of injected 429s.
+    #[arg(long, default_value_t = 1.0)]
+    retry_after_s: f64,
+    /// Probability of a hang (see --timeout-hang-ms).
+    #[arg(long, default_value_t = 0.0)]
+    timeout_rate: f64,
+    /// Probability of a 200 with truncated JSON.
+    #[arg(long, default_value_t = 0.0)]
+    malformed_rate: f64,
+    /// Probability of a 200 whose content is not JSON.
+    #[arg(long, default_value_t = 0.0)]
+    bad_content_rate: f64,
+    /// Inject --nth-fault on every Nth valid request.
+    #[arg(long)]
+    every_nth: Option<u64>,
+    /// Fault for --every-nth: 500|502|503|504|429|timeout|malformed|bad-content.
+    #[arg(long, default_value = "500")]
+    nth_fault: Fault,
+    /// Seed of the fault/jitter RNG.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// How long a timeout fault hangs before dropping the connection.
+    #[arg(long, default_value_t = 30_000)]
+    timeout_hang_ms: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    let cfg = SimConfig {
+        api_key: a.api_key,
+        rpm: a.rpm,
+        tpm: a.tpm,
+        latency_ms: a.latency_ms,
+        jitter_ms: a.jitter_ms,
+        faults: FaultPlan {
+            error_rate: a.error_rate,
+            error_statuses: a.error_statuses,
+            rate_limit_rate: a.rate_limit_rate,
+            retry_after_s: a.retry_after_s,
+            timeout_rate: a.timeout_rate,
+            malformed_rate: a.malformed_rate,
+            bad_content_rate: a.bad_content_rate,
+            every_nth: a.every_nth.map(|n| EveryNth {
+                n,
+                fault: a.nth_fault,
+            }),
+        },
+        seed: a.seed,
+        timeout_hang_ms: a.timeout_hang_ms,
+    };
+    let server = SimServer::start_on(cfg.clone(), a.port).await?;
+    eprintln!(
+        "provider-sim listening on {} (rpm {}, tpm {}, latency {}+{} ms, seed {}); stats at {}",
+        server.base_url,
+        cfg.rpm,
+        cfg.tpm,
+        cfg.latency_ms,
+        cfg.jitter_ms,
+        cfg.seed,
+        server.url("/sim/stats")
+    );
+    tokio::signal::ctrl_c().await?;
+    let stats = server.stats().await;
+    eprintln!(
+        "provider-sim: stopping after {} requests ({} completions, {} tokens billed)",
+        stats.requests, stats.completions, stats.tokens_billed
+    );
+    server.shutdown_and_wait().await;
+    Ok(())
+}

@@ -1,0 +1,1839 @@
+//! Provider simulator: a fake of OpenAI's `POST /v1/chat/completions` for vision requests.
+//!
+//! Deterministic enough for tests and realistic enough for benchmarks:
+//!
+//! - **Auth**: `Authorization: Bearer <key>`; a missing or wrong key is a 401
+//!   (`invalid_api_key`). With [`SimConfig::api_key`] empty any non-empty key is accepted
+//!   (each key then has its own rate-limit windows).
+//! - **Usage** follows the published image-token rules of `sightline-core`
+//!   ([`PriceTable::builtin`]): `prompt_tokens` = Σ per message ([`MESSAGE_OVERHEAD_TOKENS`] +
+//!   tokens of the role + tokens of each text part (≈ chars/4, [`text_tokens`]) + image tokens of
+//!   each image) + [`REPLY_PRIMING_TOKENS`]. `completion_tokens` = [`text_tokens`] of the content.
+//!   Models not in the table are a 404 (`model_not_found`).
+//! - **Content**: a JSON object string with `description`, `category`, `tags`, `objects`, `text`
+//!   and `quality_issues`, derived from the image's pixels (size, mean brightness, tone,
+//!   contrast) and its sha256, so it is the same for the same image and differs between images.
+//!   If it does not fit in `max_tokens` it is cut and `finish_reason` is `"length"`, like OpenAI.
+//! - **Rate limits**: per-key RPM and TPM sliding 60 s windows (0 = unlimited). TPM counts
+//!   prompt tokens + `max_completion_tokens`/`max_tokens` (or [`DEFAULT_MAX_TOKENS`]) at admission
+//!   like OpenAI's estimate. Requests rejected with 429 do not count. Every response after
+//!   authentication carries the six `x-ratelimit-*` headers (`reset` = time until capacity frees,
+//!   Go duration format: `"20ms"`, `"1.5s"`, `"6m0s"`; unlimited dimensions report
+//!   [`UNLIMITED_REPORTED`]). A 429 carries `Retry-After` (decimal seconds) and `retry-after-ms`.
+//! - **Faults** ([`FaultPlan`]): probabilities for 5xx, 429, timeouts, malformed bodies and
+//!   non-JSON content, an `every_nth` schedule, and the per-request header `x-sim-fault`
+//!   (`500|502|503|504|429|timeout|malformed|bad-content|none`). Draws come from a
+//!   `StdRng` seeded from [`SimConfig::seed`] and the request's sequence number, so a run is
+//!   reproducible.
+//! - **Control**: `GET /sim/stats`, `POST /sim/reset`, `GET|POST /sim/config` (a partial JSON
+//!   object merged into the current config), `GET /v1/models`.
+//!
+//! Order of checks for a chat completion: auth (401) → JSON/body validation (400) → model (404)
+//! → image decoding (400) → fault decision (an injected 429 returns here, not counted in the
+//! windows) → rate-limit admission (429) → latency → other injected faults or success.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fmt;
+use std::io::Cursor;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use base64::Engine as _;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use sightline_core::model::Detail;
+use sightline_core::pricing::{text_tokens, PriceTable};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Length of the rate-limit windows.
+pub const WINDOW: Duration = Duration::from_secs(60);
+/// Tokens added per message (role/separators), as in OpenAI's token-counting guide.
+pub const MESSAGE_OVERHEAD_TOKENS: u64 = 3;
+/// Tokens added once per request to prime the assistant's reply.
+pub const REPLY_PRIMING_TOKENS: u64 = 3;
+/// Output tokens assumed for TPM admission when the request sets no `max_tokens`.
+pub const DEFAULT_MAX_TOKENS: u64 = 4096;
+/// Value of `x-ratelimit-limit-*` / `x-ratelimit-remaining-*` for an unlimited dimension.
+pub const UNLIMITED_REPORTED: u64 = 1_000_000_000;
+/// Largest request body accepted (OpenAI allows up to 50 MB of images per request).
+pub const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
+/// Header that forces a fault for one request.
+pub const FAULT_HEADER: &str = "x-sim-fault";
+
+// ---------------------------------------------------------------------------------------------
+// Configuration
+// ---------------------------------------------------------------------------------------------
+
+/// One injectable fault. String forms (header `x-sim-fault`, JSON, CLI): `"500"`, `"502"`,
+/// `"503"`, `"504"`, `"429"`, `"timeout"`, `"malformed"`, `"bad-content"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Fault {
+    /// 500 `server_error` JSON body.
+    Http500,
+    /// 502 with an HTML body, like the CDN in front of OpenAI.
+    Http502,
+    /// 503 "overloaded" JSON body.
+    Http503,
+    /// 504 gateway timeout JSON body.
+    Http504,
+    /// 429 with `Retry-After` = [`FaultPlan::retry_after_s`].
+    RateLimit,
+    /// Hang for [`SimConfig::timeout_hang_ms`], then drop the connection mid-response.
+    Timeout,
+    /// 200 whose body is truncated JSON.
+    Malformed,
+    /// 200 with a valid envelope whose message content is not JSON.
+    BadContent,
+}
+
+impl Fault {
+    pub const ALL: [Fault; 8] = [
+        Fault::Http500,
+        Fault::Http502,
+        Fault::Http503,
+        Fault::Http504,
+        Fault::RateLimit,
+        Fault::Timeout,
+        Fault::Malformed,
+        Fault::BadContent,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fault::Http500 => "500",
+            Fault::Http502 => "502",
+            Fault::Http503 => "503",
+            Fault::Http504 => "504",
+            Fault::RateLimit => "429",
+            Fault::Timeout => "timeout",
+            Fault::Malformed => "malformed",
+            Fault::BadContent => "bad-content",
+        }
+    }
+
+    /// The 5xx fault for `status`, if it is one the simulator can produce.
+    pub fn server_error(status: u16) -> Option<Fault> {
+        match status {
+            500 => Some(Fault::Http500),
+            502 => Some(Fault::Http502),
+            503 => Some(Fault::Http503),
+            504 => Some(Fault::Http504),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Fault {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim().to_ascii_lowercase();
+        Fault::ALL
+            .into_iter()
+            .find(|f| f.as_str() == s)
+            .or(match s.as_str() {
+                "rate-limit" | "rate_limit" => Some(Fault::RateLimit),
+                "bad_content" => Some(Fault::BadContent),
+                _ => None,
+            })
+            .ok_or_else(|| {
+                format!("unknown fault {s:?}; expected one of 500, 502, 503, 504, 429, timeout, malformed, bad-content")
+            })
+    }
+}
+
+impl TryFrom<String> for Fault {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<Fault> for String {
+    fn from(f: Fault) -> String {
+        f.as_str().to_string()
+    }
+}
+
+/// A deterministic schedule: the `n`th, `2n`th, … valid request gets `fault`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EveryNth {
+    pub n: u64,
+    pub fault: Fault,
+}
+
+/// Which faults to inject. Probabilities are per valid request and must add up to ≤ 1; the
+/// precedence is `x-sim-fault` header > `every_nth` > probabilities.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FaultPlan {
+    /// Probability of a 5xx; the status is drawn uniformly from `error_statuses`.
+    pub error_rate: f64,
+    /// 5xx statuses to draw from (500, 502, 503, 504).
+    pub error_statuses: Vec<u16>,
+    /// Probability of an injected 429.
+    pub rate_limit_rate: f64,
+    /// `Retry-After` (seconds) of an injected 429.
+    pub retry_after_s: f64,
+    /// Probability of a hang of [`SimConfig::timeout_hang_ms`].
+    pub timeout_rate: f64,
+    /// Probability of a 200 with truncated JSON.
+    pub malformed_rate: f64,
+    /// Probability of a 200 whose message content is not JSON.
+    pub bad_content_rate: f64,
+    /// Deterministic schedule, applied before the probabilities.
+    pub every_nth: Option<EveryNth>,
+}
+
+impl Default for FaultPlan {
+    fn default() -> Self {
+        Self {
+            error_rate: 0.0,
+            error_statuses: vec![500, 502, 503],
+            rate_limit_rate: 0.0,
+            retry_after_s: 1.0,
+            timeout_rate: 0.0,
+            malformed_rate: 0.0,
+            bad_content_rate: 0.0,
+            every_nth: None,
+        }
+    }
+}
+
+impl FaultPlan {
+    /// No faults at all.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let rates = [
+            ("error_rate", self.error_rate),
+            ("rate_limit_rate", self.rate_limit_rate),
+            ("timeout_rate", self.timeout_rate),
+            ("malformed_rate", self.malformed_rate),
+            ("bad_content_rate", self.bad_content_rate),
+        ];
+        for (name, r) in rates {
+            if !(0.0..=1.0).contains(&r) {
+                return Err(format!("faults.{name} must be in [0, 1], got {r}"));
+            }
+        }
+        let sum: f64 = rates.iter().map(|(_, r)| r).sum();
+        if sum > 1.0 + 1e-9 {
+            return Err(format!("fault probabilities add up to {sum} > 1"));
+        }
+        for s in &self.error_statuses {
+            if Fault::server_error(*s).is_none() {
+                return Err(format!(
+                    "faults.error_statuses: {s} is not one of 500, 502, 503, 504"
+                ));
+            }
+        }
+        if self.error_rate > 0.0 && self.error_statuses.is_empty() {
+            return Err("faults.error_rate > 0 needs at least one error status".into());
+        }
+        if !(self.retry_after_s.is_finite() && (0.0..86_400.0).contains(&self.retry_after_s)) {
+            return Err(format!(
+                "faults.retry_after_s must be in [0, 86400), got {}",
+                self.retry_after_s
+            ));
+        }
+        if let Some(e) = &self.every_nth {
+            if e.n == 0 {
+                return Err("faults.every_nth.n must be ≥ 1".into());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Simulator settings; every field can be changed at run time (`POST /sim/config`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SimConfig {
+    /// The one accepted key; empty = accept any non-empty bearer key.
+    pub api_key: String,
+    /// Requests per minute per key (0 = unlimited).
+    pub rpm: u64,
+    /// Tokens per minute per key (0 = unlimited).
+    pub tpm: u64,
+    /// Fixed latency added to every admitted request.
+    pub latency_ms: u64,
+    /// Extra uniformly random latency in `0..=jitter_ms`.
+    pub jitter_ms: u64,
+    pub faults: FaultPlan,
+    pub seed: u64,
+    /// How long a `timeout` fault hangs before dropping the connection.
+    pub timeout_hang_ms: u64,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            api_key: "sk-sim".into(),
+            rpm: 0,
+            tpm: 0,
+            latency_ms: 0,
+            jitter_ms: 0,
+            faults: FaultPlan::default(),
+            seed: 1,
+            timeout_hang_ms: 30_000,
+        }
+    }
+}
+
+impl SimConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        self.faults.validate()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stats
+// ---------------------------------------------------------------------------------------------
+
+/// Injected faults, by kind.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FaultCounts {
+    pub http_500: u64,
+    pub http_502: u64,
+    pub http_503: u64,
+    pub http_504: u64,
+    pub rate_limit: u64,
+    pub timeout: u64,
+    pub malformed: u64,
+    pub bad_content: u64,
+}
+
+impl FaultCounts {
+    pub fn get(&self, f: Fault) -> u64 {
+        match f {
+            Fault::Http500 => self.http_500,
+            Fault::Http502 => self.http_502,
+            Fault::Http503 => self.http_503,
+            Fault::Http504 => self.http_504,
+            Fault::RateLimit => self.rate_limit,
+            Fault::Timeout => self.timeout,
+            Fault::Malformed => self.malformed,
+            Fault::BadContent => self.bad_content,
+        }
+    }
+
+    fn bump(&mut self, f: Fault) {
+        let slot = match f {
+            Fault::Http500 => &mut self.http_500,
+            Fault::Http502 => &mut self.http_502,
+            Fault::Http503 => &mut self.http_503,
+            Fault::Http504 => &mut self.http_504,
+            Fault::RateLimit => &mut self.rate_limit,
+            Fault::Timeout => &mut self.timeout,
+            Fault::Malformed => &mut self.malformed,
+            Fault::BadContent => &mut self.bad_content,
+        };
+        *slot += 1;
+    }
+
+    pub fn total(&self) -> u64 {
+        Fault::ALL.iter().map(|f| self.get(*f)).sum()
+    }
+}
+
+/// Counters since start or the last reset.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SimStats {
+    /// Every `POST /v1/chat/completions`.
+    pub requests: u64,
+    /// 200 responses with well-formed JSON content (no fault injected).
+    pub completions: u64,
+    /// 401s.
+    pub unauthorized: u64,
+    /// 400s (invalid body, image, parameter or `x-sim-fault` value).
+    pub bad_requests: u64,
+    /// 404s (unknown model).
+    pub not_found: u64,
+    /// 429s from the RPM/TPM limiter (injected 429s are in `faults.rate_limit`).
+    pub rate_limited: u64,
+    /// Injected faults.
+    pub faults: FaultCounts,
+    /// Prompt tokens of every 200 (completions, malformed and bad-content responses).
+    pub prompt_tokens: u64,
+    /// Completion tokens of every 200.
+    pub completion_tokens: u64,
+    /// `prompt_tokens + completion_tokens`: what OpenAI would bill.
+    pub tokens_billed: u64,
+    /// Valid, authenticated requests per image sha256 (hex of the decoded image bytes),
+    /// whatever their outcome: "how often was the provider called with this image".
+    pub requests_per_image: BTreeMap<String, u64>,
+    /// Successful completions per image sha256.
+    pub completions_per_image: BTreeMap<String, u64>,
+    /// Chat completion requests being handled now.
+    pub in_flight: u64,
+    /// Most chat completion requests handled at once.
+    pub peak_in_flight: u64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rate-limit windows
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Default)]
+struct Window {
+    /// Admitted requests: (time, estimated tokens), oldest first.
+    entries: VecDeque<(Instant, u64)>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct LimitSnapshot {
+    limit_requests: u64,
+    limit_tokens: u64,
+    remaining_requests: u64,
+    remaining_tokens: u64,
+    reset_requests: Duration,
+    reset_tokens: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LimitKind {
+    Requests,
+    Tokens,
+}
+
+#[derive(Debug)]
+enum Admission {
+    Admitted(LimitSnapshot),
+    Limited {
+        kind: LimitKind,
+        limit: u64,
+        used: u64,
+        requested: u64,
+        /// `None` when the request alone is over the limit (retrying cannot help).
+        wait: Option<Duration>,
+        snapshot: LimitSnapshot,
+    },
+}
+
+impl Window {
+    fn prune(&mut self, now: Instant) {
+        while let Some((t, _)) = self.entries.front() {
+            if now.saturating_duration_since(*t) >= WINDOW {
+                self.entries.pop_front();
+            } else {
+                break;
+            }
+        }
+    }
+
+    fn used_tokens(&self) -> u64 {
+        self.entries.iter().map(|(_, t)| t).sum()
+    }
+
+    fn expiry(&self, idx: usize, now: Instant) -> Duration {
+        self.entries
+            .get(idx)
+            .map(|(t, _)| (*t + WINDOW).saturating_duration_since(now))
+            .unwrap_or_default()
+    }
+
+    fn snapshot(&mut self, now: Instant, rpm: u64, tpm: u64) -> LimitSnapshot {
+        self.prune(now);
+        let count = self.entries.len() as u64;
+        let used = self.used_tokens();
+        let reset = self.expiry(0, now);
+        let (limit_requests, remaining_requests, reset_requests) = if rpm == 0 {
+            (UNLIMITED_REPORTED, UNLIMITED_REPORTED, Duration::ZERO)
+        } else {
+            (rpm, rpm.saturating_sub(count), reset)
+        };
+        let (limit_tokens, remaining_tokens, reset_tokens) = if tpm == 0 {
+            (UNLIMITED_REPORTED, UNLIMITED_REPORTED, Duration::ZERO)
+        } else {
+            (tpm, tpm.saturating_sub(used), reset)
+        };
+        LimitSnapshot {
+            limit_requests,
+            limit_tokens,
+            remaining_requests,
+            remaining_tokens,
+            reset_requests,
+            reset_tokens,
+        }
+    }
+
+    fn admit(&mut self, now: Instant, rpm: u64, tpm: u64, requested: u64) -> Admission {
+        self.prune(now);
+        let count = self.entries.len() as u64;
+        if rpm > 0 && count >= rpm {
+            // `count - rpm + 1` entries must expire; the last of them is at index count - rpm.
+            let wait = self.expiry((count - rpm) as usize, now);
+            let mut snapshot = self.snapshot(now, rpm, tpm);
+            snapshot.reset_requests = wait;
+            return Admission::Limited {
+                kind: LimitKind::Requests,
+                limit: rpm,
+                used: count,
+                requested: 1,
+                wait: Some(wait),
+                snapshot,
+            };
+        }
+        let used = self.used_tokens();
+        if tpm > 0 && used + requested > tpm {
+            let snapshot = self.snapshot(now, rpm, tpm);
+            if requested > tpm {
+                return Admission::Limited {
+                    kind: LimitKind::Tokens,
+                    limit: tpm,
+                    used,
+                    requested,
+                    wait: None,
+                    snapshot,
+                };
+            }
+            let needed = used + requested - tpm;
+            let mut freed = 0;
+            let mut wait = Duration::ZERO;
+            for (i, (_, t)) in self.entries.iter().enumerate() {
+                freed += t;
+                if freed >= needed {
+                    wait = self.expiry(i, now);
+                    break;
+                }
+            }
+            let mut snapshot = snapshot;
+            snapshot.reset_tokens = wait;
+            return Admission::Limited {
+                kind: LimitKind::Tokens,
+                limit: tpm,
+                used,
+                requested,
+                wait: Some(wait),
+                snapshot,
+            };
+        }
+        self.entries.push_back((now, requested));
+        Admission::Admitted(self.snapshot(now, rpm, tpm))
+    }
+}
+
+/// Go-style duration as in OpenAI's `x-ratelimit-reset-*`: `"0s"`, `"20ms"`, `"1.5s"`, `"6m0s"`.
+pub fn format_reset(d: Duration) -> String {
+    let ms = d.as_nanos().div_ceil(1_000_000);
+    if ms == 0 {
+        return "0s".into();
+    }
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let total_s = ms / 1000;
+    let frac = ms % 1000;
+    let (h, m, s) = (total_s / 3600, (total_s % 3600) / 60, total_s % 60);
+    let secs = if frac == 0 {
+        format!("{s}s")
+    } else {
+        let f = format!("{frac:03}");
+        format!("{s}.{}s", f.trim_end_matches('0'))
+    };
+    if h > 0 {
+        format!("{h}h{m}m{secs}")
+    } else if m > 0 {
+        format!("{m}m{secs}")
+    } else {
+        secs
+    }
+}
+
+/// `Retry-After` value: decimal seconds rounded up to the millisecond (`"2"`, `"1.25"`).
+pub fn format_retry_after(d: Duration) -> String {
+    let ms = d.as_nanos().div_ceil(1_000_000);
+    let (s, frac) = (ms / 1000, ms % 1000);
+    if frac == 0 {
+        format!("{s}")
+    } else {
+        let f = format!("{frac:03}");
+        format!("{s}.{}", f.trim_end_matches('0'))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared state
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug)]
+struct Inner {
+    cfg: SimConfig,
+    stats: SimStats,
+    windows: HashMap<String, Window>,
+    /// Sequence number of valid requests (drives `every_nth` and the per-request RNG).
+    valid_seq: u64,
+}
+
+#[derive(Debug)]
+struct Shared {
+    inner: Mutex<Inner>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the counters inconsistent enough to matter.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn stats(&self) -> SimStats {
+        self.lock().stats.clone()
+    }
+
+    fn reset(&self) {
+        let mut g = self.lock();
+        let in_flight = g.stats.in_flight;
+        g.stats = SimStats {
+            in_flight,
+            peak_in_flight: in_flight,
+            ..SimStats::default()
+        };
+        g.windows.clear();
+        g.valid_seq = 0;
+    }
+
+    fn snapshot(&self, key: &str) -> LimitSnapshot {
+        let mut g = self.lock();
+        let (rpm, tpm) = (g.cfg.rpm, g.cfg.tpm);
+        g.windows
+            .entry(key.to_string())
+            .or_default()
+            .snapshot(Instant::now(), rpm, tpm)
+    }
+}
+
+/// Decrements `in_flight` when the request ends, including when the client goes away.
+struct InFlight(Arc<Shared>);
+
+impl InFlight {
+    fn enter(sh: &Arc<Shared>) -> InFlight {
+        let mut g = sh.lock();
+        g.stats.requests += 1;
+        g.stats.in_flight += 1;
+        g.stats.peak_in_flight = g.stats.peak_in_flight.max(g.stats.in_flight);
+        drop(g);
+        InFlight(sh.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut g = self.0.lock();
+        g.stats.in_flight = g.stats.in_flight.saturating_sub(1);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server
+// ---------------------------------------------------------------------------------------------
+
+/// A running simulator. Dropping it (or [`SimServer::shutdown`]) stops it.
+pub struct SimServer {
+    /// `http://127.0.0.1:PORT/v1` — use as an OpenAI client's base URL.
+    pub base_url: String,
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown_tx: watch::Sender<bool>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl SimServer {
+    /// Start on 127.0.0.1 with an OS-chosen port.
+    pub async fn start(cfg: SimConfig) -> anyhow::Result<SimServer> {
+        Self::start_on(cfg, 0).await
+    }
+
+    /// Start on 127.0.0.1:`port` (0 = OS-chosen).
+    pub async fn start_on(cfg: SimConfig, port: u16) -> anyhow::Result<SimServer> {
+        cfg.validate()
+            .map_err(|e| anyhow::anyhow!("invalid simulator config: {e}"))?;
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .with_context(|| format!("binding 127.0.0.1:{port}"))?;
+        let addr = listener.local_addr().context("local address")?;
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            inner: Mutex::new(Inner {
+                cfg,
+                stats: SimStats::default(),
+                windows: HashMap::new(),
+                valid_seq: 0,
+            }),
+            shutdown: shutdown_rx.clone(),
+        });
+        let app = router(shared.clone());
+        let mut rx = shutdown_rx;
+        let task = tokio::spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    // Ends on `true` or when the sender (the SimServer) is dropped.
+                    let _ = rx.wait_for(|stop| *stop).await;
+                })
+                .await;
+            if let Err(e) = served {
+                eprintln!("provider-sim: server error: {e}");
+            }
+        });
+        Ok(SimServer {
+            base_url: format!("http://{addr}/v1"),
+            addr,
+            shared,
+            shutdown_tx,
+            task: Some(task),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT{path}`, e.g. `url("/sim/stats")`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub async fn stats(&self) -> SimStats {
+        self.shared.stats()
+    }
+
+    /// Zero the counters, empty the rate-limit windows and restart the fault sequence.
+    pub async fn reset(&self) {
+        self.shared.reset()
+    }
+
+    pub async fn config(&self) -> SimConfig {
+        self.shared.lock().cfg.clone()
+    }
+
+    /// Replace the config (limits and faults apply to the next request).
+    pub async fn set_config(&self, cfg: SimConfig) -> anyhow::Result<()> {
+        cfg.validate()
+            .map_err(|e| anyhow::anyhow!("invalid simulator config: {e}"))?;
+        self.shared.lock().cfg = cfg;
+        Ok(())
+    }
+
+    /// Stop accepting connections; hanging `timeout` requests are released.
+    pub fn shutdown(self) {
+        drop(self)
+    }
+
+    /// Stop and wait until the server task has ended.
+    pub async fn shutdown_and_wait(mut self) {
+        let _ = self.shutdown_tx.send(true);
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for SimServer {
+    fn drop(&mut self) {
+        let _ = self.shutdown_tx.send(true);
+    }
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(list_models))
+        .route("/sim/stats", get(get_stats))
+        .route("/sim/reset", post(post_reset))
+        .route("/sim/config", get(get_config).post(post_config))
+        .fallback(fallback)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(shared)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    message: String,
+    kind: &'static str,
+    code: Option<&'static str>,
+    param: Option<&'static str>,
+}
+
+impl ApiError {
+    fn invalid(message: impl Into<String>, param: Option<&'static str>) -> ApiError {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            kind: "invalid_request_error",
+            code: None,
+            param,
+        }
+    }
+
+    fn with_code(mut self, code: &'static str) -> ApiError {
+        self.code = Some(code);
+        self
+    }
+
+    fn body(&self) -> Value {
+        json!({"error": {
+            "message": self.message,
+            "type": self.kind,
+            "param": self.param,
+            "code": self.code,
+        }})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(self.body())).into_response()
+    }
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response {
+    (status, axum::Json(body)).into_response()
+}
+
+fn set_header(resp: &mut Response, name: &'static str, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        resp.headers_mut().insert(HeaderName::from_static(name), v);
+    }
+}
+
+fn add_limit_headers(resp: &mut Response, s: &LimitSnapshot) {
+    set_header(
+        resp,
+        "x-ratelimit-limit-requests",
+        &s.limit_requests.to_string(),
+    );
+    set_header(
+        resp,
+        "x-ratelimit-limit-tokens",
+        &s.limit_tokens.to_string(),
+    );
+    set_header(
+        resp,
+        "x-ratelimit-remaining-requests",
+        &s.remaining_requests.to_string(),
+    );
+    set_header(
+        resp,
+        "x-ratelimit-remaining-tokens",
+        &s.remaining_tokens.to_string(),
+    );
+    set_header(
+        resp,
+        "x-ratelimit-reset-requests",
+        &format_reset(s.reset_requests),
+    );
+    set_header(
+        resp,
+        "x-ratelimit-reset-tokens",
+        &format_reset(s.reset_tokens),
+    );
+}
+
+fn add_retry_after(resp: &mut Response, d: Duration) {
+    set_header(resp, "retry-after", &format_retry_after(d));
+    set_header(
+        resp,
+        "retry-after-ms",
+        &d.as_nanos().div_ceil(1_000_000).to_string(),
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request parsing
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+struct ChatRequest {
+    model: Option<String>,
+    messages: Option<Vec<Value>>,
+    max_tokens: Option<u64>,
+    max_completion_tokens: Option<u64>,
+    response_format: Option<Value>,
+    temperature: Option<f64>,
+    stream: Option<bool>,
+    n: Option<u64>,
+}
+
+/// What the simulator needs from one image part.
+#[derive(Debug, Clone)]
+struct ImageInfo {
+    sha256: String,
+    width: u32,
+    height: u32,
+    detail: Detail,
+    /// Mean luma, 0–255.
+    luma: f64,
+    /// Standard deviation of luma.
+    contrast: f64,
+    /// Mean R, G, B.
+    rgb: [f64; 3],
+}
+
+struct RawImage {
+    bytes: Vec<u8>,
+    detail: Detail,
+}
+
+#[derive(Debug)]
+struct Parsed {
+    model: String,
+    prompt_tokens: u64,
+    max_tokens: Option<u64>,
+    images: Vec<ImageInfo>,
+}
+
+fn authenticate(headers: &HeaderMap, expected: &str) -> Result<String, ApiError> {
+    let unauthorized = |message: String| ApiError {
+        status: StatusCode::UNAUTHORIZED,
+        message,
+        kind: "invalid_request_error",
+        code: Some("invalid_api_key"),
+        param: None,
+    };
+    let raw = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .trim();
+    let key = raw
+        .strip_prefix("Bearer ")
+        .or_else(|| raw.strip_prefix("bearer "))
+        .map(str::trim)
+        .unwrap_or("");
+    if key.is_empty() {
+        return Err(unauthorized(
+            "You didn't provide an API key. You need to provide your API key in an \
+             Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+                .into(),
+        ));
+    }
+    if !expected.is_empty() && key != expected {
+        return Err(unauthorized(format!(
+            "Incorrect API key provided: {}. You can find your API key at \
+             https://platform.openai.com/account/api-keys.",
+            redact(key)
+        )));
+    }
+    Ok(key.to_string())
+}
+
+fn redact(key: &str) -> String {
+    let chars: Vec<char> = key.chars().collect();
+    if chars.len() <= 8 {
+        return "*".repeat(chars.len());
+    }
+    let head: String = chars[..3].iter().collect();
+    let tail: String = chars[chars.len() - 4..].iter().collect();
+    format!("{head}{}{tail}", "*".repeat(chars.len() - 7))
+}
+
+/// Validate the body and tokenize it; images are decoded on a blocking thread.
+async fn parse_request(body: &[u8]) -> Result<Parsed, ApiError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::invalid(
+            format!(
+                "We could not parse the JSON body of your request. (HINT: This likely means \
+                 you aren't using your HTTP library correctly. The OpenAI API expects a JSON \
+                 payload, but what was sent was not valid JSON.) ({e})"
+            ),
+            None,
+        )
+    })?;
+    if !value.is_object() {
+        return Err(ApiError::invalid(
+            "The request body must be a JSON object.",
+            None,
+        ));
+    }
+    let req: ChatRequest = serde_json::from_value(value)
+        .map_err(|e| ApiError::invalid(format!("Invalid request body: {e}"), None))?;
+
+    let model = match req.model.as_deref() {
+        Some(m) if !m.is_empty() => m.to_string(),
+        _ => {
+            return Err(ApiError::invalid(
+                "you must provide a model parameter",
+                Some("model"),
+            ))
+        }
+    };
+    let messages = req.messages.ok_or_else(|| {
+        ApiError::invalid("Missing required parameter: 'messages'.", Some("messages"))
+    })?;
+    if messages.is_empty() {
+        return Err(ApiError::invalid(
+            "Invalid 'messages': empty array. Expected an array with minimum length 1.",
+            Some("messages"),
+        ));
+    }
+    if req.stream == Some(true) {
+        return Err(ApiError::invalid(
+            "The provider simulator does not support stream=true.",
+            Some("stream"),
+        ));
+    }
+    if let Some(n) = req.n {
+        if n != 1 {
+            return Err(ApiError::invalid(
+                format!("The provider simulator supports only n=1, got {n}."),
+                Some("n"),
+            ));
+        }
+    }
+    if let Some(t) = req.temperature {
+        if !(0.0..=2.0).contains(&t) {
+            return Err(ApiError::invalid(
+                format!("Invalid 'temperature': decimal above maximum value. Expected a value <= 2, but got {t} instead."),
+                Some("temperature"),
+            )
+            .with_code("decimal_above_max_value"));
+        }
+    }
+    let max_tokens = req.max_completion_tokens.or(req.max_tokens);
+    if max_tokens == Some(0) {
+        return Err(ApiError::invalid(
+            "Invalid 'max_tokens': integer below minimum value. Expected a value >= 1, but got 0 instead.",
+            Some("max_tokens"),
+        )
+        .with_code("integer_below_min_value"));
+    }
+
+    // Walk the messages: count text tokens, collect images.
+    let mut text_tok = REPLY_PRIMING_TOKENS;
+    let mut all_text = String::new();
+    let mut raw_images: Vec<RawImage> = Vec::new();
+    for (i, msg) in messages.iter().enumerate() {
+        let obj = msg.as_object().ok_or_else(|| {
+            ApiError::invalid(
+                format!("Invalid type for 'messages[{i}]': expected an object."),
+                Some("messages"),
+            )
+        })?;
+        let role = obj.get("role").and_then(Value::as_str).ok_or_else(|| {
+            ApiError::invalid(
+                format!("Missing required parameter: 'messages[{i}].role'."),
+                Some("messages"),
+            )
+        })?;
+        if !matches!(role, "system" | "developer" | "user" | "assistant" | "tool") {
+            return Err(ApiError::invalid(
+                format!("Invalid value: '{role}'. Supported values are: 'system', 'developer', 'user', 'assistant' and 'tool'."),
+                Some("messages"),
+            ));
+        }
+        text_tok += MESSAGE_OVERHEAD_TOKENS + text_tokens(role);
+        match obj.get("content") {
+            Some(Value::String(s)) => {
+                text_tok += text_tokens(s);
+                all_text.push_str(s);
+                all_text.push('\n');
+            }
+            Some(Value::Array(parts)) => {
+                for (j, part) in parts.iter().enumerate() {
+                    let ty = part.get("type").and_then(Value::as_str).unwrap_or("");
+                    match ty {
+                        "text" => {
+                            let t = part.get("text").and_then(Value::as_str).ok_or_else(|| {
+                                ApiError::invalid(
+                                    format!("Missing required parameter: 'messages[{i}].content[{j}].text'."),
+                                    Some("messages"),
+                                )
+                            })?;
+                            text_tok += text_tokens(t);
+                            all_text.push_str(t);
+                            all_text.push('\n');
+                        }
+                        "image_url" => {
+                            if role != "user" {
+                                return Err(ApiError::invalid(
+                                    format!("Invalid 'messages[{i}]'. Image URLs are only allowed for messages with role 'user', but this message with role '{role}' contains an image URL."),
+                                    Some("messages"),
+                                ));
+                            }
+                            raw_images.push(parse_image_part(part, i, j)?);
+                        }
+                        other => {
+                            return Err(ApiError::invalid(
+                                format!("Invalid value: '{other}'. Supported values are: 'text' and 'image_url'."),
+                                Some("messages"),
+                            ))
+                        }
+                    }
+                }
+            }
+            None | Some(Value::Null) if role == "assistant" => {}
+            _ => {
+                return Err(ApiError::invalid(
+                    format!("Invalid 'messages[{i}].content': expected a string or an array of content parts."),
+                    Some("messages"),
+                ))
+            }
+        }
+    }
+
+    if let Some(rf) = &req.response_format {
+        let ty = rf.get("type").and_then(Value::as_str).unwrap_or("");
+        match ty {
+            "text" | "json_schema" => {}
+            "json_object" => {
+                if !all_text.to_ascii_lowercase().contains("json") {
+                    return Err(ApiError::invalid(
+                        "'messages' must contain the word 'json' in some form, to use 'response_format' of type 'json_object'.",
+                        Some("messages"),
+                    ));
+                }
+            }
+            other => {
+                return Err(ApiError::invalid(
+                    format!("Invalid value: '{other}'. Supported values are: 'text', 'json_object' and 'json_schema'."),
+                    Some("response_format.type"),
+                ))
+            }
+        }
+    }
+
+    let price = PriceTable::builtin().model(&model).map_err(|_| ApiError {
+        status: StatusCode::NOT_FOUND,
+        message: format!("The model `{model}` does not exist or you do not have access to it."),
+        kind: "invalid_request_error",
+        code: Some("model_not_found"),
+        param: None,
+    })?;
+
+    let images = if raw_images.is_empty() {
+        Vec::new()
+    } else {
+        tokio::task::spawn_blocking(move || {
+            raw_images
+                .into_iter()
+                .map(analyse_image)
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|e| ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: format!("image analysis task failed: {e}"),
+            kind: "server_error",
+            code: None,
+            param: None,
+        })??
+    };
+    let image_tok: u64 = images
+        .iter()
+        .map(|im| price.image_tokens(im.width, im.height, im.detail))
+        .sum();
+
+    Ok(Parsed {
+        model,
+        prompt_tokens: text_tok + image_tok,
+        max_tokens,
+        images,
+    })
+}
+
+fn parse_image_part(part: &Value, i: usize, j: usize) -> Result<RawImage, ApiError> {
+    let iu = part.get("image_url").ok_or_else(|| {
+        ApiError::invalid(
+            format!("Missing required parameter: 'messages[{i}].content[{j}].image_url'."),
+            Some("messages"),
+        )
+    })?;
+    let url = iu.get("url").and_then(Value::as_str).ok_or_else(|| {
+        ApiError::invalid(
+            format!("Missing required parameter: 'messages[{i}].content[{j}].image_url.url'."),
+            Some("messages"),
+        )
+    })?;
+    let detail = match iu.get("detail").and_then(Value::as_str) {
+        None | Some("auto") | Some("high") => Detail::High,
+        Some("low") => Detail::Low,
+        Some(other) => {
+            return Err(ApiError::invalid(
+                format!(
+                    "Invalid value: '{other}'. Supported values are: 'low', 'high' and 'auto'."
+                ),
+                Some("messages"),
+            ))
+        }
+    };
+    let bad_url = |why: &str| {
+        ApiError::invalid(
+            format!("Invalid image URL in 'messages[{i}].content[{j}]': {why}"),
+            Some("messages"),
+        )
+        .with_code("invalid_image_url")
+    };
+    let rest = url.strip_prefix("data:").ok_or_else(|| {
+        bad_url("the simulator accepts only base64 data URLs (data:image/...;base64,...).")
+    })?;
+    let (meta, data) = rest
+        .split_once(',')
+        .ok_or_else(|| bad_url("the data URL has no ',' separator."))?;
+    let mut meta_parts = meta.split(';');
+    let mime = meta_parts.next().unwrap_or("").to_ascii_lowercase();
+    if !meta_parts.any(|p| p.eq_ignore_ascii_case("base64")) {
+        return Err(bad_url("the data URL is not base64-encoded."));
+    }
+    if !matches!(
+        mime.as_str(),
+        "image/jpeg" | "image/jpg" | "image/png" | "image/webp" | "image/gif"
+    ) {
+        return Err(ApiError::invalid(
+            format!("Invalid MIME type {mime:?}. Supported formats are: ['png', 'jpeg', 'gif', 'webp']."),
+            Some("messages"),
+        )
+        .with_code("invalid_image_format"));
+    }
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(data.trim())
+        .map_err(|e| bad_url(&format!("invalid base64 data ({e}).")))?;
+    if bytes.is_empty() {
+        return Err(bad_url("the image data is empty."));
+    }
+    Ok(RawImage { bytes, detail })
+}
+
+fn analyse_image(raw: RawImage) -> Result<ImageInfo, ApiError> {
+    let invalid = |e: String| {
+        ApiError::invalid(
+            format!(
+                "You uploaded an unsupported image. Please make sure your image is valid. ({e})"
+            ),
+            Some("messages"),
+        )
+        .with_code("invalid_image_format")
+    };
+    let sha256 = hex::encode(Sha256::digest(&raw.bytes));
+    let reader = image::ImageReader::new(Cursor::new(&raw.bytes))
+        .with_guessed_format()
+        .map_err(|e| invalid(e.to_string()))?;
+    let img = reader.decode().map_err(|e| invalid(e.to_string()))?;
+    let rgb = img.to_rgb8();
+    let (width, height) = rgb.dimensions();
+    // Sample at most ~64k pixels.
+    let total = u64::from(width) * u64::from(height);
+    let step = ((total / 65_536).max(1)) as usize;
+    let (mut n, mut sum, mut sum_sq) = (0f64, 0f64, 0f64);
+    let mut sums = [0f64; 3];
+    for px in rgb.pixels().step_by(step) {
+        let [r, g, b] = px.0.map(f64::from);
+        let y = 0.299 * r + 0.587 * g + 0.114 * b;
+        n += 1.0;
+        sum += y;
+        sum_sq += y * y;
+        sums[0] += r;
+        sums[1] += g;
+        sums[2] += b;
+    }
+    let n = n.max(1.0);
+    let luma = sum / n;
+    let contrast = (sum_sq / n - luma * luma).max(0.0).sqrt();
+    Ok(ImageInfo {
+        sha256,
+        width,
+        height,
+        detail: raw.detail,
+        luma,
+        contrast,
+        rgb: sums.map(|s| s / n),
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Content
+// ---------------------------------------------------------------------------------------------
+
+const CATEGORIES: [&str; 8] = [
+    "landscape",
+    "portrait",
+    "document",
+    "product",
+    "food",
+    "animal",
+    "architecture",
+    "abstract",
+];
+
+const OBJECTS: [&str; 16] = [
+    "tree", "person", "car", "building", "sky", "dog", "cat", "table", "cup", "book", "bicycle",
+    "flower", "window", "sign", "mountain", "bottle",
+];
+
+/// The analysis object for the images (deterministic in their pixels and bytes).
+fn analysis(images: &[ImageInfo]) -> Value {
+    let Some(im) = images.first() else {
+        return json!({
+            "description": "No image was provided.",
+            "category": "none",
+            "tags": ["no-image", "sim"],
+            "objects": [],
+            "text": "",
+            "quality_issues": ["no_image"],
+        });
+    };
+    let sha = hex::decode(&im.sha256).unwrap_or_default();
+    let byte = |i: usize| usize::from(sha.get(i).copied().unwrap_or(0));
+    let brightness = match im.luma {
+        l if l < 64.0 => "dark",
+        l if l < 128.0 => "dim",
+        l if l < 192.0 => "bright",
+        _ => "very bright",
+    };
+    let orientation = match im.width.cmp(&im.height) {
+        std::cmp::Ordering::Greater => "landscape-format",
+        std::cmp::Ordering::Less => "portrait-format",
+        std::cmp::Ordering::Equal => "square",
+    };
+    let [r, g, b] = im.rgb;
+    let tone = if r.max(g).max(b) - r.min(g).min(b) < 16.0 {
+        "neutral"
+    } else if r >= g && r >= b {
+        "red"
+    } else if g >= r && g >= b {
+        "green"
+    } else {
+        "blue"
+    };
+    let category = CATEGORIES[byte(0) % CATEGORIES.len()];
+    let n_objects = 1 + byte(1) % 3;
+    let mut objects: Vec<&str> = Vec::new();
+    for k in 0..n_objects {
+        let o = OBJECTS[byte(2 + k) % OBJECTS.len()];
+        if !objects.contains(&o) {
+            objects.push(o);
+        }
+    }
+    let text = if category == "document" || category == "product" {
+        format!(
+            "SIM-{}",
+            &im.sha256[..8.min(im.sha256.len())].to_ascii_uppercase()
+        )
+    } else {
+        String::new()
+    };
+    let mut issues: Vec<&str> = Vec::new();
+    if im.width.min(im.height) < 256 {
+        issues.push("low_resolution");
+    }
+    if im.luma < 40.0 {
+        issues.push("underexposed");
+    }
+    if im.luma > 220.0 {
+        issues.push("overexposed");
+    }
+    if im.contrast < 8.0 {
+        issues.push("low_contrast");
+    }
+    let mut tags = vec![
+        brightness.to_string(),
+        orientation.to_string(),
+        format!("{tone}-toned"),
+        category.to_string(),
+        "sim".to_string(),
+    ];
+    if images.len() > 1 {
+        tags.push(format!("images:{}", images.len()));
+    }
+    let description = format!(
+        "A {brightness} {tone}-toned {orientation} {category} image ({}x{}) showing {}.",
+        im.width,
+        im.height,
+        objects.join(", ")
+    );
+    json!({
+        "description": description,
+        "category": category,
+        "tags": tags,
+        "objects": objects,
+        "text": text,
+        "quality_issues": issues,
+    })
+}
+
+fn truncate_chars(s: &str, max_chars: usize) -> String {
+    s.chars().take(max_chars).collect()
+}
+
+fn completion_body(
+    id: &str,
+    model: &str,
+    content: &str,
+    finish_reason: &str,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+) -> Value {
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    json!({
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": content, "refusal": null},
+            "logprobs": null,
+            "finish_reason": finish_reason,
+        }],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
+        },
+        "system_fingerprint": "fp_sim",
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Handlers
+// ---------------------------------------------------------------------------------------------
+
+/// Forced fault from the header: `Ok(None)` = no header, `Ok(Some(None))` = `none`.
+fn forced_fault(headers: &HeaderMap) -> Result<Option<Option<Fault>>, ApiError> {
+    let Some(v) = headers.get(FAULT_HEADER) else {
+        return Ok(None);
+    };
+    let s = v
+        .to_str()
+        .map_err(|_| ApiError::invalid("x-sim-fault is not ASCII", None))?
+        .trim();
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(Some(None));
+    }
+    s.parse::<Fault>()
+        .map(|f| Some(Some(f)))
+        .map_err(|e| ApiError::invalid(format!("x-sim-fault: {e}"), None))
+}
+
+fn per_request_rng(seed: u64, seq: u64) -> StdRng {
+    StdRng::seed_from_u64(seed ^ seq.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+}
+
+fn decide_fault(plan: &FaultPlan, seq: u64, rng: &mut StdRng) -> Option<Fault> {
+    if let Some(e) = &plan.every_nth {
+        if e.n > 0 && seq.is_multiple_of(e.n) {
+            return Some(e.fault);
+        }
+    }
+    let u: f64 = rng.gen();
+    let mut acc = plan.error_rate;
+    if u < acc {
+        let i = rng.gen_range(0..plan.error_statuses.len().max(1));
+        return plan
+            .error_statuses
+            .get(i)
+            .and_then(|s| Fault::server_error(*s))
+            .or(Some(Fault::Http500));
+    }
+    for (rate, fault) in [
+        (plan.rate_limit_rate, Fault::RateLimit),
+        (plan.timeout_rate, Fault::Timeout),
+        (plan.malformed_rate, Fault::Malformed),
+        (plan.bad_content_rate, Fault::BadContent),
+    ] {
+        acc += rate;
+        if u < acc {
+            return Some(fault);
+        }
+    }
+    None
+}
+
+fn server_error_response(f: Fault) -> Response {
+    let (status, message) = match f {
+        Fault::Http502 => {
+            let html = "<html>\r\n<head><title>502 Bad Gateway</title></head>\r\n<body>\r\n\
+                        <center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>cloudflare</center>\r\n\
+                        </body>\r\n</html>\r\n";
+            let mut resp = (StatusCode::BAD_GATEWAY, html).into_response();
+            resp.headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+            return resp;
+        }
+        Fault::Http503 => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "The engine is currently overloaded, please try again later.",
+        ),
+        Fault::Http504 => (
+            StatusCode::GATEWAY_TIMEOUT,
+            "The server did not respond in time. Please try again later.",
+        ),
+        _ => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "The server had an error while processing your request. Sorry about that!",
+        ),
+    };
+    json_response(
+        status,
+        &json!({"error": {"message": message, "type": "server_error", "param": null, "code": null}}),
+    )
+}
+
+fn rate_limit_body(
+    model: &str,
+    kind: LimitKind,
+    limit: u64,
+    used: u64,
+    requested: u64,
+    wait: Option<Duration>,
+) -> Value {
+    let (dim, ty) = match kind {
+        LimitKind::Requests => ("requests per min (RPM)", "requests"),
+        LimitKind::Tokens => ("tokens per min (TPM)", "tokens"),
+    };
+    let message = match wait {
+        Some(w) => format!(
+            "Rate limit reached for {model} in organization org-sim on {dim}: Limit {limit}, \
+             Used {used}, Requested {requested}. Please try again in {}. Visit \
+             https://platform.openai.com/account/rate-limits to learn more.",
+            format_reset(w)
+        ),
+        None => format!(
+            "Request too large for {model} in organization org-sim on {dim}: Limit {limit}, \
+             Requested {requested}. The input or output tokens must be reduced in order to run \
+             successfully."
+        ),
+    };
+    json!({"error": {"message": message, "type": ty, "param": null, "code": "rate_limit_exceeded"}})
+}
+
+async fn chat_completions(
+    State(sh): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let started = Instant::now();
+    let _in_flight = InFlight::enter(&sh);
+    let cfg = sh.lock().cfg.clone();
+
+    let key = match authenticate(&headers, &cfg.api_key) {
+        Ok(k) => k,
+        Err(e) => {
+            sh.lock().stats.unauthorized += 1;
+            return e.into_response();
+        }
+    };
+
+    let with_limits = |mut resp: Response, snap: &LimitSnapshot| {
+        add_limit_headers(&mut resp, snap);
+        resp
+    };
+
+    let forced = match forced_fault(&headers) {
+        Ok(f) => f,
+        Err(e) => {
+            sh.lock().stats.bad_requests += 1;
+            return with_limits(e.into_response(), &sh.snapshot(&key));
+        }
+    };
+
+    let parsed = match parse_request(&body).await {
+        Ok(p) => p,
+        Err(e) => {
+            {
+                let mut g = sh.lock();
+                match e.status {
+                    StatusCode::NOT_FOUND => g.stats.not_found += 1,
+                    StatusCode::BAD_REQUEST => g.stats.bad_requests += 1,
+                    _ => {}
+                }
+            }
+            return with_limits(e.into_response(), &sh.snapshot(&key));
+        }
+    };
+
+    // Count the call per image, take a sequence number and decide the fault.
+    let seq = {
+        let mut g = sh.lock();
+        g.valid_seq += 1;
+        for im in &parsed.images {
+            *g.stats
+                .requests_per_image
+                .entry(im.sha256.clone())
+                .or_default() += 1;
+        }
+        g.valid_seq
+    };
+    let mut rng = per_request_rng(cfg.seed, seq);
+    let fault = match forced {
+        Some(f) => f,
+        None => decide_fault(&cfg.faults, seq, &mut rng),
+    };
+    let request_id = format!("req_sim{seq:08}");
+    let finish = |mut resp: Response, snap: &LimitSnapshot| {
+        add_limit_headers(&mut resp, snap);
+        set_header(&mut resp, "x-request-id", &request_id);
+        set_header(
+            &mut resp,
+            "openai-processing-ms",
+            &started.elapsed().as_millis().to_string(),
+        );
+        resp
+    };
+
+    if fault == Some(Fault::RateLimit) {
+        let wait = Duration::from_secs_f64(cfg.faults.retry_after_s);
+        let mut snap = sh.snapshot(&key);
+        snap.remaining_requests = 0;
+        snap.reset_requests = wait;
+        let (limit, used) = if cfg.rpm > 0 {
+            (cfg.rpm, cfg.rpm)
+        } else {
+            (snap.limit_requests, snap.limit_requests)
+        };
+        sh.lock().stats.faults.bump(Fault::RateLimit);
+        let body = rate_limit_body(
+            &parsed.model,
+            LimitKind::Requests,
+            limit,
+            used,
+            1,
+            Some(wait),
+        );
+        let mut resp = json_response(StatusCode::TOO_MANY_REQUESTS, &body);
+        add_retry_after(&mut resp, wait);
+        return finish(resp, &snap);
+    }
+
+    // Rate-limit admission with OpenAI's estimate: prompt + max output tokens.
+    let estimate = parsed.prompt_tokens + parsed.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
+    let admission = {
+        let mut g = sh.lock();
+        let (rpm, tpm) = (g.cfg.rpm, g.cfg.tpm);
+        let adm =
+            g.windows
+                .entry(key.clone())
+                .or_default()
+                .admit(Instant::now(), rpm, tpm, estimate);
+        if matches!(adm, Admission::Limited { .. }) {
+            g.stats.rate_limited += 1;
+        }
+        adm
+    };
+    let snap = match admission {
+        Admission::Admitted(s) => s,
+        Admission::Limited {
+            kind,
+            limit,
+            used,
+            requested,
+            wait,
+            snapshot,
+        } => {
+            let body = rate_limit_body(&parsed.model, kind, limit, used, requested, wait);
+            let mut resp = json_response(StatusCode::TOO_MANY_REQUESTS, &body);
+            if let Some(w) = wait {
+                add_retry_after(&mut resp, w);
+            }
+            return finish(resp, &snapshot);
+        }
+    };
+
+    if fault == Some(Fault::Timeout) {
+        sh.lock().stats.faults.bump(Fault::Timeout);
+        let mut stop = sh.shutdown.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(cfg.timeout_hang_ms)) => {}
+            _ = stop.wait_for(|s| *s) => {}
+        }
+        // Headers go out, then the body errors: hyper drops the connection mid-response.
+        let stream = futures_util::stream::once(async {
+            Err::<Bytes, std::io::Error>(std::io::Error::other("simulated timeout"))
+        });
+        let mut resp = Response::new(Body::from_stream(stream));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        return finish(resp, &snap);
+    }
+
+    let delay = cfg.latency_ms
+        + if cfg.jitter_ms > 0 {
+            rng.gen_range(0..=cfg.jitter_ms)
+        } else {
+            0
+        };
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+
+    if let Some(f @ (Fault::Http500 | Fault::Http502 | Fault::Http503 | Fault::Http504)) = fault {
+        sh.lock().stats.faults.bump(f);
+        return finish(server_error_response(f), &snap);
+    }
+
+    // Build the completion.
+    let sha_tag = parsed
+        .images
+        .first()
+        .map(|im| im.sha256[..12.min(im.sha256.len())].to_string())
+        .unwrap_or_else(|| "000000000000".into());
+    let id = format!("chatcmpl-sim{seq:08}{sha_tag}");
+    let (content, finish_reason, completion_tokens) = if fault == Some(Fault::BadContent) {
+        let c = format!(
+            "I'm sorry, but I can't provide a structured description of this image. It appears to \
+             show {} image(s).",
+            parsed.images.len()
+        );
+        let t = text_tokens(&c);
+        (c, "stop", t)
+    } else {
+        let c = analysis(&parsed.images).to_string();
+        let t = text_tokens(&c);
+        match parsed.max_tokens {
+            Some(max) if t > max => {
+                let cut = truncate_chars(
+                    &c,
+                    usize::try_from(max.saturating_mul(4)).unwrap_or(usize::MAX),
+                );
+                (cut, "length", max)
+            }
+            _ => (c, "stop", t),
+        }
+    };
+    let body = completion_body(
+        &id,
+        &parsed.model,
+        &content,
+        finish_reason,
+        parsed.prompt_tokens,
+        completion_tokens,
+    );
+
+    {
+        let mut g = sh.lock();
+        g.stats.prompt_tokens += parsed.prompt_tokens;
+        g.stats.completion_tokens += completion_tokens;
+        g.stats.tokens_billed += parsed.prompt_tokens + completion_tokens;
+        match fault {
+            Some(f) => g.stats.faults.bump(f),
+            None => {
+                g.stats.completions += 1;
+                for im in &parsed.images {
+                    *g.stats
+                        .completions_per_image
+                        .entry(im.sha256.clone())
+                        .or_default() += 1;
+                }
+            }
+        }
+    }
+
+    if fault == Some(Fault::Malformed) {
+        let text = body.to_string();
+        let cut = truncate_chars(&text, text.chars().count() / 2);
+        let mut resp = (StatusCode::OK, cut).into_response();
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        return finish(resp, &snap);
+    }
+    finish(json_response(StatusCode::OK, &body), &snap)
+}
+
+async fn list_models() -> Response {
+    let data: Vec<Value> = PriceTable::builtin()
+        .models()
+        .map(|m| json!({"id": m.id, "object": "model", "created": 0, "owned_by": m.provider}))
+        .collect();
+    json_response(StatusCode::OK, &json!({"object": "list", "data": data}))
+}
+
+async fn get_stats(State(sh): State<Arc<Shared>>) -> Response {
+    json_response(StatusCode::OK, &json!(sh.stats()))
+}
+
+async fn post_reset(State(sh): State<Arc<Shared>>) -> Response {
+    sh.reset();
+    json_response(StatusCode::OK, &json!(sh.stats()))
+}
+
+async fn get_config(State(sh): State<Arc<Shared>>) -> Response {
+    let cfg = sh.lock().cfg.clone();
+    json_response(StatusCode::OK, &json!(cfg))
+}
+
+/// Merge `patch` into `base` (objects recursively, everything else replaced).
+fn merge(base: &mut Value, patch: Value) {
+    match (base, patch) {
+        (Value::Object(b), Value::Object(p)) => {
+            for (k, v) in p {
+                match b.get_mut(&k) {
+                    Some(slot) if slot.is_object() && v.is_object() => merge(slot, v),
+                    _ => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (b, p) => *b = p,
+    }
+}
+
+async fn post_config(State(sh): State<Arc<Shared>>, body: Bytes) -> Response {
+    let patch: Value = match serde_json::from_slice(&body) {
+        Ok(v @ Value::Object(_)) => v,
+        Ok(_) => {
+            return ApiError::invalid("config patch must be a JSON object", None).into_response()
+        }
+        Err(e) => return ApiError::invalid(format!("invalid JSON: {e}"), None).into_response(),
+    };
+    let mut g = sh.lock();
+    let mut current = match serde_json::to_value(&g.cfg) {
+        Ok(v) => v,
+        Err(e) => {
+            return ApiError::invalid(format!("cannot serialise config: {e}"), None).into_response()
+        }
+    };
+    merge(&mut current, patch);
+    let cfg: SimConfig = match serde_json::from_value(current) {
+        Ok(c) => c,
+        Err(e) => return ApiError::invalid(format!("invalid config: {e}"), None).into_response(),
+    };
+    if let Err(e) = cfg.validate() {
+        return ApiError::invalid(format!("invalid config: {e}"), None).into_response();
+    }
+    g.cfg = cfg.clone();
+    drop(g);
+    json_response(StatusCode::OK, &json!(cfg))
+}
+
+async fn fallback(method: Method, uri: Uri) -> Response {
+    let mut err = ApiError::invalid(format!("Invalid URL ({method} {})", uri.path()), None);
+    err.status = StatusCode::NOT_FOUND;
+    err.into_response()
+}

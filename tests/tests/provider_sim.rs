@@ -1,0 +1,808 @@
+//! Tests of the OpenAI provider simulator (`sightline_tests::sim`) over real HTTP.
+//!
+//!   cargo test -p sightline-tests --test provider_sim
+
+use std::io::Cursor;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use reqwest::{Client, StatusCode};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use sightline_core::model::Detail;
+use sightline_core::pricing::{text_tokens, PriceTable};
+use sightline_core::retry::{parse_reset, parse_retry_after};
+use sightline_tests::sim::{
+    EveryNth, Fault, FaultPlan, SimConfig, SimServer, MESSAGE_OVERHEAD_TOKENS, REPLY_PRIMING_TOKENS,
+};
+
+const KEY: &str = "sk-sim-test";
+const PROMPT: &str = "Describe this image as a json object with description, category, tags, objects, text and quality_issues.";
+
+fn cfg() -> SimConfig {
+    SimConfig {
+        api_key: KEY.into(),
+        ..SimConfig::default()
+    }
+}
+
+/// A deterministic JPEG: a gradient whose base colour depends on `shade`.
+fn jpeg(w: u32, h: u32, shade: u8) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb([
+            shade,
+            ((x * 255) / w.max(1)) as u8,
+            ((y * 255) / h.max(1)) as u8 / 2 + shade / 2,
+        ])
+    });
+    let mut out = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(Cursor::new(&mut out), 80)
+        .encode_image(&img)
+        .unwrap();
+    out
+}
+
+fn data_url(bytes: &[u8]) -> String {
+    format!(
+        "data:image/jpeg;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    )
+}
+
+fn body(model: &str, image: &[u8], detail: &str, max_tokens: u64) -> Value {
+    json!({
+        "model": model,
+        "messages": [{
+            "role": "user",
+            "content": [
+                {"type": "text", "text": PROMPT},
+                {"type": "image_url", "image_url": {"url": data_url(image), "detail": detail}}
+            ]
+        }],
+        "max_tokens": max_tokens,
+        "response_format": {"type": "json_object"},
+        "temperature": 0
+    })
+}
+
+/// The simulator's text part of the prompt for [`body`]: one user message with PROMPT.
+fn text_part() -> u64 {
+    REPLY_PRIMING_TOKENS + MESSAGE_OVERHEAD_TOKENS + text_tokens("user") + text_tokens(PROMPT)
+}
+
+async fn post(
+    client: &Client,
+    sim: &SimServer,
+    body: &Value,
+    fault: Option<&str>,
+) -> reqwest::Response {
+    let mut req = client
+        .post(format!("{}/chat/completions", sim.base_url))
+        .bearer_auth(KEY)
+        .json(body);
+    if let Some(f) = fault {
+        req = req.header("x-sim-fault", f);
+    }
+    req.send().await.unwrap()
+}
+
+fn header<'a>(resp: &'a reqwest::Response, name: &str) -> &'a str {
+    resp.headers()
+        .get(name)
+        .unwrap_or_else(|| panic!("missing header {name}"))
+        .to_str()
+        .unwrap()
+}
+
+fn assert_limit_headers(resp: &reqwest::Response) {
+    for h in [
+        "x-ratelimit-limit-requests",
+        "x-ratelimit-limit-tokens",
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-remaining-tokens",
+    ] {
+        header(resp, h).parse::<u64>().unwrap();
+    }
+    for h in ["x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"] {
+        let v = header(resp, h);
+        assert!(parse_reset(v).is_some(), "{h}: {v:?}");
+    }
+}
+
+fn sha(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+#[tokio::test]
+async fn usage_follows_the_core_image_token_rule() {
+    let sim = SimServer::start(cfg()).await.unwrap();
+    let client = Client::new();
+    let img = jpeg(1024, 1024, 90);
+
+    let high = post(&client, &sim, &body("gpt-4o", &img, "high", 500), None).await;
+    assert_eq!(high.status(), StatusCode::OK);
+    assert_limit_headers(&high);
+    let high: Value = high.json().await.unwrap();
+    assert_eq!(high["object"], "chat.completion");
+    assert_eq!(high["model"], "gpt-4o");
+    assert!(high["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert_eq!(high["choices"][0]["finish_reason"], "stop");
+    assert_eq!(high["choices"][0]["message"]["role"], "assistant");
+    let usage = &high["usage"];
+    // OpenAI's worked example: 1024×1024 high on gpt-4o = 85 + 4·170 = 765.
+    assert_eq!(usage["prompt_tokens"].as_u64().unwrap(), 765 + text_part());
+    assert_eq!(usage["prompt_tokens_details"]["cached_tokens"], 0);
+
+    let content = high["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(
+        usage["completion_tokens"].as_u64().unwrap(),
+        text_tokens(content)
+    );
+    assert_eq!(
+        usage["total_tokens"].as_u64().unwrap(),
+        usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+    );
+    let analysis: Value = serde_json::from_str(content).unwrap();
+    assert!(!analysis["description"].as_str().unwrap().is_empty());
+    assert!(analysis["description"]
+        .as_str()
+        .unwrap()
+        .contains("1024x1024"));
+    assert!(analysis["category"].is_string());
+    assert!(analysis["text"].is_string());
+    for k in ["tags", "objects", "quality_issues"] {
+        let arr = analysis[k].as_array().unwrap();
+        assert!(arr.iter().all(Value::is_string), "{k}: {arr:?}");
+    }
+    assert!(!analysis["tags"].as_array().unwrap().is_empty());
+
+    // detail=low is always 85 on gpt-4o; auto is high.
+    let low: Value = post(&client, &sim, &body("gpt-4o", &img, "low", 500), None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        low["usage"]["prompt_tokens"].as_u64().unwrap(),
+        85 + text_part()
+    );
+    let auto: Value = post(&client, &sim, &body("gpt-4o", &img, "auto", 500), None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        auto["usage"]["prompt_tokens"],
+        high["usage"]["prompt_tokens"]
+    );
+
+    // Other models and sizes: the same numbers as the core estimator.
+    let table = PriceTable::builtin();
+    for (model, w, h) in [
+        ("gpt-4.1-mini", 800, 600),
+        ("gpt-4o", 300, 200),
+        ("gpt-4o-mini", 2048, 1024),
+    ] {
+        let img = jpeg(w, h, 40);
+        let resp: Value = post(&client, &sim, &body(model, &img, "high", 500), None)
+            .await
+            .json()
+            .await
+            .unwrap();
+        let want = table.model(model).unwrap().image_tokens(w, h, Detail::High) + text_part();
+        assert_eq!(
+            resp["usage"]["prompt_tokens"].as_u64().unwrap(),
+            want,
+            "{model} {w}x{h}"
+        );
+    }
+
+    let stats = sim.stats().await;
+    assert_eq!(stats.requests, 6);
+    assert_eq!(stats.completions, 6);
+    assert_eq!(stats.requests_per_image[&sha(&img)], 3);
+    assert_eq!(stats.completions_per_image[&sha(&img)], 3);
+    sim.shutdown();
+}
+
+#[tokio::test]
+async fn content_is_deterministic_per_image_and_differs_between_images() {
+    let sim = SimServer::start(cfg()).await.unwrap();
+    let client = Client::new();
+    let dark = jpeg(640, 480, 10);
+    let bright = jpeg(640, 480, 250);
+    let content = |v: Value| {
+        v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let a1 = content(
+        post(&client, &sim, &body("gpt-4o", &dark, "high", 500), None)
+            .await
+            .json()
+            .await
+            .unwrap(),
+    );
+    let a2 = content(
+        post(&client, &sim, &body("gpt-4o", &dark, "high", 500), None)
+            .await
+            .json()
+            .await
+            .unwrap(),
+    );
+    let b = content(
+        post(&client, &sim, &body("gpt-4o", &bright, "high", 500), None)
+            .await
+            .json()
+            .await
+            .unwrap(),
+    );
+    assert_eq!(a1, a2);
+    assert_ne!(a1, b);
+    let a: Value = serde_json::from_str(&a1).unwrap();
+    let b: Value = serde_json::from_str(&b).unwrap();
+    assert_ne!(a["description"], b["description"]);
+    assert!(a["description"].as_str().unwrap().contains("640x480"));
+    let stats = sim.stats().await;
+    assert_eq!(stats.requests_per_image[&sha(&dark)], 2);
+    assert_eq!(stats.requests_per_image[&sha(&bright)], 1);
+    assert_eq!(stats.completions_per_image[&sha(&dark)], 2);
+}
+
+#[tokio::test]
+async fn max_tokens_cuts_the_content_with_finish_reason_length() {
+    let sim = SimServer::start(cfg()).await.unwrap();
+    let client = Client::new();
+    let resp: Value = post(
+        &client,
+        &sim,
+        &body("gpt-4o", &jpeg(256, 256, 100), "low", 5),
+        None,
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(resp["choices"][0]["finish_reason"], "length");
+    assert_eq!(resp["usage"]["completion_tokens"], 5);
+    let content = resp["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(serde_json::from_str::<Value>(content).is_err());
+    assert_eq!(content.chars().count(), 20);
+}
+
+#[tokio::test]
+async fn auth_errors_are_401_invalid_api_key() {
+    let sim = SimServer::start(cfg()).await.unwrap();
+    let client = Client::new();
+    let b = body("gpt-4o", &jpeg(64, 64, 1), "low", 100);
+    let url = format!("{}/chat/completions", sim.base_url);
+
+    let missing = client.post(&url).json(&b).send().await.unwrap();
+    assert_eq!(missing.status(), StatusCode::UNAUTHORIZED);
+    let e: Value = missing.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "invalid_api_key");
+    assert_eq!(e["error"]["type"], "invalid_request_error");
+    assert!(e["error"]["message"].as_str().unwrap().contains("API key"));
+
+    let wrong = client
+        .post(&url)
+        .bearer_auth("sk-wrong-key-123")
+        .json(&b)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    let e: Value = wrong.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "invalid_api_key");
+    assert!(!e["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("sk-wrong-key-123"));
+
+    let stats = sim.stats().await;
+    assert_eq!(stats.unauthorized, 2);
+    assert_eq!(stats.completions, 0);
+    assert!(stats.requests_per_image.is_empty());
+}
+
+#[tokio::test]
+async fn unknown_model_is_404_and_bad_bodies_are_400() {
+    let sim = SimServer::start(cfg()).await.unwrap();
+    let client = Client::new();
+    let img = jpeg(64, 64, 1);
+
+    let resp = post(&client, &sim, &body("sim-model", &img, "low", 100), None).await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert_limit_headers(&resp);
+    let e: Value = resp.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "model_not_found");
+    assert!(e["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("sim-model"));
+
+    // Not JSON.
+    let resp = client
+        .post(format!("{}/chat/completions", sim.base_url))
+        .bearer_auth(KEY)
+        .header("content-type", "application/json")
+        .body("{\"model\": ")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let e: Value = resp.json().await.unwrap();
+    assert_eq!(e["error"]["type"], "invalid_request_error");
+
+    // Bad base64 in the data URL.
+    let mut b = body("gpt-4o", &img, "low", 100);
+    b["messages"][0]["content"][1]["image_url"]["url"] =
+        json!("data:image/jpeg;base64,@@not base64@@");
+    let resp = post(&client, &sim, &b, None).await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let e: Value = resp.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "invalid_image_url");
+
+    // Valid base64, not an image.
+    b["messages"][0]["content"][1]["image_url"]["url"] = json!(format!(
+        "data:image/jpeg;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(b"definitely not a jpeg")
+    ));
+    let resp = post(&client, &sim, &b, None).await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let e: Value = resp.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "invalid_image_format");
+
+    // Remote URLs are not fetched.
+    b["messages"][0]["content"][1]["image_url"]["url"] = json!("https://example.com/a.jpg");
+    assert_eq!(
+        post(&client, &sim, &b, None).await.status(),
+        StatusCode::BAD_REQUEST
+    );
+
+    // json_object without the word "json" in the messages (OpenAI rejects it too).
+    let mut b = body("gpt-4o", &img, "low", 100);
+    b["messages"][0]["content"][0]["text"] = json!("Describe this image.");
+    assert_eq!(
+        post(&client, &sim, &b, None).await.status(),
+        StatusCode::BAD_REQUEST
+    );
+
+    // Unknown fault name.
+    let resp = post(
+        &client,
+        &sim,
+        &body("gpt-4o", &img, "low", 100),
+        Some("explode"),
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+
+    let stats = sim.stats().await;
+    assert_eq!(stats.not_found, 1);
+    assert_eq!(stats.bad_requests, 6);
+    assert_eq!(stats.completions, 0);
+    assert_eq!(stats.tokens_billed, 0);
+}
+
+#[tokio::test]
+async fn rpm_exhaustion_is_429_with_retry_after_and_headers() {
+    let sim = SimServer::start(SimConfig { rpm: 2, ..cfg() })
+        .await
+        .unwrap();
+    let client = Client::new();
+    let img = jpeg(128, 128, 50);
+    let b = body("gpt-4o", &img, "low", 100);
+
+    let first = post(&client, &sim, &b, None).await;
+    assert_eq!(first.status(), StatusCode::OK);
+    assert_eq!(header(&first, "x-ratelimit-limit-requests"), "2");
+    assert_eq!(header(&first, "x-ratelimit-remaining-requests"), "1");
+    let reset = parse_reset(header(&first, "x-ratelimit-reset-requests")).unwrap();
+    assert!(
+        reset > Duration::from_secs(58) && reset <= Duration::from_secs(60),
+        "{reset:?}"
+    );
+
+    let second = post(&client, &sim, &b, None).await;
+    assert_eq!(second.status(), StatusCode::OK);
+    assert_eq!(header(&second, "x-ratelimit-remaining-requests"), "0");
+
+    let third = post(&client, &sim, &b, None).await;
+    assert_eq!(third.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_limit_headers(&third);
+    assert_eq!(header(&third, "x-ratelimit-remaining-requests"), "0");
+    let retry = parse_retry_after(header(&third, "retry-after")).unwrap();
+    assert!(
+        retry > Duration::from_secs(55) && retry <= Duration::from_secs(60),
+        "{retry:?}"
+    );
+    let e: Value = third.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(e["error"]["type"], "requests");
+    let msg = e["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("requests per min (RPM): Limit 2, Used 2, Requested 1. Please try again in"),
+        "{msg}"
+    );
+
+    let stats = sim.stats().await;
+    assert_eq!(stats.completions, 2);
+    assert_eq!(stats.rate_limited, 1);
+    assert_eq!(stats.requests, 3);
+
+    // A reset empties the windows.
+    sim.reset().await;
+    assert_eq!(post(&client, &sim, &b, None).await.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn tpm_counts_prompt_plus_max_tokens() {
+    let img = jpeg(1024, 1024, 70);
+    let prompt = 765 + text_part();
+    let max_tokens = 300;
+    let per_request = prompt + max_tokens;
+    // Room for exactly two requests.
+    let tpm = 2 * per_request + 10;
+    let sim = SimServer::start(SimConfig { tpm, ..cfg() }).await.unwrap();
+    let client = Client::new();
+    let b = body("gpt-4o", &img, "high", max_tokens);
+
+    let first = post(&client, &sim, &b, None).await;
+    assert_eq!(first.status(), StatusCode::OK);
+    assert_eq!(header(&first, "x-ratelimit-limit-tokens"), tpm.to_string());
+    assert_eq!(
+        header(&first, "x-ratelimit-remaining-tokens"),
+        (tpm - per_request).to_string()
+    );
+    assert_eq!(post(&client, &sim, &b, None).await.status(), StatusCode::OK);
+    let third = post(&client, &sim, &b, None).await;
+    assert_eq!(third.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(parse_retry_after(header(&third, "retry-after")).is_some());
+    assert_eq!(header(&third, "x-ratelimit-remaining-tokens"), "10");
+    let e: Value = third.json().await.unwrap();
+    assert_eq!(e["error"]["type"], "tokens");
+    let msg = e["error"]["message"].as_str().unwrap();
+    let want = format!(
+        "tokens per min (TPM): Limit {tpm}, Used {}, Requested {per_request}.",
+        2 * per_request
+    );
+    assert!(msg.contains(&want), "{msg}\nwant: {want}");
+
+    // Billing counts actual usage, not the estimate.
+    let stats = sim.stats().await;
+    assert_eq!(stats.prompt_tokens, 2 * prompt);
+    assert_eq!(
+        stats.tokens_billed,
+        stats.prompt_tokens + stats.completion_tokens
+    );
+    assert!(stats.completion_tokens > 0 && stats.completion_tokens < 2 * max_tokens);
+}
+
+#[tokio::test]
+async fn forced_faults_via_header() {
+    let sim = SimServer::start(SimConfig {
+        timeout_hang_ms: 3_000,
+        faults: FaultPlan {
+            retry_after_s: 2.5,
+            ..FaultPlan::default()
+        },
+        ..cfg()
+    })
+    .await
+    .unwrap();
+    let client = Client::new();
+    let b = body("gpt-4o", &jpeg(200, 100, 30), "low", 200);
+
+    for (fault, status) in [
+        ("500", StatusCode::INTERNAL_SERVER_ERROR),
+        ("502", StatusCode::BAD_GATEWAY),
+        ("503", StatusCode::SERVICE_UNAVAILABLE),
+    ] {
+        let resp = post(&client, &sim, &b, Some(fault)).await;
+        assert_eq!(resp.status(), status, "{fault}");
+        assert_limit_headers(&resp);
+    }
+
+    let resp = post(&client, &sim, &b, Some("429")).await;
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_limit_headers(&resp);
+    assert_eq!(header(&resp, "retry-after"), "2.5");
+    assert_eq!(
+        parse_retry_after(header(&resp, "retry-after")),
+        Some(Duration::from_millis(2500))
+    );
+    let e: Value = resp.json().await.unwrap();
+    assert_eq!(e["error"]["code"], "rate_limit_exceeded");
+
+    let resp = post(&client, &sim, &b, Some("malformed")).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let text = resp.text().await.unwrap();
+    assert!(text.starts_with('{'));
+    assert!(serde_json::from_str::<Value>(&text).is_err(), "{text}");
+
+    let resp = post(&client, &sim, &b, Some("bad-content")).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let v: Value = resp.json().await.unwrap();
+    let content = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(serde_json::from_str::<Value>(content).is_err(), "{content}");
+    assert!(v["usage"]["total_tokens"].as_u64().unwrap() > 0);
+
+    // Timeout: the client gives up first.
+    let started = Instant::now();
+    let err = client
+        .post(format!("{}/chat/completions", sim.base_url))
+        .bearer_auth(KEY)
+        .header("x-sim-fault", "timeout")
+        .timeout(Duration::from_millis(400))
+        .json(&b)
+        .send()
+        .await
+        .unwrap_err();
+    assert!(err.is_timeout(), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+
+    // A client that waits longer than the hang sees the connection dropped, not a response.
+    let started = Instant::now();
+    let resp = client
+        .post(format!("{}/chat/completions", sim.base_url))
+        .bearer_auth(KEY)
+        .header("x-sim-fault", "timeout")
+        .timeout(Duration::from_secs(20))
+        .json(&b)
+        .send()
+        .await;
+    let failed = match resp {
+        Err(_) => true,
+        Ok(r) => r.bytes().await.is_err(),
+    };
+    assert!(failed, "a timeout fault must not yield a complete response");
+    assert!(started.elapsed() >= Duration::from_millis(2_900));
+
+    // "none" overrides the plan; the plain request succeeds.
+    assert_eq!(
+        post(&client, &sim, &b, Some("none")).await.status(),
+        StatusCode::OK
+    );
+
+    let stats = sim.stats().await;
+    assert_eq!(stats.faults.http_500, 1);
+    assert_eq!(stats.faults.http_502, 1);
+    assert_eq!(stats.faults.http_503, 1);
+    assert_eq!(stats.faults.rate_limit, 1);
+    assert_eq!(stats.faults.malformed, 1);
+    assert_eq!(stats.faults.bad_content, 1);
+    assert_eq!(stats.faults.timeout, 2);
+    assert_eq!(stats.faults.total(), 8);
+    assert_eq!(stats.completions, 1);
+    assert_eq!(stats.rate_limited, 0);
+    assert_eq!(stats.requests, 9);
+    // All nine calls carried the same image.
+    assert_eq!(
+        stats
+            .requests_per_image
+            .values()
+            .copied()
+            .collect::<Vec<_>>(),
+        vec![9]
+    );
+    assert_eq!(
+        stats
+            .completions_per_image
+            .values()
+            .copied()
+            .collect::<Vec<_>>(),
+        vec![1]
+    );
+}
+
+#[tokio::test]
+async fn every_nth_schedule_is_deterministic() {
+    let sim = SimServer::start(SimConfig {
+        faults: FaultPlan {
+            every_nth: Some(EveryNth {
+                n: 3,
+                fault: Fault::Http503,
+            }),
+            ..FaultPlan::default()
+        },
+        ..cfg()
+    })
+    .await
+    .unwrap();
+    let client = Client::new();
+    let b = body("gpt-4o", &jpeg(64, 64, 5), "low", 200);
+    let mut statuses = Vec::new();
+    for _ in 0..7 {
+        statuses.push(post(&client, &sim, &b, None).await.status().as_u16());
+    }
+    assert_eq!(statuses, vec![200, 200, 503, 200, 200, 503, 200]);
+    assert_eq!(sim.stats().await.faults.http_503, 2);
+}
+
+async fn run_probabilistic(seed: u64) -> Vec<u16> {
+    let sim = SimServer::start(SimConfig {
+        seed,
+        faults: FaultPlan {
+            error_rate: 0.3,
+            malformed_rate: 0.2,
+            ..FaultPlan::default()
+        },
+        ..cfg()
+    })
+    .await
+    .unwrap();
+    let client = Client::new();
+    let b = body("gpt-4o", &jpeg(64, 64, 5), "low", 200);
+    let mut out = Vec::new();
+    for _ in 0..30 {
+        let resp = post(&client, &sim, &b, None).await;
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        // Encode malformed 200s as 1 so they count separately.
+        let parsed = serde_json::from_str::<Value>(&text).is_ok();
+        out.push(if status == 200 && !parsed { 1 } else { status });
+    }
+    let stats = sim.stats().await;
+    let ok = out.iter().filter(|s| **s == 200).count() as u64;
+    let malformed = out.iter().filter(|s| **s == 1).count() as u64;
+    assert_eq!(stats.completions, ok);
+    assert_eq!(stats.faults.malformed, malformed);
+    assert_eq!(
+        stats.faults.http_500 + stats.faults.http_502 + stats.faults.http_503,
+        out.iter().filter(|s| **s >= 500).count() as u64
+    );
+    out
+}
+
+#[tokio::test]
+async fn probabilistic_faults_are_reproducible_with_a_seed() {
+    let a = run_probabilistic(7).await;
+    let b = run_probabilistic(7).await;
+    assert_eq!(a, b);
+    let c = run_probabilistic(8).await;
+    assert_ne!(a, c, "a different seed gives a different sequence");
+    assert!(
+        a.contains(&200) && a.iter().any(|s| *s >= 500) && a.contains(&1),
+        "{a:?}"
+    );
+}
+
+#[tokio::test]
+async fn stats_reset_and_config_over_http() {
+    let sim = SimServer::start(cfg()).await.unwrap();
+    let client = Client::new();
+    let img1 = jpeg(100, 100, 1);
+    let img2 = jpeg(100, 100, 200);
+    for img in [&img1, &img1, &img2] {
+        let resp = post(&client, &sim, &body("gpt-4o", img, "low", 200), None).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    let http: Value = client
+        .get(sim.url("/sim/stats"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(http["requests"], 3);
+    assert_eq!(http["completions"], 3);
+    assert_eq!(http["requests_per_image"][sha(&img1)], 2);
+    assert_eq!(http["requests_per_image"][sha(&img2)], 1);
+    let direct = sim.stats().await;
+    assert_eq!(serde_json::to_value(&direct).unwrap(), http);
+    assert_eq!(
+        direct.tokens_billed,
+        direct.prompt_tokens + direct.completion_tokens
+    );
+    assert_eq!(direct.prompt_tokens, 3 * (85 + text_part()));
+    assert_eq!(direct.in_flight, 0);
+    assert!(direct.peak_in_flight >= 1);
+
+    // Reset.
+    let resp = client.post(sim.url("/sim/reset")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let s = sim.stats().await;
+    assert_eq!(s.requests, 0);
+    assert_eq!(s.tokens_billed, 0);
+    assert!(s.requests_per_image.is_empty());
+
+    // Partial config patch: RPM 1 and a 504 schedule on every 2nd request.
+    let resp = client
+        .post(sim.url("/sim/config"))
+        .json(&json!({"rpm": 1, "faults": {"every_nth": {"n": 2, "fault": "504"}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let new_cfg: Value = resp.json().await.unwrap();
+    assert_eq!(new_cfg["rpm"], 1);
+    assert_eq!(
+        new_cfg["api_key"], KEY,
+        "unpatched fields keep their values"
+    );
+    assert_eq!(
+        sim.config().await.faults.every_nth.unwrap().fault,
+        Fault::Http504
+    );
+    let b = body("gpt-4o", &img1, "low", 200);
+    assert_eq!(post(&client, &sim, &b, None).await.status(), StatusCode::OK);
+    // The 2nd valid request is scheduled for a 504, but a 5xx needs admission first: RPM 1 → 429.
+    let second = post(&client, &sim, &b, None).await;
+    assert_eq!(second.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(header(&second, "x-ratelimit-limit-requests"), "1");
+
+    // Invalid patches are rejected and leave the config alone.
+    for bad in [
+        json!({"rpm": "lots"}),
+        json!({"faults": {"error_rate": 1.5}}),
+        json!({"no_such_knob": 1}),
+        json!({"faults": {"error_statuses": [418]}}),
+    ] {
+        let resp = client
+            .post(sim.url("/sim/config"))
+            .json(&bad)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{bad}");
+    }
+    assert_eq!(sim.config().await.rpm, 1);
+
+    // Library API: set_config.
+    sim.set_config(cfg()).await.unwrap();
+    assert!(sim
+        .set_config(SimConfig {
+            faults: FaultPlan {
+                error_rate: 0.7,
+                timeout_rate: 0.7,
+                ..FaultPlan::default()
+            },
+            ..cfg()
+        })
+        .await
+        .is_err());
+}
+
+#[tokio::test]
+async fn latency_is_applied() {
+    let sim = SimServer::start(SimConfig {
+        latency_ms: 250,
+        jitter_ms: 50,
+        ..cfg()
+    })
+    .await
+    .unwrap();
+    let client = Client::new();
+    let b = body("gpt-4o", &jpeg(64, 64, 5), "low", 200);
+    let started = Instant::now();
+    assert_eq!(post(&client, &sim, &b, None).await.status(), StatusCode::OK);
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(250), "{took:?}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+}
+
+#[tokio::test]
+async fn binds_loopback_only_and_stops() {
+    let sim = SimServer::start(cfg()).await.unwrap();
+    assert!(sim.addr().ip().is_loopback());
+    assert!(sim.base_url.starts_with("http://127.0.0.1:") && sim.base_url.ends_with("/v1"));
+    let models: Value = Client::new()
+        .get(format!("{}/models", sim.base_url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["id"] == "gpt-4o"));
+    let url = sim.url("/sim/stats");
+    sim.shutdown_and_wait().await;
+    assert!(Client::new().get(url).send().await.is_err());
+}
