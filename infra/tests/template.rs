@@ -1,0 +1,1012 @@
+//! Safety settings of the SAM template (infra/template.yaml), read as plain YAML.
+//!
+//! cfn-lint (scripts/infra-check.sh) checks that the template is valid CloudFormation; these tests
+//! check the decisions that keep the pipeline safe and cheap: queue timing and redrive, partial
+//! batch responses, the S3 trigger prefix, least-privilege IAM, encryption, the table design of
+//! docs/aws.md and that the provider key never sits in an environment variable.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use common::{as_list, branches, references, render, template};
+use serde_json::Value;
+
+const DATA_PLANE: &[&str] = &[
+    "s3:",
+    "sqs:",
+    "dynamodb:",
+    "ssm:",
+    "kms:",
+    "secretsmanager:",
+];
+
+struct Template {
+    t: Value,
+}
+
+impl Template {
+    fn load() -> Template {
+        Template { t: template() }
+    }
+
+    fn resources(&self) -> &serde_json::Map<String, Value> {
+        self.t["Resources"].as_object().expect("Resources")
+    }
+
+    fn resource(&self, id: &str) -> &Value {
+        self.resources()
+            .get(id)
+            .unwrap_or_else(|| panic!("no resource {id}"))
+    }
+
+    fn of_type(&self, ty: &str) -> Vec<(&str, &Value)> {
+        self.resources()
+            .iter()
+            .filter(|(_, r)| r["Type"] == ty)
+            .map(|(k, r)| (k.as_str(), r))
+            .collect()
+    }
+
+    fn parameter(&self, name: &str) -> &Value {
+        self.t["Parameters"]
+            .get(name)
+            .unwrap_or_else(|| panic!("no parameter {name}"))
+    }
+
+    /// The Serverless::Function whose cargo-lambda binary is `binary`.
+    fn function(&self, binary: &str) -> (&str, &Value) {
+        let found: Vec<_> = self
+            .of_type("AWS::Serverless::Function")
+            .into_iter()
+            .filter(|(_, f)| f["Metadata"]["BuildProperties"]["Binary"] == binary)
+            .collect();
+        assert_eq!(
+            found.len(),
+            1,
+            "exactly one function builds binary {binary}"
+        );
+        found[0]
+    }
+
+    /// A function property, falling back to Globals.Function.
+    fn function_prop<'a>(&'a self, f: &'a Value, key: &str) -> &'a Value {
+        let own = &f["Properties"][key];
+        if own.is_null() {
+            &self.t["Globals"]["Function"][key]
+        } else {
+            own
+        }
+    }
+
+    /// Environment variables of a function: Globals merged with its own (SAM semantics).
+    fn env(&self, f: &Value) -> BTreeMap<String, Value> {
+        let mut vars = BTreeMap::new();
+        for src in [
+            &self.t["Globals"]["Function"]["Environment"]["Variables"],
+            &f["Properties"]["Environment"]["Variables"],
+        ] {
+            if let Some(m) = src.as_object() {
+                for (k, v) in m {
+                    vars.insert(k.clone(), v.clone());
+                }
+            }
+        }
+        vars
+    }
+
+    /// Resolve a number: a literal, a numeric string, or a Ref to a parameter (its Default).
+    fn number(&self, v: &Value) -> f64 {
+        match v {
+            Value::Number(n) => n.as_f64().expect("number"),
+            Value::String(s) => s.parse().unwrap_or_else(|_| panic!("not a number: {s}")),
+            Value::Object(o) if o.contains_key("Ref") => {
+                let p = self.parameter(o["Ref"].as_str().expect("Ref name"));
+                self.number(&p["Default"])
+            }
+            other => panic!("cannot resolve a number from {other}"),
+        }
+    }
+
+    /// The logical id a `Fn::GetAtt [X, Arn]` or `Ref X` points at.
+    fn target(v: &Value) -> String {
+        if let Some(r) = v.get("Ref").and_then(Value::as_str) {
+            return r.to_string();
+        }
+        match &v["Fn::GetAtt"] {
+            Value::Array(p) => p[0].as_str().expect("GetAtt id").to_string(),
+            Value::String(s) => s.split('.').next().expect("GetAtt id").to_string(),
+            other => panic!("not a Ref/GetAtt: {other} in {v}"),
+        }
+    }
+
+    /// Events of a function of one SAM event type.
+    fn events<'a>(&self, f: &'a Value, ty: &str) -> Vec<(&'a str, &'a Value)> {
+        f["Properties"]["Events"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .filter(|(_, e)| e["Type"] == ty)
+                    .map(|(k, e)| (k.as_str(), &e["Properties"]))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Every IAM policy statement of the template (roles, policies, function inline policies,
+    /// bucket/queue policies), with Fn::If expanded into both branches.
+    fn statements(&self) -> Vec<(String, Value)> {
+        let mut out = Vec::new();
+        let mut add_doc = |owner: String, doc: &Value| {
+            for s in as_list(&doc["Statement"]).iter().flat_map(branches) {
+                out.push((owner.clone(), s));
+            }
+        };
+        for (id, r) in self.resources() {
+            let p = &r["Properties"];
+            match r["Type"].as_str().unwrap_or("") {
+                "AWS::IAM::Role" => {
+                    for pol in as_list(&p["Policies"]).iter().flat_map(branches) {
+                        add_doc(id.clone(), &pol["PolicyDocument"]);
+                    }
+                }
+                "AWS::IAM::Policy"
+                | "AWS::IAM::ManagedPolicy"
+                | "AWS::S3::BucketPolicy"
+                | "AWS::SQS::QueuePolicy" => add_doc(id.clone(), &p["PolicyDocument"]),
+                "AWS::Serverless::Function" => {
+                    for pol in as_list(&p["Policies"]).iter().flat_map(branches) {
+                        if pol.get("Statement").is_some() {
+                            add_doc(id.clone(), &pol);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// Allow statements of the role of a function: (actions, rendered resources, statement).
+    fn role_grants(&self, f: &Value) -> Vec<(Vec<String>, Vec<String>, Value)> {
+        let role_id = Template::target(&f["Properties"]["Role"]);
+        let role = self.resource(&role_id);
+        assert_eq!(role["Type"], "AWS::IAM::Role");
+        let mut out = Vec::new();
+        for pol in as_list(&role["Properties"]["Policies"])
+            .iter()
+            .flat_map(branches)
+        {
+            for s in as_list(&pol["PolicyDocument"]["Statement"])
+                .iter()
+                .flat_map(branches)
+            {
+                if s["Effect"] != "Allow" {
+                    continue;
+                }
+                let actions = as_list(&s["Action"])
+                    .iter()
+                    .map(|a| a.as_str().expect("action string").to_string())
+                    .collect();
+                let resources = as_list(&s["Resource"]).iter().map(render).collect();
+                out.push((actions, resources, s.clone()));
+            }
+        }
+        out
+    }
+
+    /// Rendered resources on which the function's role allows `action`.
+    fn resources_for(&self, f: &Value, action: &str) -> Vec<String> {
+        self.role_grants(f)
+            .into_iter()
+            .filter(|(a, _, _)| a.iter().any(|x| x == action))
+            .flat_map(|(_, r, _)| r)
+            .collect()
+    }
+}
+
+const RESIZE: &str = "sightline-resize";
+const ANALYZE: &str = "sightline-analyze";
+const API: &str = "sightline-api";
+
+#[test]
+fn template_uses_long_form_intrinsics_only() {
+    for (n, line) in sightline_infra_checks::TEMPLATE_YAML.lines().enumerate() {
+        let code = line.split(" #").next().unwrap_or(line);
+        assert!(
+            !code.contains(": !") && !code.trim_start().starts_with("- !"),
+            "line {}: short-form intrinsic tag (use Ref:/Fn::GetAtt:/Fn::Sub: mappings): {line}",
+            n + 1
+        );
+    }
+    let t = template();
+    assert_eq!(t["Transform"], "AWS::Serverless-2016-10-31");
+}
+
+#[test]
+fn functions_are_arm64_al2023_cargo_lambda_binaries() {
+    let t = Template::load();
+    let functions = t.of_type("AWS::Serverless::Function");
+    assert_eq!(functions.len(), 3, "three functions: resize, analyze, api");
+    for (binary, dir) in [(RESIZE, "resize"), (ANALYZE, "analyze"), (API, "api")] {
+        let (id, f) = t.function(binary);
+        assert_eq!(f["Metadata"]["BuildMethod"], "rust-cargolambda", "{id}");
+        assert_eq!(t.function_prop(f, "Runtime"), "provided.al2023", "{id}");
+        assert_eq!(t.function_prop(f, "Handler"), "bootstrap", "{id}");
+        assert_eq!(
+            as_list(t.function_prop(f, "Architectures")),
+            vec![Value::from("arm64")],
+            "{id}"
+        );
+        let code_uri = format!("../functions/{dir}");
+        assert_eq!(f["Properties"]["CodeUri"], code_uri.as_str(), "{id}");
+        // Once the function crate exists, its package must be named like the binary.
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(&code_uri)
+            .join("Cargo.toml");
+        if let Ok(text) = std::fs::read_to_string(&manifest) {
+            assert!(
+                text.lines().any(|l| {
+                    let l = l.replace(' ', "");
+                    l == format!("name=\"{binary}\"")
+                }),
+                "{} should name the package (and binary) {binary}",
+                manifest.display()
+            );
+        }
+        let log = t.function_prop(f, "LoggingConfig");
+        let format = if log["LogFormat"].is_null() {
+            &t.t["Globals"]["Function"]["LoggingConfig"]["LogFormat"]
+        } else {
+            &log["LogFormat"]
+        };
+        assert_eq!(format, "JSON", "{id}: JSON logs");
+    }
+    let (_, resize) = t.function(RESIZE);
+    assert_eq!(
+        t.number(t.function_prop(resize, "MemorySize")),
+        1769.0,
+        "resize: one full vCPU"
+    );
+    let (_, analyze) = t.function(ANALYZE);
+    let mem = t.number(t.function_prop(analyze, "MemorySize"));
+    assert!((256.0..=512.0).contains(&mem), "analyze memory {mem}");
+    let (_, api) = t.function(API);
+    assert_eq!(t.number(t.function_prop(api, "MemorySize")), 256.0);
+}
+
+#[test]
+fn analyze_queue_visibility_is_at_least_six_times_the_function_timeout() {
+    let t = Template::load();
+    let (id, f) = t.function(ANALYZE);
+    let events = t.events(f, "SQS");
+    assert_eq!(events.len(), 1, "{id} has one SQS event source");
+    let queue_id = Template::target(&events[0].1["Queue"]);
+    let queue = t.resource(&queue_id);
+    assert_eq!(queue["Type"], "AWS::SQS::Queue");
+    let timeout = t.number(t.function_prop(f, "Timeout"));
+    let visibility = t.number(&queue["Properties"]["VisibilityTimeout"]);
+    assert!(timeout > 0.0);
+    assert!(
+        visibility >= 6.0 * timeout,
+        "{queue_id}.VisibilityTimeout {visibility} < 6 x {id}.Timeout {timeout}"
+    );
+}
+
+#[test]
+fn analyze_queue_redrives_to_a_dead_letter_queue_after_five_receives() {
+    let t = Template::load();
+    let (_, f) = t.function(ANALYZE);
+    let queue_id = Template::target(&t.events(f, "SQS")[0].1["Queue"]);
+    let redrive = &t.resource(&queue_id)["Properties"]["RedrivePolicy"];
+    assert_eq!(t.number(&redrive["maxReceiveCount"]), 5.0);
+    let dlq_id = Template::target(&redrive["deadLetterTargetArn"]);
+    assert_ne!(dlq_id, queue_id);
+    let dlq = t.resource(&dlq_id);
+    assert_eq!(dlq["Type"], "AWS::SQS::Queue");
+    assert!(
+        dlq["Properties"]["RedrivePolicy"].is_null(),
+        "the DLQ must not redrive further"
+    );
+    let dlq_retention = t.number(&dlq["Properties"]["MessageRetentionPeriod"]);
+    assert!(
+        dlq_retention >= 7.0 * 86_400.0,
+        "keep dead letters long enough to look at them"
+    );
+
+    // An alarm fires on the first dead letter.
+    let alarms = t.of_type("AWS::CloudWatch::Alarm");
+    assert!(
+        alarms.iter().any(|(_, a)| {
+            let p = &a["Properties"];
+            p["Namespace"] == "AWS/SQS"
+                && p["MetricName"] == "ApproximateNumberOfMessagesVisible"
+                && p["ComparisonOperator"] == "GreaterThanThreshold"
+                && t.number(&p["Threshold"]) == 0.0
+                && as_list(&p["Dimensions"])
+                    .iter()
+                    .any(|d| d["Name"] == "QueueName" && Template::target(&d["Value"]) == dlq_id)
+        }),
+        "an alarm on {dlq_id} ApproximateNumberOfMessagesVisible > 0"
+    );
+    assert!(t.t["Outputs"]["DeadLetterQueueUrl"].is_object());
+}
+
+#[test]
+fn sqs_event_reports_batch_item_failures_and_caps_concurrency() {
+    let t = Template::load();
+    let (id, f) = t.function(ANALYZE);
+    let (_, ev) = t.events(f, "SQS")[0];
+    assert!(
+        as_list(&ev["FunctionResponseTypes"]).contains(&Value::from("ReportBatchItemFailures")),
+        "{id}: partial batch responses"
+    );
+    let max = &ev["ScalingConfig"]["MaximumConcurrency"];
+    assert!(
+        !max.is_null(),
+        "{id}: ScalingConfig.MaximumConcurrency is set"
+    );
+    assert!(t.number(max) >= 2.0, "SQS MaximumConcurrency is at least 2");
+    if let Some(p) = max.get("Ref").and_then(Value::as_str) {
+        assert!(
+            t.number(&t.parameter(p)["MinValue"]) >= 2.0,
+            "{p} MinValue >= 2"
+        );
+    }
+    // The per-instance rate limit divides by the same number.
+    assert_eq!(&t.env(f)["SIGHTLINE_MAX_CONCURRENCY"], max);
+    let batch = t.number(&ev["BatchSize"]);
+    assert!((1.0..=10.0).contains(&batch), "default batch size {batch}");
+    assert!(!ev["MaximumBatchingWindowInSeconds"].is_null());
+}
+
+#[test]
+fn queues_are_encrypted() {
+    let t = Template::load();
+    for (id, q) in t.of_type("AWS::SQS::Queue") {
+        let p = &q["Properties"];
+        assert!(
+            p["SqsManagedSseEnabled"] == true || !p["KmsMasterKeyId"].is_null(),
+            "{id} is encrypted at rest"
+        );
+    }
+}
+
+#[test]
+fn s3_trigger_is_the_uploads_prefix_and_the_output_prefix_differs() {
+    let t = Template::load();
+    let (id, f) = t.function(RESIZE);
+    let events = t.events(f, "S3");
+    assert_eq!(events.len(), 1, "{id} has one S3 event");
+    let ev = events[0].1;
+    assert_eq!(
+        t.resource(&Template::target(&ev["Bucket"]))["Type"],
+        "AWS::S3::Bucket"
+    );
+    let kinds: Vec<String> = as_list(&ev["Events"]).iter().map(render).collect();
+    assert_eq!(kinds, vec!["s3:ObjectCreated:*"]);
+    let rules = as_list(&ev["Filter"]["S3Key"]["Rules"]);
+    let prefixes: Vec<&Value> = rules
+        .iter()
+        .filter(|r| r["Name"].as_str().map(str::to_lowercase).as_deref() == Some("prefix"))
+        .map(|r| &r["Value"])
+        .collect();
+    assert_eq!(
+        prefixes,
+        vec!["uploads/"],
+        "the trigger is the uploads/ prefix only"
+    );
+
+    let env = t.env(f);
+    let upload = env["SIGHTLINE_UPLOAD_PREFIX"]
+        .as_str()
+        .expect("upload prefix");
+    let resized = env["SIGHTLINE_RESIZED_PREFIX"]
+        .as_str()
+        .expect("resized prefix");
+    assert_eq!(upload, "uploads/");
+    assert!(!resized.is_empty() && resized.ends_with('/'));
+    assert!(
+        !resized.starts_with(upload) && !upload.starts_with(resized),
+        "output prefix {resized} must not overlap the trigger prefix {upload}"
+    );
+    // Even a bug cannot recurse: resize may only write under the output prefix.
+    let puts = t.resources_for(f, "s3:PutObject");
+    assert!(!puts.is_empty());
+    for r in &puts {
+        assert!(
+            r.ends_with(&format!("/{resized}*")),
+            "resize s3:PutObject on {r}"
+        );
+    }
+}
+
+#[test]
+fn s3_permissions_are_prefix_scoped() {
+    let t = Template::load();
+    let expect = |binary: &str, action: &str, suffix: &str| {
+        let (id, f) = t.function(binary);
+        let rs = t.resources_for(f, action);
+        assert!(!rs.is_empty(), "{id} needs {action}");
+        for r in rs {
+            assert!(
+                r.ends_with(suffix),
+                "{id}: {action} on {r}, expected …{suffix}"
+            );
+        }
+    };
+    expect(RESIZE, "s3:GetObject", "/uploads/*");
+    expect(RESIZE, "s3:PutObject", "/resized/*");
+    expect(ANALYZE, "s3:GetObject", "/resized/*");
+    expect(API, "s3:PutObject", "/uploads/*");
+    let (_, analyze) = t.function(ANALYZE);
+    assert!(t.resources_for(analyze, "s3:PutObject").is_empty());
+    let (_, api) = t.function(API);
+    assert!(t.resources_for(api, "s3:GetObject").is_empty());
+}
+
+#[test]
+fn function_roles_are_least_privilege() {
+    let t = Template::load();
+    let table = |r: &str| r == "${Table.Arn}";
+    let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+    for binary in [RESIZE, ANALYZE, API] {
+        let (id, f) = t.function(binary);
+        // An explicit role: SAM then adds no managed policies (e.g. AWSLambdaSQSQueueExecutionRole,
+        // which allows sqs:* reads on "*").
+        assert!(!f["Properties"]["Role"].is_null(), "{id} has its own role");
+        assert!(
+            f["Properties"]["Policies"].is_null(),
+            "{id}: policies belong on its role"
+        );
+        let role = t.resource(&Template::target(&f["Properties"]["Role"]));
+        assert!(
+            role["Properties"]["ManagedPolicyArns"].is_null(),
+            "{id}: no managed policies on the role"
+        );
+        let dynamo: BTreeSet<String> = t
+            .role_grants(f)
+            .into_iter()
+            .flat_map(|(a, _, _)| a)
+            .filter(|a| a.starts_with("dynamodb:"))
+            .collect();
+        let allowed = match binary {
+            RESIZE => set(&[
+                "dynamodb:GetItem",
+                "dynamodb:PutItem",
+                "dynamodb:UpdateItem",
+            ]),
+            ANALYZE => set(&[
+                "dynamodb:GetItem",
+                "dynamodb:PutItem",
+                "dynamodb:UpdateItem",
+                "dynamodb:DeleteItem",
+                "dynamodb:ConditionCheckItem",
+                "dynamodb:Query",
+            ]),
+            _ => set(&["dynamodb:GetItem", "dynamodb:Query", "dynamodb:PutItem"]),
+        };
+        assert!(
+            dynamo.is_subset(&allowed),
+            "{id}: {dynamo:?} not within {allowed:?}"
+        );
+        for (actions, resources, _) in t.role_grants(f) {
+            if actions.iter().any(|a| a.starts_with("dynamodb:")) {
+                for r in resources {
+                    assert!(
+                        table(&r) || r == "${Table.Arn}/index/*",
+                        "{id}: dynamodb on {r}"
+                    );
+                }
+            }
+        }
+    }
+    let (_, api) = t.function(API);
+    let q = t.resources_for(api, "dynamodb:Query");
+    assert!(
+        q.iter().any(|r| r == "${Table.Arn}/index/*"),
+        "api queries the GSIs"
+    );
+
+    let (_, resize) = t.function(RESIZE);
+    assert_eq!(
+        t.resources_for(resize, "sqs:SendMessage")
+            .iter()
+            .filter(|r| *r == "${AnalyzeQueue.Arn}")
+            .count(),
+        1
+    );
+    let (_, analyze) = t.function(ANALYZE);
+    for a in [
+        "sqs:ReceiveMessage",
+        "sqs:DeleteMessage",
+        "sqs:GetQueueAttributes",
+        "sqs:ChangeMessageVisibility",
+    ] {
+        assert_eq!(
+            t.resources_for(analyze, a),
+            vec!["${AnalyzeQueue.Arn}"],
+            "analyze {a}"
+        );
+    }
+    assert!(t.resources_for(api, "sqs:SendMessage").is_empty());
+}
+
+#[test]
+fn no_wildcard_resource_on_data_plane_actions() {
+    let t = Template::load();
+    let statements = t.statements();
+    assert!(statements.len() > 5);
+    for (owner, s) in statements {
+        if s["Effect"] != "Allow" {
+            continue;
+        }
+        assert!(
+            s["NotResource"].is_null() && s["NotAction"].is_null(),
+            "{owner}: {s}"
+        );
+        let actions: Vec<String> = as_list(&s["Action"]).iter().map(render).collect();
+        for a in &actions {
+            assert!(
+                a != "*" && !a.ends_with(":*"),
+                "{owner}: wildcard action {a}"
+            );
+        }
+        if !actions
+            .iter()
+            .any(|a| DATA_PLANE.iter().any(|p| a.starts_with(p)))
+        {
+            continue;
+        }
+        for r in as_list(&s["Resource"]).iter().flat_map(branches) {
+            let r = render(&r);
+            assert!(
+                r != "*" && !r.ends_with(":*:*") && r != "arn:aws:s3:::*",
+                "{owner}: {actions:?} on Resource {r}"
+            );
+        }
+    }
+}
+
+#[test]
+fn provider_key_is_read_from_exactly_one_ssm_parameter() {
+    let t = Template::load();
+    let (id, f) = t.function(ANALYZE);
+    let env = t.env(f);
+    let param = &env["SIGHTLINE_OPENAI_KEY_PARAM"];
+    assert!(
+        references(param).contains(&"OpenAiKeyParameter".to_string()),
+        "{id}: SIGHTLINE_OPENAI_KEY_PARAM comes from the OpenAiKeyParameter parameter: {param}"
+    );
+    let p = t.parameter("OpenAiKeyParameter");
+    assert!(
+        p["AllowedPattern"]
+            .as_str()
+            .is_some_and(|s| s.contains('/')),
+        "a parameter name"
+    );
+
+    let gets = t.resources_for(f, "ssm:GetParameter");
+    assert_eq!(
+        gets,
+        vec!["arn:${AWS::Partition}:ssm:${AWS::Region}:${AWS::AccountId}:parameter${OpenAiKeyParameter}"]
+    );
+    let decrypt: Vec<_> = t
+        .role_grants(f)
+        .into_iter()
+        .filter(|(a, _, _)| a.iter().any(|x| x == "kms:Decrypt"))
+        .collect();
+    assert_eq!(decrypt.len(), 1, "one kms:Decrypt statement");
+    let via = render(&decrypt[0].2["Condition"]["StringEquals"]["kms:ViaService"]);
+    assert_eq!(
+        via, "ssm.${AWS::Region}.amazonaws.com",
+        "kms:Decrypt only via SSM"
+    );
+    // Only analyze reads the key.
+    for b in [RESIZE, API] {
+        let (_, other) = t.function(b);
+        assert!(t.resources_for(other, "ssm:GetParameter").is_empty());
+        assert!(t.resources_for(other, "kms:Decrypt").is_empty());
+        assert!(!t.env(other).contains_key("SIGHTLINE_OPENAI_KEY_PARAM"));
+    }
+}
+
+#[test]
+fn no_secret_in_any_plain_environment_variable() {
+    let t = Template::load();
+    let mut all = vec![(
+        "Globals".to_string(),
+        t.t["Globals"]["Function"]["Environment"]["Variables"].clone(),
+    )];
+    for (id, r) in t.resources() {
+        all.push((
+            id.clone(),
+            r["Properties"]["Environment"]["Variables"].clone(),
+        ));
+    }
+    for (owner, vars) in all {
+        let Some(vars) = vars.as_object() else {
+            continue;
+        };
+        for (k, v) in vars {
+            let upper = k.to_uppercase();
+            let secretish = ["API_KEY", "SECRET", "TOKEN", "PASSWORD"]
+                .iter()
+                .any(|w| upper.contains(w))
+                || upper.ends_with("_KEY");
+            assert!(
+                !secretish,
+                "{owner}: environment variable {k} looks like a secret"
+            );
+            for branch in branches(v) {
+                let s = render(&branch);
+                assert!(
+                    !s.starts_with("sk-"),
+                    "{owner}: {k} holds a key-like literal"
+                );
+                for name in references(&branch) {
+                    if let Some(p) = t.t["Parameters"].get(&name) {
+                        assert!(
+                            p["NoEcho"].is_null(),
+                            "{owner}: {k} passes the NoEcho (secret) parameter {name}"
+                        );
+                        let lname = name.to_lowercase();
+                        assert!(
+                            !(lname.contains("key") || lname.contains("secret"))
+                                || k == "SIGHTLINE_OPENAI_KEY_PARAM",
+                            "{owner}: {k} from parameter {name}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+    // The key is not a template parameter either.
+    for (name, p) in t.t["Parameters"].as_object().expect("Parameters") {
+        assert!(
+            p["NoEcho"].is_null(),
+            "{name}: pass secrets via SSM, not parameters"
+        );
+    }
+}
+
+#[test]
+fn bucket_blocks_public_access_and_is_encrypted() {
+    let t = Template::load();
+    let buckets = t.of_type("AWS::S3::Bucket");
+    assert_eq!(buckets.len(), 1);
+    let (id, b) = buckets[0];
+    let p = &b["Properties"];
+    for k in [
+        "BlockPublicAcls",
+        "BlockPublicPolicy",
+        "IgnorePublicAcls",
+        "RestrictPublicBuckets",
+    ] {
+        assert_eq!(p["PublicAccessBlockConfiguration"][k], true, "{id}.{k}");
+    }
+    let sse = as_list(&p["BucketEncryption"]["ServerSideEncryptionConfiguration"]);
+    assert!(!sse.is_empty(), "{id} is encrypted");
+    for rule in sse {
+        let alg = &rule["ServerSideEncryptionByDefault"]["SSEAlgorithm"];
+        assert!(
+            ["AES256", "aws:kms", "aws:kms:dsse"]
+                .iter()
+                .any(|a| alg == a),
+            "{id}: SSEAlgorithm {alg}"
+        );
+    }
+    // TLS only.
+    let policies = t.of_type("AWS::S3::BucketPolicy");
+    assert!(policies.iter().any(|(_, bp)| {
+        as_list(&bp["Properties"]["PolicyDocument"]["Statement"])
+            .iter()
+            .any(|s| {
+                s["Effect"] == "Deny" && s["Condition"]["Bool"]["aws:SecureTransport"] == "false"
+            })
+    }));
+}
+
+#[test]
+fn bucket_cors_and_lifecycle() {
+    let t = Template::load();
+    let (_, b) = t.of_type("AWS::S3::Bucket")[0];
+    let p = &b["Properties"];
+    let rules = as_list(&p["CorsConfiguration"]["CorsRules"]);
+    assert_eq!(rules.len(), 1);
+    let r = &rules[0];
+    assert_eq!(as_list(&r["AllowedMethods"]), vec![Value::from("PUT")]);
+    assert_eq!(references(&r["AllowedOrigins"]), vec!["WidgetOrigin"]);
+    let headers: Vec<String> = as_list(&r["AllowedHeaders"]).iter().map(render).collect();
+    assert!(headers
+        .iter()
+        .any(|h| h.eq_ignore_ascii_case("content-type")));
+
+    // uploads/ originals expire after UploadRetentionDays, unless it is 0 (a Condition).
+    let lifecycle = as_list(&p["LifecycleConfiguration"]["Rules"]);
+    let conditional = lifecycle
+        .iter()
+        .filter_map(|x| x.get("Fn::If").and_then(Value::as_array))
+        .find(|args| args[1]["Prefix"] == "uploads/" || args[1]["Filter"]["Prefix"] == "uploads/")
+        .expect("a conditional uploads/ expiration rule");
+    let cond = conditional[0].as_str().expect("condition name");
+    assert!(
+        t.t["Conditions"][cond].is_object(),
+        "condition {cond} exists"
+    );
+    assert_eq!(
+        references(&conditional[1]["ExpirationInDays"]),
+        vec!["UploadRetentionDays"]
+    );
+    assert!(common::is_no_value(&conditional[2]));
+    // The list is never empty whatever the parameters are.
+    assert!(lifecycle.iter().any(|x| x.get("Fn::If").is_none()));
+}
+
+#[test]
+fn table_follows_docs_aws_md() {
+    let t = Template::load();
+    let tables = t.of_type("AWS::DynamoDB::Table");
+    assert_eq!(tables.len(), 1, "one table");
+    let (id, table) = tables[0];
+    let p = &table["Properties"];
+    assert_eq!(p["BillingMode"], "PAY_PER_REQUEST", "{id}: on-demand");
+    assert_eq!(
+        p["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"],
+        true
+    );
+    assert_eq!(p["TimeToLiveSpecification"]["AttributeName"], "expires_at");
+    assert_eq!(p["TimeToLiveSpecification"]["Enabled"], true);
+    assert_eq!(p["SSESpecification"]["SSEEnabled"], true);
+    let keys = |v: &Value| -> Vec<(String, String)> {
+        as_list(v)
+            .iter()
+            .map(|k| (render(&k["AttributeName"]), render(&k["KeyType"])))
+            .collect()
+    };
+    let pair = |h: &str, r: &str| {
+        vec![
+            (h.to_string(), "HASH".to_string()),
+            (r.to_string(), "RANGE".to_string()),
+        ]
+    };
+    assert_eq!(keys(&p["KeySchema"]), pair("pk", "sk"));
+    let gsis = as_list(&p["GlobalSecondaryIndexes"]);
+    assert_eq!(gsis.len(), 2);
+    for (name, h, r) in [("gsi1", "gsi1pk", "gsi1sk"), ("gsi2", "gsi2pk", "gsi2sk")] {
+        let g = gsis
+            .iter()
+            .find(|g| g["IndexName"] == name)
+            .unwrap_or_else(|| panic!("GSI {name}"));
+        assert_eq!(keys(&g["KeySchema"]), pair(h, r), "{name}");
+        assert_eq!(g["Projection"]["ProjectionType"], "ALL", "{name}");
+    }
+    let attrs: BTreeMap<String, String> = as_list(&p["AttributeDefinitions"])
+        .iter()
+        .map(|a| (render(&a["AttributeName"]), render(&a["AttributeType"])))
+        .collect();
+    for a in ["pk", "sk", "gsi1pk", "gsi1sk", "gsi2pk", "gsi2sk"] {
+        assert_eq!(attrs.get(a).map(String::as_str), Some("S"), "attribute {a}");
+    }
+    assert_eq!(attrs.len(), 6, "only key attributes are declared");
+}
+
+#[test]
+fn functions_get_the_documented_environment() {
+    let t = Template::load();
+    for binary in [RESIZE, ANALYZE, API] {
+        let (id, f) = t.function(binary);
+        let env = t.env(f);
+        for k in [
+            "SIGHTLINE_BUCKET",
+            "SIGHTLINE_TABLE",
+            "SIGHTLINE_UPLOAD_PREFIX",
+            "SIGHTLINE_RESIZED_PREFIX",
+            "SIGHTLINE_MODEL",
+            "SIGHTLINE_PROMPT_VERSION",
+            "SIGHTLINE_MAX_EDGE",
+        ] {
+            assert!(env.contains_key(k), "{id} lacks {k}");
+        }
+        assert_eq!(references(&env["SIGHTLINE_TABLE"]), vec!["Table"]);
+    }
+    for binary in [RESIZE, ANALYZE] {
+        let (id, f) = t.function(binary);
+        assert_eq!(
+            references(&t.env(f)["SIGHTLINE_QUEUE_URL"]),
+            vec!["AnalyzeQueue"],
+            "{id}"
+        );
+    }
+    let (_, analyze) = t.function(ANALYZE);
+    let env = t.env(analyze);
+    for (k, p) in [
+        ("OPENAI_BASE_URL", "OpenAiBaseUrl"),
+        ("SIGHTLINE_MODEL", "Model"),
+        ("SIGHTLINE_FALLBACK_MODELS", "FallbackModels"),
+        ("SIGHTLINE_RPM", "Rpm"),
+        ("SIGHTLINE_TPM", "Tpm"),
+        ("SIGHTLINE_PROMPT_VERSION", "PromptVersion"),
+        ("SIGHTLINE_MAX_EDGE", "MaxEdge"),
+        ("SIGHTLINE_MAX_CONCURRENCY", "MaxConcurrency"),
+    ] {
+        assert_eq!(references(&env[k]), vec![p.to_string()], "{k}");
+    }
+    // The computed bucket name in the environment is the bucket's own name.
+    let (_, b) = t.of_type("AWS::S3::Bucket")[0];
+    assert_eq!(env["SIGHTLINE_BUCKET"], b["Properties"]["BucketName"]);
+}
+
+#[test]
+fn http_api_routes_cors_and_throttling() {
+    let t = Template::load();
+    let (id, f) = t.function(API);
+    let mut routes: Vec<(String, String)> = t
+        .events(f, "HttpApi")
+        .into_iter()
+        .map(|(_, e)| (render(&e["Method"]).to_uppercase(), render(&e["Path"])))
+        .collect();
+    routes.sort();
+    let mut expected: Vec<(String, String)> = sightline_infra_checks::ROUTES
+        .iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect();
+    expected.sort();
+    assert_eq!(routes, expected, "{id} HttpApi events");
+    for (_, e) in t.events(f, "HttpApi") {
+        assert_eq!(
+            t.resource(&Template::target(&e["ApiId"]))["Type"],
+            "AWS::Serverless::HttpApi"
+        );
+    }
+
+    let apis = t.of_type("AWS::Serverless::HttpApi");
+    assert_eq!(apis.len(), 1);
+    let p = &apis[0].1["Properties"];
+    let cors = &p["CorsConfiguration"];
+    assert_eq!(references(&cors["AllowOrigins"]), vec!["WidgetOrigin"]);
+    let lower = |v: &Value| -> BTreeSet<String> {
+        as_list(v)
+            .iter()
+            .map(|x| render(x).to_lowercase())
+            .collect()
+    };
+    for h in ["content-type", "x-api-key", "authorization"] {
+        assert!(lower(&cors["AllowHeaders"]).contains(h), "CORS header {h}");
+    }
+    for m in ["get", "post", "options"] {
+        assert!(lower(&cors["AllowMethods"]).contains(m), "CORS method {m}");
+    }
+    let throttling = &p["DefaultRouteSettings"];
+    assert!(t.number(&throttling["ThrottlingBurstLimit"]) > 0.0);
+    assert!(t.number(&throttling["ThrottlingRateLimit"]) > 0.0);
+}
+
+#[test]
+fn outputs_and_references_resolve() {
+    let t = Template::load();
+    for o in [
+        "ApiUrl",
+        "BucketName",
+        "QueueUrl",
+        "DeadLetterQueueUrl",
+        "TableName",
+    ] {
+        assert!(t.t["Outputs"][o]["Value"].is_object(), "output {o}");
+    }
+    let mut known: BTreeSet<String> = t.resources().keys().cloned().collect();
+    known.extend(
+        t.t["Parameters"]
+            .as_object()
+            .expect("params")
+            .keys()
+            .cloned(),
+    );
+    let conditions: BTreeSet<String> = t.t["Conditions"]
+        .as_object()
+        .map(|c| c.keys().cloned().collect())
+        .unwrap_or_default();
+    for section in ["Globals", "Resources", "Outputs", "Conditions"] {
+        for name in references(&t.t[section]) {
+            assert!(
+                known.contains(&name) || name.starts_with("AWS::"),
+                "{section}: reference to unknown {name}"
+            );
+        }
+        let mut pairs = Vec::new();
+        common::walk(&t.t[section], &mut pairs);
+        for (k, v) in pairs {
+            if k == "Fn::If" {
+                let c = v[0].as_str().expect("condition name");
+                assert!(conditions.contains(c), "unknown condition {c}");
+            }
+        }
+    }
+}
+
+/// The bucket's notification configuration (added by SAM for the S3 event) points at the resize
+/// function, so nothing the resize function depends on may refer to the bucket resource: that
+/// would be a circular dependency that only shows at deploy time.
+#[test]
+fn no_circular_dependencies_through_the_bucket_notification() {
+    let t = Template::load();
+    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (id, r) in t.resources() {
+        // SAM turns Events into separate resources (notification, mapping, permission) that
+        // depend on the function, not the other way round.
+        let mut props = r["Properties"].clone();
+        if r["Type"] == "AWS::Serverless::Function" {
+            if let Some(o) = props.as_object_mut() {
+                o.remove("Events");
+            }
+        }
+        let mut deps: BTreeSet<String> = references(&props)
+            .into_iter()
+            .filter(|n| t.resources().contains_key(n))
+            .collect();
+        for d in as_list(&r["DependsOn"]) {
+            deps.insert(render(&d));
+        }
+        // SAM function properties come from Globals too.
+        if r["Type"] == "AWS::Serverless::Function" {
+            deps.extend(
+                references(&t.t["Globals"]["Function"])
+                    .into_iter()
+                    .filter(|n| t.resources().contains_key(n)),
+            );
+        }
+        graph.entry(id.clone()).or_default().extend(deps);
+    }
+    for (fid, f) in t.of_type("AWS::Serverless::Function") {
+        for (_, ev) in t.events(f, "S3") {
+            let bucket = Template::target(&ev["Bucket"]);
+            graph.entry(bucket).or_default().insert(fid.to_string());
+        }
+    }
+    fn visit(
+        n: &str,
+        g: &BTreeMap<String, BTreeSet<String>>,
+        state: &mut BTreeMap<String, u8>,
+        path: &mut Vec<String>,
+    ) {
+        state.insert(n.to_string(), 1);
+        path.push(n.to_string());
+        for m in g.get(n).into_iter().flatten() {
+            match state.get(m.as_str()) {
+                Some(1) => panic!("circular dependency: {} -> {m}", path.join(" -> ")),
+                Some(_) => {}
+                None => visit(m, g, state, path),
+            }
+        }
+        path.pop();
+        state.insert(n.to_string(), 2);
+    }
+    let mut state = BTreeMap::new();
+    for n in graph.keys() {
+        if !state.contains_key(n) {
+            visit(n, &graph, &mut state, &mut Vec::new());
+        }
+    }
+}
+
+#[test]
+fn example_parameters_cover_exactly_the_template_parameters() {
+    let t = Template::load();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("parameters.example.json");
+    let text = std::fs::read_to_string(&path).expect("infra/parameters.example.json");
+    let example: Value = serde_json::from_str(&text).expect("valid JSON");
+    let names = |v: &Value| -> BTreeSet<String> {
+        v.as_object().expect("object").keys().cloned().collect()
+    };
+    assert_eq!(names(&example), names(&t.t["Parameters"]));
+    for (k, v) in example.as_object().expect("object") {
+        assert!(v.is_string(), "{k}: parameter overrides are strings");
+        if let Some(re) = t.parameter(k)["AllowedValues"].as_array() {
+            assert!(
+                re.iter().any(|a| render(a) == render(v)),
+                "{k}={v} not allowed"
+            );
+        }
+    }
+}

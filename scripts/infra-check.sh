@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Checks of infra/:
+#   1. cfn-lint on the SAM template (must be clean),
+#   2. openapi-spec-validator on the OpenAPI spec,
+#   3. the Rust tests of infra/ (template safety settings, spec routes and schemas),
+#   4. optional (SIGHTLINE_CHECK_LAMBDA_BUILD=1): `cargo lambda build --release` of the three
+#      function binaries, for arm64 with Zig (default) or natively with SIGHTLINE_LAMBDA_COMPILER=cargo.
+#
+# Python tools go into a venv (default target/infra-venv; override with SIGHTLINE_INFRA_VENV),
+# installed from PyPI on first use. Skip step 3 with SIGHTLINE_SKIP_CARGO_TEST=1.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+VENV=${SIGHTLINE_INFRA_VENV:-$ROOT/target/infra-venv}
+PYTHON=${PYTHON:-python3}
+PIP_FLAGS=(-q --disable-pip-version-check)
+
+log() { printf '\n== %s\n' "$*"; }
+
+ensure_venv() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    log "creating venv $VENV"
+    mkdir -p "$(dirname "$VENV")"
+    "$PYTHON" -m venv "$VENV"
+  fi
+}
+
+# pip_tool EXECUTABLE REQUIREMENT...: install into the venv when the executable is missing.
+pip_tool() {
+  local exe=$1
+  shift
+  if [ ! -x "$VENV/bin/$exe" ]; then
+    log "installing $* from PyPI into $VENV"
+    "$VENV/bin/python" -m pip install "${PIP_FLAGS[@]}" "$@"
+  fi
+}
+
+ensure_venv
+pip_tool cfn-lint 'cfn-lint>=1.20,<2'
+pip_tool openapi-spec-validator 'openapi-spec-validator>=0.7,<1'
+
+log "cfn-lint $("$VENV/bin/cfn-lint" --version 2>&1 | tail -n1): infra/template.yaml"
+"$VENV/bin/cfn-lint" -- infra/template.yaml
+echo "cfn-lint: clean"
+
+log "openapi-spec-validator: infra/openapi.yaml"
+"$VENV/bin/openapi-spec-validator" infra/openapi.yaml
+
+if [ "${SIGHTLINE_SKIP_CARGO_TEST:-0}" != 1 ]; then
+  log "cargo test -p sightline-infra-checks"
+  cargo test -p sightline-infra-checks
+fi
+
+if [ "${SIGHTLINE_CHECK_LAMBDA_BUILD:-0}" = 1 ]; then
+  compiler=${SIGHTLINE_LAMBDA_COMPILER:-zig}
+  # cargo-lambda's PyPI package ships the binary and depends on ziglang (Zig, the cross linker).
+  pip_tool cargo-lambda 'cargo-lambda>=1.8'
+  args=(lambda build --release -p sightline-resize -p sightline-analyze -p sightline-api)
+  case "$compiler" in
+    zig)
+      if ! "$VENV/bin/python" -c 'import ziglang' 2>/dev/null; then
+        log "installing ziglang from PyPI into $VENV"
+        "$VENV/bin/python" -m pip install "${PIP_FLAGS[@]}" ziglang
+      fi
+      rustup target list --installed | grep -qx aarch64-unknown-linux-gnu \
+        || rustup target add aarch64-unknown-linux-gnu
+      args+=(--arm64)
+      ;;
+    cargo)
+      # Native build with the host toolchain (x86_64 here): checks the code builds as a
+      # Lambda binary without Zig; the deployed functions are arm64 (use zig for those).
+      args+=(--compiler cargo)
+      ;;
+    *)
+      echo "SIGHTLINE_LAMBDA_COMPILER must be zig or cargo, not $compiler" >&2
+      exit 2
+      ;;
+  esac
+  log "cargo ${args[*]}"
+  # The venv's bin first: cargo-lambda finds `cargo-lambda` and Zig (python -m ziglang) there.
+  PATH="$VENV/bin:$PATH" cargo "${args[@]}"
+  ls -l "${CARGO_TARGET_DIR:-target}"/lambda/sightline-{resize,analyze,api}/bootstrap
+fi
+
+log "infra checks passed"
