@@ -274,10 +274,29 @@ fn swaps_axes(o: Orientation) -> bool {
     )
 }
 
+/// Width and height straight from a PNG IHDR or GIF screen descriptor, so absurd sizes are
+/// refused before any decoder computes buffer sizes (some overflow on 32-bit targets).
+fn header_dimensions(bytes: &[u8], format: SourceFormat) -> Option<(u32, u32)> {
+    match format {
+        SourceFormat::Png if bytes.len() >= 24 && &bytes[12..16] == b"IHDR" => Some((
+            u32::from_be_bytes([bytes[16], bytes[17], bytes[18], bytes[19]]),
+            u32::from_be_bytes([bytes[20], bytes[21], bytes[22], bytes[23]]),
+        )),
+        SourceFormat::Gif if bytes.len() >= 10 => Some((
+            u32::from(u16::from_le_bytes([bytes[6], bytes[7]])),
+            u32::from(u16::from_le_bytes([bytes[8], bytes[9]])),
+        )),
+        _ => None,
+    }
+}
+
 /// Read format, upright size and orientation from the header; no pixel decoding.
 pub fn probe(bytes: &[u8], opts: &PrepareOptions) -> Result<ImageInfo, PrepareError> {
     check_size(bytes, opts)?;
     let format = sniff(bytes)?;
+    if let Some((w, h)) = header_dimensions(bytes, format) {
+        check_pixels(w, h, opts)?;
+    }
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format.image_format());
     reader.limits(limits(opts));
     let mut decoder = reader
@@ -316,6 +335,9 @@ pub fn prepare(bytes: &[u8], opts: &PrepareOptions) -> Result<PreparedImage, Pre
     check_options(opts)?;
     check_size(bytes, opts)?;
     let format = sniff(bytes)?;
+    if let Some((w, h)) = header_dimensions(bytes, format) {
+        check_pixels(w, h, opts)?;
+    }
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format.image_format());
     reader.limits(limits(opts));
     let mut decoder = reader
@@ -340,10 +362,6 @@ pub fn prepare(bytes: &[u8], opts: &PrepareOptions) -> Result<PreparedImage, Pre
     if format == SourceFormat::Jpeg && !jpeg_has_eoi(bytes) {
         return Err(PrepareError::Truncated);
     }
-    // GIF and WebP animations: the decoder yields the first frame.
-    let decoded = DynamicImage::from_decoder(decoder).map_err(|e| map_image_error(e, opts))?;
-
-    let rgb = to_srgb8(decoded);
     let (up_w, up_h) = if swaps_axes(orientation) {
         (stored_h, stored_w)
     } else {
@@ -355,6 +373,28 @@ pub fn prepare(bytes: &[u8], opts: &PrepareOptions) -> Result<PreparedImage, Pre
         (out_h, out_w)
     } else {
         (out_w, out_h)
+    };
+    let color = decoder.color_type();
+    let rgb = if format == SourceFormat::Jpeg
+        && matches!(color, image::ColorType::Rgb8 | image::ColorType::L8)
+    {
+        // Baseline/progressive RGB or grey JPEG: decode at a reduced DCT scale (1/2, 1/4, 1/8)
+        // that still covers the target, which skips most of the decode work for large photos.
+        drop(decoder);
+        match decode_jpeg_scaled(bytes, target_w, target_h)? {
+            Some(rgb) => rgb,
+            // CMYK/YCCK or 12-bit: the general decoder converts those.
+            None => {
+                let mut reader =
+                    ImageReader::with_format(Cursor::new(bytes), format.image_format());
+                reader.limits(limits(opts));
+                to_srgb8(reader.decode().map_err(|e| map_image_error(e, opts))?)
+            }
+        }
+    } else {
+        // GIF and WebP animations: the decoder yields the first frame.
+        let decoded = DynamicImage::from_decoder(decoder).map_err(|e| map_image_error(e, opts))?;
+        to_srgb8(decoded)
     };
     let resized = resize_rgb(rgb, target_w, target_h)?;
     let mut upright = DynamicImage::ImageRgb8(resized);
@@ -401,6 +441,66 @@ fn jpeg_has_eoi(bytes: &[u8]) -> bool {
     false
 }
 
+/// Decode a JPEG with DCT scaling to the smallest size ≥ (target_w, target_h), as RGB.
+/// None when the JPEG is not 8-bit RGB or grey.
+fn decode_jpeg_scaled(
+    bytes: &[u8],
+    target_w: u32,
+    target_h: u32,
+) -> Result<Option<RgbImage>, PrepareError> {
+    let mut dec = jpeg_decoder::Decoder::new(Cursor::new(bytes));
+    dec.read_info().map_err(map_jpeg_error)?;
+    if !matches!(
+        dec.info().map(|i| i.pixel_format),
+        Some(jpeg_decoder::PixelFormat::RGB24 | jpeg_decoder::PixelFormat::L8)
+    ) {
+        return Ok(None);
+    }
+    let req_w = u16::try_from(target_w).unwrap_or(u16::MAX);
+    let req_h = u16::try_from(target_h).unwrap_or(u16::MAX);
+    let (w, h) = dec.scale(req_w, req_h).map_err(map_jpeg_error)?;
+    let pixels = dec.decode().map_err(map_jpeg_error)?;
+    let info = dec
+        .info()
+        .ok_or_else(|| PrepareError::Corrupt("JPEG has no frame header".into()))?;
+    let (w, h) = (u32::from(w), u32::from(h));
+    let n = w as usize * h as usize;
+    let rgb = match info.pixel_format {
+        jpeg_decoder::PixelFormat::RGB24 if pixels.len() == n * 3 => pixels,
+        jpeg_decoder::PixelFormat::L8 if pixels.len() == n => {
+            pixels.iter().flat_map(|&l| [l, l, l]).collect()
+        }
+        other => {
+            return Err(PrepareError::Corrupt(format!(
+                "unexpected JPEG pixel data ({other:?}, {} bytes for {w}×{h})",
+                pixels.len()
+            )))
+        }
+    };
+    RgbImage::from_raw(w, h, rgb)
+        .map(Some)
+        .ok_or_else(|| PrepareError::Corrupt("short JPEG pixel buffer".into()))
+}
+
+fn map_jpeg_error(e: jpeg_decoder::Error) -> PrepareError {
+    match e {
+        jpeg_decoder::Error::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
+            PrepareError::Truncated
+        }
+        jpeg_decoder::Error::Unsupported(u) => {
+            PrepareError::Unsupported(format!("JPEG feature {u:?}"))
+        }
+        other => {
+            let msg = other.to_string();
+            if msg.to_ascii_lowercase().contains("eof") {
+                PrepareError::Truncated
+            } else {
+                PrepareError::Corrupt(msg)
+            }
+        }
+    }
+}
+
 /// Any decoded layout (palette, grey, 16-bit, alpha, CMYK already converted by the decoder)
 /// → 8-bit RGB, alpha flattened on white.
 fn to_srgb8(img: DynamicImage) -> RgbImage {
@@ -427,16 +527,21 @@ fn resize_rgb(src: RgbImage, w: u32, h: u32) -> Result<RgbImage, PrepareError> {
         return Ok(src);
     }
     let (sw, sh) = src.dimensions();
-    let src_img = fir::images::Image::from_vec_u8(sw, sh, src.into_raw(), fir::PixelType::U8x3)
-        .map_err(|e| PrepareError::Corrupt(format!("resize source: {e}")))?;
-    let mut dst = fir::images::Image::new(w, h, fir::PixelType::U8x3);
-    let mut resizer = fir::Resizer::new();
-    let options = fir::ResizeOptions::new()
-        .resize_alg(fir::ResizeAlg::Convolution(fir::FilterType::Lanczos3));
-    resizer
-        .resize(&src_img, &mut dst, &options)
-        .map_err(|e| PrepareError::Corrupt(format!("resize: {e}")))?;
-    RgbImage::from_raw(w, h, dst.into_vec())
+    // The typed API keeps only the RGB8 kernels in the binary (much smaller WASM).
+    let src_img =
+        fir::images::TypedImageRef::<fir::pixels::U8x3>::from_buffer(sw, sh, src.as_raw())
+            .map_err(|e| PrepareError::Corrupt(format!("resize source: {e}")))?;
+    let mut out = vec![0u8; w as usize * h as usize * 3];
+    {
+        let mut dst = fir::images::TypedImage::<fir::pixels::U8x3>::from_buffer(w, h, &mut out)
+            .map_err(|e| PrepareError::Corrupt(format!("resize target: {e}")))?;
+        let options = fir::ResizeOptions::new()
+            .resize_alg(fir::ResizeAlg::Convolution(fir::FilterType::Lanczos3));
+        fir::Resizer::new()
+            .resize_typed(&src_img, &mut dst, &options)
+            .map_err(|e| PrepareError::Corrupt(format!("resize: {e}")))?;
+    }
+    RgbImage::from_raw(w, h, out)
         .ok_or_else(|| PrepareError::Corrupt("resize produced a short buffer".into()))
 }
 

@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::routing::put;
 use axum::{Json, Router};
 use serde_json::json;
-use sightline_pipeline::http::{hash_api_key, router, ApiError, ApiState};
+use sightline_pipeline::http::{hash_api_key, routes, ApiError, ApiState};
 use sightline_pipeline::local::LocalPresigner;
 use sightline_pipeline::ports::Presigner;
 use tokio::sync::watch;
@@ -54,7 +54,7 @@ pub async fn build_router(
     let secret: [u8; 32] = rand::random();
     let presigner = LocalPresigner::new(secret.to_vec(), base_url, app.clock.clone());
     let presigner_port: Arc<dyn Presigner> = Arc::new(presigner.clone());
-    let api = router(ApiState {
+    let api = routes(ApiState {
         repo: app.repo.clone(),
         presigner: presigner_port,
         settings: Arc::new(app.config.settings.clone()),

@@ -39,14 +39,19 @@ pub struct ApiState {
     pub clock: Arc<dyn Clock>,
 }
 
+/// The API with a JSON 404 for anything else (the api Lambda).
 pub fn router(state: ApiState) -> Router {
+    routes(state).fallback(not_found)
+}
+
+/// The API routes alone, for merging into a larger app (`sightline serve` adds the widget).
+pub fn routes(state: ApiState) -> Router {
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/uploads", post(create_upload))
         .route("/v1/images", get(list_images))
         .route("/v1/images/{id}", get(get_image))
         .route("/v1/costs", get(costs))
-        .fallback(not_found)
         .with_state(state)
 }
 

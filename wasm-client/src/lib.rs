@@ -1,0 +1,293 @@
+//! sightline in the browser: image preparation and token/cost estimates.
+//!
+//! A thin wasm-bindgen layer over `sightline-core`: every pixel operation and every
+//! estimate is the core's own code, so the browser shows exactly what the server computes.
+//!
+//! JS API (see `wasm-client/README.md`):
+//! - `prepareImage(bytes, {maxEdge?, quality?, models?, maxInputBytes?, maxPixels?, detail?})`
+//! - `probeImage(bytes)` — format and upright size from the header only.
+//! - `estimate(width, height, models?, {detail?, promptTokens?, expectedOutputTokens?})`
+//! - `models()` — `{version, models: [...]}` from the built-in price table.
+//! - `version()` — crate and price-table versions.
+//!
+//! Errors are thrown as JS `Error`s whose `message` is the core's message and whose `code`
+//! property is a stable code (`not_an_image`, `too_many_pixels`, `truncated`, …).
+#![deny(clippy::unwrap_used, clippy::expect_used)]
+
+use js_sys::{Array, Object, Reflect, Uint8Array};
+use sightline_core::pricing::{EstimateParams, PriceTable};
+use sightline_core::{Detail, PrepareOptions};
+use wasm_bindgen::prelude::*;
+
+/// The models estimated when the caller names none.
+pub const DEFAULT_MODELS: &[&str] = &["gpt-4.1-mini", "gpt-4o"];
+
+/// A JS `Error` with a `code` property.
+fn error(code: &str, message: &str) -> JsValue {
+    let e = js_sys::Error::new(message);
+    // Setting a property on a fresh Error object cannot fail.
+    let _ = Reflect::set(&e, &"code".into(), &code.into());
+    e.into()
+}
+
+fn set(obj: &Object, key: &str, value: impl Into<JsValue>) {
+    // `obj` is always a plain object created here: `Reflect::set` cannot fail on it.
+    let _ = Reflect::set(obj, &JsValue::from_str(key), &value.into());
+}
+
+fn get(obj: &JsValue, key: &str) -> JsValue {
+    Reflect::get(obj, &JsValue::from_str(key)).unwrap_or(JsValue::UNDEFINED)
+}
+
+fn is_absent(v: &JsValue) -> bool {
+    v.is_undefined() || v.is_null()
+}
+
+/// An optional whole number within `min..=max`.
+fn opt_uint(obj: &JsValue, key: &str, min: f64, max: f64) -> Result<Option<f64>, JsValue> {
+    let v = get(obj, key);
+    if is_absent(&v) {
+        return Ok(None);
+    }
+    match v.as_f64() {
+        Some(n) if n.fract() == 0.0 && (min..=max).contains(&n) => Ok(Some(n)),
+        _ => Err(error(
+            "invalid_options",
+            &format!("invalid options: {key} must be a whole number in {min}..={max}"),
+        )),
+    }
+}
+
+/// Model ids from `undefined`/`null` (the defaults), an array of strings or a comma list.
+fn model_list(v: &JsValue) -> Result<Vec<String>, JsValue> {
+    let list: Vec<String> = if is_absent(v) {
+        DEFAULT_MODELS.iter().map(|s| s.to_string()).collect()
+    } else if let Some(s) = v.as_string() {
+        s.split(',').map(|m| m.trim().to_string()).collect()
+    } else if Array::is_array(v) {
+        let mut out = Vec::new();
+        for item in Array::from(v).iter() {
+            match item.as_string() {
+                Some(s) => out.push(s.trim().to_string()),
+                None => {
+                    return Err(error(
+                        "invalid_options",
+                        "invalid options: models must be strings",
+                    ))
+                }
+            }
+        }
+        out
+    } else {
+        return Err(error(
+            "invalid_options",
+            "invalid options: models must be an array of model ids or a comma-separated string",
+        ));
+    };
+    let list: Vec<String> = list.into_iter().filter(|m| !m.is_empty()).collect();
+    // Fail early with the table's own message (it lists the known models).
+    let table = PriceTable::builtin();
+    for m in &list {
+        if let Err(e) = table.model(m) {
+            return Err(error("unknown_model", &e.to_string()));
+        }
+    }
+    Ok(list)
+}
+
+/// Estimate assumptions from `{detail?, promptTokens?, expectedOutputTokens?}`.
+fn estimate_params(obj: &JsValue) -> Result<EstimateParams, JsValue> {
+    let mut p = EstimateParams::default();
+    if is_absent(obj) {
+        return Ok(p);
+    }
+    match get(obj, "detail").as_string().as_deref() {
+        None => {}
+        Some("high") => p.detail = Detail::High,
+        Some("low") => p.detail = Detail::Low,
+        Some(other) => {
+            return Err(error(
+                "invalid_options",
+                &format!("invalid options: detail must be \"high\" or \"low\", got {other:?}"),
+            ))
+        }
+    }
+    if let Some(n) = opt_uint(obj, "promptTokens", 0.0, 1e9)? {
+        p.prompt_tokens = n as u64;
+    }
+    if let Some(n) = opt_uint(obj, "expectedOutputTokens", 0.0, 1e9)? {
+        p.expected_output_tokens = n as u64;
+    }
+    Ok(p)
+}
+
+fn prepare_options(obj: &JsValue) -> Result<PrepareOptions, JsValue> {
+    let mut o = PrepareOptions::default();
+    if is_absent(obj) {
+        return Ok(o);
+    }
+    if !obj.is_object() {
+        return Err(error(
+            "invalid_options",
+            "invalid options: expected an object",
+        ));
+    }
+    if let Some(n) = opt_uint(obj, "maxEdge", 1.0, 16_384.0)? {
+        o.max_edge = n as u32;
+    }
+    if let Some(n) = opt_uint(obj, "quality", 1.0, 100.0)? {
+        o.quality = n as u8;
+    }
+    if let Some(n) = opt_uint(obj, "maxInputBytes", 1.0, 9_007_199_254_740_991.0)? {
+        o.max_input_bytes = n as u64;
+    }
+    if let Some(n) = opt_uint(obj, "maxPixels", 1.0, 9_007_199_254_740_991.0)? {
+        o.max_pixels = n as u64;
+    }
+    if let Some(n) = opt_uint(obj, "maxAllocBytes", 1.0, 9_007_199_254_740_991.0)? {
+        o.max_alloc_bytes = n as u64;
+    }
+    Ok(o)
+}
+
+/// `{model, tokens, imageTokens, inputTokens, outputTokens, costUsd, priceVersion}`
+fn estimate_object(
+    model: &str,
+    width: u32,
+    height: u32,
+    params: &EstimateParams,
+) -> Result<Object, JsValue> {
+    let e = PriceTable::builtin()
+        .estimate(model, width, height, params)
+        .map_err(|e| error("unknown_model", &e.to_string()))?;
+    let o = Object::new();
+    set(&o, "model", e.model.as_str());
+    set(&o, "tokens", e.tokens as f64);
+    set(&o, "imageTokens", e.image_tokens as f64);
+    set(&o, "inputTokens", e.input_tokens as f64);
+    set(&o, "outputTokens", e.output_tokens as f64);
+    set(&o, "costUsd", e.cost_usd);
+    set(&o, "priceVersion", e.price_version.as_str());
+    Ok(o)
+}
+
+/// Decode, orient, resize and re-encode one image, and estimate it for each model.
+///
+/// Returns `{jpeg, width, height, originalWidth, originalHeight, orientation, format,
+/// bytesBefore, bytesAfter, sha256, priceVersion, estimates: [{model, tokens, imageTokens,
+/// inputTokens, outputTokens, costUsd, originalTokens, originalImageTokens, originalCostUsd}]}`.
+#[wasm_bindgen(js_name = prepareImage)]
+pub fn prepare_image(bytes: &[u8], options: JsValue) -> Result<JsValue, JsValue> {
+    let opts = prepare_options(&options)?;
+    let models = if is_absent(&options) {
+        model_list(&JsValue::UNDEFINED)?
+    } else {
+        model_list(&get(&options, "models"))?
+    };
+    let params = estimate_params(&options)?;
+    let p = sightline_core::prepare(bytes, &opts).map_err(|e| error(e.code(), &e.to_string()))?;
+
+    let estimates = Array::new();
+    for m in &models {
+        let e = estimate_object(m, p.width, p.height, &params)?;
+        let orig = PriceTable::builtin()
+            .estimate(m, p.original_width, p.original_height, &params)
+            .map_err(|e| error("unknown_model", &e.to_string()))?;
+        set(&e, "originalTokens", orig.tokens as f64);
+        set(&e, "originalImageTokens", orig.image_tokens as f64);
+        set(&e, "originalCostUsd", orig.cost_usd);
+        estimates.push(&e);
+    }
+
+    let out = Object::new();
+    set(&out, "jpeg", Uint8Array::from(p.jpeg.as_slice()));
+    set(&out, "width", p.width);
+    set(&out, "height", p.height);
+    set(&out, "originalWidth", p.original_width);
+    set(&out, "originalHeight", p.original_height);
+    set(&out, "orientation", p.orientation);
+    set(&out, "format", p.format.extension());
+    set(&out, "bytesBefore", p.original_bytes as f64);
+    set(&out, "bytesAfter", p.bytes as f64);
+    set(&out, "sha256", p.sha256.as_str());
+    set(&out, "priceVersion", PriceTable::builtin().version());
+    set(&out, "estimates", estimates);
+    Ok(out.into())
+}
+
+/// Format, upright size and EXIF orientation from the header alone (no pixel decoding).
+///
+/// Returns `{format, width, height, orientation}`.
+#[wasm_bindgen(js_name = probeImage)]
+pub fn probe_image(bytes: &[u8], options: JsValue) -> Result<JsValue, JsValue> {
+    let opts = prepare_options(&options)?;
+    let info = sightline_core::probe(bytes, &opts).map_err(|e| error(e.code(), &e.to_string()))?;
+    let out = Object::new();
+    set(&out, "format", info.format.extension());
+    set(&out, "width", info.width);
+    set(&out, "height", info.height);
+    set(&out, "orientation", info.orientation);
+    Ok(out.into())
+}
+
+/// Tokens and cost of one `width`×`height` image for each model (as sent, no resizing).
+///
+/// `models`: array of ids or comma list (default: `DEFAULT_MODELS`); `params`:
+/// `{detail?, promptTokens?, expectedOutputTokens?}`.
+/// Returns `[{model, tokens, imageTokens, inputTokens, outputTokens, costUsd, priceVersion}]`.
+#[wasm_bindgen]
+pub fn estimate(
+    width: u32,
+    height: u32,
+    models: JsValue,
+    params: JsValue,
+) -> Result<Array, JsValue> {
+    let models = model_list(&models)?;
+    let params = estimate_params(&params)?;
+    let out = Array::new();
+    for m in &models {
+        let e = estimate_object(m, width, height, &params)?;
+        out.push(&e);
+    }
+    Ok(out)
+}
+
+/// The built-in price table: `{version, defaultModels, models: [{id, provider, inputPerMtok,
+/// cachedInputPerMtok, outputPerMtok, batchInputPerMtok, batchOutputPerMtok, source, asOf}]}`.
+#[wasm_bindgen]
+pub fn models() -> JsValue {
+    let table = PriceTable::builtin();
+    let list = Array::new();
+    for m in table.models() {
+        let o = Object::new();
+        set(&o, "id", m.id.as_str());
+        set(&o, "provider", m.provider.as_str());
+        set(&o, "inputPerMtok", m.input_per_mtok);
+        set(&o, "cachedInputPerMtok", m.cached_input_per_mtok);
+        set(&o, "outputPerMtok", m.output_per_mtok);
+        set(&o, "batchInputPerMtok", m.batch_input_per_mtok);
+        set(&o, "batchOutputPerMtok", m.batch_output_per_mtok);
+        set(&o, "source", m.source.as_str());
+        set(&o, "asOf", m.as_of.as_str());
+        list.push(&o);
+    }
+    let defaults: Array = DEFAULT_MODELS
+        .iter()
+        .map(|m| JsValue::from_str(m))
+        .collect();
+    let out = Object::new();
+    set(&out, "version", table.version());
+    set(&out, "defaultModels", defaults);
+    set(&out, "models", list);
+    out.into()
+}
+
+/// `{crate, priceVersion, simd}`: what this build is.
+#[wasm_bindgen]
+pub fn version() -> JsValue {
+    let out = Object::new();
+    set(&out, "crate", env!("CARGO_PKG_VERSION"));
+    set(&out, "priceVersion", PriceTable::builtin().version());
+    set(&out, "simd", cfg!(target_feature = "simd128"));
+    out.into()
+}
