@@ -1,3 +1,6 @@
 //! Test harness.
 
+pub mod aws_setup;
+pub mod contract;
 pub mod emulator;
+pub mod sim;

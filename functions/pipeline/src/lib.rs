@@ -7,6 +7,8 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod analyze;
+#[cfg(feature = "aws")]
+pub mod aws;
 pub mod http;
 pub mod ingest;
 pub mod local;

@@ -1,0 +1,53 @@
+//! sightline-analyze Lambda entry point: SQS batches with ReportBatchItemFailures.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_lambda_events::event::sqs::SqsEvent;
+use lambda_runtime::{service_fn, Error, LambdaEvent};
+use sightline_analyze::{AnalyzeHandler, MAX_INLINE_WAIT};
+use sightline_pipeline::analyze::Analyzer;
+use sightline_pipeline::aws::{config, AwsEnv, Clients, DynamoRepository, S3BlobStore, SqsQueue};
+use sightline_pipeline::ports::SystemClock;
+
+/// Provider call timeout (the function timeout must be longer).
+const PROVIDER_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .without_time();
+    if std::env::var("AWS_LAMBDA_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("JSON")) {
+        builder.json().with_current_span(false).init();
+    } else {
+        builder.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    init_tracing();
+    let env = AwsEnv::from_env()?;
+    let mut settings = config::settings_from_env()?;
+    settings.max_inline_wait = settings.max_inline_wait.min(MAX_INLINE_WAIT);
+    let sdk = config::sdk_config_from_env().await;
+    let clients = Clients::new(&sdk, env.endpoint_url.as_deref());
+    let provider = config::provider_from_env(&env, &sdk, PROVIDER_TIMEOUT).await?;
+    let analyzer = Analyzer::new(
+        Arc::new(S3BlobStore::new(clients.s3.clone(), &env.bucket)),
+        Arc::new(DynamoRepository::new(clients.dynamodb.clone(), &env.table)),
+        provider,
+        Arc::new(settings),
+        Arc::new(SystemClock),
+    );
+    let queue = Arc::new(SqsQueue::new(clients.sqs.clone(), env.require_queue()?));
+    let handler = Arc::new(AnalyzeHandler::new(analyzer, queue));
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<SqsEvent>| {
+        let handler = handler.clone();
+        async move { Ok::<_, Error>(handler.handle(event.payload).await) }
+    }))
+    .await
+}

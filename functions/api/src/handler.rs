@@ -1,0 +1,82 @@
+//! sightline-api: the shared axum router (`sightline_pipeline::http::router`) over DynamoDB
+//! and S3 presigned uploads, served by `lambda_http` behind an API Gateway HTTP API.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+use std::sync::Arc;
+
+use sightline_pipeline::aws::{AwsEnv, Clients, DynamoRepository, S3Presigner};
+use sightline_pipeline::http::{router, ApiState};
+use sightline_pipeline::ports::{Clock, SystemClock};
+use sightline_pipeline::Settings;
+
+/// The API state over the AWS adapters.
+pub fn api_state(env: &AwsEnv, clients: &Clients, settings: Settings) -> ApiState {
+    ApiState {
+        repo: Arc::new(DynamoRepository::new(clients.dynamodb.clone(), &env.table)),
+        presigner: Arc::new(S3Presigner::new(clients.s3.clone(), &env.bucket)),
+        settings: Arc::new(settings),
+        clock: Arc::new(SystemClock) as Arc<dyn Clock>,
+    }
+}
+
+/// The router the Lambda serves (the same one as `sightline serve`).
+pub fn app(state: ApiState) -> axum::Router {
+    router(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use lambda_http::{Body, Request};
+    use sightline_pipeline::http::hash_api_key;
+    use sightline_pipeline::local::{LocalPresigner, SqliteDb, SqliteRepository};
+    use sightline_pipeline::ports::Repository;
+    use tower::ServiceExt;
+
+    async fn call(app: axum::Router, req: Request) -> (u16, serde_json::Value) {
+        let resp = app.oneshot(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    #[tokio::test]
+    async fn lambda_http_requests_reach_the_router() {
+        let repo = Arc::new(SqliteRepository::new(SqliteDb::in_memory().unwrap()));
+        repo.put_api_key(&hash_api_key("k1"), "acme").await.unwrap();
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let state = ApiState {
+            repo,
+            presigner: Arc::new(LocalPresigner::new(
+                b"s".to_vec(),
+                "http://x",
+                clock.clone(),
+            )),
+            settings: Arc::new(Settings::default()),
+            clock,
+        };
+        let unauth = lambda_http::http::Request::builder()
+            .uri("/v1/images")
+            .body(Body::Empty)
+            .unwrap();
+        assert_eq!(call(app(state.clone()), unauth).await.0, 401);
+        let ok = lambda_http::http::Request::builder()
+            .uri("/v1/images")
+            .header("x-api-key", "k1")
+            .body(Body::Empty)
+            .unwrap();
+        let (status, body) = call(app(state.clone()), ok).await;
+        assert_eq!(status, 200);
+        assert_eq!(body["images"], serde_json::json!([]));
+        let missing = lambda_http::http::Request::builder()
+            .uri("/v1/images/nope")
+            .header("authorization", "Bearer k1")
+            .body(Body::Empty)
+            .unwrap();
+        assert_eq!(call(app(state), missing).await.0, 404);
+    }
+}

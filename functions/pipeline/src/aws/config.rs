@@ -1,0 +1,286 @@
+//! Configuration of the Lambdas from the environment (docs/aws.md, `SIGHTLINE_*`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use aws_config::{BehaviorVersion, SdkConfig};
+use sightline_core::keys::{RESIZED_PREFIX, UPLOAD_PREFIX};
+
+use crate::ports::VisionProvider;
+use crate::providers::local::LocalAnalyzer;
+use crate::providers::openai::OpenAiProvider;
+use crate::settings::Settings;
+
+/// Names and endpoints read from the environment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AwsEnv {
+    pub bucket: String,
+    pub upload_prefix: String,
+    pub resized_prefix: String,
+    /// Analyze queue (required by resize and analyze, not by api).
+    pub queue_url: Option<String>,
+    pub table: String,
+    /// `openai` or `local`; None = decide from whether a key is configured.
+    pub provider: Option<String>,
+    pub openai_base_url: String,
+    pub openai_key_param: Option<String>,
+    /// `AWS_ENDPOINT_URL` (emulator): S3 then uses path-style addressing.
+    pub endpoint_url: Option<String>,
+}
+
+/// Read an env var, treating empty as unset.
+fn var(get: &dyn Fn(&str) -> Option<String>, name: &str) -> Option<String> {
+    get(name)
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+}
+
+fn parse_num<T: std::str::FromStr>(
+    get: &dyn Fn(&str) -> Option<String>,
+    name: &str,
+) -> anyhow::Result<Option<T>> {
+    match var(get, name) {
+        None => Ok(None),
+        Some(v) => v
+            .parse()
+            .map(Some)
+            .map_err(|_| anyhow::anyhow!("{name}={v:?} is not a valid number")),
+    }
+}
+
+impl AwsEnv {
+    /// From the process environment.
+    pub fn from_env() -> anyhow::Result<AwsEnv> {
+        Self::from_lookup(&|k| std::env::var(k).ok())
+    }
+
+    pub fn from_lookup(get: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<AwsEnv> {
+        let upload_prefix =
+            var(get, "SIGHTLINE_UPLOAD_PREFIX").unwrap_or_else(|| UPLOAD_PREFIX.into());
+        let resized_prefix =
+            var(get, "SIGHTLINE_RESIZED_PREFIX").unwrap_or_else(|| RESIZED_PREFIX.into());
+        if resized_prefix.starts_with(&upload_prefix) || upload_prefix.starts_with(&resized_prefix)
+        {
+            bail!("SIGHTLINE_RESIZED_PREFIX ({resized_prefix}) must not overlap SIGHTLINE_UPLOAD_PREFIX ({upload_prefix}): the resize function would trigger itself");
+        }
+        let provider = var(get, "SIGHTLINE_PROVIDER").map(|p| p.to_ascii_lowercase());
+        if let Some(p) = &provider {
+            if p != "openai" && p != "local" {
+                bail!("SIGHTLINE_PROVIDER must be openai or local, got {p:?}");
+            }
+        }
+        Ok(AwsEnv {
+            bucket: var(get, "SIGHTLINE_BUCKET").context("SIGHTLINE_BUCKET is required")?,
+            upload_prefix,
+            resized_prefix,
+            queue_url: var(get, "SIGHTLINE_QUEUE_URL"),
+            table: var(get, "SIGHTLINE_TABLE").context("SIGHTLINE_TABLE is required")?,
+            provider,
+            openai_base_url: var(get, "OPENAI_BASE_URL")
+                .unwrap_or_else(|| "https://api.openai.com/v1".into()),
+            openai_key_param: var(get, "SIGHTLINE_OPENAI_KEY_PARAM"),
+            endpoint_url: var(get, "AWS_ENDPOINT_URL"),
+        })
+    }
+
+    /// The analyze queue URL, or an error naming the variable.
+    pub fn require_queue(&self) -> anyhow::Result<&str> {
+        self.queue_url
+            .as_deref()
+            .context("SIGHTLINE_QUEUE_URL is required")
+    }
+}
+
+/// Pipeline settings from the environment (defaults of [`Settings`] otherwise).
+pub fn settings_from_env() -> anyhow::Result<Settings> {
+    settings_from_lookup(&|k| std::env::var(k).ok())
+}
+
+pub fn settings_from_lookup(get: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<Settings> {
+    let mut s = Settings {
+        max_concurrency: 2,
+        ..Settings::default()
+    };
+    if let Some(m) = var(get, "SIGHTLINE_MODEL") {
+        s.model = m;
+    }
+    if let Some(f) = var(get, "SIGHTLINE_FALLBACK_MODELS") {
+        s.fallback_models = f
+            .split(',')
+            .map(str::trim)
+            .filter(|m| !m.is_empty())
+            .map(str::to_string)
+            .collect();
+    }
+    if let Some(v) = var(get, "SIGHTLINE_PROMPT_VERSION") {
+        s.prompt_version = v;
+    }
+    if let Some(v) = parse_num(get, "SIGHTLINE_RPM")? {
+        s.rpm = v;
+    }
+    if let Some(v) = parse_num(get, "SIGHTLINE_TPM")? {
+        s.tpm = v;
+    }
+    if let Some(v) = parse_num::<u64>(get, "SIGHTLINE_MAX_CONCURRENCY")? {
+        s.max_concurrency = v.max(1);
+    }
+    if let Some(v) = parse_num(get, "SIGHTLINE_MAX_EDGE")? {
+        s.prepare.max_edge = v;
+    }
+    if let Some(v) = parse_num(get, "SIGHTLINE_MAX_INPUT_BYTES")? {
+        s.prepare.max_input_bytes = v;
+    }
+    if let Some(v) = parse_num(get, "SIGHTLINE_MAX_PIXELS")? {
+        s.prepare.max_pixels = v;
+    }
+    if let Some(v) = parse_num::<u64>(get, "SIGHTLINE_MAX_INLINE_WAIT_MS")? {
+        s.max_inline_wait = Duration::from_millis(v);
+    }
+    s.validate()
+        .map_err(|e| anyhow::anyhow!("invalid settings: {e}"))?;
+    Ok(s)
+}
+
+/// The SDK clients, built once per cold start.
+#[derive(Clone, Debug)]
+pub struct Clients {
+    pub s3: aws_sdk_s3::Client,
+    pub sqs: aws_sdk_sqs::Client,
+    pub dynamodb: aws_sdk_dynamodb::Client,
+}
+
+impl Clients {
+    /// S3 uses path-style addressing when `endpoint` (or the SDK config's endpoint) is set.
+    pub fn new(sdk: &SdkConfig, endpoint: Option<&str>) -> Clients {
+        Clients {
+            s3: super::s3::s3_client(sdk, endpoint),
+            sqs: aws_sdk_sqs::Client::new(sdk),
+            dynamodb: aws_sdk_dynamodb::Client::new(sdk),
+        }
+    }
+}
+
+/// SDK configuration from the environment (region, credentials, `AWS_ENDPOINT_URL`).
+pub async fn sdk_config_from_env() -> SdkConfig {
+    aws_config::defaults(BehaviorVersion::latest()).load().await
+}
+
+/// The provider key: `OPENAI_API_KEY`, else the SSM SecureString named by
+/// `SIGHTLINE_OPENAI_KEY_PARAM` (read once per cold start). None when neither is set.
+pub async fn provider_key(env: &AwsEnv, sdk: &SdkConfig) -> anyhow::Result<Option<String>> {
+    if let Some(k) = std::env::var("OPENAI_API_KEY")
+        .ok()
+        .filter(|k| !k.trim().is_empty())
+    {
+        return Ok(Some(k.trim().to_string()));
+    }
+    let Some(name) = &env.openai_key_param else {
+        return Ok(None);
+    };
+    if name.starts_with("arn:aws:secretsmanager:") {
+        bail!("SIGHTLINE_OPENAI_KEY_PARAM is a Secrets Manager ARN; this build reads SSM parameters only");
+    }
+    let ssm = aws_sdk_ssm::Client::new(sdk);
+    let out = ssm
+        .get_parameter()
+        .name(name)
+        .with_decryption(true)
+        .send()
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "reading SSM parameter {name}: {}",
+                aws_sdk_ssm::error::DisplayErrorContext(&e)
+            )
+        })?;
+    let value = out
+        .parameter()
+        .and_then(|p| p.value())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .with_context(|| format!("SSM parameter {name} is empty"))?;
+    Ok(Some(value.to_string()))
+}
+
+/// The vision provider the environment asks for.
+pub async fn provider_from_env(
+    env: &AwsEnv,
+    sdk: &SdkConfig,
+    timeout: Duration,
+) -> anyhow::Result<Arc<dyn VisionProvider>> {
+    let key = match env.provider.as_deref() {
+        Some("local") => None,
+        _ => provider_key(env, sdk).await?,
+    };
+    match (env.provider.as_deref(), key) {
+        (Some("openai"), None) => {
+            bail!("SIGHTLINE_PROVIDER=openai needs OPENAI_API_KEY or SIGHTLINE_OPENAI_KEY_PARAM")
+        }
+        (_, None) => Ok(Arc::new(LocalAnalyzer)),
+        (_, Some(key)) => Ok(Arc::new(OpenAiProvider::new(
+            &env.openai_base_url,
+            &key,
+            timeout,
+        )?)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| m.get(k).cloned()
+    }
+
+    #[test]
+    fn env_defaults_and_required_names() {
+        let e = AwsEnv::from_lookup(&lookup(&[
+            ("SIGHTLINE_BUCKET", "b"),
+            ("SIGHTLINE_TABLE", "t"),
+        ]))
+        .unwrap();
+        assert_eq!(e.upload_prefix, "uploads/");
+        assert_eq!(e.resized_prefix, "resized/");
+        assert_eq!(e.queue_url, None);
+        assert!(e.require_queue().is_err());
+        assert_eq!(e.openai_base_url, "https://api.openai.com/v1");
+        assert!(AwsEnv::from_lookup(&lookup(&[("SIGHTLINE_TABLE", "t")])).is_err());
+        let overlap = lookup(&[
+            ("SIGHTLINE_BUCKET", "b"),
+            ("SIGHTLINE_TABLE", "t"),
+            ("SIGHTLINE_RESIZED_PREFIX", "uploads/resized/"),
+        ]);
+        assert!(AwsEnv::from_lookup(&overlap).is_err());
+    }
+
+    #[test]
+    fn settings_from_variables() {
+        let s = settings_from_lookup(&lookup(&[
+            ("SIGHTLINE_MODEL", "gpt-4o"),
+            ("SIGHTLINE_FALLBACK_MODELS", "gpt-4.1-mini, "),
+            ("SIGHTLINE_RPM", "60"),
+            ("SIGHTLINE_MAX_CONCURRENCY", "5"),
+            ("SIGHTLINE_MAX_EDGE", "512"),
+        ]))
+        .unwrap();
+        assert_eq!(s.model, "gpt-4o");
+        assert_eq!(s.fallback_models, vec!["gpt-4.1-mini"]);
+        assert_eq!(s.rpm, 60);
+        assert_eq!(s.tpm, 200_000);
+        assert_eq!(s.max_concurrency, 5);
+        assert_eq!(s.prepare.max_edge, 512);
+        assert_eq!(
+            settings_from_lookup(&lookup(&[])).unwrap().max_concurrency,
+            2
+        );
+        assert!(settings_from_lookup(&lookup(&[("SIGHTLINE_RPM", "lots")])).is_err());
+        assert!(settings_from_lookup(&lookup(&[("SIGHTLINE_MODEL", "nope")])).is_err());
+    }
+}

@@ -1,0 +1,48 @@
+//! sightline-resize Lambda entry point: S3 ObjectCreated events on the uploads prefix.
+
+use std::sync::Arc;
+
+use aws_lambda_events::event::s3::S3Event;
+use lambda_runtime::{service_fn, Error, LambdaEvent};
+use sightline_pipeline::aws::{config, AwsEnv, Clients, DynamoRepository, S3BlobStore, SqsQueue};
+use sightline_pipeline::ingest::Ingest;
+use sightline_pipeline::ports::SystemClock;
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .without_time();
+    if std::env::var("AWS_LAMBDA_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("JSON")) {
+        builder.json().with_current_span(false).init();
+    } else {
+        builder.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    init_tracing();
+    let env = AwsEnv::from_env()?;
+    let settings = Arc::new(config::settings_from_env()?);
+    let sdk = config::sdk_config_from_env().await;
+    let clients = Clients::new(&sdk, env.endpoint_url.as_deref());
+    let ingest = Arc::new(Ingest {
+        blobs: Arc::new(S3BlobStore::new(clients.s3.clone(), &env.bucket)),
+        repo: Arc::new(DynamoRepository::new(clients.dynamodb.clone(), &env.table)),
+        queue: Arc::new(SqsQueue::new(clients.sqs.clone(), env.require_queue()?)),
+        settings,
+        clock: Arc::new(SystemClock),
+        upload_prefix: env.upload_prefix.clone(),
+    });
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<S3Event>| {
+        let ingest = ingest.clone();
+        async move {
+            let outcomes = sightline_resize::handle(&ingest, event.payload).await?;
+            Ok::<_, Error>(serde_json::json!({ "objects": outcomes.len() }))
+        }
+    }))
+    .await
+}

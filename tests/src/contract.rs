@@ -1,0 +1,539 @@
+//! One adapter contract for the ports, run against the local adapters (SQLite, files) and the
+//! AWS adapters (DynamoDB, SQS, S3 on the emulator). Each function panics on a violation.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sightline_core::model::{AnalysisResult, ImageRecord, ImageStatus};
+use sightline_core::pricing::Usage;
+use sightline_pipeline::ports::{
+    BlobStore, Claim, Completion, Queue, QueueMessage, Repository, StoreError,
+};
+
+/// A unique suffix so runs and tests never share tenants or keys.
+pub fn unique(prefix: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{prefix}{}", nanos % 1_000_000_000_000)
+}
+
+pub fn record(tenant: &str, image_id: &str, created_at: &str, status: ImageStatus) -> ImageRecord {
+    ImageRecord {
+        image_id: image_id.to_string(),
+        tenant: tenant.to_string(),
+        source: format!("uploads/{tenant}/{image_id}.jpg"),
+        status,
+        error: (status == ImageStatus::Failed).then(|| "bad image".to_string()),
+        original: None,
+        resized: None,
+        orientation: Some(1),
+        sha256: Some("ab".repeat(32)),
+        resized_key: Some(format!("resized/{tenant}/{image_id}.jpg")),
+        estimate: None,
+        original_estimate: None,
+        result: None,
+        created_at: created_at.to_string(),
+        updated_at: created_at.to_string(),
+    }
+}
+
+pub fn result(
+    key: &str,
+    model: &str,
+    completed_at: &str,
+    cost: f64,
+    cached: bool,
+) -> AnalysisResult {
+    AnalysisResult {
+        provider: "openai".into(),
+        model: model.into(),
+        analysis: serde_json::json!({"description": "a test image", "tags": ["x"]}),
+        usage: if cached {
+            Usage::default()
+        } else {
+            Usage {
+                input_tokens: 1000,
+                output_tokens: 50,
+                cached_tokens: 0,
+            }
+        },
+        cost_usd: cost,
+        cached,
+        idempotency_key: key.into(),
+        prompt_version: "v1".into(),
+        price_version: "test".into(),
+        completed_at: completed_at.into(),
+    }
+}
+
+fn ids(images: &[ImageRecord]) -> Vec<String> {
+    images.iter().map(|r| r.image_id.clone()).collect()
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() < 1e-9
+}
+
+/// Images: put/get, listing newest first with cursors and a status filter, tenant isolation.
+pub async fn images_contract(repo: Arc<dyn Repository>) {
+    let a = unique("ta");
+    let b = unique("tb");
+    let statuses = [
+        ImageStatus::Queued,
+        ImageStatus::Failed,
+        ImageStatus::Queued,
+        ImageStatus::Failed,
+        ImageStatus::Queued,
+    ];
+    for (i, st) in statuses.iter().enumerate() {
+        let rec = record(
+            &a,
+            &format!("img-{}", i + 1),
+            &format!("2026-01-0{}T00:00:00.000Z", i + 1),
+            *st,
+        );
+        repo.put_image(&rec).await.unwrap();
+    }
+    let other = record(&b, "img-1", "2026-01-09T00:00:00.000Z", ImageStatus::Queued);
+    repo.put_image(&other).await.unwrap();
+
+    let got = repo.get_image(&a, "img-2").await.unwrap().unwrap();
+    assert_eq!(
+        got,
+        record(&a, "img-2", "2026-01-02T00:00:00.000Z", ImageStatus::Failed)
+    );
+    assert_eq!(got.error.as_deref(), Some("bad image"));
+    assert_eq!(repo.get_image(&b, "img-1").await.unwrap().unwrap(), other);
+    assert_eq!(repo.get_image(&a, "img-9").await.unwrap(), None);
+    assert_eq!(
+        repo.get_image(&unique("nobody"), "img-1").await.unwrap(),
+        None
+    );
+
+    // Newest first, two at a time.
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let page = repo
+            .list_images(&a, None, 2, cursor.as_deref())
+            .await
+            .unwrap();
+        pages += 1;
+        assert!(page.images.len() <= 2);
+        seen.extend(ids(&page.images));
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+        assert!(pages < 10, "cursor never ends");
+    }
+    assert_eq!(seen, vec!["img-5", "img-4", "img-3", "img-2", "img-1"]);
+    assert_eq!(
+        pages, 3,
+        "exactly three pages of 2, 2, 1 (no empty last page)"
+    );
+
+    let all = repo.list_images(&a, None, 100, None).await.unwrap();
+    assert_eq!(
+        ids(&all.images),
+        vec!["img-5", "img-4", "img-3", "img-2", "img-1"]
+    );
+    assert_eq!(all.next_cursor, None);
+
+    let failed = repo
+        .list_images(&a, Some(ImageStatus::Failed), 100, None)
+        .await
+        .unwrap();
+    assert_eq!(ids(&failed.images), vec!["img-4", "img-2"]);
+    let first = repo
+        .list_images(&a, Some(ImageStatus::Queued), 1, None)
+        .await
+        .unwrap();
+    assert_eq!(ids(&first.images), vec!["img-5"]);
+    let rest = repo
+        .list_images(
+            &a,
+            Some(ImageStatus::Queued),
+            5,
+            first.next_cursor.as_deref(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ids(&rest.images), vec!["img-3", "img-1"]);
+    assert_eq!(rest.next_cursor, None);
+
+    let theirs = repo.list_images(&b, None, 100, None).await.unwrap();
+    assert_eq!(theirs.images, vec![other.clone()]);
+    assert!(repo
+        .list_images(&unique("nobody"), None, 10, None)
+        .await
+        .unwrap()
+        .images
+        .is_empty());
+
+    // Overwrite (a resize retry) replaces the record and its status index.
+    let mut again = record(&a, "img-5", "2026-01-05T00:00:00.000Z", ImageStatus::Failed);
+    again.error = Some("second try".into());
+    repo.put_image(&again).await.unwrap();
+    assert_eq!(repo.get_image(&a, "img-5").await.unwrap().unwrap(), again);
+    let failed = repo
+        .list_images(&a, Some(ImageStatus::Failed), 100, None)
+        .await
+        .unwrap();
+    assert_eq!(ids(&failed.images), vec!["img-5", "img-4", "img-2"]);
+    let queued = repo
+        .list_images(&a, Some(ImageStatus::Queued), 100, None)
+        .await
+        .unwrap();
+    assert_eq!(ids(&queued.images), vec!["img-3", "img-1"]);
+
+    // mark_failed records the reason; on a missing image it creates nothing.
+    repo.mark_failed(&a, "img-3", "provider said no", "2026-02-01T00:00:00.000Z")
+        .await
+        .unwrap();
+    let f = repo.get_image(&a, "img-3").await.unwrap().unwrap();
+    assert_eq!(f.status, ImageStatus::Failed);
+    assert_eq!(f.error.as_deref(), Some("provider said no"));
+    assert_eq!(f.updated_at, "2026-02-01T00:00:00.000Z");
+    assert_eq!(f.created_at, "2026-01-03T00:00:00.000Z");
+    let failed = repo
+        .list_images(&a, Some(ImageStatus::Failed), 100, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(&failed.images),
+        vec!["img-5", "img-4", "img-3", "img-2"]
+    );
+    repo.mark_failed(&a, "img-404", "x", "2026-02-01T00:00:00.000Z")
+        .await
+        .unwrap();
+    assert_eq!(repo.get_image(&a, "img-404").await.unwrap(), None);
+}
+
+/// Claims: acquire, busy while leased, re-entrant for the owner, expiry, release, cached.
+/// Completion: exactly once, ledger sums, AlreadyDone on duplicates, costs by day and model.
+pub async fn claims_and_completion_contract(repo: Arc<dyn Repository>) {
+    let t = unique("tc");
+    let key = format!("{}:gpt-4.1-mini:v1", "cd".repeat(32));
+    let now = 1_800_000_000_000u64;
+    let lease = Duration::from_secs(60);
+    assert_eq!(
+        repo.claim(&key, "o1", lease, now).await.unwrap(),
+        Claim::Acquired
+    );
+    match repo.claim(&key, "o2", lease, now + 1_000).await.unwrap() {
+        Claim::Busy { retry_in } => assert_eq!(retry_in, Duration::from_secs(59)),
+        other => panic!("expected Busy, got {other:?}"),
+    }
+    assert_eq!(
+        repo.claim(&key, "o1", lease, now + 2_000).await.unwrap(),
+        Claim::Acquired
+    );
+    // o1's renewed lease ends at now + 62 s; after that o2 may take it.
+    assert_eq!(
+        repo.claim(&key, "o2", lease, now + 62_001).await.unwrap(),
+        Claim::Acquired
+    );
+    // Releasing someone else's claim does nothing; releasing one's own frees it.
+    repo.release_claim(&key, "o1").await.unwrap();
+    assert!(matches!(
+        repo.claim(&key, "o3", lease, now + 63_000).await.unwrap(),
+        Claim::Busy { .. }
+    ));
+    repo.release_claim(&key, "o2").await.unwrap();
+    assert_eq!(
+        repo.claim(&key, "o3", lease, now + 63_000).await.unwrap(),
+        Claim::Acquired
+    );
+
+    for (i, id) in ["a", "b", "c", "d"].iter().enumerate() {
+        let rec = record(
+            &t,
+            id,
+            &format!("2026-03-0{}T00:00:00.000Z", i + 1),
+            ImageStatus::Queued,
+        );
+        repo.put_image(&rec).await.unwrap();
+    }
+    let day1 = "2026-03-05T10:00:00.000Z";
+    let r1 = result(&key, "gpt-4.1-mini", day1, 0.0125, false);
+    assert_eq!(
+        repo.complete(&t, "a", &r1, 0.01).await.unwrap(),
+        Completion::Stored
+    );
+    let a = repo.get_image(&t, "a").await.unwrap().unwrap();
+    assert_eq!(a.status, ImageStatus::Done);
+    assert_eq!(a.result.as_ref(), Some(&r1));
+    assert_eq!(a.error, None);
+    assert_eq!(a.updated_at, day1);
+    // A duplicate writes nothing.
+    let dup = result(&key, "gpt-4.1-mini", "2026-03-05T11:00:00.000Z", 0.5, false);
+    assert_eq!(
+        repo.complete(&t, "a", &dup, 0.5).await.unwrap(),
+        Completion::AlreadyDone
+    );
+    assert_eq!(
+        repo.get_image(&t, "a")
+            .await
+            .unwrap()
+            .unwrap()
+            .result
+            .as_ref(),
+        Some(&r1)
+    );
+    // The cache now answers any claimant, at once.
+    assert_eq!(
+        repo.claim(&key, "o9", lease, now + 64_000).await.unwrap(),
+        Claim::Cached(Box::new(r1.clone()))
+    );
+    // A done image is never marked failed.
+    repo.mark_failed(&t, "a", "late failure", day1)
+        .await
+        .unwrap();
+    let a = repo.get_image(&t, "a").await.unwrap().unwrap();
+    assert_eq!((a.status, a.error), (ImageStatus::Done, None));
+
+    // A cached reuse on another image ($0), another model, another day.
+    let r2 = result(&key, "gpt-4.1-mini", "2026-03-05T12:00:00.000Z", 0.0, true);
+    assert_eq!(
+        repo.complete(&t, "b", &r2, 0.0).await.unwrap(),
+        Completion::Stored
+    );
+    let key2 = format!("{}:gpt-4o:v1", "ef".repeat(32));
+    let r3 = result(&key2, "gpt-4o", "2026-03-05T13:00:00.000Z", 0.03, false);
+    assert_eq!(
+        repo.complete(&t, "c", &r3, 0.02).await.unwrap(),
+        Completion::Stored
+    );
+    let key3 = format!("{}:gpt-4.1-mini:v1", "01".repeat(32));
+    let r4 = result(
+        &key3,
+        "gpt-4.1-mini",
+        "2026-03-07T00:00:01.000Z",
+        0.0075,
+        false,
+    );
+    assert_eq!(
+        repo.complete(&t, "d", &r4, 0.005).await.unwrap(),
+        Completion::Stored
+    );
+    assert_eq!(
+        repo.complete(&t, "d", &r4, 0.005).await.unwrap(),
+        Completion::AlreadyDone
+    );
+    // No image, no result.
+    assert!(matches!(
+        repo.complete(&t, "zzz", &r4, 0.0).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(repo.get_image(&t, "zzz").await.unwrap(), None);
+
+    let done = repo
+        .list_images(&t, Some(ImageStatus::Done), 10, None)
+        .await
+        .unwrap();
+    assert_eq!(ids(&done.images), vec!["d", "c", "b", "a"]);
+    assert!(repo
+        .list_images(&t, Some(ImageStatus::Queued), 10, None)
+        .await
+        .unwrap()
+        .images
+        .is_empty());
+
+    let rows = repo.costs(&t, "2026-03-01", "2026-03-31").await.unwrap();
+    let got: Vec<(String, String, u64, u64, u64, u64)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.day.clone(),
+                r.model.clone(),
+                r.images,
+                r.cached_images,
+                r.input_tokens,
+                r.output_tokens,
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("2026-03-05".into(), "gpt-4.1-mini".into(), 2, 1, 1000, 50),
+            ("2026-03-05".into(), "gpt-4o".into(), 1, 0, 1000, 50),
+            ("2026-03-07".into(), "gpt-4.1-mini".into(), 1, 0, 1000, 50),
+        ]
+    );
+    assert!(close(rows[0].cost_usd, 0.0125) && close(rows[0].estimated_cost_usd, 0.01));
+    assert!(close(rows[1].cost_usd, 0.03) && close(rows[1].estimated_cost_usd, 0.02));
+    assert!(close(rows[2].cost_usd, 0.0075) && close(rows[2].estimated_cost_usd, 0.005));
+    let total: f64 = rows.iter().map(|r| r.cost_usd).sum();
+    let results: f64 = [&r1, &r2, &r3, &r4].iter().map(|r| r.cost_usd).sum();
+    assert!(close(total, results));
+    // Day bounds are inclusive; other tenants see nothing.
+    let one_day = repo.costs(&t, "2026-03-07", "2026-03-07").await.unwrap();
+    assert_eq!(one_day.len(), 1);
+    assert_eq!(one_day[0].model, "gpt-4.1-mini");
+    assert!(repo
+        .costs(&t, "2026-03-06", "2026-03-06")
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(repo
+        .costs(&unique("nobody"), "2026-01-01", "2026-12-31")
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+/// API keys map (hashed) to tenants.
+pub async fn api_keys_contract(repo: Arc<dyn Repository>) {
+    let h1 = format!("{:0>64}", unique("k"));
+    let h2 = format!("{:0>64}", unique("j"));
+    repo.put_api_key(&h1, "acme").await.unwrap();
+    assert_eq!(
+        repo.tenant_for_key(&h1).await.unwrap().as_deref(),
+        Some("acme")
+    );
+    assert_eq!(repo.tenant_for_key(&h2).await.unwrap(), None);
+    repo.put_api_key(&h1, "globex").await.unwrap();
+    assert_eq!(
+        repo.tenant_for_key(&h1).await.unwrap().as_deref(),
+        Some("globex")
+    );
+}
+
+/// Everything the repository promises.
+pub async fn repository_contract(repo: Arc<dyn Repository>) {
+    images_contract(repo.clone()).await;
+    claims_and_completion_contract(repo.clone()).await;
+    api_keys_contract(repo).await;
+}
+
+/// Receive until `want` messages are collected or `timeout` passes.
+pub async fn receive_n(
+    queue: &dyn Queue,
+    want: usize,
+    visibility: Duration,
+    timeout: Duration,
+) -> Vec<QueueMessage> {
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    while out.len() < want && Instant::now() < deadline {
+        let got = queue.receive(10, visibility).await.unwrap();
+        if got.is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        out.extend(got);
+    }
+    out
+}
+
+/// SQS semantics: batching, visibility timeout, redelivery with receive counts, delete,
+/// retry_after. `queue` must be empty and have a redrive limit above 5 (or none).
+pub async fn queue_contract(queue: Arc<dyn Queue>) {
+    let q = queue.as_ref();
+    // More than one SendMessageBatch.
+    let bodies: Vec<String> = (0..12).map(|i| format!("{{\"n\":{i}}}")).collect();
+    q.send(bodies.clone()).await.unwrap();
+    let got = receive_n(q, 12, Duration::from_secs(30), Duration::from_secs(20)).await;
+    assert_eq!(got.len(), 12);
+    let received: BTreeSet<String> = got.iter().map(|m| m.body.clone()).collect();
+    assert_eq!(received, bodies.iter().cloned().collect::<BTreeSet<_>>());
+    assert!(got.iter().all(|m| m.receive_count == 1));
+    assert_eq!(
+        got.iter()
+            .map(|m| m.message_id.clone())
+            .collect::<BTreeSet<_>>()
+            .len(),
+        12
+    );
+    // All are hidden now.
+    assert!(q
+        .receive(10, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .is_empty());
+
+    let keep = got[0].clone();
+    for m in &got[1..] {
+        q.delete(&m.receipt).await.unwrap();
+    }
+    // Visible again at once, counted as a second receive.
+    q.retry_after(&keep.receipt, Duration::ZERO).await.unwrap();
+    let again = receive_n(q, 1, Duration::from_secs(30), Duration::from_secs(10)).await;
+    assert_eq!(again.len(), 1);
+    assert_eq!(
+        (again[0].message_id.as_str(), again[0].body.as_str()),
+        (keep.message_id.as_str(), keep.body.as_str())
+    );
+    assert_eq!(again[0].receive_count, 2);
+
+    // A delay keeps it hidden until the delay has passed.
+    let t0 = Instant::now();
+    q.retry_after(&again[0].receipt, Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert!(q
+        .receive(10, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .is_empty());
+    let third = receive_n(q, 1, Duration::from_secs(1), Duration::from_secs(15)).await;
+    assert_eq!(third.len(), 1);
+    assert!(
+        t0.elapsed() >= Duration::from_millis(1500),
+        "came back after {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(third[0].receive_count, 3);
+    assert_eq!(third[0].body, keep.body);
+
+    // Not deleted within its 1 s visibility: it comes back by itself.
+    let fourth = receive_n(q, 1, Duration::from_secs(30), Duration::from_secs(15)).await;
+    assert_eq!(fourth.len(), 1);
+    assert_eq!(fourth[0].receive_count, 4);
+    q.delete(&fourth[0].receipt).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(q
+        .receive(10, Duration::from_secs(1))
+        .await
+        .unwrap()
+        .is_empty());
+    // Sending nothing is fine.
+    q.send(Vec::new()).await.unwrap();
+}
+
+/// Blobs: put/get/size/delete, the size limit, awkward keys.
+pub async fn blob_contract(blobs: Arc<dyn BlobStore>) {
+    let dir = unique("contract");
+    let key = format!("{dir}/a b+c(1)é.jpg");
+    let bytes: Vec<u8> = (0..=255u8).cycle().take(5000).collect();
+    blobs.put(&key, bytes.clone(), "image/jpeg").await.unwrap();
+    assert_eq!(blobs.size(&key).await.unwrap(), Some(5000));
+    assert_eq!(blobs.get(&key, 5000).await.unwrap(), bytes);
+    match blobs.get(&key, 4999).await {
+        Err(StoreError::TooLarge { bytes, max, .. }) => assert_eq!((bytes, max), (5000, 4999)),
+        other => panic!("expected TooLarge, got {:?}", other.map(|b| b.len())),
+    }
+    // Overwrite.
+    blobs.put(&key, vec![1, 2, 3], "image/jpeg").await.unwrap();
+    assert_eq!(blobs.get(&key, 10).await.unwrap(), vec![1, 2, 3]);
+    // Empty objects exist.
+    let empty = format!("{dir}/empty.jpg");
+    blobs.put(&empty, Vec::new(), "image/jpeg").await.unwrap();
+    assert_eq!(blobs.size(&empty).await.unwrap(), Some(0));
+    assert_eq!(blobs.get(&empty, 0).await.unwrap(), Vec::<u8>::new());
+
+    let missing = format!("{dir}/missing.jpg");
+    assert_eq!(blobs.size(&missing).await.unwrap(), None);
+    assert!(matches!(
+        blobs.get(&missing, 10).await,
+        Err(StoreError::NotFound(_))
+    ));
+    blobs.delete(&key).await.unwrap();
+    assert_eq!(blobs.size(&key).await.unwrap(), None);
+    blobs.delete(&missing).await.unwrap();
+}

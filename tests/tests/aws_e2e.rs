@@ -1,0 +1,481 @@
+//! End to end on the emulator: S3 uploads → (notification queue, played by the harness as the
+//! event source mapping) → resize handler → analyze queue → analyze handler (real `SqsEvent`s,
+//! batch item failures, visibility delays, DLQ) → DynamoDB; provider = the simulator with
+//! 429s, 5xx and a malformed response injected; then the api handler over lambda_http requests.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aws_lambda_events::event::s3::S3Event;
+use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
+use http_body_util::BodyExt;
+use sightline_analyze::AnalyzeHandler;
+use sightline_core::keys::parse_upload_key;
+use sightline_core::model::{idempotency_key, AnalysisJob, ImageStatus};
+use sightline_pipeline::analyze::Analyzer;
+use sightline_pipeline::aws::{Clients, DynamoRepository, S3BlobStore, S3Presigner, SqsQueue};
+use sightline_pipeline::http::{hash_api_key, router, ApiState};
+use sightline_pipeline::ingest::Ingest;
+use sightline_pipeline::ports::{BlobStore, Clock, Queue, QueueMessage, Repository, SystemClock};
+use sightline_pipeline::providers::openai::OpenAiProvider;
+use sightline_pipeline::Settings;
+use sightline_tests::sim::{EveryNth, Fault, FaultPlan, SimConfig, SimServer};
+use sightline_tests::{aws_setup, contract::unique, emulator::Emulator};
+use tower::ServiceExt;
+
+fn sample(rel: &str) -> Vec<u8> {
+    let p = format!("{}/../../shared/samples/{rel}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read(&p).unwrap_or_else(|e| panic!("{p}: {e}"))
+}
+
+fn sqs_event(msgs: &[QueueMessage]) -> SqsEvent {
+    let mut ev = SqsEvent::default();
+    for m in msgs {
+        let mut r = SqsMessage::default();
+        r.message_id = Some(m.message_id.clone());
+        r.receipt_handle = Some(m.receipt.clone());
+        r.body = Some(m.body.clone());
+        r.attributes.insert(
+            "ApproximateReceiveCount".into(),
+            m.receive_count.to_string(),
+        );
+        r.event_source = Some("aws:sqs".into());
+        ev.records.push(r);
+    }
+    ev
+}
+
+/// The S3 event in a notification body. moto leaves out `userIdentity` and
+/// `requestParameters`, which real S3 always sends (and the event type requires): fill them in.
+fn s3_event(body: &str) -> S3Event {
+    let mut v: serde_json::Value = serde_json::from_str(body).expect("notification body is JSON");
+    for r in v["Records"].as_array_mut().expect("Records").iter_mut() {
+        let obj = r.as_object_mut().expect("record object");
+        obj.entry("userIdentity")
+            .or_insert(serde_json::json!({"principalId": "emulator"}));
+        obj.entry("requestParameters")
+            .or_insert(serde_json::json!({"sourceIPAddress": "127.0.0.1"}));
+    }
+    serde_json::from_value(v).expect("S3 event")
+}
+
+async fn api_call(app: axum::Router, uri: &str, key: Option<&str>) -> (u16, serde_json::Value) {
+    let mut b = lambda_http::http::Request::builder().uri(uri);
+    if let Some(k) = key {
+        b = b.header("x-api-key", k);
+    }
+    let req: lambda_http::Request = b.body(lambda_http::Body::Empty).unwrap();
+    let resp = app.oneshot(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipeline_end_to_end_on_the_emulator() {
+    let emu = Emulator::start().await.expect("emulator");
+    let sdk = emu.sdk_config().await;
+    let clients = Clients::new(&sdk, Some(&emu.endpoint));
+
+    // Resources as in docs/aws.md (short timeouts for test speed).
+    let bucket = unique("e2e-bucket-");
+    let table = unique("e2e-table-");
+    aws_setup::create_bucket(&clients.s3, &bucket)
+        .await
+        .unwrap();
+    aws_setup::create_table(&clients.dynamodb, &table)
+        .await
+        .unwrap();
+    let notif_url = aws_setup::create_queue(
+        &clients.sqs,
+        &unique("e2e-notify-"),
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    let notif_arn = aws_setup::queue_arn(&clients.sqs, &notif_url)
+        .await
+        .unwrap();
+    aws_setup::notify_queue_on_prefix(&clients.s3, &bucket, &notif_arn, "uploads/")
+        .await
+        .unwrap();
+    let (analyze_url, dlq_url) = aws_setup::create_queue_with_dlq(
+        &clients.sqs,
+        &unique("e2e-analyze-"),
+        Duration::from_secs(30),
+        3,
+    )
+    .await
+    .unwrap();
+
+    // Provider simulator: 429s (Retry-After 1 s), 5xx, and every 6th answer malformed.
+    let sim = SimServer::start(SimConfig {
+        api_key: "sk-e2e".into(),
+        faults: FaultPlan {
+            error_rate: 0.2,
+            error_statuses: vec![500, 503],
+            rate_limit_rate: 0.2,
+            retry_after_s: 1.0,
+            every_nth: Some(EveryNth {
+                n: 6,
+                fault: Fault::Malformed,
+            }),
+            ..FaultPlan::default()
+        },
+        seed: 7,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+
+    let settings = Arc::new(Settings {
+        max_inline_wait: Duration::from_secs(1),
+        claim_lease: Duration::from_secs(5),
+        max_concurrency: 1,
+        ..Settings::default()
+    });
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let blobs = Arc::new(S3BlobStore::new(clients.s3.clone(), &bucket));
+    let repo: Arc<dyn Repository> =
+        Arc::new(DynamoRepository::new(clients.dynamodb.clone(), &table));
+    let analyze_q = Arc::new(
+        SqsQueue::new(clients.sqs.clone(), &analyze_url).with_wait(Duration::from_millis(300)),
+    );
+    let notif_q =
+        SqsQueue::new(clients.sqs.clone(), &notif_url).with_wait(Duration::from_millis(300));
+    let dlq = SqsQueue::new(clients.sqs.clone(), &dlq_url).with_wait(Duration::ZERO);
+    let ingest = Ingest {
+        blobs: blobs.clone(),
+        repo: repo.clone(),
+        queue: analyze_q.clone(),
+        settings: settings.clone(),
+        clock: clock.clone(),
+        upload_prefix: "uploads/".into(),
+    };
+    let provider =
+        Arc::new(OpenAiProvider::new(&sim.base_url, "sk-e2e", Duration::from_secs(20)).unwrap());
+    let analyzer = Analyzer::new(
+        blobs.clone(),
+        repo.clone(),
+        provider,
+        settings.clone(),
+        clock.clone(),
+    );
+    let handler = AnalyzeHandler::new(analyzer, analyze_q.clone());
+
+    // Uploads: good images under awkward keys, hostile ones, another tenant.
+    let good: Vec<(&str, &str)> = vec![
+        ("uploads/acme/a b+c(1)é.jpg", "small/rocket.jpg"),
+        ("uploads/acme/chelsea.png", "small/chelsea.png"),
+        ("uploads/acme/coffee 2.png", "small/coffee.png"),
+        (
+            "uploads/acme/hubble+deep.jpg",
+            "small/hubble_deep_field.jpg",
+        ),
+        ("uploads/acme/garden.jpg", "photos/Garden.jpg"),
+        ("uploads/globex/g.jpg", "photos/LadyBird.jpg"),
+    ];
+    let mut truncated = sample("small/rocket.jpg");
+    truncated.truncate(truncated.len() / 3);
+    let bad: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "uploads/acme/notes.jpg",
+            b"this is not an image at all".to_vec(),
+        ),
+        ("uploads/acme/truncated.jpg", truncated),
+        ("uploads/acme/empty.jpg", Vec::new()),
+    ];
+    for (key, file) in &good {
+        blobs.put(key, sample(file), "image/jpeg").await.unwrap();
+    }
+    for (key, bytes) in &bad {
+        blobs.put(key, bytes.clone(), "image/jpeg").await.unwrap();
+    }
+    // Outside the trigger prefix: no event.
+    blobs
+        .put("elsewhere/x.jpg", sample("small/rocket.jpg"), "image/jpeg")
+        .await
+        .unwrap();
+    let id = |key: &str| parse_upload_key(key, "uploads/").unwrap();
+
+    // A poison job: its idempotency key is held by a stuck worker the whole time, so every
+    // delivery is Busy → transient → batch item failure, until the redrive moves it to the DLQ.
+    let poison = sightline_tests::contract::record(
+        "acme",
+        "poison",
+        "2026-01-01T00:00:00.000Z",
+        ImageStatus::Queued,
+    );
+    repo.put_image(&poison).await.unwrap();
+    let poison_sha = "ee".repeat(32);
+    let poison_job = AnalysisJob {
+        v: AnalysisJob::VERSION,
+        image_id: "poison".into(),
+        tenant: "acme".into(),
+        resized_key: "resized/acme/poison.jpg".into(),
+        sha256: poison_sha.clone(),
+        width: 10,
+        height: 10,
+    };
+    let poison_body = serde_json::to_string(&poison_job).unwrap();
+    let poison_key = idempotency_key(&poison_sha, &settings.model, &settings.prompt_version);
+    repo.claim(
+        &poison_key,
+        "stuck-worker",
+        Duration::from_secs(2),
+        clock.now_ms(),
+    )
+    .await
+    .unwrap();
+    analyze_q.send(vec![poison_body.clone()]).await.unwrap();
+
+    // The harness plays both event source mappings.
+    let mut test_events = 0;
+    let mut upload_keys_seen = BTreeSet::new();
+    let mut jobs_seen: BTreeMap<String, AnalysisJob> = BTreeMap::new();
+    let mut failures_reported = 0;
+    let mut replayed = false;
+    let mut dead = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "pipeline did not settle; jobs seen {jobs_seen:?}"
+        );
+        // The stuck worker renews its lease.
+        repo.claim(
+            &poison_key,
+            "stuck-worker",
+            Duration::from_secs(2),
+            clock.now_ms(),
+        )
+        .await
+        .unwrap();
+
+        for m in notif_q.receive(10, Duration::from_secs(30)).await.unwrap() {
+            if m.body.contains("s3:TestEvent") {
+                test_events += 1;
+                notif_q.delete(&m.receipt).await.unwrap();
+                continue;
+            }
+            let event = s3_event(&m.body);
+            for k in sightline_resize::keys_from_event(&event, "uploads/") {
+                upload_keys_seen.insert(k);
+            }
+            sightline_resize::handle(&ingest, event.clone())
+                .await
+                .expect("resize");
+            if !replayed {
+                // S3 delivers at least once: the same event again is harmless.
+                sightline_resize::handle(&ingest, event)
+                    .await
+                    .expect("resize replay");
+                replayed = true;
+            }
+            notif_q.delete(&m.receipt).await.unwrap();
+        }
+
+        let msgs = analyze_q
+            .receive(10, Duration::from_secs(30))
+            .await
+            .unwrap();
+        if !msgs.is_empty() {
+            for m in &msgs {
+                if let Ok(job) = AnalysisJob::parse(&m.body) {
+                    jobs_seen.insert(job.image_id.clone(), job);
+                }
+            }
+            let resp = handler.handle(sqs_event(&msgs)).await;
+            let failed: BTreeSet<String> = resp
+                .batch_item_failures
+                .iter()
+                .map(|f| f.item_identifier.clone())
+                .collect();
+            assert!(failed.iter().all(|f| !f.is_empty()));
+            failures_reported += failed.len();
+            for m in msgs.iter().filter(|m| !failed.contains(&m.message_id)) {
+                analyze_q.delete(&m.receipt).await.unwrap();
+            }
+        }
+        dead.extend(dlq.receive(10, Duration::from_secs(300)).await.unwrap());
+
+        let mut all_done = !jobs_seen.is_empty();
+        for (key, _) in &good {
+            let k = id(key);
+            let rec = repo.get_image(&k.tenant, &k.image_id).await.unwrap();
+            all_done &= rec.is_some_and(|r| r.status == ImageStatus::Done);
+        }
+        if all_done && !dead.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Only uploads triggered the resize function; the test event came first and was skipped.
+    assert!(test_events >= 1);
+    let expected_keys: BTreeSet<String> = good
+        .iter()
+        .map(|(k, _)| k.to_string())
+        .chain(bad.iter().map(|(k, _)| k.to_string()))
+        .collect();
+    assert_eq!(upload_keys_seen, expected_keys);
+
+    // The poison job ended in the DLQ after maxReceiveCount deliveries, reported as failures.
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].body, poison_body);
+    assert!(
+        failures_reported >= 3,
+        "failures reported: {failures_reported}"
+    );
+    let p = repo.get_image("acme", "poison").await.unwrap().unwrap();
+    assert_eq!((p.status, p.result), (ImageStatus::Queued, None));
+
+    // Every good image: exactly one result, one successful provider answer per image.
+    let stats = sim.stats().await;
+    let mut acme_cost = 0.0;
+    let mut acme_done = 0u64;
+    for (key, _) in &good {
+        let k = id(key);
+        let rec = repo
+            .get_image(&k.tenant, &k.image_id)
+            .await
+            .unwrap()
+            .unwrap();
+        let result = rec.result.as_ref().expect("result");
+        assert_eq!(rec.status, ImageStatus::Done);
+        assert!(!result.cached);
+        assert!(result.cost_usd > 0.0);
+        assert!(result.usage.input_tokens > 0);
+        assert!(result.analysis["description"]
+            .as_str()
+            .is_some_and(|d| !d.is_empty()));
+        let sha = rec.sha256.clone().unwrap();
+        assert_eq!(stats.completions_per_image.get(&sha), Some(&1), "{key}");
+        assert_eq!(
+            rec.resized_key.as_deref(),
+            Some(format!("resized/{}/{}.jpg", k.tenant, k.image_id).as_str())
+        );
+        assert!(
+            blobs
+                .size(rec.resized_key.as_deref().unwrap())
+                .await
+                .unwrap()
+                .unwrap()
+                > 0
+        );
+        if k.tenant == "acme" {
+            acme_cost += result.cost_usd;
+            acme_done += 1;
+        }
+    }
+    // Faults were really injected and survived.
+    assert!(
+        stats.faults.rate_limit + stats.faults.http_500 + stats.faults.http_503 > 0,
+        "{stats:?}"
+    );
+    assert!(stats.faults.malformed >= 1, "{stats:?}");
+    assert_eq!(jobs_seen.len(), good.len() + 1);
+
+    // Bad images are failed with a reason, and never queued.
+    for (key, _) in &bad {
+        let k = id(key);
+        let rec = repo
+            .get_image(&k.tenant, &k.image_id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(rec.status, ImageStatus::Failed, "{key}");
+        assert!(rec.error.as_deref().is_some_and(|e| !e.is_empty()), "{key}");
+        assert!(!jobs_seen.contains_key(&k.image_id));
+    }
+
+    // The ledger equals the sum of the results.
+    let today = &sightline_pipeline::ports::rfc3339(clock.now_ms())[..10];
+    let rows = repo.costs("acme", today, today).await.unwrap();
+    let ledger_cost: f64 = rows.iter().map(|r| r.cost_usd).sum();
+    let ledger_images: u64 = rows.iter().map(|r| r.images).sum();
+    assert!(
+        (ledger_cost - acme_cost).abs() < 1e-9,
+        "{ledger_cost} vs {acme_cost}"
+    );
+    assert_eq!(ledger_images, acme_done);
+
+    // A duplicate job (twice) never calls the provider again.
+    let dup_job = &jobs_seen[&id(good[0].0).image_id];
+    let before = sim.stats().await.requests;
+    let body = serde_json::to_string(dup_job).unwrap();
+    analyze_q.send(vec![body.clone(), body]).await.unwrap();
+    let msgs = sightline_tests::contract::receive_n(
+        analyze_q.as_ref(),
+        2,
+        Duration::from_secs(30),
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(msgs.len(), 2);
+    let (resp, outcomes) = handler.handle_with_outcomes(sqs_event(&msgs)).await;
+    assert!(resp.batch_item_failures.is_empty());
+    assert!(
+        outcomes
+            .iter()
+            .all(|(_, o)| *o == sightline_pipeline::analyze::AnalyzeOutcome::AlreadyDone),
+        "{outcomes:?}"
+    );
+    assert_eq!(sim.stats().await.requests, before);
+    let rows2 = repo.costs("acme", today, today).await.unwrap();
+    assert_eq!(rows2, rows);
+
+    // The api handler with lambda_http requests.
+    repo.put_api_key(&hash_api_key("key-acme"), "acme")
+        .await
+        .unwrap();
+    let app = router(ApiState {
+        repo: repo.clone(),
+        presigner: Arc::new(S3Presigner::new(clients.s3.clone(), &bucket)),
+        settings: settings.clone(),
+        clock: clock.clone(),
+    });
+    let first = id(good[0].0);
+    let (st, body) = api_call(
+        app.clone(),
+        &format!("/v1/images/{}", first.image_id),
+        Some("key-acme"),
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["image_id"], first.image_id.as_str());
+    assert_eq!(body["status"], "done");
+    assert!(body["result"]["cost_usd"].as_f64().is_some_and(|c| c > 0.0));
+    let (st, body) = api_call(app.clone(), "/v1/images?limit=100", Some("key-acme")).await;
+    assert_eq!(st, 200);
+    let listed = body["images"].as_array().unwrap();
+    // 5 good + 3 bad + the poison record, all acme, none of globex.
+    assert_eq!(listed.len(), 9, "{body}");
+    assert!(listed.iter().all(|i| i["tenant"] == "acme"));
+    let (st, body) = api_call(
+        app.clone(),
+        &format!("/v1/costs?from={today}&to={today}"),
+        Some("key-acme"),
+    )
+    .await;
+    assert_eq!(st, 200);
+    assert!(
+        (body["total"]["cost_usd"].as_f64().unwrap() - acme_cost).abs() < 1e-9,
+        "{body}"
+    );
+    assert_eq!(body["total"]["images"], acme_done);
+    let (st, _) = api_call(app.clone(), "/v1/images", None).await;
+    assert_eq!(st, 401);
+    let globex = id("uploads/globex/g.jpg");
+    let (st, _) = api_call(
+        app.clone(),
+        &format!("/v1/images/{}", globex.image_id),
+        Some("key-acme"),
+    )
+    .await;
+    assert_eq!(st, 404);
+}
