@@ -12,7 +12,7 @@ cargo build -p sightline --locked
 DATA="$(mktemp -d)"
 LOG="$ROOT/target/browser/serve.log"
 mkdir -p "$ROOT/target/browser"
-target/debug/sightline --data-dir "$DATA" serve --addr 127.0.0.1:0 --web-dir wasm-client 2> "$LOG" &
+"${CARGO_TARGET_DIR:-$ROOT/target}/debug/sightline" --data-dir "$DATA" serve --addr 127.0.0.1:0 --web-dir wasm-client 2> "$LOG" &
 SERVER=$!
 cleanup() { kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true; rm -rf "$DATA"; }
 trap cleanup EXIT
