@@ -95,16 +95,21 @@ pub fn analyze_bytes(bytes: &[u8]) -> Result<Value, String> {
             tags.push(n.clone());
         }
     }
-    let top = colours
+    // Several histogram bins can share a colour name: describe by name, shares added up.
+    let mut named: Vec<(String, f64)> = Vec::new();
+    for c in &colours {
+        let name = c["name"].as_str().unwrap_or("").to_string();
+        let share = c["share"].as_f64().unwrap_or(0.0);
+        match named.iter_mut().find(|(n, _)| *n == name) {
+            Some(entry) => entry.1 += share,
+            None => named.push((name, share)),
+        }
+    }
+    named.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let top = named
         .iter()
         .take(2)
-        .map(|c| {
-            format!(
-                "{} ({:.0}%)",
-                c["name"].as_str().unwrap_or(""),
-                c["share"].as_f64().unwrap_or(0.0) * 100.0
-            )
-        })
+        .map(|(n, share)| format!("{n} ({:.0}%)", share * 100.0))
         .collect::<Vec<_>>()
         .join(" and ");
     let description = format!(
