@@ -8,23 +8,9 @@ use sightline_pipeline::aws::{config, AwsEnv, Clients, DynamoRepository, S3BlobS
 use sightline_pipeline::ingest::Ingest;
 use sightline_pipeline::ports::SystemClock;
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(false)
-        .without_time();
-    if std::env::var("AWS_LAMBDA_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("JSON")) {
-        builder.json().with_current_span(false).init();
-    } else {
-        builder.init();
-    }
-}
-
 #[tokio::main]
 async fn main() -> Result<(), Error> {
-    init_tracing();
+    sightline_pipeline::aws::init_tracing();
     let env = AwsEnv::from_env()?;
     let settings = Arc::new(config::settings_from_env()?);
     let sdk = config::sdk_config_from_env().await;

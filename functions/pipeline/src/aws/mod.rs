@@ -24,6 +24,22 @@ use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkErro
 
 use crate::ports::StoreError;
 
+/// Tracing for the Lambda binaries: JSON when `AWS_LAMBDA_LOG_FORMAT=JSON`, else plain
+/// text; no ANSI colours and no timestamps (CloudWatch adds them). `RUST_LOG` filters.
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .without_time();
+    if std::env::var("AWS_LAMBDA_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("JSON")) {
+        builder.json().with_current_span(false).init();
+    } else {
+        builder.init();
+    }
+}
+
 /// Error codes that mean "slow down / try again".
 const TRANSIENT_CODES: &[&str] = &[
     "Throttling",
