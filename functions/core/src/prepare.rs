@@ -290,8 +290,12 @@ fn header_dimensions(bytes: &[u8], format: SourceFormat) -> Option<(u32, u32)> {
     }
 }
 
-/// Read format, upright size and orientation from the header; no pixel decoding.
-pub fn probe(bytes: &[u8], opts: &PrepareOptions) -> Result<ImageInfo, PrepareError> {
+/// Size, signature and pixel checks, then a decoder that has read the header.
+/// Returns the format, the decoder, its stored size and the EXIF orientation.
+fn open<'a>(
+    bytes: &'a [u8],
+    opts: &PrepareOptions,
+) -> Result<(SourceFormat, impl ImageDecoder + 'a, u32, u32, Orientation), PrepareError> {
     check_size(bytes, opts)?;
     let format = sniff(bytes)?;
     if let Some((w, h)) = header_dimensions(bytes, format) {
@@ -305,6 +309,12 @@ pub fn probe(bytes: &[u8], opts: &PrepareOptions) -> Result<ImageInfo, PrepareEr
     let (w, h) = decoder.dimensions();
     check_pixels(w, h, opts)?;
     let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+    Ok((format, decoder, w, h, orientation))
+}
+
+/// Read format, upright size and orientation from the header; no pixel decoding.
+pub fn probe(bytes: &[u8], opts: &PrepareOptions) -> Result<ImageInfo, PrepareError> {
+    let (format, _decoder, w, h, orientation) = open(bytes, opts)?;
     let (width, height) = if swaps_axes(orientation) {
         (h, w)
     } else {
@@ -333,19 +343,7 @@ pub fn fit_within(width: u32, height: u32, max_edge: u32) -> (u32, u32) {
 /// Decode, orient, convert, resize and encode one image.
 pub fn prepare(bytes: &[u8], opts: &PrepareOptions) -> Result<PreparedImage, PrepareError> {
     check_options(opts)?;
-    check_size(bytes, opts)?;
-    let format = sniff(bytes)?;
-    if let Some((w, h)) = header_dimensions(bytes, format) {
-        check_pixels(w, h, opts)?;
-    }
-    let mut reader = ImageReader::with_format(Cursor::new(bytes), format.image_format());
-    reader.limits(limits(opts));
-    let mut decoder = reader
-        .into_decoder()
-        .map_err(|e| map_image_error(e, opts))?;
-    let (stored_w, stored_h) = decoder.dimensions();
-    check_pixels(stored_w, stored_h, opts)?;
-    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+    let (format, decoder, stored_w, stored_h, orientation) = open(bytes, opts)?;
     // The decoder's own limits do not cover every format's buffers: budget them here.
     let decoded_bytes = decoder.total_bytes();
     let convert_bytes = if decoder.color_type() == image::ColorType::Rgb8 {

@@ -9,7 +9,6 @@ use clap::{Parser, Subcommand};
 use serde_json::json;
 use sightline_core::model::ImageStatus;
 use sightline_core::prepare;
-use sightline_core::prepare::probe;
 use sightline_core::pricing::PriceTable;
 use sightline_pipeline::http::{cost_report, default_window};
 
@@ -289,9 +288,9 @@ fn estimate(
             })
         } else {
             let bytes = std::fs::read(f).with_context(|| format!("{name}: cannot read"))?;
-            probe(&bytes, &opts).and_then(|info| prepare(&bytes, &opts).map(|p| (info, p)))
+            prepare(&bytes, &opts)
         };
-        let (info, p) = match result {
+        let p = match result {
             Ok(v) => v,
             Err(e) => {
                 failures += 1;
@@ -308,7 +307,7 @@ fn estimate(
             }
         };
         for m in &models {
-            let orig = table.estimate(m, info.width, info.height, &params)?;
+            let orig = table.estimate(m, p.original_width, p.original_height, &params)?;
             let new = table.estimate(m, p.width, p.height, &params)?;
             if as_json {
                 writeln!(
@@ -316,7 +315,7 @@ fn estimate(
                     "{}",
                     json!({
                         "file": name, "model": m,
-                        "original": {"width": info.width, "height": info.height, "bytes": p.original_bytes, "tokens": orig.tokens, "image_tokens": orig.image_tokens, "cost_usd": orig.cost_usd},
+                        "original": {"width": p.original_width, "height": p.original_height, "bytes": p.original_bytes, "tokens": orig.tokens, "image_tokens": orig.image_tokens, "cost_usd": orig.cost_usd},
                         "resized": {"width": p.width, "height": p.height, "bytes": p.bytes, "tokens": new.tokens, "image_tokens": new.image_tokens, "cost_usd": new.cost_usd},
                     })
                 )?;
@@ -326,7 +325,7 @@ fn estimate(
                     "{:<32} {:<18} {:>11} {:>11} {:>9} {:>9} {:>11.6} {:>11.6}",
                     truncate(&name, 32),
                     m,
-                    format!("{}x{}", info.width, info.height),
+                    format!("{}x{}", p.original_width, p.original_height),
                     format!("{}x{}", p.width, p.height),
                     orig.tokens,
                     new.tokens,

@@ -220,7 +220,7 @@ pub fn image_json(r: &ImageRecord) -> Value {
     json!({
         "image_id": r.image_id,
         "source": r.source,
-        "status": match r.status { ImageStatus::Done => "done", ImageStatus::Failed => "failed", s => s.as_str() },
+        "status": r.status.as_str(),
         "error": r.error,
         "original": r.original.map(|o| json!({"width": o.width, "height": o.height, "bytes": o.bytes})),
         "resized": r.resized.map(|o| json!({"width": o.width, "height": o.height, "bytes": o.bytes})),

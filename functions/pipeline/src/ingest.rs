@@ -6,7 +6,6 @@ use std::sync::Arc;
 
 use sightline_core::keys::{parse_upload_key, resized_key};
 use sightline_core::model::{AnalysisJob, ImageRecord, ImageSize, ImageStatus};
-use sightline_core::prepare::probe;
 use sightline_core::pricing::PriceTable;
 use sightline_core::{prepare, PrepareError};
 use tracing::{info, warn};
@@ -121,13 +120,10 @@ impl Ingest {
     ) -> StoreResult<IngestOutcome> {
         let opts = self.settings.prepare;
         let original_bytes = bytes.len() as u64;
-        let prepared = tokio::task::spawn_blocking(move || {
-            let info = probe(&bytes, &opts).ok();
-            prepare(&bytes, &opts).map(|p| (p, info))
-        })
-        .await
-        .map_err(|e| StoreError::Permanent(format!("prepare task failed: {e}")))?;
-        let (img, _info) = match prepared {
+        let prepared = tokio::task::spawn_blocking(move || prepare(&bytes, &opts))
+            .await
+            .map_err(|e| StoreError::Permanent(format!("prepare task failed: {e}")))?;
+        let img = match prepared {
             Ok(p) => p,
             Err(e) => {
                 return self
