@@ -11,6 +11,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 export PATH="$HOME/.cargo/bin:$PATH"
 export CARGO_TERM_COLOR=never
+# Incremental caches double the size of target/ and a test run builds everything once.
+export CARGO_INCREMENTAL=0
 LOGDIR="$ROOT/target/test-logs"
 mkdir -p "$LOGDIR"
 : > "$LOGDIR/results.txt"
