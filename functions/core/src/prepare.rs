@@ -276,17 +276,61 @@ fn swaps_axes(o: Orientation) -> bool {
 
 /// Width and height straight from a PNG IHDR or GIF screen descriptor, so absurd sizes are
 /// refused before any decoder computes buffer sizes (some overflow on 32-bit targets).
+/// For a GIF this is the larger of the screen and the first frame's extent: the decoder
+/// allocates a frame larger than its screen in full.
 fn header_dimensions(bytes: &[u8], format: SourceFormat) -> Option<(u32, u32)> {
     match format {
         SourceFormat::Png if bytes.len() >= 24 && &bytes[12..16] == b"IHDR" => Some((
             u32::from_be_bytes([bytes[16], bytes[17], bytes[18], bytes[19]]),
             u32::from_be_bytes([bytes[20], bytes[21], bytes[22], bytes[23]]),
         )),
-        SourceFormat::Gif if bytes.len() >= 10 => Some((
-            u32::from(u16::from_le_bytes([bytes[6], bytes[7]])),
-            u32::from(u16::from_le_bytes([bytes[8], bytes[9]])),
-        )),
+        SourceFormat::Gif if bytes.len() >= 10 => {
+            let screen = (u16_le(bytes, 6)?, u16_le(bytes, 8)?);
+            Some(match gif_first_frame_extent(bytes) {
+                Some((fw, fh)) => (screen.0.max(fw), screen.1.max(fh)),
+                None => screen,
+            })
+        }
         _ => None,
+    }
+}
+
+fn u16_le(bytes: &[u8], at: usize) -> Option<u32> {
+    let b = bytes.get(at..at.checked_add(2)?)?;
+    Some(u32::from(u16::from_le_bytes([b[0], b[1]])))
+}
+
+/// Right and bottom edge (left + width, top + height) of a GIF's first image descriptor,
+/// walking the block structure without decoding anything. None when the file ends first.
+fn gif_first_frame_extent(bytes: &[u8]) -> Option<(u32, u32)> {
+    let packed = *bytes.get(10)?;
+    let mut i = 13usize;
+    if packed & 0x80 != 0 {
+        // Global colour table: 3 · 2^(n+1) bytes.
+        i = i.checked_add(3 << ((packed & 0x07) + 1))?;
+    }
+    loop {
+        match *bytes.get(i)? {
+            0x2C => {
+                let left = u16_le(bytes, i + 1)?;
+                let top = u16_le(bytes, i + 3)?;
+                let width = u16_le(bytes, i + 5)?;
+                let height = u16_le(bytes, i + 7)?;
+                return Some((left + width, top + height));
+            }
+            0x21 => {
+                // Extension: label, then data sub-blocks until a zero length.
+                i = i.checked_add(2)?;
+                loop {
+                    let len = usize::from(*bytes.get(i)?);
+                    i = i.checked_add(1 + len)?;
+                    if len == 0 {
+                        break;
+                    }
+                }
+            }
+            _ => return None,
+        }
     }
 }
 
@@ -346,12 +390,30 @@ pub fn prepare(bytes: &[u8], opts: &PrepareOptions) -> Result<PreparedImage, Pre
     let (format, decoder, stored_w, stored_h, orientation) = open(bytes, opts)?;
     // The decoder's own limits do not cover every format's buffers: budget them here.
     let decoded_bytes = decoder.total_bytes();
+    let pixels = u64::from(stored_w) * u64::from(stored_h);
     let convert_bytes = if decoder.color_type() == image::ColorType::Rgb8 {
         0
     } else {
-        u64::from(stored_w) * u64::from(stored_h) * 3
+        // RGB out, and an RGBA8 copy on the way for layouts with alpha.
+        pixels
+            * if decoder.color_type().has_alpha() {
+                7
+            } else {
+                3
+            }
     };
-    if decoded_bytes.saturating_add(convert_bytes) > opts.max_alloc_bytes {
+    // A progressive JPEG keeps every DCT coefficient (2 bytes per sample, up to 3 full-size
+    // components) until its last scan, whatever scale it is decoded at.
+    let coefficient_bytes = if format == SourceFormat::Jpeg && jpeg_is_progressive(bytes) {
+        pixels * 3 * 2
+    } else {
+        0
+    };
+    if decoded_bytes
+        .saturating_add(convert_bytes)
+        .saturating_add(coefficient_bytes)
+        > opts.max_alloc_bytes
+    {
         return Err(PrepareError::MemoryLimit {
             max: opts.max_alloc_bytes,
         });
@@ -379,7 +441,7 @@ pub fn prepare(bytes: &[u8], opts: &PrepareOptions) -> Result<PreparedImage, Pre
         // Baseline/progressive RGB or grey JPEG: decode at a reduced DCT scale (1/2, 1/4, 1/8)
         // that still covers the target, which skips most of the decode work for large photos.
         drop(decoder);
-        match decode_jpeg_scaled(bytes, target_w, target_h)? {
+        match decode_jpeg_scaled(bytes, target_w, target_h, opts.max_alloc_bytes)? {
             Some(rgb) => rgb,
             // CMYK/YCCK or 12-bit: the general decoder converts those.
             None => {
@@ -419,10 +481,31 @@ pub fn prepare(bytes: &[u8], opts: &PrepareOptions) -> Result<PreparedImage, Pre
 /// up to the first SOS, then looks for FF D9: inside entropy-coded data every FF byte is
 /// stuffed (FF 00) or a restart marker, so FF D9 there is the real end.
 fn jpeg_has_eoi(bytes: &[u8]) -> bool {
+    jpeg_header(bytes).is_some_and(|h| {
+        let scan = h.scan_start.min(bytes.len());
+        bytes[scan..].windows(2).any(|w| w == [0xFF, 0xD9])
+    })
+}
+
+/// True when the frame header is SOF2 (progressive, Huffman).
+fn jpeg_is_progressive(bytes: &[u8]) -> bool {
+    jpeg_header(bytes).is_some_and(|h| h.sof == Some(0xC2))
+}
+
+struct JpegHeader {
+    /// The SOFn marker of the frame, if one came before the first scan.
+    sof: Option<u8>,
+    /// Offset of the first scan's entropy-coded data.
+    scan_start: usize,
+}
+
+/// Walk the marker segments from SOI to the first SOS. None when the structure breaks first.
+fn jpeg_header(bytes: &[u8]) -> Option<JpegHeader> {
     let mut i = 2; // after SOI
+    let mut sof = None;
     while i + 4 <= bytes.len() {
         if bytes[i] != 0xFF {
-            return false;
+            return None;
         }
         let marker = bytes[i + 1];
         if marker == 0xFF {
@@ -430,13 +513,19 @@ fn jpeg_has_eoi(bytes: &[u8]) -> bool {
             continue;
         }
         let len = usize::from(u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]));
+        // SOF0–SOF15, except DHT (C4), JPG (C8) and DAC (CC).
+        if (0xC0..=0xCF).contains(&marker) && !matches!(marker, 0xC4 | 0xC8 | 0xCC) {
+            sof = sof.or(Some(marker));
+        }
         if marker == 0xDA {
-            let scan = i.saturating_add(2).saturating_add(len).min(bytes.len());
-            return bytes[scan..].windows(2).any(|w| w == [0xFF, 0xD9]);
+            return Some(JpegHeader {
+                sof,
+                scan_start: i.saturating_add(2).saturating_add(len),
+            });
         }
         i = i.saturating_add(2).saturating_add(len);
     }
-    false
+    None
 }
 
 /// Decode a JPEG with DCT scaling to the smallest size ≥ (target_w, target_h), as RGB.
@@ -445,6 +534,7 @@ fn decode_jpeg_scaled(
     bytes: &[u8],
     target_w: u32,
     target_h: u32,
+    max_alloc: u64,
 ) -> Result<Option<RgbImage>, PrepareError> {
     let mut dec = jpeg_decoder::Decoder::new(Cursor::new(bytes));
     dec.read_info().map_err(map_jpeg_error)?;
@@ -454,9 +544,27 @@ fn decode_jpeg_scaled(
     ) {
         return Ok(None);
     }
+    dec.set_max_decoding_buffer_size(usize::try_from(max_alloc).unwrap_or(usize::MAX));
+    // Full size, read before any scaling (info() reports the scaled size afterwards).
+    let full = dec
+        .info()
+        .ok_or_else(|| PrepareError::Corrupt("JPEG has no frame header".into()))?;
     let req_w = u16::try_from(target_w).unwrap_or(u16::MAX);
     let req_h = u16::try_from(target_h).unwrap_or(u16::MAX);
-    let (w, h) = dec.scale(req_w, req_h).map_err(map_jpeg_error)?;
+    let (mut w, mut h) = dec.scale(req_w, req_h).map_err(map_jpeg_error)?;
+    if w < req_w || h < req_h {
+        // The decoder takes a scale when either side reaches the request; both must, or the
+        // resize would upscale. Ask for the smallest scale where both do (full size always does).
+        let smallest = [8u32, 4, 2]
+            .into_iter()
+            .map(|d| (div_ceil(full.width, d), div_ceil(full.height, d)))
+            .find(|&(sw, sh)| sw >= req_w && sh >= req_h)
+            .unwrap_or((full.width, full.height));
+        (w, h) = dec.scale(smallest.0, smallest.1).map_err(map_jpeg_error)?;
+        if w < req_w || h < req_h {
+            (w, h) = dec.scale(full.width, full.height).map_err(map_jpeg_error)?;
+        }
+    }
     let pixels = dec.decode().map_err(map_jpeg_error)?;
     let info = dec
         .info()
@@ -478,6 +586,11 @@ fn decode_jpeg_scaled(
     RgbImage::from_raw(w, h, rgb)
         .map(Some)
         .ok_or_else(|| PrepareError::Corrupt("short JPEG pixel buffer".into()))
+}
+
+fn div_ceil(n: u16, d: u32) -> u16 {
+    // n ≤ u16::MAX and d ≥ 1, so the result fits.
+    u16::try_from(u32::from(n).div_ceil(d)).unwrap_or(u16::MAX)
 }
 
 fn map_jpeg_error(e: jpeg_decoder::Error) -> PrepareError {
@@ -554,4 +667,61 @@ fn encode_jpeg(img: &RgbImage, quality: u8) -> Result<Vec<u8>, PrepareError> {
         )
         .map_err(|e| PrepareError::Encode(e.to_string()))?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jpeg(w: u32, h: u32) -> Vec<u8> {
+        let img = RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([(x % 251) as u8, (y % 241) as u8, 90])
+        });
+        encode_jpeg(&img, 80).unwrap()
+    }
+
+    #[test]
+    fn scaled_jpeg_decode_never_goes_below_the_target() {
+        // Half of 2046 is 1023 < 1024: the decoder alone would pick ½ (height reaches 500).
+        for (w, h, tw, th) in [
+            (2046, 1000, 1024, 500),
+            (3000, 130, 1024, 44),
+            (4032, 3024, 1024, 768),
+        ] {
+            let rgb = decode_jpeg_scaled(&jpeg(w, h), tw, th, u64::MAX)
+                .unwrap()
+                .unwrap();
+            assert!(
+                rgb.width() >= tw && rgb.height() >= th,
+                "{w}x{h} → {:?}",
+                rgb.dimensions()
+            );
+        }
+        // Still scaled where it can be: 4032×3024 → 1024×768 decodes at ¼ (1008×756 is too small).
+        let rgb = decode_jpeg_scaled(&jpeg(4032, 3024), 1024, 768, u64::MAX)
+            .unwrap()
+            .unwrap();
+        assert_eq!(rgb.dimensions(), (2016, 1512));
+    }
+
+    #[test]
+    fn gif_block_walk_is_bounded() {
+        assert_eq!(gif_first_frame_extent(b"GIF89a"), None);
+        // Global table claimed but cut off.
+        assert_eq!(
+            gif_first_frame_extent(b"GIF89a\x01\x00\x01\x00\x87\x00\x00"),
+            None
+        );
+        // An extension whose sub-block runs off the end.
+        assert_eq!(
+            gif_first_frame_extent(b"GIF89a\x01\x00\x01\x00\x00\x00\x00\x21\xF9\xFF"),
+            None
+        );
+    }
+
+    #[test]
+    fn progressive_is_told_from_the_frame_marker() {
+        assert!(!jpeg_is_progressive(&jpeg(16, 16)));
+        assert!(jpeg_has_eoi(&jpeg(16, 16)));
+    }
 }

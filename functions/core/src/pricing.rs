@@ -202,8 +202,10 @@ fn openai_patches(width: u32, height: u32, patch: u32, max_patches: u64) -> u64 
     let mut r = (p * p * max_patches as f64 / (w * h)).sqrt();
     let wr = w * r / p;
     let hr = h * r / p;
-    r *= (wr.floor() / wr).min(hr.floor() / hr);
-    let patches = ((w * r) / p).ceil() * ((h * r) / p).ceil();
+    // A side already under one patch keeps its one patch (flooring it would zero the image).
+    let fit = |x: f64| if x >= 1.0 { x.floor() / x } else { 1.0 };
+    r *= fit(wr).min(fit(hr));
+    let patches = ((w * r) / p).ceil().max(1.0) * ((h * r) / p).ceil().max(1.0);
     (patches as u64).min(max_patches)
 }
 
@@ -469,5 +471,14 @@ mod tests {
             PriceTable::from_toml(&text),
             Err(PricingError::Duplicate(_))
         ));
+    }
+
+    #[test]
+    fn patch_rule_never_prices_a_thin_image_at_zero() {
+        for (w, h) in [(10, 100_000), (20, 60_000), (1, 65_535), (65_535, 3)] {
+            let p = openai_patches(w, h, 32, 1536);
+            assert!((1..=1536).contains(&p), "{w}x{h}: {p}");
+        }
+        assert!(tokens("gpt-4.1-mini", 10, 100_000, Detail::High) > 0);
     }
 }

@@ -141,6 +141,10 @@ fn pixel_layouts_all_become_rgb_jpeg() {
             encode(&DynamicImage::ImageLuma8(base.to_luma8()), ImageFormat::Png),
         ),
         (
+            "rgb16 png",
+            encode(&DynamicImage::ImageRgb16(base.to_rgb16()), ImageFormat::Png),
+        ),
+        (
             "gray16 png",
             encode(
                 &DynamicImage::ImageLuma16(base.to_luma16()),
@@ -335,4 +339,42 @@ fn sniff_formats() {
         sniff(&encode(&img, ImageFormat::WebP)).unwrap(),
         SourceFormat::Webp
     );
+}
+
+#[test]
+fn a_gif_frame_larger_than_its_screen_is_refused_before_decoding() {
+    // Screen 1×1, first frame 16000×16000 (256 MP): the decoder would allocate the frame.
+    let mut gif = b"GIF89a".to_vec();
+    gif.extend_from_slice(&[1, 0, 1, 0, 0x80, 0, 0]); // screen, 2-entry global table
+    gif.extend_from_slice(&[0, 0, 0, 255, 255, 255]);
+    gif.extend_from_slice(&[0x21, 0xF9, 4, 0, 0, 0, 0, 0]); // graphic control extension
+    gif.push(0x2C);
+    for v in [0u16, 0, 16_000, 16_000] {
+        gif.extend_from_slice(&v.to_le_bytes());
+    }
+    gif.extend_from_slice(&[0, 2, 2, 0x4C, 0x01, 0, 0x3B]);
+    let r = prepare(&gif, &PrepareOptions::default());
+    assert!(
+        matches!(
+            r,
+            Err(PrepareError::TooManyPixels {
+                width: 16_000,
+                height: 16_000,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn progressive_jpeg_coefficients_count_against_the_memory_budget() {
+    // 5640×3172 progressive: 54 MB of RGB out, 107 MB of coefficients held while decoding.
+    let bytes = std::fs::read(samples().join("large/Elephants_5640x3172.jpg")).unwrap();
+    let opts = PrepareOptions {
+        max_alloc_bytes: 120_000_000,
+        ..Default::default()
+    };
+    let r = prepare(&bytes, &opts);
+    assert!(matches!(r, Err(PrepareError::MemoryLimit { .. })), "{r:?}");
 }
