@@ -32,12 +32,15 @@ impl Bucket {
         }
     }
 
-    /// Milliseconds until `amount` fits (0 when it fits now).
+    /// Milliseconds until `amount` fits (0 when it fits now). An amount larger than the
+    /// whole bucket passes once the bucket is full and leaves it in debt, so a request
+    /// bigger than one instance's share still goes through at the average rate.
     fn wait_ms(&self, amount: f64) -> u64 {
-        if self.level >= amount || self.capacity <= 0.0 {
+        let needed = amount.min(self.capacity);
+        if self.level >= needed || self.capacity <= 0.0 {
             return 0;
         }
-        ((amount - self.level) * 60_000.0 / self.capacity).ceil() as u64
+        ((needed - self.level) * 60_000.0 / self.capacity).ceil() as u64
     }
 }
 
@@ -52,8 +55,15 @@ pub struct Reservation {
 pub enum Denied {
     /// Try again after this long.
     Wait(Duration),
-    /// The request alone is larger than the per-minute token limit; it can never pass.
-    TooLarge { tokens: u64, tpm: u64 },
+}
+
+/// What the provider's `x-ratelimit-*` headers said about its own buckets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProviderView {
+    pub remaining_requests: Option<u64>,
+    pub remaining_tokens: Option<u64>,
+    pub reset_requests: Option<Duration>,
+    pub reset_tokens: Option<Duration>,
 }
 
 /// RPM + TPM limiter. A limit of 0 means unlimited.
@@ -92,12 +102,6 @@ impl RateLimiter {
 
     /// Reserve one request and `tokens` estimated tokens, or say how long to wait.
     pub fn try_reserve(&mut self, tokens: u64, now_ms: u64) -> Result<Reservation, Denied> {
-        if self.tpm > 0 && tokens > self.tpm {
-            return Err(Denied::TooLarge {
-                tokens,
-                tpm: self.tpm,
-            });
-        }
         self.requests.refill(now_ms);
         self.tokens.refill(now_ms);
         let mut wait = self.blocked_until_ms.saturating_sub(now_ms);
@@ -139,20 +143,26 @@ impl RateLimiter {
     }
 
     /// Follow the provider's view (x-ratelimit-remaining-* / reset-*): our buckets may not
-    /// hold more than the provider says remains.
-    pub fn observe(
-        &mut self,
-        remaining_requests: Option<u64>,
-        remaining_tokens: Option<u64>,
-        now_ms: u64,
-    ) {
+    /// hold more than the provider says remains, and an exhausted provider bucket blocks
+    /// everything until the provider says it resets.
+    pub fn observe(&mut self, view: &ProviderView, now_ms: u64) {
         self.requests.refill(now_ms);
         self.tokens.refill(now_ms);
-        if let (Some(r), true) = (remaining_requests, self.rpm > 0) {
-            self.requests.level = self.requests.level.min(r as f64);
+        if let Some(r) = view.remaining_requests {
+            if self.rpm > 0 {
+                self.requests.level = self.requests.level.min(r as f64);
+            }
+            if let (0, Some(reset)) = (r, view.reset_requests) {
+                self.block_for(reset, now_ms);
+            }
         }
-        if let (Some(t), true) = (remaining_tokens, self.tpm > 0) {
-            self.tokens.level = self.tokens.level.min(t as f64);
+        if let Some(t) = view.remaining_tokens {
+            if self.tpm > 0 {
+                self.tokens.level = self.tokens.level.min(t as f64);
+            }
+            if let (0, Some(reset)) = (t, view.reset_tokens) {
+                self.block_for(reset, now_ms);
+            }
         }
     }
 
@@ -200,15 +210,16 @@ mod tests {
     }
 
     #[test]
-    fn too_large_is_never_granted() {
+    fn larger_than_the_bucket_passes_when_full_and_leaves_debt() {
         let mut l = RateLimiter::new(10, 1_000, 0);
-        assert_eq!(
-            l.try_reserve(1_001, 0),
-            Err(Denied::TooLarge {
-                tokens: 1_001,
-                tpm: 1_000
-            })
-        );
+        // A full bucket lets it through, so a small per-instance share never blocks forever.
+        assert!(l.try_reserve(2_500, 0).is_ok());
+        // Then the debt (1 500 tokens) plus the next request must refill first: 1.5 + 1 min.
+        match l.try_reserve(1_000, 0) {
+            Err(Denied::Wait(d)) => assert_eq!(d, Duration::from_secs(150)),
+            other => panic!("{other:?}"),
+        }
+        assert!(l.try_reserve(1_000, 150_000).is_ok());
     }
 
     #[test]
@@ -223,8 +234,26 @@ mod tests {
     #[test]
     fn provider_headers_and_retry_after_are_followed() {
         let mut l = RateLimiter::new(100, 100_000, 0);
-        l.observe(Some(0), Some(50_000), 0);
+        let view = ProviderView {
+            remaining_requests: Some(0),
+            remaining_tokens: Some(50_000),
+            ..Default::default()
+        };
+        l.observe(&view, 0);
         assert!(matches!(l.try_reserve(1, 0), Err(Denied::Wait(_))));
+        // An exhausted token bucket with a reset time blocks until then, not just by refill.
+        let mut l = RateLimiter::new(100, 100_000, 0);
+        let view = ProviderView {
+            remaining_tokens: Some(0),
+            reset_tokens: Some(Duration::from_secs(20)),
+            ..Default::default()
+        };
+        l.observe(&view, 1_000);
+        assert_eq!(
+            l.try_reserve(10, 1_000),
+            Err(Denied::Wait(Duration::from_secs(20)))
+        );
+        assert!(l.try_reserve(10, 21_000).is_ok());
         let mut l = RateLimiter::new(100, 100_000, 0);
         l.block_for(Duration::from_secs(5), 1_000);
         assert_eq!(

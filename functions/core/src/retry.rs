@@ -28,7 +28,9 @@ pub enum FailureKind {
     InvalidOutput,
 }
 
-/// 429, 408, 5xx, timeouts and connection errors are transient; other 4xx and bad input are permanent.
+/// 429, 408, 5xx, timeouts and connection errors are transient; other 4xx and bad input are
+/// permanent, except 409 and 425, which the OpenAI and Anthropic SDKs also retry (a request
+/// that conflicted with another in flight, or came too early).
 pub fn classify(kind: &FailureKind) -> RetryClass {
     match kind {
         FailureKind::Http { status, .. } => classify_status(*status),
@@ -70,6 +72,19 @@ pub fn backoff(
     )
 }
 
+/// SQS refuses visibility timeouts over 12 hours; no delay is ever longer.
+pub const MAX_RETRY_DELAY_SECS: f64 = 43_200.0;
+
+/// Seconds from a header → Duration, refusing what is negative, not finite or over a day
+/// (`Duration::from_secs_f64` panics on values it cannot hold, and headers are input).
+fn header_secs(secs: f64) -> Option<Duration> {
+    if (0.0..86_400.0).contains(&secs) {
+        Duration::try_from_secs_f64(secs).ok()
+    } else {
+        None
+    }
+}
+
 /// Delay before the next attempt of a transient failure: the provider's Retry-After when it
 /// gave one, else backoff. `receive_count` is how often the message was delivered (1 = first).
 pub fn retry_delay(kind: &FailureKind, receive_count: u32, unit: f64) -> Duration {
@@ -78,9 +93,15 @@ pub fn retry_delay(kind: &FailureKind, receive_count: u32, unit: f64) -> Duratio
         ..
     } = kind
     {
-        // Spread a herd that got the same Retry-After over an extra 0–20 %.
-        let jitter = d.as_secs_f64() * 0.2 * unit.clamp(0.0, 1.0);
-        return *d + Duration::from_secs_f64(jitter);
+        // Spread a herd that got the same Retry-After over an extra 0–20 %, and never ask the
+        // queue for more than SQS's longest visibility timeout.
+        let unit = if unit.is_finite() {
+            unit.clamp(0.0, 1.0)
+        } else {
+            0.5
+        };
+        let secs = d.as_secs_f64() * (1.0 + 0.2 * unit);
+        return Duration::from_secs_f64(secs.min(MAX_RETRY_DELAY_SECS));
     }
     backoff(
         receive_count.saturating_sub(1),
@@ -95,12 +116,7 @@ pub fn retry_delay(kind: &FailureKind, receive_count: u32, unit: f64) -> Duratio
 /// LLM providers; they yield None and the caller falls back to backoff.
 pub fn parse_retry_after(value: &str) -> Option<Duration> {
     let v = value.trim();
-    let secs: f64 = v.parse().ok()?;
-    if (0.0..86_400.0).contains(&secs) {
-        Some(Duration::from_secs_f64(secs))
-    } else {
-        None
-    }
+    header_secs(v.parse().ok()?)
 }
 
 /// Parse OpenAI's `x-ratelimit-reset-*` values: "1s", "6m0s", "20ms", "1h2m3.5s", or bare seconds.
@@ -110,7 +126,7 @@ pub fn parse_reset(value: &str) -> Option<Duration> {
         return None;
     }
     if let Ok(secs) = v.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+        return header_secs(secs);
     }
     let mut total = 0.0f64;
     let mut num = String::new();
@@ -136,10 +152,10 @@ pub fn parse_reset(value: &str) -> Option<Duration> {
         total += n * unit;
         any = true;
     }
-    if !num.is_empty() || !any || !total.is_finite() {
+    if !num.is_empty() || !any {
         return None;
     }
-    Some(Duration::from_secs_f64(total))
+    header_secs(total)
 }
 
 #[cfg(test)]
@@ -207,5 +223,27 @@ mod tests {
         assert_eq!(parse_reset("soon"), None);
         assert_eq!(parse_reset("5"), Some(Duration::from_secs(5)));
         assert_eq!(parse_reset("5x"), None);
+    }
+
+    #[test]
+    fn hostile_headers_do_not_panic() {
+        for v in [
+            "1e20",
+            "99999999999999999999s",
+            "1e300h",
+            "NaN",
+            "inf",
+            "-0.5s",
+            "1e400",
+        ] {
+            assert_eq!(parse_reset(v), None, "{v}");
+            assert_eq!(parse_retry_after(v), None, "{v}");
+        }
+        let k = FailureKind::Http {
+            status: 429,
+            retry_after: Some(Duration::from_secs(86_000)),
+        };
+        let d = retry_delay(&k, 1, f64::NAN);
+        assert_eq!(d, Duration::from_secs_f64(MAX_RETRY_DELAY_SECS));
     }
 }

@@ -112,7 +112,8 @@ pub enum Claim {
 /// Images, results, the idempotency cache, the cost ledger and API keys.
 #[async_trait]
 pub trait Repository: Send + Sync {
-    /// Create or overwrite an image record (resize path: retries are harmless).
+    /// Create or overwrite an image record (resize path: retries are harmless), except one
+    /// that already has a result: that is left as it is.
     async fn put_image(&self, record: &ImageRecord) -> StoreResult<()>;
     async fn get_image(&self, tenant: &str, image_id: &str) -> StoreResult<Option<ImageRecord>>;
     async fn list_images(
@@ -158,14 +159,8 @@ pub trait Repository: Send + Sync {
     async fn tenant_for_key(&self, key_sha256: &str) -> StoreResult<Option<String>>;
 }
 
-/// Rate-limit state reported by a provider (x-ratelimit-* headers).
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct RateInfo {
-    pub remaining_requests: Option<u64>,
-    pub remaining_tokens: Option<u64>,
-    pub reset_requests: Option<Duration>,
-    pub reset_tokens: Option<Duration>,
-}
+/// Rate-limit state reported by a provider (x-ratelimit-* headers); the limiter reads it.
+pub use sightline_core::limiter::ProviderView as RateInfo;
 
 /// One vision call.
 #[derive(Debug, Clone)]

@@ -64,6 +64,23 @@ impl OpenAiProvider {
     }
 }
 
+/// A chat completion with a 400-token answer is a few KB; anything near this is not one.
+const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
+
+/// The body as text, refusing to buffer more than `max` bytes of it.
+async fn read_capped(mut resp: reqwest::Response, max: usize) -> Result<String, reqwest::Error> {
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        if body.len() + chunk.len() > max {
+            // Keep what fits: the caller reports a body that does not parse.
+            body.extend_from_slice(&chunk[..max - body.len()]);
+            break;
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
 fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
@@ -145,7 +162,7 @@ impl VisionProvider for OpenAiProvider {
         let status = resp.status().as_u16();
         let rate = rate_info(resp.headers());
         let retry_after = header_str(resp.headers(), "retry-after").and_then(parse_retry_after);
-        let text = match resp.text().await {
+        let text = match read_capped(resp, MAX_RESPONSE_BYTES).await {
             Ok(t) => t,
             Err(e) if e.is_timeout() => {
                 return Err(err(
@@ -187,7 +204,7 @@ impl VisionProvider for OpenAiProvider {
             err(
                 FailureKind::InvalidOutput,
                 format!("provider response is not JSON: {e}"),
-                rate.clone(),
+                rate,
                 None,
             )
         })?;
@@ -199,17 +216,17 @@ impl VisionProvider for OpenAiProvider {
                 err(
                     FailureKind::InvalidOutput,
                     "provider response has no message content".into(),
-                    rate.clone(),
+                    rate,
                     usage,
                 )
             })?;
         let analysis = validate_analysis(content)
-            .map_err(|m| err(FailureKind::InvalidOutput, m, rate.clone(), usage))?;
+            .map_err(|m| err(FailureKind::InvalidOutput, m, rate, usage))?;
         let usage = usage.ok_or_else(|| {
             err(
                 FailureKind::InvalidOutput,
                 "provider response has no usage".into(),
-                rate.clone(),
+                rate,
                 None,
             )
         })?;
