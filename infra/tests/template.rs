@@ -402,9 +402,8 @@ fn s3_trigger_is_the_uploads_prefix_and_the_output_prefix_differs() {
     let upload = env["SIGHTLINE_UPLOAD_PREFIX"]
         .as_str()
         .expect("upload prefix");
-    let resized = env["SIGHTLINE_RESIZED_PREFIX"]
-        .as_str()
-        .expect("resized prefix");
+    // The functions always write under the core's fixed output prefix.
+    let resized = sightline_core::keys::RESIZED_PREFIX;
     assert_eq!(upload, "uploads/");
     assert!(!resized.is_empty() && resized.ends_with('/'));
     assert!(
@@ -802,7 +801,6 @@ fn functions_get_the_documented_environment() {
             "SIGHTLINE_BUCKET",
             "SIGHTLINE_TABLE",
             "SIGHTLINE_UPLOAD_PREFIX",
-            "SIGHTLINE_RESIZED_PREFIX",
             "SIGHTLINE_MODEL",
             "SIGHTLINE_PROMPT_VERSION",
             "SIGHTLINE_MAX_EDGE",
@@ -833,6 +831,17 @@ fn functions_get_the_documented_environment() {
     ] {
         assert_eq!(references(&env[k]), vec![p.to_string()], "{k}");
     }
+    // The analyzer's last delivery is the redrive's: that is when it marks an image failed.
+    let (_, queue) = t
+        .of_type("AWS::SQS::Queue")
+        .into_iter()
+        .find(|(_, q)| !q["Properties"]["RedrivePolicy"].is_null())
+        .expect("a queue with a redrive policy");
+    assert_eq!(
+        render(&env["SIGHTLINE_MAX_RECEIVES"]),
+        render(&queue["Properties"]["RedrivePolicy"]["maxReceiveCount"]),
+        "SIGHTLINE_MAX_RECEIVES = maxReceiveCount"
+    );
     // The computed bucket name in the environment is the bucket's own name.
     let (_, b) = t.of_type("AWS::S3::Bucket")[0];
     assert_eq!(env["SIGHTLINE_BUCKET"], b["Properties"]["BucketName"]);

@@ -136,6 +136,8 @@ async fn pipeline_end_to_end_on_the_emulator() {
         max_inline_wait: Duration::from_secs(1),
         claim_lease: Duration::from_secs(5),
         max_concurrency: 1,
+        // The analyze queue's maxReceiveCount.
+        max_receives: 3,
         ..Settings::default()
     });
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
@@ -231,7 +233,12 @@ async fn pipeline_end_to_end_on_the_emulator() {
     )
     .await
     .unwrap();
-    analyze_q.send(vec![poison_body.clone()]).await.unwrap();
+    // And a body that is no job at all: never dropped, it must reach the DLQ too.
+    let garbage_body = "{\"this is\": \"not a job\"".to_string();
+    analyze_q
+        .send(vec![poison_body.clone(), garbage_body.clone()])
+        .await
+        .unwrap();
 
     // The harness plays both event source mappings.
     let mut test_events = 0;
@@ -289,7 +296,7 @@ async fn pipeline_end_to_end_on_the_emulator() {
                     jobs_seen.insert(job.image_id.clone(), job);
                 }
             }
-            let resp = handler.handle(sqs_event(&msgs)).await;
+            let resp = handler.handle(sqs_event(&msgs), None).await.unwrap();
             let failed: BTreeSet<String> = resp
                 .batch_item_failures
                 .iter()
@@ -309,7 +316,7 @@ async fn pipeline_end_to_end_on_the_emulator() {
             let rec = repo.get_image(&k.tenant, &k.image_id).await.unwrap();
             all_done &= rec.is_some_and(|r| r.status == ImageStatus::Done);
         }
-        if all_done && !dead.is_empty() {
+        if all_done && dead.len() >= 2 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -324,15 +331,21 @@ async fn pipeline_end_to_end_on_the_emulator() {
         .collect();
     assert_eq!(upload_keys_seen, expected_keys);
 
-    // The poison job ended in the DLQ after maxReceiveCount deliveries, reported as failures.
-    assert_eq!(dead.len(), 1);
-    assert_eq!(dead[0].body, poison_body);
+    // The poison job and the garbage body ended in the DLQ after maxReceiveCount deliveries,
+    // reported as failures; the poison image is marked failed on its last delivery.
+    let mut dead_bodies: Vec<&str> = dead.iter().map(|m| m.body.as_str()).collect();
+    dead_bodies.sort();
+    let mut expected_dead = vec![poison_body.as_str(), garbage_body.as_str()];
+    expected_dead.sort();
+    assert_eq!(dead_bodies, expected_dead);
     assert!(
-        failures_reported >= 3,
+        failures_reported >= 6,
         "failures reported: {failures_reported}"
     );
     let p = repo.get_image("acme", "poison").await.unwrap().unwrap();
-    assert_eq!((p.status, p.result), (ImageStatus::Queued, None));
+    assert_eq!((p.status, p.result.is_none()), (ImageStatus::Failed, true));
+    let why = p.error.unwrap_or_default();
+    assert!(why.contains("gave up after 3 deliveries"), "{why}");
 
     // Every good image: exactly one result, one successful provider answer per image.
     let stats = sim.stats().await;
@@ -417,7 +430,7 @@ async fn pipeline_end_to_end_on_the_emulator() {
     )
     .await;
     assert_eq!(msgs.len(), 2);
-    let (resp, outcomes) = handler.handle_with_outcomes(sqs_event(&msgs)).await;
+    let (resp, outcomes) = handler.handle_with_outcomes(sqs_event(&msgs), None).await;
     assert!(resp.batch_item_failures.is_empty());
     assert!(
         outcomes

@@ -4,13 +4,14 @@
 //! A transient outcome makes the message visible again after the outcome's delay
 //! (ChangeMessageVisibility) and reports it as a batch item failure, so only that message
 //! comes back; everything else is deleted by the event source mapping. A record without a
-//! message id cannot be reported (an empty identifier would fail the whole batch): it is
-//! logged and comes back by itself after the visibility timeout.
+//! message id cannot be reported (an empty identifier is invalid), so a retry of one fails
+//! the whole invocation instead: everything comes back, and what was done is `AlreadyDone`.
+//! Near the invocation's deadline no new record is started; those go back at once.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
 use sightline_pipeline::analyze::{AnalyzeOutcome, Analyzer};
@@ -30,7 +31,16 @@ pub struct AnalyzeHandler {
     /// The analyze queue (for ChangeMessageVisibility on retries).
     pub queue: Arc<dyn Queue>,
     pub concurrency: usize,
+    /// Time one record may take at worst; a record is not started with less time left.
+    pub record_budget: Duration,
 }
+
+/// A retry the event source mapping cannot be told about (the record has no message id).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "a record without a message id needs a retry; failing the invocation so the batch comes back"
+)]
+pub struct UnreportableRetry;
 
 /// The receive count of a record (1 when absent or unreadable).
 pub fn receive_count(msg: &SqsMessage) -> u32 {
@@ -47,12 +57,26 @@ impl AnalyzeHandler {
             analyzer,
             queue,
             concurrency: DEFAULT_CONCURRENCY,
+            record_budget: Duration::from_secs(70),
         }
     }
 
-    /// Handle a batch; the response lists the messages to retry.
-    pub async fn handle(&self, event: SqsEvent) -> SqsBatchResponse {
-        self.handle_with_outcomes(event).await.0
+    /// Handle a batch that must end by `deadline` (the Lambda context's); the response lists
+    /// the messages to retry.
+    pub async fn handle(
+        &self,
+        event: SqsEvent,
+        deadline: Option<SystemTime>,
+    ) -> Result<SqsBatchResponse, UnreportableRetry> {
+        let (response, outcomes) = self.handle_with_outcomes(event, deadline).await;
+        if outcomes
+            .iter()
+            .any(|(id, outcome)| id.is_empty() && outcome.is_retry())
+        {
+            error!("{UnreportableRetry}");
+            return Err(UnreportableRetry);
+        }
+        Ok(response)
     }
 
     /// Like [`handle`](Self::handle), also returning each record's outcome (by message id;
@@ -60,6 +84,7 @@ impl AnalyzeHandler {
     pub async fn handle_with_outcomes(
         &self,
         event: SqsEvent,
+        deadline: Option<SystemTime>,
     ) -> (SqsBatchResponse, Vec<(String, AnalyzeOutcome)>) {
         let permits = Arc::new(Semaphore::new(self.concurrency.max(1)));
         let mut tasks = JoinSet::new();
@@ -71,6 +96,10 @@ impl AnalyzeHandler {
             let handle = tasks.spawn(async move {
                 // The semaphore is never closed; a failed acquire just runs unthrottled.
                 let _permit = permits.acquire_owned().await.ok();
+                let too_late = deadline.is_some_and(|d| SystemTime::now() + me.record_budget > d);
+                if too_late {
+                    return me.not_started(record).await;
+                }
                 me.handle_record(record).await
             });
             ids.insert(handle.id(), message_id);
@@ -91,16 +120,31 @@ impl AnalyzeHandler {
                     (id, outcome)
                 }
             };
-            if outcome.is_retry() {
-                if message_id.is_empty() {
-                    warn!("a record without a message id needs a retry; it will reappear after its visibility timeout");
-                } else {
-                    response.add_failure(message_id.clone());
-                }
+            if outcome.is_retry() && !message_id.is_empty() {
+                response.add_failure(message_id.clone());
             }
             outcomes.push((message_id, outcome));
         }
         (response, outcomes)
+    }
+
+    /// Too close to the deadline to start: straight back to the queue.
+    async fn not_started(&self, record: SqsMessage) -> (String, AnalyzeOutcome) {
+        let message_id = record.message_id.clone().unwrap_or_default();
+        if let Some(receipt) = record.receipt_handle.as_deref().filter(|r| !r.is_empty()) {
+            if let Err(e) = self.queue.retry_after(receipt, Duration::ZERO).await {
+                warn!(message_id, error = %e, "could not change the message visibility");
+            }
+        }
+        info!(
+            message_id,
+            "not started: the invocation is about to time out"
+        );
+        let outcome = AnalyzeOutcome::Retry {
+            delay: Duration::ZERO,
+            reason: "not started before the invocation deadline".into(),
+        };
+        (message_id, outcome)
     }
 
     async fn handle_record(&self, record: SqsMessage) -> (String, AnalyzeOutcome) {
@@ -256,29 +300,79 @@ mod tests {
             record(Some("m2"), "r2", "not json", "1"),
             record(None, "r3", JOB, "1"),
         ];
-        let (resp, outcomes) = handler.handle_with_outcomes(event).await;
-        let failed: Vec<&str> = resp
+        let (resp, outcomes) = handler.handle_with_outcomes(event.clone(), None).await;
+        let mut failed: Vec<&str> = resp
             .batch_item_failures
             .iter()
             .map(|f| f.item_identifier.as_str())
             .collect();
-        assert_eq!(failed, vec!["m1"]);
+        failed.sort();
+        // m2 is malformed: kept (reported) so the redrive policy moves it to the DLQ.
+        assert_eq!(failed, vec!["m1", "m2"]);
         assert!(resp
             .batch_item_failures
             .iter()
             .all(|f| !f.item_identifier.is_empty()));
         assert_eq!(outcomes.len(), 3);
         let m2 = outcomes.iter().find(|(id, _)| id == "m2").unwrap();
-        assert!(matches!(&m2.1, AnalyzeOutcome::Failed(r) if r.contains("malformed")));
+        assert!(
+            matches!(&m2.1, AnalyzeOutcome::Retry { reason, .. } if reason.contains("malformed"))
+        );
         let mut retries = queue.retries.lock().unwrap().clone();
         retries.sort();
         assert_eq!(
             retries.iter().map(|(r, _)| r.as_str()).collect::<Vec<_>>(),
-            vec!["r1", "r3"]
+            vec!["r1", "r2", "r3"]
         );
         assert!(retries
             .iter()
             .all(|(_, d)| *d > Duration::ZERO && *d <= Duration::from_secs(43_200)));
+    }
+
+    #[tokio::test]
+    async fn a_retry_without_message_id_fails_the_invocation() {
+        let dir = tempfile::tempdir().unwrap();
+        let analyzer = Analyzer::new(
+            Arc::new(FileBlobStore::new(dir.path())),
+            Arc::new(DownRepo),
+            Arc::new(LocalAnalyzer),
+            Arc::new(Settings::default()),
+            Arc::new(SystemClock),
+        );
+        let handler = AnalyzeHandler::new(analyzer, Arc::new(RecordingQueue::default()));
+        let mut event = SqsEvent::default();
+        event.records = vec![record(Some("m1"), "r1", JOB, "1")];
+        assert!(handler.handle(event.clone(), None).await.is_ok());
+        event.records.push(record(None, "r2", JOB, "1"));
+        assert!(handler.handle(event, None).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn nothing_starts_near_the_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let queue = Arc::new(RecordingQueue::default());
+        let analyzer = Analyzer::new(
+            Arc::new(FileBlobStore::new(dir.path())),
+            Arc::new(DownRepo),
+            Arc::new(LocalAnalyzer),
+            Arc::new(Settings::default()),
+            Arc::new(SystemClock),
+        );
+        let handler = AnalyzeHandler::new(analyzer, queue.clone());
+        let mut event = SqsEvent::default();
+        event.records = vec![
+            record(Some("m1"), "r1", JOB, "1"),
+            record(Some("m2"), "r2", JOB, "1"),
+        ];
+        let deadline = SystemTime::now() + Duration::from_secs(10);
+        let (resp, outcomes) = handler.handle_with_outcomes(event, Some(deadline)).await;
+        assert_eq!(resp.batch_item_failures.len(), 2);
+        assert!(outcomes.iter().all(|(_, o)| matches!(
+            o,
+            AnalyzeOutcome::Retry { delay, reason } if delay.is_zero() && reason.contains("deadline")
+        )));
+        let retries = queue.retries.lock().unwrap().clone();
+        assert!(retries.len() == 2 && retries.iter().all(|(_, d)| d.is_zero()));
     }
 
     #[test]

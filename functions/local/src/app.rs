@@ -49,7 +49,10 @@ impl LocalApp {
                 config.timeout,
             )?),
         };
-        let settings = Arc::new(config.settings.clone());
+        let mut settings = config.settings.clone();
+        settings.max_receives = MAX_RECEIVES;
+        settings.fit_lease_to(config.timeout);
+        let settings = Arc::new(settings);
         let queue_port: Arc<dyn Queue> = queue.clone();
         let ingest = Ingest {
             blobs: blobs.clone(),
@@ -83,7 +86,9 @@ impl LocalApp {
             queue: self.queue.clone(),
             analyzer: self.analyzer.clone(),
             workers: self.config.workers,
-            batch_size: 10,
+            // One message per receive: a worker handles messages one at a time, and a batch
+            // would sit hidden behind the first one, its visibility running out unhandled.
+            batch_size: 1,
             visibility: self.config.timeout * 2 + Duration::from_secs(30),
             idle_poll: Duration::from_millis(100),
             on_outcome,

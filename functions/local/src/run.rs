@@ -138,10 +138,14 @@ pub async fn run_pipeline(
                 .map(|p| p.iter().cloned().collect())
                 .unwrap_or_default();
             for id in stuck {
-                let reason = format!("gave up after {MAX_RECEIVES} attempts (dead-lettered)");
-                app.repo
-                    .mark_failed(LOCAL_TENANT, &id, &reason, &rfc3339(app.clock.now_ms()))
-                    .await?;
+                // The analyzer records its own reason on the last delivery; keep that one.
+                let recorded = app.repo.get_image(LOCAL_TENANT, &id).await?;
+                if !recorded.is_some_and(|r| r.status == ImageStatus::Failed) {
+                    let reason = format!("gave up after {MAX_RECEIVES} attempts (dead-lettered)");
+                    app.repo
+                        .mark_failed(LOCAL_TENANT, &id, &reason, &rfc3339(app.clock.now_ms()))
+                        .await?;
+                }
                 progress.inc(1);
             }
             break;

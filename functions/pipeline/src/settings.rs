@@ -33,8 +33,12 @@ pub struct Settings {
     pub max_inline_wait: Duration,
     /// A Retry-After at least this long switches to the fallback model at once.
     pub fallback_after: Duration,
-    /// In-flight claim lease on an idempotency key.
+    /// In-flight claim lease on an idempotency key; longer than one model's worst case
+    /// (two provider calls plus limiter waits), see [`Settings::fit_lease_to`].
     pub claim_lease: Duration,
+    /// Deliveries before the queue moves a message to its DLQ (SQS maxReceiveCount); the
+    /// last one marks the image failed if it still cannot be analysed. 0 = unknown.
+    pub max_receives: u32,
     /// Upload URL lifetime.
     pub upload_ttl: Duration,
 }
@@ -55,6 +59,7 @@ impl Default for Settings {
             max_inline_wait: Duration::from_secs(2),
             fallback_after: Duration::from_secs(10),
             claim_lease: Duration::from_secs(120),
+            max_receives: 5,
             upload_ttl: Duration::from_secs(900),
         }
     }
@@ -85,6 +90,14 @@ impl Settings {
                 .expected_output_tokens
                 .min(u64::from(self.max_output_tokens)),
         }
+    }
+
+    /// Make the claim lease outlast one model's worst case with this provider timeout: an
+    /// invalid-output retry (two calls), two in-place limiter waits and a margin. A lease that
+    /// ends while the call is still running would let a redelivery pay for the same image.
+    pub fn fit_lease_to(&mut self, provider_timeout: Duration) {
+        let worst = provider_timeout * 2 + self.max_inline_wait * 2 + Duration::from_secs(30);
+        self.claim_lease = self.claim_lease.max(worst);
     }
 
     /// Models in the order they are tried.

@@ -22,6 +22,8 @@ type Step = Result<(), FailureKind>;
 struct Scripted {
     steps: Mutex<VecDeque<Step>>,
     calls: Mutex<Vec<String>>,
+    /// How long each call takes.
+    latency: Mutex<Duration>,
 }
 
 impl Scripted {
@@ -29,6 +31,7 @@ impl Scripted {
         Arc::new(Scripted {
             steps: Mutex::new(steps.into()),
             calls: Mutex::new(Vec::new()),
+            latency: Mutex::new(Duration::ZERO),
         })
     }
     fn calls(&self) -> Vec<String> {
@@ -46,6 +49,8 @@ impl VisionProvider for Scripted {
     }
     async fn analyze(&self, req: &VisionRequest) -> Result<VisionResponse, ProviderError> {
         self.calls.lock().unwrap().push(req.model.clone());
+        let latency = *self.latency.lock().unwrap();
+        tokio::time::sleep(latency).await;
         let step = self.steps.lock().unwrap().pop_front().unwrap_or(Ok(()));
         match step {
             Ok(()) => Ok(VisionResponse {
@@ -286,14 +291,99 @@ async fn permanent_errors_and_bad_messages_are_not_retried() {
         r#"{"v":1}"#,
         r#"{"v":9,"image_id":"a","tenant":"t","resized_key":"k","sha256":"x","width":1,"height":1}"#,
     ] {
+        // Never dropped: handed back so the queue's redrive moves it to the DLQ.
         assert!(
-            matches!(f.analyzer.handle(body, 1).await, AnalyzeOutcome::Failed(_)),
+            matches!(
+                f.analyzer.handle(body, 1).await,
+                AnalyzeOutcome::Retry { reason, .. } if reason.contains("malformed")
+            ),
             "{body:?}"
         );
     }
     let unknown = job("a").replace("\"image_id\":\"a\"", "\"image_id\":\"zzz\"");
     assert!(matches!(
         f.analyzer.handle(&unknown, 1).await,
-        AnalyzeOutcome::Failed(_)
+        AnalyzeOutcome::Retry { reason, .. } if reason.contains("no record")
     ));
+}
+
+#[tokio::test]
+async fn concurrent_copies_of_the_same_bytes_call_the_provider_once() {
+    let f = fixture(vec![Ok(()), Ok(())], &[]).await;
+    *f.provider.latency.lock().unwrap() = Duration::from_millis(300);
+    // Two deliveries of one job and a job for another image with the same bytes, at once,
+    // through one Analyzer (one Lambda instance, or one local worker pool).
+    let (ja, jb) = (job("a"), job("b"));
+    let (x, y, z) = tokio::join!(
+        f.analyzer.handle(&ja, 1),
+        f.analyzer.handle(&ja, 1),
+        f.analyzer.handle(&jb, 1),
+    );
+    assert_eq!(f.provider.calls().len(), 1, "{x:?} {y:?} {z:?}");
+    let done = [&x, &y, &z]
+        .iter()
+        .filter(|o| matches!(o, AnalyzeOutcome::Done { .. }))
+        .count();
+    assert_eq!(done, 1, "{x:?} {y:?} {z:?}");
+    assert!([&x, &y, &z].iter().all(|o| matches!(
+        o,
+        AnalyzeOutcome::Done { .. } | AnalyzeOutcome::Retry { .. }
+    )));
+    let rows = f.repo.costs("t", "0000-01-01", "9999-12-31").await.unwrap();
+    assert_eq!(rows.iter().map(|r| r.images).sum::<u64>(), 1);
+}
+
+#[tokio::test]
+async fn a_fallback_answer_is_never_served_as_the_primary_models() {
+    let f = fixture(
+        vec![
+            Err(FailureKind::Http {
+                status: 503,
+                retry_after: None,
+            }),
+            Ok(()),
+            Ok(()),
+        ],
+        &["gpt-4.1"],
+    )
+    .await;
+    let a = f.analyzer.handle(&job("a"), 1).await;
+    assert!(matches!(&a, AnalyzeOutcome::Done { model, .. } if model == "gpt-4.1"));
+    let rec = f.repo.get_image("t", "a").await.unwrap().unwrap();
+    assert!(rec.result.unwrap().idempotency_key.contains("gpt-4.1"));
+    // Same bytes, primary healthy again: the primary model answers, not gpt-4.1's cache entry.
+    let b = f.analyzer.handle(&job("b"), 1).await;
+    assert!(
+        matches!(&b, AnalyzeOutcome::Done { model, .. } if model == "gpt-4o"),
+        "{b:?}"
+    );
+    assert_eq!(f.provider.calls(), vec!["gpt-4o", "gpt-4.1", "gpt-4o"]);
+}
+
+#[tokio::test]
+async fn the_last_delivery_marks_the_image_failed_and_still_retries() {
+    let f = fixture(
+        vec![
+            Err(FailureKind::Http {
+                status: 503,
+                retry_after: None,
+            }),
+            Err(FailureKind::Http {
+                status: 503,
+                retry_after: None,
+            }),
+        ],
+        &[],
+    )
+    .await;
+    assert!(f.analyzer.handle(&job("a"), 4).await.is_retry());
+    assert_eq!(
+        f.repo.get_image("t", "a").await.unwrap().unwrap().status,
+        ImageStatus::Queued
+    );
+    // Delivery 5 of 5: the message goes on to the DLQ, the image says why.
+    assert!(f.analyzer.handle(&job("a"), 5).await.is_retry());
+    let rec = f.repo.get_image("t", "a").await.unwrap().unwrap();
+    assert_eq!(rec.status, ImageStatus::Failed);
+    assert!(rec.error.unwrap().contains("gave up after 5 deliveries"));
 }

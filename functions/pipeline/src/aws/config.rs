@@ -16,8 +16,9 @@ use crate::settings::Settings;
 #[derive(Debug, Clone, PartialEq)]
 pub struct AwsEnv {
     pub bucket: String,
+    /// Where uploads trigger the resize function. Resized JPEGs always go under
+    /// `sightline_core::keys::RESIZED_PREFIX`, which must lie outside it.
     pub upload_prefix: String,
-    pub resized_prefix: String,
     /// Analyze queue (required by resize and analyze, not by api).
     pub queue_url: Option<String>,
     pub table: String,
@@ -58,11 +59,8 @@ impl AwsEnv {
     pub fn from_lookup(get: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<AwsEnv> {
         let upload_prefix =
             var(get, "SIGHTLINE_UPLOAD_PREFIX").unwrap_or_else(|| UPLOAD_PREFIX.into());
-        let resized_prefix =
-            var(get, "SIGHTLINE_RESIZED_PREFIX").unwrap_or_else(|| RESIZED_PREFIX.into());
-        if resized_prefix.starts_with(&upload_prefix) || upload_prefix.starts_with(&resized_prefix)
-        {
-            bail!("SIGHTLINE_RESIZED_PREFIX ({resized_prefix}) must not overlap SIGHTLINE_UPLOAD_PREFIX ({upload_prefix}): the resize function would trigger itself");
+        if RESIZED_PREFIX.starts_with(&upload_prefix) || upload_prefix.starts_with(RESIZED_PREFIX) {
+            bail!("SIGHTLINE_UPLOAD_PREFIX ({upload_prefix}) must not overlap the resized prefix ({RESIZED_PREFIX}): the resize function would trigger itself");
         }
         let provider = var(get, "SIGHTLINE_PROVIDER").map(|p| p.to_ascii_lowercase());
         if let Some(p) = &provider {
@@ -73,7 +71,6 @@ impl AwsEnv {
         Ok(AwsEnv {
             bucket: var(get, "SIGHTLINE_BUCKET").context("SIGHTLINE_BUCKET is required")?,
             upload_prefix,
-            resized_prefix,
             queue_url: var(get, "SIGHTLINE_QUEUE_URL"),
             table: var(get, "SIGHTLINE_TABLE").context("SIGHTLINE_TABLE is required")?,
             provider,
@@ -136,6 +133,10 @@ pub fn settings_from_lookup(get: &dyn Fn(&str) -> Option<String>) -> anyhow::Res
     }
     if let Some(v) = parse_num::<u64>(get, "SIGHTLINE_MAX_INLINE_WAIT_MS")? {
         s.max_inline_wait = Duration::from_millis(v);
+    }
+    // The analyze queue's maxReceiveCount: the last delivery marks the image failed.
+    if let Some(v) = parse_num(get, "SIGHTLINE_MAX_RECEIVES")? {
+        s.max_receives = v;
     }
     s.validate()
         .map_err(|e| anyhow::anyhow!("invalid settings: {e}"))?;
@@ -247,7 +248,6 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(e.upload_prefix, "uploads/");
-        assert_eq!(e.resized_prefix, "resized/");
         assert_eq!(e.queue_url, None);
         assert!(e.require_queue().is_err());
         assert_eq!(e.openai_base_url, "https://api.openai.com/v1");
@@ -255,7 +255,7 @@ mod tests {
         let overlap = lookup(&[
             ("SIGHTLINE_BUCKET", "b"),
             ("SIGHTLINE_TABLE", "t"),
-            ("SIGHTLINE_RESIZED_PREFIX", "uploads/resized/"),
+            ("SIGHTLINE_UPLOAD_PREFIX", "resized/in/"),
         ]);
         assert!(AwsEnv::from_lookup(&overlap).is_err());
     }
