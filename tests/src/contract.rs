@@ -296,6 +296,14 @@ pub async fn claims_and_completion_contract(repo: Arc<dyn Repository>) {
         .unwrap();
     let a = repo.get_image(&t, "a").await.unwrap().unwrap();
     assert_eq!((a.status, a.error), (ImageStatus::Done, None));
+    // Nor overwritten by a late resize retry.
+    let late = record(&t, "a", "2026-03-01T00:00:00.000Z", ImageStatus::Queued);
+    repo.put_image(&late).await.unwrap();
+    let a = repo.get_image(&t, "a").await.unwrap().unwrap();
+    assert_eq!(
+        (a.status, a.result.as_ref()),
+        (ImageStatus::Done, Some(&r1))
+    );
 
     // A cached reuse on another image ($0), another model, another day.
     let r2 = result(&key, "gpt-4.1-mini", "2026-03-05T12:00:00.000Z", 0.0, true);

@@ -118,6 +118,16 @@ impl Ingest {
         source: &str,
         bytes: Vec<u8>,
     ) -> StoreResult<IngestOutcome> {
+        // A retried or repeated event for an image that is already analysed: keep it, and
+        // its resized JPEG, as they are (checked before any work or write).
+        let existing = self.repo.get_image(tenant, image_id).await?;
+        if let Some(done) = existing.as_ref().filter(|r| r.result.is_some()) {
+            info!(tenant, image_id, "image already analysed; not queued again");
+            return Ok(IngestOutcome::Ignored(format!(
+                "{} already done",
+                done.image_id
+            )));
+        }
         let opts = self.settings.prepare;
         let original_bytes = bytes.len() as u64;
         let prepared = tokio::task::spawn_blocking(move || prepare(&bytes, &opts))
@@ -156,15 +166,6 @@ impl Ingest {
             )
             .ok();
         let now = rfc3339(self.clock.now_ms());
-        let existing = self.repo.get_image(tenant, image_id).await?;
-        if let Some(done) = existing.as_ref().filter(|r| r.result.is_some()) {
-            // A retried or repeated event for an image that is already analysed: keep it.
-            info!(tenant, image_id, "image already analysed; not queued again");
-            return Ok(IngestOutcome::Ignored(format!(
-                "{} already done",
-                done.image_id
-            )));
-        }
         let created_at = existing
             .map(|r| r.created_at)
             .unwrap_or_else(|| now.clone());

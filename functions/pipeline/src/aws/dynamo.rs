@@ -244,14 +244,21 @@ impl Repository for DynamoRepository {
                 s(serde_json::to_string(r).map_err(json_err)?),
             );
         }
-        self.client
+        // A late resize retry never wipes an analysis that landed in between.
+        match self
+            .client
             .put_item()
             .table_name(&self.table)
             .set_item(Some(item))
+            .condition_expression("attribute_not_exists(#result)")
+            .expression_attribute_names("#result", "result")
             .send()
             .await
-            .map_err(|e| sdk_err("dynamodb PutItem image", e))?;
-        Ok(())
+        {
+            Ok(_) => Ok(()),
+            Err(e) if is_conditional_failure(&e) => Ok(()),
+            Err(e) => Err(sdk_err("dynamodb PutItem image", e)),
+        }
     }
 
     async fn get_image(&self, tenant: &str, image_id: &str) -> StoreResult<Option<ImageRecord>> {

@@ -165,7 +165,16 @@ fn store_image(conn: &Connection, rec: &ImageRecord) -> StoreResult<()> {
 impl Repository for SqliteRepository {
     async fn put_image(&self, record: &ImageRecord) -> StoreResult<()> {
         let rec = record.clone();
-        self.db.with(move |c| store_image(c, &rec)).await
+        self.db
+            .with(move |c| {
+                // A late resize retry never wipes an analysis that landed in between.
+                let stored = load_image(c, &rec.tenant, &rec.image_id)?;
+                if stored.is_some_and(|r| r.result.is_some()) {
+                    return Ok(());
+                }
+                store_image(c, &rec)
+            })
+            .await
     }
 
     async fn get_image(&self, tenant: &str, image_id: &str) -> StoreResult<Option<ImageRecord>> {
