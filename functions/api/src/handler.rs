@@ -79,4 +79,84 @@ mod tests {
             .unwrap();
         assert_eq!(call(app(state), missing).await.0, 404);
     }
+
+    #[tokio::test]
+    async fn every_error_is_json() {
+        let repo = Arc::new(SqliteRepository::new(SqliteDb::in_memory().unwrap()));
+        repo.put_api_key(&hash_api_key("k1"), "acme").await.unwrap();
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let state = ApiState {
+            repo,
+            presigner: Arc::new(LocalPresigner::new(
+                b"s".to_vec(),
+                "http://x",
+                clock.clone(),
+            )),
+            settings: Arc::new(Settings::default()),
+            clock,
+        };
+        let req = |method: &str, uri: &str, body: Body| {
+            lambda_http::http::Request::builder()
+                .method(method)
+                .uri(uri)
+                .header("x-api-key", "")
+                .header("authorization", "Bearer k1")
+                .body(body)
+                .unwrap()
+        };
+        // An empty x-api-key does not hide the Bearer key.
+        assert_eq!(
+            call(app(state.clone()), req("GET", "/v1/images", Body::Empty))
+                .await
+                .0,
+            200
+        );
+        let cases = [
+            (req("GET", "/v1/nope", Body::Empty), 404, "not_found"),
+            (
+                req("DELETE", "/v1/images", Body::Empty),
+                405,
+                "method_not_allowed",
+            ),
+            (
+                req("GET", "/v1/costs?from=2026-02-30", Body::Empty),
+                400,
+                "bad_request",
+            ),
+            (
+                req("GET", "/v1/costs?from=2026-13-01", Body::Empty),
+                400,
+                "bad_request",
+            ),
+            (
+                req(
+                    "POST",
+                    "/v1/uploads",
+                    Body::Binary(vec![b' '; 3 * 1024 * 1024]),
+                ),
+                413,
+                "too_large",
+            ),
+            (
+                req("POST", "/v1/uploads", Body::Text("{".into())),
+                400,
+                "bad_request",
+            ),
+        ];
+        for (request, status, code) in cases {
+            let uri = request.uri().to_string();
+            let (got, body) = call(app(state.clone()), request).await;
+            assert_eq!(
+                (got, body["error"]["code"].as_str()),
+                (status, Some(code)),
+                "{uri}: {body}"
+            );
+        }
+        let ok = req(
+            "GET",
+            "/v1/costs?from=2024-02-29&to=2024-03-01",
+            Body::Empty,
+        );
+        assert_eq!(call(app(state), ok).await.0, 200);
+    }
 }

@@ -7,10 +7,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -52,6 +53,9 @@ pub fn routes(state: ApiState) -> Router {
         .route("/v1/images", get(list_images))
         .route("/v1/images/{id}", get(get_image))
         .route("/v1/costs", get(costs))
+        // JSON, not axum's plain-text defaults, for unknown /v1 paths and wrong methods.
+        .route("/v1/{*rest}", any(not_found))
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
 
@@ -119,16 +123,32 @@ async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
 }
 
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not take that method",
+    )
+}
+
+/// Query strings axum cannot parse become JSON 400s.
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(v)| v)
+        .map_err(|e| ApiError::bad_request(format!("invalid query string: {}", e.body_text())))
+}
+
 /// sha256 hex of an API key, as stored.
 pub fn hash_api_key(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
 }
 
 async fn tenant(state: &ApiState, headers: &HeaderMap) -> Result<String, ApiError> {
+    // An empty x-api-key (some clients always send the header) does not hide a Bearer key.
     let key = headers
         .get("x-api-key")
         .and_then(|v| v.to_str().ok())
         .map(str::trim)
+        .filter(|k| !k.is_empty())
         .or_else(|| {
             headers
                 .get("authorization")
@@ -138,8 +158,8 @@ async fn tenant(state: &ApiState, headers: &HeaderMap) -> Result<String, ApiErro
                         .or_else(|| v.strip_prefix("bearer "))
                 })
                 .map(str::trim)
+                .filter(|k| !k.is_empty())
         })
-        .filter(|k| !k.is_empty())
         .ok_or_else(|| {
             ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing API key")
         })?;
@@ -183,9 +203,21 @@ fn extension_for(content_type: &str) -> Option<&'static str> {
 async fn create_upload(
     State(state): State<ApiState>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<UploadResponse>), ApiError> {
     let tenant = tenant(&state, &headers).await?;
+    // The request is a small JSON document; axum's body limit answers in plain text.
+    let body = body.map_err(|e| {
+        ApiError::new(
+            e.status(),
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                "too_large"
+            } else {
+                "bad_request"
+            },
+            e.body_text(),
+        )
+    })?;
     let req: UploadRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
     let ext = extension_for(&req.content_type).ok_or_else(|| {
@@ -279,9 +311,10 @@ async fn get_image(
 async fn list_images(
     State(state): State<ApiState>,
     headers: HeaderMap,
-    Query(q): Query<BTreeMap<String, String>>,
+    q: Result<Query<BTreeMap<String, String>>, QueryRejection>,
 ) -> Result<Json<crate::ports::ImagePage>, ApiError> {
     let tenant = tenant(&state, &headers).await?;
+    let q = query(q)?;
     for k in q.keys() {
         if !matches!(k.as_str(), "status" | "limit" | "cursor") {
             return Err(ApiError::bad_request(format!(
@@ -386,14 +419,10 @@ pub fn cost_report(from: &str, to: &str, rows: Vec<CostRow>) -> CostReport {
     }
 }
 
+/// A real calendar date written YYYY-MM-DD (2026-02-30 is not one).
 fn valid_day(s: &str) -> bool {
-    let b = s.as_bytes();
-    b.len() == 10
-        && b[4] == b'-'
-        && b[7] == b'-'
-        && b.iter()
-            .enumerate()
-            .all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit())
+    let format = time::macros::format_description!("[year]-[month]-[day]");
+    s.len() == 10 && time::Date::parse(s, &format).is_ok()
 }
 
 /// Default window: the last 30 days up to today (UTC).
@@ -406,9 +435,10 @@ pub fn default_window(now_ms: u64) -> (String, String) {
 async fn costs(
     State(state): State<ApiState>,
     headers: HeaderMap,
-    Query(q): Query<BTreeMap<String, String>>,
+    q: Result<Query<BTreeMap<String, String>>, QueryRejection>,
 ) -> Result<Json<CostReport>, ApiError> {
     let tenant = tenant(&state, &headers).await?;
+    let q = query(q)?;
     for k in q.keys() {
         if !matches!(k.as_str(), "from" | "to") {
             return Err(ApiError::bad_request(format!(
