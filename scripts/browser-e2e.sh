@@ -8,11 +8,17 @@ cd "$ROOT"
 export PATH="$HOME/.cargo/bin:$PATH"
 
 [[ -f wasm-client/pkg/sightline_wasm_bg.wasm ]] || { echo "wasm-client/pkg is missing: run scripts/wasm-build.sh" >&2; exit 1; }
-cargo build -p sightline --locked
+# scripts/test.sh passes the binary its `cargo test` just built (building `-p sightline` alone
+# would resolve features differently and rebuild half the dependency tree).
+BIN="${SIGHTLINE_BIN:-}"
+if [[ -z "$BIN" ]]; then
+  cargo build -p sightline --locked
+  BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/sightline"
+fi
 DATA="$(mktemp -d)"
 LOG="$ROOT/target/browser/serve.log"
 mkdir -p "$ROOT/target/browser"
-"${CARGO_TARGET_DIR:-$ROOT/target}/debug/sightline" --data-dir "$DATA" serve --addr 127.0.0.1:0 --web-dir wasm-client 2> "$LOG" &
+"$BIN" --data-dir "$DATA" serve --addr 127.0.0.1:0 --web-dir wasm-client 2> "$LOG" &
 SERVER=$!
 cleanup() { kill "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true; rm -rf "$DATA"; }
 trap cleanup EXIT

@@ -23,7 +23,16 @@ ensure_venv() {
   if [ ! -x "$VENV/bin/python" ]; then
     log "creating venv $VENV"
     mkdir -p "$(dirname "$VENV")"
-    "$PYTHON" -m venv "$VENV"
+    if ! "$PYTHON" -m venv "$VENV"; then
+      # Debian's python3 ships venv without ensurepip until python3-venv is installed.
+      log "installing python3-venv"
+      rm -rf "$VENV"
+      SUDO=""
+      [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+      DEBIAN_FRONTEND=noninteractive $SUDO apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+      "$PYTHON" -m venv "$VENV"
+    fi
   fi
 }
 

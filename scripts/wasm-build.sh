@@ -11,8 +11,7 @@
 #   SIGHTLINE_WASM_OPT_LEVEL=3|s|z   rustc opt-level. Default 3: measured in headless Chromium on the
 #                                    12 MP sample, s is ~7% smaller gzipped but ~1.8x slower (the
 #                                    JPEG decoder dominates); see wasm-client/README.md.
-#   SIGHTLINE_WASM_OPT_PASSES=-O3    wasm-opt level (-O3, -Oz, -Os, or "none"). Default -O3 (-Oz
-#                                    saves <1% on opt-level 3 code).
+#   SIGHTLINE_WASM_OPT_PASSES=-Oz    wasm-opt level (-Oz, -Os, -O3, or "none"). Default -Oz.
 #                                    wasm-opt >= 116 is needed (Debian's 108 is too old: npm's is used).
 #   SIGHTLINE_WASM_OUT=dir           output folder. Default wasm-client/pkg.
 #   SIGHTLINE_WASM_TARGET_DIR=dir    cargo target dir. Default target/wasm (apart from the native build).
@@ -23,7 +22,7 @@ cd "$ROOT"
 
 SIMD="${SIGHTLINE_WASM_SIMD:-1}"
 OPT_LEVEL="${SIGHTLINE_WASM_OPT_LEVEL:-3}"
-OPT_PASSES="${SIGHTLINE_WASM_OPT_PASSES:--O3}"
+OPT_PASSES="${SIGHTLINE_WASM_OPT_PASSES:--Oz}"
 OUT="${SIGHTLINE_WASM_OUT:-wasm-client/pkg}"
 TARGET_DIR="${SIGHTLINE_WASM_TARGET_DIR:-$ROOT/target/wasm}"
 
@@ -60,16 +59,12 @@ fi
 
 # 3. binaryen's wasm-opt, version >= 116: older ones (Debian bookworm ships 108) mis-handle the
 #    reference-types tables rustc and wasm-bindgen emit (the module then fails to instantiate).
-#    Debian's package is used when new enough, else npm's binaryen in target/wasm/tools.
+#    A wasm-opt on PATH is used when new enough, else npm's binaryen in target/wasm/tools.
 WASM_OPT_MIN=116
 BINARYEN_NPM_VERSION=132.0.0
 wasm_opt_version() { "$1" --version 2>/dev/null | sed -n 's/.*version \([0-9][0-9]*\).*/\1/p' | head -n1; }
 WASM_OPT=""
 if [[ "$OPT_PASSES" != "none" ]]; then
-  if ! command -v wasm-opt >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == 0 ]]; then
-    log "installing binaryen (wasm-opt) with apt-get"
-    (apt-get install -y binaryen >/dev/null 2>&1 || { apt-get update >/dev/null && apt-get install -y binaryen >/dev/null; }) || true
-  fi
   if command -v wasm-opt >/dev/null 2>&1 && (( $(wasm_opt_version wasm-opt || echo 0) >= WASM_OPT_MIN )); then
     WASM_OPT="$(command -v wasm-opt)"
   else
@@ -84,7 +79,8 @@ if [[ "$OPT_PASSES" != "none" ]]; then
     [[ -x "$NPM_BIN" ]] && WASM_OPT="$NPM_BIN"
   fi
   if [[ -z "$WASM_OPT" ]]; then
-    log "no wasm-opt >= $WASM_OPT_MIN found: the package is built without it (larger)"
+    log "no wasm-opt >= $WASM_OPT_MIN could be installed (npm's binaryen $BINARYEN_NPM_VERSION); set SIGHTLINE_WASM_OPT_PASSES=none to build without it"
+    exit 1
   fi
 fi
 

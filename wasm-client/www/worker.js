@@ -8,7 +8,7 @@
 // `fatal` means the WebAssembly instance trapped (e.g. out of memory): the page should
 // terminate this worker and start a new one.
 
-import init, { prepareImage, estimate, models, version } from '/pkg/sightline_wasm.js';
+import init, { prepareImage, estimate, models, version } from '../pkg/sightline_wasm.js';
 
 const ready = init().then(
   () => ({ ok: true }),
