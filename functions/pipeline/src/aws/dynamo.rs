@@ -27,6 +27,18 @@ use crate::ports::{
 
 /// Idempotency items expire after 30 days (TTL attribute `expires_at`).
 const IDEM_TTL_SECS: u64 = 30 * 86_400;
+/// A `pending` record (upload URL handed out, nothing uploaded yet) expires after 7 days; the
+/// resize function's write replaces the whole item, TTL attribute included.
+const PENDING_TTL_SECS: u64 = 7 * 86_400;
+
+/// When a record last written at `updated_at` (RFC 3339) should expire if still pending.
+fn pending_expiry(updated_at: &str) -> Option<u64> {
+    let t = time::OffsetDateTime::parse(updated_at, &time::format_description::well_known::Rfc3339)
+        .ok()?;
+    u64::try_from(t.unix_timestamp())
+        .ok()
+        .map(|s| s + PENDING_TTL_SECS)
+}
 
 type Item = HashMap<String, AttributeValue>;
 
@@ -237,6 +249,11 @@ impl Repository for DynamoRepository {
         ]);
         if let Some(e) = &record.error {
             item.insert("error".into(), s(e));
+        }
+        if record.status == ImageStatus::Pending {
+            if let Some(at) = pending_expiry(&record.updated_at) {
+                item.insert("expires_at".into(), n(at));
+            }
         }
         if let Some(r) = &record.result {
             item.insert(
@@ -602,6 +619,16 @@ fn epoch_secs() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pending_records_expire_a_week_after_their_last_write() {
+        // 2026-01-01T00:00:00Z is 1767225600.
+        assert_eq!(
+            pending_expiry("2026-01-01T00:00:00.000Z"),
+            Some(1_767_225_600 + 7 * 86_400)
+        );
+        assert_eq!(pending_expiry("yesterday"), None);
+    }
 
     #[test]
     fn cursors_round_trip_and_stay_in_their_partition() {
