@@ -245,6 +245,17 @@ mod tests {
         }
     }
 
+    /// An analyzer whose repository is down: every record is a transient failure.
+    fn analyzer_over_down_repo(dir: &std::path::Path) -> Analyzer {
+        Analyzer::new(
+            Arc::new(FileBlobStore::new(dir)),
+            Arc::new(DownRepo),
+            Arc::new(LocalAnalyzer),
+            Arc::new(Settings::default()),
+            Arc::new(SystemClock),
+        )
+    }
+
     #[derive(Default)]
     struct RecordingQueue {
         retries: Mutex<Vec<(String, Duration)>>,
@@ -286,13 +297,7 @@ mod tests {
     async fn transient_records_are_reported_and_delayed_others_are_not() {
         let dir = tempfile::tempdir().unwrap();
         let queue = Arc::new(RecordingQueue::default());
-        let analyzer = Analyzer::new(
-            Arc::new(FileBlobStore::new(dir.path())),
-            Arc::new(DownRepo),
-            Arc::new(LocalAnalyzer),
-            Arc::new(Settings::default()),
-            Arc::new(SystemClock),
-        );
+        let analyzer = analyzer_over_down_repo(dir.path());
         let handler = AnalyzeHandler::new(analyzer, queue.clone());
         let mut event = SqsEvent::default();
         event.records = vec![
@@ -332,13 +337,7 @@ mod tests {
     #[tokio::test]
     async fn a_retry_without_message_id_fails_the_invocation() {
         let dir = tempfile::tempdir().unwrap();
-        let analyzer = Analyzer::new(
-            Arc::new(FileBlobStore::new(dir.path())),
-            Arc::new(DownRepo),
-            Arc::new(LocalAnalyzer),
-            Arc::new(Settings::default()),
-            Arc::new(SystemClock),
-        );
+        let analyzer = analyzer_over_down_repo(dir.path());
         let handler = AnalyzeHandler::new(analyzer, Arc::new(RecordingQueue::default()));
         let mut event = SqsEvent::default();
         event.records = vec![record(Some("m1"), "r1", JOB, "1")];
@@ -351,13 +350,7 @@ mod tests {
     async fn nothing_starts_near_the_deadline() {
         let dir = tempfile::tempdir().unwrap();
         let queue = Arc::new(RecordingQueue::default());
-        let analyzer = Analyzer::new(
-            Arc::new(FileBlobStore::new(dir.path())),
-            Arc::new(DownRepo),
-            Arc::new(LocalAnalyzer),
-            Arc::new(Settings::default()),
-            Arc::new(SystemClock),
-        );
+        let analyzer = analyzer_over_down_repo(dir.path());
         let handler = AnalyzeHandler::new(analyzer, queue.clone());
         let mut event = SqsEvent::default();
         event.records = vec![

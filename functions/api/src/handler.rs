@@ -44,12 +44,12 @@ mod tests {
         )
     }
 
-    #[tokio::test]
-    async fn lambda_http_requests_reach_the_router() {
+    /// The router's state over SQLite, with key "k1" for tenant acme.
+    async fn state() -> ApiState {
         let repo = Arc::new(SqliteRepository::new(SqliteDb::in_memory().unwrap()));
         repo.put_api_key(&hash_api_key("k1"), "acme").await.unwrap();
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let state = ApiState {
+        ApiState {
             repo,
             presigner: Arc::new(LocalPresigner::new(
                 b"s".to_vec(),
@@ -58,7 +58,12 @@ mod tests {
             )),
             settings: Arc::new(Settings::default()),
             clock,
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn lambda_http_requests_reach_the_router() {
+        let state = state().await;
         let unauth = lambda_http::http::Request::builder()
             .uri("/v1/images")
             .body(Body::Empty)
@@ -82,19 +87,7 @@ mod tests {
 
     #[tokio::test]
     async fn every_error_is_json() {
-        let repo = Arc::new(SqliteRepository::new(SqliteDb::in_memory().unwrap()));
-        repo.put_api_key(&hash_api_key("k1"), "acme").await.unwrap();
-        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let state = ApiState {
-            repo,
-            presigner: Arc::new(LocalPresigner::new(
-                b"s".to_vec(),
-                "http://x",
-                clock.clone(),
-            )),
-            settings: Arc::new(Settings::default()),
-            clock,
-        };
+        let state = state().await;
         let req = |method: &str, uri: &str, body: Body| {
             lambda_http::http::Request::builder()
                 .method(method)
