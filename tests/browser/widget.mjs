@@ -42,6 +42,10 @@ let browser;
 try {
   browser = await launchChromium();
   const page = await browser.newPage({ viewport: { width: 1100, height: 900 } });
+  // Playwright turns file-chooser interception on asynchronously when the first listener is
+  // added; a listener from the start means the keyboard check below never races it (a chooser
+  // opened before interception is on never reaches waitForEvent).
+  page.on('filechooser', () => {});
   const problems = watchPage(page);
   if (!(await t.check('the demo page loads the element and the WASM worker', () => openWidget(page, stub.url)))) {
     throw new Error('the widget did not load (is wasm-client/pkg built? scripts/wasm-build.sh); later checks not run');
@@ -108,8 +112,10 @@ try {
       await pick.focus();
       const chooser = page.waitForEvent('filechooser', { timeout: 5000 });
       await page.keyboard.press(key);
-      const fc = await chooser;
+      const fc = await chooser.catch((e) => { throw new Error(`${key}: ${e.message}`); });
       assert(fc.isMultiple(), 'file chooser is not multiple');
+      // Answer the chooser (with nothing): Chromium opens no second one while one is pending.
+      await fc.setFiles([]);
     }
     // On a fresh page, the first Tab stop is the picker button.
     const p3 = await browser.newPage();
