@@ -402,13 +402,14 @@ pub fn prepare(bytes: &[u8], opts: &PrepareOptions) -> Result<PreparedImage, Pre
                 3
             }
     };
+    // JPEG marker segments, walked once: None inside when the structure breaks before a scan.
+    let jpeg = (format == SourceFormat::Jpeg).then(|| jpeg_header(bytes));
     // A progressive JPEG keeps every DCT coefficient (2 bytes per sample, up to 3 full-size
     // components) until its last scan, whatever scale it is decoded at.
-    let coefficient_bytes = if format == SourceFormat::Jpeg && jpeg_is_progressive(bytes) {
-        pixels * 3 * 2
-    } else {
-        0
-    };
+    let progressive = jpeg
+        .as_ref()
+        .is_some_and(|h| h.as_ref().is_some_and(JpegHeader::is_progressive));
+    let coefficient_bytes = if progressive { pixels * 3 * 2 } else { 0 };
     if decoded_bytes
         .saturating_add(convert_bytes)
         .saturating_add(coefficient_bytes)
@@ -419,8 +420,10 @@ pub fn prepare(bytes: &[u8], opts: &PrepareOptions) -> Result<PreparedImage, Pre
         });
     }
     // Some JPEG decoders fill a cut-off scan with grey instead of failing; refuse it here.
-    if format == SourceFormat::Jpeg && !jpeg_has_eoi(bytes) {
-        return Err(PrepareError::Truncated);
+    if let Some(header) = &jpeg {
+        if !header.as_ref().is_some_and(|h| h.has_eoi(bytes)) {
+            return Err(PrepareError::Truncated);
+        }
     }
     let (up_w, up_h) = if swaps_axes(orientation) {
         (stored_h, stored_w)
@@ -477,26 +480,25 @@ pub fn prepare(bytes: &[u8], opts: &PrepareOptions) -> Result<PreparedImage, Pre
     })
 }
 
-/// True when the JPEG's scan data is followed by an EOI marker. Walks the marker segments
-/// up to the first SOS, then looks for FF D9: inside entropy-coded data every FF byte is
-/// stuffed (FF 00) or a restart marker, so FF D9 there is the real end.
-fn jpeg_has_eoi(bytes: &[u8]) -> bool {
-    jpeg_header(bytes).is_some_and(|h| {
-        let scan = h.scan_start.min(bytes.len());
-        bytes[scan..].windows(2).any(|w| w == [0xFF, 0xD9])
-    })
-}
-
-/// True when the frame header is SOF2 (progressive, Huffman).
-fn jpeg_is_progressive(bytes: &[u8]) -> bool {
-    jpeg_header(bytes).is_some_and(|h| h.sof == Some(0xC2))
-}
-
 struct JpegHeader {
     /// The SOFn marker of the frame, if one came before the first scan.
     sof: Option<u8>,
     /// Offset of the first scan's entropy-coded data.
     scan_start: usize,
+}
+
+impl JpegHeader {
+    /// True when the frame header is SOF2 (progressive, Huffman).
+    fn is_progressive(&self) -> bool {
+        self.sof == Some(0xC2)
+    }
+
+    /// True when the scan data is followed by an EOI marker: inside entropy-coded data every
+    /// FF byte is stuffed (FF 00) or a restart marker, so FF D9 there is the real end.
+    fn has_eoi(&self, bytes: &[u8]) -> bool {
+        let scan = self.scan_start.min(bytes.len());
+        bytes[scan..].windows(2).any(|w| w == [0xFF, 0xD9])
+    }
 }
 
 /// Walk the marker segments from SOI to the first SOS. None when the structure breaks first.
@@ -551,19 +553,17 @@ fn decode_jpeg_scaled(
         .ok_or_else(|| PrepareError::Corrupt("JPEG has no frame header".into()))?;
     let req_w = u16::try_from(target_w).unwrap_or(u16::MAX);
     let req_h = u16::try_from(target_h).unwrap_or(u16::MAX);
-    let (mut w, mut h) = dec.scale(req_w, req_h).map_err(map_jpeg_error)?;
+    // The decoder takes a scale when *either* side reaches the request; both must, or the
+    // resize would upscale. So ask for the smallest scaled size where both do.
+    let (sw, sh) = [8u32, 4, 2]
+        .into_iter()
+        .map(|d| (div_ceil(full.width, d), div_ceil(full.height, d)))
+        .find(|&(sw, sh)| sw >= req_w && sh >= req_h)
+        .unwrap_or((full.width, full.height));
+    let (mut w, mut h) = dec.scale(sw, sh).map_err(map_jpeg_error)?;
     if w < req_w || h < req_h {
-        // The decoder takes a scale when either side reaches the request; both must, or the
-        // resize would upscale. Ask for the smallest scale where both do (full size always does).
-        let smallest = [8u32, 4, 2]
-            .into_iter()
-            .map(|d| (div_ceil(full.width, d), div_ceil(full.height, d)))
-            .find(|&(sw, sh)| sw >= req_w && sh >= req_h)
-            .unwrap_or((full.width, full.height));
-        (w, h) = dec.scale(smallest.0, smallest.1).map_err(map_jpeg_error)?;
-        if w < req_w || h < req_h {
-            (w, h) = dec.scale(full.width, full.height).map_err(map_jpeg_error)?;
-        }
+        // Tiny sides can round so that a smaller scale also "reaches": full size always fits.
+        (w, h) = dec.scale(full.width, full.height).map_err(map_jpeg_error)?;
     }
     let pixels = dec.decode().map_err(map_jpeg_error)?;
     let info = dec
@@ -721,7 +721,14 @@ mod tests {
 
     #[test]
     fn progressive_is_told_from_the_frame_marker() {
-        assert!(!jpeg_is_progressive(&jpeg(16, 16)));
-        assert!(jpeg_has_eoi(&jpeg(16, 16)));
+        let bytes = jpeg(16, 16);
+        let header = jpeg_header(&bytes).unwrap();
+        assert!(!header.is_progressive() && header.has_eoi(&bytes));
+        let progressive = std::fs::read(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../../shared/samples/large/Elephants_5640x3172.jpg"),
+        )
+        .unwrap();
+        assert!(jpeg_header(&progressive).unwrap().is_progressive());
     }
 }

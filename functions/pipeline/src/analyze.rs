@@ -129,10 +129,7 @@ impl Analyzer {
             Err(e) => {
                 // Never dropped: it goes back until the queue's redrive moves it to the DLQ.
                 warn!(error = %e, receive_count, "malformed job message; kept for the dead-letter queue");
-                return AnalyzeOutcome::Retry {
-                    delay: retry_delay(&FailureKind::Connection, receive_count, jitter()),
-                    reason: format!("malformed job message: {e}"),
-                };
+                return retry_later(receive_count, format!("malformed job message: {e}"));
             }
         };
         let outcome = match self.handle_job(&job, receive_count).await {
@@ -144,10 +141,7 @@ impl Analyzer {
             Err(e @ StoreError::TooLarge { .. }) => self.fail(&job, &e.to_string()).await,
             // Other storage trouble may be configuration (permissions, a missing table) that
             // an operator fixes: retry, and the DLQ keeps what never heals.
-            Err(e) => AnalyzeOutcome::Retry {
-                delay: retry_delay(&FailureKind::Connection, receive_count, jitter()),
-                reason: e.to_string(),
-            },
+            Err(e) => retry_later(receive_count, e.to_string()),
         };
         self.give_up_if_last(&job, receive_count, outcome).await
     }
@@ -201,10 +195,8 @@ impl Analyzer {
     ) -> Result<AnalyzeOutcome, StoreError> {
         let Some(record) = self.repo.get_image(&job.tenant, &job.image_id).await? else {
             // A job for an image nobody recorded is a producer bug: keep it for the DLQ.
-            return Ok(AnalyzeOutcome::Retry {
-                delay: retry_delay(&FailureKind::Connection, receive_count, jitter()),
-                reason: format!("image {}/{} has no record", job.tenant, job.image_id),
-            });
+            let reason = format!("image {}/{} has no record", job.tenant, job.image_id);
+            return Ok(retry_later(receive_count, reason));
         };
         if record.result.is_some() {
             return Ok(AnalyzeOutcome::AlreadyDone);
@@ -541,6 +533,14 @@ impl Analyzer {
             }
             l.observe(rate, now);
         });
+    }
+}
+
+/// Back to the queue after exponential backoff with jitter (no provider delay to follow).
+fn retry_later(receive_count: u32, reason: String) -> AnalyzeOutcome {
+    AnalyzeOutcome::Retry {
+        delay: retry_delay(&FailureKind::Connection, receive_count, jitter()),
+        reason,
     }
 }
 
