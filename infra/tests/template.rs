@@ -772,8 +772,12 @@ fn table_follows_docs_aws_md() {
     };
     assert_eq!(keys(&p["KeySchema"]), pair("pk", "sk"));
     let gsis = as_list(&p["GlobalSecondaryIndexes"]);
-    assert_eq!(gsis.len(), 2);
-    for (name, h, r) in [("gsi1", "gsi1pk", "gsi1sk"), ("gsi2", "gsi2pk", "gsi2sk")] {
+    assert_eq!(gsis.len(), 3);
+    for (name, h, r) in [
+        ("gsi1", "gsi1pk", "gsi1sk"),
+        ("gsi2", "gsi2pk", "gsi2sk"),
+        ("gsi3", "gsi3pk", "gsi3sk"),
+    ] {
         let g = gsis
             .iter()
             .find(|g| g["IndexName"] == name)
@@ -785,10 +789,12 @@ fn table_follows_docs_aws_md() {
         .iter()
         .map(|a| (render(&a["AttributeName"]), render(&a["AttributeType"])))
         .collect();
-    for a in ["pk", "sk", "gsi1pk", "gsi1sk", "gsi2pk", "gsi2sk"] {
+    for a in [
+        "pk", "sk", "gsi1pk", "gsi1sk", "gsi2pk", "gsi2sk", "gsi3pk", "gsi3sk",
+    ] {
         assert_eq!(attrs.get(a).map(String::as_str), Some("S"), "attribute {a}");
     }
-    assert_eq!(attrs.len(), 6, "only key attributes are declared");
+    assert_eq!(attrs.len(), 8, "only key attributes are declared");
 }
 
 #[test]

@@ -1,4 +1,4 @@
-//! Create the AWS resources of docs/aws.md on the emulator: the single table (with both GSIs,
+//! Create the AWS resources of docs/aws.md on the emulator: the single table (with its GSIs,
 //! TTL and point-in-time recovery), the bucket, queues with a DLQ, the S3 → SQS notification.
 
 use std::time::Duration;
@@ -42,7 +42,8 @@ fn gsi(name: &str, pk: &str, sk: &str) -> Result<GlobalSecondaryIndex> {
         .build()?)
 }
 
-/// The sightline table: `pk`/`sk`, GSIs `gsi1` and `gsi2` (ALL), TTL on `expires_at`,
+/// The sightline table: `pk`/`sk`, GSIs `gsi1`, `gsi2` and the sparse recheck index `gsi3`
+/// (ALL), TTL on `expires_at`,
 /// on-demand billing, point-in-time recovery.
 pub async fn create_table(client: &aws_sdk_dynamodb::Client, name: &str) -> Result<()> {
     let mut req = client
@@ -52,8 +53,11 @@ pub async fn create_table(client: &aws_sdk_dynamodb::Client, name: &str) -> Resu
         .key_schema(key("pk", KeyType::Hash)?)
         .key_schema(key("sk", KeyType::Range)?)
         .global_secondary_indexes(gsi("gsi1", "gsi1pk", "gsi1sk")?)
-        .global_secondary_indexes(gsi("gsi2", "gsi2pk", "gsi2sk")?);
-    for a in ["pk", "sk", "gsi1pk", "gsi1sk", "gsi2pk", "gsi2sk"] {
+        .global_secondary_indexes(gsi("gsi2", "gsi2pk", "gsi2sk")?)
+        .global_secondary_indexes(gsi("gsi3", "gsi3pk", "gsi3sk")?);
+    for a in [
+        "pk", "sk", "gsi1pk", "gsi1sk", "gsi2pk", "gsi2sk", "gsi3pk", "gsi3sk",
+    ] {
         req = req.attribute_definitions(attr(a)?);
     }
     req.send().await.context("CreateTable")?;

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use sightline_core::model::{AnalysisResult, ImageRecord, ImageStatus};
 use sightline_core::pricing::Usage;
 use sightline_pipeline::ports::{
-    BlobStore, Claim, Completion, Queue, QueueMessage, Repository, StoreError,
+    api_key_id, BlobStore, Claim, Completion, JobDelivery, PutImage, Queue, QueueMessage,
+    Repository, Spend, StoreError,
 };
 
 /// A unique suffix so runs and tests never share tenants or keys.
@@ -31,6 +32,8 @@ pub fn record(tenant: &str, image_id: &str, created_at: &str, status: ImageStatu
         resized: None,
         orientation: Some(1),
         sha256: Some("ab".repeat(32)),
+        original_sha256: None,
+        original_key: None,
         resized_key: Some(format!("resized/{tenant}/{image_id}.jpg")),
         estimate: None,
         original_estimate: None,
@@ -62,6 +65,9 @@ pub fn result(
         },
         cost_usd: cost,
         cached,
+        calls: u32::from(!cached),
+        usage_estimated: false,
+        cost_at_estimate_usd: 0.0,
         idempotency_key: key.into(),
         prompt_version: "v1".into(),
         price_version: "test".into(),
@@ -95,10 +101,10 @@ pub async fn images_contract(repo: Arc<dyn Repository>) {
             &format!("2026-01-0{}T00:00:00.000Z", i + 1),
             *st,
         );
-        repo.put_image(&rec).await.unwrap();
+        repo.put_image(&rec, None).await.unwrap();
     }
     let other = record(&b, "img-1", "2026-01-09T00:00:00.000Z", ImageStatus::Queued);
-    repo.put_image(&other).await.unwrap();
+    repo.put_image(&other, None).await.unwrap();
 
     let got = repo.get_image(&a, "img-2").await.unwrap().unwrap();
     assert_eq!(
@@ -178,7 +184,7 @@ pub async fn images_contract(repo: Arc<dyn Repository>) {
     // Overwrite (a resize retry) replaces the record and its status index.
     let mut again = record(&a, "img-5", "2026-01-05T00:00:00.000Z", ImageStatus::Failed);
     again.error = Some("second try".into());
-    repo.put_image(&again).await.unwrap();
+    repo.put_image(&again, None).await.unwrap();
     assert_eq!(repo.get_image(&a, "img-5").await.unwrap().unwrap(), again);
     let failed = repo
         .list_images(&a, Some(ImageStatus::Failed), 100, None)
@@ -257,7 +263,7 @@ pub async fn claims_and_completion_contract(repo: Arc<dyn Repository>) {
             &format!("2026-03-0{}T00:00:00.000Z", i + 1),
             ImageStatus::Queued,
         );
-        repo.put_image(&rec).await.unwrap();
+        repo.put_image(&rec, None).await.unwrap();
     }
     let day1 = "2026-03-05T10:00:00.000Z";
     let r1 = result(&key, "gpt-4.1-mini", day1, 0.0125, false);
@@ -298,7 +304,7 @@ pub async fn claims_and_completion_contract(repo: Arc<dyn Repository>) {
     assert_eq!((a.status, a.error), (ImageStatus::Done, None));
     // Nor overwritten by a late resize retry.
     let late = record(&t, "a", "2026-03-01T00:00:00.000Z", ImageStatus::Queued);
-    repo.put_image(&late).await.unwrap();
+    repo.put_image(&late, None).await.unwrap();
     let a = repo.get_image(&t, "a").await.unwrap().unwrap();
     assert_eq!(
         (a.status, a.result.as_ref()),
@@ -396,27 +402,234 @@ pub async fn claims_and_completion_contract(repo: Arc<dyn Repository>) {
         .is_empty());
 }
 
-/// API keys map (hashed) to tenants.
+/// API keys map (hashed) to tenants; a tenant lists its keys and revokes them by id.
 pub async fn api_keys_contract(repo: Arc<dyn Repository>) {
-    let h1 = format!("{:0>64}", unique("k"));
-    let h2 = format!("{:0>64}", unique("j"));
-    repo.put_api_key(&h1, "acme").await.unwrap();
+    let tenant = unique("acme");
+    let h1 = format!("{:a>64}", unique("1"));
+    let h2 = format!("{:b>64}", unique("2"));
+    let h3 = format!("{:c>64}", unique("3"));
+    repo.add_api_key(&h1, &tenant, "2026-01-01T00:00:00.000Z")
+        .await
+        .unwrap();
     assert_eq!(
         repo.tenant_for_key(&h1).await.unwrap().as_deref(),
-        Some("acme")
+        Some(tenant.as_str())
     );
     assert_eq!(repo.tenant_for_key(&h2).await.unwrap(), None);
-    repo.put_api_key(&h1, "globex").await.unwrap();
+    repo.add_api_key(&h2, &tenant, "2026-01-02T00:00:00.000Z")
+        .await
+        .unwrap();
+    let other = unique("globex");
+    repo.add_api_key(&h3, &other, "2026-01-03T00:00:00.000Z")
+        .await
+        .unwrap();
+    let listed = repo.list_api_keys(&tenant).await.unwrap();
+    let listed_ids: Vec<&str> = listed.iter().map(|k| k.id.as_str()).collect();
+    assert_eq!(listed_ids, vec![api_key_id(&h1), api_key_id(&h2)]);
+    assert_eq!(listed[0].created_at, "2026-01-01T00:00:00.000Z");
+    assert!(listed
+        .iter()
+        .all(|k| k.tenant == tenant && k.id.len() == 12));
+    // Another tenant cannot revoke them; a malformed id revokes nothing.
+    assert!(!repo.revoke_api_key(&other, &api_key_id(&h1)).await.unwrap());
+    assert!(!repo.revoke_api_key(&tenant, "").await.unwrap());
+    assert!(!repo.revoke_api_key(&tenant, &h1[..6]).await.unwrap());
+    assert!(repo
+        .revoke_api_key(&tenant, &api_key_id(&h1))
+        .await
+        .unwrap());
+    assert_eq!(repo.tenant_for_key(&h1).await.unwrap(), None, "revoked");
     assert_eq!(
-        repo.tenant_for_key(&h1).await.unwrap().as_deref(),
-        Some("globex")
+        repo.tenant_for_key(&h2).await.unwrap().as_deref(),
+        Some(tenant.as_str())
     );
+    assert!(!repo
+        .revoke_api_key(&tenant, &api_key_id(&h1))
+        .await
+        .unwrap());
+    assert_eq!(repo.list_api_keys(&tenant).await.unwrap().len(), 1);
+    assert_eq!(repo.list_api_keys(&other).await.unwrap().len(), 1);
+}
+
+/// The record guard (never over a result, never over another upload), recheck times, the
+/// transactional outbox of `put_queued`, and expiry of unused uploads.
+pub async fn records_and_rechecks_contract(repo: Arc<dyn Repository>) {
+    let t = unique("tr");
+    let base = 1_900_000_000_000u64;
+    let due = |repo: Arc<dyn Repository>, t: String, at: u64| async move {
+        let mut got: Vec<String> = repo
+            .due_rechecks(at, 1000)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|r| r.tenant == t)
+            .map(|r| r.image_id)
+            .collect();
+        got.sort();
+        got
+    };
+    let mut first = record(&t, "u1", "2026-04-01T00:00:00.000Z", ImageStatus::Queued);
+    first.original_sha256 = Some("aa".repeat(32));
+    assert_eq!(
+        repo.put_image(&first, Some(base + 100)).await.unwrap(),
+        PutImage::Stored
+    );
+    // The same upload again rewrites it; another upload, or none, does not.
+    assert_eq!(
+        repo.put_image(&first, Some(base + 100)).await.unwrap(),
+        PutImage::Stored
+    );
+    let mut second = first.clone();
+    second.original_sha256 = Some("bb".repeat(32));
+    second.sha256 = Some("cd".repeat(32));
+    assert_eq!(
+        repo.put_image(&second, None).await.unwrap(),
+        PutImage::OtherUpload
+    );
+    let mut anon = first.clone();
+    anon.original_sha256 = None;
+    assert_eq!(
+        repo.put_image(&anon, None).await.unwrap(),
+        PutImage::OtherUpload
+    );
+    assert_eq!(repo.get_image(&t, "u1").await.unwrap().unwrap(), first);
+
+    // Due at its recheck time, not before; moved and cleared by set_recheck.
+    assert!(due(repo.clone(), t.clone(), base + 99).await.is_empty());
+    assert_eq!(due(repo.clone(), t.clone(), base + 100).await, vec!["u1"]);
+    repo.set_recheck(&t, "u1", Some(base + 10)).await.unwrap();
+    assert_eq!(due(repo.clone(), t.clone(), base + 10).await, vec!["u1"]);
+    repo.set_recheck(&t, "u1", None).await.unwrap();
+    assert!(due(repo.clone(), t.clone(), u64::MAX / 4).await.is_empty());
+    repo.set_recheck(&t, "nobody", Some(base)).await.unwrap();
+    assert_eq!(repo.get_image(&t, "nobody").await.unwrap(), None);
+
+    // Finishing clears the recheck: complete and mark_failed.
+    let done = record(&t, "u2", "2026-04-01T00:00:01.000Z", ImageStatus::Queued);
+    let failed = record(&t, "u3", "2026-04-01T00:00:02.000Z", ImageStatus::Queued);
+    repo.put_image(&done, Some(base)).await.unwrap();
+    repo.put_image(&failed, Some(base)).await.unwrap();
+    assert_eq!(due(repo.clone(), t.clone(), base).await, vec!["u2", "u3"]);
+    let key = format!("t:{t}/{}:gpt-4.1-mini:v1", "ee".repeat(32));
+    let r = result(
+        &key,
+        "gpt-4.1-mini",
+        "2026-04-02T00:00:00.000Z",
+        0.001,
+        false,
+    );
+    assert_eq!(
+        repo.complete(&t, "u2", &r, 0.001).await.unwrap(),
+        Completion::Stored
+    );
+    repo.mark_failed(&t, "u3", "bad", "2026-04-02T00:00:00.000Z")
+        .await
+        .unwrap();
+    assert!(due(repo.clone(), t.clone(), base).await.is_empty());
+    assert_eq!(
+        repo.put_image(&done, Some(base)).await.unwrap(),
+        PutImage::HasResult
+    );
+
+    // put_queued: the record and its job together, or the record due for the send.
+    let mut q = record(&t, "u4", "2026-04-01T00:00:03.000Z", ImageStatus::Queued);
+    q.original_sha256 = Some("44".repeat(32));
+    let (put, delivery) = repo
+        .put_queued(&q, "{\"job\":4}", base, base + 50, base + 5000)
+        .await
+        .unwrap();
+    assert_eq!(put, PutImage::Stored);
+    match delivery {
+        JobDelivery::SendIt => {
+            assert_eq!(due(repo.clone(), t.clone(), base + 50).await, vec!["u4"])
+        }
+        JobDelivery::Delivered => {
+            assert!(due(repo.clone(), t.clone(), base + 4999).await.is_empty());
+            assert_eq!(due(repo.clone(), t.clone(), base + 5000).await, vec!["u4"]);
+        }
+    }
+    let (put, _) = repo
+        .put_queued(&done, "{}", base, base, base)
+        .await
+        .unwrap();
+    assert_eq!(put, PutImage::HasResult);
+
+    // Only a pending record expires.
+    let pending = record(&t, "p1", "2026-04-01T00:00:04.000Z", ImageStatus::Pending);
+    repo.put_image(&pending, Some(base)).await.unwrap();
+    assert!(!repo.expire_pending(&t, "u4").await.unwrap());
+    assert!(repo.get_image(&t, "u4").await.unwrap().is_some());
+    assert!(repo.expire_pending(&t, "p1").await.unwrap());
+    assert_eq!(repo.get_image(&t, "p1").await.unwrap(), None);
+    assert!(!repo.expire_pending(&t, "p1").await.unwrap());
+}
+
+/// Money without a result is booked once per spend id; calls and estimated parts add up.
+pub async fn spend_contract(repo: Arc<dyn Repository>) {
+    let t = unique("ts");
+    let spend = Spend {
+        day: "2026-05-01".into(),
+        model: "gpt-4.1-mini".into(),
+        calls: 2,
+        usage: Usage {
+            input_tokens: 900,
+            output_tokens: 100,
+            cached_tokens: 0,
+        },
+        cost_usd: 0.004,
+        calls_at_estimate: 1,
+        cost_at_estimate_usd: 0.0025,
+    };
+    repo.book_spend(&t, "spend-1", &spend).await.unwrap();
+    repo.book_spend(&t, "spend-1", &spend).await.unwrap();
+    let rows = repo.costs(&t, "2026-05-01", "2026-05-01").await.unwrap();
+    assert_eq!(rows.len(), 1);
+    let row = &rows[0];
+    assert_eq!(
+        (
+            row.images,
+            row.calls,
+            row.input_tokens,
+            row.output_tokens,
+            row.calls_at_estimate
+        ),
+        (0, 2, 900, 100, 1)
+    );
+    assert!(close(row.cost_usd, 0.004) && close(row.cost_at_estimate_usd, 0.0025));
+
+    // A result whose usage was partly estimated adds its calls and estimated part too.
+    repo.put_image(
+        &record(&t, "e1", "2026-05-01T00:00:00.000Z", ImageStatus::Queued),
+        None,
+    )
+    .await
+    .unwrap();
+    let mut r = result(
+        &format!("t:{t}/{}:gpt-4.1-mini:v1", "12".repeat(32)),
+        "gpt-4.1-mini",
+        "2026-05-01T01:00:00.000Z",
+        0.003,
+        false,
+    );
+    r.calls = 2;
+    r.usage_estimated = true;
+    r.cost_at_estimate_usd = 0.001;
+    assert_eq!(
+        repo.complete(&t, "e1", &r, 0.002).await.unwrap(),
+        Completion::Stored
+    );
+    let row = repo.costs(&t, "2026-05-01", "2026-05-01").await.unwrap()[0].clone();
+    assert_eq!((row.images, row.calls, row.calls_at_estimate), (1, 4, 2));
+    assert!(close(row.cost_usd, 0.007) && close(row.cost_at_estimate_usd, 0.0035));
+    assert!(close(row.estimated_cost_usd, 0.002));
 }
 
 /// Everything the repository promises.
 pub async fn repository_contract(repo: Arc<dyn Repository>) {
     images_contract(repo.clone()).await;
     claims_and_completion_contract(repo.clone()).await;
+    records_and_rechecks_contract(repo.clone()).await;
+    spend_contract(repo.clone()).await;
     api_keys_contract(repo).await;
 }
 

@@ -150,14 +150,14 @@ async fn pipeline_end_to_end_on_the_emulator() {
     let notif_q =
         SqsQueue::new(clients.sqs.clone(), &notif_url).with_wait(Duration::from_millis(300));
     let dlq = SqsQueue::new(clients.sqs.clone(), &dlq_url).with_wait(Duration::ZERO);
-    let ingest = Ingest {
-        blobs: blobs.clone(),
-        repo: repo.clone(),
-        queue: analyze_q.clone(),
-        settings: settings.clone(),
-        clock: clock.clone(),
-        upload_prefix: "uploads/".into(),
-    };
+    let ingest = Ingest::new(
+        blobs.clone(),
+        repo.clone(),
+        analyze_q.clone(),
+        settings.clone(),
+        clock.clone(),
+        "uploads/",
+    );
     let provider =
         Arc::new(OpenAiProvider::new(&sim.base_url, "sk-e2e", Duration::from_secs(20)).unwrap());
     let analyzer = Analyzer::new(
@@ -206,14 +206,15 @@ async fn pipeline_end_to_end_on_the_emulator() {
 
     // A poison job: its idempotency key is held by a stuck worker the whole time, so every
     // delivery is Busy → transient → batch item failure, until the redrive moves it to the DLQ.
-    let poison = sightline_tests::contract::record(
+    let poison_sha = "ee".repeat(32);
+    let mut poison = sightline_tests::contract::record(
         "acme",
         "poison",
         "2026-01-01T00:00:00.000Z",
         ImageStatus::Queued,
     );
-    repo.put_image(&poison).await.unwrap();
-    let poison_sha = "ee".repeat(32);
+    poison.sha256 = Some(poison_sha.clone());
+    repo.put_image(&poison, None).await.unwrap();
     let poison_job = AnalysisJob {
         v: AnalysisJob::VERSION,
         image_id: "poison".into(),
@@ -224,7 +225,12 @@ async fn pipeline_end_to_end_on_the_emulator() {
         height: 10,
     };
     let poison_body = serde_json::to_string(&poison_job).unwrap();
-    let poison_key = idempotency_key(&poison_sha, &settings.model, &settings.prompt_version);
+    let poison_key = idempotency_key(
+        settings.cache_scope("acme"),
+        &poison_sha,
+        &settings.model,
+        &settings.prompt_version,
+    );
     repo.claim(
         &poison_key,
         "stuck-worker",
@@ -370,7 +376,8 @@ async fn pipeline_end_to_end_on_the_emulator() {
         assert_eq!(stats.completions_per_image.get(&sha), Some(&1), "{key}");
         assert_eq!(
             rec.resized_key.as_deref(),
-            Some(format!("resized/{}/{}.jpg", k.tenant, k.image_id).as_str())
+            Some(format!("resized/{}/{}/{sha}.jpg", k.tenant, k.image_id).as_str()),
+            "the resized key names its content"
         );
         assert!(
             blobs
@@ -443,9 +450,13 @@ async fn pipeline_end_to_end_on_the_emulator() {
     assert_eq!(rows2, rows);
 
     // The api handler with lambda_http requests.
-    repo.put_api_key(&hash_api_key("key-acme"), "acme")
-        .await
-        .unwrap();
+    repo.add_api_key(
+        &hash_api_key("key-acme"),
+        "acme",
+        "2026-01-01T00:00:00.000Z",
+    )
+    .await
+    .unwrap();
     let app = router(ApiState {
         repo: repo.clone(),
         presigner: Arc::new(S3Presigner::new(clients.s3.clone(), &bucket)),

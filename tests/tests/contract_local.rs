@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use sightline_pipeline::local::{FileBlobStore, SqliteDb, SqliteQueue, SqliteRepository};
-use sightline_pipeline::ports::SystemClock;
+use sightline_pipeline::ports::{Clock, Queue, SystemClock};
 use sightline_tests::contract;
 
 #[tokio::test]
@@ -11,6 +11,29 @@ async fn local_repository_contract() {
     let dir = tempfile::tempdir().unwrap();
     let db = SqliteDb::open(&dir.path().join("db.sqlite")).unwrap();
     contract::repository_contract(Arc::new(SqliteRepository::new(db))).await;
+}
+
+#[tokio::test]
+async fn local_repository_contract_with_its_job_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = SqliteDb::open(&dir.path().join("db.sqlite")).unwrap();
+    let repo = Arc::new(SqliteRepository::with_job_queue(db.clone(), "jobs"));
+    contract::repository_contract(repo.clone()).await;
+    // The contract's put_queued left exactly its one job on the queue, in the same write
+    // (sent at the contract's clock, in 2030: read it from further on).
+    struct Later;
+    impl Clock for Later {
+        fn now_ms(&self) -> u64 {
+            2_000_000_000_000
+        }
+    }
+    let queue = SqliteQueue::new(db, "jobs", 5, Arc::new(Later));
+    let got = queue
+        .receive(10, std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].body, "{\"job\":4}");
 }
 
 #[tokio::test]

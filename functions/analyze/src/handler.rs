@@ -201,7 +201,7 @@ mod tests {
 
     #[async_trait]
     impl Repository for DownRepo {
-        async fn put_image(&self, _: &ImageRecord) -> StoreResult<()> {
+        async fn put_image(&self, _: &ImageRecord, _: Option<u64>) -> StoreResult<PutImage> {
             down()
         }
         async fn get_image(&self, _: &str, _: &str) -> StoreResult<Option<ImageRecord>> {
@@ -237,7 +237,28 @@ mod tests {
         async fn costs(&self, _: &str, _: &str, _: &str) -> StoreResult<Vec<CostRow>> {
             down()
         }
-        async fn put_api_key(&self, _: &str, _: &str) -> StoreResult<()> {
+        async fn set_recheck(&self, _: &str, _: &str, _: Option<u64>) -> StoreResult<()> {
+            down()
+        }
+        async fn due_rechecks(&self, _: u64, _: usize) -> StoreResult<Vec<ImageRecord>> {
+            down()
+        }
+        async fn expire_pending(&self, _: &str, _: &str) -> StoreResult<bool> {
+            down()
+        }
+        async fn cache_result(&self, _: &AnalysisResult) -> StoreResult<()> {
+            down()
+        }
+        async fn book_spend(&self, _: &str, _: &str, _: &Spend) -> StoreResult<()> {
+            down()
+        }
+        async fn add_api_key(&self, _: &str, _: &str, _: &str) -> StoreResult<()> {
+            down()
+        }
+        async fn list_api_keys(&self, _: &str) -> StoreResult<Vec<ApiKeyInfo>> {
+            down()
+        }
+        async fn revoke_api_key(&self, _: &str, _: &str) -> StoreResult<bool> {
             down()
         }
         async fn tenant_for_key(&self, _: &str) -> StoreResult<Option<String>> {

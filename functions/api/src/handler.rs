@@ -47,7 +47,9 @@ mod tests {
     /// The router's state over SQLite, with key "k1" for tenant acme.
     async fn state() -> ApiState {
         let repo = Arc::new(SqliteRepository::new(SqliteDb::in_memory().unwrap()));
-        repo.put_api_key(&hash_api_key("k1"), "acme").await.unwrap();
+        repo.add_api_key(&hash_api_key("k1"), "acme", "2026-01-01T00:00:00.000Z")
+            .await
+            .unwrap();
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         ApiState {
             repo,

@@ -1,7 +1,8 @@
 //! Blob key layout and S3 event key decoding (one place for both).
 //!
 //! Uploads land under `uploads/{tenant}/{imageId}.{ext}`; resized JPEGs go to
-//! `resized/{tenant}/{imageId}.jpg`, never under the triggering prefix.
+//! `resized/{tenant}/{imageId}/{sha256}.jpg`, never under the triggering prefix. The resized key
+//! names its content, so a later upload can never change what an earlier job reads.
 
 pub const UPLOAD_PREFIX: &str = "uploads/";
 pub const RESIZED_PREFIX: &str = "resized/";
@@ -98,8 +99,9 @@ pub fn upload_key(tenant: &str, image_id: &str, ext: &str) -> String {
     format!("{UPLOAD_PREFIX}{tenant}/{image_id}.{ext}")
 }
 
-pub fn resized_key(tenant: &str, image_id: &str) -> String {
-    format!("{RESIZED_PREFIX}{tenant}/{image_id}.jpg")
+/// Content-addressed key of a resized JPEG (`sha256` = hex digest of its bytes).
+pub fn resized_key(tenant: &str, image_id: &str, sha256: &str) -> String {
+    format!("{RESIZED_PREFIX}{tenant}/{image_id}/{sha256}.jpg")
 }
 
 #[cfg(test)]
@@ -149,6 +151,8 @@ mod tests {
 
     #[test]
     fn output_never_under_upload_prefix() {
-        assert!(!resized_key("t", "i").starts_with(UPLOAD_PREFIX));
+        let k = resized_key("t", "i", "ab12");
+        assert!(!k.starts_with(UPLOAD_PREFIX));
+        assert_eq!(k, "resized/t/i/ab12.jpg");
     }
 }

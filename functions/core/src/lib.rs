@@ -18,5 +18,5 @@ pub mod retry;
 pub use model::{
     AnalysisJob, AnalysisResult, Detail, Estimate, ImageRecord, ImageSize, ImageStatus,
 };
-pub use prepare::{prepare, probe, PrepareError, PrepareOptions, PreparedImage};
+pub use prepare::{memory_estimate, prepare, probe, PrepareError, PrepareOptions, PreparedImage};
 pub use pricing::{EstimateParams, PriceTable, Usage};

@@ -97,9 +97,17 @@ pub struct ImageRecord {
     /// EXIF orientation of the original (1–8).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub orientation: Option<u8>,
+    /// sha256 (hex) of the resized JPEG: what is analysed and what the cache is keyed by.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
-    /// Blob key of the resized JPEG.
+    /// sha256 (hex) of the uploaded original. A second, different upload to the same image id
+    /// is told apart by it and refused, never mixed with the first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_sha256: Option<String>,
+    /// Blob key of the uploaded original (where the reconciler looks for a lost upload).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_key: Option<String>,
+    /// Blob key of the resized JPEG (content-addressed: it names the sha256).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resized_key: Option<String>,
     /// Estimate for the configured model on the resized image.
@@ -126,10 +134,26 @@ pub struct AnalysisResult {
     pub cost_usd: f64,
     /// True when served from the idempotency cache (no provider call, $0).
     pub cached: bool,
+    /// Provider calls paid for this result: 1, 2 when an invalid answer was retried, 0 when
+    /// cached.
+    #[serde(default)]
+    pub calls: u32,
+    /// True when some of `usage` is the pre-call estimate, not the provider's report: a paid
+    /// answer whose usage could not be read (truncated or unreadable 200) is booked at its
+    /// estimate rather than at $0.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub usage_estimated: bool,
+    /// The part of `cost_usd` booked at the estimate (0 when every call reported its usage).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cost_at_estimate_usd: f64,
     pub idempotency_key: String,
     pub prompt_version: String,
     pub price_version: String,
     pub completed_at: String,
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
 }
 
 /// The queue message that asks for one analysis.
@@ -162,9 +186,28 @@ impl AnalysisJob {
     }
 }
 
-/// Idempotency key: the same resized bytes, model and prompt version are analysed once.
-pub fn idempotency_key(sha256: &str, model: &str, prompt_version: &str) -> String {
-    format!("{sha256}:{model}:{prompt_version}")
+/// Whose answers an idempotency key may be reused by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheScope<'a> {
+    /// Only the tenant's own images (the default): one tenant's answer is never another's.
+    Tenant(&'a str),
+    /// Every tenant (an explicit setting: `share_cache_across_tenants`).
+    Shared,
+}
+
+/// Idempotency key: the same resized bytes, model and prompt version are analysed once per
+/// scope. Tenants never contain '/' (they are one path segment of an upload key), so the
+/// `t:{tenant}/` and `shared/` prefixes cannot collide.
+pub fn idempotency_key(
+    scope: CacheScope<'_>,
+    sha256: &str,
+    model: &str,
+    prompt_version: &str,
+) -> String {
+    match scope {
+        CacheScope::Tenant(t) => format!("t:{t}/{sha256}:{model}:{prompt_version}"),
+        CacheScope::Shared => format!("shared/{sha256}:{model}:{prompt_version}"),
+    }
 }
 
 #[cfg(test)]
@@ -188,6 +231,21 @@ mod tests {
         assert_eq!(AnalysisJob::parse(&body).unwrap(), good);
         let v2 = body.replace("\"v\":1", "\"v\":2");
         assert!(AnalysisJob::parse(&v2).unwrap_err().contains("version"));
+    }
+
+    #[test]
+    fn idempotency_keys_are_scoped_by_tenant_unless_shared() {
+        let sha = "ab".repeat(32);
+        let a = idempotency_key(CacheScope::Tenant("a"), &sha, "m", "v1");
+        let b = idempotency_key(CacheScope::Tenant("b"), &sha, "m", "v1");
+        let shared = idempotency_key(CacheScope::Shared, &sha, "m", "v1");
+        assert_ne!(a, b);
+        assert_ne!(a, shared);
+        // A tenant literally named "shared" still gets its own key.
+        assert_ne!(
+            idempotency_key(CacheScope::Tenant("shared"), &sha, "m", "v1"),
+            shared
+        );
     }
 
     #[test]

@@ -384,11 +384,14 @@ pub fn fit_within(width: u32, height: u32, max_edge: u32) -> (u32, u32) {
     (w, h)
 }
 
-/// Decode, orient, convert, resize and encode one image.
-pub fn prepare(bytes: &[u8], opts: &PrepareOptions) -> Result<PreparedImage, PrepareError> {
-    check_options(opts)?;
-    let (format, decoder, stored_w, stored_h, orientation) = open(bytes, opts)?;
-    // The decoder's own limits do not cover every format's buffers: budget them here.
+/// Bytes the decode and colour conversion of an image may hold at once, from its header:
+/// the decoder's own limits do not cover every format's buffers, so they are budgeted here.
+fn decode_budget(
+    decoder: &impl ImageDecoder,
+    stored_w: u32,
+    stored_h: u32,
+    jpeg: Option<&Option<JpegHeader>>,
+) -> u64 {
     let decoded_bytes = decoder.total_bytes();
     let pixels = u64::from(stored_w) * u64::from(stored_h);
     let convert_bytes = if decoder.color_type() == image::ColorType::Rgb8 {
@@ -402,19 +405,39 @@ pub fn prepare(bytes: &[u8], opts: &PrepareOptions) -> Result<PreparedImage, Pre
                 3
             }
     };
-    // JPEG marker segments, walked once: None inside when the structure breaks before a scan.
-    let jpeg = (format == SourceFormat::Jpeg).then(|| jpeg_header(bytes));
     // A progressive JPEG keeps every DCT coefficient (2 bytes per sample, up to 3 full-size
     // components) until its last scan, whatever scale it is decoded at.
-    let progressive = jpeg
-        .as_ref()
-        .is_some_and(|h| h.as_ref().is_some_and(JpegHeader::is_progressive));
+    let progressive = jpeg.is_some_and(|h| h.as_ref().is_some_and(JpegHeader::is_progressive));
     let coefficient_bytes = if progressive { pixels * 3 * 2 } else { 0 };
-    if decoded_bytes
+    decoded_bytes
         .saturating_add(convert_bytes)
         .saturating_add(coefficient_bytes)
-        > opts.max_alloc_bytes
-    {
+}
+
+/// Peak memory [`prepare`] may need for these bytes, read from the header alone: the input,
+/// the decode budget, and the resized and encoded output. Callers that run several prepares at
+/// once weigh each by this against a shared memory budget. Errors are the ones `prepare` would
+/// return for the header (limits, unknown format, corrupt header).
+pub fn memory_estimate(bytes: &[u8], opts: &PrepareOptions) -> Result<u64, PrepareError> {
+    check_options(opts)?;
+    let (format, decoder, stored_w, stored_h, _) = open(bytes, opts)?;
+    let jpeg = (format == SourceFormat::Jpeg).then(|| jpeg_header(bytes));
+    let budget = decode_budget(&decoder, stored_w, stored_h, jpeg.as_ref());
+    let (out_w, out_h) = fit_within(stored_w, stored_h, opts.max_edge);
+    // The resized RGB, its upright copy and the JPEG being written.
+    let output = u64::from(out_w) * u64::from(out_h) * 3 * 3;
+    Ok((bytes.len() as u64)
+        .saturating_add(budget.min(opts.max_alloc_bytes))
+        .saturating_add(output))
+}
+
+/// Decode, orient, convert, resize and encode one image.
+pub fn prepare(bytes: &[u8], opts: &PrepareOptions) -> Result<PreparedImage, PrepareError> {
+    check_options(opts)?;
+    let (format, decoder, stored_w, stored_h, orientation) = open(bytes, opts)?;
+    // JPEG marker segments, walked once: None inside when the structure breaks before a scan.
+    let jpeg = (format == SourceFormat::Jpeg).then(|| jpeg_header(bytes));
+    if decode_budget(&decoder, stored_w, stored_h, jpeg.as_ref()) > opts.max_alloc_bytes {
         return Err(PrepareError::MemoryLimit {
             max: opts.max_alloc_bytes,
         });
@@ -672,12 +695,44 @@ fn encode_jpeg(img: &RgbImage, quality: u8) -> Result<Vec<u8>, PrepareError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use image::ImageEncoder;
 
     fn jpeg(w: u32, h: u32) -> Vec<u8> {
         let img = RgbImage::from_fn(w, h, |x, y| {
             image::Rgb([(x % 251) as u8, (y % 241) as u8, 90])
         });
         encode_jpeg(&img, 80).unwrap()
+    }
+
+    fn png(w: u32, h: u32) -> Vec<u8> {
+        let img = RgbImage::new(w, h);
+        let mut out = Vec::new();
+        image::codecs::png::PngEncoder::new(&mut out)
+            .write_image(img.as_raw(), w, h, ExtendedColorType::Rgb8)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn memory_estimate_grows_with_pixels_not_file_size() {
+        let opts = PrepareOptions::default();
+        let small = memory_estimate(&jpeg(64, 64), &opts).unwrap();
+        // A flat 4000×4000 PNG is a few hundred KB on disk and 48 MB decoded.
+        let bomb = png(4000, 4000);
+        assert!(bomb.len() < 1_000_000, "{}", bomb.len());
+        let big = memory_estimate(&bomb, &opts).unwrap();
+        assert!(big >= 4000 * 4000 * 3, "{big}");
+        assert!(small < 1_000_000, "{small}");
+        // The same refusals as prepare, from the header alone.
+        assert_eq!(memory_estimate(&[], &opts), Err(PrepareError::Empty));
+        let tight = PrepareOptions {
+            max_pixels: 1000,
+            ..opts
+        };
+        assert!(matches!(
+            memory_estimate(&bomb, &tight),
+            Err(PrepareError::TooManyPixels { .. })
+        ));
     }
 
     #[test]

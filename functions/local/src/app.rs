@@ -11,6 +11,7 @@ use sightline_pipeline::local::{FileBlobStore, SqliteDb, SqliteQueue, SqliteRepo
 use sightline_pipeline::ports::{BlobStore, Clock, Queue, Repository, SystemClock, VisionProvider};
 use sightline_pipeline::providers::local::LocalAnalyzer;
 use sightline_pipeline::providers::openai::OpenAiProvider;
+use sightline_pipeline::reconcile::Reconciler;
 use sightline_pipeline::worker::{OnOutcome, WorkerPool};
 
 use crate::config::{Config, ProviderKind};
@@ -19,10 +20,13 @@ use crate::config::{Config, ProviderKind};
 pub const LOCAL_TENANT: &str = "local";
 /// Deliveries before a message is dead-lettered locally.
 pub const MAX_RECEIVES: u32 = 8;
+/// The local analyze queue (a table of the data dir's SQLite database).
+pub const ANALYZE_QUEUE: &str = "analyze";
 
 #[derive(Clone)]
 pub struct LocalApp {
     pub config: Config,
+    pub db: SqliteDb,
     pub clock: Arc<dyn Clock>,
     pub blobs: Arc<dyn BlobStore>,
     pub repo: Arc<dyn Repository>,
@@ -30,6 +34,7 @@ pub struct LocalApp {
     pub provider: Arc<dyn VisionProvider>,
     pub ingest: Ingest,
     pub analyzer: Analyzer,
+    pub reconciler: Reconciler,
 }
 
 impl LocalApp {
@@ -39,8 +44,15 @@ impl LocalApp {
         let db =
             SqliteDb::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?;
         let blobs: Arc<dyn BlobStore> = Arc::new(FileBlobStore::new(config.data_dir.join("blobs")));
-        let repo: Arc<dyn Repository> = Arc::new(SqliteRepository::new(db.clone()));
-        let queue = Arc::new(SqliteQueue::new(db, "analyze", MAX_RECEIVES, clock.clone()));
+        // Records and their job messages are written in one transaction.
+        let repo: Arc<dyn Repository> =
+            Arc::new(SqliteRepository::with_job_queue(db.clone(), ANALYZE_QUEUE));
+        let queue = Arc::new(SqliteQueue::new(
+            db.clone(),
+            ANALYZE_QUEUE,
+            MAX_RECEIVES,
+            clock.clone(),
+        ));
         let provider: Arc<dyn VisionProvider> = match config.provider {
             ProviderKind::Local => Arc::new(LocalAnalyzer),
             ProviderKind::OpenAi => Arc::new(OpenAiProvider::new(
@@ -54,14 +66,14 @@ impl LocalApp {
         settings.fit_lease_to(config.timeout);
         let settings = Arc::new(settings);
         let queue_port: Arc<dyn Queue> = queue.clone();
-        let ingest = Ingest {
-            blobs: blobs.clone(),
-            repo: repo.clone(),
-            queue: queue_port,
-            settings: settings.clone(),
-            clock: clock.clone(),
-            upload_prefix: UPLOAD_PREFIX.to_string(),
-        };
+        let ingest = Ingest::new(
+            blobs.clone(),
+            repo.clone(),
+            queue_port,
+            settings.clone(),
+            clock.clone(),
+            UPLOAD_PREFIX,
+        );
         let analyzer = Analyzer::new(
             blobs.clone(),
             repo.clone(),
@@ -71,11 +83,13 @@ impl LocalApp {
         );
         Ok(LocalApp {
             config,
+            db,
             clock,
             blobs,
             repo,
             queue,
             provider,
+            reconciler: Reconciler::new(ingest.clone()),
             ingest,
             analyzer,
         })

@@ -10,7 +10,8 @@ use serde_json::json;
 use sightline_core::model::ImageStatus;
 use sightline_core::prepare;
 use sightline_core::pricing::PriceTable;
-use sightline_pipeline::http::{cost_report, default_window};
+use sightline_pipeline::http::{cost_report, default_window, hash_api_key};
+use sightline_pipeline::ports::api_key_id;
 
 use crate::app::{LocalApp, LOCAL_TENANT};
 use crate::config::{CommonOpts, Config};
@@ -52,13 +53,14 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Serve the HTTP API, the upload widget and in-process workers.
+    /// Serve the HTTP API, the upload widget, in-process workers and the reconciler.
     Serve {
         #[arg(long, default_value = "127.0.0.1:8787")]
         addr: SocketAddr,
-        /// API key accepted for the local tenant.
-        #[arg(long, env = "SIGHTLINE_API_KEY", default_value = "sightline-local-key")]
-        api_key: String,
+        /// API key of the local tenant: replaces every other key it had. Without it, the
+        /// data dir keeps its keys (a new one starts with `sightline-local-key`).
+        #[arg(long, env = "SIGHTLINE_API_KEY")]
+        api_key: Option<String>,
         /// Directory with the widget (`www/`) and the built WASM package (`pkg/`).
         #[arg(long)]
         web_dir: Option<PathBuf>,
@@ -85,6 +87,33 @@ pub enum Command {
     },
     /// List the models in the price table with prices and sources.
     Models,
+    /// API keys: list, create, revoke, rotate (stored as sha256; a key is shown only once).
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+        /// Tenant whose keys these are.
+        #[arg(long, global = true, default_value = LOCAL_TENANT)]
+        tenant: String,
+        #[arg(long, global = true)]
+        json: bool,
+    },
+    /// One reconciler sweep: resize lost uploads, re-send lost jobs, expire unused uploads.
+    Reconcile {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysAction {
+    /// The tenant's keys (ids and creation times; keys themselves are not stored).
+    List,
+    /// A new random key, added next to the existing ones; printed once.
+    Create,
+    /// Revoke a key by the id `keys list` shows.
+    Revoke { id: String },
+    /// A new random key that replaces every other key of the tenant; printed once.
+    Rotate,
 }
 
 pub async fn main_with(cli: Cli) -> anyhow::Result<()> {
@@ -158,10 +187,33 @@ pub async fn main_with(cli: Cli) -> anyhow::Result<()> {
             crate::serve::serve(
                 app,
                 addr,
-                &api_key,
+                api_key.as_deref(),
                 web_dir.unwrap_or_else(crate::serve::default_web_dir),
             )
             .await
+        }
+        Command::Keys {
+            action,
+            tenant,
+            json,
+        } => {
+            let app = LocalApp::open(Config::resolve(&cli.common)?)?;
+            keys(&app, action, &tenant, json).await
+        }
+        Command::Reconcile { json } => {
+            let app = LocalApp::open(Config::resolve(&cli.common)?)?;
+            let report = app.reconciler.sweep(usize::MAX).await?;
+            let mut out = std::io::stdout().lock();
+            if json {
+                writeln!(out, "{}", serde_json::to_string(&report)?)?;
+            } else {
+                writeln!(
+                    out,
+                    "resized {}  requeued {}  expired {}  settled {}  errors {}",
+                    report.resized, report.requeued, report.expired, report.settled, report.errors
+                )?;
+            }
+            Ok(())
         }
         Command::Results {
             status,
@@ -248,6 +300,73 @@ pub async fn main_with(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// A new random API key: `sl_` and 32 hex digits (128 bits).
+fn new_api_key() -> String {
+    let bytes: [u8; 16] = rand::random();
+    format!("sl_{}", hex::encode(bytes))
+}
+
+async fn keys(app: &LocalApp, action: KeysAction, tenant: &str, json: bool) -> anyhow::Result<()> {
+    let repo = &app.repo;
+    let now = sightline_pipeline::ports::rfc3339(app.clock.now_ms());
+    let mut out = std::io::stdout().lock();
+    match action {
+        KeysAction::List => {
+            let keys = repo.list_api_keys(tenant).await?;
+            if json {
+                writeln!(out, "{}", serde_json::to_string(&keys)?)?;
+            } else {
+                writeln!(out, "{:<14} {:<26} tenant", "id", "created")?;
+                for k in keys {
+                    writeln!(out, "{:<14} {:<26} {}", k.id, k.created_at, k.tenant)?;
+                }
+            }
+        }
+        KeysAction::Create | KeysAction::Rotate => {
+            let key = new_api_key();
+            let hash = hash_api_key(&key);
+            repo.add_api_key(&hash, tenant, &now).await?;
+            let id = api_key_id(&hash);
+            let mut revoked = Vec::new();
+            if matches!(action, KeysAction::Rotate) {
+                for old in repo.list_api_keys(tenant).await? {
+                    if old.id != id && repo.revoke_api_key(tenant, &old.id).await? {
+                        revoked.push(old.id);
+                    }
+                }
+            }
+            if json {
+                writeln!(
+                    out,
+                    "{}",
+                    json!({"id": id, "key": key, "tenant": tenant, "revoked": revoked})
+                )?;
+            } else {
+                writeln!(out, "{key}")?;
+                eprintln!(
+                    "key {id} for tenant {tenant}; shown only now{}",
+                    if revoked.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; revoked {}", revoked.join(", "))
+                    }
+                );
+            }
+        }
+        KeysAction::Revoke { id } => {
+            if !repo.revoke_api_key(tenant, &id).await? {
+                bail!("tenant {tenant} has no key with id {id:?} (see `sightline keys list`)");
+            }
+            if json {
+                writeln!(out, "{}", json!({"revoked": id, "tenant": tenant}))?;
+            } else {
+                writeln!(out, "revoked {id}")?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn estimate(

@@ -71,6 +71,14 @@ pub struct FileConfig {
     pub openai_base_url: Option<String>,
     pub max_input_bytes: Option<u64>,
     pub max_pixels: Option<u64>,
+    /// Reuse answers across tenants for identical images (default false).
+    pub share_cache_across_tenants: Option<bool>,
+    pub reconcile_after_secs: Option<u64>,
+    pub stuck_after_secs: Option<u64>,
+    pub reconcile_every_secs: Option<u64>,
+    pub pending_ttl_secs: Option<u64>,
+    pub resize_memory_mb: Option<u64>,
+    pub max_concurrent_resizes: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,6 +123,12 @@ impl Config {
             bail!("provider `openai` needs OPENAI_API_KEY in the environment");
         }
         let mut settings = Settings::default();
+        // Keys only the file and the environment set: the file first, the environment over it.
+        file.apply_to(&mut settings);
+        settings
+            .apply_env(&|k| std::env::var(k).ok())
+            .map_err(anyhow::Error::msg)?;
+        // Keys with flags (clap already put their environment values into `opts`).
         if let Some(m) = opts.model.clone().or(file.model.clone()) {
             settings.model = m;
         }
@@ -137,15 +151,6 @@ impl Config {
         }
         if let Some(v) = opts.max_edge.or(file.max_edge) {
             settings.prepare.max_edge = v;
-        }
-        if let Some(v) = file.quality {
-            settings.prepare.quality = v;
-        }
-        if let Some(v) = file.max_input_bytes {
-            settings.prepare.max_input_bytes = v;
-        }
-        if let Some(v) = file.max_pixels {
-            settings.prepare.max_pixels = v;
         }
         if let Some(v) = opts.prompt_version.clone().or(file.prompt_version.clone()) {
             settings.prompt_version = v;
@@ -178,6 +183,43 @@ impl Config {
                 .unwrap_or_else(|| DEFAULT_BASE_URL.to_string()),
             openai_api_key: api_key,
         })
+    }
+}
+
+impl FileConfig {
+    /// The keys that have no command-line flag.
+    fn apply_to(&self, s: &mut Settings) {
+        if let Some(v) = self.quality {
+            s.prepare.quality = v;
+        }
+        if let Some(v) = self.max_input_bytes {
+            s.prepare.max_input_bytes = v;
+        }
+        if let Some(v) = self.max_pixels {
+            s.prepare.max_pixels = v;
+        }
+        if let Some(v) = self.share_cache_across_tenants {
+            s.share_cache_across_tenants = v;
+        }
+        let secs = |v: Option<u64>| v.map(Duration::from_secs);
+        if let Some(v) = secs(self.reconcile_after_secs) {
+            s.reconcile_after = v;
+        }
+        if let Some(v) = secs(self.stuck_after_secs) {
+            s.stuck_after = v;
+        }
+        if let Some(v) = secs(self.reconcile_every_secs) {
+            s.reconcile_every = v.max(Duration::from_secs(1));
+        }
+        if let Some(v) = secs(self.pending_ttl_secs) {
+            s.pending_ttl = v;
+        }
+        if let Some(v) = self.resize_memory_mb {
+            s.resize_memory_budget = v.saturating_mul(1 << 20);
+        }
+        if let Some(v) = self.max_concurrent_resizes {
+            s.max_concurrent_resizes = v.max(1);
+        }
     }
 }
 

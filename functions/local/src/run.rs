@@ -105,14 +105,15 @@ pub async fn run_pipeline(
         let pending = pending.clone();
         tasks.spawn(async move {
             let _permit = permit;
+            // Waited for before the job exists: a worker may finish it before ingest returns.
+            if let Ok(mut p) = pending.lock() {
+                p.insert(id.clone());
+            }
             let r = ingest_file(&app, &path, &id).await;
-            if let Ok(IngestOutcome::Queued(job)) = &r {
+            if !matches!(r, Ok(IngestOutcome::Queued(_))) {
                 if let Ok(mut p) = pending.lock() {
-                    p.insert(job.image_id.clone());
+                    p.remove(&id);
                 }
-                app.ingest
-                    .send_jobs(&[IngestOutcome::Queued(job.clone())])
-                    .await?;
             }
             r.map(|o| (id, o))
         });
@@ -186,6 +187,7 @@ async fn ingest_file(
                     id,
                     &source,
                     None,
+                    None,
                     &format!("cannot read file: {e}"),
                 )
                 .await
@@ -195,13 +197,13 @@ async fn ingest_file(
         let reason = sightline_core::PrepareError::TooLarge { bytes: size, max }.to_string();
         return app
             .ingest
-            .reject(LOCAL_TENANT, id, &source, Some(size), &reason)
+            .reject(LOCAL_TENANT, id, &source, Some(size), None, &reason)
             .await;
     }
     match tokio::fs::read(path).await {
         Ok(bytes) => {
             app.ingest
-                .ingest_bytes(LOCAL_TENANT, id, &source, bytes)
+                .ingest_bytes(LOCAL_TENANT, id, &source, None, bytes)
                 .await
         }
         Err(e) => {
@@ -211,6 +213,7 @@ async fn ingest_file(
                     id,
                     &source,
                     Some(size),
+                    None,
                     &format!("cannot read file: {e}"),
                 )
                 .await

@@ -1,29 +1,39 @@
-//! `sightline serve`: the api Lambda's router, local presigned uploads, the widget and
-//! in-process workers, on one port.
+//! `sightline serve`: the api Lambda's router, local presigned uploads, the widget,
+//! in-process workers and the reconciler, on one port.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path as FsPath, PathBuf};
 use std::sync::Arc;
 
+use anyhow::Context;
 use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::routing::put;
 use axum::{Json, Router};
 use serde_json::json;
-use sightline_pipeline::http::{hash_api_key, routes, ApiError, ApiState};
+use sightline_core::keys::{parse_upload_key, UPLOAD_PREFIX};
+use sightline_core::model::ImageStatus;
+use sightline_pipeline::http::{hash_api_key, method_not_allowed, routes, ApiError, ApiState};
 use sightline_pipeline::local::LocalPresigner;
-use sightline_pipeline::ports::Presigner;
+use sightline_pipeline::ports::{rfc3339, Presigner};
 use tokio::sync::watch;
 use tower_http::services::ServeDir;
 use tower_http::set_header::SetResponseHeaderLayer;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::app::{LocalApp, LOCAL_TENANT};
 
 /// The widget page is served under a strict CSP: same-origin scripts and WASM only.
 pub const CSP: &str = "default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; img-src 'self' blob: data:; \
 connect-src 'self'; worker-src 'self'; style-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'";
+
+/// The API key a fresh data dir starts with when `serve` is given none.
+pub const DEFAULT_API_KEY: &str = "sightline-local-key";
+
+/// File in the data dir holding the upload-URL signing secret (so URLs survive a restart).
+const SECRET_FILE: &str = "upload-secret";
 
 #[derive(Clone)]
 struct UploadState {
@@ -40,19 +50,95 @@ pub fn default_web_dir() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../wasm-client"))
 }
 
+/// The data dir's upload signing secret, created (owner-only) on first use.
+pub fn upload_secret(data_dir: &FsPath) -> anyhow::Result<Vec<u8>> {
+    let path = data_dir.join(SECRET_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let secret = hex::decode(text.trim())
+                .with_context(|| format!("{} is not a hex secret", path.display()))?;
+            anyhow::ensure!(
+                secret.len() >= 32,
+                "{} holds a secret shorter than 32 bytes",
+                path.display()
+            );
+            Ok(secret)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(data_dir)?;
+            let secret: [u8; 32] = rand::random();
+            write_private(&path, hex::encode(secret).as_bytes())?;
+            // Two processes may start at once: whoever wrote first wins, both read it back.
+            upload_secret_read(&path)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+fn upload_secret_read(path: &FsPath) -> anyhow::Result<Vec<u8>> {
+    let text = std::fs::read_to_string(path)?;
+    Ok(hex::decode(text.trim())?)
+}
+
+/// Create a file readable by its owner only, failing if it exists.
+fn write_private(path: &FsPath, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    match opts.open(path) {
+        Ok(mut f) => {
+            f.write_all(bytes)?;
+            f.sync_all()?;
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("creating {}", path.display())),
+    }
+}
+
+/// Make `api_key` the local tenant's only key (`--api-key` given), or give a data dir without
+/// keys the default one. Returns the key to print, if `serve` knows it.
+pub async fn setup_api_key(app: &LocalApp, api_key: Option<&str>) -> anyhow::Result<String> {
+    let now = rfc3339(app.clock.now_ms());
+    match api_key {
+        Some(key) => {
+            let hash = hash_api_key(key);
+            app.repo.add_api_key(&hash, LOCAL_TENANT, &now).await?;
+            let me = sightline_pipeline::ports::api_key_id(&hash);
+            for old in app.repo.list_api_keys(LOCAL_TENANT).await? {
+                if old.id != me {
+                    app.repo.revoke_api_key(LOCAL_TENANT, &old.id).await?;
+                    info!(key_id = %old.id, "revoked the previous API key");
+                }
+            }
+            Ok(key.to_string())
+        }
+        None => {
+            if app.repo.list_api_keys(LOCAL_TENANT).await?.is_empty() {
+                app.repo
+                    .add_api_key(&hash_api_key(DEFAULT_API_KEY), LOCAL_TENANT, &now)
+                    .await?;
+                return Ok(DEFAULT_API_KEY.to_string());
+            }
+            Ok("(the data dir's existing key; see `sightline keys list`)".to_string())
+        }
+    }
+}
+
 /// Build the whole local app router (API + uploads + widget). `base_url` is what clients
 /// use to reach this server (presigned URLs point at it).
 pub async fn build_router(
     app: &LocalApp,
     base_url: &str,
-    api_key: &str,
     web_dir: PathBuf,
 ) -> anyhow::Result<Router> {
-    app.repo
-        .put_api_key(&hash_api_key(api_key), LOCAL_TENANT)
-        .await?;
-    let secret: [u8; 32] = rand::random();
-    let presigner = LocalPresigner::new(secret.to_vec(), base_url, app.clock.clone());
+    let secret = upload_secret(&app.config.data_dir)?;
+    let presigner = LocalPresigner::new(secret, base_url, app.clock.clone());
     let presigner_port: Arc<dyn Presigner> = Arc::new(presigner.clone());
     let api = routes(ApiState {
         repo: app.repo.clone(),
@@ -63,6 +149,7 @@ pub async fn build_router(
     let max_body = app.config.settings.prepare.max_input_bytes as usize + 1;
     let uploads = Router::new()
         .route("/local-upload/{token}", put(local_upload))
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(UploadState {
             app: app.clone(),
@@ -79,63 +166,126 @@ pub async fn build_router(
     Ok(api.merge(uploads).merge(web))
 }
 
-/// PUT to a presigned local URL: check signature, expiry, type and size, store, then resize.
+fn forbidden(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+}
+
+fn used() -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "upload_url_used",
+        "this upload URL was already used; ask POST /v1/uploads for a new one",
+    )
+}
+
+/// PUT to a presigned local URL: check signature, expiry, type and size; use the URL up;
+/// store the original durably; acknowledge; then resize (like the S3 notification).
 async fn local_upload(
     State(st): State<UploadState>,
-    Path(token): Path<String>,
+    token: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let Path(token) =
+        token.map_err(|e| forbidden(format!("invalid upload URL: {}", e.body_text())))?;
     let grant = st
         .presigner
         .verify(&token)
-        .map_err(|e| ApiError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string()))?;
+        .map_err(|e| forbidden(e.to_string()))?;
+    let body = body.map_err(|e| {
+        let status = e.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "too_large"
+        } else {
+            "bad_request"
+        };
+        ApiError::new(status, code, e.body_text())
+    })?;
     let ct = headers
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     if ct != grant.content_type {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!(
-                "content-type {ct:?} does not match the signed {:?}",
-                grant.content_type
-            ),
-        ));
+        return Err(forbidden(format!(
+            "content-type {ct:?} does not match the signed {:?}",
+            grant.content_type
+        )));
     }
     if body.len() as u64 != grant.content_length {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!(
-                "body is {} bytes; the URL was signed for {}",
-                body.len(),
-                grant.content_length
-            ),
-        ));
+        return Err(forbidden(format!(
+            "body is {} bytes; the URL was signed for {}",
+            body.len(),
+            grant.content_length
+        )));
     }
-    st.app
+    let app = &st.app;
+    let Some(target) = parse_upload_key(&grant.key, UPLOAD_PREFIX) else {
+        return Err(forbidden("the URL names no upload key"));
+    };
+    // An image that already has its bytes takes no others, whichever URL they come with.
+    if let Some(rec) = app.repo.get_image(&target.tenant, &target.image_id).await? {
+        if rec.status != ImageStatus::Pending {
+            return Err(used());
+        }
+    }
+    let now = app.clock.now_ms();
+    if !app
+        .db
+        .consume_upload_token(&grant.nonce, grant.expires_ms, now)
+        .await?
+    {
+        return Err(used());
+    }
+    if let Err(e) = app
         .blobs
         .put(&grant.key, body.to_vec(), &grant.content_type)
         .await
-        .map_err(ApiError::from)?;
-    // Like the S3 notification: resizing happens after the upload has been accepted.
-    let app = st.app.clone();
+    {
+        // Not stored: the client may retry the same URL.
+        if let Err(e2) = app.db.restore_upload_token(&grant.nonce).await {
+            warn!(error = %e2, "could not give the upload URL back");
+        }
+        return Err(e.into());
+    }
+    // Stored durably. If this process dies before the resize below, the reconciler finds
+    // the original once the recheck is due and resizes it.
+    let recheck = now + app.config.settings.reconcile_after.as_millis() as u64;
+    if let Err(e) = app
+        .repo
+        .set_recheck(&target.tenant, &target.image_id, Some(recheck))
+        .await
+    {
+        warn!(error = %e, key = %grant.key, "could not schedule the upload's recheck");
+    }
+    let worker = app.clone();
     let key = grant.key.clone();
     tokio::spawn(async move {
-        if let Err(e) = app.ingest.ingest_keys(std::slice::from_ref(&key)).await {
-            error!(error = %e, key, "resizing the upload failed");
+        if let Err(e) = worker.ingest.ingest_key(&key).await {
+            error!(error = %e, key, "resizing the upload failed; the reconciler will retry it");
         }
     });
     Ok(Json(json!({"ok": true, "key": grant.key})))
+}
+
+/// Sweep at start, then every `reconcile_every`, until `stop`.
+async fn reconcile_loop(app: LocalApp, mut stop: watch::Receiver<bool>) {
+    let every = app.config.settings.reconcile_every;
+    loop {
+        if let Err(e) = app.reconciler.sweep(10_000).await {
+            warn!(error = %e, "reconciler sweep failed");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+    }
 }
 
 /// Run the server until Ctrl-C.
 pub async fn serve(
     app: LocalApp,
     addr: SocketAddr,
-    api_key: &str,
+    api_key: Option<&str>,
     web_dir: PathBuf,
 ) -> anyhow::Result<()> {
     if !addr.ip().is_loopback() {
@@ -144,11 +294,13 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let base_url = format!("http://{local}");
-    let router = build_router(&app, &base_url, api_key, web_dir).await?;
+    let shown_key = setup_api_key(&app, api_key).await?;
+    let router = build_router(&app, &base_url, web_dir).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let workers = tokio::spawn(app.workers(None).run(stop_rx));
+    let workers = tokio::spawn(app.workers(None).run(stop_rx.clone()));
+    let reconciler = tokio::spawn(reconcile_loop(app.clone(), stop_rx));
     info!(url = %base_url, "sightline serve is listening");
-    eprintln!("sightline serve: {base_url}/  (API key: {api_key})");
+    eprintln!("sightline serve: {base_url}/  (API key: {shown_key})");
     axum::serve(listener, router)
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
@@ -156,5 +308,6 @@ pub async fn serve(
         .await?;
     let _ = stop_tx.send(true);
     let _ = workers.await;
+    let _ = reconciler.await;
     Ok(())
 }

@@ -5,16 +5,17 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use sha2::{Digest, Sha256};
 use sightline_core::limiter::{Denied, RateLimiter, Reservation};
-use sightline_core::model::{idempotency_key, AnalysisJob, AnalysisResult};
+use sightline_core::model::{idempotency_key, AnalysisJob, AnalysisResult, Estimate};
 use sightline_core::pricing::PriceTable;
 use sightline_core::pricing::Usage;
 use sightline_core::retry::{classify, retry_delay, FailureKind, RetryClass};
 use tracing::{debug, info, warn};
 
 use crate::ports::{
-    rfc3339, BlobStore, Claim, Clock, Completion, ProviderError, Repository, StoreError,
-    VisionProvider, VisionRequest,
+    day_of, rfc3339, BlobStore, Claim, Clock, Completion, ProviderError, Repository, Spend,
+    StoreError, VisionProvider, VisionRequest,
 };
 use crate::settings::Settings;
 
@@ -27,6 +28,9 @@ pub enum AnalyzeOutcome {
     Cached,
     /// Duplicate delivery: the image already has its result.
     AlreadyDone,
+    /// The job names content its image no longer has (the record holds another sha256):
+    /// nothing to do for it; the image's own job carries on. Deleted, with a warning.
+    Stale(String),
     /// Permanent failure, recorded on the image (when known); delete the message.
     Failed(String),
     /// Transient: make the message visible again after `delay`.
@@ -41,6 +45,48 @@ impl AnalyzeOutcome {
 
 /// In-place retries of the final write after a paid answer.
 const STORE_RETRIES: u32 = 3;
+
+/// Money paid for the calls of one model of the chain, reported or estimated.
+#[derive(Debug, Clone, Default)]
+struct Paid {
+    calls: u64,
+    usage: Usage,
+    cost_usd: f64,
+    calls_at_estimate: u64,
+    cost_at_estimate_usd: f64,
+}
+
+impl Paid {
+    fn add_reported(&mut self, usage: &Usage, cost_usd: f64) {
+        self.calls += 1;
+        self.usage.input_tokens += usage.input_tokens;
+        self.usage.output_tokens += usage.output_tokens;
+        self.usage.cached_tokens += usage.cached_tokens;
+        self.cost_usd += cost_usd;
+    }
+
+    /// A billed call whose usage could not be read: booked at its pre-call estimate.
+    fn add_estimated(&mut self, estimate: &Estimate) {
+        self.calls += 1;
+        self.calls_at_estimate += 1;
+        self.usage.input_tokens += estimate.input_tokens;
+        self.usage.output_tokens += estimate.output_tokens;
+        self.cost_usd += estimate.cost_usd;
+        self.cost_at_estimate_usd += estimate.cost_usd;
+    }
+
+    fn spend(&self, day: &str, model: &str) -> Spend {
+        Spend {
+            day: day.to_string(),
+            model: model.to_string(),
+            calls: self.calls,
+            usage: self.usage,
+            cost_usd: self.cost_usd,
+            calls_at_estimate: self.calls_at_estimate,
+            cost_at_estimate_usd: self.cost_at_estimate_usd,
+        }
+    }
+}
 
 /// How one model of the chain ended.
 enum Step {
@@ -201,6 +247,14 @@ impl Analyzer {
         if record.result.is_some() {
             return Ok(AnalyzeOutcome::AlreadyDone);
         }
+        if record.sha256.as_deref().is_some_and(|s| s != job.sha256) {
+            let reason = format!(
+                "job for {}/{} names content the image no longer has",
+                job.tenant, job.image_id
+            );
+            warn!(image_id = %job.image_id, "{reason}; deleting the job");
+            return Ok(AnalyzeOutcome::Stale(reason));
+        }
         let estimated_cost = if self.provider.is_paid() {
             record.estimate.as_ref().map(|e| e.cost_usd).unwrap_or(0.0)
         } else {
@@ -210,12 +264,13 @@ impl Analyzer {
         // must never both hold the claim on a key.
         let owner = uuid::Uuid::new_v4().to_string();
         let chain = self.chain();
+        let scope = self.settings.cache_scope(&job.tenant);
         let mut jpeg: Option<Arc<Vec<u8>>> = None;
         let mut last_retry: Option<(Duration, String)> = None;
         for (i, model) in chain.iter().enumerate() {
             // The key names the model that answers, so a fallback's answer is never served
             // later as the primary model's.
-            let key = idempotency_key(&job.sha256, model, &self.settings.prompt_version);
+            let key = idempotency_key(scope, &job.sha256, model, &self.settings.prompt_version);
             let now = self.clock.now_ms();
             match self
                 .repo
@@ -233,26 +288,39 @@ impl Analyzer {
             }
             let image = match &jpeg {
                 Some(j) => j.clone(),
-                None => match self
-                    .blobs
-                    .get(&job.resized_key, self.settings.prepare.max_input_bytes)
-                    .await
-                {
+                None => match self.fetch_verified(job).await {
                     Ok(bytes) => jpeg.insert(Arc::new(bytes)).clone(),
                     Err(e) => {
                         self.release(&key, &owner).await;
-                        return Err(e);
+                        return match e {
+                            Fetched::Store(e) => Err(e),
+                            Fetched::Mismatch(reason) => {
+                                warn!(image_id = %job.image_id, "{reason}");
+                                Ok(retry_later(receive_count, reason))
+                            }
+                        };
                     }
                 },
             };
-            let step = self
+            let (step, wasted) = self
                 .try_model(job, model, &key, image, i + 1 < chain.len(), receive_count)
                 .await;
+            if !matches!(step, Step::Answered(_)) && wasted.calls > 0 {
+                // Invalid answers that ended in no result were still paid for.
+                self.book(
+                    job,
+                    &format!("{owner}:{model}"),
+                    &wasted.spend(day_of(&rfc3339(self.clock.now_ms())), model),
+                )
+                .await;
+            }
             match step {
-                // The provider answered and was paid: the claim stays ours whatever happens
-                // next, so no retry can call it again while the lease lasts.
+                // The provider answered and was paid: the claim stays ours until the result
+                // is stored, so no retry can call it again while the lease lasts.
                 Step::Answered(result) => {
-                    return self.store_result(job, &result, estimated_cost).await
+                    return self
+                        .store_result(job, &result, estimated_cost, &owner)
+                        .await
                 }
                 Step::Fallback { delay, reason } => {
                     self.release(&key, &owner).await;
@@ -273,6 +341,42 @@ impl Analyzer {
         Ok(AnalyzeOutcome::Retry { delay, reason })
     }
 
+    /// The resized JPEG of a job, checked against the job's sha256: what is analysed (and
+    /// cached under that hash) is exactly the content the job was made for.
+    async fn fetch_verified(&self, job: &AnalysisJob) -> Result<Vec<u8>, Fetched> {
+        let bytes = self
+            .blobs
+            .get(&job.resized_key, self.settings.prepare.max_input_bytes)
+            .await
+            .map_err(Fetched::Store)?;
+        let got = hex::encode(Sha256::digest(&bytes));
+        if got != job.sha256 {
+            return Err(Fetched::Mismatch(format!(
+                "{} holds content with sha256 {got}, not the job's {}",
+                job.resized_key, job.sha256
+            )));
+        }
+        Ok(bytes)
+    }
+
+    /// Book money that left no result; a failure to book is logged, never fatal to the job.
+    async fn book(&self, job: &AnalysisJob, spend_id: &str, spend: &Spend) {
+        let mut attempt = 0u32;
+        loop {
+            match self.repo.book_spend(&job.tenant, spend_id, spend).await {
+                Ok(()) => return,
+                Err(e) if e.is_transient() && attempt < STORE_RETRIES => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(200 * 2u64.pow(attempt))).await;
+                }
+                Err(e) => {
+                    warn!(error = %e, image_id = %job.image_id, cost_usd = spend.cost_usd, "could not book a paid call that left no result");
+                    return;
+                }
+            }
+        }
+    }
+
     /// Give a claim back so the next attempt can take it at once (the lease covers failures).
     async fn release(&self, key: &str, owner: &str) {
         if let Err(e) = self.repo.release_claim(key, owner).await {
@@ -289,6 +393,9 @@ impl Analyzer {
             usage: Default::default(),
             cost_usd: 0.0,
             cached: true,
+            calls: 0,
+            usage_estimated: false,
+            cost_at_estimate_usd: 0.0,
             completed_at: rfc3339(self.clock.now_ms()),
             ..prev
         };
@@ -305,12 +412,15 @@ impl Analyzer {
     }
 
     /// Write a paid answer. Transient write errors are retried here, in place: handing the
-    /// message back would mean paying the provider again once the claim's lease ends.
+    /// message back would mean paying the provider again once the claim's lease ends. When
+    /// the image got its result from another handling meanwhile, this answer's money is still
+    /// booked (it was paid) and the claim is given back.
     async fn store_result(
         &self,
         job: &AnalysisJob,
         result: &AnalysisResult,
         estimated_cost: f64,
+        owner: &str,
     ) -> Result<AnalyzeOutcome, StoreError> {
         let mut attempt = 0u32;
         loop {
@@ -325,7 +435,27 @@ impl Analyzer {
                         cost_usd: result.cost_usd,
                     })
                 }
-                Ok(Completion::AlreadyDone) => return Ok(AnalyzeOutcome::AlreadyDone),
+                Ok(Completion::AlreadyDone) => {
+                    let spend = Spend {
+                        day: day_of(&result.completed_at).to_string(),
+                        model: result.model.clone(),
+                        calls: u64::from(result.calls),
+                        usage: result.usage,
+                        cost_usd: result.cost_usd,
+                        calls_at_estimate: u64::from(result.usage_estimated),
+                        cost_at_estimate_usd: result.cost_at_estimate_usd,
+                    };
+                    warn!(image_id = %job.image_id, cost_usd = result.cost_usd, "answer arrived for an image that already has a result; booked and cached, not stored on the image");
+                    self.book(job, &format!("{owner}:{}:late", result.model), &spend)
+                        .await;
+                    // The answer is good for its key: cache it (which ends our claim), so the
+                    // same bytes are never paid for again; else at least free the claim.
+                    if let Err(e) = self.repo.cache_result(result).await {
+                        debug!(error = %e, "could not cache a late answer");
+                        self.release(&result.idempotency_key, owner).await;
+                    }
+                    return Ok(AnalyzeOutcome::AlreadyDone);
+                }
                 Err(e) if e.is_transient() && attempt < STORE_RETRIES => {
                     attempt += 1;
                     let wait = Duration::from_millis(200 * 2u64.pow(attempt));
@@ -337,7 +467,8 @@ impl Analyzer {
         }
     }
 
-    /// One model of the chain: reserve, call (retrying invalid output once), classify.
+    /// One model of the chain: reserve, call (retrying invalid output once), classify. Also
+    /// returns what was paid for calls that did not become the answer (invalid answers).
     async fn try_model(
         &self,
         job: &AnalysisJob,
@@ -346,9 +477,10 @@ impl Analyzer {
         jpeg: Arc<Vec<u8>>,
         has_fallback: bool,
         receive_count: u32,
-    ) -> Step {
+    ) -> (Step, Paid) {
         let table = PriceTable::builtin();
         let params = self.settings.estimate_params();
+        let paid_provider = self.provider.is_paid();
         let request = VisionRequest {
             model: model.to_string(),
             jpeg,
@@ -358,8 +490,10 @@ impl Analyzer {
             max_output_tokens: self.settings.max_output_tokens,
             detail: self.settings.detail,
         };
+        // What one call is expected to cost: booked when a paid answer's usage is unreadable.
+        let estimate = table.estimate(model, job.width, job.height, &params).ok();
         // Reserve image + prompt + max output tokens and one request.
-        let reserve_tokens = if self.provider.is_paid() {
+        let reserve_tokens = if paid_provider {
             table
                 .model(model)
                 .map(|m| m.image_tokens(job.width, job.height, params.detail))
@@ -369,6 +503,7 @@ impl Analyzer {
         } else {
             0
         };
+        let mut wasted = Paid::default();
         let reservation = match self.reserve(model, reserve_tokens).await {
             Ok(r) => r,
             Err(Denied::Wait(d)) if has_fallback => {
@@ -377,91 +512,128 @@ impl Analyzer {
                     wait_ms = d.as_millis() as u64,
                     "limiter full; trying fallback model"
                 );
-                return Step::Fallback {
+                let step = Step::Fallback {
                     delay: d,
                     reason: format!("rate limit for {model}"),
                 };
+                return (step, wasted);
             }
             Err(Denied::Wait(d)) => {
                 // Spread instances that all hit the same limit.
                 let spread = d.mul_f64(1.0 + 0.2 * jitter());
-                return Step::Retry {
+                let step = Step::Retry {
                     delay: spread,
                     reason: format!("local rate limit for {model}"),
                 };
+                return (step, wasted);
             }
+        };
+        // The price of a reported usage: the model that answered (providers report dated
+        // variants), else the model asked for; never $0 for a paid answer.
+        let price = |answered: &str, usage: &Usage| {
+            if !paid_provider {
+                return 0.0;
+            }
+            table
+                .model(answered)
+                .or_else(|_| table.model(model))
+                .map(|p| p.cost_usd(usage))
+                .unwrap_or(0.0)
         };
         let mut attempt = self.provider.analyze(&request).await;
         self.finish(model, reservation, &attempt);
-        // Tokens billed for an invalid answer are real cost: carried into the result.
-        let mut wasted = Usage::default();
         if let Err(e) = &attempt {
             if e.kind == FailureKind::InvalidOutput {
+                // Tokens billed for an invalid answer are real cost.
+                self.count_failed_call(&mut wasted, e, model, estimate.as_ref(), &price);
                 // One in-place retry for invalid output, then it is permanent.
-                wasted = e.usage.unwrap_or_default();
                 let Ok(r2) = self.reserve(model, reserve_tokens).await else {
-                    return Step::Retry {
+                    let step = Step::Retry {
                         delay: Duration::from_secs(2),
                         reason: "invalid output; limiter full for the retry".into(),
                     };
+                    return (step, wasted);
                 };
                 attempt = self.provider.analyze(&request).await;
                 self.finish(model, r2, &attempt);
+                if let Err(e2) = &attempt {
+                    self.count_failed_call(&mut wasted, e2, model, estimate.as_ref(), &price);
+                }
             }
         }
         match attempt {
             Ok(resp) => {
-                let usage = Usage {
-                    input_tokens: resp.usage.input_tokens + wasted.input_tokens,
-                    output_tokens: resp.usage.output_tokens + wasted.output_tokens,
-                    cached_tokens: resp.usage.cached_tokens + wasted.cached_tokens,
-                };
-                let cost = if self.provider.is_paid() {
-                    table
-                        .model(&resp.model)
-                        .or_else(|_| table.model(model))
-                        .map(|p| p.cost_usd(&usage))
-                        .unwrap_or(0.0)
-                } else {
-                    0.0
-                };
-                Step::Answered(AnalysisResult {
+                let mut paid = std::mem::take(&mut wasted);
+                match (&resp.usage, &estimate) {
+                    (Some(u), _) => paid.add_reported(u, price(&resp.model, u)),
+                    (None, Some(est)) if paid_provider => paid.add_estimated(est),
+                    (None, _) => paid.add_reported(&Usage::default(), 0.0),
+                }
+                let result = AnalysisResult {
                     provider: self.provider.name().to_string(),
                     model: model.to_string(),
                     analysis: resp.analysis,
-                    usage,
-                    cost_usd: cost,
+                    usage: paid.usage,
+                    cost_usd: paid.cost_usd,
                     cached: false,
+                    calls: u32::try_from(paid.calls).unwrap_or(u32::MAX),
+                    usage_estimated: paid.calls_at_estimate > 0,
+                    cost_at_estimate_usd: paid.cost_at_estimate_usd,
                     idempotency_key: key.to_string(),
                     prompt_version: self.settings.prompt_version.clone(),
                     price_version: table.version().to_string(),
                     completed_at: rfc3339(self.clock.now_ms()),
-                })
+                };
+                (Step::Answered(result), Paid::default())
             }
-            Err(e) => match classify(&e.kind) {
-                RetryClass::Permanent => Step::Fail(format!("{model}: {}", e.message)),
-                RetryClass::Transient => {
-                    let delay = retry_delay(&e.kind, receive_count, jitter());
-                    let long_wait = matches!(
-                        e.kind,
-                        FailureKind::Http { retry_after: Some(d), .. } if d >= self.settings.fallback_after
-                    );
-                    if has_fallback
-                        && (long_wait || !matches!(e.kind, FailureKind::Http { status: 429, .. }))
-                    {
-                        info!(model, error = %e.message, "switching to fallback model");
-                        Step::Fallback {
-                            delay,
-                            reason: e.message,
-                        }
-                    } else {
-                        Step::Retry {
-                            delay,
-                            reason: format!("{model}: {}", e.message),
+            Err(e) => {
+                let step = match classify(&e.kind) {
+                    RetryClass::Permanent => Step::Fail(format!("{model}: {}", e.message)),
+                    RetryClass::Transient => {
+                        let delay = retry_delay(&e.kind, receive_count, jitter());
+                        let long_wait = matches!(
+                            e.kind,
+                            FailureKind::Http { retry_after: Some(d), .. } if d >= self.settings.fallback_after
+                        );
+                        if has_fallback
+                            && (long_wait
+                                || !matches!(e.kind, FailureKind::Http { status: 429, .. }))
+                        {
+                            info!(model, error = %e.message, "switching to fallback model");
+                            Step::Fallback {
+                                delay,
+                                reason: e.message,
+                            }
+                        } else {
+                            Step::Retry {
+                                delay,
+                                reason: format!("{model}: {}", e.message),
+                            }
                         }
                     }
-                }
-            },
+                };
+                (step, wasted)
+            }
+        }
+    }
+
+    /// Add a failed call's cost when the provider billed it: its reported usage, else (an
+    /// answer cut off or unreadable) its estimate.
+    fn count_failed_call(
+        &self,
+        paid: &mut Paid,
+        e: &ProviderError,
+        model: &str,
+        estimate: Option<&Estimate>,
+        price: &dyn Fn(&str, &Usage) -> f64,
+    ) {
+        if !self.provider.is_paid() {
+            return;
+        }
+        match (&e.usage, estimate) {
+            (Some(u), _) => paid.add_reported(u, price(model, u)),
+            (None, Some(est)) if e.billed => paid.add_estimated(est),
+            _ => {}
         }
     }
 
@@ -490,12 +662,14 @@ impl Analyzer {
         attempt: &Result<crate::ports::VisionResponse, ProviderError>,
     ) {
         match attempt {
-            Ok(resp) => self.settle(
-                model,
-                reservation,
-                Some(resp.usage.input_tokens + resp.usage.output_tokens),
-                &resp.rate,
-            ),
+            Ok(resp) => {
+                // Unknown usage keeps the whole reservation: the call was made and billed.
+                let used = resp
+                    .usage
+                    .map(|u| u.input_tokens + u.output_tokens)
+                    .unwrap_or(reservation.tokens);
+                self.settle(model, reservation, Some(used), &resp.rate)
+            }
             Err(e) => {
                 self.settle(
                     model,
@@ -534,6 +708,13 @@ impl Analyzer {
             l.observe(rate, now);
         });
     }
+}
+
+/// Why a job's resized JPEG could not be used.
+enum Fetched {
+    Store(StoreError),
+    /// The object is not the content the job names.
+    Mismatch(String),
 }
 
 /// Back to the queue after exponential backoff with jitter (no provider delay to follow).

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -107,6 +107,7 @@ impl From<StoreError> for ApiError {
                 "the service is busy; retry shortly",
             ),
             StoreError::NotFound(_) => ApiError::not_found(),
+            StoreError::InvalidInput(m) => ApiError::bad_request(m),
             other => {
                 error!(error = %other, "storage error");
                 ApiError::new(
@@ -119,11 +120,11 @@ impl From<StoreError> for ApiError {
     }
 }
 
-async fn not_found() -> ApiError {
+pub async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
 }
 
-async fn method_not_allowed() -> ApiError {
+pub async fn method_not_allowed() -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
@@ -265,6 +266,8 @@ async fn create_upload(
         resized: None,
         orientation: None,
         sha256: None,
+        original_sha256: None,
+        original_key: Some(key.clone()),
         resized_key: None,
         estimate: None,
         original_estimate: None,
@@ -272,7 +275,11 @@ async fn create_upload(
         created_at: now.clone(),
         updated_at: now,
     };
-    state.repo.put_image(&record).await?;
+    // If no upload ever arrives, or it arrives and its resize is lost, the reconciler looks
+    // at the image once the URL has expired.
+    let recheck = state.clock.now_ms()
+        + (state.settings.upload_ttl + state.settings.reconcile_after).as_millis() as u64;
+    state.repo.put_image(&record, Some(recheck)).await?;
     Ok((
         StatusCode::CREATED,
         Json(UploadResponse {
@@ -291,12 +298,19 @@ fn valid_id(id: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
+/// Path parameters axum cannot decode (invalid UTF-8 such as `%FF`) become JSON 400s.
+fn path_param<T>(p: Result<Path<T>, PathRejection>) -> Result<T, ApiError> {
+    p.map(|Path(v)| v)
+        .map_err(|e| ApiError::bad_request(format!("invalid path: {}", e.body_text())))
+}
+
 async fn get_image(
     State(state): State<ApiState>,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<ImageRecord>, ApiError> {
     let tenant = tenant(&state, &headers).await?;
+    let id = path_param(id)?;
     if !valid_id(&id) {
         return Err(ApiError::not_found());
     }
@@ -344,13 +358,7 @@ async fn list_images(
     let page = state
         .repo
         .list_images(&tenant, status, limit, cursor)
-        .await
-        .map_err(|e| match e {
-            StoreError::Permanent(m) if m.contains("cursor") => {
-                ApiError::bad_request("invalid cursor")
-            }
-            other => other.into(),
-        })?;
+        .await?;
     Ok(Json(page))
 }
 

@@ -14,6 +14,7 @@ pub mod ingest;
 pub mod local;
 pub mod ports;
 pub mod providers;
+pub mod reconcile;
 pub mod settings;
 pub mod worker;
 

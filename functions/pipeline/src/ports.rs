@@ -21,6 +21,9 @@ pub enum StoreError {
     Transient(String),
     #[error("storage error: {0}")]
     Permanent(String),
+    /// The caller's input cannot be used (a cursor that is not one of ours).
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
 }
 
 impl StoreError {
@@ -80,13 +83,38 @@ pub struct CostRow {
     /// YYYY-MM-DD (UTC).
     pub day: String,
     pub model: String,
+    /// Images that got a result (cached ones included).
     pub images: u64,
     pub cached_images: u64,
+    /// Provider calls paid for (answers, invalid answers, answers that lost a race).
+    #[serde(default)]
+    pub calls: u64,
     pub input_tokens: u64,
     pub output_tokens: u64,
     pub cost_usd: f64,
     /// Sum of the pre-call estimates of the same images (estimate error = cost − estimate).
     pub estimated_cost_usd: f64,
+    /// Paid calls whose usage could not be read (truncated or unreadable answers), booked at
+    /// their estimate; their cost is part of `cost_usd`.
+    #[serde(default)]
+    pub calls_at_estimate: u64,
+    #[serde(default)]
+    pub cost_at_estimate_usd: f64,
+}
+
+/// Money paid for provider calls that left no stored result: invalid answers of an image that
+/// then failed, or an answer for an image another worker completed first. Booked once per
+/// `spend_id`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spend {
+    /// YYYY-MM-DD (UTC) the money was spent.
+    pub day: String,
+    pub model: String,
+    pub calls: u64,
+    pub usage: Usage,
+    pub cost_usd: f64,
+    pub calls_at_estimate: u64,
+    pub cost_at_estimate_usd: f64,
 }
 
 /// What `complete` did.
@@ -96,6 +124,26 @@ pub enum Completion {
     Stored,
     /// The image already had a result: nothing written (duplicate delivery).
     AlreadyDone,
+}
+
+/// What `put_image` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutImage {
+    Stored,
+    /// The image already has a result: the record was left as it is.
+    HasResult,
+    /// The stored record came from another upload (its `original_sha256` differs from the new
+    /// record's): the record was left as it is.
+    OtherUpload,
+}
+
+/// How a queued record's job reached the queue (see [`Repository::put_queued`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobDelivery {
+    /// Written in the same transaction as the record: nothing left to do.
+    Delivered,
+    /// Only the record was written: the caller sends the job, then moves the recheck on.
+    SendIt,
 }
 
 /// Result of trying to take the in-flight claim for an idempotency key.
@@ -109,12 +157,48 @@ pub enum Claim {
     Busy { retry_in: Duration },
 }
 
+/// A tenant's API key, as listed (the key itself is never stored, only its sha256).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiKeyInfo {
+    /// The first 12 hex digits of the key's sha256: enough to name it, useless to use it.
+    pub id: String,
+    pub tenant: String,
+    pub created_at: String,
+}
+
+/// The id under which a key is listed and revoked.
+pub fn api_key_id(key_sha256: &str) -> String {
+    key_sha256.chars().take(12).collect()
+}
+
 /// Images, results, the idempotency cache, the cost ledger and API keys.
 #[async_trait]
 pub trait Repository: Send + Sync {
     /// Create or overwrite an image record (resize path: retries are harmless), except one
-    /// that already has a result: that is left as it is.
-    async fn put_image(&self, record: &ImageRecord) -> StoreResult<()>;
+    /// that already has a result or that came from another upload (see [`PutImage`]).
+    /// `recheck_at_ms`: when the reconciler should look at the image if nothing moved it on
+    /// (None: never).
+    async fn put_image(
+        &self,
+        record: &ImageRecord,
+        recheck_at_ms: Option<u64>,
+    ) -> StoreResult<PutImage>;
+    /// Store a queued record together with its job (a transactional outbox). A repository
+    /// that holds the queue writes both in one transaction ([`JobDelivery::Delivered`], next
+    /// recheck at `recheck_sent_ms`). The default writes the record alone with a recheck at
+    /// `recheck_unsent_ms`, so a crash before the caller's send is found by the reconciler.
+    async fn put_queued(
+        &self,
+        record: &ImageRecord,
+        job_body: &str,
+        now_ms: u64,
+        recheck_unsent_ms: u64,
+        recheck_sent_ms: u64,
+    ) -> StoreResult<(PutImage, JobDelivery)> {
+        let _ = (job_body, now_ms, recheck_sent_ms);
+        let put = self.put_image(record, Some(recheck_unsent_ms)).await?;
+        Ok((put, JobDelivery::SendIt))
+    }
     async fn get_image(&self, tenant: &str, image_id: &str) -> StoreResult<Option<ImageRecord>>;
     async fn list_images(
         &self,
@@ -124,6 +208,7 @@ pub trait Repository: Send + Sync {
         cursor: Option<&str>,
     ) -> StoreResult<ImagePage>;
     /// Mark an image failed with a reason (permanent failures), unless it is already done.
+    /// Clears its recheck time.
     async fn mark_failed(
         &self,
         tenant: &str,
@@ -131,6 +216,19 @@ pub trait Repository: Send + Sync {
         error: &str,
         now: &str,
     ) -> StoreResult<()>;
+
+    /// Set or clear when the reconciler looks at an image next (no-op for a missing image).
+    async fn set_recheck(
+        &self,
+        tenant: &str,
+        image_id: &str,
+        recheck_at_ms: Option<u64>,
+    ) -> StoreResult<()>;
+    /// Images of any tenant whose recheck time is at or before `now_ms`, soonest first.
+    async fn due_rechecks(&self, now_ms: u64, limit: usize) -> StoreResult<Vec<ImageRecord>>;
+    /// Delete a record that is still `pending` (an upload URL nobody used). False when the
+    /// record is absent or no longer pending.
+    async fn expire_pending(&self, tenant: &str, image_id: &str) -> StoreResult<bool>;
 
     /// Take the in-flight claim for `key` (lease), or learn it is cached or busy.
     async fn claim(
@@ -143,7 +241,8 @@ pub trait Repository: Send + Sync {
     /// Give a claim back after a failed call so a retry can take it at once.
     async fn release_claim(&self, key: &str, owner: &str) -> StoreResult<()>;
     /// Atomically: store the result on the image (only if it has none), store it in the
-    /// idempotency cache, and add usage and cost to the ledger. A duplicate never double-counts.
+    /// idempotency cache, add usage and cost to the ledger and clear the image's recheck.
+    /// A duplicate never double-counts.
     async fn complete(
         &self,
         tenant: &str,
@@ -151,11 +250,25 @@ pub trait Repository: Send + Sync {
         result: &AnalysisResult,
         estimated_cost_usd: f64,
     ) -> StoreResult<Completion>;
+    /// Put a paid answer in the idempotency cache without touching any image (an answer that
+    /// lost the race for its image is still good for its key). Ends an in-flight claim on it.
+    async fn cache_result(&self, result: &AnalysisResult) -> StoreResult<()>;
+    /// Add money that left no result to the ledger, once per `spend_id` (a repeat is a no-op).
+    async fn book_spend(&self, tenant: &str, spend_id: &str, spend: &Spend) -> StoreResult<()>;
     /// Ledger rows for a tenant, for days in [from, to] (inclusive, YYYY-MM-DD).
     async fn costs(&self, tenant: &str, from: &str, to: &str) -> StoreResult<Vec<CostRow>>;
 
-    /// Register an API key (stored as its sha256) for a tenant.
-    async fn put_api_key(&self, key_sha256: &str, tenant: &str) -> StoreResult<()>;
+    /// Add an API key (stored as its sha256) for a tenant; other keys stay valid.
+    async fn add_api_key(
+        &self,
+        key_sha256: &str,
+        tenant: &str,
+        created_at: &str,
+    ) -> StoreResult<()>;
+    /// A tenant's keys, oldest first.
+    async fn list_api_keys(&self, tenant: &str) -> StoreResult<Vec<ApiKeyInfo>>;
+    /// Revoke a tenant's key by its id ([`api_key_id`]); false when the tenant has no such key.
+    async fn revoke_api_key(&self, tenant: &str, key_id: &str) -> StoreResult<bool>;
     async fn tenant_for_key(&self, key_sha256: &str) -> StoreResult<Option<String>>;
 }
 
@@ -178,7 +291,9 @@ pub struct VisionRequest {
 pub struct VisionResponse {
     /// Validated analysis object.
     pub analysis: serde_json::Value,
-    pub usage: Usage,
+    /// As reported by the provider; None when the answer carried no readable usage (it is
+    /// still paid for: the caller books it at the estimate).
+    pub usage: Option<Usage>,
     /// Model that actually answered (providers may report a dated variant).
     pub model: String,
     pub rate: RateInfo,
@@ -192,6 +307,9 @@ pub struct ProviderError {
     pub rate: RateInfo,
     /// Tokens the failed call still consumed, when known (malformed output is billed).
     pub usage: Option<Usage>,
+    /// The provider answered (HTTP 200) before the failure, so the call is billed even when
+    /// `usage` is unknown: a truncated or unreadable answer.
+    pub billed: bool,
 }
 
 /// A vision model behind some API.

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use sightline_core::model::Detail;
+use sightline_core::model::{CacheScope, Detail};
 use sightline_core::pricing::{text_tokens, EstimateParams, PriceTable};
 use sightline_core::PrepareOptions;
 
@@ -41,6 +41,24 @@ pub struct Settings {
     pub max_receives: u32,
     /// Upload URL lifetime.
     pub upload_ttl: Duration,
+    /// Reuse answers across tenants for identical image bytes (off: each tenant has its own
+    /// cache, so one tenant's answer is never served to another).
+    pub share_cache_across_tenants: bool,
+    /// How long an uploaded original may wait for its resize, or a recorded job for its queue
+    /// message, before the reconciler does the step again.
+    pub reconcile_after: Duration,
+    /// A queued image not finished after this long gets its job sent again (duplicates are
+    /// harmless: the claim and the ledger are exactly-once).
+    pub stuck_after: Duration,
+    /// Period of the reconciler's sweep in `sightline serve` (on AWS: the schedule).
+    pub reconcile_every: Duration,
+    /// A `pending` record (upload URL handed out, nothing uploaded) is deleted after this.
+    pub pending_ttl: Duration,
+    /// Memory that concurrent resizes may budget together (each weighs what its header says
+    /// it needs); uploads past it wait for room.
+    pub resize_memory_budget: u64,
+    /// Resizes admitted at once (each holds its input bytes while it waits for memory).
+    pub max_concurrent_resizes: usize,
 }
 
 impl Default for Settings {
@@ -61,6 +79,13 @@ impl Default for Settings {
             claim_lease: Duration::from_secs(120),
             max_receives: 5,
             upload_ttl: Duration::from_secs(900),
+            share_cache_across_tenants: false,
+            reconcile_after: Duration::from_secs(60),
+            stuck_after: Duration::from_secs(3600),
+            reconcile_every: Duration::from_secs(30),
+            pending_ttl: Duration::from_secs(7 * 86_400),
+            resize_memory_budget: 1 << 30,
+            max_concurrent_resizes: 8,
         }
     }
 }
@@ -77,6 +102,121 @@ impl Settings {
         }
         if self.max_output_tokens == 0 {
             return Err("max_output_tokens must be > 0".into());
+        }
+        if self.resize_memory_budget < 64 << 20 {
+            return Err("the resize memory budget must be at least 64 MB".into());
+        }
+        Ok(())
+    }
+
+    /// Whose answers the idempotency cache may reuse for an image of `tenant`.
+    pub fn cache_scope<'a>(&self, tenant: &'a str) -> CacheScope<'a> {
+        if self.share_cache_across_tenants {
+            CacheScope::Shared
+        } else {
+            CacheScope::Tenant(tenant)
+        }
+    }
+
+    /// Apply the `SIGHTLINE_*` pipeline settings found by `get` (environment lookups; empty
+    /// values count as unset). Shared by the Lambdas and the CLI, so a variable means the same
+    /// everywhere.
+    pub fn apply_env(&mut self, get: &dyn Fn(&str) -> Option<String>) -> Result<(), String> {
+        let var = |name: &str| {
+            get(name)
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+        };
+        fn num<T: std::str::FromStr>(name: &str, v: Option<String>) -> Result<Option<T>, String> {
+            v.map(|v| {
+                v.parse()
+                    .map_err(|_| format!("{name}={v:?} is not a valid number"))
+            })
+            .transpose()
+        }
+        fn flag(name: &str, v: Option<String>) -> Result<Option<bool>, String> {
+            v.map(|v| match v.to_ascii_lowercase().as_str() {
+                "1" | "true" | "yes" | "on" => Ok(true),
+                "0" | "false" | "no" | "off" => Ok(false),
+                _ => Err(format!("{name}={v:?} is not true or false")),
+            })
+            .transpose()
+        }
+        let secs = |name: &str| num::<u64>(name, var(name)).map(|v| v.map(Duration::from_secs));
+        if let Some(m) = var("SIGHTLINE_MODEL") {
+            self.model = m;
+        }
+        if let Some(f) = var("SIGHTLINE_FALLBACK_MODELS") {
+            self.fallback_models = f
+                .split(',')
+                .map(str::trim)
+                .filter(|m| !m.is_empty())
+                .map(str::to_string)
+                .collect();
+        }
+        if let Some(v) = var("SIGHTLINE_PROMPT_VERSION") {
+            self.prompt_version = v;
+        }
+        if let Some(v) = num("SIGHTLINE_RPM", var("SIGHTLINE_RPM"))? {
+            self.rpm = v;
+        }
+        if let Some(v) = num("SIGHTLINE_TPM", var("SIGHTLINE_TPM"))? {
+            self.tpm = v;
+        }
+        if let Some(v) = num::<u64>(
+            "SIGHTLINE_MAX_CONCURRENCY",
+            var("SIGHTLINE_MAX_CONCURRENCY"),
+        )? {
+            self.max_concurrency = v.max(1);
+        }
+        if let Some(v) = num("SIGHTLINE_MAX_EDGE", var("SIGHTLINE_MAX_EDGE"))? {
+            self.prepare.max_edge = v;
+        }
+        if let Some(v) = num(
+            "SIGHTLINE_MAX_INPUT_BYTES",
+            var("SIGHTLINE_MAX_INPUT_BYTES"),
+        )? {
+            self.prepare.max_input_bytes = v;
+        }
+        if let Some(v) = num("SIGHTLINE_MAX_PIXELS", var("SIGHTLINE_MAX_PIXELS"))? {
+            self.prepare.max_pixels = v;
+        }
+        if let Some(v) = num::<u64>(
+            "SIGHTLINE_MAX_INLINE_WAIT_MS",
+            var("SIGHTLINE_MAX_INLINE_WAIT_MS"),
+        )? {
+            self.max_inline_wait = Duration::from_millis(v);
+        }
+        // The analyze queue's maxReceiveCount: the last delivery marks the image failed.
+        if let Some(v) = num("SIGHTLINE_MAX_RECEIVES", var("SIGHTLINE_MAX_RECEIVES"))? {
+            self.max_receives = v;
+        }
+        if let Some(v) = flag("SIGHTLINE_SHARE_CACHE", var("SIGHTLINE_SHARE_CACHE"))? {
+            self.share_cache_across_tenants = v;
+        }
+        if let Some(v) = secs("SIGHTLINE_RECONCILE_AFTER_SECS")? {
+            self.reconcile_after = v;
+        }
+        if let Some(v) = secs("SIGHTLINE_STUCK_AFTER_SECS")? {
+            self.stuck_after = v;
+        }
+        if let Some(v) = secs("SIGHTLINE_RECONCILE_EVERY_SECS")? {
+            self.reconcile_every = v.max(Duration::from_secs(1));
+        }
+        if let Some(v) = secs("SIGHTLINE_PENDING_TTL_SECS")? {
+            self.pending_ttl = v;
+        }
+        if let Some(v) = num::<u64>(
+            "SIGHTLINE_RESIZE_MEMORY_MB",
+            var("SIGHTLINE_RESIZE_MEMORY_MB"),
+        )? {
+            self.resize_memory_budget = v.saturating_mul(1 << 20);
+        }
+        if let Some(v) = num::<usize>(
+            "SIGHTLINE_MAX_CONCURRENT_RESIZES",
+            var("SIGHTLINE_MAX_CONCURRENT_RESIZES"),
+        )? {
+            self.max_concurrent_resizes = v.max(1);
         }
         Ok(())
     }
@@ -129,5 +269,42 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(s.model_chain(), vec!["gpt-4.1-mini", "gpt-4o"]);
+    }
+
+    #[test]
+    fn environment_settings_parse_and_bad_values_are_named() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let mut s = Settings::default();
+        s.apply_env(&env(&[
+            ("SIGHTLINE_SHARE_CACHE", "true"),
+            ("SIGHTLINE_RECONCILE_AFTER_SECS", "5"),
+            ("SIGHTLINE_RESIZE_MEMORY_MB", "512"),
+            ("SIGHTLINE_RPM", " "),
+        ]))
+        .unwrap();
+        assert!(s.share_cache_across_tenants);
+        assert_eq!(s.reconcile_after, Duration::from_secs(5));
+        assert_eq!(s.resize_memory_budget, 512 << 20);
+        assert_eq!(s.rpm, Settings::default().rpm, "empty means unset");
+        assert_eq!(s.cache_scope("t"), CacheScope::Shared);
+        let err = Settings::default()
+            .apply_env(&env(&[("SIGHTLINE_SHARE_CACHE", "maybe")]))
+            .unwrap_err();
+        assert!(err.contains("SIGHTLINE_SHARE_CACHE"), "{err}");
+        let err = Settings::default()
+            .apply_env(&env(&[("SIGHTLINE_TPM", "lots")]))
+            .unwrap_err();
+        assert!(err.contains("SIGHTLINE_TPM"), "{err}");
+        assert_eq!(
+            Settings::default().cache_scope("t"),
+            CacheScope::Tenant("t")
+        );
     }
 }

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use sha2::{Digest, Sha256};
 use sightline_core::model::{AnalysisJob, ImageRecord, ImageStatus};
 use sightline_core::pricing::Usage;
 use sightline_core::retry::FailureKind;
@@ -16,7 +17,17 @@ use sightline_pipeline::ports::{
 };
 use sightline_pipeline::Settings;
 
-type Step = Result<(), FailureKind>;
+/// One scripted provider answer.
+#[derive(Debug, Clone)]
+enum Step {
+    /// A valid analysis with usage 1000 in / 100 out.
+    Answer,
+    /// A valid analysis whose response carried no usage (still billed).
+    AnswerWithoutUsage,
+    /// A 200 cut off mid-body: billed, unreadable, usage unknown.
+    Truncated,
+    Fail(FailureKind),
+}
 
 /// Answers from a script; records which models were called.
 struct Scripted {
@@ -51,19 +62,34 @@ impl VisionProvider for Scripted {
         self.calls.lock().unwrap().push(req.model.clone());
         let latency = *self.latency.lock().unwrap();
         tokio::time::sleep(latency).await;
-        let step = self.steps.lock().unwrap().pop_front().unwrap_or(Ok(()));
+        let step = self
+            .steps
+            .lock()
+            .unwrap()
+            .pop_front()
+            .unwrap_or(Step::Answer);
+        let answer = |usage| VisionResponse {
+            analysis: serde_json::json!({"description": "ok", "tags": []}),
+            usage,
+            model: req.model.clone(),
+            rate: RateInfo::default(),
+        };
         match step {
-            Ok(()) => Ok(VisionResponse {
-                analysis: serde_json::json!({"description": "ok", "tags": []}),
-                usage: Usage {
-                    input_tokens: 1000,
-                    output_tokens: 100,
-                    cached_tokens: 0,
-                },
-                model: req.model.clone(),
+            Step::Answer => Ok(answer(Some(Usage {
+                input_tokens: 1000,
+                output_tokens: 100,
+                cached_tokens: 0,
+            }))),
+            Step::AnswerWithoutUsage => Ok(answer(None)),
+            Step::Truncated => Err(ProviderError {
+                kind: FailureKind::InvalidOutput,
+                message: "provider response is not JSON: EOF".into(),
                 rate: RateInfo::default(),
+                usage: None,
+                billed: true,
             }),
-            Err(kind) => Err(ProviderError {
+            Step::Fail(kind) => Err(ProviderError {
+                billed: kind == FailureKind::InvalidOutput,
                 kind,
                 message: "scripted".into(),
                 rate: RateInfo::default(),
@@ -76,19 +102,37 @@ impl VisionProvider for Scripted {
 struct Fixture {
     analyzer: Analyzer,
     repo: Arc<dyn Repository>,
+    blobs: Arc<dyn BlobStore>,
     provider: Arc<Scripted>,
     _dir: tempfile::TempDir,
 }
 
+/// The resized JPEG every fixture image has (the same bytes: a second image is a cache hit).
+const JPEG: &[u8] = &[0xFF, 0xD8, 1, 2, 3];
+
+fn sha(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
 async fn fixture(steps: Vec<Step>, fallback: &[&str]) -> Fixture {
+    fixture_with(
+        steps,
+        Settings {
+            fallback_models: fallback.iter().map(|s| s.to_string()).collect(),
+            ..Settings::default()
+        },
+    )
+    .await
+}
+
+async fn fixture_with(steps: Vec<Step>, settings: Settings) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let blobs: Arc<dyn BlobStore> = Arc::new(FileBlobStore::new(dir.path()));
     let repo: Arc<dyn Repository> = Arc::new(SqliteRepository::new(SqliteDb::in_memory().unwrap()));
     let provider = Scripted::new(steps);
     let settings = Settings {
         model: "gpt-4o".into(),
-        fallback_models: fallback.iter().map(|s| s.to_string()).collect(),
-        ..Settings::default()
+        ..settings
     };
     let analyzer = Analyzer::new(
         blobs.clone(),
@@ -97,37 +141,40 @@ async fn fixture(steps: Vec<Step>, fallback: &[&str]) -> Fixture {
         Arc::new(settings),
         Arc::new(SystemClock),
     );
-    for id in ["a", "b"] {
+    for (tenant, id) in [("t", "a"), ("t", "b"), ("u", "a")] {
         blobs
             .put(
-                &format!("resized/t/{id}.jpg"),
-                vec![0xFF, 0xD8, 1, 2, 3],
+                &format!("resized/{tenant}/{id}.jpg"),
+                JPEG.to_vec(),
                 "image/jpeg",
             )
             .await
             .unwrap();
-        repo.put_image(&record(id)).await.unwrap();
+        repo.put_image(&record_of(tenant, id), None).await.unwrap();
     }
     Fixture {
         analyzer,
         repo,
+        blobs,
         provider,
         _dir: dir,
     }
 }
 
-fn record(id: &str) -> ImageRecord {
+fn record_of(tenant: &str, id: &str) -> ImageRecord {
     ImageRecord {
         image_id: id.into(),
-        tenant: "t".into(),
+        tenant: tenant.into(),
         source: format!("{id}.jpg"),
         status: ImageStatus::Queued,
         error: None,
         original: None,
         resized: None,
         orientation: None,
-        sha256: Some("ab".repeat(32)),
-        resized_key: Some(format!("resized/t/{id}.jpg")),
+        sha256: Some(sha(JPEG)),
+        original_sha256: None,
+        original_key: None,
+        resized_key: Some(format!("resized/{tenant}/{id}.jpg")),
         estimate: None,
         original_estimate: None,
         result: None,
@@ -137,13 +184,17 @@ fn record(id: &str) -> ImageRecord {
 }
 
 fn job(id: &str) -> String {
+    job_of("t", id)
+}
+
+fn job_of(tenant: &str, id: &str) -> String {
     serde_json::to_string(&AnalysisJob {
         v: 1,
         image_id: id.into(),
-        tenant: "t".into(),
-        resized_key: format!("resized/t/{id}.jpg"),
-        // Both images have the same bytes: the second is a cache hit.
-        sha256: "ab".repeat(32),
+        tenant: tenant.into(),
+        resized_key: format!("resized/{tenant}/{id}.jpg"),
+        // Every image has the same bytes: a second one is a cache hit.
+        sha256: sha(JPEG),
         width: 1024,
         height: 1024,
     })
@@ -152,7 +203,7 @@ fn job(id: &str) -> String {
 
 #[tokio::test]
 async fn success_then_duplicate_then_same_bytes_is_cached() {
-    let f = fixture(vec![Ok(())], &[]).await;
+    let f = fixture(vec![Step::Answer], &[]).await;
     let first = f.analyzer.handle(&job("a"), 1).await;
     let AnalyzeOutcome::Done { model, cost_usd } = first else {
         panic!("{first:?}")
@@ -189,15 +240,15 @@ async fn success_then_duplicate_then_same_bytes_is_cached() {
 async fn transient_errors_go_back_to_the_queue_with_a_delay() {
     let f = fixture(
         vec![
-            Err(FailureKind::Http {
+            Step::Fail(FailureKind::Http {
                 status: 503,
                 retry_after: None,
             }),
-            Err(FailureKind::Http {
+            Step::Fail(FailureKind::Http {
                 status: 429,
                 retry_after: Some(Duration::from_secs(3)),
             }),
-            Err(FailureKind::Timeout),
+            Step::Fail(FailureKind::Timeout),
         ],
         &[],
     )
@@ -223,11 +274,11 @@ async fn transient_errors_go_back_to_the_queue_with_a_delay() {
 async fn long_retry_after_switches_to_the_fallback_model() {
     let f = fixture(
         vec![
-            Err(FailureKind::Http {
+            Step::Fail(FailureKind::Http {
                 status: 429,
                 retry_after: Some(Duration::from_secs(60)),
             }),
-            Ok(()),
+            Step::Answer,
         ],
         &["gpt-4.1"],
     )
@@ -244,8 +295,8 @@ async fn long_retry_after_switches_to_the_fallback_model() {
 async fn invalid_output_is_retried_once_then_permanent() {
     let f = fixture(
         vec![
-            Err(FailureKind::InvalidOutput),
-            Err(FailureKind::InvalidOutput),
+            Step::Fail(FailureKind::InvalidOutput),
+            Step::Fail(FailureKind::InvalidOutput),
         ],
         &[],
     )
@@ -259,7 +310,11 @@ async fn invalid_output_is_retried_once_then_permanent() {
     assert_eq!(rec.status, ImageStatus::Failed);
     assert!(rec.error.unwrap().contains("gpt-4o"));
 
-    let f = fixture(vec![Err(FailureKind::InvalidOutput), Ok(())], &[]).await;
+    let f = fixture(
+        vec![Step::Fail(FailureKind::InvalidOutput), Step::Answer],
+        &[],
+    )
+    .await;
     assert!(matches!(
         f.analyzer.handle(&job("a"), 1).await,
         AnalyzeOutcome::Done { .. }
@@ -269,7 +324,7 @@ async fn invalid_output_is_retried_once_then_permanent() {
 #[tokio::test]
 async fn permanent_errors_and_bad_messages_are_not_retried() {
     let f = fixture(
-        vec![Err(FailureKind::Http {
+        vec![Step::Fail(FailureKind::Http {
             status: 400,
             retry_after: None,
         })],
@@ -309,7 +364,7 @@ async fn permanent_errors_and_bad_messages_are_not_retried() {
 
 #[tokio::test]
 async fn concurrent_copies_of_the_same_bytes_call_the_provider_once() {
-    let f = fixture(vec![Ok(()), Ok(())], &[]).await;
+    let f = fixture(vec![Step::Answer, Step::Answer], &[]).await;
     *f.provider.latency.lock().unwrap() = Duration::from_millis(300);
     // Two deliveries of one job and a job for another image with the same bytes, at once,
     // through one Analyzer (one Lambda instance, or one local worker pool).
@@ -337,12 +392,12 @@ async fn concurrent_copies_of_the_same_bytes_call_the_provider_once() {
 async fn a_fallback_answer_is_never_served_as_the_primary_models() {
     let f = fixture(
         vec![
-            Err(FailureKind::Http {
+            Step::Fail(FailureKind::Http {
                 status: 503,
                 retry_after: None,
             }),
-            Ok(()),
-            Ok(()),
+            Step::Answer,
+            Step::Answer,
         ],
         &["gpt-4.1"],
     )
@@ -364,11 +419,11 @@ async fn a_fallback_answer_is_never_served_as_the_primary_models() {
 async fn the_last_delivery_marks_the_image_failed_and_still_retries() {
     let f = fixture(
         vec![
-            Err(FailureKind::Http {
+            Step::Fail(FailureKind::Http {
                 status: 503,
                 retry_after: None,
             }),
-            Err(FailureKind::Http {
+            Step::Fail(FailureKind::Http {
                 status: 503,
                 retry_after: None,
             }),
@@ -386,4 +441,195 @@ async fn the_last_delivery_marks_the_image_failed_and_still_retries() {
     let rec = f.repo.get_image("t", "a").await.unwrap().unwrap();
     assert_eq!(rec.status, ImageStatus::Failed);
     assert!(rec.error.unwrap().contains("gave up after 5 deliveries"));
+}
+
+#[tokio::test]
+async fn a_job_whose_bytes_do_not_match_its_sha256_is_never_analysed() {
+    // A replayed upload URL put other bytes where the job's object was: the analyzer must
+    // not analyse (nor cache under this hash) content the job was not made for.
+    let f = fixture(vec![Step::Answer], &[]).await;
+    f.blobs
+        .put("resized/t/a.jpg", vec![0xFF, 0xD8, 9, 9, 9], "image/jpeg")
+        .await
+        .unwrap();
+    let out = f.analyzer.handle(&job("a"), 1).await;
+    assert!(
+        matches!(&out, AnalyzeOutcome::Retry { reason, .. } if reason.contains("not the job's")),
+        "{out:?}"
+    );
+    assert!(f.provider.calls().is_empty());
+    // On the last delivery the image is failed with the reason.
+    assert!(f.analyzer.handle(&job("a"), 5).await.is_retry());
+    let rec = f.repo.get_image("t", "a").await.unwrap().unwrap();
+    assert_eq!(rec.status, ImageStatus::Failed);
+    assert!(rec.error.unwrap().contains("not the job's"));
+    // Its claim was given back each time: the same bytes for another image go straight
+    // through instead of waiting for a lease to run out.
+    assert!(matches!(
+        f.analyzer.handle(&job("b"), 1).await,
+        AnalyzeOutcome::Done { .. }
+    ));
+}
+
+#[tokio::test]
+async fn a_job_for_content_its_image_no_longer_has_is_stale() {
+    let f = fixture(vec![Step::Answer], &[]).await;
+    let other = job("a").replace(&sha(JPEG), &"cd".repeat(32));
+    assert!(matches!(
+        f.analyzer.handle(&other, 1).await,
+        AnalyzeOutcome::Stale(_)
+    ));
+    assert!(f.provider.calls().is_empty());
+    assert_eq!(
+        f.repo.get_image("t", "a").await.unwrap().unwrap().status,
+        ImageStatus::Queued,
+        "the image's own job still runs"
+    );
+}
+
+#[tokio::test]
+async fn the_cache_is_scoped_by_tenant_unless_shared() {
+    let f = fixture(vec![Step::Answer, Step::Answer], &[]).await;
+    assert!(matches!(
+        f.analyzer.handle(&job_of("t", "a"), 1).await,
+        AnalyzeOutcome::Done { .. }
+    ));
+    // Tenant u has the same bytes: it gets its own answer, never tenant t's.
+    assert!(matches!(
+        f.analyzer.handle(&job_of("u", "a"), 1).await,
+        AnalyzeOutcome::Done { .. }
+    ));
+    assert_eq!(f.provider.calls().len(), 2);
+    let t = f
+        .repo
+        .get_image("t", "a")
+        .await
+        .unwrap()
+        .unwrap()
+        .result
+        .unwrap();
+    let u = f
+        .repo
+        .get_image("u", "a")
+        .await
+        .unwrap()
+        .unwrap()
+        .result
+        .unwrap();
+    assert_ne!(t.idempotency_key, u.idempotency_key);
+
+    let shared = fixture_with(
+        vec![Step::Answer],
+        Settings {
+            share_cache_across_tenants: true,
+            ..Settings::default()
+        },
+    )
+    .await;
+    assert!(matches!(
+        shared.analyzer.handle(&job_of("t", "a"), 1).await,
+        AnalyzeOutcome::Done { .. }
+    ));
+    assert_eq!(
+        shared.analyzer.handle(&job_of("u", "a"), 1).await,
+        AnalyzeOutcome::Cached,
+        "sharing across tenants is an explicit setting"
+    );
+    assert_eq!(shared.provider.calls().len(), 1);
+}
+
+#[tokio::test]
+async fn an_answer_for_an_image_done_meanwhile_is_booked_cached_and_frees_its_claim() {
+    let f = fixture(vec![Step::Answer], &[]).await;
+    *f.provider.latency.lock().unwrap() = Duration::from_millis(300);
+    let analyzer = f.analyzer.clone();
+    let call = tokio::spawn(async move { analyzer.handle(&job("a"), 1).await });
+    // While the call is in flight, image a gets a result some other way.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let other = sightline_core::model::AnalysisResult {
+        provider: "openai".into(),
+        model: "gpt-4o".into(),
+        analysis: serde_json::json!({"description": "first"}),
+        usage: Usage::default(),
+        cost_usd: 0.0,
+        cached: true,
+        calls: 0,
+        usage_estimated: false,
+        cost_at_estimate_usd: 0.0,
+        idempotency_key: "elsewhere".into(),
+        prompt_version: "v1".into(),
+        price_version: "x".into(),
+        completed_at: "2026-11-30T00:00:00.000Z".into(),
+    };
+    f.repo.complete("t", "a", &other, 0.0).await.unwrap();
+    assert_eq!(call.await.unwrap(), AnalyzeOutcome::AlreadyDone);
+    // The paid answer is in the ledger (no image counted) and in the cache: image b, with
+    // the same bytes, is served at once at $0, not told to wait for a stuck claim.
+    let rows = f.repo.costs("t", "0000-01-01", "9999-12-31").await.unwrap();
+    assert_eq!(rows.iter().map(|r| r.calls).sum::<u64>(), 1);
+    assert!((rows.iter().map(|r| r.cost_usd).sum::<f64>() - 0.0035).abs() < 1e-12);
+    assert_eq!(
+        f.analyzer.handle(&job("b"), 1).await,
+        AnalyzeOutcome::Cached
+    );
+    assert_eq!(f.provider.calls().len(), 1);
+}
+
+#[tokio::test]
+async fn a_truncated_paid_answer_is_booked_at_its_estimate() {
+    // Truncated, then a good answer: the result carries both calls, one at its estimate.
+    let f = fixture(vec![Step::Truncated, Step::Answer], &[]).await;
+    assert!(matches!(
+        f.analyzer.handle(&job("a"), 1).await,
+        AnalyzeOutcome::Done { .. }
+    ));
+    let r = f
+        .repo
+        .get_image("t", "a")
+        .await
+        .unwrap()
+        .unwrap()
+        .result
+        .unwrap();
+    let table = sightline_core::PriceTable::builtin();
+    let est = table
+        .estimate("gpt-4o", 1024, 1024, &Settings::default().estimate_params())
+        .unwrap();
+    assert!(r.usage_estimated);
+    assert_eq!(r.calls, 2);
+    assert!((r.cost_at_estimate_usd - est.cost_usd).abs() < 1e-12);
+    assert!((r.cost_usd - (est.cost_usd + 0.0035)).abs() < 1e-12);
+    assert_eq!(r.usage.input_tokens, 1000 + est.input_tokens);
+    let rows = f.repo.costs("t", "0000-01-01", "9999-12-31").await.unwrap();
+    assert_eq!(rows[0].calls_at_estimate, 1);
+    assert!((rows[0].cost_usd - r.cost_usd).abs() < 1e-12);
+
+    // Truncated twice: the image fails, and both paid calls are still booked.
+    let f = fixture(vec![Step::Truncated, Step::Truncated], &[]).await;
+    assert!(matches!(
+        f.analyzer.handle(&job("a"), 1).await,
+        AnalyzeOutcome::Failed(_)
+    ));
+    let rows = f.repo.costs("t", "0000-01-01", "9999-12-31").await.unwrap();
+    assert_eq!(
+        (rows[0].images, rows[0].calls, rows[0].calls_at_estimate),
+        (0, 2, 2)
+    );
+    assert!((rows[0].cost_usd - 2.0 * est.cost_usd).abs() < 1e-12);
+
+    // An answer without usage is kept and booked at its estimate, not at $0.
+    let f = fixture(vec![Step::AnswerWithoutUsage], &[]).await;
+    assert!(matches!(
+        f.analyzer.handle(&job("a"), 1).await,
+        AnalyzeOutcome::Done { cost_usd, .. } if (cost_usd - est.cost_usd).abs() < 1e-12
+    ));
+    let r = f
+        .repo
+        .get_image("t", "a")
+        .await
+        .unwrap()
+        .unwrap()
+        .result
+        .unwrap();
+    assert!(r.usage_estimated && r.calls == 1);
 }

@@ -59,6 +59,7 @@ pub async fn handle(ingest: &Ingest, event: S3Event) -> Result<Vec<IngestOutcome
                 info!(tenant = %job.tenant, image_id = %job.image_id, "queued")
             }
             IngestOutcome::Failed { image_id, reason } => warn!(image_id, reason, "rejected"),
+            IngestOutcome::Refused { image_id, reason } => warn!(image_id, reason, "refused"),
             IngestOutcome::Ignored(why) => info!(why, "ignored"),
         }
     }

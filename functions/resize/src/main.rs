@@ -15,14 +15,14 @@ async fn main() -> Result<(), Error> {
     let settings = Arc::new(config::settings_from_env()?);
     let sdk = config::sdk_config_from_env().await;
     let clients = Clients::new(&sdk, env.endpoint_url.as_deref());
-    let ingest = Arc::new(Ingest {
-        blobs: Arc::new(S3BlobStore::new(clients.s3.clone(), &env.bucket)),
-        repo: Arc::new(DynamoRepository::new(clients.dynamodb.clone(), &env.table)),
-        queue: Arc::new(SqsQueue::new(clients.sqs.clone(), env.require_queue()?)),
+    let ingest = Arc::new(Ingest::new(
+        Arc::new(S3BlobStore::new(clients.s3.clone(), &env.bucket)),
+        Arc::new(DynamoRepository::new(clients.dynamodb.clone(), &env.table)),
+        Arc::new(SqsQueue::new(clients.sqs.clone(), env.require_queue()?)),
         settings,
-        clock: Arc::new(SystemClock),
-        upload_prefix: env.upload_prefix.clone(),
-    });
+        Arc::new(SystemClock),
+        &env.upload_prefix,
+    ));
     lambda_runtime::run(service_fn(move |event: LambdaEvent<S3Event>| {
         let ingest = ingest.clone();
         async move {

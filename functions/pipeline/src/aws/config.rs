@@ -37,19 +37,6 @@ fn var(get: &dyn Fn(&str) -> Option<String>, name: &str) -> Option<String> {
         .filter(|v| !v.is_empty())
 }
 
-fn parse_num<T: std::str::FromStr>(
-    get: &dyn Fn(&str) -> Option<String>,
-    name: &str,
-) -> anyhow::Result<Option<T>> {
-    match var(get, name) {
-        None => Ok(None),
-        Some(v) => v
-            .parse()
-            .map(Some)
-            .map_err(|_| anyhow::anyhow!("{name}={v:?} is not a valid number")),
-    }
-}
-
 impl AwsEnv {
     /// From the process environment.
     pub fn from_env() -> anyhow::Result<AwsEnv> {
@@ -99,45 +86,7 @@ pub fn settings_from_lookup(get: &dyn Fn(&str) -> Option<String>) -> anyhow::Res
         max_concurrency: 2,
         ..Settings::default()
     };
-    if let Some(m) = var(get, "SIGHTLINE_MODEL") {
-        s.model = m;
-    }
-    if let Some(f) = var(get, "SIGHTLINE_FALLBACK_MODELS") {
-        s.fallback_models = f
-            .split(',')
-            .map(str::trim)
-            .filter(|m| !m.is_empty())
-            .map(str::to_string)
-            .collect();
-    }
-    if let Some(v) = var(get, "SIGHTLINE_PROMPT_VERSION") {
-        s.prompt_version = v;
-    }
-    if let Some(v) = parse_num(get, "SIGHTLINE_RPM")? {
-        s.rpm = v;
-    }
-    if let Some(v) = parse_num(get, "SIGHTLINE_TPM")? {
-        s.tpm = v;
-    }
-    if let Some(v) = parse_num::<u64>(get, "SIGHTLINE_MAX_CONCURRENCY")? {
-        s.max_concurrency = v.max(1);
-    }
-    if let Some(v) = parse_num(get, "SIGHTLINE_MAX_EDGE")? {
-        s.prepare.max_edge = v;
-    }
-    if let Some(v) = parse_num(get, "SIGHTLINE_MAX_INPUT_BYTES")? {
-        s.prepare.max_input_bytes = v;
-    }
-    if let Some(v) = parse_num(get, "SIGHTLINE_MAX_PIXELS")? {
-        s.prepare.max_pixels = v;
-    }
-    if let Some(v) = parse_num::<u64>(get, "SIGHTLINE_MAX_INLINE_WAIT_MS")? {
-        s.max_inline_wait = Duration::from_millis(v);
-    }
-    // The analyze queue's maxReceiveCount: the last delivery marks the image failed.
-    if let Some(v) = parse_num(get, "SIGHTLINE_MAX_RECEIVES")? {
-        s.max_receives = v;
-    }
+    s.apply_env(get).map_err(anyhow::Error::msg)?;
     s.validate()
         .map_err(|e| anyhow::anyhow!("invalid settings: {e}"))?;
     Ok(s)

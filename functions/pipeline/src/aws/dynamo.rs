@@ -1,10 +1,11 @@
 //! DynamoDB repository: the single-table design of docs/aws.md.
 //!
 //! | item | pk | sk |
-//! | image (+ result) | `T#{tenant}#I#{imageId}` | `IMAGE` (gsi1 by time, gsi2 by status) |
-//! | idempotency | `IDEM#{sha256}:{model}:{promptVersion}` | `IDEM` |
+//! | image (+ result) | `T#{tenant}#I#{imageId}` | `IMAGE` (gsi1 by time, gsi2 by status, gsi3 by recheck time while not final) |
+//! | idempotency | `IDEM#{idempotency key}` | `IDEM` |
 //! | ledger | `T#{tenant}#COST` | `{YYYY-MM-DD}#{model}` |
-//! | API key | `KEY#{sha256(key)}` | `KEY` |
+//! | spend marker | `SPEND#{spendId}` | `SPEND` |
+//! | API key | `KEY#{sha256(key)}` | `KEY` (gsi1pk `KEYS#{tenant}`) |
 //!
 //! The image item keeps the record JSON in `doc`; `status`, `error`, `result` (JSON) and
 //! `updated_at` are separate attributes so `complete` and `mark_failed` can update them with
@@ -22,7 +23,8 @@ use sightline_core::model::{AnalysisResult, ImageRecord, ImageStatus};
 
 use super::sdk_err;
 use crate::ports::{
-    day_of, Claim, Completion, CostRow, ImagePage, Repository, StoreError, StoreResult,
+    api_key_id, day_of, ApiKeyInfo, Claim, Completion, CostRow, ImagePage, PutImage, Repository,
+    Spend, StoreError, StoreResult,
 };
 
 /// Idempotency items expire after 30 days (TTL attribute `expires_at`).
@@ -30,6 +32,15 @@ const IDEM_TTL_SECS: u64 = 30 * 86_400;
 /// A `pending` record (upload URL handed out, nothing uploaded yet) expires after 7 days; the
 /// resize function's write replaces the whole item, TTL attribute included.
 const PENDING_TTL_SECS: u64 = 7 * 86_400;
+/// Spend markers (exactly-once booking of money without a result) expire after 90 days.
+const SPEND_TTL_SECS: u64 = 90 * 86_400;
+/// The one partition of the sparse recheck index (gsi3): images not final, by recheck time.
+const RECHECK_PK: &str = "RECHECK";
+
+/// gsi3 sort key: the recheck time, zero-padded so strings sort like numbers.
+fn recheck_sk(at_ms: u64, tenant: &str, image_id: &str) -> String {
+    format!("{at_ms:013}#{tenant}#{image_id}")
+}
 
 /// When a record last written at `updated_at` (RFC 3339) should expire if still pending.
 fn pending_expiry(updated_at: &str) -> Option<u64> {
@@ -112,6 +123,15 @@ pub fn key_pk(key_sha256: &str) -> String {
     format!("KEY#{key_sha256}")
 }
 
+/// gsi1 partition of a tenant's API keys (image partitions there start with `T#`).
+pub fn keys_pk(tenant: &str) -> String {
+    format!("KEYS#{tenant}")
+}
+
+pub fn spend_pk(spend_id: &str) -> String {
+    format!("SPEND#{spend_id}")
+}
+
 fn time_sk(created_at: &str, image_id: &str) -> String {
     format!("{created_at}#{image_id}")
 }
@@ -142,7 +162,97 @@ fn is_conditional_failure<E: aws_sdk_dynamodb::error::ProvideErrorMetadata>(
         .is_some_and(|c| c == "ConditionalCheckFailedException")
 }
 
+/// What one ledger row gains.
+struct LedgerAdd<'a> {
+    day: &'a str,
+    model: &'a str,
+    images: u64,
+    cached_images: u64,
+    calls: u64,
+    input_tokens: u64,
+    output_tokens: u64,
+    cost_usd: f64,
+    estimated_cost_usd: f64,
+    calls_at_estimate: u64,
+    cost_at_estimate_usd: f64,
+}
+
 impl DynamoRepository {
+    /// The ledger row's atomic ADD for `a` (one item per tenant, day and model).
+    fn ledger_update(
+        &self,
+        tenant: &str,
+        a: &LedgerAdd<'_>,
+    ) -> Result<Update, aws_sdk_dynamodb::error::BuildError> {
+        Update::builder()
+            .table_name(&self.table)
+            .set_key(Some(Self::key(
+                ledger_pk(tenant),
+                &format!("{}#{}", a.day, a.model),
+            )))
+            .update_expression(
+                "SET #day = :day, #model = :model \
+                 ADD images :images, cached_images :cached, calls :calls, input_tokens :in, \
+                 output_tokens :out, cost_usd :cost, estimated_cost_usd :est, \
+                 calls_at_estimate :calls_est, cost_at_estimate_usd :cost_est",
+            )
+            .expression_attribute_names("#day", "day")
+            .expression_attribute_names("#model", "model")
+            .expression_attribute_values(":day", s(a.day))
+            .expression_attribute_values(":model", s(a.model))
+            .expression_attribute_values(":images", n(a.images))
+            .expression_attribute_values(":cached", n(a.cached_images))
+            .expression_attribute_values(":calls", n(a.calls))
+            .expression_attribute_values(":in", n(a.input_tokens))
+            .expression_attribute_values(":out", n(a.output_tokens))
+            .expression_attribute_values(":cost", nf(a.cost_usd))
+            .expression_attribute_values(":est", nf(a.estimated_cost_usd))
+            .expression_attribute_values(":calls_est", n(a.calls_at_estimate))
+            .expression_attribute_values(":cost_est", nf(a.cost_at_estimate_usd))
+            .build()
+    }
+
+    /// The idempotency item of a finished answer (replaces an in-flight claim).
+    fn done_item(
+        &self,
+        result: &AnalysisResult,
+        result_json: String,
+    ) -> Result<Put, aws_sdk_dynamodb::error::BuildError> {
+        Put::builder()
+            .table_name(&self.table)
+            .item("pk", s(idem_pk(&result.idempotency_key)))
+            .item("sk", s("IDEM"))
+            .item("state", s("done"))
+            .item("result", s(result_json))
+            .item("expires_at", n(epoch_secs() + IDEM_TTL_SECS))
+            .build()
+    }
+
+    /// A tenant's API key items (gsi1, partition `KEYS#{tenant}`).
+    async fn key_items(&self, tenant: &str) -> StoreResult<Vec<Item>> {
+        let mut items = Vec::new();
+        let mut start: Option<Item> = None;
+        loop {
+            let out = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .index_name("gsi1")
+                .key_condition_expression("gsi1pk = :pk")
+                .expression_attribute_values(":pk", s(keys_pk(tenant)))
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| sdk_err("dynamodb Query api keys", e))?;
+            items.extend(out.items.unwrap_or_default());
+            match out.last_evaluated_key {
+                Some(k) => start = Some(k),
+                None => break,
+            }
+        }
+        Ok(items)
+    }
+
     pub fn new(client: Client, table: impl Into<String>) -> DynamoRepository {
         DynamoRepository {
             client,
@@ -203,7 +313,7 @@ impl DynamoRepository {
         index_sk: &str,
         expect_pk: &str,
     ) -> StoreResult<Item> {
-        let bad = || StoreError::Permanent("invalid cursor".into());
+        let bad = || StoreError::InvalidInput("invalid cursor".into());
         let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
             .decode(cursor)
             .map_err(|_| bad())?;
@@ -224,7 +334,11 @@ impl DynamoRepository {
 
 #[async_trait]
 impl Repository for DynamoRepository {
-    async fn put_image(&self, record: &ImageRecord) -> StoreResult<()> {
+    async fn put_image(
+        &self,
+        record: &ImageRecord,
+        recheck_at_ms: Option<u64>,
+    ) -> StoreResult<PutImage> {
         let doc = serde_json::to_string(record).map_err(json_err)?;
         let tsk = time_sk(&record.created_at, &record.image_id);
         let mut item: Item = HashMap::from([
@@ -250,6 +364,16 @@ impl Repository for DynamoRepository {
         if let Some(e) = &record.error {
             item.insert("error".into(), s(e));
         }
+        if let Some(o) = &record.original_sha256 {
+            item.insert("original_sha256".into(), s(o));
+        }
+        if let Some(at) = recheck_at_ms {
+            item.insert("gsi3pk".into(), s(RECHECK_PK));
+            item.insert(
+                "gsi3sk".into(),
+                s(recheck_sk(at, &record.tenant, &record.image_id)),
+            );
+        }
         if record.status == ImageStatus::Pending {
             if let Some(at) = pending_expiry(&record.updated_at) {
                 item.insert("expires_at".into(), n(at));
@@ -261,19 +385,34 @@ impl Repository for DynamoRepository {
                 s(serde_json::to_string(r).map_err(json_err)?),
             );
         }
-        // A late resize retry never wipes an analysis that landed in between.
-        match self
+        // A late resize retry never wipes an analysis that landed in between, and once a
+        // record has an original, only that original may rewrite it.
+        let mut put = self
             .client
             .put_item()
             .table_name(&self.table)
             .set_item(Some(item))
-            .condition_expression("attribute_not_exists(#result)")
             .expression_attribute_names("#result", "result")
-            .send()
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if is_conditional_failure(&e) => Ok(()),
+            .expression_attribute_names("#orig", "original_sha256");
+        put = match &record.original_sha256 {
+            Some(o) => put
+                .condition_expression(
+                    "attribute_not_exists(#result) AND (attribute_not_exists(#orig) OR #orig = :orig)",
+                )
+                .expression_attribute_values(":orig", s(o)),
+            None => put.condition_expression(
+                "attribute_not_exists(#result) AND attribute_not_exists(#orig)",
+            ),
+        };
+        match put.send().await {
+            Ok(_) => Ok(PutImage::Stored),
+            Err(e) if is_conditional_failure(&e) => {
+                let stored = self.get_image(&record.tenant, &record.image_id).await?;
+                Ok(match stored {
+                    Some(r) if r.result.is_some() => PutImage::HasResult,
+                    _ => PutImage::OtherUpload,
+                })
+            }
             Err(e) => Err(sdk_err("dynamodb PutItem image", e)),
         }
     }
@@ -353,7 +492,7 @@ impl Repository for DynamoRepository {
             .table_name(&self.table)
             .set_key(Some(Self::key(image_pk(tenant, image_id), "IMAGE")))
             .update_expression(
-                "SET #status = :failed, #error = :e, updated_at = :now, gsi2pk = :g2",
+                "SET #status = :failed, #error = :e, updated_at = :now, gsi2pk = :g2 REMOVE gsi3pk, gsi3sk",
             )
             .condition_expression(
                 "attribute_exists(pk) AND #status <> :done AND attribute_not_exists(#result)",
@@ -373,6 +512,81 @@ impl Repository for DynamoRepository {
             // Absent or already done: nothing to mark.
             Err(e) if is_conditional_failure(&e) => Ok(()),
             Err(e) => Err(sdk_err("dynamodb UpdateItem mark_failed", e)),
+        }
+    }
+
+    async fn set_recheck(
+        &self,
+        tenant: &str,
+        image_id: &str,
+        recheck_at_ms: Option<u64>,
+    ) -> StoreResult<()> {
+        let req = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(Self::key(image_pk(tenant, image_id), "IMAGE")))
+            .condition_expression("attribute_exists(pk)");
+        let req = match recheck_at_ms {
+            Some(at) => req
+                .update_expression("SET gsi3pk = :r, gsi3sk = :at")
+                .expression_attribute_values(":r", s(RECHECK_PK))
+                .expression_attribute_values(":at", s(recheck_sk(at, tenant, image_id))),
+            None => req.update_expression("REMOVE gsi3pk, gsi3sk"),
+        };
+        match req.send().await {
+            Ok(_) => Ok(()),
+            Err(e) if is_conditional_failure(&e) => Ok(()),
+            Err(e) => Err(sdk_err("dynamodb UpdateItem recheck", e)),
+        }
+    }
+
+    async fn due_rechecks(&self, now_ms: u64, limit: usize) -> StoreResult<Vec<ImageRecord>> {
+        let limit = limit.clamp(1, 1000);
+        // Every gsi3sk starts with a 13-digit time: below the next millisecond = due.
+        let upper = format!("{:013}", now_ms.saturating_add(1));
+        let mut records = Vec::with_capacity(limit);
+        let mut start: Option<Item> = None;
+        loop {
+            let out = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .index_name("gsi3")
+                .key_condition_expression("gsi3pk = :r AND gsi3sk < :upper")
+                .expression_attribute_values(":r", s(RECHECK_PK))
+                .expression_attribute_values(":upper", s(upper.clone()))
+                .limit((limit - records.len()) as i32)
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| sdk_err("dynamodb Query rechecks", e))?;
+            for item in out.items() {
+                records.push(record_from_item(item)?);
+            }
+            match out.last_evaluated_key {
+                Some(k) if records.len() < limit => start = Some(k),
+                _ => break,
+            }
+        }
+        Ok(records)
+    }
+
+    async fn expire_pending(&self, tenant: &str, image_id: &str) -> StoreResult<bool> {
+        let res = self
+            .client
+            .delete_item()
+            .table_name(&self.table)
+            .set_key(Some(Self::key(image_pk(tenant, image_id), "IMAGE")))
+            .condition_expression("#status = :pending")
+            .expression_attribute_names("#status", "status")
+            .expression_attribute_values(":pending", s(ImageStatus::Pending.as_str()))
+            .send()
+            .await;
+        match res {
+            Ok(_) => Ok(true),
+            Err(e) if is_conditional_failure(&e) => Ok(false),
+            Err(e) => Err(sdk_err("dynamodb DeleteItem pending", e)),
         }
     }
 
@@ -460,7 +674,7 @@ impl Repository for DynamoRepository {
             .table_name(&self.table)
             .set_key(Some(Self::key(image_pk(tenant, image_id), "IMAGE")))
             .update_expression(
-                "SET #result = :r, #status = :done, updated_at = :u, gsi2pk = :g2 REMOVE #error",
+                "SET #result = :r, #status = :done, updated_at = :u, gsi2pk = :g2 REMOVE #error, gsi3pk, gsi3sk",
             )
             .condition_expression("attribute_exists(pk) AND attribute_not_exists(#result)")
             .expression_attribute_names("#result", "result")
@@ -472,42 +686,27 @@ impl Repository for DynamoRepository {
             .expression_attribute_values(":g2", s(status_pk(tenant, ImageStatus::Done)))
             .build()
             .map_err(perm)?;
-        let day = day_of(&result.completed_at).to_string();
-        let ledger = Update::builder()
-            .table_name(&self.table)
-            .set_key(Some(Self::key(
-                ledger_pk(tenant),
-                &format!("{day}#{}", result.model),
-            )))
-            .update_expression(
-                "SET #day = :day, #model = :model \
-                 ADD images :one, cached_images :cached, input_tokens :in, output_tokens :out, \
-                 cost_usd :cost, estimated_cost_usd :est",
+        let ledger = self
+            .ledger_update(
+                tenant,
+                &LedgerAdd {
+                    day: day_of(&result.completed_at),
+                    model: &result.model,
+                    images: 1,
+                    cached_images: u64::from(result.cached),
+                    calls: u64::from(result.calls),
+                    input_tokens: result.usage.input_tokens,
+                    output_tokens: result.usage.output_tokens,
+                    cost_usd: result.cost_usd,
+                    estimated_cost_usd,
+                    calls_at_estimate: u64::from(result.usage_estimated),
+                    cost_at_estimate_usd: result.cost_at_estimate_usd,
+                },
             )
-            .expression_attribute_names("#day", "day")
-            .expression_attribute_names("#model", "model")
-            .expression_attribute_values(":day", s(day))
-            .expression_attribute_values(":model", s(&result.model))
-            .expression_attribute_values(":one", n(1))
-            .expression_attribute_values(":cached", n(u64::from(result.cached)))
-            .expression_attribute_values(":in", n(result.usage.input_tokens))
-            .expression_attribute_values(":out", n(result.usage.output_tokens))
-            .expression_attribute_values(":cost", nf(result.cost_usd))
-            .expression_attribute_values(":est", nf(estimated_cost_usd))
-            .build()
             .map_err(perm)?;
         let mut items = vec![TransactWriteItem::builder().update(image).build()];
         if !result.cached {
-            let expires = epoch_secs() + IDEM_TTL_SECS;
-            let idem = Put::builder()
-                .table_name(&self.table)
-                .item("pk", s(idem_pk(&result.idempotency_key)))
-                .item("sk", s("IDEM"))
-                .item("state", s("done"))
-                .item("result", s(result_json))
-                .item("expires_at", n(expires))
-                .build()
-                .map_err(perm)?;
+            let idem = self.done_item(result, result_json).map_err(perm)?;
             items.push(TransactWriteItem::builder().put(idem).build());
         }
         items.push(TransactWriteItem::builder().update(ledger).build());
@@ -550,6 +749,78 @@ impl Repository for DynamoRepository {
         }
     }
 
+    async fn cache_result(&self, result: &AnalysisResult) -> StoreResult<()> {
+        let json = serde_json::to_string(result).map_err(json_err)?;
+        let item = self
+            .done_item(result, json)
+            .map_err(|e| StoreError::Permanent(format!("dynamodb request: {e}")))?;
+        self.client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(item.item))
+            .send()
+            .await
+            .map_err(|e| sdk_err("dynamodb PutItem cache", e))?;
+        Ok(())
+    }
+
+    async fn book_spend(&self, tenant: &str, spend_id: &str, spend: &Spend) -> StoreResult<()> {
+        let perm = |e: aws_sdk_dynamodb::error::BuildError| {
+            StoreError::Permanent(format!("dynamodb request: {e}"))
+        };
+        let marker = Put::builder()
+            .table_name(&self.table)
+            .item("pk", s(spend_pk(spend_id)))
+            .item("sk", s("SPEND"))
+            .item("tenant", s(tenant))
+            .item("expires_at", n(epoch_secs() + SPEND_TTL_SECS))
+            .condition_expression("attribute_not_exists(pk)")
+            .build()
+            .map_err(perm)?;
+        let ledger = self
+            .ledger_update(
+                tenant,
+                &LedgerAdd {
+                    day: &spend.day,
+                    model: &spend.model,
+                    images: 0,
+                    cached_images: 0,
+                    calls: spend.calls,
+                    input_tokens: spend.usage.input_tokens,
+                    output_tokens: spend.usage.output_tokens,
+                    cost_usd: spend.cost_usd,
+                    estimated_cost_usd: 0.0,
+                    calls_at_estimate: spend.calls_at_estimate,
+                    cost_at_estimate_usd: spend.cost_at_estimate_usd,
+                },
+            )
+            .map_err(perm)?;
+        let res = self
+            .client
+            .transact_write_items()
+            .transact_items(TransactWriteItem::builder().put(marker).build())
+            .transact_items(TransactWriteItem::builder().update(ledger).build())
+            .send()
+            .await;
+        match res {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let already = match e.as_service_error() {
+                    Some(TransactWriteItemsError::TransactionCanceledException(ex)) => ex
+                        .cancellation_reasons()
+                        .first()
+                        .is_some_and(|r| r.code() == Some("ConditionalCheckFailed")),
+                    _ => false,
+                };
+                if already {
+                    Ok(())
+                } else {
+                    Err(sdk_err("dynamodb TransactWriteItems spend", e))
+                }
+            }
+        }
+    }
+
     async fn costs(&self, tenant: &str, from: &str, to: &str) -> StoreResult<Vec<CostRow>> {
         let mut rows = Vec::new();
         let mut start: Option<Item> = None;
@@ -579,6 +850,9 @@ impl Repository for DynamoRepository {
                     output_tokens: get_u64(item, "output_tokens"),
                     cost_usd: get_f64(item, "cost_usd"),
                     estimated_cost_usd: get_f64(item, "estimated_cost_usd"),
+                    calls: get_u64(item, "calls"),
+                    calls_at_estimate: get_u64(item, "calls_at_estimate"),
+                    cost_at_estimate_usd: get_f64(item, "cost_at_estimate_usd"),
                 });
             }
             match out.last_evaluated_key {
@@ -590,17 +864,71 @@ impl Repository for DynamoRepository {
         Ok(rows)
     }
 
-    async fn put_api_key(&self, key_sha256: &str, tenant: &str) -> StoreResult<()> {
+    async fn add_api_key(
+        &self,
+        key_sha256: &str,
+        tenant: &str,
+        created_at: &str,
+    ) -> StoreResult<()> {
         self.client
             .put_item()
             .table_name(&self.table)
             .item("pk", s(key_pk(key_sha256)))
             .item("sk", s("KEY"))
             .item("tenant", s(tenant))
+            .item("key_sha256", s(key_sha256))
+            .item("created_at", s(created_at))
+            .item("gsi1pk", s(keys_pk(tenant)))
+            .item("gsi1sk", s(format!("{created_at}#{key_sha256}")))
             .send()
             .await
             .map_err(|e| sdk_err("dynamodb PutItem api key", e))?;
         Ok(())
+    }
+
+    async fn list_api_keys(&self, tenant: &str) -> StoreResult<Vec<ApiKeyInfo>> {
+        Ok(self
+            .key_items(tenant)
+            .await?
+            .iter()
+            .filter_map(|i| {
+                Some(ApiKeyInfo {
+                    id: api_key_id(get_s(i, "key_sha256")?),
+                    tenant: get_s(i, "tenant")?.to_string(),
+                    created_at: get_s(i, "created_at").unwrap_or_default().to_string(),
+                })
+            })
+            .collect())
+    }
+
+    async fn revoke_api_key(&self, tenant: &str, key_id: &str) -> StoreResult<bool> {
+        if key_id.len() != 12 {
+            return Ok(false);
+        }
+        let mut revoked = false;
+        for item in self.key_items(tenant).await? {
+            let Some(hash) = get_s(&item, "key_sha256") else {
+                continue;
+            };
+            if api_key_id(hash) != key_id {
+                continue;
+            }
+            let res = self
+                .client
+                .delete_item()
+                .table_name(&self.table)
+                .set_key(Some(Self::key(key_pk(hash), "KEY")))
+                .condition_expression("tenant = :t")
+                .expression_attribute_values(":t", s(tenant))
+                .send()
+                .await;
+            match res {
+                Ok(_) => revoked = true,
+                Err(e) if is_conditional_failure(&e) => {}
+                Err(e) => return Err(sdk_err("dynamodb DeleteItem api key", e)),
+            }
+        }
+        Ok(revoked)
     }
 
     async fn tenant_for_key(&self, key_sha256: &str) -> StoreResult<Option<String>> {

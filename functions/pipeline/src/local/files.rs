@@ -45,14 +45,28 @@ impl BlobStore for FileBlobStore {
                 .await
                 .map_err(|e| io_err(key, e))?;
         }
-        // Write then rename, so readers never see half a file.
+        // Write, sync, rename, sync the folder: readers never see half a file, and once put
+        // returns the object survives a crash (an acknowledged upload is never lost).
         let tmp = path.with_extension(format!("tmp-{}", uuid::Uuid::new_v4().simple()));
-        tokio::fs::write(&tmp, bytes)
-            .await
-            .map_err(|e| io_err(key, e))?;
-        tokio::fs::rename(&tmp, &path)
-            .await
-            .map_err(|e| io_err(key, e))
+        let key_owned = key.to_string();
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            drop(f);
+            if let Err(e) = std::fs::rename(&tmp, &path) {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+            if let Some(dir) = path.parent() {
+                std::fs::File::open(dir)?.sync_all()?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| StoreError::Transient(format!("{key_owned}: write task failed: {e}")))?
+        .map_err(|e| io_err(&key_owned, e))
     }
 
     async fn size(&self, key: &str) -> StoreResult<Option<u64>> {

@@ -1,4 +1,5 @@
-//! Local presigned upload URLs: HMAC-SHA256 signed, expiring, bound to key, type and size.
+//! Local presigned upload URLs: HMAC-SHA256 signed, expiring, bound to key, type and size,
+//! each with a random nonce so the server can make it single-use.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -20,6 +21,9 @@ pub struct UploadGrant {
     pub content_length: u64,
     /// Milliseconds since the epoch.
     pub expires_ms: u64,
+    /// Random, per URL: the server records it when the upload is accepted, so the same URL
+    /// cannot put other bytes under the key later.
+    pub nonce: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -103,6 +107,7 @@ impl Presigner for LocalPresigner {
             content_type: content_type.to_string(),
             content_length,
             expires_ms,
+            nonce: uuid::Uuid::new_v4().simple().to_string(),
         };
         let mut headers = BTreeMap::new();
         headers.insert("content-type".to_string(), content_type.to_string());
@@ -137,6 +142,12 @@ mod tests {
         let token = up.url.rsplit('/').next().unwrap();
         let g = p.verify(token).unwrap();
         assert_eq!((g.key.as_str(), g.content_length), ("uploads/t/i.jpg", 10));
+        let again = p
+            .presign_put("uploads/t/i.jpg", "image/jpeg", 10, Duration::from_secs(60))
+            .await
+            .unwrap();
+        let g2 = p.verify(again.url.rsplit('/').next().unwrap()).unwrap();
+        assert_ne!(g.nonce, g2.nonce, "every URL has its own nonce");
 
         let (payload, sig) = token.split_once('.').unwrap();
         let forged = UploadGrant {

@@ -7,12 +7,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use base64::Engine;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use sightline_core::model::{AnalysisResult, ImageRecord, ImageStatus};
 
 use crate::ports::{
-    day_of, Claim, Clock, Completion, CostRow, ImagePage, Queue, QueueMessage, Repository,
-    StoreError, StoreResult,
+    api_key_id, day_of, ApiKeyInfo, Claim, Clock, Completion, CostRow, ImagePage, JobDelivery,
+    PutImage, Queue, QueueMessage, Repository, Spend, StoreError, StoreResult,
 };
 
 const SCHEMA: &str = r#"
@@ -38,7 +38,49 @@ CREATE TABLE IF NOT EXISTS queue (
     body TEXT NOT NULL, visible_at INTEGER NOT NULL, receive_count INTEGER NOT NULL DEFAULT 0,
     receipt TEXT, dead INTEGER NOT NULL DEFAULT 0, sent_at INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS queue_visible ON queue (queue, dead, visible_at, seq);
+CREATE TABLE IF NOT EXISTS spends (spend_id TEXT PRIMARY KEY, tenant TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS upload_tokens (nonce TEXT PRIMARY KEY, expires_ms INTEGER NOT NULL);
 "#;
+
+/// Columns added after the first release: (table, column, definition). Added at open when an
+/// older database lacks them.
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("images", "recheck_at", "INTEGER"),
+    ("ledger", "calls", "INTEGER NOT NULL DEFAULT 0"),
+    ("ledger", "calls_at_estimate", "INTEGER NOT NULL DEFAULT 0"),
+    ("ledger", "cost_at_estimate_usd", "REAL NOT NULL DEFAULT 0"),
+    ("api_keys", "created_at", "TEXT NOT NULL DEFAULT ''"),
+];
+
+/// Indexes over added columns (created after the columns exist).
+const ADDED_INDEXES: &str = r#"
+CREATE INDEX IF NOT EXISTS images_recheck ON images (recheck_at) WHERE recheck_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS api_keys_by_tenant ON api_keys (tenant, created_at);
+"#;
+
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    for (table, column, definition) in ADDED_COLUMNS {
+        let present: bool = conn
+            .prepare(&format!(
+                "SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"
+            ))?
+            .exists(params![column])?;
+        if !present {
+            conn.execute_batch(&format!(
+                "ALTER TABLE {table} ADD COLUMN {column} {definition}"
+            ))?;
+        }
+    }
+    conn.execute_batch(ADDED_INDEXES)
+}
+
+/// A write transaction that takes the write lock at once: a deferred one that reads first
+/// can fail with SQLITE_BUSY when it upgrades while another process writes (the busy timeout
+/// does not help there).
+fn write_tx(c: &mut Connection) -> StoreResult<Transaction<'_>> {
+    c.transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(db_err)
+}
 
 /// One SQLite database file holding everything local.
 #[derive(Clone)]
@@ -60,8 +102,10 @@ impl SqliteDb {
     }
 
     fn init(conn: Connection) -> anyhow::Result<SqliteDb> {
-        conn.busy_timeout(Duration::from_secs(10))?;
+        // Two processes on one data dir (`serve` and `run`) wait for each other's writes.
+        conn.busy_timeout(Duration::from_secs(30))?;
         conn.execute_batch(SCHEMA)?;
+        migrate(&conn)?;
         Ok(SqliteDb {
             conn: Arc::new(Mutex::new(conn)),
         })
@@ -82,6 +126,46 @@ impl SqliteDb {
         })
         .await
         .map_err(|e| StoreError::Permanent(format!("sqlite task failed: {e}")))?
+    }
+
+    /// Use up a single-use upload token: true the first time, false on every replay. Tokens
+    /// past their expiry are forgotten on the way (they no longer verify anyway).
+    pub async fn consume_upload_token(
+        &self,
+        nonce: &str,
+        expires_ms: u64,
+        now_ms: u64,
+    ) -> StoreResult<bool> {
+        let nonce = nonce.to_string();
+        self.with(move |c| {
+            let tx = write_tx(c)?;
+            tx.execute(
+                "DELETE FROM upload_tokens WHERE expires_ms < ?1",
+                params![now_ms as i64],
+            )
+            .map_err(db_err)?;
+            let fresh = tx
+                .execute(
+                    "INSERT INTO upload_tokens (nonce, expires_ms) VALUES (?1, ?2) ON CONFLICT (nonce) DO NOTHING",
+                    params![nonce, expires_ms as i64],
+                )
+                .map_err(db_err)?
+                == 1;
+            tx.commit().map_err(db_err)?;
+            Ok(fresh)
+        })
+        .await
+    }
+
+    /// Give a token back after an upload that could not be stored, so the client may retry it.
+    pub async fn restore_upload_token(&self, nonce: &str) -> StoreResult<()> {
+        let nonce = nonce.to_string();
+        self.with(move |c| {
+            c.execute("DELETE FROM upload_tokens WHERE nonce = ?1", params![nonce])
+                .map_err(db_err)?;
+            Ok(())
+        })
+        .await
     }
 }
 
@@ -110,12 +194,12 @@ fn encode_cursor(created_at: &str, image_id: &str) -> String {
 fn decode_cursor(cursor: &str) -> StoreResult<(String, String)> {
     let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(cursor)
-        .map_err(|_| StoreError::Permanent("invalid cursor".into()))?;
+        .map_err(|_| StoreError::InvalidInput("invalid cursor".into()))?;
     let text =
-        String::from_utf8(raw).map_err(|_| StoreError::Permanent("invalid cursor".into()))?;
+        String::from_utf8(raw).map_err(|_| StoreError::InvalidInput("invalid cursor".into()))?;
     let (a, b) = text
         .split_once('\n')
-        .ok_or_else(|| StoreError::Permanent("invalid cursor".into()))?;
+        .ok_or_else(|| StoreError::InvalidInput("invalid cursor".into()))?;
     Ok((a.to_string(), b.to_string()))
 }
 
@@ -123,12 +207,51 @@ fn decode_cursor(cursor: &str) -> StoreResult<(String, String)> {
 #[derive(Clone)]
 pub struct SqliteRepository {
     db: SqliteDb,
+    /// The [`SqliteQueue`] in the same database that jobs go to, when there is one: a queued
+    /// record and its job message are then written in one transaction.
+    job_queue: Option<String>,
 }
 
 impl SqliteRepository {
     pub fn new(db: SqliteDb) -> SqliteRepository {
-        SqliteRepository { db }
+        SqliteRepository {
+            db,
+            job_queue: None,
+        }
     }
+
+    /// A repository whose `put_queued` also enqueues the job on `queue` (a [`SqliteQueue`] of
+    /// the same name in the same database), atomically with the record.
+    pub fn with_job_queue(db: SqliteDb, queue: &str) -> SqliteRepository {
+        SqliteRepository {
+            db,
+            job_queue: Some(queue.to_string()),
+        }
+    }
+}
+
+/// The guard of every record write: never over a result, and once a record has an original,
+/// only that original may rewrite it. None = write allowed.
+fn refuse_write(tx: &Connection, rec: &ImageRecord) -> StoreResult<Option<PutImage>> {
+    Ok(match load_image(tx, &rec.tenant, &rec.image_id)? {
+        Some(stored) if stored.result.is_some() => Some(PutImage::HasResult),
+        Some(stored)
+            if stored.original_sha256.is_some()
+                && stored.original_sha256 != rec.original_sha256 =>
+        {
+            Some(PutImage::OtherUpload)
+        }
+        _ => None,
+    })
+}
+
+fn insert_message(tx: &Connection, queue: &str, body: &str, now_ms: i64) -> StoreResult<()> {
+    tx.execute(
+        "INSERT INTO queue (queue, message_id, body, visible_at, sent_at) VALUES (?1, ?2, ?3, ?4, ?4)",
+        params![queue, uuid::Uuid::new_v4().to_string(), body, now_ms],
+    )
+    .map_err(db_err)?;
+    Ok(())
 }
 
 fn load_image(conn: &Connection, tenant: &str, image_id: &str) -> StoreResult<Option<ImageRecord>> {
@@ -144,17 +267,76 @@ fn load_image(conn: &Connection, tenant: &str, image_id: &str) -> StoreResult<Op
         .transpose()
 }
 
-fn store_image(conn: &Connection, rec: &ImageRecord) -> StoreResult<()> {
+/// Write a record; `recheck_at` is the reconciler's next look (None: none).
+fn store_image(conn: &Connection, rec: &ImageRecord, recheck_at: Option<u64>) -> StoreResult<()> {
     let doc = serde_json::to_string(rec).map_err(json_err)?;
     conn.execute(
-        "INSERT INTO images (tenant, image_id, status, created_at, doc) VALUES (?1, ?2, ?3, ?4, ?5)
-         ON CONFLICT (tenant, image_id) DO UPDATE SET status = ?3, created_at = ?4, doc = ?5",
+        "INSERT INTO images (tenant, image_id, status, created_at, doc, recheck_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (tenant, image_id) DO UPDATE SET status = ?3, created_at = ?4, doc = ?5, recheck_at = ?6",
         params![
             rec.tenant,
             rec.image_id,
             rec.status.as_str(),
             rec.created_at,
-            doc
+            doc,
+            recheck_at.map(|v| v as i64)
+        ],
+    )
+    .map_err(db_err)?;
+    Ok(())
+}
+
+/// The idempotency entry of a finished answer (ends any in-flight claim on its key).
+fn cache_done(conn: &Connection, result: &AnalysisResult) -> StoreResult<()> {
+    let doc = serde_json::to_string(result).map_err(json_err)?;
+    conn.execute(
+        "INSERT INTO idempotency (key, state, result) VALUES (?1, 'done', ?2)
+         ON CONFLICT (key) DO UPDATE SET state = 'done', owner = NULL, lease_until = NULL, result = ?2",
+        params![result.idempotency_key, doc],
+    )
+    .map_err(db_err)?;
+    Ok(())
+}
+
+/// What one ledger row gains.
+struct LedgerAdd<'a> {
+    tenant: &'a str,
+    day: &'a str,
+    model: &'a str,
+    images: i64,
+    cached_images: i64,
+    calls: i64,
+    input_tokens: i64,
+    output_tokens: i64,
+    cost_usd: f64,
+    estimated_cost_usd: f64,
+    calls_at_estimate: i64,
+    cost_at_estimate_usd: f64,
+}
+
+fn add_to_ledger(conn: &Connection, a: &LedgerAdd<'_>) -> StoreResult<()> {
+    conn.execute(
+        "INSERT INTO ledger (tenant, day, model, images, cached_images, calls, input_tokens, output_tokens,
+                             cost_usd, estimated_cost_usd, calls_at_estimate, cost_at_estimate_usd)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+         ON CONFLICT (tenant, day, model) DO UPDATE SET
+           images = images + ?4, cached_images = cached_images + ?5, calls = calls + ?6,
+           input_tokens = input_tokens + ?7, output_tokens = output_tokens + ?8,
+           cost_usd = cost_usd + ?9, estimated_cost_usd = estimated_cost_usd + ?10,
+           calls_at_estimate = calls_at_estimate + ?11, cost_at_estimate_usd = cost_at_estimate_usd + ?12",
+        params![
+            a.tenant,
+            a.day,
+            a.model,
+            a.images,
+            a.cached_images,
+            a.calls,
+            a.input_tokens,
+            a.output_tokens,
+            a.cost_usd,
+            a.estimated_cost_usd,
+            a.calls_at_estimate,
+            a.cost_at_estimate_usd
         ],
     )
     .map_err(db_err)?;
@@ -163,16 +345,55 @@ fn store_image(conn: &Connection, rec: &ImageRecord) -> StoreResult<()> {
 
 #[async_trait]
 impl Repository for SqliteRepository {
-    async fn put_image(&self, record: &ImageRecord) -> StoreResult<()> {
+    async fn put_image(
+        &self,
+        record: &ImageRecord,
+        recheck_at_ms: Option<u64>,
+    ) -> StoreResult<PutImage> {
         let rec = record.clone();
         self.db
             .with(move |c| {
+                let tx = write_tx(c)?;
                 // A late resize retry never wipes an analysis that landed in between.
-                let stored = load_image(c, &rec.tenant, &rec.image_id)?;
-                if stored.is_some_and(|r| r.result.is_some()) {
-                    return Ok(());
-                }
-                store_image(c, &rec)
+                let outcome = match refuse_write(&tx, &rec)? {
+                    Some(refused) => refused,
+                    None => {
+                        store_image(&tx, &rec, recheck_at_ms)?;
+                        PutImage::Stored
+                    }
+                };
+                tx.commit().map_err(db_err)?;
+                Ok(outcome)
+            })
+            .await
+    }
+
+    async fn put_queued(
+        &self,
+        record: &ImageRecord,
+        job_body: &str,
+        now_ms: u64,
+        recheck_unsent_ms: u64,
+        recheck_sent_ms: u64,
+    ) -> StoreResult<(PutImage, JobDelivery)> {
+        let Some(queue) = self.job_queue.clone() else {
+            let put = self.put_image(record, Some(recheck_unsent_ms)).await?;
+            return Ok((put, JobDelivery::SendIt));
+        };
+        let (rec, body) = (record.clone(), job_body.to_string());
+        self.db
+            .with(move |c| {
+                let tx = write_tx(c)?;
+                let outcome = match refuse_write(&tx, &rec)? {
+                    Some(refused) => refused,
+                    None => {
+                        store_image(&tx, &rec, Some(recheck_sent_ms))?;
+                        insert_message(&tx, &queue, &body, now_ms as i64)?;
+                        PutImage::Stored
+                    }
+                };
+                tx.commit().map_err(db_err)?;
+                Ok((outcome, JobDelivery::Delivered))
             })
             .await
     }
@@ -249,16 +470,71 @@ impl Repository for SqliteRepository {
         );
         self.db
             .with(move |c| {
-                let tx = c.transaction().map_err(db_err)?;
+                let tx = write_tx(c)?;
                 if let Some(mut rec) = load_image(&tx, &t, &i)? {
                     if rec.status != ImageStatus::Done {
                         rec.status = ImageStatus::Failed;
                         rec.error = Some(e);
                         rec.updated_at = now;
-                        store_image(&tx, &rec)?;
+                        store_image(&tx, &rec, None)?;
                     }
                 }
                 tx.commit().map_err(db_err)
+            })
+            .await
+    }
+
+    async fn set_recheck(
+        &self,
+        tenant: &str,
+        image_id: &str,
+        recheck_at_ms: Option<u64>,
+    ) -> StoreResult<()> {
+        let (t, i) = (tenant.to_string(), image_id.to_string());
+        self.db
+            .with(move |c| {
+                c.execute(
+                    "UPDATE images SET recheck_at = ?3 WHERE tenant = ?1 AND image_id = ?2",
+                    params![t, i, recheck_at_ms.map(|v| v as i64)],
+                )
+                .map_err(db_err)?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn due_rechecks(&self, now_ms: u64, limit: usize) -> StoreResult<Vec<ImageRecord>> {
+        let limit = limit.clamp(1, 1000) as i64;
+        self.db
+            .with(move |c| {
+                let mut stmt = c
+                    .prepare(
+                        "SELECT doc FROM images WHERE recheck_at IS NOT NULL AND recheck_at <= ?1
+                         ORDER BY recheck_at LIMIT ?2",
+                    )
+                    .map_err(db_err)?;
+                let docs = stmt
+                    .query_map(params![now_ms as i64, limit], |r| r.get::<_, String>(0))
+                    .map_err(db_err)?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(db_err)?;
+                docs.iter()
+                    .map(|d| serde_json::from_str(d).map_err(json_err))
+                    .collect()
+            })
+            .await
+    }
+
+    async fn expire_pending(&self, tenant: &str, image_id: &str) -> StoreResult<bool> {
+        let (t, i) = (tenant.to_string(), image_id.to_string());
+        self.db
+            .with(move |c| {
+                c.execute(
+                    "DELETE FROM images WHERE tenant = ?1 AND image_id = ?2 AND status = 'pending'",
+                    params![t, i],
+                )
+                .map(|n| n == 1)
+                .map_err(db_err)
             })
             .await
     }
@@ -273,7 +549,7 @@ impl Repository for SqliteRepository {
         let (key, owner) = (key.to_string(), owner.to_string());
         self.db
             .with(move |c| {
-                let tx = c.transaction().map_err(db_err)?;
+                let tx = write_tx(c)?;
                 let row: Option<(String, Option<String>, Option<i64>, Option<String>)> = tx
                     .query_row(
                         "SELECT state, owner, lease_until, result FROM idempotency WHERE key = ?1",
@@ -332,7 +608,7 @@ impl Repository for SqliteRepository {
         let (t, i, result) = (tenant.to_string(), image_id.to_string(), result.clone());
         self.db
             .with(move |c| {
-                let tx = c.transaction().map_err(db_err)?;
+                let tx = write_tx(c)?;
                 let Some(mut rec) = load_image(&tx, &t, &i)? else {
                     return Err(StoreError::NotFound(format!("image {t}/{i}")));
                 };
@@ -343,38 +619,70 @@ impl Repository for SqliteRepository {
                 rec.error = None;
                 rec.updated_at = result.completed_at.clone();
                 rec.result = Some(result.clone());
-                store_image(&tx, &rec)?;
+                store_image(&tx, &rec, None)?;
                 if !result.cached {
-                    let doc = serde_json::to_string(&result).map_err(json_err)?;
-                    tx.execute(
-                        "INSERT INTO idempotency (key, state, result) VALUES (?1, 'done', ?2)
-                         ON CONFLICT (key) DO UPDATE SET state = 'done', owner = NULL, lease_until = NULL, result = ?2",
-                        params![result.idempotency_key, doc],
-                    )
-                    .map_err(db_err)?;
+                    cache_done(&tx, &result)?;
                 }
-                let cached = i64::from(result.cached);
-                tx.execute(
-                    "INSERT INTO ledger (tenant, day, model, images, cached_images, input_tokens, output_tokens, cost_usd, estimated_cost_usd)
-                     VALUES (?1, ?2, ?3, 1, ?4, ?5, ?6, ?7, ?8)
-                     ON CONFLICT (tenant, day, model) DO UPDATE SET
-                       images = images + 1, cached_images = cached_images + ?4,
-                       input_tokens = input_tokens + ?5, output_tokens = output_tokens + ?6,
-                       cost_usd = cost_usd + ?7, estimated_cost_usd = estimated_cost_usd + ?8",
-                    params![
-                        t,
-                        day_of(&result.completed_at),
-                        result.model,
-                        cached,
-                        result.usage.input_tokens as i64,
-                        result.usage.output_tokens as i64,
-                        result.cost_usd,
-                        estimated_cost_usd
-                    ],
-                )
-                .map_err(db_err)?;
+                add_to_ledger(
+                    &tx,
+                    &LedgerAdd {
+                        tenant: &t,
+                        day: day_of(&result.completed_at),
+                        model: &result.model,
+                        images: 1,
+                        cached_images: i64::from(result.cached),
+                        calls: i64::from(result.calls),
+                        input_tokens: result.usage.input_tokens as i64,
+                        output_tokens: result.usage.output_tokens as i64,
+                        cost_usd: result.cost_usd,
+                        estimated_cost_usd,
+                        calls_at_estimate: i64::from(result.usage_estimated),
+                        cost_at_estimate_usd: result.cost_at_estimate_usd,
+                    },
+                )?;
                 tx.commit().map_err(db_err)?;
                 Ok(Completion::Stored)
+            })
+            .await
+    }
+
+    async fn cache_result(&self, result: &AnalysisResult) -> StoreResult<()> {
+        let result = result.clone();
+        self.db.with(move |c| cache_done(c, &result)).await
+    }
+
+    async fn book_spend(&self, tenant: &str, spend_id: &str, spend: &Spend) -> StoreResult<()> {
+        let (t, id, sp) = (tenant.to_string(), spend_id.to_string(), spend.clone());
+        self.db
+            .with(move |c| {
+                let tx = write_tx(c)?;
+                let first = tx
+                    .execute(
+                        "INSERT INTO spends (spend_id, tenant) VALUES (?1, ?2) ON CONFLICT (spend_id) DO NOTHING",
+                        params![id, t],
+                    )
+                    .map_err(db_err)?
+                    == 1;
+                if first {
+                    add_to_ledger(
+                        &tx,
+                        &LedgerAdd {
+                            tenant: &t,
+                            day: &sp.day,
+                            model: &sp.model,
+                            images: 0,
+                            cached_images: 0,
+                            calls: sp.calls as i64,
+                            input_tokens: sp.usage.input_tokens as i64,
+                            output_tokens: sp.usage.output_tokens as i64,
+                            cost_usd: sp.cost_usd,
+                            estimated_cost_usd: 0.0,
+                            calls_at_estimate: sp.calls_at_estimate as i64,
+                            cost_at_estimate_usd: sp.cost_at_estimate_usd,
+                        },
+                    )?;
+                }
+                tx.commit().map_err(db_err)
             })
             .await
     }
@@ -385,7 +693,8 @@ impl Repository for SqliteRepository {
             .with(move |c| {
                 let mut stmt = c
                     .prepare(
-                        "SELECT day, model, images, cached_images, input_tokens, output_tokens, cost_usd, estimated_cost_usd
+                        "SELECT day, model, images, cached_images, input_tokens, output_tokens, cost_usd,
+                                estimated_cost_usd, calls, calls_at_estimate, cost_at_estimate_usd
                          FROM ledger WHERE tenant = ?1 AND day >= ?2 AND day <= ?3 ORDER BY day, model",
                     )
                     .map_err(db_err)?;
@@ -400,6 +709,9 @@ impl Repository for SqliteRepository {
                             output_tokens: r.get::<_, i64>(5)? as u64,
                             cost_usd: r.get(6)?,
                             estimated_cost_usd: r.get(7)?,
+                            calls: r.get::<_, i64>(8)? as u64,
+                            calls_at_estimate: r.get::<_, i64>(9)? as u64,
+                            cost_at_estimate_usd: r.get(10)?,
                         })
                     })
                     .map_err(db_err)?
@@ -410,17 +722,69 @@ impl Repository for SqliteRepository {
             .await
     }
 
-    async fn put_api_key(&self, key_sha256: &str, tenant: &str) -> StoreResult<()> {
-        let (k, t) = (key_sha256.to_string(), tenant.to_string());
+    async fn add_api_key(
+        &self,
+        key_sha256: &str,
+        tenant: &str,
+        created_at: &str,
+    ) -> StoreResult<()> {
+        let (k, t, at) = (
+            key_sha256.to_string(),
+            tenant.to_string(),
+            created_at.to_string(),
+        );
         self.db
             .with(move |c| {
                 c.execute(
-                    "INSERT INTO api_keys (key_sha256, tenant) VALUES (?1, ?2)
-                     ON CONFLICT (key_sha256) DO UPDATE SET tenant = ?2",
-                    params![k, t],
+                    "INSERT INTO api_keys (key_sha256, tenant, created_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (key_sha256) DO UPDATE SET tenant = ?2, created_at = ?3",
+                    params![k, t, at],
                 )
                 .map_err(db_err)?;
                 Ok(())
+            })
+            .await
+    }
+
+    async fn list_api_keys(&self, tenant: &str) -> StoreResult<Vec<ApiKeyInfo>> {
+        let t = tenant.to_string();
+        self.db
+            .with(move |c| {
+                let mut stmt = c
+                    .prepare(
+                        "SELECT key_sha256, tenant, created_at FROM api_keys WHERE tenant = ?1
+                         ORDER BY created_at, key_sha256",
+                    )
+                    .map_err(db_err)?;
+                let rows = stmt
+                    .query_map(params![t], |r| {
+                        Ok(ApiKeyInfo {
+                            id: api_key_id(&r.get::<_, String>(0)?),
+                            tenant: r.get(1)?,
+                            created_at: r.get(2)?,
+                        })
+                    })
+                    .map_err(db_err)?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(db_err)?;
+                Ok(rows)
+            })
+            .await
+    }
+
+    async fn revoke_api_key(&self, tenant: &str, key_id: &str) -> StoreResult<bool> {
+        let (t, id) = (tenant.to_string(), key_id.to_string());
+        if id.len() != 12 {
+            return Ok(false);
+        }
+        self.db
+            .with(move |c| {
+                c.execute(
+                    "DELETE FROM api_keys WHERE tenant = ?1 AND substr(key_sha256, 1, 12) = ?2",
+                    params![t, id],
+                )
+                .map(|n| n > 0)
+                .map_err(db_err)
             })
             .await
     }
@@ -516,13 +880,9 @@ impl Queue for SqliteQueue {
         let now = self.clock.now_ms() as i64;
         self.db
             .with(move |c| {
-                let tx = c.transaction().map_err(db_err)?;
+                let tx = write_tx(c)?;
                 for body in bodies {
-                    tx.execute(
-                        "INSERT INTO queue (queue, message_id, body, visible_at, sent_at) VALUES (?1, ?2, ?3, ?4, ?4)",
-                        params![q, uuid::Uuid::new_v4().to_string(), body, now],
-                    )
-                    .map_err(db_err)?;
+                    insert_message(&tx, &q, &body, now)?;
                 }
                 tx.commit().map_err(db_err)
             })
@@ -536,7 +896,7 @@ impl Queue for SqliteQueue {
         let hide_until = now + visibility.as_millis() as i64;
         self.db
             .with(move |c| {
-                let tx = c.transaction().map_err(db_err)?;
+                let tx = write_tx(c)?;
                 let candidates: Vec<(i64, String, String, i64)> = {
                     let mut stmt = tx
                         .prepare(

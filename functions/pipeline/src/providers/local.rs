@@ -38,7 +38,7 @@ impl VisionProvider for LocalAnalyzer {
             .map_err(invalid)?;
         Ok(VisionResponse {
             analysis,
-            usage: Usage::default(),
+            usage: Some(Usage::default()),
             model: LOCAL_MODEL.into(),
             rate: RateInfo::default(),
         })
@@ -51,6 +51,7 @@ fn invalid(message: String) -> ProviderError {
         message,
         rate: RateInfo::default(),
         usage: None,
+        billed: false,
     }
 }
 

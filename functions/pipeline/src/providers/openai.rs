@@ -112,12 +112,25 @@ fn usage_of(v: &Value) -> Option<Usage> {
     })
 }
 
-fn err(kind: FailureKind, message: String, rate: RateInfo, usage: Option<Usage>) -> ProviderError {
+/// A failure before any answer: nothing was billed.
+fn err(kind: FailureKind, message: String, rate: RateInfo) -> ProviderError {
     ProviderError {
         kind,
         message,
         rate,
+        usage: None,
+        billed: false,
+    }
+}
+
+/// A 200 that is not a usable analysis: billed, with `usage` when the body reported it.
+fn bad_answer(message: String, rate: RateInfo, usage: Option<Usage>) -> ProviderError {
+    ProviderError {
+        kind: FailureKind::InvalidOutput,
+        message,
+        rate,
         usage,
+        billed: true,
     }
 }
 
@@ -147,7 +160,6 @@ impl VisionProvider for OpenAiProvider {
                     FailureKind::Timeout,
                     format!("provider timed out: {e}"),
                     RateInfo::default(),
-                    None,
                 ))
             }
             Err(e) => {
@@ -155,7 +167,6 @@ impl VisionProvider for OpenAiProvider {
                     FailureKind::Connection,
                     format!("provider unreachable: {e}"),
                     RateInfo::default(),
-                    None,
                 ))
             }
         };
@@ -164,12 +175,19 @@ impl VisionProvider for OpenAiProvider {
         let retry_after = header_str(resp.headers(), "retry-after").and_then(parse_retry_after);
         let text = match read_capped(resp, MAX_RESPONSE_BYTES).await {
             Ok(t) => t,
+            // A 200 cut off while its body was read was still answered, so it is billed.
+            Err(e) if status == 200 => {
+                return Err(bad_answer(
+                    format!("reading the provider's answer failed: {e}"),
+                    rate,
+                    None,
+                ))
+            }
             Err(e) if e.is_timeout() => {
                 return Err(err(
                     FailureKind::Timeout,
                     format!("provider timed out: {e}"),
                     rate,
-                    None,
                 ))
             }
             Err(e) => {
@@ -177,7 +195,6 @@ impl VisionProvider for OpenAiProvider {
                     FailureKind::Connection,
                     format!("reading provider response: {e}"),
                     rate,
-                    None,
                 ))
             }
         };
@@ -197,39 +214,22 @@ impl VisionProvider for OpenAiProvider {
                 },
                 format!("provider returned HTTP {status}: {detail}"),
                 rate,
-                None,
             ));
         }
-        let body: Value = serde_json::from_str(&text).map_err(|e| {
-            err(
-                FailureKind::InvalidOutput,
-                format!("provider response is not JSON: {e}"),
-                rate,
-                None,
-            )
-        })?;
+        let body: Value = serde_json::from_str(&text)
+            .map_err(|e| bad_answer(format!("provider response is not JSON: {e}"), rate, None))?;
         let usage = usage_of(&body);
         let content = body
             .pointer("/choices/0/message/content")
             .and_then(Value::as_str)
             .ok_or_else(|| {
-                err(
-                    FailureKind::InvalidOutput,
+                bad_answer(
                     "provider response has no message content".into(),
                     rate,
                     usage,
                 )
             })?;
-        let analysis = validate_analysis(content)
-            .map_err(|m| err(FailureKind::InvalidOutput, m, rate, usage))?;
-        let usage = usage.ok_or_else(|| {
-            err(
-                FailureKind::InvalidOutput,
-                "provider response has no usage".into(),
-                rate,
-                None,
-            )
-        })?;
+        let analysis = validate_analysis(content).map_err(|m| bad_answer(m, rate, usage))?;
         let model = body
             .get("model")
             .and_then(Value::as_str)
