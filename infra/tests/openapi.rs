@@ -237,6 +237,8 @@ fn schemas_match_the_api() {
             "resized",
             "orientation",
             "sha256",
+            "original_sha256",
+            "original_key",
             "resized_key",
             "estimate",
             "original_estimate",
@@ -288,6 +290,9 @@ fn schemas_match_the_api() {
             "usage",
             "cost_usd",
             "cached",
+            "calls",
+            "usage_estimated",
+            "cost_at_estimate_usd",
             "idempotency_key",
             "prompt_version",
             "price_version",
@@ -308,17 +313,24 @@ fn schemas_match_the_api() {
     let row_fields = [
         "images",
         "cached_images",
+        "calls",
         "input_tokens",
         "output_tokens",
         "cost_usd",
         "estimated_cost_usd",
+        "calls_at_estimate",
+        "cost_at_estimate_usd",
     ];
     let row = schema(&spec, "CostRow");
     let mut with_keys = row_fields.to_vec();
     with_keys.extend(["day", "model"]);
     assert_eq!(props(row), set(&with_keys));
     assert_eq!(required(row), set(&with_keys));
-    assert_eq!(props(schema(&spec, "CostTotals")), set(&row_fields));
+    // Totals add what the provider reported, apart from what was booked at the estimate.
+    let mut totals = row_fields.to_vec();
+    totals.push("reported_cost_usd");
+    assert_eq!(props(schema(&spec, "CostTotals")), set(&totals));
+    assert_eq!(required(schema(&spec, "CostTotals")), set(&totals));
     let report = schema(&spec, "CostReport");
     assert_eq!(
         required(report),

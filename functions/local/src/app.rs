@@ -14,6 +14,9 @@ use sightline_pipeline::providers::openai::OpenAiProvider;
 use sightline_pipeline::reconcile::Reconciler;
 use sightline_pipeline::worker::{OnOutcome, WorkerPool};
 
+use tokio::sync::watch;
+use tracing::{info, warn};
+
 use crate::config::{Config, ProviderKind};
 
 /// Local tenant for CLI runs and the default serve key.
@@ -22,10 +25,16 @@ pub const LOCAL_TENANT: &str = "local";
 pub const MAX_RECEIVES: u32 = 8;
 /// The local analyze queue (a table of the data dir's SQLite database).
 pub const ANALYZE_QUEUE: &str = "analyze";
+/// How often a running process tells the data dir it is alive.
+const HEARTBEAT: Duration = Duration::from_secs(2);
+/// A process silent for this long counts as dead even if its pid still exists.
+const STALE_AFTER: Duration = Duration::from_secs(30);
 
 #[derive(Clone)]
 pub struct LocalApp {
     pub config: Config,
+    /// This process's name in the data dir: prefix of its claim owners and queue receipts.
+    pub instance: String,
     pub db: SqliteDb,
     pub clock: Arc<dyn Clock>,
     pub blobs: Arc<dyn BlobStore>,
@@ -47,12 +56,11 @@ impl LocalApp {
         // Records and their job messages are written in one transaction.
         let repo: Arc<dyn Repository> =
             Arc::new(SqliteRepository::with_job_queue(db.clone(), ANALYZE_QUEUE));
-        let queue = Arc::new(SqliteQueue::new(
-            db.clone(),
-            ANALYZE_QUEUE,
-            MAX_RECEIVES,
-            clock.clone(),
-        ));
+        let instance = uuid::Uuid::new_v4().simple().to_string();
+        let queue = Arc::new(
+            SqliteQueue::new(db.clone(), ANALYZE_QUEUE, MAX_RECEIVES, clock.clone())
+                .with_instance(&instance),
+        );
         let provider: Arc<dyn VisionProvider> = match config.provider {
             ProviderKind::Local => Arc::new(LocalAnalyzer),
             ProviderKind::OpenAi => Arc::new(OpenAiProvider::new(
@@ -74,15 +82,17 @@ impl LocalApp {
             clock.clone(),
             UPLOAD_PREFIX,
         );
-        let analyzer = Analyzer::new(
+        let mut analyzer = Analyzer::new(
             blobs.clone(),
             repo.clone(),
             provider.clone(),
             settings,
             clock.clone(),
         );
+        analyzer.instance = instance.clone();
         Ok(LocalApp {
             config,
+            instance,
             db,
             clock,
             blobs,
@@ -93,6 +103,53 @@ impl LocalApp {
             ingest,
             analyzer,
         })
+    }
+
+    /// Register this process in the data dir, give back what processes that died left
+    /// (their claims and received messages: work killed mid-way resumes at once), and keep
+    /// doing both every few seconds until `stop`, when the registration is removed.
+    pub async fn start_instance(
+        &self,
+        mut stop: watch::Receiver<bool>,
+    ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+        self.db
+            .heartbeat(&self.instance, self.clock.now_ms())
+            .await?;
+        self.recover_dead().await;
+        let app = self.clone();
+        Ok(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(HEARTBEAT) => {}
+                    _ = stop.changed() => break,
+                }
+                if let Err(e) = app.db.heartbeat(&app.instance, app.clock.now_ms()).await {
+                    warn!(error = %e, "heartbeat failed");
+                }
+                app.recover_dead().await;
+            }
+            if let Err(e) = app.db.retire(&app.instance).await {
+                warn!(error = %e, "could not retire this instance");
+            }
+        }))
+    }
+
+    async fn recover_dead(&self) {
+        let now = self.clock.now_ms();
+        match self
+            .db
+            .recover_dead_instances(&self.instance, now, STALE_AFTER.as_millis() as u64)
+            .await
+        {
+            Ok(dead) if !dead.is_empty() => {
+                info!(
+                    ?dead,
+                    "gave back the claims and messages of processes that died"
+                )
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "recovering dead instances failed"),
+        }
     }
 
     pub fn workers(&self, on_outcome: Option<OnOutcome>) -> WorkerPool {

@@ -268,17 +268,25 @@ pub async fn main_with(cli: Cli) -> anyhow::Result<()> {
                 writeln!(out, "costs {from} .. {to}")?;
                 writeln!(
                     out,
-                    "{:<12} {:<22} {:>7} {:>7} {:>12} {:>12} {:>12}",
-                    "day", "model", "images", "cached", "input tok", "output tok", "cost USD"
+                    "{:<12} {:<22} {:>7} {:>7} {:>6} {:>12} {:>12} {:>12}",
+                    "day",
+                    "model",
+                    "images",
+                    "cached",
+                    "calls",
+                    "input tok",
+                    "output tok",
+                    "cost USD"
                 )?;
                 for r in &report.rows {
                     writeln!(
                         out,
-                        "{:<12} {:<22} {:>7} {:>7} {:>12} {:>12} {:>12.6}",
+                        "{:<12} {:<22} {:>7} {:>7} {:>6} {:>12} {:>12} {:>12.6}",
                         r.day,
                         r.model,
                         r.images,
                         r.cached_images,
+                        r.calls,
                         r.input_tokens,
                         r.output_tokens,
                         r.cost_usd
@@ -287,14 +295,20 @@ pub async fn main_with(cli: Cli) -> anyhow::Result<()> {
                 let t = &report.total;
                 writeln!(
                     out,
-                    "{:<12} {:<22} {:>7} {:>7} {:>12} {:>12} {:>12.6}",
+                    "{:<12} {:<22} {:>7} {:>7} {:>6} {:>12} {:>12} {:>12.6}",
                     "total",
                     "",
                     t.images,
                     t.cached_images,
+                    t.calls,
                     t.input_tokens,
                     t.output_tokens,
                     t.cost_usd
+                )?;
+                writeln!(
+                    out,
+                    "reported by the provider ${:.6}; booked at the estimate ${:.6} ({} calls whose usage could not be read)",
+                    t.reported_cost_usd, t.cost_at_estimate_usd, t.calls_at_estimate
                 )?;
             }
             Ok(())

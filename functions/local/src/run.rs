@@ -89,6 +89,7 @@ pub async fn run_pipeline(
         }
         done_tx.send_modify(|n| *n += 1);
     });
+    let instance = app.start_instance(stop_rx.clone()).await?;
     let pool = app.workers(Some(on_outcome));
     let workers = tokio::spawn(pool.run(stop_rx));
 
@@ -128,7 +129,27 @@ pub async fn run_pipeline(
     }
 
     // Wait until every queued image is final, or the queue is empty (dead-lettered rest).
+    // Another process on the same data dir (`serve`) may handle some of our jobs, so the
+    // records are checked too, not only what our own workers report.
+    let mut last_check = std::time::Instant::now();
     loop {
+        if last_check.elapsed() >= Duration::from_secs(1) {
+            last_check = std::time::Instant::now();
+            let ids: Vec<String> = pending
+                .lock()
+                .map(|p| p.iter().cloned().collect())
+                .unwrap_or_default();
+            for id in ids {
+                let done = app
+                    .repo
+                    .get_image(LOCAL_TENANT, &id)
+                    .await?
+                    .is_some_and(|r| r.status.is_final());
+                if done && pending.lock().map(|mut p| p.remove(&id)).unwrap_or(false) {
+                    progress.inc(1);
+                }
+            }
+        }
         let left = pending.lock().map(|p| p.len()).unwrap_or(0);
         if left == 0 {
             break;
@@ -141,7 +162,7 @@ pub async fn run_pipeline(
             for id in stuck {
                 // The analyzer records its own reason on the last delivery; keep that one.
                 let recorded = app.repo.get_image(LOCAL_TENANT, &id).await?;
-                if !recorded.is_some_and(|r| r.status == ImageStatus::Failed) {
+                if !recorded.is_some_and(|r| r.status.is_final()) {
                     let reason = format!("gave up after {MAX_RECEIVES} attempts (dead-lettered)");
                     app.repo
                         .mark_failed(LOCAL_TENANT, &id, &reason, &rfc3339(app.clock.now_ms()))
@@ -160,6 +181,7 @@ pub async fn run_pipeline(
     if let Err(e) = workers.await {
         warn!(error = %e, "workers ended abnormally");
     }
+    let _ = instance.await;
     let mut records = Vec::with_capacity(ids.len());
     for id in &ids {
         if let Some(r) = app.repo.get_image(LOCAL_TENANT, id).await? {

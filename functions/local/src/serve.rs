@@ -188,10 +188,7 @@ async fn local_upload(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Path(token) =
         token.map_err(|e| forbidden(format!("invalid upload URL: {}", e.body_text())))?;
-    let grant = st
-        .presigner
-        .verify(&token)
-        .map_err(|e| forbidden(e.to_string()))?;
+    // Over the size limit (or unreadable) whatever the URL: axum's own answer is plain text.
     let body = body.map_err(|e| {
         let status = e.status();
         let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
@@ -201,6 +198,10 @@ async fn local_upload(
         };
         ApiError::new(status, code, e.body_text())
     })?;
+    let grant = st
+        .presigner
+        .verify(&token)
+        .map_err(|e| forbidden(e.to_string()))?;
     let ct = headers
         .get("content-type")
         .and_then(|v| v.to_str().ok())
@@ -297,6 +298,7 @@ pub async fn serve(
     let shown_key = setup_api_key(&app, api_key).await?;
     let router = build_router(&app, &base_url, web_dir).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
+    let instance = app.start_instance(stop_rx.clone()).await?;
     let workers = tokio::spawn(app.workers(None).run(stop_rx.clone()));
     let reconciler = tokio::spawn(reconcile_loop(app.clone(), stop_rx));
     info!(url = %base_url, "sightline serve is listening");
@@ -309,5 +311,6 @@ pub async fn serve(
     let _ = stop_tx.send(true);
     let _ = workers.await;
     let _ = reconciler.await;
+    let _ = instance.await;
     Ok(())
 }

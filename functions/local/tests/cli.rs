@@ -175,8 +175,9 @@ fn run_against_the_provider_simulator_with_faults_then_all_cached() {
     assert!(stats.faults.total() > 0, "faults were injected: {stats:?}");
     assert_eq!(
         stats.completions, 14,
-        "one billed completion per image: {stats:?}"
+        "one good completion per image: {stats:?}"
     );
+    assert!(stats.faults.malformed > 0, "{stats:?}");
 
     // Ledger = sum of results.
     let sum: f64 = images.iter().map(|i| i["cost_usd"].as_f64().unwrap()).sum();
@@ -195,6 +196,24 @@ fn run_against_the_provider_simulator_with_faults_then_all_cached() {
         .map(|i| i["usage"]["input_tokens"].as_u64().unwrap())
         .sum();
     assert_eq!(report["total"]["input_tokens"].as_u64().unwrap(), tokens);
+    // Every call the provider billed is in the ledger, the truncated answers at their
+    // estimate (their usage cannot be read), never at $0.
+    let billed = stats.completions + stats.faults.malformed + stats.faults.bad_content;
+    assert_eq!(
+        report["total"]["calls"].as_u64().unwrap(),
+        billed,
+        "{report}"
+    );
+    assert_eq!(
+        report["total"]["calls_at_estimate"].as_u64().unwrap(),
+        stats.faults.malformed,
+        "{report}"
+    );
+    let at_estimate = report["total"]["cost_at_estimate_usd"].as_f64().unwrap();
+    assert!(at_estimate > 0.0, "{report}");
+    assert!(
+        (report["total"]["reported_cost_usd"].as_f64().unwrap() + at_estimate - sum).abs() < 1e-9
+    );
 
     // Second run: everything cached, no provider call, no cost.
     let before = rt.block_on(sim.stats()).requests;
@@ -340,6 +359,8 @@ fn bad_arguments_are_clear() {
 struct Served {
     child: std::process::Child,
     url: String,
+    /// Everything serve wrote to stderr (logs), for assertions after it stopped.
+    log: std::sync::Arc<Mutex<Vec<String>>>,
 }
 
 impl Drop for Served {
@@ -349,17 +370,49 @@ impl Drop for Served {
     }
 }
 
+impl Served {
+    /// SIGKILL: no shutdown code runs (a crash, an OOM kill, a power cut of the process).
+    fn kill9(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.url.clone()
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+}
+
 fn start_serve(data: &Path) -> Served {
-    let mut child = sightline(data)
-        .args(["serve", "--addr", "127.0.0.1:0", "--api-key", "k-test"])
+    serve_with(data, "127.0.0.1:0", Some("k-test"), &[])
+}
+
+/// `sightline serve` on `addr` with `env`; waits until it prints its URL.
+fn serve_with(data: &Path, addr: &str, api_key: Option<&str>, env: &[(&str, &str)]) -> Served {
+    let mut cmd = sightline(data);
+    cmd.args(["serve", "--addr", addr]);
+    if let Some(k) = api_key {
+        cmd.args(["--api-key", k]);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd
+        .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
     let mut lines = BufReader::new(stderr).lines();
+    let log = std::sync::Arc::new(Mutex::new(Vec::new()));
     let url = loop {
         let line = lines.next().expect("serve printed its URL").unwrap();
+        log.lock().unwrap().push(line.clone());
         if let Some(rest) = line.strip_prefix("sightline serve: ") {
             break rest
                 .split_whitespace()
@@ -369,8 +422,113 @@ fn start_serve(data: &Path) -> Served {
                 .to_string();
         }
     };
-    std::thread::spawn(move || for _ in lines {});
-    Served { child, url }
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    Served { child, url, log }
+}
+
+/// POST /v1/uploads for `bytes`: (image id, presigned PUT URL).
+async fn new_upload(
+    http: &reqwest::Client,
+    base: &str,
+    key: &str,
+    name: &str,
+    content_type: &str,
+    len: usize,
+) -> (String, String) {
+    let r = http
+        .post(format!("{base}/v1/uploads"))
+        .header("x-api-key", key)
+        .json(&serde_json::json!({"filename": name, "content_type": content_type, "content_length": len}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let up: Value = r.json().await.unwrap();
+    (
+        up["image_id"].as_str().unwrap().to_string(),
+        up["upload"]["url"].as_str().unwrap().to_string(),
+    )
+}
+
+async fn put_upload(
+    http: &reqwest::Client,
+    url: &str,
+    content_type: &str,
+    bytes: Vec<u8>,
+) -> reqwest::Response {
+    http.put(url)
+        .header("content-type", content_type)
+        .body(bytes)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Poll until every image is done or failed; returns the records.
+async fn wait_final(
+    http: &reqwest::Client,
+    base: &str,
+    key: &str,
+    ids: &[String],
+    within: Duration,
+) -> Vec<Value> {
+    let deadline = Instant::now() + within;
+    let mut out = Vec::new();
+    for id in ids {
+        loop {
+            let r = http
+                .get(format!("{base}/v1/images/{id}"))
+                .header("x-api-key", key)
+                .send()
+                .await;
+            if let Ok(r) = r {
+                if r.status() == 200 {
+                    let v: Value = r.json().await.unwrap();
+                    if v["status"] == "done" || v["status"] == "failed" {
+                        out.push(v);
+                        break;
+                    }
+                    assert!(Instant::now() < deadline, "image not final in time: {v}");
+                }
+            }
+            assert!(Instant::now() < deadline, "image {id} not final in time");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    out
+}
+
+async fn get_json(http: &reqwest::Client, url: &str, key: &str) -> Value {
+    http.get(url)
+        .header("x-api-key", key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
+
+/// A small PNG whose pixels (and so whose resized JPEG) differ for every `n`.
+fn distinct_png(n: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(64, 48, |x, y| {
+        image::Rgb([(x * 4) as u8, (y * 5) as u8, ((n * 37 + x * y) % 256) as u8])
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    image::DynamicImage::ImageRgb8(img)
+        .write_to(&mut out, image::ImageFormat::Png)
+        .unwrap();
+    out.into_inner()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -453,6 +611,33 @@ async fn serve_uploads_through_a_presigned_url_and_answers_queries() {
             .status(),
         400
     );
+
+    // Every route answers errors in JSON, the upload route and undecodable paths included.
+    for (method, path, status, body) in [
+        ("GET", "/v1/images/%FF", 400, Vec::new()),
+        ("PUT", "/local-upload/x", 413, vec![0u8; 30 * 1024 * 1024]),
+        ("PUT", "/local-upload/x", 403, b"hello".to_vec()),
+        ("GET", "/local-upload/x", 405, Vec::new()),
+        ("DELETE", "/v1/images", 405, Vec::new()),
+    ] {
+        let r = http
+            .request(method.parse().unwrap(), api(path))
+            .header("x-api-key", "k-test")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "{method} {path}");
+        assert!(
+            r.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("application/json"),
+            "{method} {path}"
+        );
+        let v: Value = r.json().await.unwrap();
+        assert!(v["error"]["code"].is_string(), "{method} {path}: {v}");
+    }
 
     // Upload the phone photo through the presigned URL.
     let bytes = std::fs::read(samples().join("large/phone12mp.jpg")).unwrap();
@@ -557,5 +742,406 @@ async fn serve_uploads_through_a_presigned_url_and_answers_queries() {
             .unwrap()
             .to_string();
         assert!(csp.contains("script-src 'self' 'wasm-unsafe-eval'"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replayed_upload_url_is_refused_and_the_first_upload_stands() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_serve(dir.path());
+    let http = reqwest::Client::new();
+    let first = std::fs::read(samples().join("small/rocket.jpg")).unwrap();
+    // Another image of exactly the same length: the signature (key, type, length) fits it.
+    let mut second = distinct_png(1);
+    second.resize(first.len(), 0);
+    let (id, url) = new_upload(&http, &s.url, "k-test", "a.jpg", "image/jpeg", first.len()).await;
+    assert_eq!(
+        put_upload(&http, &url, "image/jpeg", first.clone())
+            .await
+            .status(),
+        200
+    );
+    let r = put_upload(&http, &url, "image/jpeg", second.clone()).await;
+    assert_eq!(r.status(), 409);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "upload_url_used");
+
+    let done = wait_final(
+        &http,
+        &s.url,
+        "k-test",
+        std::slice::from_ref(&id),
+        Duration::from_secs(60),
+    )
+    .await;
+    let rec = &done[0];
+    assert_eq!(rec["status"], "done", "{rec}");
+    assert_eq!(rec["original_sha256"], sha256_hex(&first));
+    // What was analysed is what the record names: the resized object's bytes hash to it.
+    let resized_key = rec["resized_key"].as_str().unwrap();
+    let resized = std::fs::read(dir.path().join("blobs").join(resized_key)).unwrap();
+    assert_eq!(rec["sha256"].as_str().unwrap(), sha256_hex(&resized));
+    assert!(resized_key.contains(rec["sha256"].as_str().unwrap()));
+    // The original on disk is still the first upload.
+    let original = std::fs::read(
+        dir.path()
+            .join("blobs")
+            .join(rec["original_key"].as_str().unwrap()),
+    )
+    .unwrap();
+    assert_eq!(original, first);
+
+    // After a restart the URL still verifies (the secret persists) and is still used up.
+    let addr = s.kill9();
+    let s = serve_with(
+        dir.path(),
+        addr.trim_start_matches("http://"),
+        Some("k-test"),
+        &[],
+    );
+    let r = put_upload(&http, &url, "image/jpeg", second).await;
+    assert_eq!(r.status(), 409);
+    let again = get_json(&http, &format!("{}/v1/images/{id}", s.url), "k-test").await;
+    assert_eq!(again["result"], rec["result"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_during_uploads_and_analysis_loses_nothing_and_books_every_paid_call_once() {
+    let sim = SimServer::start(SimConfig {
+        api_key: "sk-kill".into(),
+        latency_ms: 700,
+        seed: 3,
+        ..SimConfig::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("OPENAI_API_KEY", "sk-kill"),
+        ("OPENAI_BASE_URL", sim.base_url.as_str()),
+        ("SIGHTLINE_PROVIDER", "openai"),
+        ("SIGHTLINE_WORKERS", "4"),
+        ("SIGHTLINE_TIMEOUT_SECS", "5"),
+        ("SIGHTLINE_RECONCILE_EVERY_SECS", "1"),
+        ("SIGHTLINE_RECONCILE_AFTER_SECS", "2"),
+    ];
+    let s = serve_with(dir.path(), "127.0.0.1:0", Some("k-kill"), &env);
+    let addr = s.url.trim_start_matches("http://").to_string();
+    let http = reqwest::Client::new();
+    let n = 16u32;
+    let mut ids = Vec::new();
+    let mut urls = Vec::new();
+    for i in 0..n {
+        let png = distinct_png(i);
+        let (id, url) = new_upload(&http, &s.url, "k-kill", "p.png", "image/png", png.len()).await;
+        ids.push(id);
+        urls.push((url, png));
+    }
+    // Half uploaded, then killed the moment their PUTs are acknowledged (resizes running).
+    for (url, png) in &urls[..8] {
+        assert_eq!(
+            put_upload(&http, url, "image/png", png.clone())
+                .await
+                .status(),
+            200
+        );
+    }
+    s.kill9();
+    // URLs handed out before the crash still work after it.
+    let s = serve_with(dir.path(), &addr, Some("k-kill"), &env);
+    for (url, png) in &urls[8..] {
+        assert_eq!(
+            put_upload(&http, url, "image/png", png.clone())
+                .await
+                .status(),
+            200
+        );
+    }
+    // Killed again while provider calls are in flight.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while sim.stats().await.in_flight == 0 {
+        assert!(Instant::now() < deadline, "no provider call started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let in_flight = sim.stats().await.in_flight;
+    s.kill9();
+    let s = serve_with(dir.path(), &addr, Some("k-kill"), &env);
+
+    let recs = wait_final(&http, &s.url, "k-kill", &ids, Duration::from_secs(120)).await;
+    for r in &recs {
+        assert_eq!(r["status"], "done", "{r}");
+        assert!(r["result"]["cost_usd"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    // Ledger = Σ results, and every billed call is booked once: the calls in flight at the
+    // kill were paid and are lost (their answers never arrived), nothing else.
+    let costs = get_json(&http, &format!("{}/v1/costs", s.url), "k-kill").await;
+    let sum: f64 = recs
+        .iter()
+        .map(|r| r["result"]["cost_usd"].as_f64().unwrap())
+        .sum();
+    assert!(
+        (costs["total"]["cost_usd"].as_f64().unwrap() - sum).abs() < 1e-9,
+        "{costs}"
+    );
+    assert_eq!(costs["total"]["images"], u64::from(n));
+    let stats = sim.stats().await;
+    let booked = costs["total"]["calls"].as_u64().unwrap();
+    assert_eq!(booked, u64::from(n), "{costs}");
+    let lost = stats.completions - booked;
+    assert!(
+        lost <= in_flight.max(4),
+        "paid {} booked {booked} in flight at the kill {in_flight}",
+        stats.completions
+    );
+    // Nothing left behind: no pending or queued image, no message.
+    for status in ["pending", "queued"] {
+        let page = get_json(
+            &http,
+            &format!("{}/v1/images?status={status}", s.url),
+            "k-kill",
+        )
+        .await;
+        assert_eq!(
+            page["images"].as_array().unwrap().len(),
+            0,
+            "{status}: {page}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_api_key_replaces_the_old_one_and_keys_rotate_and_revoke() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::new();
+    let status = |url: String, key: &'static str| {
+        let http = http.clone();
+        async move {
+            http.get(format!("{url}/v1/images"))
+                .header("x-api-key", key)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    // A new data dir without --api-key starts with the documented default key.
+    let s = serve_with(dir.path(), "127.0.0.1:0", None, &[]);
+    assert_eq!(status(s.url.clone(), "sightline-local-key").await, 200);
+    drop(s);
+    let s = serve_with(dir.path(), "127.0.0.1:0", Some("old-key"), &[]);
+    assert_eq!(status(s.url.clone(), "old-key").await, 200);
+    assert_eq!(status(s.url.clone(), "sightline-local-key").await, 401);
+    drop(s);
+    let s = serve_with(dir.path(), "127.0.0.1:0", Some("new-key"), &[]);
+    assert_eq!(status(s.url.clone(), "new-key").await, 200);
+    assert_eq!(
+        status(s.url.clone(), "old-key").await,
+        401,
+        "the old key stops working"
+    );
+    drop(s);
+
+    // Rotate from the command line: a new random key, every other one revoked.
+    let out = sightline(dir.path())
+        .args(["keys", "rotate", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rotated: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let key = rotated["key"].as_str().unwrap().to_string();
+    assert!(key.starts_with("sl_") && key.len() == 35, "{key}");
+    assert_eq!(rotated["revoked"].as_array().unwrap().len(), 1);
+    let out = sightline(dir.path())
+        .args(["keys", "create", "--json"])
+        .output()
+        .unwrap();
+    let created: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let out = sightline(dir.path())
+        .args(["keys", "list", "--json"])
+        .output()
+        .unwrap();
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let listed_ids: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed_ids.len(), 2);
+    assert!(listed_ids.contains(&rotated["id"].as_str().unwrap()));
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains(&key),
+        "keys are never listed"
+    );
+    // Without --api-key, serve keeps the data dir's keys.
+    let s = serve_with(dir.path(), "127.0.0.1:0", None, &[]);
+    let with = |k: String| {
+        let http = http.clone();
+        let url = s.url.clone();
+        async move {
+            http.get(format!("{url}/v1/images"))
+                .header("x-api-key", k)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(with(key.clone()).await, 200);
+    assert_eq!(
+        with(created["key"].as_str().unwrap().to_string()).await,
+        200
+    );
+    assert_eq!(with("new-key".into()).await, 401);
+    assert_eq!(with("sightline-local-key".into()).await, 401);
+    let out = sightline(dir.path())
+        .args(["keys", "revoke", created["id"].as_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        with(created["key"].as_str().unwrap().to_string()).await,
+        401
+    );
+    let out = sightline(dir.path())
+        .args(["keys", "revoke", "000000000000"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no key"));
+}
+
+/// Peak resident memory of a process (Linux), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kb * 1024
+}
+
+/// A 10000×10000 PNG of one flat colour: a few hundred KB that decode to 300 MB.
+fn bomb_sized_png() -> Vec<u8> {
+    let (w, h) = (10_000u32, 10_000u32);
+    let mut out = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut out, w, h);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        enc.set_compression(png::Compression::Fast);
+        let mut writer = enc.write_header().unwrap();
+        let mut stream = writer.stream_writer().unwrap();
+        let row = vec![200u8; w as usize * 3];
+        for _ in 0..h {
+            std::io::Write::write_all(&mut stream, &row).unwrap();
+        }
+        stream.finish().unwrap();
+    }
+    out
+}
+
+// HEAVY only keeps CPU-heavy tests apart; each test owns its runtime, so holding it
+// across awaits blocks nothing but the other heavy tests.
+#[allow(clippy::await_holding_lock)]
+#[tokio::test(flavor = "multi_thread")]
+async fn twelve_concurrent_bomb_sized_uploads_stay_within_the_memory_budget() {
+    let _g = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let budget_mb = 512u64;
+    let s = serve_with(
+        dir.path(),
+        "127.0.0.1:0",
+        Some("k"),
+        &[("SIGHTLINE_RESIZE_MEMORY_MB", "512")],
+    );
+    let png = bomb_sized_png();
+    let http = reqwest::Client::new();
+    let mut ids = Vec::new();
+    let mut puts = Vec::new();
+    for _ in 0..12 {
+        let (id, url) = new_upload(&http, &s.url, "k", "bomb.png", "image/png", png.len()).await;
+        ids.push(id);
+        let (http, png) = (http.clone(), png.clone());
+        puts.push(tokio::spawn(async move {
+            put_upload(&http, &url, "image/png", png).await.status()
+        }));
+    }
+    for p in puts {
+        assert_eq!(
+            p.await.unwrap(),
+            200,
+            "uploads past the budget wait, they are not dropped"
+        );
+    }
+    let recs = wait_final(&http, &s.url, "k", &ids, Duration::from_secs(600)).await;
+    for r in &recs {
+        assert_eq!(r["status"], "done", "{r}");
+        assert_eq!(r["resized"]["width"], 1024);
+    }
+    let peak = peak_rss(s.pid());
+    eprintln!(
+        "12 concurrent 10000x10000 PNGs ({} KB each), budget {budget_mb} MB: peak RSS {} MB",
+        png.len() / 1024,
+        peak >> 20
+    );
+    // One decode is 300 MB; without the budget, 12 at once took 4 GB.
+    assert!(peak < (budget_mb + 256) << 20, "peak RSS {} MB", peak >> 20);
+}
+
+// HEAVY only keeps CPU-heavy tests apart; each test owns its runtime, so holding it
+// across awaits blocks nothing but the other heavy tests.
+#[allow(clippy::await_holding_lock)]
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_and_run_share_one_data_dir() {
+    let _g = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let s = serve_with(dir.path(), "127.0.0.1:0", Some("k"), &[]);
+    let http = reqwest::Client::new();
+    // Uploads through serve while `run` works on the same database.
+    let data = dir.path().to_path_buf();
+    let run = std::thread::spawn(move || {
+        sightline(&data)
+            .arg("run")
+            .arg(samples().join("small"))
+            .arg(samples().join("photos"))
+            .arg("--json")
+            .output()
+            .unwrap()
+    });
+    let mut ids = Vec::new();
+    for i in 0..24 {
+        let png = distinct_png(100 + i);
+        let (id, url) = new_upload(&http, &s.url, "k", "p.png", "image/png", png.len()).await;
+        assert_eq!(
+            put_upload(&http, &url, "image/png", png).await.status(),
+            200
+        );
+        ids.push(id);
+    }
+    let out = run.join().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let (images, summary) = {
+        let lines: Vec<Value> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let (s, i): (Vec<Value>, Vec<Value>) =
+            lines.into_iter().partition(|v| v["summary"] == true);
+        (i, s[0].clone())
+    };
+    assert_eq!(summary["failed"], 0, "{images:?}");
+    assert_eq!(summary["done"], 12);
+    let recs = wait_final(&http, &s.url, "k", &ids, Duration::from_secs(120)).await;
+    assert!(recs.iter().all(|r| r["status"] == "done"));
+    for text in [stderr.to_string(), s.log_text()] {
+        assert!(!text.contains("database is locked"), "{text}");
+        assert!(!text.contains("SQLITE_BUSY"), "{text}");
     }
 }

@@ -137,6 +137,9 @@ pub struct Analyzer {
     pub settings: Arc<Settings>,
     pub clock: Arc<dyn Clock>,
     pub limiters: Limiters,
+    /// Prefix of every claim owner this analyzer writes (`{instance}:{handling}`): the local
+    /// runtime names its process here, so claims of a process that died can be given back.
+    pub instance: String,
 }
 
 impl Analyzer {
@@ -156,6 +159,7 @@ impl Analyzer {
             settings,
             clock,
             limiters: Limiters::new(rpm, tpm),
+            instance: uuid::Uuid::new_v4().simple().to_string(),
         }
     }
 
@@ -262,7 +266,7 @@ impl Analyzer {
         };
         // One owner per handling: two copies of one job (or two images with the same bytes)
         // must never both hold the claim on a key.
-        let owner = uuid::Uuid::new_v4().to_string();
+        let owner = format!("{}:{}", self.instance, uuid::Uuid::new_v4().simple());
         let chain = self.chain();
         let scope = self.settings.cache_scope(&job.tenant);
         let mut jpeg: Option<Arc<Vec<u8>>> = None;

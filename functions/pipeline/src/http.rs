@@ -367,20 +367,33 @@ async fn list_images(
 pub struct CostTotals {
     pub images: u64,
     pub cached_images: u64,
+    /// Provider calls paid for.
+    pub calls: u64,
     pub input_tokens: u64,
     pub output_tokens: u64,
+    /// Everything paid: `reported_cost_usd + cost_at_estimate_usd`.
     pub cost_usd: f64,
+    /// Paid at the usage the provider reported.
+    pub reported_cost_usd: f64,
+    /// The pre-call estimates of the same images.
     pub estimated_cost_usd: f64,
+    /// Paid calls whose usage could not be read, booked at their estimate.
+    pub calls_at_estimate: u64,
+    pub cost_at_estimate_usd: f64,
 }
 
 impl CostTotals {
     fn add(&mut self, r: &CostRow) {
         self.images += r.images;
         self.cached_images += r.cached_images;
+        self.calls += r.calls;
         self.input_tokens += r.input_tokens;
         self.output_tokens += r.output_tokens;
         self.cost_usd += r.cost_usd;
+        self.reported_cost_usd += r.cost_usd - r.cost_at_estimate_usd;
         self.estimated_cost_usd += r.estimated_cost_usd;
+        self.calls_at_estimate += r.calls_at_estimate;
+        self.cost_at_estimate_usd += r.cost_at_estimate_usd;
     }
 }
 

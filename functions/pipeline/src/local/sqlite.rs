@@ -40,6 +40,8 @@ CREATE TABLE IF NOT EXISTS queue (
 CREATE INDEX IF NOT EXISTS queue_visible ON queue (queue, dead, visible_at, seq);
 CREATE TABLE IF NOT EXISTS spends (spend_id TEXT PRIMARY KEY, tenant TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS upload_tokens (nonce TEXT PRIMARY KEY, expires_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS instances (
+    id TEXT PRIMARY KEY, pid INTEGER NOT NULL, started_at INTEGER NOT NULL, heartbeat_at INTEGER NOT NULL);
 "#;
 
 /// Columns added after the first release: (table, column, definition). Added at open when an
@@ -157,6 +159,85 @@ impl SqliteDb {
         .await
     }
 
+    /// Register this process as a live instance (claim owners and queue receipts it writes
+    /// start with `id:`), or refresh its heartbeat.
+    pub async fn heartbeat(&self, id: &str, now_ms: u64) -> StoreResult<()> {
+        let id = id.to_string();
+        let pid = i64::from(std::process::id());
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO instances (id, pid, started_at, heartbeat_at) VALUES (?1, ?2, ?3, ?3)
+                 ON CONFLICT (id) DO UPDATE SET heartbeat_at = ?3",
+                params![id, pid, now_ms as i64],
+            )
+            .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// This instance is shutting down cleanly: its rows go.
+    pub async fn retire(&self, id: &str) -> StoreResult<()> {
+        let id = id.to_string();
+        self.with(move |c| {
+            c.execute("DELETE FROM instances WHERE id = ?1", params![id])
+                .map_err(db_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Give back what instances that died left behind: their in-flight claims (so the next
+    /// delivery may call the provider at once) and the messages they had received (visible
+    /// again now, not after the visibility timeout). An instance is dead when its process is
+    /// gone (it was killed) or its heartbeat is older than `stale_after_ms`. Returns the ids
+    /// of the instances recovered.
+    pub async fn recover_dead_instances(
+        &self,
+        me: &str,
+        now_ms: u64,
+        stale_after_ms: u64,
+    ) -> StoreResult<Vec<String>> {
+        let me = me.to_string();
+        self.with(move |c| {
+            let tx = write_tx(c)?;
+            let rows: Vec<(String, i64, i64)> = {
+                let mut stmt = tx
+                    .prepare("SELECT id, pid, heartbeat_at FROM instances WHERE id <> ?1")
+                    .map_err(db_err)?;
+                let rows = stmt
+                    .query_map(params![me], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    .map_err(db_err)?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(db_err)?;
+                rows
+            };
+            let mut dead = Vec::new();
+            for (id, pid, beat) in rows {
+                let stale = now_ms as i64 - beat > stale_after_ms as i64;
+                if stale || !process_alive(pid) {
+                    let prefix = format!("{id}:%");
+                    tx.execute(
+                        "DELETE FROM idempotency WHERE state = 'inflight' AND owner LIKE ?1",
+                        params![prefix],
+                    )
+                    .map_err(db_err)?;
+                    tx.execute(
+                        "UPDATE queue SET visible_at = ?2, receipt = NULL WHERE receipt LIKE ?1 AND dead = 0",
+                        params![prefix, now_ms as i64],
+                    )
+                    .map_err(db_err)?;
+                    tx.execute("DELETE FROM instances WHERE id = ?1", params![id])
+                        .map_err(db_err)?;
+                    dead.push(id);
+                }
+            }
+            tx.commit().map_err(db_err)?;
+            Ok(dead)
+        })
+        .await
+    }
+
     /// Give a token back after an upload that could not be stored, so the client may retry it.
     pub async fn restore_upload_token(&self, nonce: &str) -> StoreResult<()> {
         let nonce = nonce.to_string();
@@ -167,6 +248,16 @@ impl SqliteDb {
         })
         .await
     }
+}
+
+/// Whether a process with this pid runs on this machine. Without /proc (not Linux) only the
+/// heartbeat tells, so every process counts as alive here.
+fn process_alive(pid: i64) -> bool {
+    let proc = Path::new("/proc");
+    if !proc.join("self").exists() {
+        return true;
+    }
+    pid == i64::from(std::process::id()) || proc.join(pid.to_string()).exists()
 }
 
 fn db_err(e: rusqlite::Error) -> StoreError {
@@ -810,6 +901,9 @@ impl Repository for SqliteRepository {
 pub struct SqliteQueue {
     db: SqliteDb,
     name: String,
+    /// Prefix of the receipts this queue hands out (`{instance}:{uuid}`), so messages held by
+    /// a process that died can be made visible again.
+    instance: String,
     /// Messages received more than this often go to the dead-letter state.
     max_receives: u32,
     clock: Arc<dyn Clock>,
@@ -828,9 +922,17 @@ impl SqliteQueue {
         SqliteQueue {
             db,
             name: name.to_string(),
+            instance: uuid::Uuid::new_v4().simple().to_string(),
             max_receives: max_receives.max(1),
             clock,
         }
+    }
+
+    /// Name the instance whose receipts this queue hands out (see
+    /// [`SqliteDb::recover_dead_instances`]).
+    pub fn with_instance(mut self, instance: &str) -> SqliteQueue {
+        self.instance = instance.to_string();
+        self
     }
 
     /// Messages not yet deleted nor dead (visible or in flight).
@@ -891,6 +993,7 @@ impl Queue for SqliteQueue {
 
     async fn receive(&self, max: usize, visibility: Duration) -> StoreResult<Vec<QueueMessage>> {
         let q = self.name.clone();
+        let instance = self.instance.clone();
         let now = self.clock.now_ms() as i64;
         let max_receives = i64::from(self.max_receives);
         let hide_until = now + visibility.as_millis() as i64;
@@ -924,7 +1027,7 @@ impl Queue for SqliteQueue {
                     if out.len() >= max.clamp(1, 10) {
                         break;
                     }
-                    let receipt = uuid::Uuid::new_v4().to_string();
+                    let receipt = format!("{instance}:{}", uuid::Uuid::new_v4().simple());
                     tx.execute(
                         "UPDATE queue SET receive_count = receive_count + 1, visible_at = ?2, receipt = ?3 WHERE seq = ?1",
                         params![seq, hide_until, receipt],
@@ -1072,5 +1175,71 @@ mod tests {
             ("poison", 3)
         );
         assert_eq!(q.depth().await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn claims_and_messages_of_a_dead_process_are_given_back() {
+        let clock = Arc::new(ManualClock(AtomicU64::new(1_000_000)));
+        let db = SqliteDb::in_memory().unwrap();
+        let repo = SqliteRepository::new(db.clone());
+        let dead_q = SqliteQueue::new(db.clone(), "q", 5, clock.clone()).with_instance("dead");
+        let live_q = SqliteQueue::new(db.clone(), "q", 5, clock.clone()).with_instance("live");
+        db.heartbeat("dead", 1_000_000).await.unwrap();
+        db.heartbeat("live", 1_000_000).await.unwrap();
+        // A pid that cannot exist stands for a process killed with -9.
+        db.with(|c| {
+            c.execute(
+                "UPDATE instances SET pid = 2147483646 WHERE id = 'dead'",
+                [],
+            )
+            .map_err(db_err)
+            .map(|_| ())
+        })
+        .await
+        .unwrap();
+        dead_q.send(vec!["a".into(), "b".into()]).await.unwrap();
+        let held = dead_q.receive(1, Duration::from_secs(300)).await.unwrap();
+        assert!(held[0].receipt.starts_with("dead:"));
+        let lease = Duration::from_secs(300);
+        assert_eq!(
+            repo.claim("k1", "dead:h1", lease, 1_000_000).await.unwrap(),
+            Claim::Acquired
+        );
+        assert_eq!(
+            repo.claim("k2", "live:h2", lease, 1_000_000).await.unwrap(),
+            Claim::Acquired
+        );
+        let gone = db
+            .recover_dead_instances("live", 1_000_100, 30_000)
+            .await
+            .unwrap();
+        assert_eq!(gone, vec!["dead".to_string()]);
+        // The dead process's claim is free now, the live one's is not.
+        assert_eq!(
+            repo.claim("k1", "live:h3", lease, 1_000_200).await.unwrap(),
+            Claim::Acquired
+        );
+        assert!(matches!(
+            repo.claim("k2", "live:h4", lease, 1_000_200).await.unwrap(),
+            Claim::Busy { .. }
+        ));
+        // Its received message is visible again at once, not after 300 s.
+        clock.0.store(1_000_200, Ordering::SeqCst);
+        let got = live_q.receive(10, Duration::from_secs(300)).await.unwrap();
+        let mut bodies: Vec<_> = got.iter().map(|m| m.body.as_str()).collect();
+        bodies.sort();
+        assert_eq!(bodies, vec!["a", "b"]);
+        // A live process with a fresh heartbeat is left alone; a silent one is not.
+        assert!(db
+            .recover_dead_instances("dead", 1_000_300, 30_000)
+            .await
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            db.recover_dead_instances("x", 1_040_000, 30_000)
+                .await
+                .unwrap(),
+            vec!["live".to_string()]
+        );
     }
 }
