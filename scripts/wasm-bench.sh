@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Benchmark the browser package: median prepareImage time on ../shared/samples/large/phone12mp.jpg
+# Benchmark the browser package: median prepareImage time on tests/fixtures/large/phone12mp.jpg
 # in headless Chromium (>= 9 runs after a warm-up) and the .wasm size gzipped, against the
 # targets (<= 150 ms, <= 150 KB). Builds the package first unless SIGHTLINE_BENCH_NO_BUILD=1.
 # Extra arguments go to tests/browser/bench.mjs (--runs N, --warmup N, --pkg DIR, --strict, --json FILE).

@@ -243,8 +243,20 @@ fn schemas_match_the_api() {
             "estimate",
             "original_estimate",
             "result",
+            "extra_spend",
             "created_at",
             "updated_at",
+        ])
+    );
+    let extra = resolve(&spec, &rec["properties"]["extra_spend"]);
+    assert_eq!(
+        props(extra),
+        set(&[
+            "calls",
+            "input_tokens",
+            "output_tokens",
+            "cost_usd",
+            "cost_at_estimate_usd"
         ])
     );
     assert_eq!(

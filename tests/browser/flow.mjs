@@ -7,8 +7,8 @@ import { SAMPLES, assert } from './lib.mjs';
 
 export const GOOD_FILES = [
   path.join(SAMPLES, 'large/phone12mp.jpg'),
-  path.join(SAMPLES, 'small/rocket.jpg'),
-  path.join(SAMPLES, 'small/coffee.png'),
+  path.join(SAMPLES, 'samples/rocket.jpg'),
+  path.join(SAMPLES, 'samples/coffee.png'),
 ];
 export const TEXT_FILE = {
   name: 'notes.txt',

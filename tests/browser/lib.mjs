@@ -8,7 +8,8 @@ export const HERE = path.dirname(fileURLToPath(import.meta.url));
 export const ROOT = path.resolve(HERE, '../..');
 export const WWW = path.join(ROOT, 'wasm-client/www');
 export const PKG = path.join(ROOT, 'wasm-client/pkg');
-export const SAMPLES = path.resolve(ROOT, '../shared/samples');
+// The repository's fixtures: samples/ (small), photos/, large/.
+export const SAMPLES = path.resolve(ROOT, 'tests/fixtures');
 
 /** The CSP the product serves the widget under; the stub and bench servers send it too. */
 export const CSP = "default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; img-src 'self' blob: data:; "

@@ -56,7 +56,7 @@ try {
   await checkCosts(page, t.check);
 
   await t.check('hostile inputs: bomb, SVG, empty and truncated files get their own codes', async () => {
-    const jpeg = readSample('small/rocket.jpg');
+    const jpeg = readSample('samples/rocket.jpg');
     await page.locator('sightline-uploader input[type=file]').setInputFiles([
       { name: 'bomb.png', mimeType: 'image/png', buffer: bombPng() },
       { name: 'vector.svg', mimeType: 'image/svg+xml', buffer: Buffer.from('<svg xmlns="http://www.w3.org/2000/svg"/>') },
@@ -76,7 +76,7 @@ try {
   });
 
   await t.check('a failed upload is retried with the same prepared bytes', async () => {
-    const png = readSample('small/chelsea.png');
+    const png = readSample('samples/chelsea.png');
     await page.locator('sightline-uploader input[type=file]').setInputFiles([
       { name: 'fail-upload.png', mimeType: 'image/png', buffer: png },
     ]);
@@ -97,7 +97,7 @@ try {
 
   await t.check('a failed analysis shows the server error', async () => {
     await page.locator('sightline-uploader input[type=file]').setInputFiles([
-      { name: 'fail-analysis.jpg', mimeType: 'image/jpeg', buffer: readSample('small/rocket.jpg') },
+      { name: 'fail-analysis.jpg', mimeType: 'image/jpeg', buffer: readSample('samples/rocket.jpg') },
     ]);
     const row = fileRow(page, 'fail-analysis.jpg');
     await row.and(page.locator('[data-state="ready"]')).waitFor({ timeout: 30000 });
@@ -140,7 +140,7 @@ try {
     const p2 = await browser.newPage();
     await openWidget(p2, stub.url, { apiKey: 'wrong-key' });
     await p2.locator('sightline-uploader input[type=file]').setInputFiles([
-      { name: 'coffee.png', mimeType: 'image/png', buffer: readSample('small/coffee.png') },
+      { name: 'coffee.png', mimeType: 'image/png', buffer: readSample('samples/coffee.png') },
     ]);
     const row = fileRow(p2, 'coffee.png');
     await row.and(p2.locator('[data-state="ready"]')).waitFor({ timeout: 30000 });

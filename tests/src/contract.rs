@@ -38,6 +38,7 @@ pub fn record(tenant: &str, image_id: &str, created_at: &str, status: ImageStatu
         estimate: None,
         original_estimate: None,
         result: None,
+        extra_spend: None,
         created_at: created_at.to_string(),
         updated_at: created_at.to_string(),
     }
@@ -580,8 +581,44 @@ pub async fn spend_contract(repo: Arc<dyn Repository>) {
         calls_at_estimate: 1,
         cost_at_estimate_usd: 0.0025,
     };
-    repo.book_spend(&t, "spend-1", &spend).await.unwrap();
-    repo.book_spend(&t, "spend-1", &spend).await.unwrap();
+    repo.put_image(
+        &record(&t, "s1", "2026-05-01T00:00:00.000Z", ImageStatus::Queued),
+        Some(1),
+    )
+    .await
+    .unwrap();
+    repo.book_spend(&t, "s1", "spend-1", &spend).await.unwrap();
+    repo.book_spend(&t, "s1", "spend-1", &spend).await.unwrap();
+    // The image carries what it cost outside a result; its recheck is left alone.
+    let extra = repo
+        .get_image(&t, "s1")
+        .await
+        .unwrap()
+        .unwrap()
+        .extra_spend
+        .unwrap();
+    assert_eq!(
+        (extra.calls, extra.input_tokens, extra.output_tokens),
+        (2, 900, 100)
+    );
+    assert!(close(extra.cost_usd, 0.004) && close(extra.cost_at_estimate_usd, 0.0025));
+    assert!(repo
+        .due_rechecks(1, 1000)
+        .await
+        .unwrap()
+        .iter()
+        .any(|r| r.tenant == t && r.image_id == "s1"));
+    // It stays when the image completes, next to the result.
+    let k = format!("t:{t}/{}:gpt-4.1-mini:v1", "34".repeat(32));
+    let r = result(&k, "gpt-4.1-mini", "2026-05-01T00:30:00.000Z", 0.001, false);
+    repo.complete(&t, "s1", &r, 0.001).await.unwrap();
+    let rec = repo.get_image(&t, "s1").await.unwrap().unwrap();
+    assert_eq!(rec.extra_spend.map(|e| e.calls), Some(2));
+    assert!(rec.result.is_some());
+    // Money for an image that is gone still reaches the ledger.
+    repo.book_spend(&t, "nobody", "spend-2", &spend)
+        .await
+        .unwrap();
     let rows = repo.costs(&t, "2026-05-01", "2026-05-01").await.unwrap();
     assert_eq!(rows.len(), 1);
     let row = &rows[0];
@@ -593,9 +630,9 @@ pub async fn spend_contract(repo: Arc<dyn Repository>) {
             row.output_tokens,
             row.calls_at_estimate
         ),
-        (0, 2, 900, 100, 1)
+        (1, 5, 2800, 250, 2)
     );
-    assert!(close(row.cost_usd, 0.004) && close(row.cost_at_estimate_usd, 0.0025));
+    assert!(close(row.cost_usd, 0.009) && close(row.cost_at_estimate_usd, 0.005));
 
     // A result whose usage was partly estimated adds its calls and estimated part too.
     repo.put_image(
@@ -619,9 +656,9 @@ pub async fn spend_contract(repo: Arc<dyn Repository>) {
         Completion::Stored
     );
     let row = repo.costs(&t, "2026-05-01", "2026-05-01").await.unwrap()[0].clone();
-    assert_eq!((row.images, row.calls, row.calls_at_estimate), (1, 4, 2));
-    assert!(close(row.cost_usd, 0.007) && close(row.cost_at_estimate_usd, 0.0035));
-    assert!(close(row.estimated_cost_usd, 0.002));
+    assert_eq!((row.images, row.calls, row.calls_at_estimate), (2, 7, 3));
+    assert!(close(row.cost_usd, 0.012) && close(row.cost_at_estimate_usd, 0.006));
+    assert!(close(row.estimated_cost_usd, 0.003));
 }
 
 /// Everything the repository promises.

@@ -13,9 +13,9 @@ use wasm_bindgen_test::*;
 
 wasm_bindgen_test_configure!(run_in_browser);
 
-const ROCKET: &[u8] = include_bytes!("../../../shared/samples/small/rocket.jpg");
-const COFFEE: &[u8] = include_bytes!("../../../shared/samples/small/coffee.png");
-const PHONE: &[u8] = include_bytes!("../../../shared/samples/large/phone12mp.jpg");
+const ROCKET: &[u8] = include_bytes!("../../tests/fixtures/samples/rocket.jpg");
+const COFFEE: &[u8] = include_bytes!("../../tests/fixtures/samples/coffee.png");
+const PHONE: &[u8] = include_bytes!("../../tests/fixtures/large/phone12mp.jpg");
 
 fn get(v: &JsValue, key: &str) -> JsValue {
     Reflect::get(v, &JsValue::from_str(key)).unwrap()

@@ -249,7 +249,7 @@ mod tests {
         async fn cache_result(&self, _: &AnalysisResult) -> StoreResult<()> {
             down()
         }
-        async fn book_spend(&self, _: &str, _: &str, _: &Spend) -> StoreResult<()> {
+        async fn book_spend(&self, _: &str, _: &str, _: &str, _: &Spend) -> StoreResult<()> {
             down()
         }
         async fn add_api_key(&self, _: &str, _: &str, _: &str) -> StoreResult<()> {

@@ -2,18 +2,11 @@
 use criterion::{criterion_group, criterion_main, Criterion};
 use sightline_core::{prepare, PrepareOptions};
 
-fn sample(path: &str) -> Option<Vec<u8>> {
-    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/samples")
-        .join(path);
-    std::fs::read(p).ok()
-}
-
 fn bench(c: &mut Criterion) {
-    let Some(phone) = sample("large/phone12mp.jpg") else {
-        eprintln!("../shared/samples/large/phone12mp.jpg not found; nothing to bench");
-        return;
-    };
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/large/phone12mp.jpg");
+    let phone = std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (the benchmark input)", path.display()));
     let opts = PrepareOptions::default();
     let mut g = c.benchmark_group("prepare");
     g.sample_size(20);

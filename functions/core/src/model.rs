@@ -118,9 +118,36 @@ pub struct ImageRecord {
     pub original_estimate: Option<Estimate>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<AnalysisResult>,
+    /// Paid provider calls for this image that are not part of its result: invalid answers of
+    /// an image that then failed or was retried later, an answer that lost the race for the
+    /// image. The image's whole cost is `result.cost_usd` + `extra_spend.cost_usd`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extra_spend: Option<ExtraSpend>,
     /// RFC 3339, UTC.
     pub created_at: String,
     pub updated_at: String,
+}
+
+/// Paid calls of an image outside its result (see [`ImageRecord::extra_spend`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct ExtraSpend {
+    pub calls: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cost_usd: f64,
+    /// The part of `cost_usd` booked at the estimate (answers whose usage could not be read).
+    #[serde(default)]
+    pub cost_at_estimate_usd: f64,
+}
+
+impl ExtraSpend {
+    pub fn add(&mut self, other: &ExtraSpend) {
+        self.calls += other.calls;
+        self.input_tokens += other.input_tokens;
+        self.output_tokens += other.output_tokens;
+        self.cost_usd += other.cost_usd;
+        self.cost_at_estimate_usd += other.cost_at_estimate_usd;
+    }
 }
 
 /// The analysis of one image by one model.

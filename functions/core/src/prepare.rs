@@ -781,7 +781,7 @@ mod tests {
         assert!(!header.is_progressive() && header.has_eoi(&bytes));
         let progressive = std::fs::read(
             std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../../../shared/samples/large/Elephants_5640x3172.jpg"),
+                .join("../../tests/fixtures/large/elephants_progressive.jpg"),
         )
         .unwrap();
         assert!(jpeg_header(&progressive).unwrap().is_progressive());

@@ -263,6 +263,7 @@ pub fn image_json(r: &ImageRecord) -> Value {
         "model": res.map(|x| x.model.clone()),
         "cached": res.map(|x| x.cached).unwrap_or(false),
         "result": res.map(|x| x.analysis.clone()),
+        "extra_spend": r.extra_spend,
     })
 }
 
@@ -296,6 +297,12 @@ pub fn summarize(records: &[ImageRecord]) -> Summary {
         }
         if let Some(e) = &r.estimate {
             s.estimated_cost_usd += e.cost_usd;
+        }
+        // Paid calls outside the result (invalid answers): part of what the run cost.
+        if let Some(x) = &r.extra_spend {
+            s.input_tokens += x.input_tokens;
+            s.output_tokens += x.output_tokens;
+            s.cost_usd += x.cost_usd;
         }
         if let Some(res) = &r.result {
             if res.cached {

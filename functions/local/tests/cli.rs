@@ -12,8 +12,9 @@ use sightline_tests::sim::{EveryNth, Fault, FaultPlan, SimConfig, SimServer};
 /// The sample runs are CPU-heavy; run them one at a time on small CI machines.
 static HEAVY: Mutex<()> = Mutex::new(());
 
+/// The repository's test fixtures (tests/fixtures: samples/, photos/, large/).
 fn samples() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/samples")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
 
 fn sightline(data_dir: &Path) -> Command {
@@ -63,7 +64,7 @@ fn run_samples_with_the_local_analyzer() {
             .arg(samples())
             .arg("--json"),
     );
-    assert_eq!(images.len(), 14);
+    assert_eq!(images.len(), 12);
     for img in &images {
         assert_eq!(img["status"], "done", "{img}");
         let (w, h) = (
@@ -97,7 +98,7 @@ fn run_samples_with_the_local_analyzer() {
         ),
         (Some(3024), Some(4032))
     );
-    assert_eq!(summary["done"], 14);
+    assert_eq!(summary["done"], 12);
     assert_eq!(summary["failed"], 0);
     assert!(summary["image_tokens_saved"].as_u64().unwrap() > 0);
 
@@ -107,13 +108,13 @@ fn run_samples_with_the_local_analyzer() {
         .output()
         .unwrap();
     assert!(out.status.success());
-    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 14);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 12);
     let out = sightline(dir.path())
         .args(["costs", "--json"])
         .output()
         .unwrap();
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(report["total"]["images"], 14);
+    assert_eq!(report["total"]["images"], 12);
 }
 
 #[test]
@@ -163,7 +164,7 @@ fn run_against_the_provider_simulator_with_faults_then_all_cached() {
         run_json(&mut c)
     };
     let (images, summary) = run(dir.path());
-    assert_eq!(images.len(), 14);
+    assert_eq!(images.len(), 12);
     for img in &images {
         assert_eq!(img["status"], "done", "{img}");
         assert_eq!(img["provider"], "openai");
@@ -174,13 +175,18 @@ fn run_against_the_provider_simulator_with_faults_then_all_cached() {
     let stats = rt.block_on(sim.stats());
     assert!(stats.faults.total() > 0, "faults were injected: {stats:?}");
     assert_eq!(
-        stats.completions, 14,
+        stats.completions, 12,
         "one good completion per image: {stats:?}"
     );
     assert!(stats.faults.malformed > 0, "{stats:?}");
 
-    // Ledger = sum of results.
-    let sum: f64 = images.iter().map(|i| i["cost_usd"].as_f64().unwrap()).sum();
+    // Ledger = what the images cost: their results, and paid calls outside a result (an
+    // invalid answer followed by a failed retry) that each image carries as extra_spend.
+    let extra = |i: &Value, k: &str| i["extra_spend"][k].as_f64().unwrap_or(0.0);
+    let sum: f64 = images
+        .iter()
+        .map(|i| i["cost_usd"].as_f64().unwrap() + extra(i, "cost_usd"))
+        .sum();
     let out = sightline(dir.path())
         .args(["costs", "--json"])
         .output()
@@ -193,7 +199,7 @@ fn run_against_the_provider_simulator_with_faults_then_all_cached() {
     assert!((summary["cost_usd"].as_f64().unwrap() - sum).abs() < 1e-9);
     let tokens: u64 = images
         .iter()
-        .map(|i| i["usage"]["input_tokens"].as_u64().unwrap())
+        .map(|i| i["usage"]["input_tokens"].as_u64().unwrap() + extra(i, "input_tokens") as u64)
         .sum();
     assert_eq!(report["total"]["input_tokens"].as_u64().unwrap(), tokens);
     // Every call the provider billed is in the ledger, the truncated answers at their
@@ -223,7 +229,7 @@ fn run_against_the_provider_simulator_with_faults_then_all_cached() {
         before,
         "no provider calls on the second run"
     );
-    assert_eq!(summary["cached"], 14);
+    assert_eq!(summary["cached"], 12);
     assert!(images
         .iter()
         .all(|i| i["cached"] == true && i["cost_usd"].as_f64() == Some(0.0)));
@@ -236,7 +242,7 @@ fn run_against_the_provider_simulator_with_faults_then_all_cached() {
         (report["total"]["cost_usd"].as_f64().unwrap() - sum).abs() < 1e-9,
         "ledger unchanged by cache hits"
     );
-    assert_eq!(report["total"]["cached_images"], 14);
+    assert_eq!(report["total"]["cached_images"], 12);
 }
 
 fn crc32(data: &[u8]) -> u32 {
@@ -267,12 +273,20 @@ fn hostile_inputs_fail_clearly_and_the_rest_completes() {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in");
     std::fs::create_dir_all(&input).unwrap();
-    std::fs::copy(samples().join("small/rocket.jpg"), input.join("good1.jpg")).unwrap();
-    std::fs::copy(samples().join("small/chelsea.png"), input.join("good2.png")).unwrap();
+    std::fs::copy(
+        samples().join("samples/rocket.jpg"),
+        input.join("good1.jpg"),
+    )
+    .unwrap();
+    std::fs::copy(
+        samples().join("samples/chelsea.png"),
+        input.join("good2.png"),
+    )
+    .unwrap();
     std::fs::write(input.join("empty.jpg"), b"").unwrap();
     std::fs::write(input.join("notes.jpg"), b"this is not an image at all").unwrap();
     std::fs::write(input.join("vector.png"), b"<?xml version=\"1.0\"?><svg xmlns=\"http://www.w3.org/2000/svg\" width=\"1\" height=\"1\"/>").unwrap();
-    let rocket = std::fs::read(samples().join("small/rocket.jpg")).unwrap();
+    let rocket = std::fs::read(samples().join("samples/rocket.jpg")).unwrap();
     std::fs::write(input.join("truncated.jpg"), &rocket[..rocket.len() / 2]).unwrap();
     let mut bomb = b"\x89PNG\r\n\x1a\n".to_vec();
     let mut ihdr = Vec::new();
@@ -750,7 +764,7 @@ async fn a_replayed_upload_url_is_refused_and_the_first_upload_stands() {
     let dir = tempfile::tempdir().unwrap();
     let s = start_serve(dir.path());
     let http = reqwest::Client::new();
-    let first = std::fs::read(samples().join("small/rocket.jpg")).unwrap();
+    let first = std::fs::read(samples().join("samples/rocket.jpg")).unwrap();
     // Another image of exactly the same length: the signature (key, type, length) fits it.
     let mut second = distinct_png(1);
     second.resize(first.len(), 0);
@@ -877,7 +891,10 @@ async fn kill_9_during_uploads_and_analysis_loses_nothing_and_books_every_paid_c
     let costs = get_json(&http, &format!("{}/v1/costs", s.url), "k-kill").await;
     let sum: f64 = recs
         .iter()
-        .map(|r| r["result"]["cost_usd"].as_f64().unwrap())
+        .map(|r| {
+            r["result"]["cost_usd"].as_f64().unwrap()
+                + r["extra_spend"]["cost_usd"].as_f64().unwrap_or(0.0)
+        })
         .sum();
     assert!(
         (costs["total"]["cost_usd"].as_f64().unwrap() - sum).abs() < 1e-9,
@@ -1107,7 +1124,7 @@ async fn serve_and_run_share_one_data_dir() {
     let run = std::thread::spawn(move || {
         sightline(&data)
             .arg("run")
-            .arg(samples().join("small"))
+            .arg(samples().join("samples"))
             .arg(samples().join("photos"))
             .arg("--json")
             .output()
@@ -1137,7 +1154,7 @@ async fn serve_and_run_share_one_data_dir() {
         (i, s[0].clone())
     };
     assert_eq!(summary["failed"], 0, "{images:?}");
-    assert_eq!(summary["done"], 12);
+    assert_eq!(summary["done"], 10);
     let recs = wait_final(&http, &s.url, "k", &ids, Duration::from_secs(120)).await;
     assert!(recs.iter().all(|r| r["status"] == "done"));
     for text in [stderr.to_string(), s.log_text()] {

@@ -367,7 +367,11 @@ impl Analyzer {
     async fn book(&self, job: &AnalysisJob, spend_id: &str, spend: &Spend) {
         let mut attempt = 0u32;
         loop {
-            match self.repo.book_spend(&job.tenant, spend_id, spend).await {
+            match self
+                .repo
+                .book_spend(&job.tenant, &job.image_id, spend_id, spend)
+                .await
+            {
                 Ok(()) => return,
                 Err(e) if e.is_transient() && attempt < STORE_RETRIES => {
                     attempt += 1;

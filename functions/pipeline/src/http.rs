@@ -272,6 +272,7 @@ async fn create_upload(
         estimate: None,
         original_estimate: None,
         result: None,
+        extra_spend: None,
         created_at: now.clone(),
         updated_at: now,
     };

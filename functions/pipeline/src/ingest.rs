@@ -332,6 +332,7 @@ impl Ingest {
             estimate,
             original_estimate,
             result: None,
+            extra_spend: None,
             created_at,
             updated_at: now,
         };
@@ -424,6 +425,7 @@ impl Ingest {
             estimate: None,
             original_estimate: None,
             result: None,
+            extra_spend: None,
             created_at,
             updated_at: now,
         };

@@ -102,9 +102,10 @@ pub struct CostRow {
     pub cost_at_estimate_usd: f64,
 }
 
-/// Money paid for provider calls that left no stored result: invalid answers of an image that
-/// then failed, or an answer for an image another worker completed first. Booked once per
-/// `spend_id`.
+/// Money paid for provider calls of an image that left no stored result: invalid answers of
+/// an image that then failed (or was retried later), or an answer for an image another worker
+/// completed first. Booked once per `spend_id`, on the ledger and on the image
+/// ([`ImageRecord::extra_spend`]), so every paid call belongs to an image.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Spend {
     /// YYYY-MM-DD (UTC) the money was spent.
@@ -115,6 +116,19 @@ pub struct Spend {
     pub cost_usd: f64,
     pub calls_at_estimate: u64,
     pub cost_at_estimate_usd: f64,
+}
+
+impl Spend {
+    /// What the image record keeps of it.
+    pub fn as_extra(&self) -> sightline_core::model::ExtraSpend {
+        sightline_core::model::ExtraSpend {
+            calls: self.calls,
+            input_tokens: self.usage.input_tokens,
+            output_tokens: self.usage.output_tokens,
+            cost_usd: self.cost_usd,
+            cost_at_estimate_usd: self.cost_at_estimate_usd,
+        }
+    }
 }
 
 /// What `complete` did.
@@ -253,8 +267,15 @@ pub trait Repository: Send + Sync {
     /// Put a paid answer in the idempotency cache without touching any image (an answer that
     /// lost the race for its image is still good for its key). Ends an in-flight claim on it.
     async fn cache_result(&self, result: &AnalysisResult) -> StoreResult<()>;
-    /// Add money that left no result to the ledger, once per `spend_id` (a repeat is a no-op).
-    async fn book_spend(&self, tenant: &str, spend_id: &str, spend: &Spend) -> StoreResult<()>;
+    /// Add money that left no result to the ledger and to the image's `extra_spend`, once per
+    /// `spend_id` (a repeat is a no-op). A missing image only gets the ledger entry.
+    async fn book_spend(
+        &self,
+        tenant: &str,
+        image_id: &str,
+        spend_id: &str,
+        spend: &Spend,
+    ) -> StoreResult<()>;
     /// Ledger rows for a tenant, for days in [from, to] (inclusive, YYYY-MM-DD).
     async fn costs(&self, tenant: &str, from: &str, to: &str) -> StoreResult<Vec<CostRow>>;
 

@@ -178,6 +178,7 @@ fn record_of(tenant: &str, id: &str) -> ImageRecord {
         estimate: None,
         original_estimate: None,
         result: None,
+        extra_spend: None,
         created_at: "2026-11-22T00:00:00.000Z".into(),
         updated_at: "2026-11-22T00:00:00.000Z".into(),
     }
@@ -563,6 +564,12 @@ async fn an_answer_for_an_image_done_meanwhile_is_booked_cached_and_frees_its_cl
     };
     f.repo.complete("t", "a", &other, 0.0).await.unwrap();
     assert_eq!(call.await.unwrap(), AnalyzeOutcome::AlreadyDone);
+    let a = f.repo.get_image("t", "a").await.unwrap().unwrap();
+    assert_eq!(
+        a.extra_spend.map(|e| e.calls),
+        Some(1),
+        "the late answer is on its image"
+    );
     // The paid answer is in the ledger (no image counted) and in the cache: image b, with
     // the same bytes, is served at once at $0, not told to wait for a stuck claim.
     let rows = f.repo.costs("t", "0000-01-01", "9999-12-31").await.unwrap();
@@ -616,6 +623,11 @@ async fn a_truncated_paid_answer_is_booked_at_its_estimate() {
         (0, 2, 2)
     );
     assert!((rows[0].cost_usd - 2.0 * est.cost_usd).abs() < 1e-12);
+    // ... on the image too: every paid call belongs to an image.
+    let failed = f.repo.get_image("t", "a").await.unwrap().unwrap();
+    let extra = failed.extra_spend.unwrap();
+    assert_eq!(extra.calls, 2);
+    assert!((extra.cost_usd - rows[0].cost_usd).abs() < 1e-12);
 
     // An answer without usage is kept and booked at its estimate, not at $0.
     let f = fixture(vec![Step::AnswerWithoutUsage], &[]).await;

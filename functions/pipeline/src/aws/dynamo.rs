@@ -19,7 +19,7 @@ use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem, Update};
 use aws_sdk_dynamodb::Client;
 use base64::Engine;
-use sightline_core::model::{AnalysisResult, ImageRecord, ImageStatus};
+use sightline_core::model::{AnalysisResult, ExtraSpend, ImageRecord, ImageStatus};
 
 use super::sdk_err;
 use crate::ports::{
@@ -150,6 +150,16 @@ fn record_from_item(item: &Item) -> StoreResult<ImageRecord> {
     }
     if let Some(u) = get_s(item, "updated_at") {
         rec.updated_at = u.to_string();
+    }
+    // Money booked on the image by book_spend (atomic ADDs, so attributes, not the doc).
+    if item.contains_key("extra_calls") {
+        rec.extra_spend = Some(ExtraSpend {
+            calls: get_u64(item, "extra_calls"),
+            input_tokens: get_u64(item, "extra_input_tokens"),
+            output_tokens: get_u64(item, "extra_output_tokens"),
+            cost_usd: get_f64(item, "extra_cost_usd"),
+            cost_at_estimate_usd: get_f64(item, "extra_cost_at_estimate_usd"),
+        });
     }
     Ok(rec)
 }
@@ -764,7 +774,13 @@ impl Repository for DynamoRepository {
         Ok(())
     }
 
-    async fn book_spend(&self, tenant: &str, spend_id: &str, spend: &Spend) -> StoreResult<()> {
+    async fn book_spend(
+        &self,
+        tenant: &str,
+        image_id: &str,
+        spend_id: &str,
+        spend: &Spend,
+    ) -> StoreResult<()> {
         let perm = |e: aws_sdk_dynamodb::error::BuildError| {
             StoreError::Permanent(format!("dynamodb request: {e}"))
         };
@@ -773,6 +789,7 @@ impl Repository for DynamoRepository {
             .item("pk", s(spend_pk(spend_id)))
             .item("sk", s("SPEND"))
             .item("tenant", s(tenant))
+            .item("image_id", s(image_id))
             .item("expires_at", n(epoch_secs() + SPEND_TTL_SECS))
             .condition_expression("attribute_not_exists(pk)")
             .build()
@@ -795,28 +812,54 @@ impl Repository for DynamoRepository {
                 },
             )
             .map_err(perm)?;
-        let res = self
-            .client
-            .transact_write_items()
-            .transact_items(TransactWriteItem::builder().put(marker).build())
-            .transact_items(TransactWriteItem::builder().update(ledger).build())
-            .send()
-            .await;
-        match res {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                let already = match e.as_service_error() {
-                    Some(TransactWriteItemsError::TransactionCanceledException(ex)) => ex
-                        .cancellation_reasons()
-                        .first()
-                        .is_some_and(|r| r.code() == Some("ConditionalCheckFailed")),
-                    _ => false,
-                };
-                if already {
-                    Ok(())
-                } else {
-                    Err(sdk_err("dynamodb TransactWriteItems spend", e))
-                }
+        let extra = spend.as_extra();
+        let image = Update::builder()
+            .table_name(&self.table)
+            .set_key(Some(Self::key(image_pk(tenant, image_id), "IMAGE")))
+            .update_expression(
+                "ADD extra_calls :c, extra_input_tokens :i, extra_output_tokens :o, \
+                 extra_cost_usd :cost, extra_cost_at_estimate_usd :est",
+            )
+            .condition_expression("attribute_exists(pk)")
+            .expression_attribute_values(":c", n(extra.calls))
+            .expression_attribute_values(":i", n(extra.input_tokens))
+            .expression_attribute_values(":o", n(extra.output_tokens))
+            .expression_attribute_values(":cost", nf(extra.cost_usd))
+            .expression_attribute_values(":est", nf(extra.cost_at_estimate_usd))
+            .build()
+            .map_err(perm)?;
+        let mut with_image = true;
+        loop {
+            let mut items = vec![
+                TransactWriteItem::builder().put(marker.clone()).build(),
+                TransactWriteItem::builder().update(ledger.clone()).build(),
+            ];
+            if with_image {
+                items.push(TransactWriteItem::builder().update(image.clone()).build());
+            }
+            let res = self
+                .client
+                .transact_write_items()
+                .set_transact_items(Some(items))
+                .send()
+                .await;
+            let Err(e) = res else {
+                return Ok(());
+            };
+            let failed: Vec<bool> = match e.as_service_error() {
+                Some(TransactWriteItemsError::TransactionCanceledException(ex)) => ex
+                    .cancellation_reasons()
+                    .iter()
+                    .map(|r| r.code() == Some("ConditionalCheckFailed"))
+                    .collect(),
+                _ => Vec::new(),
+            };
+            match failed.as_slice() {
+                // The marker exists: booked before.
+                [true, ..] => return Ok(()),
+                // The image is gone: the ledger still gets the money.
+                [false, _, true] if with_image => with_image = false,
+                _ => return Err(sdk_err("dynamodb TransactWriteItems spend", e)),
             }
         }
     }

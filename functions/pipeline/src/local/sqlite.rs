@@ -322,17 +322,24 @@ impl SqliteRepository {
 }
 
 /// The guard of every record write: never over a result, and once a record has an original,
-/// only that original may rewrite it. None = write allowed.
-fn refuse_write(tx: &Connection, rec: &ImageRecord) -> StoreResult<Option<PutImage>> {
-    Ok(match load_image(tx, &rec.tenant, &rec.image_id)? {
-        Some(stored) if stored.result.is_some() => Some(PutImage::HasResult),
+/// only that original may rewrite it. Ok(Err(refusal)), or Ok(Ok(record to write)): the new
+/// record, keeping the money already booked on the stored one.
+fn guard_write(tx: &Connection, rec: &ImageRecord) -> StoreResult<Result<ImageRecord, PutImage>> {
+    let stored = load_image(tx, &rec.tenant, &rec.image_id)?;
+    Ok(match stored {
+        Some(stored) if stored.result.is_some() => Err(PutImage::HasResult),
         Some(stored)
             if stored.original_sha256.is_some()
                 && stored.original_sha256 != rec.original_sha256 =>
         {
-            Some(PutImage::OtherUpload)
+            Err(PutImage::OtherUpload)
         }
-        _ => None,
+        Some(stored) => {
+            let mut rec = rec.clone();
+            rec.extra_spend = rec.extra_spend.or(stored.extra_spend);
+            Ok(rec)
+        }
+        None => Ok(rec.clone()),
     })
 }
 
@@ -384,6 +391,17 @@ fn cache_done(conn: &Connection, result: &AnalysisResult) -> StoreResult<()> {
         "INSERT INTO idempotency (key, state, result) VALUES (?1, 'done', ?2)
          ON CONFLICT (key) DO UPDATE SET state = 'done', owner = NULL, lease_until = NULL, result = ?2",
         params![result.idempotency_key, doc],
+    )
+    .map_err(db_err)?;
+    Ok(())
+}
+
+/// Rewrite a record's document alone (its recheck time stays as it is).
+fn store_doc(conn: &Connection, rec: &ImageRecord) -> StoreResult<()> {
+    let doc = serde_json::to_string(rec).map_err(json_err)?;
+    conn.execute(
+        "UPDATE images SET doc = ?3, status = ?4 WHERE tenant = ?1 AND image_id = ?2",
+        params![rec.tenant, rec.image_id, doc, rec.status.as_str()],
     )
     .map_err(db_err)?;
     Ok(())
@@ -446,9 +464,9 @@ impl Repository for SqliteRepository {
             .with(move |c| {
                 let tx = write_tx(c)?;
                 // A late resize retry never wipes an analysis that landed in between.
-                let outcome = match refuse_write(&tx, &rec)? {
-                    Some(refused) => refused,
-                    None => {
+                let outcome = match guard_write(&tx, &rec)? {
+                    Err(refused) => refused,
+                    Ok(rec) => {
                         store_image(&tx, &rec, recheck_at_ms)?;
                         PutImage::Stored
                     }
@@ -475,9 +493,9 @@ impl Repository for SqliteRepository {
         self.db
             .with(move |c| {
                 let tx = write_tx(c)?;
-                let outcome = match refuse_write(&tx, &rec)? {
-                    Some(refused) => refused,
-                    None => {
+                let outcome = match guard_write(&tx, &rec)? {
+                    Err(refused) => refused,
+                    Ok(rec) => {
                         store_image(&tx, &rec, Some(recheck_sent_ms))?;
                         insert_message(&tx, &queue, &body, now_ms as i64)?;
                         PutImage::Stored
@@ -742,8 +760,19 @@ impl Repository for SqliteRepository {
         self.db.with(move |c| cache_done(c, &result)).await
     }
 
-    async fn book_spend(&self, tenant: &str, spend_id: &str, spend: &Spend) -> StoreResult<()> {
-        let (t, id, sp) = (tenant.to_string(), spend_id.to_string(), spend.clone());
+    async fn book_spend(
+        &self,
+        tenant: &str,
+        image_id: &str,
+        spend_id: &str,
+        spend: &Spend,
+    ) -> StoreResult<()> {
+        let (t, image, id, sp) = (
+            tenant.to_string(),
+            image_id.to_string(),
+            spend_id.to_string(),
+            spend.clone(),
+        );
         self.db
             .with(move |c| {
                 let tx = write_tx(c)?;
@@ -772,6 +801,12 @@ impl Repository for SqliteRepository {
                             cost_at_estimate_usd: sp.cost_at_estimate_usd,
                         },
                     )?;
+                    if let Some(mut rec) = load_image(&tx, &t, &image)? {
+                        rec.extra_spend
+                            .get_or_insert_with(Default::default)
+                            .add(&sp.as_extra());
+                        store_doc(&tx, &rec)?;
+                    }
                 }
                 tx.commit().map_err(db_err)
             })
