@@ -1,0 +1,5 @@
+//! The use-cases over the local adapters, in one test binary: analyze (with a scripted
+//! provider) and the reconciler (with the states a crash leaves behind).
+
+mod analyze;
+mod reconcile;
