@@ -3,7 +3,7 @@
 #   1. cfn-lint on the SAM template (must be clean),
 #   2. openapi-spec-validator on the OpenAPI spec,
 #   3. the Rust tests of infra/ (template safety settings, spec routes and schemas),
-#   4. optional (SIGHTLINE_CHECK_LAMBDA_BUILD=1): `cargo lambda build --release` of the three
+#   4. optional (SIGHTLINE_CHECK_LAMBDA_BUILD=1): `cargo lambda build --release` of the four
 #      function binaries, for arm64 with Zig (default) or natively with SIGHTLINE_LAMBDA_COMPILER=cargo.
 #
 # Python tools go into a venv (default target/infra-venv; override with SIGHTLINE_INFRA_VENV),
@@ -66,7 +66,8 @@ if [ "${SIGHTLINE_CHECK_LAMBDA_BUILD:-0}" = 1 ]; then
   compiler=${SIGHTLINE_LAMBDA_COMPILER:-zig}
   # cargo-lambda's PyPI package ships the binary and depends on ziglang (Zig, the cross linker).
   pip_tool cargo-lambda 'cargo-lambda>=1.8'
-  args=(lambda build --release -p sightline-resize -p sightline-analyze -p sightline-api)
+  args=(lambda build --release -p sightline-resize -p sightline-analyze -p sightline-api
+    -p sightline-reconcile)
   case "$compiler" in
     zig)
       if ! "$VENV/bin/python" -c 'import ziglang' 2>/dev/null; then
@@ -90,7 +91,7 @@ if [ "${SIGHTLINE_CHECK_LAMBDA_BUILD:-0}" = 1 ]; then
   log "cargo ${args[*]}"
   # The venv's bin first: cargo-lambda finds `cargo-lambda` and Zig (python -m ziglang) there.
   PATH="$VENV/bin:$PATH" cargo "${args[@]}"
-  ls -l "${CARGO_TARGET_DIR:-target}"/lambda/sightline-{resize,analyze,api}/bootstrap
+  ls -l "${CARGO_TARGET_DIR:-target}"/lambda/sightline-{resize,analyze,api,reconcile}/bootstrap
 fi
 
 log "infra checks passed"

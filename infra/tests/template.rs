@@ -209,6 +209,9 @@ impl Template {
 const RESIZE: &str = "sightline-resize";
 const ANALYZE: &str = "sightline-analyze";
 const API: &str = "sightline-api";
+const RECONCILE: &str = "sightline-reconcile";
+/// Every function of the template.
+const ALL: [&str; 4] = [RESIZE, ANALYZE, API, RECONCILE];
 
 #[test]
 fn template_uses_long_form_intrinsics_only() {
@@ -228,8 +231,17 @@ fn template_uses_long_form_intrinsics_only() {
 fn functions_are_arm64_al2023_cargo_lambda_binaries() {
     let t = Template::load();
     let functions = t.of_type("AWS::Serverless::Function");
-    assert_eq!(functions.len(), 3, "three functions: resize, analyze, api");
-    for (binary, dir) in [(RESIZE, "resize"), (ANALYZE, "analyze"), (API, "api")] {
+    assert_eq!(
+        functions.len(),
+        4,
+        "four functions: resize, analyze, api, reconcile"
+    );
+    for (binary, dir) in [
+        (RESIZE, "resize"),
+        (ANALYZE, "analyze"),
+        (API, "api"),
+        (RECONCILE, "reconcile"),
+    ] {
         let (id, f) = t.function(binary);
         assert_eq!(f["Metadata"]["BuildMethod"], "rust-cargolambda", "{id}");
         assert_eq!(t.function_prop(f, "Runtime"), "provided.al2023", "{id}");
@@ -274,6 +286,43 @@ fn functions_are_arm64_al2023_cargo_lambda_binaries() {
     assert!((256.0..=512.0).contains(&mem), "analyze memory {mem}");
     let (_, api) = t.function(API);
     assert_eq!(t.number(t.function_prop(api, "MemorySize")), 256.0);
+    // The reconciler may resize a lost upload, within a budget of half its memory.
+    let (id, reconcile) = t.function(RECONCILE);
+    let mem = t.number(t.function_prop(reconcile, "MemorySize"));
+    assert_eq!(mem, 1024.0, "{id} memory");
+    let budget = t.number(&t.env(reconcile)["SIGHTLINE_RESIZE_MEMORY_MB"]);
+    assert!(
+        (64.0..=mem / 2.0).contains(&budget),
+        "{id}: SIGHTLINE_RESIZE_MEMORY_MB {budget} for {mem} MB"
+    );
+}
+
+/// Each function logs (JSON) to a log group of its own with the LogRetentionDays retention, and
+/// its role may write to that log group only.
+#[test]
+fn each_function_logs_to_its_own_log_group() {
+    let t = Template::load();
+    let mut groups = BTreeSet::new();
+    for binary in ALL {
+        let (id, f) = t.function(binary);
+        let group = Template::target(&f["Properties"]["LoggingConfig"]["LogGroup"]);
+        let g = t.resource(&group);
+        assert_eq!(g["Type"], "AWS::Logs::LogGroup", "{id}: {group}");
+        assert_eq!(
+            references(&g["Properties"]["RetentionInDays"]),
+            vec!["LogRetentionDays"],
+            "{group} retention"
+        );
+        assert!(groups.insert(group.clone()), "{group} is shared");
+        for action in ["logs:CreateLogStream", "logs:PutLogEvents"] {
+            assert_eq!(
+                t.resources_for(f, action),
+                vec![format!("${{{group}.Arn}}")],
+                "{id}: {action}"
+            );
+        }
+        assert!(t.resources_for(f, "logs:CreateLogGroup").is_empty());
+    }
 }
 
 #[test]
@@ -439,10 +488,35 @@ fn s3_permissions_are_prefix_scoped() {
     expect(RESIZE, "s3:PutObject", "/resized/*");
     expect(ANALYZE, "s3:GetObject", "/resized/*");
     expect(API, "s3:PutObject", "/uploads/*");
+    expect(RECONCILE, "s3:GetObject", "/uploads/*");
+    expect(RECONCILE, "s3:PutObject", "/resized/*");
     let (_, analyze) = t.function(ANALYZE);
     assert!(t.resources_for(analyze, "s3:PutObject").is_empty());
     let (_, api) = t.function(API);
     assert!(t.resources_for(api, "s3:GetObject").is_empty());
+    // The functions that read uploads tell a missing one (404) from a forbidden one (403)
+    // only with s3:ListBucket, granted on the bucket itself (no object), by the same name.
+    let (_, bucket) = t.of_type("AWS::S3::Bucket")[0];
+    let bucket_arn = format!(
+        "arn:${{AWS::Partition}}:s3:::{}",
+        render(&bucket["Properties"]["BucketName"])
+    );
+    for binary in [RESIZE, RECONCILE] {
+        let (id, f) = t.function(binary);
+        assert_eq!(
+            t.resources_for(f, "s3:ListBucket"),
+            vec![bucket_arn.clone()],
+            "{id}: s3:ListBucket on the bucket only"
+        );
+    }
+    for binary in [ANALYZE, API] {
+        let (_, f) = t.function(binary);
+        assert!(t.resources_for(f, "s3:ListBucket").is_empty(), "{binary}");
+    }
+    for binary in ALL {
+        let (id, f) = t.function(binary);
+        assert!(t.resources_for(f, "s3:DeleteObject").is_empty(), "{id}");
+    }
 }
 
 #[test]
@@ -450,7 +524,7 @@ fn function_roles_are_least_privilege() {
     let t = Template::load();
     let table = |r: &str| r == "${Table.Arn}";
     let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
-    for binary in [RESIZE, ANALYZE, API] {
+    for binary in ALL {
         let (id, f) = t.function(binary);
         // An explicit role: SAM then adds no managed policies (e.g. AWSLambdaSQSQueueExecutionRole,
         // which allows sqs:* reads on "*").
@@ -482,6 +556,14 @@ fn function_roles_are_least_privilege() {
                 "dynamodb:UpdateItem",
                 "dynamodb:DeleteItem",
                 "dynamodb:ConditionCheckItem",
+                "dynamodb:Query",
+            ]),
+            // Rechecks (Query gsi3), the resize path, and deleting unused pending records.
+            RECONCILE => set(&[
+                "dynamodb:GetItem",
+                "dynamodb:PutItem",
+                "dynamodb:UpdateItem",
+                "dynamodb:DeleteItem",
                 "dynamodb:Query",
             ]),
             _ => set(&["dynamodb:GetItem", "dynamodb:Query", "dynamodb:PutItem"]),
@@ -530,6 +612,27 @@ fn function_roles_are_least_privilege() {
         );
     }
     assert!(t.resources_for(api, "sqs:SendMessage").is_empty());
+
+    // The reconciler finds due images through the gsi3 index and re-sends jobs; it consumes
+    // nothing from the queue.
+    let (_, reconcile) = t.function(RECONCILE);
+    assert!(
+        t.resources_for(reconcile, "dynamodb:Query")
+            .iter()
+            .any(|r| r == "${Table.Arn}/index/*"),
+        "reconcile queries gsi3"
+    );
+    assert_eq!(
+        t.resources_for(reconcile, "sqs:SendMessage"),
+        vec!["${AnalyzeQueue.Arn}"]
+    );
+    for a in [
+        "sqs:ReceiveMessage",
+        "sqs:DeleteMessage",
+        "sqs:ChangeMessageVisibility",
+    ] {
+        assert!(t.resources_for(reconcile, a).is_empty(), "reconcile {a}");
+    }
 }
 
 #[test]
@@ -603,7 +706,7 @@ fn provider_key_is_read_from_exactly_one_ssm_parameter() {
         "kms:Decrypt only via SSM"
     );
     // Only analyze reads the key.
-    for b in [RESIZE, API] {
+    for b in [RESIZE, API, RECONCILE] {
         let (_, other) = t.function(b);
         assert!(t.resources_for(other, "ssm:GetParameter").is_empty());
         assert!(t.resources_for(other, "kms:Decrypt").is_empty());
@@ -800,7 +903,7 @@ fn table_follows_docs_aws_md() {
 #[test]
 fn functions_get_the_documented_environment() {
     let t = Template::load();
-    for binary in [RESIZE, ANALYZE, API] {
+    for binary in ALL {
         let (id, f) = t.function(binary);
         let env = t.env(f);
         for k in [
@@ -815,7 +918,7 @@ fn functions_get_the_documented_environment() {
         }
         assert_eq!(references(&env["SIGHTLINE_TABLE"]), vec!["Table"]);
     }
-    for binary in [RESIZE, ANALYZE] {
+    for binary in [RESIZE, ANALYZE, RECONCILE] {
         let (id, f) = t.function(binary);
         assert_eq!(
             references(&t.env(f)["SIGHTLINE_QUEUE_URL"]),
@@ -1024,4 +1127,55 @@ fn example_parameters_cover_exactly_the_template_parameters() {
             );
         }
     }
+}
+
+/// The reconciler runs on an EventBridge schedule (a parameter, every 5 minutes by default),
+/// long enough to sweep in chunks past its 60 s reserve, and an alarm watches its failures.
+#[test]
+fn reconciler_runs_on_a_schedule() {
+    let t = Template::load();
+    let (id, f) = t.function(RECONCILE);
+    let all_events = f["Properties"]["Events"].as_object().expect("Events");
+    let schedules = t.events(f, "Schedule");
+    assert_eq!(
+        (schedules.len(), all_events.len()),
+        (1, 1),
+        "{id}: one trigger, a Schedule event"
+    );
+    let ev = schedules[0].1;
+    assert_eq!(references(&ev["Schedule"]), vec!["ReconcileSchedule"]);
+    assert!(
+        ev["Enabled"] != false && ev["State"] != "DISABLED",
+        "{id}: the schedule is enabled"
+    );
+    let p = t.parameter("ReconcileSchedule");
+    assert_eq!(p["Default"], "rate(5 minutes)");
+    assert!(p["AllowedPattern"]
+        .as_str()
+        .is_some_and(|re| re.contains("rate")));
+
+    let timeout = t.number(t.function_prop(f, "Timeout"));
+    assert!(
+        (120.0..=900.0).contains(&timeout),
+        "{id}: timeout {timeout} s leaves room for chunks after the 60 s reserve"
+    );
+    let max = t.number(&t.env(f)["SIGHTLINE_RECONCILE_MAX"]);
+    assert!(max >= 1.0, "{id}: SIGHTLINE_RECONCILE_MAX {max}");
+    // Async retries of a failed sweep stop before they pile up behind the next sweeps.
+    let age = t.number(&f["Properties"]["EventInvokeConfig"]["MaximumEventAgeInSeconds"]);
+    assert!((60.0..=3600.0).contains(&age), "{id}: event age {age}");
+
+    let alarms = t.of_type("AWS::CloudWatch::Alarm");
+    assert!(
+        alarms.iter().any(|(_, a)| {
+            let p = &a["Properties"];
+            p["Namespace"] == "AWS/Lambda"
+                && p["MetricName"] == "Errors"
+                && as_list(&p["Dimensions"])
+                    .iter()
+                    .any(|d| d["Name"] == "FunctionName" && Template::target(&d["Value"]) == id)
+                && references(&p["AlarmActions"]).contains(&"AlarmTopic".to_string())
+        }),
+        "an alarm on {id} Errors"
+    );
 }

@@ -25,7 +25,7 @@ use sightline_tests::{aws_setup, contract::unique, emulator::Emulator};
 use tower::ServiceExt;
 
 fn sample(rel: &str) -> Vec<u8> {
-    let p = format!("{}/../../shared/samples/{rel}", env!("CARGO_MANIFEST_DIR"));
+    let p = format!("{}/fixtures/{rel}", env!("CARGO_MANIFEST_DIR"));
     std::fs::read(&p).unwrap_or_else(|e| panic!("{p}: {e}"))
 }
 
@@ -171,17 +171,17 @@ async fn pipeline_end_to_end_on_the_emulator() {
 
     // Uploads: good images under awkward keys, hostile ones, another tenant.
     let good: Vec<(&str, &str)> = vec![
-        ("uploads/acme/a b+c(1)é.jpg", "small/rocket.jpg"),
-        ("uploads/acme/chelsea.png", "small/chelsea.png"),
-        ("uploads/acme/coffee 2.png", "small/coffee.png"),
+        ("uploads/acme/a b+c(1)é.jpg", "samples/rocket.jpg"),
+        ("uploads/acme/chelsea.png", "samples/chelsea.png"),
+        ("uploads/acme/coffee 2.png", "samples/coffee.png"),
         (
             "uploads/acme/hubble+deep.jpg",
-            "small/hubble_deep_field.jpg",
+            "samples/hubble_deep_field.jpg",
         ),
         ("uploads/acme/garden.jpg", "photos/Garden.jpg"),
         ("uploads/globex/g.jpg", "photos/LadyBird.jpg"),
     ];
-    let mut truncated = sample("small/rocket.jpg");
+    let mut truncated = sample("samples/rocket.jpg");
     truncated.truncate(truncated.len() / 3);
     let bad: Vec<(&str, Vec<u8>)> = vec![
         (
@@ -199,7 +199,11 @@ async fn pipeline_end_to_end_on_the_emulator() {
     }
     // Outside the trigger prefix: no event.
     blobs
-        .put("elsewhere/x.jpg", sample("small/rocket.jpg"), "image/jpeg")
+        .put(
+            "elsewhere/x.jpg",
+            sample("samples/rocket.jpg"),
+            "image/jpeg",
+        )
         .await
         .unwrap();
     let id = |key: &str| parse_upload_key(key, "uploads/").unwrap();
@@ -502,4 +506,244 @@ async fn pipeline_end_to_end_on_the_emulator() {
     )
     .await;
     assert_eq!(st, 404);
+}
+
+/// The reconcile Lambda's handler on the emulator, the harness playing EventBridge: crash states
+/// between two writes are found through the gsi3 rechecks and finished, then the jobs it sent
+/// are analysed by the analyze handler (offline analyzer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconciler_lambda_recovers_what_a_crash_left_on_the_emulator() {
+    use sightline_core::model::{ImageRecord, ImageSize};
+    use sightline_pipeline::providers::local::LocalAnalyzer;
+    use sightline_pipeline::reconcile::Reconciler;
+    use sightline_reconcile::{ReconcileHandler, Stop};
+
+    let fixture = |name: &str| {
+        let p = format!("{}/fixtures/samples/{name}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read(&p).unwrap_or_else(|e| panic!("{p}: {e}"))
+    };
+
+    let emu = Emulator::start().await.expect("emulator");
+    let sdk = emu.sdk_config().await;
+    let clients = Clients::new(&sdk, Some(&emu.endpoint));
+    let bucket = unique("rec-bucket-");
+    let table = unique("rec-table-");
+    aws_setup::create_bucket(&clients.s3, &bucket)
+        .await
+        .unwrap();
+    aws_setup::create_table(&clients.dynamodb, &table)
+        .await
+        .unwrap();
+    let (analyze_url, _dlq_url) = aws_setup::create_queue_with_dlq(
+        &clients.sqs,
+        &unique("rec-analyze-"),
+        Duration::from_secs(30),
+        3,
+    )
+    .await
+    .unwrap();
+
+    // The pending TTL is short here: an upload URL unused for a minute is expired.
+    let settings = Arc::new(Settings {
+        pending_ttl: Duration::from_secs(60),
+        max_concurrency: 1,
+        max_receives: 3,
+        ..Settings::default()
+    });
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let blobs = Arc::new(S3BlobStore::new(clients.s3.clone(), &bucket));
+    let repo: Arc<dyn Repository> =
+        Arc::new(DynamoRepository::new(clients.dynamodb.clone(), &table));
+    let analyze_q = Arc::new(
+        SqsQueue::new(clients.sqs.clone(), &analyze_url).with_wait(Duration::from_millis(300)),
+    );
+    // Wired as the Lambda's main wires it.
+    let ingest = Ingest::new(
+        blobs.clone(),
+        repo.clone(),
+        analyze_q.clone(),
+        settings.clone(),
+        clock.clone(),
+        "uploads/",
+    );
+    let reconcile = ReconcileHandler::new(Reconciler::new(ingest), 1000);
+
+    let now = clock.now_ms();
+    let past = now - 60_000;
+    let record = |id: &str, status: ImageStatus, created_ms: u64| -> ImageRecord {
+        let at = sightline_pipeline::ports::rfc3339(created_ms);
+        serde_json::from_value(serde_json::json!({
+            "image_id": id, "tenant": "acme", "source": format!("uploads/acme/{id}.jpg"),
+            "status": status, "created_at": at, "updated_at": at,
+        }))
+        .unwrap()
+    };
+
+    // (a) An upload whose resize never ran: the original is stored, the record still pending.
+    let upload_key = "uploads/acme/x.jpg";
+    blobs
+        .put(upload_key, fixture("rocket.jpg"), "image/jpeg")
+        .await
+        .unwrap();
+    let mut lost_resize = record("x", ImageStatus::Pending, now - 120_000);
+    lost_resize.original_key = Some(upload_key.into());
+    repo.put_image(&lost_resize, Some(past)).await.unwrap();
+
+    // (b) Resized and recorded, but the job never reached the queue.
+    let prepared =
+        sightline_core::prepare(&fixture("hubble_deep_field.jpg"), &settings.prepare).unwrap();
+    let unsent_key = sightline_core::keys::resized_key("acme", "y", &prepared.sha256);
+    blobs
+        .put(&unsent_key, prepared.jpeg.clone(), "image/jpeg")
+        .await
+        .unwrap();
+    let mut unsent = record("y", ImageStatus::Queued, now - 120_000);
+    unsent.sha256 = Some(prepared.sha256.clone());
+    unsent.resized_key = Some(unsent_key.clone());
+    unsent.resized = Some(ImageSize {
+        width: prepared.width,
+        height: prepared.height,
+        bytes: prepared.bytes,
+    });
+    repo.put_image(&unsent, Some(past)).await.unwrap();
+
+    // (c) An upload URL nobody used, handed out an hour ago (TTL 60 s).
+    let mut unused = record("z", ImageStatus::Pending, now - 3_600_000);
+    unused.original_key = Some("uploads/acme/z.jpg".into());
+    repo.put_image(&unused, Some(past)).await.unwrap();
+
+    // (d) A finished image whose recheck was left behind.
+    let finished = record("w", ImageStatus::Done, now - 120_000);
+    repo.put_image(&finished, Some(past)).await.unwrap();
+
+    let due: BTreeSet<String> = repo
+        .due_rechecks(now, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.image_id)
+        .collect();
+    assert_eq!(due, ["w", "x", "y", "z"].map(String::from).into());
+
+    // EventBridge's scheduled event, with the invocation deadline of a 300 s function.
+    let event = serde_json::json!({
+        "version": "0",
+        "id": "53dc4d37-cffa-4f76-80c9-8b7d4a4d2eaa",
+        "detail-type": "Scheduled Event",
+        "source": "aws.events",
+        "account": "123456789012",
+        "time": "2026-01-01T00:05:00Z",
+        "region": "us-east-1",
+        "resources": ["arn:aws:events:us-east-1:123456789012:rule/sightline-ReconcileFunctionSweep"],
+        "detail": {}
+    });
+    let deadline = || std::time::SystemTime::now() + Duration::from_secs(300);
+    let run = reconcile
+        .handle(event.clone(), Some(deadline()))
+        .await
+        .expect("reconcile");
+    let r = &run.report;
+    assert_eq!(
+        (r.resized, r.requeued, r.expired, r.settled, r.errors),
+        (1, 1, 1, 1, 0),
+        "{run:?}"
+    );
+    assert_eq!(run.stopped, Stop::Drained);
+
+    // (a) resized and queued.
+    let x = repo.get_image("acme", "x").await.unwrap().expect("x");
+    assert_eq!(x.status, ImageStatus::Queued);
+    let x_key = x.resized_key.clone().expect("x resized");
+    assert!(x_key.starts_with("resized/acme/x/"), "{x_key}");
+    assert!(blobs.size(&x_key).await.unwrap().is_some_and(|n| n > 0));
+    // (b) unchanged, (c) gone, (d) still done.
+    assert_eq!(
+        repo.get_image("acme", "y")
+            .await
+            .unwrap()
+            .expect("y")
+            .status,
+        ImageStatus::Queued
+    );
+    assert!(repo.get_image("acme", "z").await.unwrap().is_none());
+    assert_eq!(
+        repo.get_image("acme", "w")
+            .await
+            .unwrap()
+            .expect("w")
+            .status,
+        ImageStatus::Done
+    );
+    // Nothing is due now; (a) and (b) are looked at again only if their jobs get stuck, and
+    // (d) never again.
+    assert!(repo
+        .due_rechecks(clock.now_ms(), 100)
+        .await
+        .unwrap()
+        .is_empty());
+    let ten_years = clock.now_ms() + 10 * 365 * 86_400_000;
+    let later: BTreeSet<String> = repo
+        .due_rechecks(ten_years, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.image_id)
+        .collect();
+    assert_eq!(later, ["x", "y"].map(String::from).into());
+
+    // The next scheduled run finds nothing to do.
+    let again = reconcile
+        .handle(event, Some(deadline()))
+        .await
+        .expect("second reconcile");
+    assert!(again.report.is_empty(), "{again:?}");
+
+    // One job each for (a) and (b), nothing else.
+    let msgs = sightline_tests::contract::receive_n(
+        analyze_q.as_ref(),
+        3,
+        Duration::from_secs(60),
+        Duration::from_secs(5),
+    )
+    .await;
+    let mut jobs: Vec<AnalysisJob> = msgs
+        .iter()
+        .map(|m| AnalysisJob::parse(&m.body).expect("a job"))
+        .collect();
+    jobs.sort_by(|a, b| a.image_id.cmp(&b.image_id));
+    assert_eq!(
+        jobs.iter()
+            .map(|j| (j.image_id.as_str(), j.resized_key.as_str()))
+            .collect::<Vec<_>>(),
+        vec![("x", x_key.as_str()), ("y", unsent_key.as_str())]
+    );
+
+    // The analyze handler finishes both (the harness plays the event source mapping).
+    let analyzer = Analyzer::new(
+        blobs.clone(),
+        repo.clone(),
+        Arc::new(LocalAnalyzer),
+        settings.clone(),
+        clock.clone(),
+    );
+    let handler = AnalyzeHandler::new(analyzer, analyze_q.clone());
+    let resp = handler.handle(sqs_event(&msgs), None).await.unwrap();
+    assert!(
+        resp.batch_item_failures.is_empty(),
+        "{:?}",
+        resp.batch_item_failures
+    );
+    for m in &msgs {
+        analyze_q.delete(&m.receipt).await.unwrap();
+    }
+    for job in &jobs {
+        let id = job.image_id.as_str();
+        let rec = repo.get_image("acme", id).await.unwrap().expect(id);
+        assert_eq!(rec.status, ImageStatus::Done, "{id}");
+        assert_eq!(rec.sha256.as_deref(), Some(job.sha256.as_str()), "{id}");
+        let result = rec.result.expect("result");
+        assert_eq!(result.provider, "local", "{id}");
+    }
+    assert_eq!(jobs[1].sha256, prepared.sha256);
+    assert!(repo.due_rechecks(ten_years, 100).await.unwrap().is_empty());
 }

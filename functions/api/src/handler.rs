@@ -12,7 +12,10 @@ use sightline_pipeline::Settings;
 /// The API state over the AWS adapters.
 pub fn api_state(env: &AwsEnv, clients: &Clients, settings: Settings) -> ApiState {
     ApiState {
-        repo: Arc::new(DynamoRepository::new(clients.dynamodb.clone(), &env.table)),
+        repo: Arc::new(
+            DynamoRepository::new(clients.dynamodb.clone(), &env.table)
+                .with_pending_ttl(settings.pending_ttl),
+        ),
         presigner: Arc::new(S3Presigner::new(clients.s3.clone(), &env.bucket)),
         settings: Arc::new(settings),
         clock: Arc::new(SystemClock) as Arc<dyn Clock>,

@@ -17,7 +17,7 @@ use sightline_core::model::{ImageRecord, ImageStatus};
 use tracing::{info, warn};
 
 use crate::ingest::{job_of, Ingest, IngestOutcome};
-use crate::ports::{StoreError, StoreResult};
+use crate::ports::{rfc3339, StoreError, StoreResult};
 
 /// Records looked at per page of a sweep.
 const PAGE: usize = 100;
@@ -25,15 +25,18 @@ const PAGE: usize = 100;
 /// What one sweep did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct SweepReport {
-    /// Uploads whose resize was run again.
+    /// Uploads whose resize was run again and queued their job.
     pub resized: u64,
+    /// Uploads whose resize ran again and found a bad image (recorded `failed`) or a second
+    /// upload to the same image (refused).
+    pub rejected: u64,
     /// Jobs sent again.
     pub requeued: u64,
     /// Pending records deleted (upload URL never used).
     pub expired: u64,
     /// Rechecks cleared or pushed back without other work.
     pub settled: u64,
-    /// Images that could not be handled this time (they stay due).
+    /// Images that could not be handled this time (looked at again after `reconcile_after`).
     pub errors: u64,
 }
 
@@ -78,7 +81,8 @@ impl Reconciler {
                 handled += 1;
                 if let Err(e) = self.one(&record, now, &mut report).await {
                     report.errors += 1;
-                    warn!(tenant = %record.tenant, image_id = %record.image_id, error = %e, "reconciling an image failed; it stays due");
+                    warn!(tenant = %record.tenant, image_id = %record.image_id, error = %e, "reconciling an image failed; looked at again later");
+                    self.after_error(&record, now, &e).await;
                 }
             }
         }
@@ -132,11 +136,13 @@ impl Reconciler {
                 }
             }
             ImageStatus::Queued => {
-                let job = job_of(record).ok_or_else(|| {
-                    StoreError::Permanent(format!(
-                        "queued image {tenant}/{id} has no resized key or sha256"
-                    ))
-                })?;
+                let Some(job) = job_of(record) else {
+                    // Nothing to analyse, ever: say so on the image instead of retrying.
+                    let reason = "recorded as queued without a resized image; upload it again";
+                    repo.mark_failed(tenant, id, reason, &rfc3339(now)).await?;
+                    report.rejected += 1;
+                    return Ok(());
+                };
                 info!(
                     tenant,
                     image_id = id,
@@ -151,6 +157,22 @@ impl Reconciler {
             }
         }
         Ok(())
+    }
+}
+
+impl Reconciler {
+    /// An image that failed to reconcile is looked at again after `reconcile_after`, so images
+    /// that keep failing never hold the head of the schedule against everything behind them.
+    async fn after_error(&self, record: &ImageRecord, now: u64, e: &StoreError) {
+        let later = now + self.ingest.settings.reconcile_after.as_millis().max(1_000) as u64;
+        if let Err(e2) = self
+            .ingest
+            .repo
+            .set_recheck(&record.tenant, &record.image_id, Some(later))
+            .await
+        {
+            warn!(error = %e2, first_error = %e, "could not reschedule the image either");
+        }
     }
 }
 

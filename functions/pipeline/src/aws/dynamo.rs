@@ -29,9 +29,6 @@ use crate::ports::{
 
 /// Idempotency items expire after 30 days (TTL attribute `expires_at`).
 const IDEM_TTL_SECS: u64 = 30 * 86_400;
-/// A `pending` record (upload URL handed out, nothing uploaded yet) expires after 7 days; the
-/// resize function's write replaces the whole item, TTL attribute included.
-const PENDING_TTL_SECS: u64 = 7 * 86_400;
 /// Spend markers (exactly-once booking of money without a result) expire after 90 days.
 const SPEND_TTL_SECS: u64 = 90 * 86_400;
 /// The one partition of the sparse recheck index (gsi3): images not final, by recheck time.
@@ -42,13 +39,15 @@ fn recheck_sk(at_ms: u64, tenant: &str, image_id: &str) -> String {
     format!("{at_ms:013}#{tenant}#{image_id}")
 }
 
-/// When a record last written at `updated_at` (RFC 3339) should expire if still pending.
-fn pending_expiry(updated_at: &str) -> Option<u64> {
-    let t = time::OffsetDateTime::parse(updated_at, &time::format_description::well_known::Rfc3339)
+/// When a record created at `created_at` (RFC 3339) expires if still pending: the TTL
+/// attribute (epoch seconds) that DynamoDB deletes it by, on the same rule as the reconciler's
+/// sweep (created + the pending TTL setting).
+fn pending_expiry(created_at: &str, ttl: Duration) -> Option<u64> {
+    let t = time::OffsetDateTime::parse(created_at, &time::format_description::well_known::Rfc3339)
         .ok()?;
     u64::try_from(t.unix_timestamp())
         .ok()
-        .map(|s| s + PENDING_TTL_SECS)
+        .map(|s| s + ttl.as_secs())
 }
 
 type Item = HashMap<String, AttributeValue>;
@@ -57,6 +56,9 @@ type Item = HashMap<String, AttributeValue>;
 pub struct DynamoRepository {
     client: Client,
     table: String,
+    /// A `pending` record (upload URL handed out, nothing uploaded yet) expires this long after
+    /// its creation; the resize function's write replaces the whole item, TTL included.
+    pending_ttl: Duration,
 }
 
 fn s(v: impl Into<String>) -> AttributeValue {
@@ -267,7 +269,14 @@ impl DynamoRepository {
         DynamoRepository {
             client,
             table: table.into(),
+            pending_ttl: crate::Settings::default().pending_ttl,
         }
+    }
+
+    /// The pending TTL of the settings (`SIGHTLINE_PENDING_TTL_SECS`).
+    pub fn with_pending_ttl(mut self, ttl: Duration) -> DynamoRepository {
+        self.pending_ttl = ttl;
+        self
     }
 
     pub fn table(&self) -> &str {
@@ -385,7 +394,7 @@ impl Repository for DynamoRepository {
             );
         }
         if record.status == ImageStatus::Pending {
-            if let Some(at) = pending_expiry(&record.updated_at) {
+            if let Some(at) = pending_expiry(&record.created_at, self.pending_ttl) {
                 item.insert("expires_at".into(), n(at));
             }
         }
@@ -992,13 +1001,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pending_records_expire_a_week_after_their_last_write() {
+    fn pending_records_expire_the_pending_ttl_after_their_creation() {
         // 2026-01-01T00:00:00Z is 1767225600.
+        let week = Duration::from_secs(7 * 86_400);
         assert_eq!(
-            pending_expiry("2026-01-01T00:00:00.000Z"),
+            pending_expiry("2026-01-01T00:00:00.000Z", week),
             Some(1_767_225_600 + 7 * 86_400)
         );
-        assert_eq!(pending_expiry("yesterday"), None);
+        assert_eq!(pending_expiry("yesterday", week), None);
     }
 
     #[test]

@@ -1,0 +1,514 @@
+//! sightline-reconcile: an EventBridge schedule → [`Reconciler::sweep`], in chunks.
+//!
+//! The sweep finishes what a crash left between two writes (see
+//! `sightline_pipeline::reconcile`). It has no deadline of its own, so the handler calls it in
+//! chunks of [`CHUNK`] images and starts no chunk with less than [`RESERVE`] left before the
+//! invocation's deadline; after the first chunk, a chunk is also cut to what fits before the
+//! reserve at the slowest pace seen (a chunk of lost uploads to resize is much slower than one of
+//! rechecks to clear). It stops as well when `max` images were looked at
+//! (`SIGHTLINE_RECONCILE_MAX`), when a chunk found fewer due images than it asked for, or when a
+//! chunk did nothing but fail (the store is probably down; failing images are looked at again
+//! after `reconcile_after`). What is left is due at the next scheduled run.
+//!
+//! A store error outside a single image (the query of due images) fails the invocation, so
+//! Lambda retries the asynchronous invocation; every step of the sweep is idempotent.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+use std::time::{Duration, SystemTime};
+
+use anyhow::{bail, Context};
+use aws_lambda_events::event::eventbridge::EventBridgeEvent;
+use serde::Serialize;
+use sightline_pipeline::ports::StoreResult;
+use sightline_pipeline::reconcile::{Reconciler, SweepReport};
+use tracing::{info, warn};
+
+/// Environment variable: most images one invocation looks at.
+pub const MAX_ENV: &str = "SIGHTLINE_RECONCILE_MAX";
+/// Default of [`MAX_ENV`].
+pub const DEFAULT_MAX: usize = 1000;
+/// Images per call of [`Reconciler::sweep`].
+pub const CHUNK: usize = 100;
+/// No chunk is started with less than this left before the deadline (a chunk runs its images
+/// one after the other; a resize of a large upload takes seconds).
+pub const RESERVE: Duration = Duration::from_secs(60);
+
+/// `SIGHTLINE_RECONCILE_MAX` from the process environment.
+pub fn max_from_env() -> anyhow::Result<usize> {
+    max_from_lookup(&|k| std::env::var(k).ok())
+}
+
+/// `SIGHTLINE_RECONCILE_MAX` found by `get` (empty = unset): a whole number of at least 1.
+pub fn max_from_lookup(get: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<usize> {
+    let Some(v) = get(MAX_ENV)
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+    else {
+        return Ok(DEFAULT_MAX);
+    };
+    let n: usize = v
+        .parse()
+        .with_context(|| format!("{MAX_ENV}={v:?} is not a whole number"))?;
+    if n == 0 {
+        bail!("{MAX_ENV} must be at least 1");
+    }
+    Ok(n)
+}
+
+/// Why an invocation stopped starting chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stop {
+    /// The last chunk found fewer due images than it asked for: nothing else is due.
+    Drained,
+    /// `max` images were looked at.
+    MaxReached,
+    /// The last chunk only met images that failed again.
+    NoProgress,
+    /// Less than the reserve was left before the invocation's deadline.
+    Deadline,
+}
+
+/// What one invocation did: the sweep reports of its chunks, summed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Run {
+    #[serde(flatten)]
+    pub report: SweepReport,
+    /// Calls of [`Reconciler::sweep`].
+    pub chunks: u32,
+    pub stopped: Stop,
+}
+
+/// Images one sweep report accounts for.
+fn looked_at(r: &SweepReport) -> u64 {
+    r.resized + r.rejected + r.requeued + r.expired + r.settled + r.errors
+}
+
+/// Time per image of a chunk that looked at `seen` images in `elapsed`.
+fn per_image(elapsed: Duration, seen: u64) -> Duration {
+    if seen == 0 {
+        return Duration::ZERO;
+    }
+    let nanos = elapsed.as_nanos() / u128::from(seen);
+    Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+}
+
+/// Images that fit in `spare` at `pace` (unbounded while the pace is unknown).
+fn fitting(spare: Duration, pace: Duration) -> u64 {
+    if pace.is_zero() {
+        return u64::MAX;
+    }
+    u64::try_from(spare.as_nanos() / pace.as_nanos()).unwrap_or(u64::MAX)
+}
+
+#[derive(Clone)]
+pub struct ReconcileHandler {
+    pub reconciler: Reconciler,
+    /// Most images looked at per invocation.
+    pub max: usize,
+    /// Images per sweep call.
+    pub chunk: usize,
+    /// Time that must be left before the deadline to start a chunk.
+    pub reserve: Duration,
+}
+
+impl ReconcileHandler {
+    pub fn new(reconciler: Reconciler, max: usize) -> ReconcileHandler {
+        ReconcileHandler {
+            reconciler,
+            max,
+            chunk: CHUNK,
+            reserve: RESERVE,
+        }
+    }
+
+    /// Handle one invocation (an EventBridge scheduled event, or any JSON for a manual run)
+    /// that must end by `deadline` (the Lambda context's).
+    pub async fn handle(
+        &self,
+        event: serde_json::Value,
+        deadline: Option<SystemTime>,
+    ) -> StoreResult<Run> {
+        match serde_json::from_value::<EventBridgeEvent>(event) {
+            Ok(e) => info!(
+                event_id = e.id.as_deref().unwrap_or_default(),
+                time = ?e.time,
+                source = %e.source,
+                detail_type = %e.detail_type,
+                "scheduled reconcile"
+            ),
+            Err(_) => info!("reconcile invoked without an EventBridge event (manual run)"),
+        }
+        let run = self
+            .run(|| {
+                deadline.map(|d| {
+                    d.duration_since(SystemTime::now())
+                        .unwrap_or(Duration::ZERO)
+                })
+            })
+            .await?;
+        if run.report.errors > 0 {
+            warn!(?run, "reconcile finished; some images failed and stay due");
+        } else {
+            info!(?run, "reconcile finished");
+        }
+        Ok(run)
+    }
+
+    /// Sweep in chunks while there is work, budget and time; `time_left` tells how long the
+    /// invocation may still run (None: no deadline). After the first chunk, a chunk is also cut
+    /// to what fits before the reserve at the slowest pace seen so far (resizes of large uploads
+    /// take seconds each; settling a finished image takes milliseconds).
+    pub async fn run(&self, mut time_left: impl FnMut() -> Option<Duration>) -> StoreResult<Run> {
+        let chunk = self.chunk.max(1) as u64;
+        let mut total = SweepReport::default();
+        let mut looked = 0u64;
+        let mut chunks = 0u32;
+        // Time left before the last chunk, and the images it looked at.
+        let mut last: Option<(Duration, u64)> = None;
+        // Slowest time per image seen so far.
+        let mut pace = Duration::ZERO;
+        let stopped = loop {
+            let left = (self.max as u64).saturating_sub(looked);
+            if left == 0 {
+                break Stop::MaxReached;
+            }
+            let mut want = chunk.min(left);
+            let now_left = time_left();
+            if let Some(t) = now_left {
+                if let Some((before, seen)) = last {
+                    pace = pace.max(per_image(before.saturating_sub(t), seen));
+                }
+                want = want.min(fitting(t.saturating_sub(self.reserve), pace));
+                if t < self.reserve || want == 0 {
+                    info!(
+                        left_ms = t.as_millis() as u64,
+                        pace_ms = pace.as_millis() as u64,
+                        "stopping before the invocation deadline; the rest waits for the next run"
+                    );
+                    break Stop::Deadline;
+                }
+            }
+            let r = self.reconciler.sweep(want as usize).await?;
+            chunks += 1;
+            let seen = looked_at(&r);
+            last = now_left.map(|t| (t, seen));
+            looked += seen;
+            total.resized += r.resized;
+            total.rejected += r.rejected;
+            total.requeued += r.requeued;
+            total.expired += r.expired;
+            total.settled += r.settled;
+            // A failing image is rescheduled after `reconcile_after`, so no later chunk of this
+            // run meets it again: the errors of the chunks add up.
+            total.errors += r.errors;
+            if seen == r.errors {
+                break if r.errors == 0 {
+                    Stop::Drained
+                } else {
+                    Stop::NoProgress
+                };
+            }
+            if seen < want {
+                break Stop::Drained;
+            }
+        };
+        Ok(Run {
+            report: total,
+            chunks,
+            stopped,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sightline_core::model::{ImageRecord, ImageSize, ImageStatus};
+    use sightline_pipeline::ingest::Ingest;
+    use sightline_pipeline::local::{FileBlobStore, SqliteDb, SqliteQueue, SqliteRepository};
+    use sightline_pipeline::ports::{rfc3339, BlobStore, Clock, Queue, Repository, SystemClock};
+    use sightline_pipeline::Settings;
+    use std::sync::Arc;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        blobs: Arc<FileBlobStore>,
+        repo: Arc<SqliteRepository>,
+        queue: Arc<SqliteQueue>,
+        handler: ReconcileHandler,
+    }
+
+    /// The Lambda's wiring over the local adapters: the repository does not hold the queue,
+    /// so jobs are sent after the record is written (as with DynamoDB and SQS).
+    fn fixture(chunk: usize, max: usize) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let db = SqliteDb::in_memory().unwrap();
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let blobs = Arc::new(FileBlobStore::new(dir.path()));
+        let repo = Arc::new(SqliteRepository::new(db.clone()));
+        let queue = Arc::new(SqliteQueue::new(db, "analyze", 5, clock.clone()));
+        let settings = Arc::new(Settings {
+            pending_ttl: Duration::from_secs(60),
+            ..Settings::default()
+        });
+        let ingest = Ingest::new(
+            blobs.clone(),
+            repo.clone(),
+            queue.clone(),
+            settings,
+            clock,
+            "uploads/",
+        );
+        let mut handler = ReconcileHandler::new(Reconciler::new(ingest), max);
+        handler.chunk = chunk;
+        Fixture {
+            _dir: dir,
+            blobs,
+            repo,
+            queue,
+            handler,
+        }
+    }
+
+    fn now_ms() -> u64 {
+        SystemClock.now_ms()
+    }
+
+    /// A record with only what every record has (built from JSON, so fields added to the
+    /// model later take their defaults).
+    fn record(id: &str, status: ImageStatus, created_ms: u64) -> ImageRecord {
+        let at = rfc3339(created_ms);
+        serde_json::from_value(serde_json::json!({
+            "image_id": id, "tenant": "acme", "source": format!("uploads/acme/{id}.jpg"),
+            "status": status, "created_at": at, "updated_at": at,
+        }))
+        .unwrap()
+    }
+
+    /// `n` images with nothing left to do but a recheck that is due.
+    async fn due_done(f: &Fixture, n: usize) {
+        let now = now_ms();
+        for i in 0..n {
+            let r = record(&format!("done-{i:04}"), ImageStatus::Done, now);
+            f.repo
+                .put_image(&r, Some(now - 10_000 + i as u64))
+                .await
+                .unwrap();
+        }
+    }
+
+    fn jpeg(w: u32, h: u32) -> Vec<u8> {
+        let img = image::RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([(x * 4) as u8, (y * 4) as u8, ((x + y) * 2) as u8])
+        });
+        let mut out = std::io::Cursor::new(Vec::new());
+        image::DynamicImage::ImageRgb8(img)
+            .write_to(&mut out, image::ImageFormat::Jpeg)
+            .unwrap();
+        out.into_inner()
+    }
+
+    #[tokio::test]
+    async fn sweeps_in_chunks_until_nothing_is_due() {
+        let f = fixture(100, 1000);
+        due_done(&f, 250).await;
+        let run = f.handler.run(|| None).await.unwrap();
+        assert_eq!(run.report.settled, 250);
+        assert_eq!((run.chunks, run.stopped), (3, Stop::Drained));
+        assert!(f
+            .repo
+            .due_rechecks(now_ms(), 1000)
+            .await
+            .unwrap()
+            .is_empty());
+        // Nothing due: one empty chunk.
+        let again = f.handler.run(|| None).await.unwrap();
+        assert!(again.report.is_empty());
+        assert_eq!((again.chunks, again.stopped), (1, Stop::Drained));
+    }
+
+    #[tokio::test]
+    async fn looks_at_no_more_than_max_images() {
+        let f = fixture(100, 150);
+        due_done(&f, 250).await;
+        let run = f.handler.run(|| None).await.unwrap();
+        assert_eq!(run.report.settled, 150);
+        assert_eq!((run.chunks, run.stopped), (2, Stop::MaxReached));
+        assert_eq!(
+            f.repo.due_rechecks(now_ms(), 1000).await.unwrap().len(),
+            100
+        );
+        // The next run takes the rest.
+        let next = f.handler.run(|| None).await.unwrap();
+        assert_eq!(next.report.settled, 100);
+        assert_eq!(next.stopped, Stop::Drained);
+    }
+
+    #[tokio::test]
+    async fn starts_no_chunk_near_the_deadline() {
+        let f = fixture(10, 1000);
+        due_done(&f, 25).await;
+        // Plenty of time for the first chunk, then the clock runs out.
+        let mut left = vec![Duration::from_secs(30), Duration::from_secs(300)];
+        let run = f.handler.run(|| left.pop()).await.unwrap();
+        assert_eq!(run.report.settled, 10);
+        assert_eq!((run.chunks, run.stopped), (1, Stop::Deadline));
+
+        // Through `handle` with the Lambda context's deadline.
+        let soon = SystemTime::now() + Duration::from_secs(30);
+        let run = f
+            .handler
+            .handle(serde_json::json!({}), Some(soon))
+            .await
+            .unwrap();
+        assert!(run.report.is_empty());
+        assert_eq!((run.chunks, run.stopped), (0, Stop::Deadline));
+        assert_eq!(f.repo.due_rechecks(now_ms(), 100).await.unwrap().len(), 15);
+        let later = SystemTime::now() + Duration::from_secs(300);
+        let run = f
+            .handler
+            .handle(serde_json::json!({}), Some(later))
+            .await
+            .unwrap();
+        assert_eq!(run.report.settled, 15);
+        assert_eq!(run.stopped, Stop::Drained);
+    }
+
+    #[tokio::test]
+    async fn later_chunks_fit_the_time_left_at_the_pace_seen() {
+        let f = fixture(10, 1000);
+        due_done(&f, 25).await;
+        // Before each chunk: 300 s left; after 10 images, 200 s (10 s each: 140 s spare above the
+        // reserve fits 14, the chunk size 10 wins); after 10 more, 100 s (40 s spare fits 4);
+        // then 59 s, under the reserve.
+        let mut left = vec![59, 100, 200, 300]
+            .into_iter()
+            .map(Duration::from_secs)
+            .collect::<Vec<_>>();
+        let run = f.handler.run(|| left.pop()).await.unwrap();
+        assert_eq!(run.report.settled, 24);
+        assert_eq!((run.chunks, run.stopped), (3, Stop::Deadline));
+        assert_eq!(f.repo.due_rechecks(now_ms(), 100).await.unwrap().len(), 1);
+
+        // At a pace where not even one more image fits before the reserve, stop.
+        let f = fixture(10, 1000);
+        due_done(&f, 25).await;
+        let mut left = vec![Duration::from_secs(62), Duration::from_secs(300)];
+        let run = f.handler.run(|| left.pop()).await.unwrap();
+        // 10 images in 238 s (23.8 s each), and only 2 s to spare.
+        assert_eq!(run.report.settled, 10);
+        assert_eq!((run.chunks, run.stopped), (1, Stop::Deadline));
+    }
+
+    #[tokio::test]
+    async fn records_that_can_never_be_analysed_are_failed_not_retried_forever() {
+        let f = fixture(5, 1000);
+        let now = now_ms();
+        // Queued without a resized key: no job can ever be rebuilt for these.
+        for i in 0..3 {
+            let r = record(&format!("broken-{i}"), ImageStatus::Queued, now);
+            f.repo.put_image(&r, Some(now - 60_000)).await.unwrap();
+        }
+        due_done(&f, 4).await;
+        let run = f.handler.run(|| None).await.unwrap();
+        assert_eq!((run.report.rejected, run.report.settled), (3, 4));
+        assert_eq!(run.report.errors, 0);
+        assert_eq!(run.stopped, Stop::Drained);
+        assert!(f.repo.due_rechecks(now_ms(), 100).await.unwrap().is_empty());
+        let failed = f.repo.get_image("acme", "broken-0").await.unwrap().unwrap();
+        assert_eq!(failed.status, ImageStatus::Failed);
+        assert!(failed.error.unwrap().contains("without a resized image"));
+    }
+
+    #[tokio::test]
+    async fn finishes_what_a_crash_left() {
+        let f = fixture(100, 1000);
+        let now = now_ms();
+        // An upload whose resize never ran.
+        f.blobs
+            .put("uploads/acme/lost.jpg", jpeg(64, 48), "image/jpeg")
+            .await
+            .unwrap();
+        let mut lost = record("lost", ImageStatus::Pending, now - 120_000);
+        lost.original_key = Some("uploads/acme/lost.jpg".into());
+        f.repo.put_image(&lost, Some(now - 1_000)).await.unwrap();
+        // A recorded job that was never sent.
+        let mut unsent = record("unsent", ImageStatus::Queued, now - 120_000);
+        unsent.sha256 = Some("cd".repeat(32));
+        unsent.resized_key = Some(format!("resized/acme/unsent/{}.jpg", "cd".repeat(32)));
+        unsent.resized = Some(ImageSize {
+            width: 32,
+            height: 24,
+            bytes: 900,
+        });
+        f.repo.put_image(&unsent, Some(now - 1_000)).await.unwrap();
+        // An upload URL nobody used, older than the pending TTL (60 s here).
+        let mut unused = record("unused", ImageStatus::Pending, now - 3_600_000);
+        unused.original_key = Some("uploads/acme/unused.jpg".into());
+        f.repo.put_image(&unused, Some(now - 1_000)).await.unwrap();
+
+        let event = serde_json::json!({
+            "version": "0", "id": "e-1", "detail-type": "Scheduled Event",
+            "source": "aws.events", "account": "123456789012",
+            "time": "2026-01-01T00:00:00Z", "region": "us-east-1",
+            "resources": ["arn:aws:events:us-east-1:123456789012:rule/sweep"], "detail": {}
+        });
+        let run = f.handler.handle(event.clone(), None).await.unwrap();
+        let r = &run.report;
+        assert_eq!(
+            (r.resized, r.requeued, r.expired, r.settled, r.errors),
+            (1, 1, 1, 0, 0),
+            "{run:?}"
+        );
+        let lost = f.repo.get_image("acme", "lost").await.unwrap().unwrap();
+        assert_eq!(lost.status, ImageStatus::Queued);
+        assert!(f.repo.get_image("acme", "unused").await.unwrap().is_none());
+        let msgs = f.queue.receive(10, Duration::from_secs(30)).await.unwrap();
+        let mut ids: Vec<String> = msgs
+            .iter()
+            .map(|m| {
+                serde_json::from_str::<serde_json::Value>(&m.body).unwrap()["image_id"].to_string()
+            })
+            .collect();
+        ids.sort();
+        assert_eq!(ids, vec!["\"lost\"", "\"unsent\""]);
+        // Everything moved on: the next run finds nothing.
+        let again = f.handler.handle(event, None).await.unwrap();
+        assert!(again.report.is_empty(), "{again:?}");
+    }
+
+    #[test]
+    fn max_comes_from_the_environment() {
+        let with = |v: Option<&'static str>| {
+            move |k: &str| (k == MAX_ENV).then_some(v).flatten().map(str::to_string)
+        };
+        assert_eq!(max_from_lookup(&with(None)).unwrap(), DEFAULT_MAX);
+        assert_eq!(max_from_lookup(&with(Some(" "))).unwrap(), DEFAULT_MAX);
+        assert_eq!(max_from_lookup(&with(Some("250"))).unwrap(), 250);
+        assert!(max_from_lookup(&with(Some("0"))).is_err());
+        assert!(max_from_lookup(&with(Some("-3"))).is_err());
+        assert!(max_from_lookup(&with(Some("lots"))).is_err());
+    }
+
+    #[test]
+    fn the_run_is_reported_as_flat_json() {
+        let run = Run {
+            report: SweepReport {
+                resized: 1,
+                rejected: 0,
+                requeued: 2,
+                expired: 3,
+                settled: 4,
+                errors: 0,
+            },
+            chunks: 2,
+            stopped: Stop::MaxReached,
+        };
+        assert_eq!(
+            serde_json::to_value(&run).unwrap(),
+            serde_json::json!({"resized": 1, "rejected": 0, "requeued": 2, "expired": 3,
+                               "settled": 4, "errors": 0, "chunks": 2, "stopped": "max_reached"})
+        );
+    }
+}
