@@ -233,6 +233,7 @@ fn schemas_match_the_api() {
             "source",
             "status",
             "error",
+            "permanent_failure",
             "original",
             "resized",
             "orientation",

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use sightline_core::model::{AnalysisResult, ImageRecord, ImageStatus};
 use sightline_core::pricing::Usage;
 use sightline_pipeline::ports::{
-    api_key_id, BlobStore, Claim, Completion, JobDelivery, PutImage, Queue, QueueMessage,
+    api_key_id, BlobStore, Claim, Completion, Failure, JobDelivery, PutImage, Queue, QueueMessage,
     Repository, Spend, StoreError,
 };
 
@@ -28,6 +28,7 @@ pub fn record(tenant: &str, image_id: &str, created_at: &str, status: ImageStatu
         source: format!("uploads/{tenant}/{image_id}.jpg"),
         status,
         error: (status == ImageStatus::Failed).then(|| "bad image".to_string()),
+        permanent_failure: false,
         original: None,
         resized: None,
         orientation: Some(1),
@@ -199,12 +200,19 @@ pub async fn images_contract(repo: Arc<dyn Repository>) {
     assert_eq!(ids(&queued.images), vec!["img-3", "img-1"]);
 
     // mark_failed records the reason; on a missing image it creates nothing.
-    repo.mark_failed(&a, "img-3", "provider said no", "2026-02-01T00:00:00.000Z")
-        .await
-        .unwrap();
+    repo.mark_failed(
+        &a,
+        "img-3",
+        "provider said no",
+        Failure::Permanent,
+        "2026-02-01T00:00:00.000Z",
+    )
+    .await
+    .unwrap();
     let f = repo.get_image(&a, "img-3").await.unwrap().unwrap();
     assert_eq!(f.status, ImageStatus::Failed);
     assert_eq!(f.error.as_deref(), Some("provider said no"));
+    assert!(f.permanent_failure, "a permanent failure says so");
     assert_eq!(f.updated_at, "2026-02-01T00:00:00.000Z");
     assert_eq!(f.created_at, "2026-01-03T00:00:00.000Z");
     let failed = repo
@@ -215,9 +223,15 @@ pub async fn images_contract(repo: Arc<dyn Repository>) {
         ids(&failed.images),
         vec!["img-5", "img-4", "img-3", "img-2"]
     );
-    repo.mark_failed(&a, "img-404", "x", "2026-02-01T00:00:00.000Z")
-        .await
-        .unwrap();
+    repo.mark_failed(
+        &a,
+        "img-404",
+        "x",
+        Failure::GaveUp,
+        "2026-02-01T00:00:00.000Z",
+    )
+    .await
+    .unwrap();
     assert_eq!(repo.get_image(&a, "img-404").await.unwrap(), None);
 }
 
@@ -298,11 +312,12 @@ pub async fn claims_and_completion_contract(repo: Arc<dyn Repository>) {
         Claim::Cached(Box::new(r1.clone()))
     );
     // A done image is never marked failed.
-    repo.mark_failed(&t, "a", "late failure", day1)
+    repo.mark_failed(&t, "a", "late failure", Failure::GaveUp, day1)
         .await
         .unwrap();
     let a = repo.get_image(&t, "a").await.unwrap().unwrap();
     assert_eq!((a.status, a.error), (ImageStatus::Done, None));
+    assert!(!a.permanent_failure);
     // Nor overwritten by a late resize retry.
     let late = record(&t, "a", "2026-03-01T00:00:00.000Z", ImageStatus::Queued);
     repo.put_image(&late, None).await.unwrap();
@@ -523,9 +538,15 @@ pub async fn records_and_rechecks_contract(repo: Arc<dyn Repository>) {
         repo.complete(&t, "u2", &r, 0.001).await.unwrap(),
         Completion::Stored
     );
-    repo.mark_failed(&t, "u3", "bad", "2026-04-02T00:00:00.000Z")
-        .await
-        .unwrap();
+    repo.mark_failed(
+        &t,
+        "u3",
+        "bad",
+        Failure::Permanent,
+        "2026-04-02T00:00:00.000Z",
+    )
+    .await
+    .unwrap();
     assert!(due(repo.clone(), t.clone(), base).await.is_empty());
     assert_eq!(
         repo.put_image(&done, Some(base)).await.unwrap(),

@@ -25,12 +25,17 @@
 //!   (`500|502|503|504|429|timeout|malformed|bad-content|none`). Draws come from a
 //!   `StdRng` seeded from [`SimConfig::seed`] and the request's sequence number, so a run is
 //!   reproducible.
+//! - **Poison images** ([`FaultPlan::poison_rate`]): a fraction of *images* (not requests) that
+//!   the provider always rejects with a 400 `image_rejected`, a permanent error, whatever else is
+//!   configured. Which images are poison depends only on the seed and the image's sha256
+//!   ([`is_poison`]), so a harness can predict them.
 //! - **Control**: `GET /sim/stats`, `POST /sim/reset`, `GET|POST /sim/config` (a partial JSON
 //!   object merged into the current config), `GET /v1/models`.
 //!
 //! Order of checks for a chat completion: auth (401) → JSON/body validation (400) → model (404)
-//! → image decoding (400) → fault decision (an injected 429 returns here, not counted in the
-//! windows) → rate-limit admission (429) → latency → other injected faults or success.
+//! → image decoding (400) → poison image (400, before any fault or limit; not counted in the
+//! windows) → fault decision (an injected 429 returns here, not counted in the windows) →
+//! rate-limit admission (429) → latency → other injected faults or success.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
@@ -203,6 +208,10 @@ pub struct FaultPlan {
     pub bad_content_rate: f64,
     /// Deterministic schedule, applied before the probabilities.
     pub every_nth: Option<EveryNth>,
+    /// Fraction of images that are "poison": every request carrying one is a 400
+    /// `image_rejected`, always (see [`is_poison`]). Per image, not per request, so it is not
+    /// part of the probabilities that must add up to ≤ 1.
+    pub poison_rate: f64,
 }
 
 impl Default for FaultPlan {
@@ -216,6 +225,7 @@ impl Default for FaultPlan {
             malformed_rate: 0.0,
             bad_content_rate: 0.0,
             every_nth: None,
+            poison_rate: 0.0,
         }
     }
 }
@@ -242,6 +252,12 @@ impl FaultPlan {
         let sum: f64 = rates.iter().map(|(_, r)| r).sum();
         if sum > 1.0 + 1e-9 {
             return Err(format!("fault probabilities add up to {sum} > 1"));
+        }
+        if !(0.0..=1.0).contains(&self.poison_rate) {
+            return Err(format!(
+                "faults.poison_rate must be in [0, 1], got {}",
+                self.poison_rate
+            ));
         }
         for s in &self.error_statuses {
             if Fault::server_error(*s).is_none() {
@@ -387,6 +403,12 @@ pub struct SimStats {
     pub requests_per_image: BTreeMap<String, u64>,
     /// Successful completions per image sha256.
     pub completions_per_image: BTreeMap<String, u64>,
+    /// 400 `image_rejected` answers to requests carrying a poison image (not in `bad_requests`).
+    pub poisoned: u64,
+    /// Distinct poison images seen (`poisoned_per_image.len()`).
+    pub poisoned_images: u64,
+    /// Rejected requests per poison image sha256.
+    pub poisoned_per_image: BTreeMap<String, u64>,
     /// Chat completion requests being handled now.
     pub in_flight: u64,
     /// Most chat completion requests handled at once.
@@ -573,6 +595,26 @@ pub fn format_retry_after(d: Duration) -> String {
         let f = format!("{frac:03}");
         format!("{s}.{}", f.trim_end_matches('0'))
     }
+}
+
+/// Whether the image with sha256 `image_sha_hex` (hex of the decoded image bytes, as in
+/// [`SimStats::requests_per_image`]) is poison under `seed` and `rate`: the first 8 bytes of
+/// sha256(seed as little-endian bytes ‖ `image_sha_hex`), as a big-endian u64 divided by
+/// `u64::MAX`, fall below `rate`. Pure, so a harness can predict the simulator's choice.
+pub fn is_poison(seed: u64, image_sha_hex: &str, rate: f64) -> bool {
+    if rate <= 0.0 || rate.is_nan() {
+        return false;
+    }
+    if rate >= 1.0 {
+        return true;
+    }
+    let mut h = Sha256::new();
+    h.update(seed.to_le_bytes());
+    h.update(image_sha_hex.as_bytes());
+    let digest = h.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    (u64::from_be_bytes(first) as f64 / u64::MAX as f64) < rate
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1574,17 +1616,45 @@ async fn chat_completions(
         }
     };
 
-    // Count the call per image, take a sequence number and decide the fault.
+    // Count the call per image; a poison image is rejected before anything else (it takes no
+    // sequence number, so it does not shift the fault schedule of the other requests).
+    let poison: Vec<&str> = parsed
+        .images
+        .iter()
+        .map(|im| im.sha256.as_str())
+        .filter(|sha| is_poison(cfg.seed, sha, cfg.faults.poison_rate))
+        .collect();
     let seq = {
         let mut g = sh.lock();
-        g.valid_seq += 1;
         for im in &parsed.images {
             *g.stats
                 .requests_per_image
                 .entry(im.sha256.clone())
                 .or_default() += 1;
         }
-        g.valid_seq
+        if !poison.is_empty() {
+            g.stats.poisoned += 1;
+            for sha in &poison {
+                *g.stats
+                    .poisoned_per_image
+                    .entry((*sha).to_string())
+                    .or_default() += 1;
+            }
+            g.stats.poisoned_images = g.stats.poisoned_per_image.len() as u64;
+            None
+        } else {
+            g.valid_seq += 1;
+            Some(g.valid_seq)
+        }
+    };
+    let Some(seq) = seq else {
+        let err = ApiError::invalid(
+            "Your image was rejected (simulated poison image): the provider will never accept \
+             this image, whatever you retry.",
+            None,
+        )
+        .with_code("image_rejected");
+        return with_limits(err.into_response(), &sh.snapshot(&key));
     };
     let mut rng = per_request_rng(cfg.seed, seq);
     let fault = match forced {

@@ -13,7 +13,8 @@ use sightline_core::model::Detail;
 use sightline_core::pricing::{text_tokens, PriceTable};
 use sightline_core::retry::{parse_reset, parse_retry_after};
 use sightline_tests::sim::{
-    EveryNth, Fault, FaultPlan, SimConfig, SimServer, MESSAGE_OVERHEAD_TOKENS, REPLY_PRIMING_TOKENS,
+    is_poison, EveryNth, Fault, FaultPlan, SimConfig, SimServer, MESSAGE_OVERHEAD_TOKENS,
+    REPLY_PRIMING_TOKENS,
 };
 
 const KEY: &str = "sk-sim-test";
@@ -667,6 +668,117 @@ async fn probabilistic_faults_are_reproducible_with_a_seed() {
         a.contains(&200) && a.iter().any(|s| *s >= 500) && a.contains(&1),
         "{a:?}"
     );
+}
+
+#[tokio::test]
+async fn poison_images_are_always_rejected_with_400_as_is_poison_predicts() {
+    let seed = 11;
+    let rate = 0.3;
+    let sim = SimServer::start(SimConfig {
+        seed,
+        faults: FaultPlan {
+            poison_rate: rate,
+            ..FaultPlan::default()
+        },
+        ..cfg()
+    })
+    .await
+    .unwrap();
+    let client = Client::new();
+    // 40 distinct images: different sizes and shades.
+    let images: Vec<Vec<u8>> = (0..40u32)
+        .map(|i| jpeg(40 + i, 32 + (i % 7), (i * 6) as u8))
+        .collect();
+    let shas: Vec<String> = images.iter().map(|im| sha(im)).collect();
+    let mut distinct = shas.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 40, "the images are distinct");
+    let poison: Vec<bool> = shas.iter().map(|s| is_poison(seed, s, rate)).collect();
+    let n_poison = poison.iter().filter(|p| **p).count() as u64;
+    assert!(
+        n_poison > 0 && n_poison < 40,
+        "seed {seed} gives a mix: {n_poison} poison"
+    );
+
+    // Ask twice: the answer depends on the image only. A forced "none" does not save a poison
+    // image either.
+    for round in 0..2 {
+        for (img, is_p) in images.iter().zip(&poison) {
+            let fault = (round == 1).then_some("none");
+            let resp = post(&client, &sim, &body("gpt-4o", img, "low", 200), fault).await;
+            if *is_p {
+                assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+                assert_limit_headers(&resp);
+                let e: Value = resp.json().await.unwrap();
+                assert_eq!(e["error"]["code"], "image_rejected");
+                assert_eq!(e["error"]["type"], "invalid_request_error");
+                assert_eq!(e["error"]["param"], Value::Null);
+                let msg = e["error"]["message"].as_str().unwrap();
+                assert!(
+                    msg.contains("image was rejected (simulated poison image)"),
+                    "{msg}"
+                );
+            } else {
+                assert_eq!(resp.status(), StatusCode::OK);
+                let v: Value = resp.json().await.unwrap();
+                assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
+            }
+        }
+    }
+
+    let stats = sim.stats().await;
+    assert_eq!(stats.requests, 80);
+    assert_eq!(stats.poisoned, 2 * n_poison);
+    assert_eq!(stats.poisoned_images, n_poison);
+    assert_eq!(stats.completions, 2 * (40 - n_poison));
+    assert_eq!(stats.bad_requests, 0, "poison is counted on its own");
+    assert_eq!(stats.faults.total(), 0);
+    for (s, is_p) in shas.iter().zip(&poison) {
+        assert_eq!(stats.requests_per_image[s], 2, "every call is counted");
+        assert_eq!(
+            stats.poisoned_per_image.get(s).copied().unwrap_or(0),
+            if *is_p { 2 } else { 0 }
+        );
+        assert_eq!(
+            stats.completions_per_image.get(s).copied().unwrap_or(0),
+            if *is_p { 0 } else { 2 }
+        );
+    }
+    // Poison answers are billed nothing.
+    assert_eq!(
+        stats.prompt_tokens,
+        2 * (40 - n_poison) * (85 + text_part())
+    );
+}
+
+#[tokio::test]
+async fn poison_rate_is_validated_on_its_own_not_in_the_probability_sum() {
+    let sim = SimServer::start(cfg()).await.unwrap();
+    let with = |poison_rate: f64, error_rate: f64| SimConfig {
+        faults: FaultPlan {
+            poison_rate,
+            error_rate,
+            ..FaultPlan::default()
+        },
+        ..cfg()
+    };
+    sim.set_config(with(0.5, 0.9)).await.unwrap();
+    sim.set_config(with(1.0, 1.0)).await.unwrap();
+    assert!(sim.set_config(with(1.5, 0.0)).await.is_err());
+    assert!(sim.set_config(with(-0.1, 0.0)).await.is_err());
+    let resp = Client::new()
+        .post(sim.url("/sim/config"))
+        .json(&json!({"faults": {"poison_rate": 0.25}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(sim.config().await.faults.poison_rate, 0.25);
+    // The edges of the helper.
+    assert!(!is_poison(1, "abc", 0.0));
+    assert!(is_poison(1, "abc", 1.0));
+    assert_eq!(is_poison(1, "abc", 0.5), is_poison(1, "abc", 0.5));
 }
 
 #[tokio::test]

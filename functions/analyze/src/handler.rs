@@ -216,7 +216,14 @@ mod tests {
         ) -> StoreResult<ImagePage> {
             down()
         }
-        async fn mark_failed(&self, _: &str, _: &str, _: &str, _: &str) -> StoreResult<()> {
+        async fn mark_failed(
+            &self,
+            _: &str,
+            _: &str,
+            _: &str,
+            _: Failure,
+            _: &str,
+        ) -> StoreResult<()> {
             down()
         }
         async fn claim(&self, _: &str, _: &str, _: Duration, _: u64) -> StoreResult<Claim> {

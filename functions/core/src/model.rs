@@ -90,6 +90,12 @@ pub struct ImageRecord {
     pub status: ImageStatus,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// A `failed` image whose failure cannot heal (a bad image, a provider that refused it or
+    /// answered invalidly twice): a duplicate job is not analysed (nor paid for) again. False
+    /// when it gave up after transient errors, so a redrive from the dead-letter queue may still
+    /// complete it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub permanent_failure: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub original: Option<ImageSize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

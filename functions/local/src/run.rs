@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use sightline_core::keys::sanitize_id;
 use sightline_core::model::{ImageRecord, ImageStatus};
 use sightline_pipeline::ingest::IngestOutcome;
-use sightline_pipeline::ports::rfc3339;
+use sightline_pipeline::ports::{rfc3339, Failure};
 use sightline_pipeline::worker::OnOutcome;
 use tokio::sync::watch;
 use tracing::warn;
@@ -165,7 +165,13 @@ pub async fn run_pipeline(
                 if !recorded.is_some_and(|r| r.status.is_final()) {
                     let reason = format!("gave up after {MAX_RECEIVES} attempts (dead-lettered)");
                     app.repo
-                        .mark_failed(LOCAL_TENANT, &id, &reason, &rfc3339(app.clock.now_ms()))
+                        .mark_failed(
+                            LOCAL_TENANT,
+                            &id,
+                            &reason,
+                            Failure::GaveUp,
+                            &rfc3339(app.clock.now_ms()),
+                        )
                         .await?;
                 }
                 progress.inc(1);

@@ -7,15 +7,15 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use sightline_core::limiter::{Denied, RateLimiter, Reservation};
-use sightline_core::model::{idempotency_key, AnalysisJob, AnalysisResult, Estimate};
+use sightline_core::model::{idempotency_key, AnalysisJob, AnalysisResult, Estimate, ImageStatus};
 use sightline_core::pricing::PriceTable;
 use sightline_core::pricing::Usage;
 use sightline_core::retry::{classify, retry_delay, FailureKind, RetryClass};
 use tracing::{debug, info, warn};
 
 use crate::ports::{
-    day_of, rfc3339, BlobStore, Claim, Clock, Completion, ProviderError, Repository, Spend,
-    StoreError, VisionProvider, VisionRequest,
+    day_of, rfc3339, BlobStore, Claim, Clock, Completion, Failure, ProviderError, Repository,
+    Spend, StoreError, VisionProvider, VisionRequest,
 };
 use crate::settings::Settings;
 
@@ -212,7 +212,7 @@ impl Analyzer {
                 let now = rfc3339(self.clock.now_ms());
                 if let Err(e) = self
                     .repo
-                    .mark_failed(&job.tenant, &job.image_id, &why, &now)
+                    .mark_failed(&job.tenant, &job.image_id, &why, Failure::GaveUp, &now)
                     .await
                 {
                     warn!(error = %e, image_id = %job.image_id, "could not record giving up");
@@ -226,7 +226,7 @@ impl Analyzer {
         let now = rfc3339(self.clock.now_ms());
         if let Err(e) = self
             .repo
-            .mark_failed(&job.tenant, &job.image_id, reason, &now)
+            .mark_failed(&job.tenant, &job.image_id, reason, Failure::Permanent, &now)
             .await
         {
             warn!(error = %e, image_id = %job.image_id, "could not record failure");
@@ -250,6 +250,11 @@ impl Analyzer {
         };
         if record.result.is_some() {
             return Ok(AnalyzeOutcome::AlreadyDone);
+        }
+        if record.status == ImageStatus::Failed && record.permanent_failure {
+            // A duplicate of a job that failed for good: calling again would pay again.
+            let reason = record.error.unwrap_or_default();
+            return Ok(AnalyzeOutcome::Failed(reason));
         }
         if record.sha256.as_deref().is_some_and(|s| s != job.sha256) {
             let reason = format!(

@@ -262,6 +262,7 @@ async fn create_upload(
         source: req.filename.unwrap_or_else(|| key.clone()),
         status: ImageStatus::Pending,
         error: None,
+        permanent_failure: false,
         original: None,
         resized: None,
         orientation: None,

@@ -314,6 +314,7 @@ impl Ingest {
             source: source.to_string(),
             status: ImageStatus::Queued,
             error: None,
+            permanent_failure: false,
             original: Some(ImageSize {
                 width: img.original_width,
                 height: img.original_height,
@@ -411,6 +412,7 @@ impl Ingest {
             source: source.to_string(),
             status: ImageStatus::Failed,
             error: Some(reason.to_string()),
+            permanent_failure: true,
             original: bytes.map(|b| ImageSize {
                 width: 0,
                 height: 0,

@@ -151,6 +151,15 @@ pub enum PutImage {
     OtherUpload,
 }
 
+/// Whether a failed image may still be completed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// Cannot heal: duplicates of its job are not analysed again.
+    Permanent,
+    /// Gave up after transient errors: a redrive of its job may still complete it.
+    GaveUp,
+}
+
 /// How a queued record's job reached the queue (see [`Repository::put_queued`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobDelivery {
@@ -221,13 +230,13 @@ pub trait Repository: Send + Sync {
         limit: usize,
         cursor: Option<&str>,
     ) -> StoreResult<ImagePage>;
-    /// Mark an image failed with a reason (permanent failures), unless it is already done.
-    /// Clears its recheck time.
+    /// Mark an image failed with a reason, unless it is already done. Clears its recheck time.
     async fn mark_failed(
         &self,
         tenant: &str,
         image_id: &str,
         error: &str,
+        failure: Failure,
         now: &str,
     ) -> StoreResult<()>;
 

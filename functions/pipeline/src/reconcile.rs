@@ -17,7 +17,7 @@ use sightline_core::model::{ImageRecord, ImageStatus};
 use tracing::{info, warn};
 
 use crate::ingest::{job_of, Ingest, IngestOutcome};
-use crate::ports::{rfc3339, StoreError, StoreResult};
+use crate::ports::{rfc3339, Failure, StoreError, StoreResult};
 
 /// Records looked at per page of a sweep.
 const PAGE: usize = 100;
@@ -139,7 +139,8 @@ impl Reconciler {
                 let Some(job) = job_of(record) else {
                     // Nothing to analyse, ever: say so on the image instead of retrying.
                     let reason = "recorded as queued without a resized image; upload it again";
-                    repo.mark_failed(tenant, id, reason, &rfc3339(now)).await?;
+                    repo.mark_failed(tenant, id, reason, Failure::Permanent, &rfc3339(now))
+                        .await?;
                     report.rejected += 1;
                     return Ok(());
                 };

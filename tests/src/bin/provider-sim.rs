@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! provider-sim --port 8090 --rpm 60 --tpm 100000 --latency-ms 300 --error-rate 0.05 --seed 1 --api-key sk-sim
+//! provider-sim --port 8090 --poison-rate 0.01   # 1% of images are always rejected (400)
 //! ```
 //!
 //! Point an OpenAI client at the printed base URL. `GET /sim/stats`, `POST /sim/reset` and
@@ -62,7 +63,11 @@ struct Args {
     /// Fault for --every-nth: 500|502|503|504|429|timeout|malformed|bad-content.
     #[arg(long, default_value = "500")]
     nth_fault: Fault,
-    /// Seed of the fault/jitter RNG.
+    /// Fraction of images that are always rejected with a 400 `image_rejected` (per image,
+    /// chosen from --seed and the image's sha256; see `sim::is_poison`).
+    #[arg(long, default_value_t = 0.0)]
+    poison_rate: f64,
+    /// Seed of the fault/jitter RNG and of the poison-image choice.
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// How long a timeout fault hangs before dropping the connection.
@@ -91,6 +96,7 @@ async fn main() -> anyhow::Result<()> {
                 n,
                 fault: a.nth_fault,
             }),
+            poison_rate: a.poison_rate,
         },
         seed: a.seed,
         timeout_hang_ms: a.timeout_hang_ms,

@@ -23,8 +23,8 @@ use sightline_core::model::{AnalysisResult, ExtraSpend, ImageRecord, ImageStatus
 
 use super::sdk_err;
 use crate::ports::{
-    api_key_id, day_of, ApiKeyInfo, Claim, Completion, CostRow, ImagePage, PutImage, Repository,
-    Spend, StoreError, StoreResult,
+    api_key_id, day_of, ApiKeyInfo, Claim, Completion, CostRow, Failure, ImagePage, PutImage,
+    Repository, Spend, StoreError, StoreResult,
 };
 
 /// Idempotency items expire after 30 days (TTL attribute `expires_at`).
@@ -147,6 +147,9 @@ fn record_from_item(item: &Item) -> StoreResult<ImageRecord> {
         rec.status = st;
     }
     rec.error = get_s(item, "error").map(str::to_string);
+    if let Some(p) = item.get("permanent_failure").and_then(|v| v.as_bool().ok()) {
+        rec.permanent_failure = *p;
+    }
     if let Some(r) = get_s(item, "result") {
         rec.result = Some(serde_json::from_str(r).map_err(json_err)?);
     }
@@ -503,6 +506,7 @@ impl Repository for DynamoRepository {
         tenant: &str,
         image_id: &str,
         error: &str,
+        failure: Failure,
         now: &str,
     ) -> StoreResult<()> {
         let res = self
@@ -511,7 +515,8 @@ impl Repository for DynamoRepository {
             .table_name(&self.table)
             .set_key(Some(Self::key(image_pk(tenant, image_id), "IMAGE")))
             .update_expression(
-                "SET #status = :failed, #error = :e, updated_at = :now, gsi2pk = :g2 REMOVE gsi3pk, gsi3sk",
+                "SET #status = :failed, #error = :e, permanent_failure = :p, updated_at = :now, \
+                 gsi2pk = :g2 REMOVE gsi3pk, gsi3sk",
             )
             .condition_expression(
                 "attribute_exists(pk) AND #status <> :done AND attribute_not_exists(#result)",
@@ -522,6 +527,7 @@ impl Repository for DynamoRepository {
             .expression_attribute_values(":failed", s(ImageStatus::Failed.as_str()))
             .expression_attribute_values(":done", s(ImageStatus::Done.as_str()))
             .expression_attribute_values(":e", s(error))
+            .expression_attribute_values(":p", AttributeValue::Bool(failure == Failure::Permanent))
             .expression_attribute_values(":now", s(now))
             .expression_attribute_values(":g2", s(status_pk(tenant, ImageStatus::Failed)))
             .send()

@@ -11,8 +11,8 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBe
 use sightline_core::model::{AnalysisResult, ImageRecord, ImageStatus};
 
 use crate::ports::{
-    api_key_id, day_of, ApiKeyInfo, Claim, Clock, Completion, CostRow, ImagePage, JobDelivery,
-    PutImage, Queue, QueueMessage, Repository, Spend, StoreError, StoreResult,
+    api_key_id, day_of, ApiKeyInfo, Claim, Clock, Completion, CostRow, Failure, ImagePage,
+    JobDelivery, PutImage, Queue, QueueMessage, Repository, Spend, StoreError, StoreResult,
 };
 
 const SCHEMA: &str = r#"
@@ -569,6 +569,7 @@ impl Repository for SqliteRepository {
         tenant: &str,
         image_id: &str,
         error: &str,
+        failure: Failure,
         now: &str,
     ) -> StoreResult<()> {
         let (t, i, e, now) = (
@@ -584,6 +585,7 @@ impl Repository for SqliteRepository {
                     if rec.status != ImageStatus::Done {
                         rec.status = ImageStatus::Failed;
                         rec.error = Some(e);
+                        rec.permanent_failure = failure == Failure::Permanent;
                         rec.updated_at = now;
                         store_image(&tx, &rec, None)?;
                     }

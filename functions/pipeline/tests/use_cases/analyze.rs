@@ -168,6 +168,7 @@ fn record_of(tenant: &str, id: &str) -> ImageRecord {
         source: format!("{id}.jpg"),
         status: ImageStatus::Queued,
         error: None,
+        permanent_failure: false,
         original: None,
         resized: None,
         orientation: None,
@@ -644,4 +645,33 @@ async fn a_truncated_paid_answer_is_booked_at_its_estimate() {
         .result
         .unwrap();
     assert!(r.usage_estimated && r.calls == 1);
+}
+
+#[tokio::test]
+async fn a_duplicate_job_of_a_permanently_failed_image_is_not_paid_again() {
+    let f = fixture(vec![Step::Truncated, Step::Truncated, Step::Answer], &[]).await;
+    assert!(matches!(
+        f.analyzer.handle(&job("a"), 1).await,
+        AnalyzeOutcome::Failed(_)
+    ));
+    assert_eq!(f.provider.calls().len(), 2);
+    let rec = f.repo.get_image("t", "a").await.unwrap().unwrap();
+    assert!(rec.permanent_failure);
+    // A duplicate delivery (SQS delivers at least once) changes nothing and calls nobody.
+    assert!(matches!(
+        f.analyzer.handle(&job("a"), 1).await,
+        AnalyzeOutcome::Failed(_)
+    ));
+    assert_eq!(f.provider.calls().len(), 2);
+
+    // An image that only gave up after transient errors may still be completed by a redrive.
+    let f = fixture(vec![Step::Fail(FailureKind::Timeout), Step::Answer], &[]).await;
+    assert!(f.analyzer.handle(&job("a"), 5).await.is_retry());
+    let rec = f.repo.get_image("t", "a").await.unwrap().unwrap();
+    assert_eq!(rec.status, ImageStatus::Failed);
+    assert!(!rec.permanent_failure);
+    assert!(matches!(
+        f.analyzer.handle(&job("a"), 1).await,
+        AnalyzeOutcome::Done { .. }
+    ));
 }

@@ -68,6 +68,7 @@ fn pending(id: &str, created_ms: u64) -> ImageRecord {
         source: format!("{id}.png"),
         status: ImageStatus::Pending,
         error: None,
+        permanent_failure: false,
         original: None,
         resized: None,
         orientation: None,
