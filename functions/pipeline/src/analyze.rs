@@ -193,7 +193,35 @@ impl Analyzer {
             // an operator fixes: retry, and the DLQ keeps what never heals.
             Err(e) => retry_later(receive_count, e.to_string()),
         };
-        self.give_up_if_last(&job, receive_count, outcome).await
+        let outcome = self.give_up_if_last(&job, receive_count, outcome).await;
+        self.keep_off_the_reconciler(&job, receive_count, &outcome)
+            .await;
+        outcome
+    }
+
+    /// A job that goes back to the queue is alive: move its image's recheck past the retry, so
+    /// the reconciler does not send a second copy of a job that is only waiting.
+    async fn keep_off_the_reconciler(
+        &self,
+        job: &AnalysisJob,
+        receive_count: u32,
+        outcome: &AnalyzeOutcome,
+    ) {
+        let AnalyzeOutcome::Retry { delay, .. } = outcome else {
+            return;
+        };
+        let max = self.settings.max_receives;
+        if max > 0 && receive_count >= max {
+            return; // marked failed: no recheck any more
+        }
+        let at = self.clock.now_ms() + (*delay + self.settings.stuck_after).as_millis() as u64;
+        if let Err(e) = self
+            .repo
+            .set_recheck(&job.tenant, &job.image_id, Some(at))
+            .await
+        {
+            debug!(error = %e, image_id = %job.image_id, "could not move the recheck on");
+        }
     }
 
     /// On the last delivery before the dead-letter queue, a retry also marks the image failed,

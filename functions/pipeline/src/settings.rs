@@ -47,8 +47,10 @@ pub struct Settings {
     /// How long an uploaded original may wait for its resize, or a recorded job for its queue
     /// message, before the reconciler does the step again.
     pub reconcile_after: Duration,
-    /// A queued image not finished after this long gets its job sent again (duplicates are
-    /// harmless: the claim and the ledger are exactly-once).
+    /// A queued image untouched this long gets its job sent again (duplicates are harmless:
+    /// the claim and the ledger are exactly-once). Each retry of its job moves this on, and
+    /// the local queue drops a re-send while the image's job is still queued; on SQS a job
+    /// that only waits in a long backlog is sent once more per period.
     pub stuck_after: Duration,
     /// Period of the reconciler's sweep in `sightline serve` (on AWS: the schedule).
     pub reconcile_every: Duration,
@@ -81,7 +83,7 @@ impl Default for Settings {
             upload_ttl: Duration::from_secs(900),
             share_cache_across_tenants: false,
             reconcile_after: Duration::from_secs(60),
-            stuck_after: Duration::from_secs(3600),
+            stuck_after: Duration::from_secs(6 * 3600),
             reconcile_every: Duration::from_secs(30),
             pending_ttl: Duration::from_secs(7 * 86_400),
             resize_memory_budget: 1 << 30,

@@ -52,12 +52,14 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("ledger", "calls_at_estimate", "INTEGER NOT NULL DEFAULT 0"),
     ("ledger", "cost_at_estimate_usd", "REAL NOT NULL DEFAULT 0"),
     ("api_keys", "created_at", "TEXT NOT NULL DEFAULT ''"),
+    ("queue", "ref", "TEXT"),
 ];
 
 /// Indexes over added columns (created after the columns exist).
 const ADDED_INDEXES: &str = r#"
 CREATE INDEX IF NOT EXISTS images_recheck ON images (recheck_at) WHERE recheck_at IS NOT NULL;
 CREATE INDEX IF NOT EXISTS api_keys_by_tenant ON api_keys (tenant, created_at);
+CREATE INDEX IF NOT EXISTS queue_live_ref ON queue (queue, ref) WHERE dead = 0;
 "#;
 
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {
@@ -343,13 +345,36 @@ fn guard_write(tx: &Connection, rec: &ImageRecord) -> StoreResult<Result<ImageRe
     })
 }
 
-fn insert_message(tx: &Connection, queue: &str, body: &str, now_ms: i64) -> StoreResult<()> {
+/// The image a job message is for (`tenant/image_id`), when the body names one.
+fn job_ref(body: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(body).ok()?;
+    Some(format!(
+        "{}/{}",
+        v.get("tenant")?.as_str()?,
+        v.get("image_id")?.as_str()?
+    ))
+}
+
+/// Enqueue a message, unless it is a job for an image that already has a live (not dead,
+/// not deleted) message on this queue: that one will be delivered, so a re-send (the
+/// reconciler's, a retried ingest's) adds nothing but load. Returns whether it was added.
+fn insert_message(tx: &Connection, queue: &str, body: &str, now_ms: i64) -> StoreResult<bool> {
+    let job = job_ref(body);
+    if let Some(r) = &job {
+        let live: bool = tx
+            .prepare_cached("SELECT 1 FROM queue WHERE queue = ?1 AND ref = ?2 AND dead = 0")
+            .and_then(|mut st| st.exists(params![queue, r]))
+            .map_err(db_err)?;
+        if live {
+            return Ok(false);
+        }
+    }
     tx.execute(
-        "INSERT INTO queue (queue, message_id, body, visible_at, sent_at) VALUES (?1, ?2, ?3, ?4, ?4)",
-        params![queue, uuid::Uuid::new_v4().to_string(), body, now_ms],
+        "INSERT INTO queue (queue, message_id, body, visible_at, sent_at, ref) VALUES (?1, ?2, ?3, ?4, ?4, ?5)",
+        params![queue, uuid::Uuid::new_v4().to_string(), body, now_ms, job],
     )
     .map_err(db_err)?;
-    Ok(())
+    Ok(true)
 }
 
 fn load_image(conn: &Connection, tenant: &str, image_id: &str) -> StoreResult<Option<ImageRecord>> {
@@ -1278,5 +1303,35 @@ mod tests {
                 .unwrap(),
             vec!["live".to_string()]
         );
+    }
+
+    #[tokio::test]
+    async fn a_job_is_not_queued_twice_while_one_for_its_image_is_live() {
+        let (q, clock) = queue(2);
+        let job = r#"{"v":1,"tenant":"t","image_id":"i","resized_key":"k"}"#.to_string();
+        q.send(vec![job.clone(), job.clone()]).await.unwrap();
+        assert_eq!(q.depth().await.unwrap(), 1, "the re-send is a no-op");
+        // In flight is still live.
+        let m = q
+            .receive(1, Duration::from_secs(1))
+            .await
+            .unwrap()
+            .remove(0);
+        q.send(vec![job.clone()]).await.unwrap();
+        assert_eq!(q.depth().await.unwrap(), 1);
+        // Deleted (done) or dead-lettered: a re-send queues it again.
+        q.delete(&m.receipt).await.unwrap();
+        q.send(vec![job.clone()]).await.unwrap();
+        assert_eq!(q.depth().await.unwrap(), 1);
+        for _ in 0..3 {
+            clock.0.fetch_add(1_001, Ordering::SeqCst);
+            let _ = q.receive(1, Duration::from_secs(1)).await.unwrap();
+        }
+        assert_eq!(q.dead_letters().await.unwrap().len(), 1);
+        q.send(vec![job]).await.unwrap();
+        assert_eq!(q.depth().await.unwrap(), 1);
+        // Bodies that name no image are never held back.
+        q.send(vec!["x".into(), "x".into()]).await.unwrap();
+        assert_eq!(q.depth().await.unwrap(), 3);
     }
 }
