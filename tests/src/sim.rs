@@ -801,7 +801,7 @@ impl Drop for SimServer {
 
 fn router(shared: Arc<Shared>) -> Router {
     Router::new()
-        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/chat/completions", post(chat_completions_detached))
         .route("/v1/models", get(list_models))
         .route("/sim/stats", get(get_stats))
         .route("/sim/reset", post(post_reset))
@@ -1569,6 +1569,24 @@ fn rate_limit_body(
         ),
     };
     json!({"error": {"message": message, "type": ty, "param": null, "code": "rate_limit_exceeded"}})
+}
+
+/// Like OpenAI, a request whose client gave up (a timeout, a killed process) is still
+/// processed and billed: the work runs in its own task, which a dropped connection does not
+/// cancel.
+async fn chat_completions_detached(
+    state: State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    match tokio::spawn(chat_completions(state, headers, body)).await {
+        Ok(resp) => resp,
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("simulator task failed: {e}"),
+        )
+            .into_response(),
+    }
 }
 
 async fn chat_completions(

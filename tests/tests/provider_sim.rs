@@ -897,6 +897,33 @@ async fn latency_is_applied() {
 }
 
 #[tokio::test]
+async fn a_request_whose_client_gave_up_is_still_answered_and_billed() {
+    let sim = SimServer::start(SimConfig {
+        latency_ms: 400,
+        ..cfg()
+    })
+    .await
+    .unwrap();
+    let impatient = Client::builder()
+        .timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let b = body("gpt-4o", &jpeg(64, 64, 9), "low", 200);
+    let r = impatient
+        .post(format!("{}/chat/completions", sim.base_url))
+        .bearer_auth(KEY)
+        .json(&b)
+        .send()
+        .await;
+    assert!(r.is_err(), "the client timed out");
+    // Like OpenAI: the generation runs to the end and is billed although nobody reads it.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let stats = sim.stats().await;
+    assert_eq!(stats.completions, 1, "{stats:?}");
+    assert!(stats.tokens_billed > 0);
+}
+
+#[tokio::test]
 async fn binds_loopback_only_and_stops() {
     let sim = SimServer::start(cfg()).await.unwrap();
     assert!(sim.addr().ip().is_loopback());

@@ -16,7 +16,7 @@ use serde_json::json;
 use sightline_core::keys::{parse_upload_key, UPLOAD_PREFIX};
 use sightline_core::model::ImageStatus;
 use sightline_pipeline::http::{hash_api_key, method_not_allowed, routes, ApiError, ApiState};
-use sightline_pipeline::local::LocalPresigner;
+use sightline_pipeline::local::{LocalPresigner, TokenUse};
 use sightline_pipeline::ports::{rfc3339, Presigner};
 use tokio::sync::watch;
 use tower_http::services::ServeDir;
@@ -223,31 +223,34 @@ async fn local_upload(
     let Some(target) = parse_upload_key(&grant.key, UPLOAD_PREFIX) else {
         return Err(forbidden("the URL names no upload key"));
     };
-    // An image that already has its bytes takes no others, whichever URL they come with.
+    let sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&body))
+    };
+    // An image that already has its bytes takes no others, whichever URL they come with; the
+    // same bytes again are a retry of an upload that landed (its answer was lost).
     if let Some(rec) = app.repo.get_image(&target.tenant, &target.image_id).await? {
         if rec.status != ImageStatus::Pending {
-            return Err(used());
+            return match rec.original_sha256 {
+                Some(first) if first == sha => Ok(Json(json!({"ok": true, "key": grant.key}))),
+                _ => Err(used()),
+            };
         }
     }
     let now = app.clock.now_ms();
-    if !app
+    // The URL is bound to the first content it carries, before that content is stored: a
+    // replay with other bytes is refused, a retry of the same bytes (say, after this server
+    // died mid-write) stores them again.
+    let token = app
         .db
-        .consume_upload_token(&grant.nonce, grant.expires_ms, now)
-        .await?
-    {
+        .use_upload_token(&grant.nonce, &sha, grant.expires_ms, now)
+        .await?;
+    if token == TokenUse::OtherContent {
         return Err(used());
     }
-    if let Err(e) = app
-        .blobs
+    app.blobs
         .put(&grant.key, body.to_vec(), &grant.content_type)
-        .await
-    {
-        // Not stored: the client may retry the same URL.
-        if let Err(e2) = app.db.restore_upload_token(&grant.nonce).await {
-            warn!(error = %e2, "could not give the upload URL back");
-        }
-        return Err(e.into());
-    }
+        .await?;
     // Stored durably. If this process dies before the resize below, the reconciler finds
     // the original once the recheck is due and resizes it.
     let recheck = now + app.config.settings.reconcile_after.as_millis() as u64;

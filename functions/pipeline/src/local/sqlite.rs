@@ -53,6 +53,7 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("ledger", "cost_at_estimate_usd", "REAL NOT NULL DEFAULT 0"),
     ("api_keys", "created_at", "TEXT NOT NULL DEFAULT ''"),
     ("queue", "ref", "TEXT"),
+    ("upload_tokens", "sha256", "TEXT"),
 ];
 
 /// Indexes over added columns (created after the columns exist).
@@ -84,6 +85,17 @@ fn migrate(conn: &Connection) -> rusqlite::Result<()> {
 fn write_tx(c: &mut Connection) -> StoreResult<Transaction<'_>> {
     c.transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(db_err)
+}
+
+/// What a use of a single-use upload token is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenUse {
+    /// Never used before: now bound to this content.
+    First,
+    /// Used before for the same content: an idempotent retry.
+    SameContent,
+    /// Used before for other content: a replay, refused.
+    OtherContent,
 }
 
 /// One SQLite database file holding everything local.
@@ -132,15 +144,18 @@ impl SqliteDb {
         .map_err(|e| StoreError::Permanent(format!("sqlite task failed: {e}")))?
     }
 
-    /// Use up a single-use upload token: true the first time, false on every replay. Tokens
-    /// past their expiry are forgotten on the way (they no longer verify anyway).
-    pub async fn consume_upload_token(
+    /// Bind a single-use upload token to the content it uploads. The first use binds it; the
+    /// same content again (a client retrying after a lost answer, or after the server died
+    /// mid-write) may use it again; other content never may. Tokens past their expiry are
+    /// forgotten on the way (they no longer verify anyway).
+    pub async fn use_upload_token(
         &self,
         nonce: &str,
+        content_sha256: &str,
         expires_ms: u64,
         now_ms: u64,
-    ) -> StoreResult<bool> {
-        let nonce = nonce.to_string();
+    ) -> StoreResult<TokenUse> {
+        let (nonce, sha) = (nonce.to_string(), content_sha256.to_string());
         self.with(move |c| {
             let tx = write_tx(c)?;
             tx.execute(
@@ -148,15 +163,28 @@ impl SqliteDb {
                 params![now_ms as i64],
             )
             .map_err(db_err)?;
-            let fresh = tx
-                .execute(
-                    "INSERT INTO upload_tokens (nonce, expires_ms) VALUES (?1, ?2) ON CONFLICT (nonce) DO NOTHING",
-                    params![nonce, expires_ms as i64],
+            let bound: Option<Option<String>> = tx
+                .query_row(
+                    "SELECT sha256 FROM upload_tokens WHERE nonce = ?1",
+                    params![nonce],
+                    |r| r.get(0),
                 )
-                .map_err(db_err)?
-                == 1;
+                .optional()
+                .map_err(db_err)?;
+            let used = match bound {
+                None => {
+                    tx.execute(
+                        "INSERT INTO upload_tokens (nonce, expires_ms, sha256) VALUES (?1, ?2, ?3)",
+                        params![nonce, expires_ms as i64, sha],
+                    )
+                    .map_err(db_err)?;
+                    TokenUse::First
+                }
+                Some(Some(first)) if first == sha => TokenUse::SameContent,
+                Some(_) => TokenUse::OtherContent,
+            };
             tx.commit().map_err(db_err)?;
-            Ok(fresh)
+            Ok(used)
         })
         .await
     }
@@ -236,17 +264,6 @@ impl SqliteDb {
             }
             tx.commit().map_err(db_err)?;
             Ok(dead)
-        })
-        .await
-    }
-
-    /// Give a token back after an upload that could not be stored, so the client may retry it.
-    pub async fn restore_upload_token(&self, nonce: &str) -> StoreResult<()> {
-        let nonce = nonce.to_string();
-        self.with(move |c| {
-            c.execute("DELETE FROM upload_tokens WHERE nonce = ?1", params![nonce])
-                .map_err(db_err)?;
-            Ok(())
         })
         .await
     }
@@ -1333,5 +1350,19 @@ mod tests {
         // Bodies that name no image are never held back.
         q.send(vec!["x".into(), "x".into()]).await.unwrap();
         assert_eq!(q.depth().await.unwrap(), 3);
+    }
+
+    #[tokio::test]
+    async fn an_upload_token_is_bound_to_the_content_of_its_first_use() {
+        let db = SqliteDb::in_memory().unwrap();
+        let use_it = |sha: &'static str, now: u64| {
+            let db = db.clone();
+            async move { db.use_upload_token("n1", sha, 10_000, now).await.unwrap() }
+        };
+        assert_eq!(use_it("aa", 1).await, TokenUse::First);
+        assert_eq!(use_it("aa", 2).await, TokenUse::SameContent);
+        assert_eq!(use_it("bb", 3).await, TokenUse::OtherContent);
+        // Expired tokens are forgotten (their URL no longer verifies anyway).
+        assert_eq!(use_it("bb", 10_001).await, TokenUse::First);
     }
 }
