@@ -135,6 +135,20 @@ pub struct Options {
     /// Also write the JSON report here.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// What to run against: `local` (`sightline serve`) or `aws` (the Lambda handlers as
+    /// `lambda-host` processes on the AWS emulator, see `sightline_tests::fault_run_aws`;
+    /// images default to 1,000, 100 with --quick, and the work dir to target/fault-run-aws).
+    #[arg(long, value_enum, default_value_t = Target::Local)]
+    pub target: Target,
+    #[command(flatten)]
+    pub aws: crate::fault_run_aws::AwsOptions,
+}
+
+/// Where the fault run runs (`--target`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Target {
+    Local,
+    Aws,
 }
 
 impl Options {
@@ -1431,7 +1445,7 @@ struct Report {
 }
 
 /// How a failed record failed.
-fn failure_kind(error: Option<&str>) -> &'static str {
+pub fn failure_kind(error: Option<&str>) -> &'static str {
     let e = error.unwrap_or("").to_ascii_lowercase();
     if e.contains("simulated poison") || e.contains("image_rejected") {
         "poison"
@@ -2178,7 +2192,7 @@ fn opt(v: Option<u64>) -> String {
     v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
 }
 
-fn count_by<I: IntoIterator<Item = String>>(it: I) -> BTreeMap<String, u64> {
+pub fn count_by<I: IntoIterator<Item = String>>(it: I) -> BTreeMap<String, u64> {
     let mut m = BTreeMap::new();
     for k in it {
         *m.entry(k).or_default() += 1;

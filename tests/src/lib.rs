@@ -4,4 +4,5 @@ pub mod aws_setup;
 pub mod contract;
 pub mod emulator;
 pub mod fault_run;
+pub mod fault_run_aws;
 pub mod sim;
