@@ -6,7 +6,9 @@ use std::io::Cursor;
 
 use image::{DynamicImage, ImageFormat, Rgb, RgbImage};
 use js_sys::{Array, Reflect, Uint8Array};
-use sightline_core::pricing::{EstimateParams, PriceTable};
+use sightline_core::pricing::{
+    text_tokens, EstimateParams, PriceTable, DEFAULT_PROMPT, PROMPT_OVERHEAD_TOKENS,
+};
 use sightline_core::Detail;
 use wasm_bindgen::{JsCast, JsValue};
 use wasm_bindgen_test::*;
@@ -258,13 +260,15 @@ fn known_values() {
     );
     assert_eq!(image_tokens("claude-sonnet-4-5", 1000, 1000), 1334.0);
     assert_eq!(image_tokens("gemini-2.5-pro", 1024, 768), 516.0);
-    // gpt-4o 1024×1024 high: (765 + 120 prompt) × $2.50/M + 250 out × $10/M.
+    // gpt-4o 1024×1024 high: (765 + the server's default prompt) × $2.50/M + 250 out × $10/M:
+    // the widget counts the prompt the server sends, not a guess of its own.
+    let prompt = (text_tokens(DEFAULT_PROMPT) + PROMPT_OVERHEAD_TOKENS) as f64;
     let e = Array::from(
         &sightline_wasm::estimate(1024, 1024, js_models(&["gpt-4o"]), JsValue::UNDEFINED).unwrap(),
     )
     .get(0);
-    assert_eq!(num(&e, "tokens"), 765.0 + 120.0 + 250.0);
-    assert!((num(&e, "costUsd") - (885.0 * 2.5 + 250.0 * 10.0) / 1e6).abs() < 1e-12);
+    assert_eq!(num(&e, "tokens"), 765.0 + prompt + 250.0);
+    assert!((num(&e, "costUsd") - ((765.0 + prompt) * 2.5 + 250.0 * 10.0) / 1e6).abs() < 1e-12);
     // Low detail and custom prompt/output through the params object.
     let params = js_sys::Object::new();
     Reflect::set(&params, &"detail".into(), &"low".into()).unwrap();

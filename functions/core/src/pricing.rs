@@ -243,13 +243,39 @@ pub struct EstimateParams {
     pub expected_output_tokens: u64,
 }
 
-impl Default for EstimateParams {
-    fn default() -> Self {
-        Self {
-            detail: Detail::High,
-            prompt_tokens: 120,
-            expected_output_tokens: 250,
+/// The prompt asking for the analysis object: here, so the browser, the CLI and the server
+/// count the same prompt tokens.
+pub const DEFAULT_PROMPT: &str = "Analyse this image. Answer with one JSON object and nothing else, with keys: \
+\"description\" (one or two sentences), \"category\" (one word), \"tags\" (up to 10 lowercase strings), \
+\"objects\" (visible objects, strings), \"text\" (visible text, empty string if none), \
+\"quality_issues\" (strings such as \"blurry\", \"dark\", \"overexposed\"; empty if none).";
+
+/// Output tokens a call may use at most (`max_tokens`), by default.
+pub const DEFAULT_MAX_OUTPUT_TOKENS: u32 = 400;
+
+/// Tokens of the request around the prompt text (message framing, the JSON-mode instruction).
+pub const PROMPT_OVERHEAD_TOKENS: u64 = 10;
+
+/// Output tokens an analysis is expected to use (the estimate's output part).
+pub const EXPECTED_OUTPUT_TOKENS: u64 = 250;
+
+impl EstimateParams {
+    /// The one rule for what an estimate assumes besides the image, for a prompt, an output
+    /// cap and a detail level.
+    pub fn for_prompt(prompt: &str, max_output_tokens: u32, detail: Detail) -> EstimateParams {
+        EstimateParams {
+            detail,
+            prompt_tokens: text_tokens(prompt) + PROMPT_OVERHEAD_TOKENS,
+            expected_output_tokens: EXPECTED_OUTPUT_TOKENS.min(u64::from(max_output_tokens)),
         }
+    }
+}
+
+impl Default for EstimateParams {
+    /// The defaults the server runs with: [`DEFAULT_PROMPT`], [`DEFAULT_MAX_OUTPUT_TOKENS`],
+    /// high detail.
+    fn default() -> Self {
+        EstimateParams::for_prompt(DEFAULT_PROMPT, DEFAULT_MAX_OUTPUT_TOKENS, Detail::High)
     }
 }
 
@@ -441,13 +467,15 @@ mod tests {
     #[test]
     fn estimate_includes_prompt_and_expected_output() {
         let t = PriceTable::builtin();
-        let e = t
-            .estimate("gpt-4o", 1024, 1024, &EstimateParams::default())
-            .unwrap();
+        let params = EstimateParams::default();
+        // The default prompt's text plus the request overhead.
+        let prompt = text_tokens(DEFAULT_PROMPT) + PROMPT_OVERHEAD_TOKENS;
+        assert_eq!(params.prompt_tokens, prompt);
+        let e = t.estimate("gpt-4o", 1024, 1024, &params).unwrap();
         assert_eq!(e.image_tokens, 765);
-        assert_eq!(e.input_tokens, 765 + 120);
-        assert_eq!(e.tokens, 765 + 120 + 250);
-        let expected = (885.0 * 2.5 + 250.0 * 10.0) / 1e6;
+        assert_eq!(e.input_tokens, 765 + prompt);
+        assert_eq!(e.tokens, 765 + prompt + 250);
+        let expected = ((765 + prompt) as f64 * 2.5 + 250.0 * 10.0) / 1e6;
         assert!((e.cost_usd - expected).abs() < 1e-12);
         assert_eq!(e.price_version, t.version());
     }

@@ -4,14 +4,12 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sightline_core::model::{CacheScope, Detail};
-use sightline_core::pricing::{text_tokens, EstimateParams, PriceTable};
+use sightline_core::pricing::{EstimateParams, PriceTable};
 use sightline_core::PrepareOptions;
 
-/// The prompt asking for the analysis object; its version is part of the idempotency key.
-pub const DEFAULT_PROMPT: &str = "Analyse this image. Answer with one JSON object and nothing else, with keys: \
-\"description\" (one or two sentences), \"category\" (one word), \"tags\" (up to 10 lowercase strings), \
-\"objects\" (visible objects, strings), \"text\" (visible text, empty string if none), \
-\"quality_issues\" (strings such as \"blurry\", \"dark\", \"overexposed\"; empty if none).";
+/// The prompt asking for the analysis object (its version is part of the idempotency key).
+/// It lives in the core, so the browser's estimate counts the same prompt as the server's.
+pub use sightline_core::pricing::DEFAULT_PROMPT;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Settings {
@@ -71,7 +69,7 @@ impl Default for Settings {
             fallback_models: Vec::new(),
             prompt: DEFAULT_PROMPT.into(),
             prompt_version: "v1".into(),
-            max_output_tokens: 400,
+            max_output_tokens: sightline_core::pricing::DEFAULT_MAX_OUTPUT_TOKENS,
             detail: Detail::High,
             rpm: 500,
             tpm: 200_000,
@@ -223,15 +221,10 @@ impl Settings {
         Ok(())
     }
 
-    /// What an estimate assumes besides the image.
+    /// What an estimate assumes besides the image: the core's one rule for the prompt and
+    /// output tokens, so the widget, `estimate` and the recorded estimate agree.
     pub fn estimate_params(&self) -> EstimateParams {
-        EstimateParams {
-            detail: self.detail,
-            prompt_tokens: text_tokens(&self.prompt) + 10,
-            expected_output_tokens: EstimateParams::default()
-                .expected_output_tokens
-                .min(u64::from(self.max_output_tokens)),
-        }
+        EstimateParams::for_prompt(&self.prompt, self.max_output_tokens, self.detail)
     }
 
     /// Make the claim lease outlast one model's worst case with this provider timeout: an
@@ -271,6 +264,15 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(s.model_chain(), vec!["gpt-4.1-mini", "gpt-4o"]);
+    }
+
+    #[test]
+    fn the_default_settings_estimate_like_the_browser_does() {
+        // The WASM client prices with EstimateParams::default(): the same numbers as the server.
+        assert_eq!(
+            Settings::default().estimate_params(),
+            EstimateParams::default()
+        );
     }
 
     #[test]
