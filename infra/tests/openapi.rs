@@ -193,8 +193,17 @@ fn schemas_match_the_api() {
     assert_eq!(required(up), set(&["content_type", "content_length"]));
     assert_eq!(
         props(up),
-        set(&["filename", "content_type", "content_length"])
+        set(&["filename", "content_type", "content_length", "detail"])
     );
+    // The detail values are the ones the pipeline reads.
+    for v in as_list(&up["properties"]["detail"]["enum"]) {
+        let v = v.as_str().expect("enum");
+        assert_eq!(
+            sightline_core::model::Detail::parse(v).map(|d| d.as_str()),
+            Some(v)
+        );
+    }
+    assert_eq!(as_list(&up["properties"]["detail"]["enum"]).len(), 3);
     let types: BTreeSet<String> = as_list(&up["properties"]["content_type"]["enum"])
         .iter()
         .map(|v| v.as_str().expect("enum").to_string())

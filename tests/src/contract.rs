@@ -40,6 +40,7 @@ pub fn record(tenant: &str, image_id: &str, created_at: &str, status: ImageStatu
         original_estimate: None,
         result: None,
         extra_spend: None,
+        detail: None,
         created_at: created_at.to_string(),
         updated_at: created_at.to_string(),
     }

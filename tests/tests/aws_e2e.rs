@@ -227,13 +227,14 @@ async fn pipeline_end_to_end_on_the_emulator() {
         sha256: poison_sha.clone(),
         width: 10,
         height: 10,
+        detail: None,
     };
     let poison_body = serde_json::to_string(&poison_job).unwrap();
     let poison_key = idempotency_key(
         settings.cache_scope("acme"),
         &poison_sha,
         &settings.model,
-        &settings.prompt_version,
+        &settings.answer_params(settings.detail),
     );
     repo.claim(
         &poison_key,

@@ -22,8 +22,6 @@ use tracing::{error, info, warn};
 
 /// Records handled at once per invocation.
 pub const DEFAULT_CONCURRENCY: usize = 4;
-/// Longest in-place wait for the rate limiter inside a Lambda (longer waits go back to SQS).
-pub const MAX_INLINE_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Clone)]
 pub struct AnalyzeHandler {
@@ -53,11 +51,12 @@ pub fn receive_count(msg: &SqsMessage) -> u32 {
 
 impl AnalyzeHandler {
     pub fn new(analyzer: Analyzer, queue: Arc<dyn Queue>) -> AnalyzeHandler {
+        let record_budget = analyzer.settings.record_worst_case();
         AnalyzeHandler {
             analyzer,
             queue,
             concurrency: DEFAULT_CONCURRENCY,
-            record_budget: Duration::from_secs(70),
+            record_budget,
         }
     }
 

@@ -9,20 +9,17 @@ use sightline_pipeline::analyze::Analyzer;
 use sightline_pipeline::ingest::Ingest;
 use sightline_pipeline::local::{FileBlobStore, SqliteDb, SqliteQueue, SqliteRepository};
 use sightline_pipeline::ports::{BlobStore, Clock, Queue, Repository, SystemClock, VisionProvider};
-use sightline_pipeline::providers::local::LocalAnalyzer;
-use sightline_pipeline::providers::openai::OpenAiProvider;
+use sightline_pipeline::providers::select::build_provider;
 use sightline_pipeline::reconcile::Reconciler;
 use sightline_pipeline::worker::{OnOutcome, WorkerPool};
 
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::config::{Config, ProviderKind};
+use crate::config::Config;
 
 /// Local tenant for CLI runs and the default serve key.
 pub const LOCAL_TENANT: &str = "local";
-/// Deliveries before a message is dead-lettered locally.
-pub const MAX_RECEIVES: u32 = 8;
 /// The local analyze queue (a table of the data dir's SQLite database).
 pub const ANALYZE_QUEUE: &str = "analyze";
 /// How often a running process tells the data dir it is alive.
@@ -49,30 +46,27 @@ pub struct LocalApp {
 impl LocalApp {
     pub fn open(config: Config) -> anyhow::Result<LocalApp> {
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let db_path = config.data_dir.join("sightline.db");
+        let db_path = config.data_dir().join("sightline.db");
         let db =
             SqliteDb::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?;
-        let blobs: Arc<dyn BlobStore> = Arc::new(FileBlobStore::new(config.data_dir.join("blobs")));
+        let blobs: Arc<dyn BlobStore> =
+            Arc::new(FileBlobStore::new(config.data_dir().join("blobs")));
         // Records and their job messages are written in one transaction.
         let repo: Arc<dyn Repository> =
             Arc::new(SqliteRepository::with_job_queue(db.clone(), ANALYZE_QUEUE));
         let instance = uuid::Uuid::new_v4().simple().to_string();
         let queue = Arc::new(
-            SqliteQueue::new(db.clone(), ANALYZE_QUEUE, MAX_RECEIVES, clock.clone())
-                .with_instance(&instance),
+            SqliteQueue::new(
+                db.clone(),
+                ANALYZE_QUEUE,
+                config.settings.max_receives,
+                clock.clone(),
+            )
+            .with_instance(&instance),
         );
-        let provider: Arc<dyn VisionProvider> = match config.provider {
-            ProviderKind::Local => Arc::new(LocalAnalyzer),
-            ProviderKind::OpenAi => Arc::new(OpenAiProvider::new(
-                &config.openai_base_url,
-                config.openai_api_key.as_deref().unwrap_or_default(),
-                config.timeout,
-            )?),
-        };
-        let mut settings = config.settings.clone();
-        settings.max_receives = MAX_RECEIVES;
-        settings.fit_lease_to(config.timeout);
-        let settings = Arc::new(settings);
+        let provider: Arc<dyn VisionProvider> =
+            build_provider(&config.settings, config.openai_api_key.as_deref())?;
+        let settings = Arc::new(config.settings.clone());
         let queue_port: Arc<dyn Queue> = queue.clone();
         let ingest = Ingest::new(
             blobs.clone(),
@@ -156,11 +150,12 @@ impl LocalApp {
         WorkerPool {
             queue: self.queue.clone(),
             analyzer: self.analyzer.clone(),
-            workers: self.config.workers,
+            workers: self.config.settings.workers,
             // One message per receive: a worker handles messages one at a time, and a batch
             // would sit hidden behind the first one, its visibility running out unhandled.
             batch_size: 1,
-            visibility: self.config.timeout * 2 + Duration::from_secs(30),
+            // Hidden as long as its claim may be held: a record's worst case and a margin.
+            visibility: self.config.settings.claim_lease,
             idle_poll: Duration::from_millis(100),
             on_outcome,
         }

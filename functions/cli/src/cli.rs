@@ -398,7 +398,7 @@ fn estimate(
     for m in &models {
         table.model(m)?;
     }
-    let params = config.settings.estimate_params();
+    let params = config.settings.estimate_params(config.settings.detail);
     let opts = config.settings.prepare;
     let mut out = std::io::stdout().lock();
     if !as_json {

@@ -1,270 +1,281 @@
-//! Configuration: defaults < `sightline.toml` < `SIGHTLINE_*` environment < command-line flags.
+//! Configuration of the CLI: defaults < `sightline.toml` < `SIGHTLINE_*` environment <
+//! command-line flags, all applied through the pipeline's one list of settings
+//! (`sightline_pipeline::settings::SETTINGS`), then validated once.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Args;
-use serde::Deserialize;
-use sightline_pipeline::providers::openai::DEFAULT_BASE_URL;
+use sightline_pipeline::providers::select::provider_kind;
+use sightline_pipeline::settings::{ProviderKind, Runtime};
 use sightline_pipeline::Settings;
 
-/// Options shared by every subcommand (flags win over env, env over the file).
+/// Options shared by every subcommand. Each sets the setting of the same name (see the
+/// README's settings table); its `SIGHTLINE_*` variable is read with the others, under flags.
 #[derive(Debug, Clone, Default, Args)]
 pub struct CommonOpts {
-    /// Data directory for the SQLite database and images.
-    #[arg(long, global = true, env = "SIGHTLINE_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
     /// Config file (default: ./sightline.toml when present).
     #[arg(long, global = true, env = "SIGHTLINE_CONFIG")]
     pub config: Option<PathBuf>,
+    /// Data directory for the SQLite database and images.
+    #[arg(long, global = true)]
+    pub data_dir: Option<String>,
     /// Provider: `local` (offline analyzer, $0) or `openai` (any OpenAI-compatible API).
-    #[arg(long, global = true, env = "SIGHTLINE_PROVIDER")]
+    #[arg(long, global = true)]
     pub provider: Option<String>,
     /// Model to estimate and (with a paid provider) call.
-    #[arg(long, global = true, env = "SIGHTLINE_MODEL")]
+    #[arg(long, global = true)]
     pub model: Option<String>,
     /// Fallback models, comma-separated, tried when the model is throttled or down.
-    #[arg(
-        long,
-        global = true,
-        env = "SIGHTLINE_FALLBACK_MODELS",
-        value_delimiter = ','
-    )]
-    pub fallback_models: Option<Vec<String>>,
+    #[arg(long, global = true)]
+    pub fallback_models: Option<String>,
+    /// Image detail: low, high or auto (part of the cache key; low is far cheaper).
+    #[arg(long, global = true)]
+    pub detail: Option<String>,
     /// Provider requests per minute (0 = unlimited).
-    #[arg(long, global = true, env = "SIGHTLINE_RPM")]
-    pub rpm: Option<u64>,
+    #[arg(long, global = true)]
+    pub rpm: Option<String>,
     /// Provider tokens per minute (0 = unlimited).
-    #[arg(long, global = true, env = "SIGHTLINE_TPM")]
-    pub tpm: Option<u64>,
+    #[arg(long, global = true)]
+    pub tpm: Option<String>,
     /// Longest output edge in pixels.
-    #[arg(long, global = true, env = "SIGHTLINE_MAX_EDGE")]
-    pub max_edge: Option<u32>,
+    #[arg(long, global = true)]
+    pub max_edge: Option<String>,
     /// Prompt version (part of the cache key).
-    #[arg(long, global = true, env = "SIGHTLINE_PROMPT_VERSION")]
+    #[arg(long, global = true)]
     pub prompt_version: Option<String>,
     /// Concurrent analysis workers.
-    #[arg(long, global = true, env = "SIGHTLINE_WORKERS")]
-    pub workers: Option<usize>,
+    #[arg(long, global = true)]
+    pub workers: Option<String>,
     /// Provider request timeout in seconds.
-    #[arg(long, global = true, env = "SIGHTLINE_TIMEOUT_SECS")]
-    pub timeout_secs: Option<u64>,
+    #[arg(long, global = true)]
+    pub timeout_secs: Option<String>,
 }
 
-/// `sightline.toml`: the same keys as the flags, snake_case.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    pub data_dir: Option<PathBuf>,
-    pub provider: Option<String>,
-    pub model: Option<String>,
-    pub fallback_models: Option<Vec<String>>,
-    pub rpm: Option<u64>,
-    pub tpm: Option<u64>,
-    pub max_edge: Option<u32>,
-    pub quality: Option<u8>,
-    pub prompt_version: Option<String>,
-    pub prompt: Option<String>,
-    pub workers: Option<usize>,
-    pub timeout_secs: Option<u64>,
-    pub openai_base_url: Option<String>,
-    pub max_input_bytes: Option<u64>,
-    pub max_pixels: Option<u64>,
-    /// Reuse answers across tenants for identical images (default false).
-    pub share_cache_across_tenants: Option<bool>,
-    pub reconcile_after_secs: Option<u64>,
-    pub stuck_after_secs: Option<u64>,
-    pub reconcile_every_secs: Option<u64>,
-    pub pending_ttl_secs: Option<u64>,
-    pub resize_memory_mb: Option<u64>,
-    pub max_concurrent_resizes: Option<usize>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProviderKind {
-    Local,
-    OpenAi,
+impl CommonOpts {
+    /// The flags given, as (setting key, value).
+    fn given(&self) -> Vec<(&'static str, &str)> {
+        [
+            ("data_dir", &self.data_dir),
+            ("provider", &self.provider),
+            ("model", &self.model),
+            ("fallback_models", &self.fallback_models),
+            ("detail", &self.detail),
+            ("rpm", &self.rpm),
+            ("tpm", &self.tpm),
+            ("max_edge", &self.max_edge),
+            ("prompt_version", &self.prompt_version),
+            ("workers", &self.workers),
+            ("timeout_secs", &self.timeout_secs),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.as_deref().map(|v| (k, v)))
+        .collect()
+    }
 }
 
 /// Everything a command needs, resolved.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub data_dir: PathBuf,
-    pub provider: ProviderKind,
     pub settings: Settings,
-    pub workers: usize,
-    pub timeout: Duration,
-    pub openai_base_url: String,
+    /// The provider the settings resolve to, given whether a key is set.
+    pub provider: ProviderKind,
     pub openai_api_key: Option<String>,
 }
 
 impl Config {
     pub fn resolve(opts: &CommonOpts) -> anyhow::Result<Config> {
+        Config::resolve_with(opts, &|k| std::env::var(k).ok())
+    }
+
+    /// As [`Config::resolve`], with the environment read through `env`.
+    pub fn resolve_with(
+        opts: &CommonOpts,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> anyhow::Result<Config> {
+        let mut settings = Settings::defaults_for(Runtime::Local);
         let file = match &opts.config {
-            Some(p) => Some(load_file(p)?),
-            None if Path::new("sightline.toml").exists() => {
-                Some(load_file(Path::new("sightline.toml"))?)
-            }
+            Some(p) => Some(p.clone()),
+            None if Path::new("sightline.toml").exists() => Some(PathBuf::from("sightline.toml")),
             None => None,
-        }
-        .unwrap_or_default();
-        let api_key = std::env::var("OPENAI_API_KEY")
-            .ok()
-            .filter(|k| !k.trim().is_empty());
-        let provider = match opts.provider.clone().or(file.provider.clone()).as_deref() {
-            Some("local") => ProviderKind::Local,
-            Some("openai") => ProviderKind::OpenAi,
-            Some(other) => bail!("unknown provider {other:?}; use `local` or `openai`"),
-            None if api_key.is_some() => ProviderKind::OpenAi,
-            None => ProviderKind::Local,
         };
-        if provider == ProviderKind::OpenAi && api_key.is_none() {
-            bail!("provider `openai` needs OPENAI_API_KEY in the environment");
+        if let Some(path) = file {
+            apply_file(&mut settings, &path)?;
         }
-        let mut settings = Settings::default();
-        // Keys only the file and the environment set: the file first, the environment over it.
-        file.apply_to(&mut settings);
-        settings
-            .apply_env(&|k| std::env::var(k).ok())
-            .map_err(anyhow::Error::msg)?;
-        // Keys with flags (clap already put their environment values into `opts`).
-        if let Some(m) = opts.model.clone().or(file.model.clone()) {
-            settings.model = m;
+        settings.apply_env(env)?;
+        for (key, value) in opts.given() {
+            settings.set(key, value, &format!("--{}", key.replace('_', "-")))?;
         }
-        if let Some(f) = opts
-            .fallback_models
-            .clone()
-            .or(file.fallback_models.clone())
-        {
-            settings.fallback_models = f
-                .into_iter()
-                .map(|s| s.trim().to_string())
-                .filter(|s| !s.is_empty())
-                .collect();
+        settings.finish()?;
+        let openai_api_key = env("OPENAI_API_KEY")
+            .map(|k| k.trim().to_string())
+            .filter(|k| !k.is_empty());
+        let provider = provider_kind(&settings, openai_api_key.is_some());
+        if provider == ProviderKind::OpenAi && openai_api_key.is_none() {
+            anyhow::bail!("provider `openai` needs OPENAI_API_KEY in the environment");
         }
-        if let Some(v) = opts.rpm.or(file.rpm) {
-            settings.rpm = v;
-        }
-        if let Some(v) = opts.tpm.or(file.tpm) {
-            settings.tpm = v;
-        }
-        if let Some(v) = opts.max_edge.or(file.max_edge) {
-            settings.prepare.max_edge = v;
-        }
-        if let Some(v) = opts.prompt_version.clone().or(file.prompt_version.clone()) {
-            settings.prompt_version = v;
-        }
-        if let Some(p) = file.prompt.clone() {
-            settings.prompt = p;
-        }
-        // Locally a worker may wait for the limiter: sleeping costs nothing here.
-        settings.max_inline_wait = Duration::from_secs(60);
-        if settings.prepare.max_edge == 0 || settings.prepare.max_edge > 16_384 {
-            bail!("--max-edge must be 1..=16384");
-        }
-        settings.validate().map_err(anyhow::Error::msg)?;
-        let timeout =
-            Duration::from_secs(opts.timeout_secs.or(file.timeout_secs).unwrap_or(60).max(1));
         Ok(Config {
-            data_dir: opts
-                .data_dir
-                .clone()
-                .or(file.data_dir.clone())
-                .unwrap_or_else(|| PathBuf::from(".sightline")),
-            provider,
             settings,
-            workers: opts.workers.or(file.workers).unwrap_or(4).clamp(1, 64),
-            timeout,
-            openai_base_url: std::env::var("OPENAI_BASE_URL")
-                .ok()
-                .filter(|s| !s.is_empty())
-                .or(file.openai_base_url.clone())
-                .unwrap_or_else(|| DEFAULT_BASE_URL.to_string()),
-            openai_api_key: api_key,
+            provider,
+            openai_api_key,
         })
     }
-}
 
-impl FileConfig {
-    /// The keys that have no command-line flag.
-    fn apply_to(&self, s: &mut Settings) {
-        if let Some(v) = self.quality {
-            s.prepare.quality = v;
-        }
-        if let Some(v) = self.max_input_bytes {
-            s.prepare.max_input_bytes = v;
-        }
-        if let Some(v) = self.max_pixels {
-            s.prepare.max_pixels = v;
-        }
-        if let Some(v) = self.share_cache_across_tenants {
-            s.share_cache_across_tenants = v;
-        }
-        let secs = |v: Option<u64>| v.map(Duration::from_secs);
-        if let Some(v) = secs(self.reconcile_after_secs) {
-            s.reconcile_after = v;
-        }
-        if let Some(v) = secs(self.stuck_after_secs) {
-            s.stuck_after = v;
-        }
-        if let Some(v) = secs(self.reconcile_every_secs) {
-            s.reconcile_every = v.max(Duration::from_secs(1));
-        }
-        if let Some(v) = secs(self.pending_ttl_secs) {
-            s.pending_ttl = v;
-        }
-        if let Some(v) = self.resize_memory_mb {
-            s.resize_memory_budget = v.saturating_mul(1 << 20);
-        }
-        if let Some(v) = self.max_concurrent_resizes {
-            s.max_concurrent_resizes = v.max(1);
-        }
+    pub fn data_dir(&self) -> &Path {
+        &self.settings.data_dir
     }
 }
 
-fn load_file(path: &Path) -> anyhow::Result<FileConfig> {
+/// `sightline.toml`: the settings' keys; lists as arrays, `tenant_detail` as a table.
+fn apply_file(settings: &mut Settings, path: &Path) -> anyhow::Result<()> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    let table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    for (key, value) in &table {
+        let origin = format!("{key} in {}", path.display());
+        let text = file_value(value)
+            .with_context(|| format!("{origin}: a string, number, boolean, list or table"))?;
+        settings.set(key, &text, &origin)?;
+    }
+    Ok(())
+}
+
+/// A file value in the text form the settings read (lists comma-separated, tables `k=v`).
+fn file_value(value: &toml::Value) -> Option<String> {
+    let scalar = |v: &toml::Value| match v {
+        toml::Value::String(s) => Some(s.clone()),
+        toml::Value::Integer(i) => Some(i.to_string()),
+        toml::Value::Float(f) => Some(f.to_string()),
+        toml::Value::Boolean(b) => Some(b.to_string()),
+        _ => None,
+    };
+    match value {
+        toml::Value::Array(items) => items
+            .iter()
+            .map(scalar)
+            .collect::<Option<Vec<_>>>()
+            .map(|v| v.join(",")),
+        toml::Value::Table(t) => t
+            .iter()
+            .map(|(k, v)| scalar(v).map(|v| format!("{k}={v}")))
+            .collect::<Option<Vec<_>>>()
+            .map(|v| v.join(",")),
+        v => scalar(v),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sightline_core::model::Detail;
+    use std::time::Duration;
 
-    #[test]
-    fn file_config_rejects_unknown_keys() {
-        assert!(toml::from_str::<FileConfig>("modle = \"x\"").is_err());
-        let f: FileConfig = toml::from_str("model = \"gpt-4o\"\nrpm = 5").unwrap();
-        assert_eq!(f.model.as_deref(), Some("gpt-4o"));
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn file(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sightline.toml");
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
     }
 
     #[test]
-    fn flags_win_and_bad_values_are_clear() {
+    fn file_config_rejects_unknown_keys() {
+        let (_d, path) = file("modle = \"x\"");
         let opts = CommonOpts {
-            provider: Some("local".into()),
-            model: Some("gpt-4o".into()),
-            rpm: Some(7),
+            config: Some(path),
             ..Default::default()
         };
-        let c = Config::resolve(&opts).unwrap();
-        assert_eq!(c.settings.model, "gpt-4o");
-        assert_eq!(c.settings.rpm, 7);
+        let err = format!("{:#}", Config::resolve_with(&opts, &no_env).unwrap_err());
+        assert!(err.contains("modle") && err.contains("model"), "{err}");
+    }
+
+    #[test]
+    fn flags_win_over_the_environment_and_the_environment_over_the_file() {
+        let (_d, path) = file(
+            "model = \"gpt-4o\"\nrpm = 5\ntpm = 6\ndetail = \"auto\"\nfallback_models = [\"gpt-4.1\", \"gpt-4.1-nano\"]\nmax_input_bytes = 1000\n[tenant_detail]\nacme = \"low\"\n",
+        );
+        let env = |k: &str| match k {
+            "SIGHTLINE_RPM" => Some("50".to_string()),
+            "SIGHTLINE_TPM" => Some("60".to_string()),
+            "SIGHTLINE_TIMEOUT_SECS" => Some("2.5".to_string()),
+            _ => None,
+        };
+        let opts = CommonOpts {
+            config: Some(path),
+            tpm: Some("7".into()),
+            detail: Some("low".into()),
+            ..Default::default()
+        };
+        let c = Config::resolve_with(&opts, &env).unwrap();
+        let s = &c.settings;
+        assert_eq!(s.model, "gpt-4o");
+        assert_eq!((s.rpm, s.tpm), (50, 7));
+        assert_eq!(s.detail, Detail::Low);
+        assert_eq!(s.detail_for("acme", None), Detail::Low);
+        assert_eq!(s.fallback_models, vec!["gpt-4.1", "gpt-4.1-nano"]);
+        assert_eq!(s.prepare.max_input_bytes, 1000);
+        assert_eq!(s.provider_timeout, Duration::from_millis(2500));
         assert_eq!(c.provider, ProviderKind::Local);
-        let bad = CommonOpts {
-            provider: Some("local".into()),
-            model: Some("gpt-99".into()),
+        // The claim lease was fitted to the worst case once resolved.
+        assert!(s.claim_lease >= s.record_worst_case());
+    }
+
+    #[test]
+    fn bad_values_name_their_origin() {
+        for (opts, needle) in [
+            (
+                CommonOpts {
+                    model: Some("gpt-99".into()),
+                    ..Default::default()
+                },
+                "gpt-99",
+            ),
+            (
+                CommonOpts {
+                    provider: Some("smoke-signals".into()),
+                    ..Default::default()
+                },
+                "--provider",
+            ),
+            (
+                CommonOpts {
+                    detail: Some("medium".into()),
+                    ..Default::default()
+                },
+                "--detail",
+            ),
+            (
+                CommonOpts {
+                    max_edge: Some("20000".into()),
+                    ..Default::default()
+                },
+                "max_edge",
+            ),
+        ] {
+            let err = format!("{:#}", Config::resolve_with(&opts, &no_env).unwrap_err());
+            assert!(err.contains(needle), "{needle}: {err}");
+        }
+        let env = |k: &str| (k == "SIGHTLINE_DETAIL").then(|| "loud".to_string());
+        let err = format!(
+            "{:#}",
+            Config::resolve_with(&CommonOpts::default(), &env).unwrap_err()
+        );
+        assert!(err.contains("SIGHTLINE_DETAIL"), "{err}");
+    }
+
+    #[test]
+    fn openai_needs_a_key_and_a_key_picks_openai() {
+        let opts = CommonOpts {
+            provider: Some("openai".into()),
             ..Default::default()
         };
-        assert!(Config::resolve(&bad)
-            .unwrap_err()
-            .to_string()
-            .contains("gpt-99"));
-        let bad = CommonOpts {
-            provider: Some("smoke-signals".into()),
-            ..Default::default()
-        };
-        assert!(Config::resolve(&bad).is_err());
+        assert!(Config::resolve_with(&opts, &no_env).is_err());
+        let key = |k: &str| (k == "OPENAI_API_KEY").then(|| "sk-test".to_string());
+        let c = Config::resolve_with(&CommonOpts::default(), &key).unwrap();
+        assert_eq!(c.provider, ProviderKind::OpenAi);
     }
 }

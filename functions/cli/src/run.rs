@@ -16,7 +16,7 @@ use sightline_pipeline::worker::OnOutcome;
 use tokio::sync::watch;
 use tracing::warn;
 
-use crate::app::{LocalApp, LOCAL_TENANT, MAX_RECEIVES};
+use crate::app::{LocalApp, LOCAL_TENANT};
 
 const EXTENSIONS: &[&str] = &["jpg", "jpeg", "png", "webp", "gif"];
 
@@ -163,7 +163,10 @@ pub async fn run_pipeline(
                 // The analyzer records its own reason on the last delivery; keep that one.
                 let recorded = app.repo.get_image(LOCAL_TENANT, &id).await?;
                 if !recorded.is_some_and(|r| r.status.is_final()) {
-                    let reason = format!("gave up after {MAX_RECEIVES} attempts (dead-lettered)");
+                    let reason = format!(
+                        "gave up after {} attempts (dead-lettered)",
+                        app.config.settings.max_receives
+                    );
                     app.repo
                         .mark_failed(
                             LOCAL_TENANT,

@@ -137,7 +137,7 @@ pub async fn build_router(
     base_url: &str,
     web_dir: PathBuf,
 ) -> anyhow::Result<Router> {
-    let secret = upload_secret(&app.config.data_dir)?;
+    let secret = upload_secret(app.config.data_dir())?;
     let presigner = LocalPresigner::new(secret, base_url, app.clock.clone());
     let presigner_port: Arc<dyn Presigner> = Arc::new(presigner.clone());
     let api = routes(ApiState {

@@ -245,6 +245,89 @@ fn run_against_the_provider_simulator_with_faults_then_all_cached() {
     assert_eq!(report["total"]["cached_images"], 12);
 }
 
+#[test]
+fn detail_low_is_sent_priced_low_and_cached_apart_from_high() {
+    let _g = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let sim = rt
+        .block_on(SimServer::start(SimConfig {
+            api_key: "sk-test".into(),
+            rpm: 0,
+            tpm: 0,
+            latency_ms: 5,
+            jitter_ms: 0,
+            seed: 1,
+            timeout_hang_ms: 1_000,
+            faults: FaultPlan::default(),
+        }))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let photo = samples().join("photos/Garden.jpg");
+    let run = |detail: &str| {
+        let mut c = sightline(dir.path());
+        c.args([
+            "--provider",
+            "openai",
+            "--model",
+            "gpt-4o",
+            "--detail",
+            detail,
+        ])
+        .arg("run")
+        .arg(&photo)
+        .arg("--json")
+        .env("OPENAI_API_KEY", "sk-test")
+        .env("OPENAI_BASE_URL", &sim.base_url);
+        let (images, _) = run_json(&mut c);
+        assert_eq!(images.len(), 1);
+        images.into_iter().next().unwrap()
+    };
+    let completions = || rt.block_on(sim.stats()).completions;
+
+    let low = run("low");
+    assert_eq!(low["status"], "done", "{low}");
+    assert_eq!(low["cached"], false);
+    // Priced low: a fixed 85 tokens for the image on gpt-4o, whatever its size.
+    assert_eq!(low["estimate"]["image_tokens"], 85, "{low}");
+    assert_eq!(completions(), 1);
+
+    let high = run("high");
+    assert_eq!(high["cached"], false, "a low answer is not reused for high");
+    assert_eq!(completions(), 2);
+    let high_image = high["estimate"]["image_tokens"].as_u64().unwrap();
+    assert!(high_image > 85, "{high}");
+    // Sent low: the simulator bills image tokens by the detail it received, by OpenAI's rules.
+    let input = |v: &Value| v["usage"]["input_tokens"].as_u64().unwrap();
+    assert_eq!(input(&high) - input(&low), high_image - 85, "{low} {high}");
+    assert!(low["cost_usd"].as_f64().unwrap() < high["cost_usd"].as_f64().unwrap());
+
+    // Each detail has its own cache entry.
+    let again = run("low");
+    assert_eq!(again["cached"], true, "{again}");
+    assert_eq!(again["cost_usd"].as_f64(), Some(0.0));
+    assert_eq!(
+        again["result"]["description"], low["result"]["description"],
+        "the low answer"
+    );
+    assert_eq!(completions(), 2, "no call for a cached detail");
+
+    // `estimate --detail low` prices the same 85 tokens.
+    let out = sightline(dir.path())
+        .args([
+            "--detail", "low", "estimate", "--models", "gpt-4o", "--json",
+        ])
+        .arg(&photo)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let est: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(est["resized"]["image_tokens"], 85, "{est}");
+}
+
 fn crc32(data: &[u8]) -> u32 {
     let mut crc = 0xFFFF_FFFFu32;
     for &b in data {

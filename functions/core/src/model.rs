@@ -4,13 +4,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::pricing::Usage;
 
-/// OpenAI's `detail` setting; other providers ignore it.
+/// OpenAI's image `detail`: `low` is a fixed small charge per image (85 tokens on GPT-4o-class
+/// models), `high` is priced by tiles, `auto` lets the provider choose (estimated as `high`,
+/// the most it can cost). Other providers ignore it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Detail {
     Low,
     #[default]
     High,
+    Auto,
 }
 
 impl Detail {
@@ -18,7 +21,24 @@ impl Detail {
         match self {
             Detail::Low => "low",
             Detail::High => "high",
+            Detail::Auto => "auto",
         }
+    }
+
+    /// `low`, `high` or `auto` (any case).
+    pub fn parse(s: &str) -> Option<Detail> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "low" => Some(Detail::Low),
+            "high" => Some(Detail::High),
+            "auto" => Some(Detail::Auto),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Detail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -129,6 +149,10 @@ pub struct ImageRecord {
     /// image. The image's whole cost is `result.cost_usd` + `extra_spend.cost_usd`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extra_spend: Option<ExtraSpend>,
+    /// The image detail asked for (on the upload request) and, once queued, the one the
+    /// estimate and the job use. None: the settings' detail for the tenant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<Detail>,
     /// RFC 3339, UTC.
     pub created_at: String,
     pub updated_at: String,
@@ -200,6 +224,10 @@ pub struct AnalysisJob {
     pub sha256: String,
     pub width: u32,
     pub height: u32,
+    /// The image detail decided when the job was recorded (what its estimate assumed); jobs
+    /// written before it existed use the settings' detail for their tenant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<Detail>,
 }
 
 impl AnalysisJob {
@@ -228,18 +256,33 @@ pub enum CacheScope<'a> {
     Shared,
 }
 
-/// Idempotency key: the same resized bytes, model and prompt version are analysed once per
+/// Every request parameter besides the image and the model that changes the answer: an
+/// answer is reused only for a request that asked the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AnswerParams<'a> {
+    pub prompt_version: &'a str,
+    pub detail: Detail,
+    pub max_output_tokens: u32,
+}
+
+/// Idempotency key: the same resized bytes, model and answer parameters are analysed once per
 /// scope. Tenants never contain '/' (they are one path segment of an upload key), so the
-/// `t:{tenant}/` and `shared/` prefixes cannot collide.
+/// `t:{tenant}/` and `shared/` prefixes cannot collide; prompt versions contain no ':'.
 pub fn idempotency_key(
     scope: CacheScope<'_>,
     sha256: &str,
     model: &str,
-    prompt_version: &str,
+    params: &AnswerParams<'_>,
 ) -> String {
+    let AnswerParams {
+        prompt_version,
+        detail,
+        max_output_tokens,
+    } = params;
+    let rest = format!("{sha256}:{model}:{prompt_version}:{detail}:{max_output_tokens}");
     match scope {
-        CacheScope::Tenant(t) => format!("t:{t}/{sha256}:{model}:{prompt_version}"),
-        CacheScope::Shared => format!("shared/{sha256}:{model}:{prompt_version}"),
+        CacheScope::Tenant(t) => format!("t:{t}/{rest}"),
+        CacheScope::Shared => format!("shared/{rest}"),
     }
 }
 
@@ -259,6 +302,7 @@ mod tests {
             sha256: "a".repeat(64),
             width: 1,
             height: 1,
+            detail: Some(Detail::Low),
         };
         let body = serde_json::to_string(&good).unwrap();
         assert_eq!(AnalysisJob::parse(&body).unwrap(), good);
@@ -266,19 +310,69 @@ mod tests {
         assert!(AnalysisJob::parse(&v2).unwrap_err().contains("version"));
     }
 
+    const V1: AnswerParams<'static> = AnswerParams {
+        prompt_version: "v1",
+        detail: Detail::High,
+        max_output_tokens: 400,
+    };
+
     #[test]
     fn idempotency_keys_are_scoped_by_tenant_unless_shared() {
         let sha = "ab".repeat(32);
-        let a = idempotency_key(CacheScope::Tenant("a"), &sha, "m", "v1");
-        let b = idempotency_key(CacheScope::Tenant("b"), &sha, "m", "v1");
-        let shared = idempotency_key(CacheScope::Shared, &sha, "m", "v1");
+        let a = idempotency_key(CacheScope::Tenant("a"), &sha, "m", &V1);
+        let b = idempotency_key(CacheScope::Tenant("b"), &sha, "m", &V1);
+        let shared = idempotency_key(CacheScope::Shared, &sha, "m", &V1);
         assert_ne!(a, b);
         assert_ne!(a, shared);
         // A tenant literally named "shared" still gets its own key.
         assert_ne!(
-            idempotency_key(CacheScope::Tenant("shared"), &sha, "m", "v1"),
+            idempotency_key(CacheScope::Tenant("shared"), &sha, "m", &V1),
             shared
         );
+    }
+
+    #[test]
+    fn every_answer_parameter_changes_the_idempotency_key() {
+        let sha = "ab".repeat(32);
+        let key = |p: &AnswerParams<'_>| idempotency_key(CacheScope::Shared, &sha, "m", p);
+        let base = key(&V1);
+        for other in [
+            AnswerParams {
+                prompt_version: "v2",
+                ..V1
+            },
+            AnswerParams {
+                detail: Detail::Low,
+                ..V1
+            },
+            AnswerParams {
+                detail: Detail::Auto,
+                ..V1
+            },
+            AnswerParams {
+                max_output_tokens: 800,
+                ..V1
+            },
+        ] {
+            assert_ne!(key(&other), base, "{other:?}");
+        }
+        assert_ne!(
+            idempotency_key(CacheScope::Shared, &sha, "m2", &V1),
+            base,
+            "the model"
+        );
+    }
+
+    #[test]
+    fn old_job_messages_without_a_detail_still_parse() {
+        let body = format!(
+            r#"{{"v":1,"image_id":"i","tenant":"t","resized_key":"k","sha256":"{}","width":2,"height":3}}"#,
+            "a".repeat(64)
+        );
+        assert_eq!(AnalysisJob::parse(&body).unwrap().detail, None);
+        assert_eq!(Detail::parse(" LOW "), Some(Detail::Low));
+        assert_eq!(Detail::parse("auto"), Some(Detail::Auto));
+        assert_eq!(Detail::parse("medium"), None);
     }
 
     #[test]

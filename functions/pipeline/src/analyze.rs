@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use sightline_core::limiter::{Denied, RateLimiter, Reservation};
-use sightline_core::model::{idempotency_key, AnalysisJob, AnalysisResult, Estimate, ImageStatus};
+use sightline_core::model::{
+    idempotency_key, AnalysisJob, AnalysisResult, Detail, Estimate, ImageStatus,
+};
 use sightline_core::pricing::PriceTable;
 use sightline_core::pricing::Usage;
 use sightline_core::retry::{classify, retry_delay, FailureKind, RetryClass};
@@ -127,6 +129,13 @@ impl Limiters {
             .or_insert_with(|| RateLimiter::new(self.rpm, self.tpm, now_ms));
         f(l)
     }
+}
+
+/// What one provider call asks for besides the image.
+#[derive(Debug, Clone, Copy)]
+struct Target<'a> {
+    model: &'a str,
+    detail: Detail,
 }
 
 #[derive(Clone)]
@@ -300,6 +309,11 @@ impl Analyzer {
         // One owner per handling: two copies of one job (or two images with the same bytes)
         // must never both hold the claim on a key.
         let owner = format!("{}:{}", self.instance, uuid::Uuid::new_v4().simple());
+        // The detail decided when the job was recorded (what its estimate assumed).
+        let detail = job
+            .detail
+            .unwrap_or_else(|| self.settings.detail_for(&job.tenant, record.detail));
+        let answer = self.settings.answer_params(detail);
         let chain = self.chain();
         let scope = self.settings.cache_scope(&job.tenant);
         let mut jpeg: Option<Arc<Vec<u8>>> = None;
@@ -307,7 +321,7 @@ impl Analyzer {
         for (i, model) in chain.iter().enumerate() {
             // The key names the model that answers, so a fallback's answer is never served
             // later as the primary model's.
-            let key = idempotency_key(scope, &job.sha256, model, &self.settings.prompt_version);
+            let key = idempotency_key(scope, &job.sha256, model, &answer);
             let now = self.clock.now_ms();
             match self
                 .repo
@@ -340,7 +354,14 @@ impl Analyzer {
                 },
             };
             let (step, wasted) = self
-                .try_model(job, model, &key, image, i + 1 < chain.len(), receive_count)
+                .try_model(
+                    job,
+                    Target { model, detail },
+                    &key,
+                    image,
+                    i + 1 < chain.len(),
+                    receive_count,
+                )
                 .await;
             if !matches!(step, Step::Answered(_)) && wasted.calls > 0 {
                 // Invalid answers that ended in no result were still paid for.
@@ -513,14 +534,15 @@ impl Analyzer {
     async fn try_model(
         &self,
         job: &AnalysisJob,
-        model: &str,
+        target: Target<'_>,
         key: &str,
         jpeg: Arc<Vec<u8>>,
         has_fallback: bool,
         receive_count: u32,
     ) -> (Step, Paid) {
+        let Target { model, detail } = target;
         let table = PriceTable::builtin();
-        let params = self.settings.estimate_params();
+        let params = self.settings.estimate_params(detail);
         let paid_provider = self.provider.is_paid();
         let request = VisionRequest {
             model: model.to_string(),
@@ -529,7 +551,7 @@ impl Analyzer {
             height: job.height,
             prompt: self.settings.prompt.clone(),
             max_output_tokens: self.settings.max_output_tokens,
-            detail: self.settings.detail,
+            detail,
         };
         // What one call is expected to cost: booked when a paid answer's usage is unreadable.
         let estimate = table.estimate(model, job.width, job.height, &params).ok();

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use sightline_core::keys::upload_key;
-use sightline_core::model::{ImageRecord, ImageStatus};
+use sightline_core::model::{Detail, ImageRecord, ImageStatus};
 use tracing::error;
 
 use crate::ports::{rfc3339, Clock, CostRow, Presigner, Repository, StoreError};
@@ -182,6 +182,9 @@ struct UploadRequest {
     filename: Option<String>,
     content_type: String,
     content_length: u64,
+    /// Image detail for this image (`low`, `high`, `auto`); default: the tenant's setting.
+    #[serde(default)]
+    detail: Option<Detail>,
 }
 
 #[derive(Debug, Serialize)]
@@ -274,6 +277,7 @@ async fn create_upload(
         original_estimate: None,
         result: None,
         extra_spend: None,
+        detail: req.detail,
         created_at: now.clone(),
         updated_at: now,
     };

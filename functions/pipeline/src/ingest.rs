@@ -291,7 +291,12 @@ impl Ingest {
             .await?;
 
         let table = PriceTable::builtin();
-        let params = self.settings.estimate_params();
+        // The upload's own detail, else the tenant's, else the default: decided once here, so
+        // the recorded estimate and the call agree.
+        let detail = self
+            .settings
+            .detail_for(tenant, existing.as_ref().and_then(|r| r.detail));
+        let params = self.settings.estimate_params(detail);
         let estimate = table
             .estimate(&self.settings.model, img.width, img.height, &params)
             .ok();
@@ -334,6 +339,7 @@ impl Ingest {
             original_estimate,
             result: None,
             extra_spend: None,
+            detail: Some(detail),
             created_at,
             updated_at: now,
         };
@@ -345,6 +351,7 @@ impl Ingest {
             sha256: img.sha256,
             width: img.width,
             height: img.height,
+            detail: Some(detail),
         };
         let body = job_body(&job)?;
         let soon = now_ms + self.settings.reconcile_after.as_millis() as u64;
@@ -422,12 +429,13 @@ impl Ingest {
             orientation: None,
             sha256: None,
             original_sha256: original_sha256.map(str::to_string),
-            original_key: existing.and_then(|r| r.original_key),
             resized_key: None,
             estimate: None,
             original_estimate: None,
             result: None,
             extra_spend: None,
+            detail: existing.as_ref().and_then(|r| r.detail),
+            original_key: existing.and_then(|r| r.original_key),
             created_at,
             updated_at: now,
         };
@@ -452,6 +460,7 @@ pub fn job_of(record: &ImageRecord) -> Option<AnalysisJob> {
         sha256: record.sha256.clone()?,
         width: record.resized?.width,
         height: record.resized?.height,
+        detail: record.detail,
     })
 }
 

@@ -1,19 +1,88 @@
-//! Pipeline settings shared by the Lambdas and the local runtime.
+//! Pipeline settings shared by the Lambdas and the local runtime: one list of settings
+//! ([`SETTINGS`]), one way to apply a value (from `sightline.toml`, a `SIGHTLINE_*` variable
+//! or a command-line flag), one validation, one worst-case timing formula.
+//!
+//! Locally the order is defaults < file < environment < flags; on Lambda only the environment
+//! (set by the SAM template) applies. The README's settings table is generated from
+//! [`SETTINGS`] and checked by a test.
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use sightline_core::model::{CacheScope, Detail};
-use sightline_core::pricing::{EstimateParams, PriceTable};
+use sightline_core::model::{AnswerParams, CacheScope, Detail};
+use sightline_core::pricing::{EstimateParams, PriceTable, PricingError};
 use sightline_core::PrepareOptions;
 
 /// The prompt asking for the analysis object (its version is part of the idempotency key).
 /// It lives in the core, so the browser's estimate counts the same prompt as the server's.
 pub use sightline_core::pricing::DEFAULT_PROMPT;
 
+/// The OpenAI API; any OpenAI-compatible endpoint can replace it (`OPENAI_BASE_URL`).
+pub const DEFAULT_OPENAI_BASE_URL: &str = "https://api.openai.com/v1";
+
+/// Longest output edge that may be asked for (larger is no image a model takes).
+pub const MAX_EDGE_LIMIT: u32 = 16_384;
+
+/// Time a record needs besides its provider calls and limiter waits: reads and writes.
+const RECORD_WRITES: Duration = Duration::from_secs(5);
+/// What a claim lease keeps over a record's worst case (clock skew, a slow store).
+const LEASE_MARGIN: Duration = Duration::from_secs(25);
+
+/// Which vision provider analyses images.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// The offline analyzer: $0, deterministic, no network.
+    Local,
+    /// Any OpenAI-compatible chat completions API.
+    OpenAi,
+}
+
+/// Where the settings are used: the runtime picks the defaults that differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Runtime {
+    /// `sightline run` / `serve`: one long process.
+    Local,
+    /// The Lambda functions.
+    Lambda,
+}
+
+/// A setting that could not be applied, or settings that do not fit together.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("{origin}={value:?}: expected {expected}")]
+    BadValue {
+        /// Where the value came from: `SIGHTLINE_RPM`, `rpm in sightline.toml`, `--rpm`.
+        origin: String,
+        value: String,
+        expected: &'static str,
+    },
+    #[error("unknown setting {key:?}; known settings: {known}")]
+    UnknownKey { key: String, known: String },
+    #[error(transparent)]
+    UnknownModel(#[from] PricingError),
+    #[error("prompt_version must be non-empty and contain no ':' (got {0:?})")]
+    PromptVersion(String),
+    #[error("max_output_tokens must be > 0")]
+    NoOutputTokens,
+    #[error("max_edge must be 1..={MAX_EDGE_LIMIT} (got {0})")]
+    MaxEdge(u32),
+    #[error("resize_memory_mb must be at least 64 (got {0} MB)")]
+    ResizeBudget(u64),
+    #[error("quality must be 1..=100 (got {0})")]
+    Quality(u8),
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Settings {
     pub prepare: PrepareOptions,
+    /// None: `openai` when a key is configured, else `local`.
+    pub provider: Option<ProviderKind>,
+    pub openai_base_url: String,
+    /// One provider request's timeout.
+    pub provider_timeout: Duration,
     /// Model whose price is estimated and, with a paid provider, called.
     pub model: String,
     /// Tried in order when the primary model is throttled for long or unavailable.
@@ -21,7 +90,10 @@ pub struct Settings {
     pub prompt: String,
     pub prompt_version: String,
     pub max_output_tokens: u32,
+    /// Image detail sent to the provider, unless the tenant or the upload asks otherwise.
     pub detail: Detail,
+    /// Detail per tenant (over `detail`; an upload's own request is over both).
+    pub tenant_detail: BTreeMap<String, Detail>,
     /// Global provider limits (0 = unlimited).
     pub rpm: u64,
     pub tpm: u64,
@@ -31,8 +103,8 @@ pub struct Settings {
     pub max_inline_wait: Duration,
     /// A Retry-After at least this long switches to the fallback model at once.
     pub fallback_after: Duration,
-    /// In-flight claim lease on an idempotency key; longer than one model's worst case
-    /// (two provider calls plus limiter waits), see [`Settings::fit_lease_to`].
+    /// In-flight claim lease on an idempotency key; never shorter than
+    /// [`Settings::claim_lease`] makes it.
     pub claim_lease: Duration,
     /// Deliveries before the queue moves a message to its DLQ (SQS maxReceiveCount); the
     /// last one marks the image failed if it still cannot be analysed. 0 = unknown.
@@ -59,25 +131,52 @@ pub struct Settings {
     pub resize_memory_budget: u64,
     /// Resizes admitted at once (each holds its input bytes while it waits for memory).
     pub max_concurrent_resizes: usize,
+    /// Local: concurrent analysis workers of one process.
+    pub workers: usize,
+    /// Local: the data directory (SQLite database and blobs).
+    pub data_dir: PathBuf,
 }
 
 impl Default for Settings {
     fn default() -> Self {
+        Settings::defaults_for(Runtime::Local)
+    }
+}
+
+impl Settings {
+    /// The defaults of a runtime (they differ only where the runtime makes them differ).
+    pub fn defaults_for(runtime: Runtime) -> Settings {
         Settings {
             prepare: PrepareOptions::default(),
+            provider: None,
+            openai_base_url: DEFAULT_OPENAI_BASE_URL.into(),
+            provider_timeout: match runtime {
+                Runtime::Local => Duration::from_secs(60),
+                // A few records' worst cases must fit the function timeout (template: 180 s).
+                Runtime::Lambda => Duration::from_secs(30),
+            },
             model: "gpt-4.1-mini".into(),
             fallback_models: Vec::new(),
             prompt: DEFAULT_PROMPT.into(),
             prompt_version: "v1".into(),
             max_output_tokens: sightline_core::pricing::DEFAULT_MAX_OUTPUT_TOKENS,
             detail: Detail::High,
+            tenant_detail: BTreeMap::new(),
             rpm: 500,
             tpm: 200_000,
             max_concurrency: 1,
-            max_inline_wait: Duration::from_secs(2),
+            max_inline_wait: match runtime {
+                // Sleeping costs nothing in a local process.
+                Runtime::Local => Duration::from_secs(60),
+                // A Lambda pays for waiting: longer waits go back to the queue.
+                Runtime::Lambda => Duration::from_secs(2),
+            },
             fallback_after: Duration::from_secs(10),
             claim_lease: Duration::from_secs(120),
-            max_receives: 5,
+            max_receives: match runtime {
+                Runtime::Local => 8,
+                Runtime::Lambda => 5,
+            },
             upload_ttl: Duration::from_secs(900),
             share_cache_across_tenants: false,
             reconcile_after: Duration::from_secs(60),
@@ -86,25 +185,32 @@ impl Default for Settings {
             pending_ttl: Duration::from_secs(7 * 86_400),
             resize_memory_budget: 1 << 30,
             max_concurrent_resizes: 8,
+            workers: 4,
+            data_dir: PathBuf::from(".sightline"),
         }
     }
-}
 
-impl Settings {
-    /// Check names against the price table so a typo fails at start, not per image.
-    pub fn validate(&self) -> Result<(), String> {
+    /// Check the settings together, and names against the price table, so a typo fails at
+    /// start, not per image.
+    pub fn validate(&self) -> Result<(), SettingsError> {
         let table = PriceTable::builtin();
         for m in std::iter::once(&self.model).chain(self.fallback_models.iter()) {
-            table.model(m).map_err(|e| e.to_string())?;
+            table.model(m)?;
         }
         if self.prompt_version.is_empty() || self.prompt_version.contains(':') {
-            return Err("prompt version must be non-empty and contain no ':'".into());
+            return Err(SettingsError::PromptVersion(self.prompt_version.clone()));
         }
         if self.max_output_tokens == 0 {
-            return Err("max_output_tokens must be > 0".into());
+            return Err(SettingsError::NoOutputTokens);
+        }
+        if self.prepare.max_edge == 0 || self.prepare.max_edge > MAX_EDGE_LIMIT {
+            return Err(SettingsError::MaxEdge(self.prepare.max_edge));
+        }
+        if !(1..=100).contains(&self.prepare.quality) {
+            return Err(SettingsError::Quality(self.prepare.quality));
         }
         if self.resize_memory_budget < 64 << 20 {
-            return Err("the resize memory budget must be at least 64 MB".into());
+            return Err(SettingsError::ResizeBudget(self.resize_memory_budget >> 20));
         }
         Ok(())
     }
@@ -118,121 +224,49 @@ impl Settings {
         }
     }
 
-    /// Apply the `SIGHTLINE_*` pipeline settings found by `get` (environment lookups; empty
-    /// values count as unset). Shared by the Lambdas and the CLI, so a variable means the same
-    /// everywhere.
-    pub fn apply_env(&mut self, get: &dyn Fn(&str) -> Option<String>) -> Result<(), String> {
-        let var = |name: &str| {
-            get(name)
-                .map(|v| v.trim().to_string())
-                .filter(|v| !v.is_empty())
-        };
-        fn num<T: std::str::FromStr>(name: &str, v: Option<String>) -> Result<Option<T>, String> {
-            v.map(|v| {
-                v.parse()
-                    .map_err(|_| format!("{name}={v:?} is not a valid number"))
-            })
-            .transpose()
+    /// The detail for an image: the upload's own request, else the tenant's, else the default.
+    pub fn detail_for(&self, tenant: &str, requested: Option<Detail>) -> Detail {
+        requested
+            .or_else(|| self.tenant_detail.get(tenant).copied())
+            .unwrap_or(self.detail)
+    }
+
+    /// The request parameters an answer depends on besides the image and the model.
+    pub fn answer_params(&self, detail: Detail) -> AnswerParams<'_> {
+        AnswerParams {
+            prompt_version: &self.prompt_version,
+            detail,
+            max_output_tokens: self.max_output_tokens,
         }
-        fn flag(name: &str, v: Option<String>) -> Result<Option<bool>, String> {
-            v.map(|v| match v.to_ascii_lowercase().as_str() {
-                "1" | "true" | "yes" | "on" => Ok(true),
-                "0" | "false" | "no" | "off" => Ok(false),
-                _ => Err(format!("{name}={v:?} is not true or false")),
-            })
-            .transpose()
-        }
-        let secs = |name: &str| num::<u64>(name, var(name)).map(|v| v.map(Duration::from_secs));
-        if let Some(m) = var("SIGHTLINE_MODEL") {
-            self.model = m;
-        }
-        if let Some(f) = var("SIGHTLINE_FALLBACK_MODELS") {
-            self.fallback_models = f
-                .split(',')
-                .map(str::trim)
-                .filter(|m| !m.is_empty())
-                .map(str::to_string)
-                .collect();
-        }
-        if let Some(v) = var("SIGHTLINE_PROMPT_VERSION") {
-            self.prompt_version = v;
-        }
-        if let Some(v) = num("SIGHTLINE_RPM", var("SIGHTLINE_RPM"))? {
-            self.rpm = v;
-        }
-        if let Some(v) = num("SIGHTLINE_TPM", var("SIGHTLINE_TPM"))? {
-            self.tpm = v;
-        }
-        if let Some(v) = num::<u64>(
-            "SIGHTLINE_MAX_CONCURRENCY",
-            var("SIGHTLINE_MAX_CONCURRENCY"),
-        )? {
-            self.max_concurrency = v.max(1);
-        }
-        if let Some(v) = num("SIGHTLINE_MAX_EDGE", var("SIGHTLINE_MAX_EDGE"))? {
-            self.prepare.max_edge = v;
-        }
-        if let Some(v) = num(
-            "SIGHTLINE_MAX_INPUT_BYTES",
-            var("SIGHTLINE_MAX_INPUT_BYTES"),
-        )? {
-            self.prepare.max_input_bytes = v;
-        }
-        if let Some(v) = num("SIGHTLINE_MAX_PIXELS", var("SIGHTLINE_MAX_PIXELS"))? {
-            self.prepare.max_pixels = v;
-        }
-        if let Some(v) = num::<u64>(
-            "SIGHTLINE_MAX_INLINE_WAIT_MS",
-            var("SIGHTLINE_MAX_INLINE_WAIT_MS"),
-        )? {
-            self.max_inline_wait = Duration::from_millis(v);
-        }
-        // The analyze queue's maxReceiveCount: the last delivery marks the image failed.
-        if let Some(v) = num("SIGHTLINE_MAX_RECEIVES", var("SIGHTLINE_MAX_RECEIVES"))? {
-            self.max_receives = v;
-        }
-        if let Some(v) = flag("SIGHTLINE_SHARE_CACHE", var("SIGHTLINE_SHARE_CACHE"))? {
-            self.share_cache_across_tenants = v;
-        }
-        if let Some(v) = secs("SIGHTLINE_RECONCILE_AFTER_SECS")? {
-            self.reconcile_after = v;
-        }
-        if let Some(v) = secs("SIGHTLINE_STUCK_AFTER_SECS")? {
-            self.stuck_after = v;
-        }
-        if let Some(v) = secs("SIGHTLINE_RECONCILE_EVERY_SECS")? {
-            self.reconcile_every = v.max(Duration::from_secs(1));
-        }
-        if let Some(v) = secs("SIGHTLINE_PENDING_TTL_SECS")? {
-            self.pending_ttl = v;
-        }
-        if let Some(v) = num::<u64>(
-            "SIGHTLINE_RESIZE_MEMORY_MB",
-            var("SIGHTLINE_RESIZE_MEMORY_MB"),
-        )? {
-            self.resize_memory_budget = v.saturating_mul(1 << 20);
-        }
-        if let Some(v) = num::<usize>(
-            "SIGHTLINE_MAX_CONCURRENT_RESIZES",
-            var("SIGHTLINE_MAX_CONCURRENT_RESIZES"),
-        )? {
-            self.max_concurrent_resizes = v.max(1);
-        }
-        Ok(())
     }
 
     /// What an estimate assumes besides the image: the core's one rule for the prompt and
     /// output tokens, so the widget, `estimate` and the recorded estimate agree.
-    pub fn estimate_params(&self) -> EstimateParams {
-        EstimateParams::for_prompt(&self.prompt, self.max_output_tokens, self.detail)
+    pub fn estimate_params(&self, detail: Detail) -> EstimateParams {
+        EstimateParams::for_prompt(&self.prompt, self.max_output_tokens, detail)
     }
 
-    /// Make the claim lease outlast one model's worst case with this provider timeout: an
-    /// invalid-output retry (two calls), two in-place limiter waits and a margin. A lease that
-    /// ends while the call is still running would let a redelivery pay for the same image.
-    pub fn fit_lease_to(&mut self, provider_timeout: Duration) {
-        let worst = provider_timeout * 2 + self.max_inline_wait * 2 + Duration::from_secs(30);
-        self.claim_lease = self.claim_lease.max(worst);
+    /// The longest one record can take: an invalid-output retry (two provider calls), two
+    /// in-place limiter waits, and its reads and writes. The one formula behind the claim
+    /// lease, the Lambda's per-record deadline check and the local queue's visibility.
+    pub fn record_worst_case(&self) -> Duration {
+        self.provider_timeout * 2 + self.max_inline_wait * 2 + RECORD_WRITES
+    }
+
+    /// Make the claim lease at least a record's worst case plus a margin (done once the
+    /// settings are resolved). A lease that ends while the call is still running would let a
+    /// redelivery pay for the same image.
+    pub fn fit_claim_lease(&mut self) {
+        self.claim_lease = self
+            .claim_lease
+            .max(self.record_worst_case() + LEASE_MARGIN);
+    }
+
+    /// The last step of every resolution: validate, then derive what follows from the rest.
+    pub fn finish(&mut self) -> Result<(), SettingsError> {
+        self.validate()?;
+        self.fit_claim_lease();
+        Ok(())
     }
 
     /// Models in the order they are tried.
@@ -245,20 +279,573 @@ impl Settings {
         }
         chain
     }
+
+    /// Apply one setting by its key (see [`SETTINGS`]); `origin` names where the value came
+    /// from in errors.
+    pub fn set(&mut self, key: &str, value: &str, origin: &str) -> Result<(), SettingsError> {
+        let def =
+            SETTINGS
+                .iter()
+                .find(|d| d.key == key)
+                .ok_or_else(|| SettingsError::UnknownKey {
+                    key: key.to_string(),
+                    known: SETTINGS
+                        .iter()
+                        .map(|d| d.key)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                })?;
+        let bad = |expected: &'static str| SettingsError::BadValue {
+            origin: origin.to_string(),
+            value: value.to_string(),
+            expected,
+        };
+        (def.apply)(self, value.trim()).map_err(bad)
+    }
+
+    /// Apply every `SIGHTLINE_*` (and `OPENAI_BASE_URL`) variable that `get` finds; empty
+    /// values count as unset.
+    pub fn apply_env(&mut self, get: &dyn Fn(&str) -> Option<String>) -> Result<(), SettingsError> {
+        for def in SETTINGS {
+            if let Some(v) = get(def.env).filter(|v| !v.trim().is_empty()) {
+                self.set(def.key, &v, def.env)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The Lambda functions' settings: defaults, then the environment, then validation.
+    pub fn for_lambda(get: &dyn Fn(&str) -> Option<String>) -> Result<Settings, SettingsError> {
+        let mut s = Settings::defaults_for(Runtime::Lambda);
+        s.apply_env(get)?;
+        s.finish()?;
+        Ok(s)
+    }
+}
+
+/// Where a setting takes effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applies {
+    Everywhere,
+    /// `sightline run` / `serve` only.
+    Local,
+    /// The Lambda functions only.
+    Lambda,
+}
+
+impl Applies {
+    fn as_str(self) -> &'static str {
+        match self {
+            Applies::Everywhere => "local + Lambda",
+            Applies::Local => "local",
+            Applies::Lambda => "Lambda",
+        }
+    }
+}
+
+/// One setting: its key (in `sightline.toml`; the flag, where there is one, is `--key` with
+/// dashes), its variable, where it applies, how a value is read and how its value is shown.
+pub struct SettingDef {
+    pub key: &'static str,
+    pub env: &'static str,
+    /// The `sightline` flag that sets it, if any.
+    pub flag: bool,
+    pub applies: Applies,
+    pub help: &'static str,
+    /// Read a value into the settings; Err names what was expected.
+    apply: fn(&mut Settings, &str) -> Result<(), &'static str>,
+    /// The current value, as a user would write it.
+    show: fn(&Settings) -> String,
+}
+
+fn num<T: std::str::FromStr>(v: &str) -> Result<T, &'static str> {
+    v.parse().map_err(|_| "a whole number")
+}
+
+fn secs(v: &str) -> Result<Duration, &'static str> {
+    num::<u64>(v)
+        .map(Duration::from_secs)
+        .map_err(|_| "whole seconds")
+}
+
+fn flag(v: &str) -> Result<bool, &'static str> {
+    match v.to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err("true or false"),
+    }
+}
+
+fn list(v: &str) -> Vec<String> {
+    v.split(',')
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+fn detail(v: &str) -> Result<Detail, &'static str> {
+    Detail::parse(v).ok_or("low, high or auto")
+}
+
+fn tenant_details(v: &str) -> Result<BTreeMap<String, Detail>, &'static str> {
+    const EXPECTED: &str = "tenant=detail pairs, comma-separated (acme=low,beta=auto)";
+    let mut map = BTreeMap::new();
+    for pair in list(v) {
+        let (tenant, d) = pair.split_once('=').ok_or(EXPECTED)?;
+        let tenant = tenant.trim();
+        if tenant.is_empty() {
+            return Err(EXPECTED);
+        }
+        map.insert(tenant.to_string(), Detail::parse(d).ok_or(EXPECTED)?);
+    }
+    Ok(map)
+}
+
+fn show_secs(d: Duration) -> String {
+    d.as_secs().to_string()
+}
+
+/// Every setting, once. The README table and the docs are generated from this list.
+pub const SETTINGS: &[SettingDef] = &[
+    SettingDef {
+        key: "data_dir",
+        env: "SIGHTLINE_DATA_DIR",
+        flag: true,
+        applies: Applies::Local,
+        help: "SQLite database and image files",
+        apply: |s, v| {
+            s.data_dir = PathBuf::from(v);
+            Ok(())
+        },
+        show: |s| s.data_dir.display().to_string(),
+    },
+    SettingDef {
+        key: "provider",
+        env: "SIGHTLINE_PROVIDER",
+        flag: true,
+        applies: Applies::Everywhere,
+        help: "`local` (offline analyzer, $0) or `openai` (any OpenAI-compatible API); unset: `openai` when a key is configured",
+        apply: |s, v| {
+            s.provider = Some(match v.to_ascii_lowercase().as_str() {
+                "local" => ProviderKind::Local,
+                "openai" => ProviderKind::OpenAi,
+                _ => return Err("local or openai"),
+            });
+            Ok(())
+        },
+        show: |s| match s.provider {
+            None => "(by key)".into(),
+            Some(ProviderKind::Local) => "local".into(),
+            Some(ProviderKind::OpenAi) => "openai".into(),
+        },
+    },
+    SettingDef {
+        key: "openai_base_url",
+        env: "OPENAI_BASE_URL",
+        flag: false,
+        applies: Applies::Everywhere,
+        help: "OpenAI-compatible endpoint (Gemini's OpenAI endpoint, DeepSeek, a gateway)",
+        apply: |s, v| {
+            if !(v.starts_with("https://") || v.starts_with("http://")) {
+                return Err("an http(s) URL");
+            }
+            s.openai_base_url = v.to_string();
+            Ok(())
+        },
+        show: |s| s.openai_base_url.clone(),
+    },
+    SettingDef {
+        key: "timeout_secs",
+        env: "SIGHTLINE_TIMEOUT_SECS",
+        flag: true,
+        applies: Applies::Everywhere,
+        help: "one provider request's timeout",
+        apply: |s, v| {
+            // Fractions are allowed: fault runs use sub-second timeouts.
+            let secs: f64 = v
+                .parse()
+                .ok()
+                .filter(|s: &f64| s.is_finite() && *s > 0.0 && *s <= 3600.0)
+                .ok_or("seconds, > 0 and at most 3600")?;
+            s.provider_timeout = Duration::from_secs_f64(secs);
+            Ok(())
+        },
+        show: |s| format!("{}", s.provider_timeout.as_secs_f64()),
+    },
+    SettingDef {
+        key: "model",
+        env: "SIGHTLINE_MODEL",
+        flag: true,
+        applies: Applies::Everywhere,
+        help: "model to estimate and (with a paid provider) call; see `sightline models`",
+        apply: |s, v| {
+            s.model = v.to_string();
+            Ok(())
+        },
+        show: |s| s.model.clone(),
+    },
+    SettingDef {
+        key: "fallback_models",
+        env: "SIGHTLINE_FALLBACK_MODELS",
+        flag: true,
+        applies: Applies::Everywhere,
+        help: "comma-separated models tried when the model is throttled for long or down",
+        apply: |s, v| {
+            s.fallback_models = list(v);
+            Ok(())
+        },
+        show: |s| s.fallback_models.join(","),
+    },
+    SettingDef {
+        key: "prompt",
+        env: "SIGHTLINE_PROMPT",
+        flag: false,
+        applies: Applies::Everywhere,
+        help: "the analysis prompt (change `prompt_version` with it)",
+        apply: |s, v| {
+            if v.is_empty() {
+                return Err("a non-empty prompt");
+            }
+            s.prompt = v.to_string();
+            Ok(())
+        },
+        show: |_| "(built in)".into(),
+    },
+    SettingDef {
+        key: "prompt_version",
+        env: "SIGHTLINE_PROMPT_VERSION",
+        flag: true,
+        applies: Applies::Everywhere,
+        help: "part of the cache key: a new version analyses again",
+        apply: |s, v| {
+            s.prompt_version = v.to_string();
+            Ok(())
+        },
+        show: |s| s.prompt_version.clone(),
+    },
+    SettingDef {
+        key: "detail",
+        env: "SIGHTLINE_DETAIL",
+        flag: true,
+        applies: Applies::Everywhere,
+        help: "image detail: `low` (85 tokens per image on GPT-4o-class models), `high` (by tiles) or `auto` (estimated as high); part of the cache key",
+        apply: |s, v| {
+            s.detail = detail(v)?;
+            Ok(())
+        },
+        show: |s| s.detail.to_string(),
+    },
+    SettingDef {
+        key: "tenant_detail",
+        env: "SIGHTLINE_TENANT_DETAIL",
+        flag: false,
+        applies: Applies::Everywhere,
+        help: "detail per tenant, `acme=low,beta=auto` (a table in the file); an upload's `detail` wins",
+        apply: |s, v| {
+            s.tenant_detail = tenant_details(v)?;
+            Ok(())
+        },
+        show: |s| {
+            s.tenant_detail
+                .iter()
+                .map(|(t, d)| format!("{t}={d}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        },
+    },
+    SettingDef {
+        key: "max_output_tokens",
+        env: "SIGHTLINE_MAX_OUTPUT_TOKENS",
+        flag: false,
+        applies: Applies::Everywhere,
+        help: "`max_tokens` of each call; part of the cache key",
+        apply: |s, v| {
+            s.max_output_tokens = num(v)?;
+            Ok(())
+        },
+        show: |s| s.max_output_tokens.to_string(),
+    },
+    SettingDef {
+        key: "rpm",
+        env: "SIGHTLINE_RPM",
+        flag: true,
+        applies: Applies::Everywhere,
+        help: "provider requests per minute, all instances together (0 = unlimited)",
+        apply: |s, v| {
+            s.rpm = num(v)?;
+            Ok(())
+        },
+        show: |s| s.rpm.to_string(),
+    },
+    SettingDef {
+        key: "tpm",
+        env: "SIGHTLINE_TPM",
+        flag: true,
+        applies: Applies::Everywhere,
+        help: "provider tokens per minute, all instances together (0 = unlimited)",
+        apply: |s, v| {
+            s.tpm = num(v)?;
+            Ok(())
+        },
+        show: |s| s.tpm.to_string(),
+    },
+    SettingDef {
+        key: "max_concurrency",
+        env: "SIGHTLINE_MAX_CONCURRENCY",
+        flag: false,
+        applies: Applies::Lambda,
+        help: "analyze instances sharing the limits (the template passes the SQS MaximumConcurrency)",
+        apply: |s, v| {
+            s.max_concurrency = num::<u64>(v)?.max(1);
+            Ok(())
+        },
+        show: |s| s.max_concurrency.to_string(),
+    },
+    SettingDef {
+        key: "max_inline_wait_ms",
+        env: "SIGHTLINE_MAX_INLINE_WAIT_MS",
+        flag: false,
+        applies: Applies::Everywhere,
+        help: "longest limiter wait done in place; longer waits go back to the queue",
+        apply: |s, v| {
+            s.max_inline_wait = Duration::from_millis(num(v)?);
+            Ok(())
+        },
+        show: |s| s.max_inline_wait.as_millis().to_string(),
+    },
+    SettingDef {
+        key: "max_receives",
+        env: "SIGHTLINE_MAX_RECEIVES",
+        flag: false,
+        applies: Applies::Everywhere,
+        help: "deliveries before a job is dead-lettered (on Lambda the queue's maxReceiveCount, passed by the template); the last one marks the image failed",
+        apply: |s, v| {
+            s.max_receives = num(v)?;
+            Ok(())
+        },
+        show: |s| s.max_receives.to_string(),
+    },
+    SettingDef {
+        key: "workers",
+        env: "SIGHTLINE_WORKERS",
+        flag: true,
+        applies: Applies::Local,
+        help: "concurrent analysis workers",
+        apply: |s, v| {
+            s.workers = num::<usize>(v)?.clamp(1, 64);
+            Ok(())
+        },
+        show: |s| s.workers.to_string(),
+    },
+    SettingDef {
+        key: "max_edge",
+        env: "SIGHTLINE_MAX_EDGE",
+        flag: true,
+        applies: Applies::Everywhere,
+        help: "longest edge of the resized image, pixels",
+        apply: |s, v| {
+            s.prepare.max_edge = num(v)?;
+            Ok(())
+        },
+        show: |s| s.prepare.max_edge.to_string(),
+    },
+    SettingDef {
+        key: "quality",
+        env: "SIGHTLINE_QUALITY",
+        flag: false,
+        applies: Applies::Everywhere,
+        help: "JPEG quality of the resized image (1-100)",
+        apply: |s, v| {
+            s.prepare.quality = num(v)?;
+            Ok(())
+        },
+        show: |s| s.prepare.quality.to_string(),
+    },
+    SettingDef {
+        key: "max_input_bytes",
+        env: "SIGHTLINE_MAX_INPUT_BYTES",
+        flag: false,
+        applies: Applies::Everywhere,
+        help: "largest original accepted",
+        apply: |s, v| {
+            s.prepare.max_input_bytes = num(v)?;
+            Ok(())
+        },
+        show: |s| s.prepare.max_input_bytes.to_string(),
+    },
+    SettingDef {
+        key: "max_pixels",
+        env: "SIGHTLINE_MAX_PIXELS",
+        flag: false,
+        applies: Applies::Everywhere,
+        help: "largest original accepted, pixels (read from the header before decoding)",
+        apply: |s, v| {
+            s.prepare.max_pixels = num(v)?;
+            Ok(())
+        },
+        show: |s| s.prepare.max_pixels.to_string(),
+    },
+    SettingDef {
+        key: "upload_ttl_secs",
+        env: "SIGHTLINE_UPLOAD_TTL_SECS",
+        flag: false,
+        applies: Applies::Everywhere,
+        help: "lifetime of an upload URL",
+        apply: |s, v| {
+            s.upload_ttl = secs(v)?.max(Duration::from_secs(1));
+            Ok(())
+        },
+        show: |s| show_secs(s.upload_ttl),
+    },
+    SettingDef {
+        key: "share_cache_across_tenants",
+        env: "SIGHTLINE_SHARE_CACHE",
+        flag: false,
+        applies: Applies::Everywhere,
+        help: "reuse answers across tenants for identical images",
+        apply: |s, v| {
+            s.share_cache_across_tenants = flag(v)?;
+            Ok(())
+        },
+        show: |s| s.share_cache_across_tenants.to_string(),
+    },
+    SettingDef {
+        key: "reconcile_after_secs",
+        env: "SIGHTLINE_RECONCILE_AFTER_SECS",
+        flag: false,
+        applies: Applies::Everywhere,
+        help: "an upload waiting for its resize, or a job for its message, this long is redone",
+        apply: |s, v| {
+            s.reconcile_after = secs(v)?;
+            Ok(())
+        },
+        show: |s| show_secs(s.reconcile_after),
+    },
+    SettingDef {
+        key: "stuck_after_secs",
+        env: "SIGHTLINE_STUCK_AFTER_SECS",
+        flag: false,
+        applies: Applies::Everywhere,
+        help: "a queued image untouched this long gets its job sent again",
+        apply: |s, v| {
+            s.stuck_after = secs(v)?;
+            Ok(())
+        },
+        show: |s| show_secs(s.stuck_after),
+    },
+    SettingDef {
+        key: "reconcile_every_secs",
+        env: "SIGHTLINE_RECONCILE_EVERY_SECS",
+        flag: false,
+        applies: Applies::Local,
+        help: "period of `serve`'s reconciler sweep (on AWS the template's schedule)",
+        apply: |s, v| {
+            s.reconcile_every = secs(v)?.max(Duration::from_secs(1));
+            Ok(())
+        },
+        show: |s| show_secs(s.reconcile_every),
+    },
+    SettingDef {
+        key: "pending_ttl_secs",
+        env: "SIGHTLINE_PENDING_TTL_SECS",
+        flag: false,
+        applies: Applies::Everywhere,
+        help: "a `pending` record with nothing uploaded is deleted after this",
+        apply: |s, v| {
+            s.pending_ttl = secs(v)?;
+            Ok(())
+        },
+        show: |s| show_secs(s.pending_ttl),
+    },
+    SettingDef {
+        key: "resize_memory_mb",
+        env: "SIGHTLINE_RESIZE_MEMORY_MB",
+        flag: false,
+        applies: Applies::Everywhere,
+        help: "memory the concurrent resizes may budget together",
+        apply: |s, v| {
+            s.resize_memory_budget = num::<u64>(v)?.saturating_mul(1 << 20);
+            Ok(())
+        },
+        show: |s| (s.resize_memory_budget >> 20).to_string(),
+    },
+    SettingDef {
+        key: "max_concurrent_resizes",
+        env: "SIGHTLINE_MAX_CONCURRENT_RESIZES",
+        flag: false,
+        applies: Applies::Everywhere,
+        help: "resizes admitted at once",
+        apply: |s, v| {
+            s.max_concurrent_resizes = num::<usize>(v)?.max(1);
+            Ok(())
+        },
+        show: |s| s.max_concurrent_resizes.to_string(),
+    },
+];
+
+/// The README's settings table (Markdown), from [`SETTINGS`] and both runtimes' defaults.
+pub fn settings_table() -> String {
+    let local = Settings::defaults_for(Runtime::Local);
+    let lambda = Settings::defaults_for(Runtime::Lambda);
+    let mut out = String::from(
+        "| key (`sightline.toml`) | variable | flag | default | applies | what it does |\n|---|---|---|---|---|---|\n",
+    );
+    for d in SETTINGS {
+        let (l, a) = ((d.show)(&local), (d.show)(&lambda));
+        let default = match d.applies {
+            Applies::Everywhere if l != a => format!("{l} (local), {a} (Lambda)"),
+            Applies::Lambda => a,
+            _ => l,
+        };
+        let default = if default.is_empty() {
+            "(none)".to_string()
+        } else if default.starts_with('(') {
+            default
+        } else {
+            format!("`{default}`")
+        };
+        let flag = if d.flag {
+            format!("`--{}`", d.key.replace('_', "-"))
+        } else {
+            String::new()
+        };
+        out.push_str(&format!(
+            "| `{}` | `{}` | {} | {} | {} | {} |\n",
+            d.key,
+            d.env,
+            flag,
+            default,
+            d.applies.as_str(),
+            d.help
+        ));
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn env(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |k: &str| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
     #[test]
     fn defaults_are_valid_and_typos_are_caught() {
         Settings::default().validate().unwrap();
+        Settings::defaults_for(Runtime::Lambda).validate().unwrap();
         let s = Settings {
             fallback_models: vec!["gpt-4o".into(), "gpt-4o".into(), "nope".into()],
             ..Default::default()
         };
-        assert!(s.validate().unwrap_err().contains("nope"));
+        assert!(matches!(s.validate(), Err(SettingsError::UnknownModel(_))));
+        assert!(s.validate().unwrap_err().to_string().contains("nope"));
         let s = Settings {
             fallback_models: vec!["gpt-4o".into(), "gpt-4o".into()],
             ..Default::default()
@@ -267,48 +854,145 @@ mod tests {
     }
 
     #[test]
+    fn validation_is_the_same_for_every_runtime() {
+        for runtime in [Runtime::Local, Runtime::Lambda] {
+            let mut s = Settings::defaults_for(runtime);
+            s.prepare.max_edge = 20_000;
+            assert!(matches!(s.validate(), Err(SettingsError::MaxEdge(20_000))));
+            let mut s = Settings::defaults_for(runtime);
+            s.prompt_version = "a:b".into();
+            assert!(matches!(s.validate(), Err(SettingsError::PromptVersion(_))));
+            let mut s = Settings::defaults_for(runtime);
+            s.max_output_tokens = 0;
+            assert!(matches!(s.validate(), Err(SettingsError::NoOutputTokens)));
+        }
+    }
+
+    #[test]
     fn the_default_settings_estimate_like_the_browser_does() {
         // The WASM client prices with EstimateParams::default(): the same numbers as the server.
-        assert_eq!(
-            Settings::default().estimate_params(),
-            EstimateParams::default()
-        );
+        let s = Settings::default();
+        assert_eq!(s.estimate_params(s.detail), EstimateParams::default());
     }
 
     #[test]
     fn environment_settings_parse_and_bad_values_are_named() {
-        let env = |pairs: &'static [(&'static str, &'static str)]| {
-            move |k: &str| {
-                pairs
-                    .iter()
-                    .find(|(n, _)| *n == k)
-                    .map(|(_, v)| v.to_string())
-            }
-        };
         let mut s = Settings::default();
         s.apply_env(&env(&[
             ("SIGHTLINE_SHARE_CACHE", "true"),
             ("SIGHTLINE_RECONCILE_AFTER_SECS", "5"),
             ("SIGHTLINE_RESIZE_MEMORY_MB", "512"),
+            ("SIGHTLINE_DETAIL", "low"),
+            ("SIGHTLINE_TENANT_DETAIL", "acme=auto, beta=high"),
+            ("SIGHTLINE_MAX_INPUT_BYTES", "1000"),
             ("SIGHTLINE_RPM", " "),
         ]))
         .unwrap();
         assert!(s.share_cache_across_tenants);
         assert_eq!(s.reconcile_after, Duration::from_secs(5));
         assert_eq!(s.resize_memory_budget, 512 << 20);
+        assert_eq!(s.prepare.max_input_bytes, 1000);
+        assert_eq!(s.detail, Detail::Low);
+        assert_eq!(s.detail_for("acme", None), Detail::Auto);
+        assert_eq!(s.detail_for("beta", None), Detail::High);
+        assert_eq!(s.detail_for("other", None), Detail::Low);
+        assert_eq!(s.detail_for("acme", Some(Detail::Low)), Detail::Low);
         assert_eq!(s.rpm, Settings::default().rpm, "empty means unset");
         assert_eq!(s.cache_scope("t"), CacheScope::Shared);
-        let err = Settings::default()
-            .apply_env(&env(&[("SIGHTLINE_SHARE_CACHE", "maybe")]))
-            .unwrap_err();
-        assert!(err.contains("SIGHTLINE_SHARE_CACHE"), "{err}");
-        let err = Settings::default()
-            .apply_env(&env(&[("SIGHTLINE_TPM", "lots")]))
-            .unwrap_err();
-        assert!(err.contains("SIGHTLINE_TPM"), "{err}");
+        for (name, value) in [
+            ("SIGHTLINE_SHARE_CACHE", "maybe"),
+            ("SIGHTLINE_TPM", "lots"),
+            ("SIGHTLINE_DETAIL", "medium"),
+            ("SIGHTLINE_TENANT_DETAIL", "acme"),
+            ("SIGHTLINE_PROVIDER", "smoke-signals"),
+        ] {
+            let get = move |k: &str| (k == name).then(|| value.to_string());
+            let err = Settings::default().apply_env(&get).unwrap_err();
+            assert!(
+                matches!(&err, SettingsError::BadValue { origin, .. } if origin == name),
+                "{err}"
+            );
+            assert!(err.to_string().contains(name), "{err}");
+        }
         assert_eq!(
             Settings::default().cache_scope("t"),
             CacheScope::Tenant("t")
+        );
+    }
+
+    #[test]
+    fn lambda_settings_come_from_the_environment_and_are_validated() {
+        let s = Settings::for_lambda(&env(&[
+            ("SIGHTLINE_MODEL", "gpt-4o"),
+            ("SIGHTLINE_FALLBACK_MODELS", "gpt-4.1-mini, "),
+            ("SIGHTLINE_RPM", "60"),
+            ("SIGHTLINE_MAX_CONCURRENCY", "5"),
+            ("SIGHTLINE_MAX_EDGE", "512"),
+        ]))
+        .unwrap();
+        assert_eq!(s.model, "gpt-4o");
+        assert_eq!(s.fallback_models, vec!["gpt-4.1-mini"]);
+        assert_eq!((s.rpm, s.tpm, s.max_concurrency), (60, 200_000, 5));
+        assert_eq!(s.prepare.max_edge, 512);
+        assert_eq!(s.max_inline_wait, Duration::from_secs(2));
+        assert!(Settings::for_lambda(&env(&[("SIGHTLINE_MODEL", "nope")])).is_err());
+        assert!(Settings::for_lambda(&env(&[("SIGHTLINE_MAX_EDGE", "99999")])).is_err());
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_the_known_ones() {
+        let err = Settings::default()
+            .set("modle", "x", "modle in sightline.toml")
+            .unwrap_err();
+        assert!(matches!(err, SettingsError::UnknownKey { .. }));
+        assert!(err.to_string().contains("model"), "{err}");
+    }
+
+    #[test]
+    fn one_worst_case_sets_the_lease() {
+        let mut s = Settings::defaults_for(Runtime::Lambda);
+        // 2 × 30 s calls + 2 × 2 s waits + 5 s of writes.
+        assert_eq!(s.record_worst_case(), Duration::from_secs(69));
+        s.finish().unwrap();
+        assert_eq!(s.claim_lease, Duration::from_secs(120));
+        s.provider_timeout = Duration::from_secs(60);
+        s.finish().unwrap();
+        assert_eq!(s.claim_lease, Duration::from_secs(154));
+        let local = Settings::default();
+        // Locally the limiter may wait 60 s in place: 2 × 60 + 2 × 60 + 5.
+        assert_eq!(local.record_worst_case(), Duration::from_secs(245));
+    }
+
+    #[test]
+    fn every_setting_has_a_distinct_key_and_variable() {
+        let mut keys: Vec<_> = SETTINGS.iter().map(|d| d.key).collect();
+        let mut envs: Vec<_> = SETTINGS.iter().map(|d| d.env).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        envs.sort_unstable();
+        envs.dedup();
+        assert_eq!(keys.len(), SETTINGS.len());
+        assert_eq!(envs.len(), SETTINGS.len());
+        // Every default round-trips through its own reader.
+        let d = Settings::default();
+        for def in SETTINGS {
+            let shown = (def.show)(&d);
+            if shown.starts_with('(') || shown.is_empty() {
+                continue;
+            }
+            let mut s = Settings::default();
+            s.set(def.key, &shown, def.key).unwrap();
+            assert_eq!((def.show)(&s), shown, "{}", def.key);
+        }
+    }
+
+    #[test]
+    fn the_readme_settings_table_is_generated_from_the_settings() {
+        let readme = include_str!("../../../README.md");
+        let table = settings_table();
+        assert!(
+            readme.contains(&table),
+            "README.md's settings table is out of date; paste this:\n{table}"
         );
     }
 }

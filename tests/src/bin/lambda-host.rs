@@ -14,14 +14,14 @@
 //! `config::provider_from_env`, and wired to the same handlers as `functions/*/src/main.rs`
 //! (`sightline_resize::handle`, `sightline_analyze::AnalyzeHandler`,
 //! `sightline_reconcile::ReconcileHandler` over `Ingest`/`Analyzer` and the S3/SQS/DynamoDB
-//! adapters). Two variables are the host's own:
+//! adapters). One variable is the host's own:
 //!
 //! - `SIGHTLINE_NOTIFY_QUEUE_URL` (resize): the SQS queue that receives the bucket's
 //!   `s3:ObjectCreated:*` notifications; it stands in for Lambda's asynchronous invocation queue.
-//! - `SIGHTLINE_TIMEOUT_SECS` (analyze): the provider call timeout. The analyze Lambda has it as
-//!   a constant (30 s); the fault run shortens it so a simulated hang costs seconds, not a
-//!   minute. The claim lease and the per-record budget are derived from it exactly as the main
-//!   derives them from its constant.
+//!
+//! The fault run shortens the provider timeout with the ordinary setting
+//! (`SIGHTLINE_TIMEOUT_SECS`), so a simulated hang costs seconds, not half a minute; the claim
+//! lease and the per-record budget follow from it as in the analyze Lambda.
 //!
 //! Event sources:
 //!
@@ -53,7 +53,7 @@ use aws_lambda_events::event::s3::S3Event;
 use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
 use clap::{Parser, ValueEnum};
 use serde_json::{json, Value};
-use sightline_analyze::{AnalyzeHandler, MAX_INLINE_WAIT};
+use sightline_analyze::AnalyzeHandler;
 use sightline_pipeline::analyze::Analyzer;
 use sightline_pipeline::aws::aws_sdk_sqs;
 use sightline_pipeline::aws::aws_sdk_sqs::types::{
@@ -65,13 +65,8 @@ use sightline_pipeline::ports::SystemClock;
 use sightline_pipeline::reconcile::Reconciler;
 use sightline_reconcile::ReconcileHandler;
 
-/// The analyze Lambda's provider timeout (functions/analyze/src/main.rs), used when
-/// `SIGHTLINE_TIMEOUT_SECS` is not set.
-const DEFAULT_PROVIDER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Env var: the notification queue of the resize role.
 const NOTIFY_QUEUE_ENV: &str = "SIGHTLINE_NOTIFY_QUEUE_URL";
-/// Env var: provider timeout of the analyze role, seconds.
-const TIMEOUT_ENV: &str = "SIGHTLINE_TIMEOUT_SECS";
 /// Prefix of the lines the harness parses.
 const EVENT_PREFIX: &str = "@@host ";
 
@@ -434,34 +429,14 @@ async fn resize(args: Args) -> anyhow::Result<()> {
 // analyze
 // ---------------------------------------------------------------------------------------------
 
-fn provider_timeout_from_env() -> anyhow::Result<Duration> {
-    match std::env::var(TIMEOUT_ENV)
-        .ok()
-        .map(|v| v.trim().to_string())
-        .filter(|v| !v.is_empty())
-    {
-        None => Ok(DEFAULT_PROVIDER_TIMEOUT),
-        Some(v) => {
-            let secs: f64 = v
-                .parse()
-                .ok()
-                .filter(|s: &f64| s.is_finite() && *s > 0.0)
-                .with_context(|| format!("{TIMEOUT_ENV}={v:?} is not a positive number"))?;
-            Ok(Duration::from_secs_f64(secs))
-        }
-    }
-}
-
 async fn analyze(args: Args) -> anyhow::Result<()> {
     let env = AwsEnv::from_env()?;
-    let provider_timeout = provider_timeout_from_env()?;
-    // As functions/analyze/src/main.rs, with the provider timeout from the environment.
-    let mut settings = config::settings_from_env()?;
-    settings.max_inline_wait = settings.max_inline_wait.min(MAX_INLINE_WAIT);
-    settings.fit_lease_to(provider_timeout);
+    // As functions/analyze/src/main.rs.
+    let settings = config::settings_from_env()?;
+    let provider_timeout = settings.provider_timeout;
     let sdk = config::sdk_config_from_env().await;
     let clients = Clients::new(&sdk, env.endpoint_url.as_deref());
-    let provider = config::provider_from_env(&env, &sdk, provider_timeout).await?;
+    let provider = config::provider_from_env(&env, &sdk, &settings).await?;
     let claim_lease = settings.claim_lease;
     let analyzer = Analyzer::new(
         Arc::new(S3BlobStore::new(clients.s3.clone(), &env.bucket)),
@@ -472,10 +447,7 @@ async fn analyze(args: Args) -> anyhow::Result<()> {
     );
     let queue_url = env.require_queue()?.to_string();
     let queue = Arc::new(SqsQueue::new(clients.sqs.clone(), &queue_url));
-    let mut handler = AnalyzeHandler::new(analyzer, queue);
-    handler.record_budget = provider_timeout * 2 + MAX_INLINE_WAIT * 2 + Duration::from_secs(5);
-    let record_budget = handler.record_budget;
-    let handler = Arc::new(handler);
+    let handler = Arc::new(AnalyzeHandler::new(analyzer, queue));
     let arn = queue_arn(&clients.sqs, &queue_url).await;
     let region = sdk.region().map(|r| r.to_string());
     let timeout = args.function_timeout();
@@ -484,7 +456,7 @@ async fn analyze(args: Args) -> anyhow::Result<()> {
         json!({"ev": "ready", "role": "analyze", "pid": std::process::id(),
                 "provider_timeout_ms": provider_timeout.as_millis() as u64,
                 "claim_lease_ms": claim_lease.as_millis() as u64,
-                "record_budget_ms": record_budget.as_millis() as u64,
+                "record_budget_ms": handler.record_budget.as_millis() as u64,
                 "handler_concurrency": handler.concurrency,
                 "pollers": args.concurrency.max(1)}),
     );

@@ -1,18 +1,17 @@
 //! Configuration of the Lambdas from the environment (docs/aws.md, `SIGHTLINE_*`).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{bail, Context};
 use aws_config::{BehaviorVersion, SdkConfig};
 use sightline_core::keys::{RESIZED_PREFIX, UPLOAD_PREFIX};
 
 use crate::ports::VisionProvider;
-use crate::providers::local::LocalAnalyzer;
-use crate::providers::openai::OpenAiProvider;
-use crate::settings::Settings;
+use crate::providers::select::{build_provider, provider_kind};
+use crate::settings::{ProviderKind, Settings};
 
-/// Names and endpoints read from the environment.
+/// Where the functions' resources are: names the template passes in the environment (the
+/// pipeline's settings are [`Settings`], read by [`settings_from_env`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct AwsEnv {
     pub bucket: String,
@@ -22,9 +21,6 @@ pub struct AwsEnv {
     /// Analyze queue (required by resize and analyze, not by api).
     pub queue_url: Option<String>,
     pub table: String,
-    /// `openai` or `local`; None = decide from whether a key is configured.
-    pub provider: Option<String>,
-    pub openai_base_url: String,
     pub openai_key_param: Option<String>,
     /// `AWS_ENDPOINT_URL` (emulator): S3 then uses path-style addressing.
     pub endpoint_url: Option<String>,
@@ -49,20 +45,11 @@ impl AwsEnv {
         if RESIZED_PREFIX.starts_with(&upload_prefix) || upload_prefix.starts_with(RESIZED_PREFIX) {
             bail!("SIGHTLINE_UPLOAD_PREFIX ({upload_prefix}) must not overlap the resized prefix ({RESIZED_PREFIX}): the resize function would trigger itself");
         }
-        let provider = var(get, "SIGHTLINE_PROVIDER").map(|p| p.to_ascii_lowercase());
-        if let Some(p) = &provider {
-            if p != "openai" && p != "local" {
-                bail!("SIGHTLINE_PROVIDER must be openai or local, got {p:?}");
-            }
-        }
         Ok(AwsEnv {
             bucket: var(get, "SIGHTLINE_BUCKET").context("SIGHTLINE_BUCKET is required")?,
             upload_prefix,
             queue_url: var(get, "SIGHTLINE_QUEUE_URL"),
             table: var(get, "SIGHTLINE_TABLE").context("SIGHTLINE_TABLE is required")?,
-            provider,
-            openai_base_url: var(get, "OPENAI_BASE_URL")
-                .unwrap_or_else(|| "https://api.openai.com/v1".into()),
             openai_key_param: var(get, "SIGHTLINE_OPENAI_KEY_PARAM"),
             endpoint_url: var(get, "AWS_ENDPOINT_URL"),
         })
@@ -82,14 +69,7 @@ pub fn settings_from_env() -> anyhow::Result<Settings> {
 }
 
 pub fn settings_from_lookup(get: &dyn Fn(&str) -> Option<String>) -> anyhow::Result<Settings> {
-    let mut s = Settings {
-        max_concurrency: 2,
-        ..Settings::default()
-    };
-    s.apply_env(get).map_err(anyhow::Error::msg)?;
-    s.validate()
-        .map_err(|e| anyhow::anyhow!("invalid settings: {e}"))?;
-    Ok(s)
+    Settings::for_lambda(get).context("invalid settings")
 }
 
 /// The SDK clients, built once per cold start.
@@ -153,27 +133,17 @@ pub async fn provider_key(env: &AwsEnv, sdk: &SdkConfig) -> anyhow::Result<Optio
     Ok(Some(value.to_string()))
 }
 
-/// The vision provider the environment asks for.
+/// The vision provider the settings ask for (the key is read only when it may be used).
 pub async fn provider_from_env(
     env: &AwsEnv,
     sdk: &SdkConfig,
-    timeout: Duration,
+    settings: &Settings,
 ) -> anyhow::Result<Arc<dyn VisionProvider>> {
-    let key = match env.provider.as_deref() {
-        Some("local") => None,
-        _ => provider_key(env, sdk).await?,
+    let key = match provider_kind(settings, true) {
+        ProviderKind::Local => None,
+        ProviderKind::OpenAi => provider_key(env, sdk).await?,
     };
-    match (env.provider.as_deref(), key) {
-        (Some("openai"), None) => {
-            bail!("SIGHTLINE_PROVIDER=openai needs OPENAI_API_KEY or SIGHTLINE_OPENAI_KEY_PARAM")
-        }
-        (_, None) => Ok(Arc::new(LocalAnalyzer)),
-        (_, Some(key)) => Ok(Arc::new(OpenAiProvider::new(
-            &env.openai_base_url,
-            &key,
-            timeout,
-        )?)),
-    }
+    Ok(build_provider(settings, key.as_deref())?)
 }
 
 #[cfg(test)]
@@ -199,7 +169,6 @@ mod tests {
         assert_eq!(e.upload_prefix, "uploads/");
         assert_eq!(e.queue_url, None);
         assert!(e.require_queue().is_err());
-        assert_eq!(e.openai_base_url, "https://api.openai.com/v1");
         assert!(AwsEnv::from_lookup(&lookup(&[("SIGHTLINE_TABLE", "t")])).is_err());
         let overlap = lookup(&[
             ("SIGHTLINE_BUCKET", "b"),
@@ -207,29 +176,5 @@ mod tests {
             ("SIGHTLINE_UPLOAD_PREFIX", "resized/in/"),
         ]);
         assert!(AwsEnv::from_lookup(&overlap).is_err());
-    }
-
-    #[test]
-    fn settings_from_variables() {
-        let s = settings_from_lookup(&lookup(&[
-            ("SIGHTLINE_MODEL", "gpt-4o"),
-            ("SIGHTLINE_FALLBACK_MODELS", "gpt-4.1-mini, "),
-            ("SIGHTLINE_RPM", "60"),
-            ("SIGHTLINE_MAX_CONCURRENCY", "5"),
-            ("SIGHTLINE_MAX_EDGE", "512"),
-        ]))
-        .unwrap();
-        assert_eq!(s.model, "gpt-4o");
-        assert_eq!(s.fallback_models, vec!["gpt-4.1-mini"]);
-        assert_eq!(s.rpm, 60);
-        assert_eq!(s.tpm, 200_000);
-        assert_eq!(s.max_concurrency, 5);
-        assert_eq!(s.prepare.max_edge, 512);
-        assert_eq!(
-            settings_from_lookup(&lookup(&[])).unwrap().max_concurrency,
-            2
-        );
-        assert!(settings_from_lookup(&lookup(&[("SIGHTLINE_RPM", "lots")])).is_err());
-        assert!(settings_from_lookup(&lookup(&[("SIGHTLINE_MODEL", "nope")])).is_err());
     }
 }

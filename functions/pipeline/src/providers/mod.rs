@@ -2,6 +2,7 @@
 
 pub mod local;
 pub mod openai;
+pub mod select;
 
 use serde_json::{Map, Value};
 

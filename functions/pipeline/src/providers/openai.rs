@@ -12,8 +12,6 @@ use sightline_core::retry::{parse_reset, parse_retry_after, FailureKind};
 use super::validate_analysis;
 use crate::ports::{ProviderError, RateInfo, VisionProvider, VisionRequest, VisionResponse};
 
-pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
-
 #[derive(Clone)]
 pub struct OpenAiProvider {
     client: reqwest::Client,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
-use sightline_core::model::{AnalysisJob, ImageRecord, ImageStatus};
+use sightline_core::model::{AnalysisJob, Detail, ImageRecord, ImageStatus};
 use sightline_core::pricing::Usage;
 use sightline_core::retry::FailureKind;
 use sightline_pipeline::analyze::{AnalyzeOutcome, Analyzer};
@@ -132,6 +132,8 @@ async fn fixture_with(steps: Vec<Step>, settings: Settings) -> Fixture {
     let provider = Scripted::new(steps);
     let settings = Settings {
         model: "gpt-4o".into(),
+        // The tests deliver up to 5 times, as SQS with the template's maxReceiveCount.
+        max_receives: 5,
         ..settings
     };
     let analyzer = Analyzer::new(
@@ -180,6 +182,7 @@ fn record_of(tenant: &str, id: &str) -> ImageRecord {
         original_estimate: None,
         result: None,
         extra_spend: None,
+        detail: None,
         created_at: "2026-11-22T00:00:00.000Z".into(),
         updated_at: "2026-11-22T00:00:00.000Z".into(),
     }
@@ -199,6 +202,7 @@ fn job_of(tenant: &str, id: &str) -> String {
         sha256: sha(JPEG),
         width: 1024,
         height: 1024,
+        detail: None,
     })
     .unwrap()
 }
@@ -601,7 +605,12 @@ async fn a_truncated_paid_answer_is_booked_at_its_estimate() {
         .unwrap();
     let table = sightline_core::PriceTable::builtin();
     let est = table
-        .estimate("gpt-4o", 1024, 1024, &Settings::default().estimate_params())
+        .estimate(
+            "gpt-4o",
+            1024,
+            1024,
+            &Settings::default().estimate_params(Detail::High),
+        )
         .unwrap();
     assert!(r.usage_estimated);
     assert_eq!(r.calls, 2);

@@ -2,4 +2,5 @@
 //! provider) and the reconciler (with the states a crash leaves behind).
 
 mod analyze;
+mod ingest;
 mod reconcile;

@@ -20,29 +20,33 @@ impl Clock for ManualClock {
     }
 }
 
-const T0: u64 = 1_800_000_000_000;
+pub(crate) const T0: u64 = 1_800_000_000_000;
 
-struct World {
-    reconciler: Reconciler,
-    repo: Arc<dyn Repository>,
-    blobs: Arc<dyn BlobStore>,
-    queue: Arc<SqliteQueue>,
+pub(crate) struct World {
+    pub(crate) reconciler: Reconciler,
+    pub(crate) ingest: Ingest,
+    pub(crate) repo: Arc<dyn Repository>,
+    pub(crate) blobs: Arc<dyn BlobStore>,
+    pub(crate) queue: Arc<SqliteQueue>,
     clock: Arc<ManualClock>,
     _dir: tempfile::TempDir,
 }
 
 fn world() -> World {
+    world_with(Settings {
+        pending_ttl: Duration::from_secs(3600),
+        stuck_after: Duration::from_secs(600),
+        ..Settings::default()
+    })
+}
+
+pub(crate) fn world_with(settings: Settings) -> World {
     let dir = tempfile::tempdir().unwrap();
     let clock = Arc::new(ManualClock(AtomicU64::new(T0)));
     let db = SqliteDb::open(&dir.path().join("db.sqlite")).unwrap();
     let repo: Arc<dyn Repository> = Arc::new(SqliteRepository::new(db.clone()));
     let blobs: Arc<dyn BlobStore> = Arc::new(FileBlobStore::new(dir.path().join("blobs")));
     let queue = Arc::new(SqliteQueue::new(db, "analyze", 5, clock.clone()));
-    let settings = Settings {
-        pending_ttl: Duration::from_secs(3600),
-        stuck_after: Duration::from_secs(600),
-        ..Settings::default()
-    };
     let ingest = Ingest::new(
         blobs.clone(),
         repo.clone(),
@@ -52,7 +56,8 @@ fn world() -> World {
         "uploads/",
     );
     World {
-        reconciler: Reconciler::new(ingest),
+        reconciler: Reconciler::new(ingest.clone()),
+        ingest,
         repo,
         blobs,
         queue,
@@ -61,7 +66,7 @@ fn world() -> World {
     }
 }
 
-fn pending(id: &str, created_ms: u64) -> ImageRecord {
+pub(crate) fn pending(id: &str, created_ms: u64) -> ImageRecord {
     ImageRecord {
         image_id: id.into(),
         tenant: "t".into(),
@@ -80,12 +85,13 @@ fn pending(id: &str, created_ms: u64) -> ImageRecord {
         original_estimate: None,
         result: None,
         extra_spend: None,
+        detail: None,
         created_at: rfc3339(created_ms),
         updated_at: rfc3339(created_ms),
     }
 }
 
-fn png(shade: u8) -> Vec<u8> {
+pub(crate) fn png(shade: u8) -> Vec<u8> {
     let img = image::RgbImage::from_fn(40, 30, |x, y| image::Rgb([shade, x as u8, y as u8]));
     let mut out = std::io::Cursor::new(Vec::new());
     image::DynamicImage::ImageRgb8(img)
@@ -94,7 +100,7 @@ fn png(shade: u8) -> Vec<u8> {
     out.into_inner()
 }
 
-async fn messages(q: &SqliteQueue) -> Vec<String> {
+pub(crate) async fn messages(q: &SqliteQueue) -> Vec<String> {
     let got = q.receive(10, Duration::from_secs(60)).await.unwrap();
     for m in &got {
         q.delete(&m.receipt).await.unwrap();

@@ -1,0 +1,59 @@
+//! Ingest: what a recorded image and its job carry.
+
+use std::collections::BTreeMap;
+
+use sightline_core::model::{AnalysisJob, Detail};
+use sightline_core::PriceTable;
+use sightline_pipeline::Settings;
+
+use crate::reconcile::{messages, pending, png, world_with, T0};
+
+#[tokio::test]
+async fn an_uploads_detail_wins_over_its_tenants_and_is_priced_and_carried_by_its_job() {
+    let w = world_with(Settings {
+        model: "gpt-4o".into(),
+        detail: Detail::Auto,
+        tenant_detail: BTreeMap::from([("t".to_string(), Detail::High)]),
+        ..Settings::default()
+    });
+    // One upload asked for low detail; the other asked nothing (its tenant's high applies).
+    let mut asked_low = pending("low", T0);
+    asked_low.detail = Some(Detail::Low);
+    for (rec, shade) in [(asked_low, 10), (pending("tenant", T0), 20)] {
+        w.repo.put_image(&rec, None).await.unwrap();
+        let key = rec.original_key.clone().unwrap();
+        w.blobs.put(&key, png(shade), "image/png").await.unwrap();
+        w.ingest.ingest_key(&key).await.unwrap();
+    }
+    let jobs: Vec<AnalysisJob> = messages(&w.queue)
+        .await
+        .iter()
+        .map(|b| AnalysisJob::parse(b).unwrap())
+        .collect();
+    assert_eq!(jobs.len(), 2);
+    let gpt4o = PriceTable::builtin().model("gpt-4o").unwrap();
+    for (id, detail) in [("low", Detail::Low), ("tenant", Detail::High)] {
+        let rec = w.repo.get_image("t", id).await.unwrap().unwrap();
+        assert_eq!(rec.detail, Some(detail), "{id}");
+        let resized = rec.resized.unwrap();
+        let est = rec.estimate.unwrap();
+        assert_eq!(
+            est.image_tokens,
+            gpt4o.image_tokens(resized.width, resized.height, detail),
+            "{id}"
+        );
+        let job = jobs.iter().find(|j| j.image_id == id).unwrap();
+        assert_eq!(job.detail, Some(detail), "{id}");
+    }
+    assert_eq!(
+        w.repo
+            .get_image("t", "low")
+            .await
+            .unwrap()
+            .unwrap()
+            .estimate
+            .unwrap()
+            .image_tokens,
+        85
+    );
+}
