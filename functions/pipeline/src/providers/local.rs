@@ -35,7 +35,7 @@ impl VisionProvider for LocalAnalyzer {
         let analysis = tokio::task::spawn_blocking(move || analyze_bytes(&jpeg))
             .await
             .map_err(|e| invalid(format!("analyzer task failed: {e}")))?
-            .map_err(invalid)?;
+            .map_err(|e| invalid(e.to_string()))?;
         Ok(VisionResponse {
             analysis,
             usage: Some(Usage::default()),
@@ -55,9 +55,14 @@ fn invalid(message: String) -> ProviderError {
     }
 }
 
+/// The offline analyzer could not read the image.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot decode image: {0}")]
+pub struct Undecodable(#[from] image::ImageError);
+
 /// Measure a (resized) image.
-pub fn analyze_bytes(bytes: &[u8]) -> Result<Value, String> {
-    let img = image::load_from_memory(bytes).map_err(|e| format!("cannot decode image: {e}"))?;
+pub fn analyze_bytes(bytes: &[u8]) -> Result<Value, Undecodable> {
+    let img = image::load_from_memory(bytes)?;
     let rgb = img.to_rgb8();
     let gray = img.to_luma8();
     let (w, h) = rgb.dimensions();
@@ -345,6 +350,6 @@ mod tests {
     #[test]
     fn garbage_is_an_invalid_image() {
         let e = analyze_bytes(b"nope").unwrap_err();
-        assert!(e.contains("cannot decode"), "{e}");
+        assert!(e.to_string().contains("cannot decode"), "{e}");
     }
 }
