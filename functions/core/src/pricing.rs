@@ -65,6 +65,18 @@ pub enum ImageTokenRule {
     },
 }
 
+impl ImageTokenRule {
+    /// The rule's name as written in `prices.toml` (`rule = "..."`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            ImageTokenRule::OpenaiTile { .. } => "openai_tile",
+            ImageTokenRule::OpenaiPatch { .. } => "openai_patch",
+            ImageTokenRule::Anthropic { .. } => "anthropic",
+            ImageTokenRule::Gemini { .. } => "gemini",
+        }
+    }
+}
+
 fn default_fit() -> u32 {
     2048
 }
@@ -402,6 +414,34 @@ impl PriceTable {
             price_version: self.version.clone(),
         })
     }
+
+    /// What the same estimate costs through the provider's batch API: its tokens at the
+    /// model's batch prices (the CLI and the browser both show this figure).
+    pub fn batch_cost_usd(&self, estimate: &Estimate) -> Result<f64, PricingError> {
+        let m = self.model(&estimate.model)?;
+        Ok(m.batch_cost_usd(&Usage {
+            input_tokens: estimate.input_tokens,
+            output_tokens: estimate.output_tokens,
+            cached_tokens: 0,
+        }))
+    }
+}
+
+/// The table as `{version, models: [...]}`, each model as in `prices.toml` (`sightline models
+/// --json` prints this).
+impl Serialize for PriceTable {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct View<'a> {
+            version: &'a str,
+            models: Vec<&'a ModelPrice>,
+        }
+        View {
+            version: &self.version,
+            models: self.models.values().collect(),
+        }
+        .serialize(serializer)
+    }
 }
 
 #[cfg(test)]
@@ -603,6 +643,58 @@ mod tests {
         let expected = ((765 + prompt) as f64 * 2.5 + 250.0 * 10.0) / 1e6;
         assert!((e.cost_usd - expected).abs() < 1e-12);
         assert_eq!(e.price_version, t.version());
+    }
+
+    #[test]
+    fn batch_cost_prices_the_same_tokens_at_batch_rates() {
+        let t = PriceTable::builtin();
+        let params = EstimateParams::default();
+        for m in t.models() {
+            let e = t.estimate(&m.id, 768, 1024, &params).unwrap();
+            let batch = t.batch_cost_usd(&e).unwrap();
+            let expected = (e.input_tokens as f64 * m.batch_input_per_mtok
+                + e.output_tokens as f64 * m.batch_output_per_mtok)
+                / 1e6;
+            assert_eq!(batch, expected, "{}", m.id);
+            assert!(
+                batch > 0.0 && batch < e.cost_usd,
+                "{}: batch is cheaper",
+                m.id
+            );
+        }
+    }
+
+    #[test]
+    fn the_table_serializes_with_every_price_and_rule() {
+        let t = PriceTable::builtin();
+        let v = serde_json::to_value(t).unwrap();
+        assert_eq!(v["version"], t.version());
+        let models = v["models"].as_array().unwrap();
+        assert_eq!(models.len(), t.models().count());
+        let claude = models
+            .iter()
+            .find(|m| m["id"] == "claude-haiku-4-5")
+            .unwrap();
+        for key in [
+            "provider",
+            "input_per_mtok",
+            "cached_input_per_mtok",
+            "output_per_mtok",
+            "batch_input_per_mtok",
+            "batch_output_per_mtok",
+            "source",
+            "as_of",
+        ] {
+            assert!(!claude[key].is_null(), "{key}");
+        }
+        assert_eq!(claude["image"]["rule"], "anthropic");
+        for (m, v) in t.models().zip(models) {
+            assert_eq!(v["image"]["rule"], m.image.name(), "{}", m.id);
+        }
+        assert_eq!(claude["image"]["max_patches"], 1568);
+        // What it prints parses back into the same table.
+        let back: TableFile = serde_json::from_value(v).unwrap();
+        assert_eq!(back.models.len(), t.models().count());
     }
 
     #[test]
