@@ -54,6 +54,10 @@ else
   SIGHTLINE_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/sightline" bash scripts/browser-e2e.sh 2>&1 | tee "$LOGDIR/browser-e2e.log"
   grep -E '^[0-9]+ passed, [0-9]+ failed' "$LOGDIR/browser-e2e.log" | tail -1 | sed -E 's/([0-9]+) passed, ([0-9]+) failed.*/\1 \2/' >> "$LOGDIR/results.txt" || true
 
+  step "browser ↔ CLI parity (prepareImage estimates = sightline estimate --json, token for token)"
+  SIGHTLINE_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/sightline" node tests/browser/parity.mjs 2>&1 | tee "$LOGDIR/browser-parity.log"
+  grep -E '^[0-9]+ passed, [0-9]+ failed' "$LOGDIR/browser-parity.log" | tail -1 | sed -E 's/([0-9]+) passed, ([0-9]+) failed.*/\1 \2/' >> "$LOGDIR/results.txt" || true
+
   step "browser widget against the stub server (failed-upload retry, bomb, keyboard, CSP)"
   node tests/browser/widget.mjs 2>&1 | tee "$LOGDIR/browser-widget.log"
   grep -E '^[0-9]+ passed, [0-9]+ failed' "$LOGDIR/browser-widget.log" | tail -1 | sed -E 's/([0-9]+) passed, ([0-9]+) failed.*/\1 \2/' >> "$LOGDIR/results.txt" || true

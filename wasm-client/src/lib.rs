@@ -16,7 +16,7 @@
 
 use js_sys::{Array, Object, Reflect, Uint8Array};
 use sightline_core::pricing::{EstimateParams, PriceTable};
-use sightline_core::{Detail, PrepareOptions};
+use sightline_core::{Detail, Estimate, PrepareOptions};
 use wasm_bindgen::prelude::*;
 
 /// The models estimated when the caller names none.
@@ -150,16 +150,31 @@ fn prepare_options(obj: &JsValue) -> Result<PrepareOptions, JsValue> {
     Ok(o)
 }
 
-/// `{model, tokens, imageTokens, inputTokens, outputTokens, costUsd, priceVersion}`
+/// The core's estimate and its batch-API cost (both from the one price table).
+fn core_estimate(
+    model: &str,
+    width: u32,
+    height: u32,
+    params: &EstimateParams,
+) -> Result<(Estimate, f64), JsValue> {
+    let table = PriceTable::builtin();
+    let unknown = |e: sightline_core::pricing::PricingError| error("unknown_model", &e.to_string());
+    let e = table
+        .estimate(model, width, height, params)
+        .map_err(unknown)?;
+    let batch = table.batch_cost_usd(&e).map_err(unknown)?;
+    Ok((e, batch))
+}
+
+/// `{model, tokens, imageTokens, inputTokens, outputTokens, costUsd, batchCostUsd,
+/// priceVersion}`
 fn estimate_object(
     model: &str,
     width: u32,
     height: u32,
     params: &EstimateParams,
 ) -> Result<Object, JsValue> {
-    let e = PriceTable::builtin()
-        .estimate(model, width, height, params)
-        .map_err(|e| error("unknown_model", &e.to_string()))?;
+    let (e, batch) = core_estimate(model, width, height, params)?;
     let o = Object::new();
     set(&o, "model", e.model.as_str());
     set(&o, "tokens", e.tokens as f64);
@@ -167,6 +182,7 @@ fn estimate_object(
     set(&o, "inputTokens", e.input_tokens as f64);
     set(&o, "outputTokens", e.output_tokens as f64);
     set(&o, "costUsd", e.cost_usd);
+    set(&o, "batchCostUsd", batch);
     set(&o, "priceVersion", e.price_version.as_str());
     Ok(o)
 }
@@ -175,7 +191,11 @@ fn estimate_object(
 ///
 /// Returns `{jpeg, width, height, originalWidth, originalHeight, orientation, format,
 /// bytesBefore, bytesAfter, sha256, priceVersion, estimates: [{model, tokens, imageTokens,
-/// inputTokens, outputTokens, costUsd, originalTokens, originalImageTokens, originalCostUsd}]}`.
+/// inputTokens, outputTokens, costUsd, batchCostUsd, priceVersion, originalTokens,
+/// originalImageTokens, originalCostUsd, originalBatchCostUsd}]}`.
+///
+/// Estimates assume `EstimateParams::default()` (the server's default prompt, output cap and
+/// detail) unless the options override them, so they equal `sightline estimate`'s.
 #[wasm_bindgen(js_name = prepareImage)]
 pub fn prepare_image(bytes: &[u8], options: JsValue) -> Result<JsValue, JsValue> {
     let opts = prepare_options(&options)?;
@@ -190,12 +210,11 @@ pub fn prepare_image(bytes: &[u8], options: JsValue) -> Result<JsValue, JsValue>
     let estimates = Array::new();
     for m in &models {
         let e = estimate_object(m, p.width, p.height, &params)?;
-        let orig = PriceTable::builtin()
-            .estimate(m, p.original_width, p.original_height, &params)
-            .map_err(|e| error("unknown_model", &e.to_string()))?;
+        let (orig, orig_batch) = core_estimate(m, p.original_width, p.original_height, &params)?;
         set(&e, "originalTokens", orig.tokens as f64);
         set(&e, "originalImageTokens", orig.image_tokens as f64);
         set(&e, "originalCostUsd", orig.cost_usd);
+        set(&e, "originalBatchCostUsd", orig_batch);
         estimates.push(&e);
     }
 
@@ -234,7 +253,8 @@ pub fn probe_image(bytes: &[u8], options: JsValue) -> Result<JsValue, JsValue> {
 ///
 /// `models`: array of ids or comma list (default: `DEFAULT_MODELS`); `params`:
 /// `{detail?, promptTokens?, expectedOutputTokens?}`.
-/// Returns `[{model, tokens, imageTokens, inputTokens, outputTokens, costUsd, priceVersion}]`.
+/// Returns `[{model, tokens, imageTokens, inputTokens, outputTokens, costUsd, batchCostUsd,
+/// priceVersion}]`.
 #[wasm_bindgen]
 pub fn estimate(
     width: u32,
@@ -253,7 +273,8 @@ pub fn estimate(
 }
 
 /// The built-in price table: `{version, defaultModels, models: [{id, provider, inputPerMtok,
-/// cachedInputPerMtok, outputPerMtok, batchInputPerMtok, batchOutputPerMtok, source, asOf}]}`.
+/// cachedInputPerMtok, outputPerMtok, batchInputPerMtok, batchOutputPerMtok, imageRule, source,
+/// asOf}]}`.
 #[wasm_bindgen]
 pub fn models() -> JsValue {
     let table = PriceTable::builtin();
@@ -267,6 +288,7 @@ pub fn models() -> JsValue {
         set(&o, "outputPerMtok", m.output_per_mtok);
         set(&o, "batchInputPerMtok", m.batch_input_per_mtok);
         set(&o, "batchOutputPerMtok", m.batch_output_per_mtok);
+        set(&o, "imageRule", m.image.name());
         set(&o, "source", m.source.as_str());
         set(&o, "asOf", m.as_of.as_str());
         list.push(&o);

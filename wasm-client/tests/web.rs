@@ -230,6 +230,11 @@ fn estimates_equal_the_core() {
             assert_eq!(num(&g, "inputTokens"), want.input_tokens as f64);
             assert_eq!(num(&g, "outputTokens"), want.output_tokens as f64);
             assert_eq!(num(&g, "costUsd"), want.cost_usd, "{id} {w}×{h}");
+            assert_eq!(
+                num(&g, "batchCostUsd"),
+                table.batch_cost_usd(&want).unwrap(),
+                "{id} {w}×{h}"
+            );
             assert_eq!(string(&g, "priceVersion"), table.version());
         }
     }
@@ -335,6 +340,17 @@ fn prepare_estimates_match_the_core_on_the_output_size() {
         assert_eq!(num(&e, "costUsd"), want.cost_usd, "{id}");
         assert_eq!(num(&e, "originalTokens"), orig.tokens as f64, "{id}");
         assert_eq!(num(&e, "originalCostUsd"), orig.cost_usd, "{id}");
+        let table = PriceTable::builtin();
+        assert_eq!(
+            num(&e, "batchCostUsd"),
+            table.batch_cost_usd(&want).unwrap(),
+            "{id}"
+        );
+        assert_eq!(
+            num(&e, "originalBatchCostUsd"),
+            table.batch_cost_usd(&orig).unwrap(),
+            "{id}"
+        );
     }
 }
 
@@ -349,6 +365,8 @@ fn models_lists_the_price_table() {
     assert_eq!(num(&gpt4o, "outputPerMtok"), 10.0);
     assert_eq!(string(&gpt4o, "provider"), "openai");
     assert!(string(&gpt4o, "source").starts_with("https://"));
+    assert_eq!(string(&gpt4o, "imageRule"), "openai_tile");
+    assert_eq!(num(&gpt4o, "batchInputPerMtok"), 1.25);
     let v = sightline_wasm::version();
     assert_eq!(
         get(&v, "simd").as_bool(),

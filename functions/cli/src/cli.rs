@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use serde_json::json;
-use sightline_core::model::ImageStatus;
+use sightline_core::model::{Estimate, ImageStatus};
 use sightline_core::prepare;
 use sightline_core::pricing::PriceTable;
 use sightline_pipeline::http::{cost_report, default_window, hash_api_key};
@@ -85,8 +85,14 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List the models in the price table with prices and sources.
-    Models,
+    /// List the models in the price table: prices (standard, cached input, batch), image-token
+    /// rule and source.
+    Models {
+        /// The whole table as one JSON object (version, and per model every price, the image
+        /// rule with its parameters, source and date).
+        #[arg(long)]
+        json: bool,
+    },
     /// API keys: list, create, revoke, rotate (stored as sha256; a key is shown only once).
     Keys {
         #[command(subcommand)]
@@ -118,26 +124,7 @@ pub enum KeysAction {
 
 pub async fn main_with(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Models => {
-            let t = PriceTable::builtin();
-            println!("price table {}", t.version());
-            println!(
-                "{:<20} {:>10} {:>10} {:>10}  source",
-                "model", "in/1M", "cached/1M", "out/1M"
-            );
-            for m in t.models() {
-                println!(
-                    "{:<20} {:>10.3} {:>10.3} {:>10.3}  {} ({})",
-                    m.id,
-                    m.input_per_mtok,
-                    m.cached_input_per_mtok,
-                    m.output_per_mtok,
-                    m.source,
-                    m.as_of
-                );
-            }
-            Ok(())
-        }
+        Command::Models { json } => models(json),
         Command::Estimate {
             files,
             models,
@@ -383,6 +370,38 @@ async fn keys(app: &LocalApp, action: KeysAction, tenant: &str, json: bool) -> a
     Ok(())
 }
 
+fn models(as_json: bool) -> anyhow::Result<()> {
+    let t = PriceTable::builtin();
+    let mut out = std::io::stdout().lock();
+    if as_json {
+        serde_json::to_writer(&mut out, t)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    writeln!(out, "price table {} (USD per 1M tokens)", t.version())?;
+    writeln!(
+        out,
+        "{:<18} {:>8} {:>8} {:>8} {:>8} {:>9}  {:<13} source",
+        "model", "in", "cached", "out", "batch in", "batch out", "image rule"
+    )?;
+    for m in t.models() {
+        writeln!(
+            out,
+            "{:<18} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>9.3}  {:<13} {} ({})",
+            m.id,
+            m.input_per_mtok,
+            m.cached_input_per_mtok,
+            m.output_per_mtok,
+            m.batch_input_per_mtok,
+            m.batch_output_per_mtok,
+            m.image.name(),
+            m.source,
+            m.as_of
+        )?;
+    }
+    Ok(())
+}
+
 fn estimate(
     config: &Config,
     files: &[PathBuf],
@@ -404,8 +423,16 @@ fn estimate(
     if !as_json {
         writeln!(
             out,
-            "{:<32} {:<18} {:>11} {:>11} {:>9} {:>9} {:>11} {:>11}",
-            "file", "model", "original", "resized", "tok orig", "tok new", "cost orig", "cost new"
+            "{:<32} {:<18} {:>11} {:>11} {:>9} {:>9} {:>11} {:>11} {:>11}",
+            "file",
+            "model",
+            "original",
+            "resized",
+            "tok orig",
+            "tok new",
+            "cost orig",
+            "cost new",
+            "batch new"
         )?;
     }
     let mut failures = 0;
@@ -440,22 +467,36 @@ fn estimate(
             }
         };
         for m in &models {
+            let price = table.model(m)?;
             let orig = table.estimate(m, p.original_width, p.original_height, &params)?;
             let new = table.estimate(m, p.width, p.height, &params)?;
+            let orig_batch = table.batch_cost_usd(&orig)?;
+            let new_batch = table.batch_cost_usd(&new)?;
             if as_json {
+                let side = |w: u32, h: u32, bytes: u64, e: &Estimate, batch: f64| {
+                    json!({
+                        "width": w, "height": h, "bytes": bytes,
+                        "tokens": e.tokens, "image_tokens": e.image_tokens,
+                        "input_tokens": e.input_tokens, "output_tokens": e.output_tokens,
+                        "cost_usd": e.cost_usd, "batch_cost_usd": batch,
+                    })
+                };
                 writeln!(
                     out,
                     "{}",
                     json!({
                         "file": name, "model": m,
-                        "original": {"width": p.original_width, "height": p.original_height, "bytes": p.original_bytes, "tokens": orig.tokens, "image_tokens": orig.image_tokens, "cost_usd": orig.cost_usd},
-                        "resized": {"width": p.width, "height": p.height, "bytes": p.bytes, "tokens": new.tokens, "image_tokens": new.image_tokens, "cost_usd": new.cost_usd},
+                        "price_version": new.price_version,
+                        // Per 1M tokens: what a prompt-cache hit would pay for input.
+                        "cached_input_per_mtok": price.cached_input_per_mtok,
+                        "original": side(p.original_width, p.original_height, p.original_bytes, &orig, orig_batch),
+                        "resized": side(p.width, p.height, p.bytes, &new, new_batch),
                     })
                 )?;
             } else {
                 writeln!(
                     out,
-                    "{:<32} {:<18} {:>11} {:>11} {:>9} {:>9} {:>11.6} {:>11.6}",
+                    "{:<32} {:<18} {:>11} {:>11} {:>9} {:>9} {:>11.6} {:>11.6} {:>11.6}",
                     truncate(&name, 32),
                     m,
                     format!("{}x{}", p.original_width, p.original_height),
@@ -463,7 +504,8 @@ fn estimate(
                     orig.tokens,
                     new.tokens,
                     orig.cost_usd,
-                    new.cost_usd
+                    new.cost_usd,
+                    new_batch
                 )?;
             }
         }

@@ -453,6 +453,126 @@ fn bad_arguments_are_clear() {
     assert!(!dir.path().join("sightline.db").exists());
 }
 
+fn stdout_of(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("run sightline");
+    assert!(
+        out.status.success(),
+        "sightline failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn models_json_prints_every_price_rule_and_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = stdout_of(sightline(dir.path()).args(["models", "--json"]));
+    let table: Value = serde_json::from_str(text.trim()).unwrap();
+    assert!(!table["version"].as_str().unwrap().is_empty());
+    let models = table["models"].as_array().unwrap();
+    assert!(models.len() >= 9, "{table}");
+    for m in models {
+        for key in [
+            "input_per_mtok",
+            "cached_input_per_mtok",
+            "output_per_mtok",
+            "batch_input_per_mtok",
+            "batch_output_per_mtok",
+        ] {
+            assert!(m[key].as_f64().unwrap() > 0.0, "{key} of {m}");
+        }
+        assert!(m["batch_input_per_mtok"].as_f64() < m["input_per_mtok"].as_f64());
+        assert!(m["source"].as_str().unwrap().starts_with("https://"));
+        assert!(!m["as_of"].as_str().unwrap().is_empty());
+        assert!(m["image"]["rule"].is_string(), "{m}");
+    }
+    let claude = models
+        .iter()
+        .find(|m| m["id"] == "claude-sonnet-4-5")
+        .unwrap();
+    assert_eq!(claude["provider"], "anthropic");
+    assert_eq!(claude["image"]["max_long_edge"], 1568);
+    // The table view names the same columns.
+    let text = stdout_of(sightline(dir.path()).arg("models"));
+    let header = text.lines().nth(1).unwrap();
+    for col in ["cached", "batch in", "batch out", "image rule"] {
+        assert!(header.contains(col), "{header}");
+    }
+    assert!(text.contains("claude-haiku-4-5") && text.contains("anthropic"));
+}
+
+#[test]
+fn estimate_json_adds_batch_cost_and_cached_price_from_the_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let table: Value =
+        serde_json::from_str(stdout_of(sightline(dir.path()).args(["models", "--json"])).trim())
+            .unwrap();
+    let price = |id: &str| {
+        table["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["id"] == id)
+            .unwrap()
+            .clone()
+    };
+    let text = stdout_of(
+        sightline(dir.path())
+            .args([
+                "estimate",
+                "--json",
+                "--models",
+                "claude-sonnet-4-5,gpt-4o-mini",
+            ])
+            .arg(samples().join("large/phone12mp.jpg")),
+    );
+    let rows: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2);
+    for row in &rows {
+        let p = price(row["model"].as_str().unwrap());
+        assert_eq!(row["price_version"], table["version"]);
+        assert_eq!(row["cached_input_per_mtok"], p["cached_input_per_mtok"]);
+        for side in ["original", "resized"] {
+            let e = &row[side];
+            let (input, output) = (
+                e["input_tokens"].as_u64().unwrap(),
+                e["output_tokens"].as_u64().unwrap(),
+            );
+            assert_eq!(e["tokens"].as_u64().unwrap(), input + output);
+            assert!(e["image_tokens"].as_u64().unwrap() < input);
+            let cost = (input as f64 * p["input_per_mtok"].as_f64().unwrap()
+                + output as f64 * p["output_per_mtok"].as_f64().unwrap())
+                / 1e6;
+            let batch = (input as f64 * p["batch_input_per_mtok"].as_f64().unwrap()
+                + output as f64 * p["batch_output_per_mtok"].as_f64().unwrap())
+                / 1e6;
+            assert!(
+                (e["cost_usd"].as_f64().unwrap() - cost).abs() < 1e-12,
+                "{row}"
+            );
+            assert!(
+                (e["batch_cost_usd"].as_f64().unwrap() - batch).abs() < 1e-12,
+                "{row}"
+            );
+        }
+    }
+    // Claude sees the 12 MP photo at 952x1269 (1611 tokens) and the resized 768x1024 whole.
+    let claude = &rows[0];
+    assert_eq!(claude["model"], "claude-sonnet-4-5");
+    assert_eq!(claude["original"]["image_tokens"], 1611);
+    assert_eq!(claude["resized"]["image_tokens"], 1049);
+    // The table view has the batch column too.
+    let text = stdout_of(
+        sightline(dir.path())
+            .args(["estimate", "--models", "gpt-4o"])
+            .arg(samples().join("large/phone12mp.jpg")),
+    );
+    assert!(text.lines().next().unwrap().contains("batch new"), "{text}");
+}
+
 struct Served {
     child: std::process::Child,
     url: String,

@@ -7,9 +7,17 @@
 pub const UPLOAD_PREFIX: &str = "uploads/";
 pub const RESIZED_PREFIX: &str = "resized/";
 
+/// Why an S3 event key cannot be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyDecodeError {
+    /// The `%XX` escapes spell bytes that are not UTF-8 (S3 keys are UTF-8).
+    #[error("S3 key {raw:?} does not decode to UTF-8")]
+    NotUtf8 { raw: String },
+}
+
 /// Decode an S3 event notification key: form-urlencoded, so `+` is a space, then `%XX`.
 /// Invalid escapes are kept literally; invalid UTF-8 is an error.
-pub fn decode_s3_event_key(raw: &str) -> Result<String, String> {
+pub fn decode_s3_event_key(raw: &str) -> Result<String, KeyDecodeError> {
     let bytes = raw.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -35,7 +43,9 @@ pub fn decode_s3_event_key(raw: &str) -> Result<String, String> {
             }
         }
     }
-    String::from_utf8(out).map_err(|_| format!("S3 key {raw:?} does not decode to UTF-8"))
+    String::from_utf8(out).map_err(|_| KeyDecodeError::NotUtf8 {
+        raw: raw.to_string(),
+    })
 }
 
 fn hex_val(b: u8) -> Option<u8> {
@@ -122,7 +132,10 @@ mod tests {
         assert_eq!(decode_s3_event_key("100%").unwrap(), "100%");
         assert_eq!(decode_s3_event_key("%zz").unwrap(), "%zz");
         assert_eq!(decode_s3_event_key("%4").unwrap(), "%4");
-        assert!(decode_s3_event_key("%FF").is_err());
+        assert_eq!(
+            decode_s3_event_key("%FF"),
+            Err(KeyDecodeError::NotUtf8 { raw: "%FF".into() })
+        );
     }
 
     #[test]

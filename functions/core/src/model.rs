@@ -230,18 +230,37 @@ pub struct AnalysisJob {
     pub detail: Option<Detail>,
 }
 
+/// Why a queue body is not an [`AnalysisJob`]: permanent for that message, never for the batch.
+#[derive(Debug, thiserror::Error)]
+pub enum JobParseError {
+    #[error("malformed job message: {0}")]
+    Malformed(#[from] serde_json::Error),
+    #[error("unsupported job message version {found} (this build reads version {expected})")]
+    UnsupportedVersion { found: u32, expected: u32 },
+    #[error("job message lacks {0}")]
+    MissingField(&'static str),
+}
+
 impl AnalysisJob {
     pub const VERSION: u32 = 1;
 
     /// Parse one queue body; a bad body is a permanent error for that message only.
-    pub fn parse(body: &str) -> Result<AnalysisJob, String> {
-        let job: AnalysisJob =
-            serde_json::from_str(body).map_err(|e| format!("malformed job message: {e}"))?;
+    pub fn parse(body: &str) -> Result<AnalysisJob, JobParseError> {
+        let job: AnalysisJob = serde_json::from_str(body)?;
         if job.v != Self::VERSION {
-            return Err(format!("unsupported job message version {}", job.v));
+            return Err(JobParseError::UnsupportedVersion {
+                found: job.v,
+                expected: Self::VERSION,
+            });
         }
-        if job.image_id.is_empty() || job.resized_key.is_empty() || job.sha256.len() != 64 {
-            return Err("job message lacks image_id, resized_key or a sha256".into());
+        if job.image_id.is_empty() {
+            return Err(JobParseError::MissingField("an image_id"));
+        }
+        if job.resized_key.is_empty() {
+            return Err(JobParseError::MissingField("a resized_key"));
+        }
+        if job.sha256.len() != 64 {
+            return Err(JobParseError::MissingField("a sha256 of 64 hex digits"));
         }
         Ok(job)
     }
@@ -291,9 +310,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn job_parse_rejects_bad_bodies() {
-        assert!(AnalysisJob::parse("not json").is_err());
-        assert!(AnalysisJob::parse("{}").is_err());
+    fn job_parse_names_what_is_wrong_with_a_body() {
+        assert!(matches!(
+            AnalysisJob::parse("not json"),
+            Err(JobParseError::Malformed(_))
+        ));
+        assert!(matches!(
+            AnalysisJob::parse("{}"),
+            Err(JobParseError::Malformed(_))
+        ));
         let good = AnalysisJob {
             v: 1,
             image_id: "i".into(),
@@ -307,7 +332,24 @@ mod tests {
         let body = serde_json::to_string(&good).unwrap();
         assert_eq!(AnalysisJob::parse(&body).unwrap(), good);
         let v2 = body.replace("\"v\":1", "\"v\":2");
-        assert!(AnalysisJob::parse(&v2).unwrap_err().contains("version"));
+        let err = AnalysisJob::parse(&v2).unwrap_err();
+        assert!(matches!(
+            err,
+            JobParseError::UnsupportedVersion {
+                found: 2,
+                expected: 1
+            }
+        ));
+        assert!(err.to_string().contains("version 2"), "{err}");
+        let no_sha = body.replace(&"a".repeat(64), "abc");
+        let err = AnalysisJob::parse(&no_sha).unwrap_err();
+        assert!(matches!(err, JobParseError::MissingField(_)));
+        assert!(err.to_string().contains("sha256"), "{err}");
+        let no_key = body.replace("resized/t/i.jpg", "");
+        assert!(AnalysisJob::parse(&no_key)
+            .unwrap_err()
+            .to_string()
+            .contains("resized_key"));
     }
 
     const V1: AnswerParams<'static> = AnswerParams {

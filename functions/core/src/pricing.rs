@@ -45,10 +45,15 @@ pub enum ImageTokenRule {
         #[serde(default = "default_patch")]
         patch: u32,
     },
-    /// Anthropic Claude: ≈ w·h/750 after fitting the long edge and the pixel budget.
+    /// Anthropic Claude: ⌈w·h / `pixels_per_token`⌉ tokens for the size Claude sees. An image
+    /// whose long edge is over `max_long_edge`, or that covers more than `max_patches`
+    /// `patch`-px squares, is first scaled down, aspect ratio kept, to the largest size within
+    /// both (see [`anthropic_fit`] for why the budget is counted in patches).
     Anthropic {
         max_long_edge: u32,
-        max_pixels: u64,
+        #[serde(default = "default_anthropic_patch")]
+        patch: u32,
+        max_patches: u64,
         pixels_per_token: u64,
     },
     /// Gemini: small images are one block; larger ones are 768-px tiles.
@@ -58,6 +63,18 @@ pub enum ImageTokenRule {
         tile: u32,
         tile_tokens: u64,
     },
+}
+
+impl ImageTokenRule {
+    /// The rule's name as written in `prices.toml` (`rule = "..."`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            ImageTokenRule::OpenaiTile { .. } => "openai_tile",
+            ImageTokenRule::OpenaiPatch { .. } => "openai_patch",
+            ImageTokenRule::Anthropic { .. } => "anthropic",
+            ImageTokenRule::Gemini { .. } => "gemini",
+        }
+    }
 }
 
 fn default_fit() -> u32 {
@@ -71,6 +88,9 @@ fn default_tile() -> u32 {
 }
 fn default_patch() -> u32 {
     32
+}
+fn default_anthropic_patch() -> u32 {
+    28
 }
 
 /// One model's prices (USD per 1M tokens), its image rule and where they came from.
@@ -127,13 +147,12 @@ impl ModelPrice {
             }
             ImageTokenRule::Anthropic {
                 max_long_edge,
-                max_pixels,
+                patch,
+                max_patches,
                 pixels_per_token,
             } => {
-                let (w, h) = fit_long_edge(width as f64, height as f64, *max_long_edge as f64);
-                let (w, h) = fit_pixels(w, h, *max_pixels as f64);
-                let pixels = (w.round() * h.round()) as u64;
-                pixels.div_ceil((*pixels_per_token).max(1))
+                let (w, h) = anthropic_fit(width, height, *max_long_edge, *patch, *max_patches);
+                (u64::from(w) * u64::from(h)).div_ceil((*pixels_per_token).max(1))
             }
             ImageTokenRule::Gemini {
                 small_max_edge,
@@ -209,22 +228,56 @@ fn openai_patches(width: u32, height: u32, patch: u32, max_patches: u64) -> u64 
     (patches as u64).min(max_patches)
 }
 
-fn fit_long_edge(w: f64, h: f64, max: f64) -> (f64, f64) {
-    let long = w.max(h);
-    if long > max {
-        let s = max / long;
-        (w * s, h * s)
-    } else {
-        (w, h)
+/// The size Claude sees an image at: as sent when its long edge is at most `max_long_edge` and
+/// it covers at most `max_patches` squares of `patch` px (partial squares count); otherwise the
+/// largest size with the same aspect ratio (short side rounded) within both limits.
+///
+/// Why a patch budget and not the "~1,600 tokens" of the vision page's text: Anthropic's
+/// table of the largest sizes that are not resized (1:1 1092x1092, 3:4 951x1268, 2:3
+/// 896x1344, 9:16 819x1456, 1:2 784x1568) fits no pixel or w·h/750 budget. 951x1268 is
+/// 1,205,868 px (1,608 tokens) and listed, while 1093x1093 (1,194,649 px, 1,593 tokens) would be
+/// over, so every such budget either resizes a listed size or lets a larger square through.
+/// Counting 28-px squares, as Anthropic's current vision page does, with the budget of 1,568
+/// squares it gives for these models reproduces the table exactly: each listed size fits and
+/// the next size of the same ratio does not (any budget from 1,568 to 1,589 would; the test
+/// `anthropic_table_sizes_are_the_largest_not_resized` checks all five).
+fn anthropic_fit(
+    width: u32,
+    height: u32,
+    max_long_edge: u32,
+    patch: u32,
+    max_patches: u64,
+) -> (u32, u32) {
+    let patch = u64::from(patch.max(1));
+    let fits = |w: u64, h: u64| {
+        w.max(h) <= u64::from(max_long_edge) && w.div_ceil(patch) * h.div_ceil(patch) <= max_patches
+    };
+    let (w, h) = (u64::from(width), u64::from(height));
+    if fits(w, h) {
+        return (width, height);
     }
-}
-
-fn fit_pixels(w: f64, h: f64, max_pixels: f64) -> (f64, f64) {
-    if w * h > max_pixels {
-        let s = (max_pixels / (w * h)).sqrt();
-        (w * s, h * s)
+    let (long, short) = (w.max(h), w.min(h));
+    // The short side for a long side of `l`, rounded half up, never below one pixel.
+    let short_at = |l: u64| {
+        ((u128::from(short) * u128::from(l) * 2 + u128::from(long)) / (2 * u128::from(long))).max(1)
+            as u64
+    };
+    // Patches grow with the long side, so the largest long side that fits is found by
+    // bisection; 1 px is the floor even when nothing fits (a zero budget in the table).
+    let (mut lo, mut hi) = (1u64, long.min(u64::from(max_long_edge)).max(1));
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if fits(mid, short_at(mid)) {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    let (l, s) = (lo as u32, short_at(lo) as u32);
+    if width >= height {
+        (l, s)
     } else {
-        (w, h)
+        (s, l)
     }
 }
 
@@ -361,6 +414,34 @@ impl PriceTable {
             price_version: self.version.clone(),
         })
     }
+
+    /// What the same estimate costs through the provider's batch API: its tokens at the
+    /// model's batch prices (the CLI and the browser both show this figure).
+    pub fn batch_cost_usd(&self, estimate: &Estimate) -> Result<f64, PricingError> {
+        let m = self.model(&estimate.model)?;
+        Ok(m.batch_cost_usd(&Usage {
+            input_tokens: estimate.input_tokens,
+            output_tokens: estimate.output_tokens,
+            cached_tokens: 0,
+        }))
+    }
+}
+
+/// The table as `{version, models: [...]}`, each model as in `prices.toml` (`sightline models
+/// --json` prints this).
+impl Serialize for PriceTable {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct View<'a> {
+            version: &'a str,
+            models: Vec<&'a ModelPrice>,
+        }
+        View {
+            version: &self.version,
+            models: self.models.values().collect(),
+        }
+        .serialize(serializer)
+    }
 }
 
 #[cfg(test)]
@@ -432,15 +513,99 @@ mod tests {
         );
     }
 
+    // Anthropic's cost examples (vision page): 200x200 ≈ 54, 1000x1000 ≈ 1334, 1092x1092 ≈
+    // 1590. 40000/750 = 53.3 and 1e6/750 = 1333.3: the page rounds up, so do we.
     #[test]
-    fn anthropic_examples() {
-        // Anthropic's table: 200×200 ≈ 54, 1000×1000 ≈ 1334, 1092×1092 ≈ 1590.
+    fn anthropic_cost_examples_round_up() {
         assert_eq!(tokens("claude-sonnet-4-5", 200, 200, Detail::High), 54);
         assert_eq!(tokens("claude-sonnet-4-5", 1000, 1000, Detail::High), 1334);
         assert_eq!(tokens("claude-haiku-4-5", 1092, 1092, Detail::High), 1590);
-        // Large images are capped near the pixel budget.
-        let big = tokens("claude-sonnet-4-5", 4032, 3024, Detail::High);
-        assert!((1590..=1602).contains(&big), "{big}");
+    }
+
+    /// Anthropic's table of the largest sizes per aspect ratio that are not resized.
+    const ANTHROPIC_TABLE: [(u32, u32, u32, u32); 5] = [
+        (1, 1, 1092, 1092),
+        (3, 4, 951, 1268),
+        (2, 3, 896, 1344),
+        (9, 16, 819, 1456),
+        (1, 2, 784, 1568),
+    ];
+
+    fn claude_fit(w: u32, h: u32) -> (u32, u32) {
+        match &PriceTable::builtin()
+            .model("claude-sonnet-4-5")
+            .unwrap()
+            .image
+        {
+            ImageTokenRule::Anthropic {
+                max_long_edge,
+                patch,
+                max_patches,
+                ..
+            } => anthropic_fit(w, h, *max_long_edge, *patch, *max_patches),
+            other => panic!("claude-sonnet-4-5 has rule {other:?}"),
+        }
+    }
+
+    #[test]
+    fn anthropic_table_sizes_are_the_largest_not_resized() {
+        for (a, b, w, h) in ANTHROPIC_TABLE {
+            let k = w / a;
+            assert_eq!((a * k, b * k), (w, h), "{a}:{b} is exact");
+            // Listed: not resized, in both orientations, billed at ⌈w·h/750⌉.
+            assert_eq!(claude_fit(w, h), (w, h), "{w}x{h}");
+            assert_eq!(claude_fit(h, w), (h, w), "{h}x{w}");
+            let expect = (u64::from(w) * u64::from(h)).div_ceil(750);
+            for id in ["claude-sonnet-4-5", "claude-haiku-4-5"] {
+                assert_eq!(tokens(id, w, h, Detail::High), expect, "{id} {w}x{h}");
+            }
+            // The next size of the same ratio is resized.
+            let (nw, nh) = (a * (k + 1), b * (k + 1));
+            assert_ne!(claude_fit(nw, nh), (nw, nh), "{nw}x{nh} must be resized");
+        }
+        // The sizes the old 1.2 MP cap priced low are now whole: 951x1268 is 1608 tokens.
+        assert_eq!(tokens("claude-sonnet-4-5", 951, 1268, Detail::High), 1608);
+        assert_eq!(tokens("claude-sonnet-4-5", 896, 1344, Detail::High), 1606);
+        assert_eq!(tokens("claude-sonnet-4-5", 784, 1568, Detail::High), 1640);
+    }
+
+    #[test]
+    fn anthropic_large_images_scale_to_the_table_budget() {
+        for (a, b, w, h) in ANTHROPIC_TABLE {
+            let listed = (u64::from(w) * u64::from(h)).div_ceil(750);
+            for n in [2, 3, 5] {
+                // n× the listed size, both orientations.
+                for (bw, bh) in [(w * n, h * n), (h * n, w * n)] {
+                    let (fw, fh) = claude_fit(bw, bh);
+                    // Aspect ratio kept to the rounding of one pixel.
+                    let ratio = f64::from(bw) / f64::from(bh);
+                    let got = f64::from(fw) / f64::from(fh);
+                    assert!(
+                        (got - ratio).abs() * f64::from(fw.min(fh)) <= 1.0,
+                        "{bw}x{bh} -> {fw}x{fh}"
+                    );
+                    // As large as the budget allows: the listed size, or one pixel more where
+                    // rounding the short side still fits (3:4 → 952x1269).
+                    assert!(
+                        fw.max(fh) >= w.max(h) && fw.max(fh) <= w.max(h) + 1,
+                        "{a}:{b} {bw}x{bh} -> {fw}x{fh}"
+                    );
+                    let t = tokens("claude-sonnet-4-5", bw, bh, Detail::High);
+                    assert!(
+                        (listed..=listed + 3).contains(&t),
+                        "{bw}x{bh}: {t} tokens, listed {listed}"
+                    );
+                }
+            }
+        }
+        // A 12 MP phone photo (4032x3024, 4:3) is seen at 1269x952: 1611 tokens.
+        assert_eq!(claude_fit(4032, 3024), (1269, 952));
+        assert_eq!(tokens("claude-sonnet-4-5", 4032, 3024, Detail::High), 1611);
+        // Only the long edge limits a long strip: 4000x500 → 1568x196.
+        assert_eq!(claude_fit(4000, 500), (1568, 196));
+        // Extreme strips keep one pixel, never zero.
+        assert_eq!(claude_fit(100_000, 10), (1568, 1));
+        assert!(tokens("claude-haiku-4-5", 10, 100_000, Detail::High) > 0);
     }
 
     #[test]
@@ -478,6 +643,58 @@ mod tests {
         let expected = ((765 + prompt) as f64 * 2.5 + 250.0 * 10.0) / 1e6;
         assert!((e.cost_usd - expected).abs() < 1e-12);
         assert_eq!(e.price_version, t.version());
+    }
+
+    #[test]
+    fn batch_cost_prices_the_same_tokens_at_batch_rates() {
+        let t = PriceTable::builtin();
+        let params = EstimateParams::default();
+        for m in t.models() {
+            let e = t.estimate(&m.id, 768, 1024, &params).unwrap();
+            let batch = t.batch_cost_usd(&e).unwrap();
+            let expected = (e.input_tokens as f64 * m.batch_input_per_mtok
+                + e.output_tokens as f64 * m.batch_output_per_mtok)
+                / 1e6;
+            assert_eq!(batch, expected, "{}", m.id);
+            assert!(
+                batch > 0.0 && batch < e.cost_usd,
+                "{}: batch is cheaper",
+                m.id
+            );
+        }
+    }
+
+    #[test]
+    fn the_table_serializes_with_every_price_and_rule() {
+        let t = PriceTable::builtin();
+        let v = serde_json::to_value(t).unwrap();
+        assert_eq!(v["version"], t.version());
+        let models = v["models"].as_array().unwrap();
+        assert_eq!(models.len(), t.models().count());
+        let claude = models
+            .iter()
+            .find(|m| m["id"] == "claude-haiku-4-5")
+            .unwrap();
+        for key in [
+            "provider",
+            "input_per_mtok",
+            "cached_input_per_mtok",
+            "output_per_mtok",
+            "batch_input_per_mtok",
+            "batch_output_per_mtok",
+            "source",
+            "as_of",
+        ] {
+            assert!(!claude[key].is_null(), "{key}");
+        }
+        assert_eq!(claude["image"]["rule"], "anthropic");
+        for (m, v) in t.models().zip(models) {
+            assert_eq!(v["image"]["rule"], m.image.name(), "{}", m.id);
+        }
+        assert_eq!(claude["image"]["max_patches"], 1568);
+        // What it prints parses back into the same table.
+        let back: TableFile = serde_json::from_value(v).unwrap();
+        assert_eq!(back.models.len(), t.models().count());
     }
 
     #[test]

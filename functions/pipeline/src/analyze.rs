@@ -188,7 +188,7 @@ impl Analyzer {
             Err(e) => {
                 // Never dropped: it goes back until the queue's redrive moves it to the DLQ.
                 warn!(error = %e, receive_count, "malformed job message; kept for the dead-letter queue");
-                return retry_later(receive_count, format!("malformed job message: {e}"));
+                return retry_later(receive_count, e.to_string());
             }
         };
         let outcome = match self.handle_job(&job, receive_count).await {

@@ -227,7 +227,8 @@ impl VisionProvider for OpenAiProvider {
                     usage,
                 )
             })?;
-        let analysis = validate_analysis(content).map_err(|m| bad_answer(m, rate, usage))?;
+        let analysis =
+            validate_analysis(content).map_err(|e| bad_answer(e.to_string(), rate, usage))?;
         let model = body
             .get("model")
             .and_then(Value::as_str)

@@ -1,0 +1,209 @@
+// Browser ↔ CLI parity: the WASM package's prepareImage estimates for a file equal
+// `sightline estimate --json`'s resized (and original) figures for the same file and models,
+// token for token and to the last bit of the f64 cost.
+//
+//   SIGHTLINE_BIN=target/debug/sightline node tests/browser/parity.mjs [--pkg wasm-client/pkg]
+//
+// Runs the fixtures below through wasm-client/pkg in headless Chromium (served from 127.0.0.1)
+// and through the CLI (clean environment: no SIGHTLINE_* variables, no sightline.toml), for
+// every model in the price table, and compares sizes, tokens, costs, batch costs and the price
+// version. A negative control checks that the comparison would catch a widget counting one
+// prompt token more than the server.
+//
+// The resized JPEG's bytes are reported, not compared: for JPEG inputs the browser's and the
+// x86 build's JPEGs differ by a few bytes (same size in pixels, so the same estimate; decoder
+// and resizer SIMD paths differ per target). The server estimates from its own resize anyway.
+import http from 'node:http';
+import { execFileSync } from 'node:child_process';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { PKG, ROOT, SAMPLES, assert, launchChromium, reporter, serveStatic } from './lib.mjs';
+
+// A 12 MP phone photo stored landscape with EXIF orientation 6 (portrait once upright), a
+// progressive JPEG, two PNGs, a small JPEG, and desktop photos that carry EXIF.
+const FIXTURES = [
+  'large/phone12mp.jpg',
+  'large/elephants_progressive.jpg',
+  'samples/coffee.png',
+  'samples/astronaut.png',
+  'samples/rocket.jpg',
+  'photos/Storm.jpg',
+  'photos/Garden.jpg',
+];
+
+const args = process.argv.slice(2);
+const opt = (name, dflt) => {
+  const i = args.indexOf(name);
+  return i >= 0 ? args[i + 1] : dflt;
+};
+const pkgDir = path.resolve(ROOT, opt('--pkg', path.relative(ROOT, PKG)));
+const bin = path.resolve(ROOT, process.env.SIGHTLINE_BIN
+  || path.join(process.env.CARGO_TARGET_DIR || path.join(ROOT, 'target'), 'debug/sightline'));
+
+if (!existsSync(path.join(pkgDir, 'sightline_wasm_bg.wasm'))) {
+  console.error(`${path.relative(ROOT, pkgDir)} has no build: run scripts/wasm-build.sh first`);
+  process.exit(1);
+}
+if (!existsSync(bin)) {
+  console.error(`${bin} not found: build the CLI (cargo build -p sightline) or set SIGHTLINE_BIN`);
+  process.exit(1);
+}
+
+// The CLI as a user with no configuration runs it: the defaults are what the widget assumes.
+const work = mkdtempSync(path.join(tmpdir(), 'sightline-parity-'));
+const cliEnv = Object.fromEntries(Object.entries(process.env)
+  .filter(([k]) => !k.startsWith('SIGHTLINE_') && !k.startsWith('OPENAI_')));
+function cli(...cliArgs) {
+  return execFileSync(bin, ['--data-dir', path.join(work, 'data'), ...cliArgs], {
+    cwd: work, env: cliEnv, encoding: 'utf8', maxBuffer: 64 << 20,
+  });
+}
+
+const r = reporter();
+const files = FIXTURES.map((f) => path.join(SAMPLES, f));
+
+const table = JSON.parse(cli('models', '--json'));
+const modelIds = table.models.map((m) => m.id);
+const cliRows = new Map(); // `${file}\n${model}` → row
+for (const line of cli('estimate', '--json', '--models', modelIds.join(','), ...files).trim().split('\n')) {
+  const row = JSON.parse(line);
+  if (row.error) throw new Error(`sightline estimate failed on ${row.file}: ${row.error}`);
+  cliRows.set(`${row.file}\n${row.model}`, row);
+}
+
+const server = http.createServer((req, res) => {
+  const p = new URL(req.url, 'http://x').pathname;
+  if (p === '/') {
+    res.writeHead(200, { 'content-type': 'text/html; charset=utf-8' });
+    res.end('<!doctype html><meta charset="utf-8"><title>sightline parity</title><p>parity</p>');
+    return;
+  }
+  if (serveStatic(req, res, [['/pkg/', pkgDir], ['/fixtures/', SAMPLES]])) return;
+  res.writeHead(404);
+  res.end();
+});
+await new Promise((ok) => server.listen(0, '127.0.0.1', ok));
+const base = `http://127.0.0.1:${server.address().port}`;
+
+/** What a widget showed for one file: everything but the JPEG bytes (their length and hash). */
+async function widgetRun(page, fixture, extraOptions = {}) {
+  return page.evaluate(async ({ fixture, models, extraOptions }) => {
+    const m = await import('/pkg/sightline_wasm.js');
+    await m.default();
+    const bytes = new Uint8Array(await (await fetch(`/fixtures/${fixture}`)).arrayBuffer());
+    const out = m.prepareImage(bytes, { models, ...extraOptions });
+    const { jpeg, ...rest } = out;
+    return { ...rest, jpegLength: jpeg.length };
+  }, { fixture, models: modelIds, extraOptions });
+}
+
+/** Every mismatch between the widget's figures and the CLI's rows for one file. */
+function compare(file, w, notes = []) {
+  const diffs = [];
+  const eq = (what, widget, cliValue) => {
+    // Exact: same integers, and the same f64 (JSON carries f64 losslessly both ways).
+    if (!Object.is(widget, cliValue)) diffs.push(`${what}: widget ${widget} != cli ${cliValue}`);
+  };
+  eq('estimates', w.estimates.length, modelIds.length);
+  const first = cliRows.get(`${file}\n${modelIds[0]}`);
+  if (first && w.bytesAfter !== first.resized.bytes) {
+    notes.push(`resized JPEG ${w.bytesAfter} bytes in the browser, ${first.resized.bytes} from the CLI`);
+  }
+  for (const e of w.estimates) {
+    const row = cliRows.get(`${file}\n${e.model}`);
+    if (!row) {
+      diffs.push(`${e.model}: no CLI row`);
+      continue;
+    }
+    const m = e.model;
+    eq(`${m} resized width`, w.width, row.resized.width);
+    eq(`${m} resized height`, w.height, row.resized.height);
+    eq(`${m} original width`, w.originalWidth, row.original.width);
+    eq(`${m} original height`, w.originalHeight, row.original.height);
+    eq(`${m} original bytes`, w.bytesBefore, row.original.bytes);
+    eq(`${m} image tokens`, e.imageTokens, row.resized.image_tokens);
+    eq(`${m} input tokens`, e.inputTokens, row.resized.input_tokens);
+    eq(`${m} output tokens`, e.outputTokens, row.resized.output_tokens);
+    eq(`${m} total tokens`, e.tokens, row.resized.tokens);
+    eq(`${m} cost`, e.costUsd, row.resized.cost_usd);
+    eq(`${m} cost in cents`, Math.round(e.costUsd * 100), Math.round(row.resized.cost_usd * 100));
+    eq(`${m} batch cost`, e.batchCostUsd, row.resized.batch_cost_usd);
+    eq(`${m} original image tokens`, e.originalImageTokens, row.original.image_tokens);
+    eq(`${m} original total tokens`, e.originalTokens, row.original.tokens);
+    eq(`${m} original cost`, e.originalCostUsd, row.original.cost_usd);
+    eq(`${m} original batch cost`, e.originalBatchCostUsd, row.original.batch_cost_usd);
+    eq(`${m} price version`, e.priceVersion, row.price_version);
+    eq(`${m} package price version`, w.priceVersion, row.price_version);
+  }
+  return diffs;
+}
+
+let browser;
+try {
+  browser = await launchChromium();
+  const page = await browser.newPage();
+  const errors = [];
+  page.on('pageerror', (e) => errors.push(e.message));
+  await page.goto(`${base}/`);
+
+  await r.check('the package and the CLI read the same price table', async () => {
+    const wasm = await page.evaluate(async () => {
+      const m = await import('/pkg/sightline_wasm.js');
+      await m.default();
+      return m.models();
+    });
+    assert(wasm.version === table.version, `version: package ${wasm.version}, cli ${table.version}`);
+    assert(JSON.stringify(wasm.models.map((m) => m.id)) === JSON.stringify(modelIds),
+      `models: package ${wasm.models.map((m) => m.id)}, cli ${modelIds}`);
+    for (const [i, m] of table.models.entries()) {
+      const w = wasm.models[i];
+      for (const [js, rs] of [['inputPerMtok', 'input_per_mtok'], ['cachedInputPerMtok', 'cached_input_per_mtok'],
+        ['outputPerMtok', 'output_per_mtok'], ['batchInputPerMtok', 'batch_input_per_mtok'],
+        ['batchOutputPerMtok', 'batch_output_per_mtok']]) {
+        assert(Object.is(w[js], m[rs]), `${m.id} ${rs}: package ${w[js]}, cli ${m[rs]}`);
+      }
+      assert(w.imageRule === m.image.rule, `${m.id} image rule: package ${w.imageRule}, cli ${m.image.rule}`);
+    }
+  });
+
+  const runs = new Map();
+  for (const [i, fixture] of FIXTURES.entries()) {
+    const file = files[i];
+    await r.check(`${fixture}: prepareImage = sightline estimate --json for ${modelIds.length} models`, async () => {
+      const w = await widgetRun(page, fixture);
+      runs.set(fixture, w);
+      const notes = [];
+      const diffs = compare(file, w, notes);
+      for (const n of notes) console.log(`     note: ${n}`);
+      assert(diffs.length === 0, `${diffs.length} differences:\n${diffs.slice(0, 12).join('\n')}`);
+    });
+  }
+
+  await r.check('the 12 MP phone photo comes out upright 768x1024 in both', async () => {
+    const w = runs.get('large/phone12mp.jpg');
+    assert(w, 'no widget run');
+    assert(w.orientation === 6, `orientation ${w.orientation}`);
+    assert(w.width === 768 && w.height === 1024, `${w.width}x${w.height}`);
+    assert(w.originalWidth === 3024 && w.originalHeight === 4032, `${w.originalWidth}x${w.originalHeight}`);
+  });
+
+  await r.check('the comparison catches a widget counting one prompt token more (negative control)', async () => {
+    const fixture = FIXTURES[2];
+    const row = cliRows.get(`${files[2]}\n${modelIds[0]}`);
+    const promptTokens = row.resized.input_tokens - row.resized.image_tokens + 1;
+    const w = await widgetRun(page, fixture, { promptTokens });
+    const diffs = compare(files[2], w);
+    assert(diffs.some((d) => d.includes('input tokens')), `not caught: ${diffs.join('; ') || 'no differences'}`);
+    assert(diffs.some((d) => d.includes(' cost:')), `cost difference not caught: ${diffs.join('; ')}`);
+  });
+
+  if (errors.length) r.fail('no page errors', errors.join('\n'));
+} catch (err) {
+  r.fail('parity run', err && err.stack ? err.stack : String(err));
+} finally {
+  if (browser) await browser.close();
+  server.close();
+  rmSync(work, { recursive: true, force: true });
+}
+process.exitCode = r.summary();
