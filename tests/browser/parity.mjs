@@ -65,12 +65,20 @@ const files = FIXTURES.map((f) => path.join(SAMPLES, f));
 
 const table = JSON.parse(cli('models', '--json'));
 const modelIds = table.models.map((m) => m.id);
-const cliRows = new Map(); // `${file}\n${model}` → row
-for (const line of cli('estimate', '--json', '--models', modelIds.join(','), ...files).trim().split('\n')) {
-  const row = JSON.parse(line);
-  if (row.error) throw new Error(`sightline estimate failed on ${row.file}: ${row.error}`);
-  cliRows.set(`${row.file}\n${row.model}`, row);
+/** `sightline [flags] estimate --json` for every file and model: `${file}\n${model}` → row. */
+function cliEstimates(...flags) {
+  const rows = new Map();
+  const out = cli(...flags, 'estimate', '--json', '--models', modelIds.join(','), ...files);
+  for (const line of out.trim().split('\n')) {
+    const row = JSON.parse(line);
+    if (row.error) throw new Error(`sightline estimate failed on ${row.file}: ${row.error}`);
+    rows.set(`${row.file}\n${row.model}`, row);
+  }
+  return rows;
 }
+const cliRows = cliEstimates();
+// The same with `--detail low` (the widget's `detail: 'low'`).
+const cliRowsLow = cliEstimates('--detail', 'low');
 
 const server = http.createServer((req, res) => {
   const p = new URL(req.url, 'http://x').pathname;
@@ -99,19 +107,19 @@ async function widgetRun(page, fixture, extraOptions = {}) {
 }
 
 /** Every mismatch between the widget's figures and the CLI's rows for one file. */
-function compare(file, w, notes = []) {
+function compare(file, w, notes = [], rows = cliRows) {
   const diffs = [];
   const eq = (what, widget, cliValue) => {
     // Exact: same integers, and the same f64 (JSON carries f64 losslessly both ways).
     if (!Object.is(widget, cliValue)) diffs.push(`${what}: widget ${widget} != cli ${cliValue}`);
   };
   eq('estimates', w.estimates.length, modelIds.length);
-  const first = cliRows.get(`${file}\n${modelIds[0]}`);
+  const first = rows.get(`${file}\n${modelIds[0]}`);
   if (first && w.bytesAfter !== first.resized.bytes) {
     notes.push(`resized JPEG ${w.bytesAfter} bytes in the browser, ${first.resized.bytes} from the CLI`);
   }
   for (const e of w.estimates) {
-    const row = cliRows.get(`${file}\n${e.model}`);
+    const row = rows.get(`${file}\n${e.model}`);
     if (!row) {
       diffs.push(`${e.model}: no CLI row`);
       continue;
@@ -177,6 +185,16 @@ try {
       const diffs = compare(file, w, notes);
       for (const n of notes) console.log(`     note: ${n}`);
       assert(diffs.length === 0, `${diffs.length} differences:\n${diffs.slice(0, 12).join('\n')}`);
+    });
+  }
+
+  for (const i of [0, 2]) {
+    await r.check(`${FIXTURES[i]}: detail low in the widget = sightline --detail low estimate`, async () => {
+      const w = await widgetRun(page, FIXTURES[i], { detail: 'low' });
+      const diffs = compare(files[i], w, [], cliRowsLow);
+      assert(diffs.length === 0, `${diffs.length} differences:\n${diffs.slice(0, 12).join('\n')}`);
+      const gpt4o = w.estimates.find((e) => e.model === 'gpt-4o');
+      assert(gpt4o && gpt4o.imageTokens === 85, `gpt-4o low = 85 image tokens, got ${gpt4o?.imageTokens}`);
     });
   }
 

@@ -154,19 +154,25 @@ export async function startStubServer({ port = 0, apiKey = 'sightline-local-key'
       } catch (e) {
         return apiError(res, 400, 'bad_request', `invalid JSON body: ${e.message}`);
       }
-      const allowed = new Set(['filename', 'content_type', 'content_length']);
+      const allowed = new Set(['filename', 'content_type', 'content_length', 'detail']);
       const unknown = Object.keys(body || {}).filter((k) => !allowed.has(k));
       if (unknown.length) return apiError(res, 400, 'bad_request', `invalid JSON body: unknown field \`${unknown[0]}\``);
       if (!TYPES.has(body.content_type)) return apiError(res, 400, 'bad_request', `unsupported content_type ${JSON.stringify(body.content_type)}`);
       if (!Number.isInteger(body.content_length) || body.content_length <= 0) return apiError(res, 400, 'bad_request', 'content_length must be > 0');
       if (body.content_length > MAX_BYTES) return apiError(res, 413, 'too_large', `content_length ${body.content_length} is over the ${MAX_BYTES}-byte limit`);
+      if (body.detail !== undefined && !['low', 'high', 'auto'].includes(body.detail)) {
+        return apiError(res, 400, 'bad_request', `invalid JSON body: unknown variant \`${body.detail}\``);
+      }
       const id = randomUUID();
       const key = `uploads/local/${id}.${TYPES.get(body.content_type)}`;
       const token = randomUUID().replace(/-/g, '');
       const expires = Date.now() + 15 * 60 * 1000;
       grants.set(token, { id, content_type: body.content_type, content_length: body.content_length, expires });
       const t = now();
-      images.set(id, { image_id: id, tenant: 'local', source: body.filename || key, status: 'pending', created_at: t, updated_at: t });
+      images.set(id, {
+        image_id: id, tenant: 'local', source: body.filename || key, status: 'pending', created_at: t, updated_at: t,
+        ...(body.detail ? { detail: body.detail } : {}),
+      });
       return sendJson(res, 201, {
         image_id: id,
         key,

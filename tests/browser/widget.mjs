@@ -75,6 +75,25 @@ try {
     }
   });
 
+  await t.check('detail="low" prices 85 image tokens on gpt-4o and asks the server for low', async () => {
+    await page.evaluate(() => document.querySelector('sightline-uploader').setAttribute('detail', 'low'));
+    await page.locator('sightline-uploader input[type=file]').setInputFiles([
+      { name: 'low-detail.jpg', mimeType: 'image/jpeg', buffer: readSample('photos/Garden.jpg') },
+    ]);
+    const row = fileRow(page, 'low-detail.jpg');
+    await row.and(page.locator('[data-state="ready"]')).waitFor({ timeout: 30000 });
+    const gpt4o = await page.evaluate(() => document.querySelector('sightline-uploader').items
+      .find((i) => i.name === 'low-detail.jpg').prepared.estimates.find((e) => e.model === 'gpt-4o'));
+    assert(gpt4o && gpt4o.imageTokens === 85, `gpt-4o image tokens ${gpt4o && gpt4o.imageTokens}`);
+    await page.locator('sightline-uploader button.primary').click();
+    await row.and(page.locator('[data-state="done"]')).waitFor({ timeout: 30000 });
+    const id = await page.evaluate(() => document.querySelector('sightline-uploader').items
+      .find((i) => i.name === 'low-detail.jpg').imageId);
+    const rec = await (await fetch(`${stub.url}/v1/images/${id}`, { headers: { 'x-api-key': 'sightline-local-key' } })).json();
+    assert(rec.detail === 'low', `the upload asked for ${rec.detail}`);
+    await page.evaluate(() => document.querySelector('sightline-uploader').removeAttribute('detail'));
+  });
+
   await t.check('a failed upload is retried with the same prepared bytes', async () => {
     const png = readSample('samples/chelsea.png');
     await page.locator('sightline-uploader input[type=file]').setInputFiles([

@@ -101,16 +101,15 @@ fn estimate_params(obj: &JsValue) -> Result<EstimateParams, JsValue> {
     if is_absent(obj) {
         return Ok(p);
     }
-    match get(obj, "detail").as_string().as_deref() {
-        None => {}
-        Some("high") => p.detail = Detail::High,
-        Some("low") => p.detail = Detail::Low,
-        Some(other) => {
-            return Err(error(
+    if let Some(d) = get(obj, "detail").as_string() {
+        p.detail = Detail::parse(&d).ok_or_else(|| {
+            error(
                 "invalid_options",
-                &format!("invalid options: detail must be \"high\" or \"low\", got {other:?}"),
-            ))
-        }
+                &format!(
+                    "invalid options: detail must be \"low\", \"high\" or \"auto\", got {d:?}"
+                ),
+            )
+        })?;
     }
     if let Some(n) = opt_uint(obj, "promptTokens", 0.0, 1e9)? {
         p.prompt_tokens = n as u64;

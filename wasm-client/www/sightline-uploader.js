@@ -8,7 +8,8 @@
 //
 // Attributes: api-base (default: this origin), api-key, models (comma list), max-edge,
 // quality, max-bytes (largest file read, default 25 MiB), concurrency (uploads at once, 2),
-// poll-timeout (seconds, 300).
+// poll-timeout (seconds, 300), detail (low | high | auto: priced here and asked for on each
+// upload; unset: the server's setting, estimated as high).
 // Methods: addFiles(files), upload(), retry(itemId), clear(), refreshCosts().
 // Events (bubbling, composed): sightline-prepared, sightline-uploaded, sightline-analysed,
 // sightline-error; detail = {item}.
@@ -143,7 +144,7 @@ const STATE_TEXT = {
 
 class SightlineUploader extends HTMLElement {
   static get observedAttributes() {
-    return ['models', 'api-key', 'api-base', 'max-edge'];
+    return ['models', 'api-key', 'api-base', 'max-edge', 'detail'];
   }
 
   constructor() {
@@ -188,6 +189,15 @@ class SightlineUploader extends HTMLElement {
     const n = Number(this.getAttribute('poll-timeout') || 300);
     return (Number.isFinite(n) && n > 0 ? n : 300) * 1000;
   }
+  /** The image detail to price and ask for, or '' for the server's setting. */
+  get detail() {
+    const d = (this.getAttribute('detail') || '').trim().toLowerCase();
+    return ['low', 'high', 'auto'].includes(d) ? d : '';
+  }
+  /** Estimate options for the detail (none: the defaults, which are the server's). */
+  get estimateParams() {
+    return this.detail ? { detail: this.detail } : {};
+  }
   /** The requested models that the price table knows. */
   get models() {
     const asked = (this.getAttribute('models') || DEFAULT_MODELS)
@@ -223,7 +233,7 @@ class SightlineUploader extends HTMLElement {
 
   attributeChangedCallback(name, oldValue, newValue) {
     if (oldValue === newValue || !this.$) return;
-    if (name === 'models') this.reestimate();
+    if (name === 'models' || name === 'detail') this.reestimate();
     if (name === 'max-edge') this.$.edge.textContent = String(this.maxEdge);
     if ((name === 'api-key' || name === 'api-base') && this.worker && this.apiKey) this.refreshCosts();
   }
@@ -385,7 +395,7 @@ class SightlineUploader extends HTMLElement {
       this.setState(item, 'preparing');
       const { result, ms } = await this.worker.call('prepare', {
         bytes: buffer,
-        options: { maxEdge: this.maxEdge, quality: this.quality, models: this.models },
+        options: { maxEdge: this.maxEdge, quality: this.quality, models: this.models, ...this.estimateParams },
       }, [buffer]);
       if (!this.items.includes(item)) return; // removed meanwhile
       item.prepared = result;
@@ -410,8 +420,10 @@ class SightlineUploader extends HTMLElement {
       if (!p) continue;
       try {
         const [now, before] = await Promise.all([
-          this.worker.call('estimate', { width: p.width, height: p.height, models }),
-          this.worker.call('estimate', { width: p.originalWidth, height: p.originalHeight, models }),
+          this.worker.call('estimate', { width: p.width, height: p.height, models, params: this.estimateParams }),
+          this.worker.call('estimate', {
+            width: p.originalWidth, height: p.originalHeight, models, params: this.estimateParams,
+          }),
         ]);
         p.estimates = now.result.map((e, i) => ({
           ...e,
@@ -509,6 +521,7 @@ class SightlineUploader extends HTMLElement {
             filename: jpegName(item.name),
             content_type: 'image/jpeg',
             content_length: jpeg.byteLength,
+            ...(this.detail ? { detail: this.detail } : {}),
           }),
         });
         if (!created || !created.image_id || !created.upload || !created.upload.url) {

@@ -486,6 +486,7 @@ fn estimate(
                     "{}",
                     json!({
                         "file": name, "model": m,
+                        "detail": params.detail,
                         "price_version": new.price_version,
                         // Per 1M tokens: what a prompt-cache hit would pay for input.
                         "cached_input_per_mtok": price.cached_input_per_mtok,
