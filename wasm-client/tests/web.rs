@@ -473,7 +473,7 @@ fn bad_options_and_models_are_errors() {
 
 // ---------------------------------------------------------------- colour management
 
-const P3_PATCHES: &[u8] = include_bytes!("../../tests/fixtures/icc/p3_patches.png");
+const P3_PATCHES: &[u8] = include_bytes!("../../tests/fixtures-icc/p3_patches.png");
 
 #[wasm_bindgen_test]
 fn display_p3_images_come_out_converted_to_srgb() {

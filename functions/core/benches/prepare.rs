@@ -24,8 +24,8 @@ fn with_profile(jpeg: &[u8], profile: &[u8]) -> Vec<u8> {
 
 fn bench(c: &mut Criterion) {
     let phone = fixture("large/phone12mp.jpg");
-    let phone_p3 = with_profile(&phone, &fixture("icc/display-p3.icc"));
-    let cmyk = fixture("icc/cmyk_astronaut.jpg");
+    let phone_p3 = with_profile(&phone, &fixture("../fixtures-icc/display-p3.icc"));
+    let cmyk = fixture("../fixtures-icc/cmyk_astronaut.jpg");
     let opts = PrepareOptions::default();
     let mut g = c.benchmark_group("prepare");
     g.sample_size(20);

@@ -887,22 +887,27 @@ mod tests {
         assert!(color::looks_like_srgb(&embedded(&fixture(
             "samples/hubble_deep_field.jpg"
         ))));
-        assert!(color::looks_like_srgb(&fixture("icc/srgb.icc")));
+        assert!(color::looks_like_srgb(&fixture("../fixtures-icc/srgb.icc")));
         // Adobe RGB (1998) in rocket.jpg, and Display P3: not sRGB.
         assert!(!color::looks_like_srgb(&embedded(&fixture(
             "samples/rocket.jpg"
         ))));
-        assert!(!color::looks_like_srgb(&fixture("icc/display-p3.icc")));
+        assert!(!color::looks_like_srgb(&fixture(
+            "../fixtures-icc/display-p3.icc"
+        )));
     }
 
     #[test]
     fn icc_chunks_are_found_in_the_marker_walk() {
-        let adobe = fixture("icc/adobergb_chelsea.jpg");
+        let adobe = fixture("../fixtures-icc/adobergb_chelsea.jpg");
         let header = jpeg_header(&adobe).unwrap();
         assert_eq!(header.icc.len(), 2);
         assert_eq!(header.components, Some(3));
-        assert_eq!(embedded(&adobe), fixture("icc/adobe-rgb-compatible.icc"));
-        let cmyk = fixture("icc/cmyk_astronaut.jpg");
+        assert_eq!(
+            embedded(&adobe),
+            fixture("../fixtures-icc/adobe-rgb-compatible.icc")
+        );
+        let cmyk = fixture("../fixtures-icc/cmyk_astronaut.jpg");
         assert_eq!(jpeg_header(&cmyk).unwrap().components, Some(4));
     }
 

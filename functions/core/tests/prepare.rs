@@ -395,7 +395,7 @@ fn progressive_jpeg_coefficients_count_against_the_memory_budget() {
 // ---------------------------------------------------------------------------------------
 // Colour management: embedded ICC profiles converted to sRGB.
 //
-// The fixtures in tests/fixtures/icc/ come from `cargo run -p sightline-core --example
+// The fixtures in tests/fixtures-icc/ come from `cargo run -p sightline-core --example
 // icc_fixtures` (profiles written from published primaries, not copied). The references
 // below are computed here, independently of qcms: plain matrix maths from the primaries.
 
@@ -405,8 +405,13 @@ use sightline_core::color::ColorHandling;
 #[path = "../examples/icc_fixtures/cmyk_model.rs"]
 mod cmyk_model;
 
+/// tests/fixtures-icc: beside tests/fixtures, whose images the CLI's tests count.
+fn icc_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures-icc")
+}
+
 fn icc_fixture(name: &str) -> Vec<u8> {
-    std::fs::read(samples().join("icc").join(name)).unwrap()
+    std::fs::read(icc_dir().join(name)).unwrap()
 }
 
 const SRGB_PRIMARIES: [[f64; 2]; 3] = [[0.64, 0.33], [0.30, 0.60], [0.15, 0.06]];
@@ -671,10 +676,7 @@ fn srgb_profiles_leave_the_output_byte_identical() {
     }
     let hubble = std::fs::read(samples().join("samples/hubble_deep_field.jpg")).unwrap();
     let plain = prepare(&strip_icc(&hubble), &PrepareOptions::default()).unwrap();
-    for profile in [
-        embedded_profile(&hubble),
-        std::fs::read(samples().join("icc/srgb.icc")).unwrap(),
-    ] {
+    for profile in [embedded_profile(&hubble), icc_fixture("srgb.icc")] {
         let p = prepare(&with_icc(&hubble, &profile), &PrepareOptions::default()).unwrap();
         assert_eq!(p.color, ColorHandling::Srgb);
         assert_eq!(p.jpeg, plain.jpeg);

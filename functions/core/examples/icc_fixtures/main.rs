@@ -1,4 +1,4 @@
-//! Writes the colour-management test fixtures in tests/fixtures/icc/ (committed; rerun only
+//! Writes the colour-management test fixtures in tests/fixtures-icc/ (committed; rerun only
 //! to change them): `cargo run -p sightline-core --example icc_fixtures`.
 //!
 //! Profiles are written from published primaries (Display P3: SMPTE EG 432-1 primaries with
@@ -21,8 +21,15 @@ const ADOBE: [[f64; 2]; 3] = [[0.64, 0.33], [0.21, 0.71], [0.15, 0.06]];
 const D65: [f64; 2] = [0.3127, 0.3290];
 const ADOBE_GAMMA: f64 = 563.0 / 256.0;
 
+/// The sample photos the images derive from.
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+/// Where the colour fixtures go: beside tests/fixtures, not in it, because the CLI's tests run
+/// `sightline run tests/fixtures` and count the images found there.
+fn out_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures-icc")
 }
 
 fn srgb_eotf(v: f64) -> f64 {
@@ -267,7 +274,7 @@ fn separate(rgb: [u8; 3]) -> [u8; 4] {
 }
 
 fn write(name: &str, bytes: &[u8]) {
-    let path = fixtures().join("icc").join(name);
+    let path = out_dir().join(name);
     std::fs::write(&path, bytes).unwrap();
     println!("{} ({} bytes)", path.display(), bytes.len());
 }
@@ -277,7 +284,7 @@ fn load(rel: &str) -> RgbImage {
 }
 
 fn main() {
-    std::fs::create_dir_all(fixtures().join("icc")).unwrap();
+    std::fs::create_dir_all(out_dir()).unwrap();
 
     let p3 = icc::rgb_profile(
         "Display P3 (sightline test profile)",
@@ -354,7 +361,7 @@ fn main() {
         "p3_patches.png",
         "cmyk_astronaut.jpg",
     ] {
-        let bytes = std::fs::read(fixtures().join("icc").join(name)).unwrap();
+        let bytes = std::fs::read(out_dir().join(name)).unwrap();
         let img = image::ImageReader::new(Cursor::new(&bytes))
             .with_guessed_format()
             .unwrap()
