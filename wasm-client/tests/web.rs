@@ -488,3 +488,59 @@ fn bad_options_and_models_are_errors() {
         .map(JsValue::from);
     assert_eq!(error_code(r).0, "unknown_model");
 }
+
+// ---------------------------------------------------------------- colour management
+
+const P3_PATCHES: &[u8] = include_bytes!("../../tests/fixtures-icc/p3_patches.png");
+
+#[wasm_bindgen_test]
+fn display_p3_images_come_out_converted_to_srgb() {
+    // Linear Display P3 → linear sRGB (both D65), the published matrix.
+    const P3_TO_SRGB: [[f64; 3]; 3] = [
+        [1.2249, -0.2247, 0.0],
+        [-0.0420, 1.0419, 0.0],
+        [-0.0197, -0.0786, 1.0979],
+    ];
+    let decode = |c: u8| {
+        let v = f64::from(c) / 255.0;
+        if v <= 0.04045 {
+            v / 12.92
+        } else {
+            ((v + 0.055) / 1.055).powf(2.4)
+        }
+    };
+    let encode = |v: f64| {
+        let v = v.clamp(0.0, 1.0);
+        let e = if v <= 0.0031308 {
+            12.92 * v
+        } else {
+            1.055 * v.powf(1.0 / 2.4) - 0.055
+        };
+        (e * 255.0).round() as u8
+    };
+    let o = js_sys::Object::new();
+    Reflect::set(&o, &"quality".into(), &100.into()).unwrap();
+    let out = sightline_wasm::prepare_image(P3_PATCHES, o.into()).unwrap();
+    let jpeg = get(&out, "jpeg").unchecked_into::<Uint8Array>().to_vec();
+    let img = image::load_from_memory(&jpeg).unwrap().into_rgb8();
+    let src = image::load_from_memory(P3_PATCHES).unwrap().into_rgb8();
+    assert_eq!(img.dimensions(), src.dimensions());
+    // Patch centres (48-px patches): 75 % red, a pastel green, a skin tone, foliage, and two
+    // saturated colours (orange, yellow-green) outside sRGB.
+    for (col, row) in [(0, 1), (1, 2), (0, 3), (4, 3), (0, 5), (2, 5)] {
+        let (x, y) = (col * 48 + 24, row * 48 + 24);
+        let p3 = src.get_pixel(x, y).0;
+        let lin = p3.map(decode);
+        let want = P3_TO_SRGB.map(|r| encode(r[0] * lin[0] + r[1] * lin[1] + r[2] * lin[2]));
+        let got = img.get_pixel(x, y).0;
+        assert!(
+            got.iter().zip(want).all(|(g, w)| g.abs_diff(w) <= 4),
+            "patch {col},{row}: P3 {p3:?} → {got:?}, want {want:?}"
+        );
+        // And visibly not the unconverted value.
+        assert!(
+            got.iter().zip(p3).any(|(g, s)| g.abs_diff(s) >= 8),
+            "patch {col},{row}: {got:?} is still the P3 code value {p3:?}"
+        );
+    }
+}

@@ -1,7 +1,8 @@
 //! Image preparation: check limits, decode, orient, convert to sRGB RGB, resize, encode JPEG.
 //!
 //! Limits are checked from the header before anything large is allocated. The output
-//! JPEG carries no metadata (no EXIF, no GPS) and is already upright.
+//! JPEG carries no metadata (no EXIF, no GPS, no ICC profile) and is already upright; an
+//! embedded ICC profile is applied first (see [`crate::color`]), so the pixels are sRGB.
 
 use std::io::Cursor;
 
@@ -13,6 +14,8 @@ use image::{
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+use crate::color::{self, ColorHandling, IccChunk, JpegIcc, Plan};
 
 /// Knobs for [`prepare`]; the defaults are the product's defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -152,6 +155,9 @@ pub struct PreparedImage {
     pub bytes: u64,
     /// Lower-case hex sha256 of `jpeg`.
     pub sha256: String,
+    /// Whether an embedded ICC profile was converted to sRGB, absent, or unusable.
+    #[serde(default)]
+    pub color: ColorHandling,
 }
 
 /// Identify the format from the signature; SVG and non-images get their own errors.
@@ -409,9 +415,13 @@ fn decode_budget(
     // components) until its last scan, whatever scale it is decoded at.
     let progressive = jpeg.is_some_and(|h| h.as_ref().is_some_and(JpegHeader::is_progressive));
     let coefficient_bytes = if progressive { pixels * 3 * 2 } else { 0 };
+    // A CMYK JPEG decodes to 4 bytes a pixel before it becomes RGB.
+    let cmyk = jpeg.is_some_and(|h| h.as_ref().is_some_and(|h| h.components == Some(4)));
+    let cmyk_bytes = if cmyk { pixels } else { 0 };
     decoded_bytes
         .saturating_add(convert_bytes)
         .saturating_add(coefficient_bytes)
+        .saturating_add(cmyk_bytes)
 }
 
 /// Peak memory [`prepare`] may need for these bytes, read from the header alone: the input,
@@ -434,7 +444,7 @@ pub fn memory_estimate(bytes: &[u8], opts: &PrepareOptions) -> Result<u64, Prepa
 /// Decode, orient, convert, resize and encode one image.
 pub fn prepare(bytes: &[u8], opts: &PrepareOptions) -> Result<PreparedImage, PrepareError> {
     check_options(opts)?;
-    let (format, decoder, stored_w, stored_h, orientation) = open(bytes, opts)?;
+    let (format, mut decoder, stored_w, stored_h, orientation) = open(bytes, opts)?;
     // JPEG marker segments, walked once: None inside when the structure breaks before a scan.
     let jpeg = (format == SourceFormat::Jpeg).then(|| jpeg_header(bytes));
     if decode_budget(&decoder, stored_w, stored_h, jpeg.as_ref()) > opts.max_alloc_bytes {
@@ -461,13 +471,19 @@ pub fn prepare(bytes: &[u8], opts: &PrepareOptions) -> Result<PreparedImage, Pre
         (out_w, out_h)
     };
     let color = decoder.color_type();
+    let plan = colour_plan(bytes, jpeg.as_ref(), &mut decoder);
     let rgb = if format == SourceFormat::Jpeg
         && matches!(color, image::ColorType::Rgb8 | image::ColorType::L8)
     {
         // Baseline/progressive RGB or grey JPEG: decode at a reduced DCT scale (1/2, 1/4, 1/8)
         // that still covers the target, which skips most of the decode work for large photos.
+        // A CMYK JPEG with a usable profile comes this way too, converted right after decoding.
         drop(decoder);
-        match decode_jpeg_scaled(bytes, target_w, target_h, opts.max_alloc_bytes)? {
+        let cmyk = match &plan {
+            Plan::Cmyk(t) => Some(t),
+            _ => None,
+        };
+        match decode_jpeg_scaled(bytes, target_w, target_h, opts.max_alloc_bytes, cmyk)? {
             Some(rgb) => rgb,
             // CMYK/YCCK or 12-bit: the general decoder converts those.
             None => {
@@ -482,7 +498,12 @@ pub fn prepare(bytes: &[u8], opts: &PrepareOptions) -> Result<PreparedImage, Pre
         let decoded = DynamicImage::from_decoder(decoder).map_err(|e| map_image_error(e, opts))?;
         to_srgb8(decoded)
     };
-    let resized = resize_rgb(rgb, target_w, target_h)?;
+    let mut resized = resize_rgb(rgb, target_w, target_h)?;
+    // RGB profiles convert after the resize, in place: a fraction of the pixels (1/4 to 1/16
+    // of a phone photo's decode) for an error far below JPEG's; see the `color` tests.
+    if let Plan::Rgb(t) = &plan {
+        color::apply_rgb(t, &mut resized);
+    }
     let mut upright = DynamicImage::ImageRgb8(resized);
     upright.apply_orientation(orientation);
     let upright = upright.into_rgb8();
@@ -500,12 +521,47 @@ pub fn prepare(bytes: &[u8], opts: &PrepareOptions) -> Result<PreparedImage, Pre
         bytes: jpeg.len() as u64,
         sha256,
         jpeg,
+        color: plan.handling(),
     })
+}
+
+/// How the pixels' colours get to sRGB, from the embedded ICC profile. Never fails: an
+/// unusable profile is ignored (and reported), not an error for the image.
+fn colour_plan(
+    bytes: &[u8],
+    jpeg: Option<&Option<JpegHeader>>,
+    decoder: &mut impl ImageDecoder,
+) -> Plan {
+    let icc = match jpeg {
+        // Read from our own marker walk: chunked, size-checked before allocating.
+        Some(header) => match header
+            .as_ref()
+            .map(|h| color::assemble_jpeg_icc(bytes, &h.icc))
+        {
+            None | Some(JpegIcc::None) => None,
+            Some(JpegIcc::Invalid) => return Plan::Ignored,
+            Some(JpegIcc::Profile(p)) => Some(p),
+        },
+        None => match decoder.icc_profile() {
+            Ok(p) => p,
+            Err(_) => return Plan::Ignored,
+        },
+    };
+    let cmyk = jpeg.is_some_and(|h| h.as_ref().is_some_and(|h| h.components == Some(4)));
+    if cmyk {
+        color::plan_cmyk(icc.as_deref())
+    } else {
+        color::plan_rgb(icc.as_deref())
+    }
 }
 
 struct JpegHeader {
     /// The SOFn marker of the frame, if one came before the first scan.
     sof: Option<u8>,
+    /// Number of components in the frame (3 for YCbCr/RGB, 4 for CMYK/YCCK).
+    components: Option<u8>,
+    /// APP2 `ICC_PROFILE` chunks before the first scan.
+    icc: Vec<IccChunk>,
     /// Offset of the first scan's entropy-coded data.
     scan_start: usize,
 }
@@ -528,6 +584,8 @@ impl JpegHeader {
 fn jpeg_header(bytes: &[u8]) -> Option<JpegHeader> {
     let mut i = 2; // after SOI
     let mut sof = None;
+    let mut components = None;
+    let mut icc = Vec::new();
     while i + 4 <= bytes.len() {
         if bytes[i] != 0xFF {
             return None;
@@ -541,10 +599,33 @@ fn jpeg_header(bytes: &[u8]) -> Option<JpegHeader> {
         // SOF0–SOF15, except DHT (C4), JPG (C8) and DAC (CC).
         if (0xC0..=0xCF).contains(&marker) && !matches!(marker, 0xC4 | 0xC8 | 0xCC) {
             sof = sof.or(Some(marker));
+            // Length (2), precision (1), height (2), width (2), then the component count.
+            components = components.or(bytes.get(i + 9).copied());
+        }
+        // APP2 "ICC_PROFILE\0", sequence number, chunk count, then the chunk's data.
+        const ICC_TAG: &[u8] = b"ICC_PROFILE\0";
+        let body_start = i + 4;
+        let body_end = i.saturating_add(2).saturating_add(len).min(bytes.len());
+        if marker == 0xE2 && bytes.get(body_start..body_start + 12) == Some(ICC_TAG) {
+            if let (Some(&seq), Some(&count)) =
+                (bytes.get(body_start + 12), bytes.get(body_start + 13))
+            {
+                // At most 255 chunks exist; more markers than that is not a profile.
+                if icc.len() < 256 && body_start + 14 <= body_end {
+                    icc.push(IccChunk {
+                        seq,
+                        count,
+                        start: body_start + 14,
+                        end: body_end,
+                    });
+                }
+            }
         }
         if marker == 0xDA {
             return Some(JpegHeader {
                 sof,
+                components,
+                icc,
                 scan_start: i.saturating_add(2).saturating_add(len),
             });
         }
@@ -554,20 +635,21 @@ fn jpeg_header(bytes: &[u8]) -> Option<JpegHeader> {
 }
 
 /// Decode a JPEG with DCT scaling to the smallest size ≥ (target_w, target_h), as RGB.
-/// None when the JPEG is not 8-bit RGB or grey.
+/// A CMYK JPEG is converted through `cmyk` (its ICC profile's transform) when given.
+/// None when the JPEG is not 8-bit RGB or grey, or CMYK without a transform.
 fn decode_jpeg_scaled(
     bytes: &[u8],
     target_w: u32,
     target_h: u32,
     max_alloc: u64,
+    cmyk: Option<&qcms::Transform>,
 ) -> Result<Option<RgbImage>, PrepareError> {
     let mut dec = jpeg_decoder::Decoder::new(Cursor::new(bytes));
     dec.read_info().map_err(map_jpeg_error)?;
-    if !matches!(
-        dec.info().map(|i| i.pixel_format),
-        Some(jpeg_decoder::PixelFormat::RGB24 | jpeg_decoder::PixelFormat::L8)
-    ) {
-        return Ok(None);
+    match dec.info().map(|i| i.pixel_format) {
+        Some(jpeg_decoder::PixelFormat::RGB24 | jpeg_decoder::PixelFormat::L8) => {}
+        Some(jpeg_decoder::PixelFormat::CMYK32) if cmyk.is_some() => {}
+        _ => return Ok(None),
     }
     dec.set_max_decoding_buffer_size(usize::try_from(max_alloc).unwrap_or(usize::MAX));
     // Full size, read before any scaling (info() reports the scaled size afterwards).
@@ -599,6 +681,13 @@ fn decode_jpeg_scaled(
         jpeg_decoder::PixelFormat::L8 if pixels.len() == n => {
             pixels.iter().flat_map(|&l| [l, l, l]).collect()
         }
+        // jpeg-decoder undoes Adobe's inverted storage (APP14; Photoshop writes every CMYK
+        // JPEG that way, and the image crate's decoder assumes it too): these are ink amounts,
+        // 0 = no ink, which is what an ICC CMYK profile expects.
+        jpeg_decoder::PixelFormat::CMYK32 if pixels.len() == n * 4 => match cmyk {
+            Some(t) => color::cmyk_to_rgb_in_place(t, pixels),
+            None => return Ok(None),
+        },
         other => {
             return Err(PrepareError::Corrupt(format!(
                 "unexpected JPEG pixel data ({other:?}, {} bytes for {w}×{h})",
@@ -743,7 +832,7 @@ mod tests {
             (3000, 130, 1024, 44),
             (4032, 3024, 1024, 768),
         ] {
-            let rgb = decode_jpeg_scaled(&jpeg(w, h), tw, th, u64::MAX)
+            let rgb = decode_jpeg_scaled(&jpeg(w, h), tw, th, u64::MAX, None)
                 .unwrap()
                 .unwrap();
             assert!(
@@ -753,7 +842,7 @@ mod tests {
             );
         }
         // Still scaled where it can be: 4032×3024 → 1024×768 decodes at ¼ (1008×756 is too small).
-        let rgb = decode_jpeg_scaled(&jpeg(4032, 3024), 1024, 768, u64::MAX)
+        let rgb = decode_jpeg_scaled(&jpeg(4032, 3024), 1024, 768, u64::MAX, None)
             .unwrap()
             .unwrap();
         assert_eq!(rgb.dimensions(), (2016, 1512));
@@ -772,6 +861,54 @@ mod tests {
             gif_first_frame_extent(b"GIF89a\x01\x00\x01\x00\x00\x00\x00\x21\xF9\xFF"),
             None
         );
+    }
+
+    fn fixture(rel: &str) -> Vec<u8> {
+        std::fs::read(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../tests/fixtures")
+                .join(rel),
+        )
+        .unwrap()
+    }
+
+    fn embedded(jpeg: &[u8]) -> Vec<u8> {
+        let header = jpeg_header(jpeg).unwrap();
+        match color::assemble_jpeg_icc(jpeg, &header.icc) {
+            JpegIcc::Profile(p) => p,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn srgb_profiles_are_recognised_without_building_a_transform() {
+        // HP's "sRGB IEC61966-2.1" (1024-point curves) as a sample photo embeds it, and the
+        // tests' own (parametric curves).
+        assert!(color::looks_like_srgb(&embedded(&fixture(
+            "samples/hubble_deep_field.jpg"
+        ))));
+        assert!(color::looks_like_srgb(&fixture("../fixtures-icc/srgb.icc")));
+        // Adobe RGB (1998) in rocket.jpg, and Display P3: not sRGB.
+        assert!(!color::looks_like_srgb(&embedded(&fixture(
+            "samples/rocket.jpg"
+        ))));
+        assert!(!color::looks_like_srgb(&fixture(
+            "../fixtures-icc/display-p3.icc"
+        )));
+    }
+
+    #[test]
+    fn icc_chunks_are_found_in_the_marker_walk() {
+        let adobe = fixture("../fixtures-icc/adobergb_chelsea.jpg");
+        let header = jpeg_header(&adobe).unwrap();
+        assert_eq!(header.icc.len(), 2);
+        assert_eq!(header.components, Some(3));
+        assert_eq!(
+            embedded(&adobe),
+            fixture("../fixtures-icc/adobe-rgb-compatible.icc")
+        );
+        let cmyk = fixture("../fixtures-icc/cmyk_astronaut.jpg");
+        assert_eq!(jpeg_header(&cmyk).unwrap().components, Some(4));
     }
 
     #[test]
