@@ -1249,9 +1249,17 @@ fn dashboard(t: &Template) -> (Value, BTreeSet<String>) {
     (json, names)
 }
 
-/// (namespace, metric name, dimension pairs) of every metric row of the dashboard's widgets;
-/// SEARCH expressions give their namespace and MetricName with their dimension names.
-fn dashboard_metrics(body: &Value) -> Vec<(String, String, Vec<(String, String)>)> {
+/// A metric a dashboard widget shows.
+struct MetricRow {
+    namespace: String,
+    name: String,
+    /// (dimension, value); a SEARCH gives its schema's dimension names with empty values.
+    dims: Vec<(String, String)>,
+}
+
+/// Every metric row of the dashboard's widgets; SEARCH expressions give their namespace and
+/// MetricName with their dimension names.
+fn dashboard_metrics(body: &Value) -> Vec<MetricRow> {
     let mut out = Vec::new();
     for w in body["widgets"].as_array().expect("widgets") {
         for row in as_list(&w["properties"]["metrics"]) {
@@ -1274,7 +1282,11 @@ fn dashboard_metrics(body: &Value) -> Vec<(String, String, Vec<(String, String)>
                     .and_then(|(_, r)| r.split_once('"'))
                     .map(|(n, _)| n.to_string())
                     .expect("SEARCH names its MetricName");
-                out.push((ns, name, dims));
+                out.push(MetricRow {
+                    namespace: ns,
+                    name,
+                    dims,
+                });
                 continue;
             }
             let strings: Vec<String> = row
@@ -1291,7 +1303,11 @@ fn dashboard_metrics(body: &Value) -> Vec<(String, String, Vec<(String, String)>
                 .chunks(2)
                 .map(|c| (c[0].clone(), c.get(1).cloned().unwrap_or_default()))
                 .collect();
-            out.push((strings[0].clone(), strings[1].clone(), dims));
+            out.push(MetricRow {
+                namespace: strings[0].clone(),
+                name: strings[1].clone(),
+                dims,
+            });
         }
     }
     out
@@ -1318,8 +1334,13 @@ fn dashboard_shows_every_emitted_metric_and_the_queues_and_errors() {
         .collect();
     let rows = dashboard_metrics(&body);
     let mut shown = BTreeSet::new();
-    for (ns, name, dims) in &rows {
-        if ns != NAMESPACE {
+    for MetricRow {
+        namespace,
+        name,
+        dims,
+    } in &rows
+    {
+        if namespace != NAMESPACE {
             continue;
         }
         let metric = Metric::from_name(name)
@@ -1343,19 +1364,30 @@ fn dashboard_shows_every_emitted_metric_and_the_queues_and_errors() {
         }
     }
     for m in Metric::ALL {
-        assert!(shown.contains(&m), "{} is emitted but not on the dashboard", m.name());
+        assert!(
+            shown.contains(&m),
+            "{} is emitted but not on the dashboard",
+            m.name()
+        );
     }
 
     let has = |ns: &str, metric: &str, dim: &str, target: &str| {
-        rows.iter().any(|(n, m, d)| {
-            n == ns && m == metric && d.iter().any(|(k, v)| k == dim && v.starts_with(target))
+        rows.iter().any(|r| {
+            r.namespace == ns
+                && r.name == metric
+                && r.dims
+                    .iter()
+                    .any(|(k, v)| k == dim && v.starts_with(target))
         })
     };
     for metric in [
         "ApproximateNumberOfMessagesVisible",
         "ApproximateAgeOfOldestMessage",
     ] {
-        assert!(has("AWS/SQS", metric, "QueueName", "AnalyzeQueue."), "{metric}");
+        assert!(
+            has("AWS/SQS", metric, "QueueName", "AnalyzeQueue."),
+            "{metric}"
+        );
     }
     assert!(has(
         "AWS/SQS",
@@ -1375,5 +1407,8 @@ fn dashboard_shows_every_emitted_metric_and_the_queues_and_errors() {
         .flat_map(|w| as_list(&w["properties"]["alarms"]))
         .filter_map(|a| a.as_str().map(str::to_string))
         .collect();
-    assert!(alarms.contains(&"DeadLetterQueueAlarm.Arn".to_string()), "{alarms:?}");
+    assert!(
+        alarms.contains(&"DeadLetterQueueAlarm.Arn".to_string()),
+        "{alarms:?}"
+    );
 }
