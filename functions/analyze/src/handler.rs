@@ -86,9 +86,9 @@ impl AnalyzeHandler {
         AnalyzeHandler {
             analyzer,
             queue,
+            emf: Emf::lambda("analyze"),
             concurrency: DEFAULT_CONCURRENCY,
             record_budget: Duration::from_secs(70),
-            emf: Emf::lambda("analyze"),
         }
     }
 
