@@ -1010,6 +1010,7 @@ fn outputs_and_references_resolve() {
         "QueueUrl",
         "DeadLetterQueueUrl",
         "TableName",
+        "DashboardUrl",
     ] {
         assert!(t.t["Outputs"][o]["Value"].is_object(), "output {o}");
     }
@@ -1177,5 +1178,237 @@ fn reconciler_runs_on_a_schedule() {
                 && references(&p["AlarmActions"]).contains(&"AlarmTopic".to_string())
         }),
         "an alarm on {id} Errors"
+    );
+}
+
+/// Lambda's log controls take effect: JSON lines (Lambda filters them by their "level"), an
+/// application log level the functions also read (AWS_LAMBDA_LOG_LEVEL) and no RUST_LOG next to
+/// it; and no level above INFO, because Lambda counts the metric (EMF) lines, which carry no
+/// level, as INFO and would drop them.
+#[test]
+fn functions_log_json_at_a_level_that_keeps_the_metric_lines() {
+    let t = Template::load();
+    let keeps_metrics = ["TRACE", "DEBUG", "INFO"];
+    for binary in ALL {
+        let (id, f) = t.function(binary);
+        let own = &f["Properties"]["LoggingConfig"];
+        let global = &t.t["Globals"]["Function"]["LoggingConfig"];
+        let pick = |key: &str| {
+            if own[key].is_null() {
+                global[key].clone()
+            } else {
+                own[key].clone()
+            }
+        };
+        assert_eq!(pick("LogFormat"), "JSON", "{id}");
+        let level = pick("ApplicationLogLevel");
+        let allowed: Vec<Value> = match level.get("Ref").and_then(Value::as_str) {
+            Some(p) => {
+                let param = t.parameter(p);
+                assert_eq!(param["Default"], "INFO", "{id}: {p} default");
+                as_list(&param["AllowedValues"])
+            }
+            None => vec![level.clone()],
+        };
+        assert!(!allowed.is_empty(), "{id}: ApplicationLogLevel is set");
+        for v in allowed {
+            assert!(
+                v.as_str().is_some_and(|l| keeps_metrics.contains(&l)),
+                "{id}: ApplicationLogLevel {v} would drop the EMF metric lines"
+            );
+        }
+        assert!(
+            !t.env(f).contains_key("RUST_LOG"),
+            "{id}: RUST_LOG would add its own directives to AWS_LAMBDA_LOG_LEVEL"
+        );
+    }
+}
+
+/// A dashboard body with every `${Name}` / `${Name.Attr}` of its Fn::Sub replaced by the name
+/// (so it parses as JSON), and the names.
+fn dashboard(t: &Template) -> (Value, BTreeSet<String>) {
+    let dashboards = t.of_type("AWS::CloudWatch::Dashboard");
+    assert_eq!(dashboards.len(), 1, "one dashboard");
+    let body = &dashboards[0].1["Properties"]["DashboardBody"];
+    let text = body["Fn::Sub"]
+        .as_str()
+        .expect("DashboardBody is a Fn::Sub string");
+    let mut names = BTreeSet::new();
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let end = rest[start..].find('}').expect("closing brace") + start;
+        let name = &rest[start + 2..end];
+        names.insert(name.to_string());
+        out.push_str(name);
+        rest = &rest[end + 1..];
+    }
+    out.push_str(rest);
+    let json: Value = serde_json::from_str(&out).expect("DashboardBody is JSON");
+    (json, names)
+}
+
+/// A metric a dashboard widget shows.
+struct MetricRow {
+    namespace: String,
+    name: String,
+    /// (dimension, value); a SEARCH gives its schema's dimension names with empty values.
+    dims: Vec<(String, String)>,
+}
+
+/// Every metric row of the dashboard's widgets; SEARCH expressions give their namespace and
+/// MetricName with their dimension names.
+fn dashboard_metrics(body: &Value) -> Vec<MetricRow> {
+    let mut out = Vec::new();
+    for w in body["widgets"].as_array().expect("widgets") {
+        for row in as_list(&w["properties"]["metrics"]) {
+            let row = row.as_array().expect("metric row").clone();
+            if let Some(expr) = row
+                .first()
+                .and_then(|o| o.get("expression"))
+                .and_then(Value::as_str)
+            {
+                let schema = expr
+                    .split_once('{')
+                    .and_then(|(_, r)| r.split_once('}'))
+                    .map(|(s, _)| s)
+                    .expect("SEARCH schema");
+                let mut parts = schema.split(',').map(str::trim);
+                let ns = parts.next().unwrap_or_default().to_string();
+                let dims = parts.map(|d| (d.to_string(), String::new())).collect();
+                let name = expr
+                    .split_once("MetricName=\"")
+                    .and_then(|(_, r)| r.split_once('"'))
+                    .map(|(n, _)| n.to_string())
+                    .expect("SEARCH names its MetricName");
+                out.push(MetricRow {
+                    namespace: ns,
+                    name,
+                    dims,
+                });
+                continue;
+            }
+            let strings: Vec<String> = row
+                .iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect();
+            assert!(strings.len() >= 2, "metric row {row:?}");
+            assert!(
+                strings[0] != ".",
+                "write metric rows out in full (no \".\" shorthand): {row:?}"
+            );
+            let dims = strings[2..]
+                .chunks(2)
+                .map(|c| (c[0].clone(), c.get(1).cloned().unwrap_or_default()))
+                .collect();
+            out.push(MetricRow {
+                namespace: strings[0].clone(),
+                name: strings[1].clone(),
+                dims,
+            });
+        }
+    }
+    out
+}
+
+/// The dashboard shows what the functions emit, by the names the code uses, plus the queues'
+/// depth and age, the dead letters and the functions' errors.
+#[test]
+fn dashboard_shows_every_emitted_metric_and_the_queues_and_errors() {
+    use sightline_pipeline::metrics::{Metric, FUNCTION_DIMENSION, MODEL_DIMENSION, NAMESPACE};
+
+    let t = Template::load();
+    let (body, names) = dashboard(&t);
+    let mut known: BTreeSet<String> = t.resources().keys().cloned().collect();
+    known.insert("AWS::Region".into());
+    for n in &names {
+        let base = n.split('.').next().unwrap_or(n);
+        assert!(known.contains(base), "dashboard refers to unknown {n}");
+    }
+    let functions: BTreeSet<String> = t
+        .of_type("AWS::Serverless::Function")
+        .into_iter()
+        .map(|(id, _)| id.to_string())
+        .collect();
+    let rows = dashboard_metrics(&body);
+    let mut shown = BTreeSet::new();
+    for MetricRow {
+        namespace,
+        name,
+        dims,
+    } in &rows
+    {
+        if namespace != NAMESPACE {
+            continue;
+        }
+        let metric = Metric::from_name(name)
+            .unwrap_or_else(|| panic!("dashboard metric {name} is not emitted by the code"));
+        shown.insert(metric);
+        assert!(
+            dims.iter().any(|(k, _)| k == FUNCTION_DIMENSION),
+            "{name}: by {FUNCTION_DIMENSION}"
+        );
+        for (k, v) in dims {
+            match k.as_str() {
+                k if k == FUNCTION_DIMENSION => assert!(
+                    v.is_empty() || functions.contains(v),
+                    "{name}: {FUNCTION_DIMENSION} {v} is not a function of the template"
+                ),
+                k if k == MODEL_DIMENSION => {
+                    assert!(metric.by_model(), "{name} is not emitted per model")
+                }
+                other => panic!("{name}: the code emits no dimension {other}"),
+            }
+        }
+    }
+    for m in Metric::ALL {
+        assert!(
+            shown.contains(&m),
+            "{} is emitted but not on the dashboard",
+            m.name()
+        );
+    }
+
+    let has = |ns: &str, metric: &str, dim: &str, target: &str| {
+        rows.iter().any(|r| {
+            r.namespace == ns
+                && r.name == metric
+                && r.dims
+                    .iter()
+                    .any(|(k, v)| k == dim && v.starts_with(target))
+        })
+    };
+    for metric in [
+        "ApproximateNumberOfMessagesVisible",
+        "ApproximateAgeOfOldestMessage",
+    ] {
+        assert!(
+            has("AWS/SQS", metric, "QueueName", "AnalyzeQueue."),
+            "{metric}"
+        );
+    }
+    assert!(has(
+        "AWS/SQS",
+        "ApproximateNumberOfMessagesVisible",
+        "QueueName",
+        "DeadLetterQueue."
+    ));
+    for f in &functions {
+        assert!(has("AWS/Lambda", "Errors", "FunctionName", f), "{f} errors");
+    }
+    // The alarms are on it too, the dead-letter one first among them.
+    let alarms: Vec<String> = body["widgets"]
+        .as_array()
+        .expect("widgets")
+        .iter()
+        .filter(|w| w["type"] == "alarm")
+        .flat_map(|w| as_list(&w["properties"]["alarms"]))
+        .filter_map(|a| a.as_str().map(str::to_string))
+        .collect();
+    assert!(
+        alarms.contains(&"DeadLetterQueueAlarm.Arn".to_string()),
+        "{alarms:?}"
     );
 }

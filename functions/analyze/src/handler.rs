@@ -7,6 +7,10 @@
 //! message id cannot be reported (an empty identifier is invalid), so a retry of one fails
 //! the whole invocation instead: everything comes back, and what was done is `AlreadyDone`.
 //! Near the invocation's deadline no new record is started; those go back at once.
+//!
+//! Every record is handled in a span with its `message_id`, `image_id` and `tenant`, so each
+//! log line of the record carries them. The metrics of an invocation (see
+//! `sightline_pipeline::metrics`) are written as CloudWatch EMF lines when it ends.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 use std::collections::HashMap;
@@ -14,11 +18,14 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
+use sightline_core::model::AnalysisJob;
 use sightline_pipeline::analyze::{AnalyzeOutcome, Analyzer};
+use sightline_pipeline::metrics::emf::{Emf, EmfBatch};
+use sightline_pipeline::metrics::Metric;
 use sightline_pipeline::ports::Queue;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
-use tracing::{error, info, warn};
+use tracing::{error, error_span, info, warn, Instrument, Span};
 
 /// Records handled at once per invocation.
 pub const DEFAULT_CONCURRENCY: usize = 4;
@@ -31,6 +38,8 @@ pub struct AnalyzeHandler {
     pub concurrency: usize,
     /// Time one record may take at worst; a record is not started with less time left.
     pub record_budget: Duration,
+    /// Where each invocation's metrics are written (stdout in Lambda).
+    pub emf: Emf,
 }
 
 /// A retry the event source mapping cannot be told about (the record has no message id).
@@ -49,12 +58,34 @@ pub fn receive_count(msg: &SqsMessage) -> u32 {
         .max(1)
 }
 
+/// The span of one record: its message id, and the image id and tenant of its job when the
+/// body reads as one (a malformed body is logged by the analyzer, without them). At ERROR
+/// level so that no log level filters it out: a WARN line must carry the ids too.
+pub fn record_span(record: &SqsMessage) -> Span {
+    let span = error_span!(
+        "record",
+        message_id = record.message_id.as_deref().unwrap_or_default(),
+        image_id = tracing::field::Empty,
+        tenant = tracing::field::Empty,
+    );
+    if let Some(job) = record
+        .body
+        .as_deref()
+        .and_then(|b| AnalysisJob::parse(b).ok())
+    {
+        span.record("image_id", job.image_id.as_str());
+        span.record("tenant", job.tenant.as_str());
+    }
+    span
+}
+
 impl AnalyzeHandler {
     pub fn new(analyzer: Analyzer, queue: Arc<dyn Queue>) -> AnalyzeHandler {
         let record_budget = analyzer.settings.record_worst_case();
         AnalyzeHandler {
             analyzer,
             queue,
+            emf: Emf::lambda("analyze"),
             concurrency: DEFAULT_CONCURRENCY,
             record_budget,
         }
@@ -85,6 +116,20 @@ impl AnalyzeHandler {
         event: SqsEvent,
         deadline: Option<SystemTime>,
     ) -> (SqsBatchResponse, Vec<(String, AnalyzeOutcome)>) {
+        // This invocation's metric events, written as EMF once every record is done.
+        let batch = Arc::new(EmfBatch::default());
+        let mut me = self.clone();
+        me.analyzer.metrics = batch.clone();
+        let result = me.handle_batch(event, deadline).await;
+        self.emf.flush(&batch);
+        result
+    }
+
+    async fn handle_batch(
+        &self,
+        event: SqsEvent,
+        deadline: Option<SystemTime>,
+    ) -> (SqsBatchResponse, Vec<(String, AnalyzeOutcome)>) {
         let permits = Arc::new(Semaphore::new(self.concurrency.max(1)));
         let mut tasks = JoinSet::new();
         let mut ids = HashMap::new();
@@ -92,15 +137,20 @@ impl AnalyzeHandler {
             let me = self.clone();
             let permits = permits.clone();
             let message_id = record.message_id.clone().unwrap_or_default();
-            let handle = tasks.spawn(async move {
-                // The semaphore is never closed; a failed acquire just runs unthrottled.
-                let _permit = permits.acquire_owned().await.ok();
-                let too_late = deadline.is_some_and(|d| SystemTime::now() + me.record_budget > d);
-                if too_late {
-                    return me.not_started(record).await;
+            let span = record_span(&record);
+            let handle = tasks.spawn(
+                async move {
+                    // The semaphore is never closed; a failed acquire just runs unthrottled.
+                    let _permit = permits.acquire_owned().await.ok();
+                    let too_late =
+                        deadline.is_some_and(|d| SystemTime::now() + me.record_budget > d);
+                    if too_late {
+                        return me.not_started(record).await;
+                    }
+                    me.handle_record(record).await
                 }
-                me.handle_record(record).await
-            });
+                .instrument(span),
+            );
             ids.insert(handle.id(), message_id);
         }
         let mut response = SqsBatchResponse::default();
@@ -112,6 +162,7 @@ impl AnalyzeHandler {
                     // A panic in a record's task: retry that message (Analyzer never panics).
                     let id = ids.get(&e.id()).cloned().unwrap_or_default();
                     error!(message_id = %id, error = %e, "record task failed");
+                    self.analyzer.metrics.record(Metric::Retries, None, 1.0);
                     let outcome = AnalyzeOutcome::Retry {
                         delay: Duration::from_secs(30),
                         reason: format!("task failed: {e}"),
@@ -132,13 +183,11 @@ impl AnalyzeHandler {
         let message_id = record.message_id.clone().unwrap_or_default();
         if let Some(receipt) = record.receipt_handle.as_deref().filter(|r| !r.is_empty()) {
             if let Err(e) = self.queue.retry_after(receipt, Duration::ZERO).await {
-                warn!(message_id, error = %e, "could not change the message visibility");
+                warn!(error = %e, "could not change the message visibility");
             }
         }
-        info!(
-            message_id,
-            "not started: the invocation is about to time out"
-        );
+        info!("not started: the invocation is about to time out");
+        self.analyzer.metrics.record(Metric::Retries, None, 1.0);
         let outcome = AnalyzeOutcome::Retry {
             delay: Duration::ZERO,
             reason: "not started before the invocation deadline".into(),
@@ -154,7 +203,6 @@ impl AnalyzeHandler {
         match &outcome {
             AnalyzeOutcome::Retry { delay, reason } => {
                 info!(
-                    message_id,
                     receive_count = count,
                     delay_ms = delay.as_millis() as u64,
                     reason,
@@ -164,17 +212,14 @@ impl AnalyzeHandler {
                     Some(receipt) if !receipt.is_empty() => {
                         if let Err(e) = self.queue.retry_after(receipt, *delay).await {
                             // The message still comes back after the queue's visibility timeout.
-                            warn!(message_id, error = %e, "could not change the message visibility");
+                            warn!(error = %e, "could not change the message visibility");
                         }
                     }
-                    _ => warn!(
-                        message_id,
-                        "record has no receipt handle; default visibility applies"
-                    ),
+                    _ => warn!("record has no receipt handle; default visibility applies"),
                 }
             }
-            AnalyzeOutcome::Failed(reason) => warn!(message_id, reason, "permanent failure"),
-            other => info!(message_id, outcome = ?other, "handled"),
+            AnalyzeOutcome::Failed(reason) => warn!(reason, "permanent failure"),
+            other => info!(outcome = ?other, "handled"),
         }
         (message_id, outcome)
     }
@@ -186,10 +231,18 @@ mod tests {
     use async_trait::async_trait;
     use sightline_core::model::{AnalysisResult, ImageRecord, ImageStatus};
     use sightline_pipeline::local::FileBlobStore;
+    use sightline_pipeline::metrics::emf::MemoryLines;
     use sightline_pipeline::ports::*;
     use sightline_pipeline::providers::local::LocalAnalyzer;
     use sightline_pipeline::Settings;
     use std::sync::Mutex;
+
+    /// The handler with its EMF lines kept in memory.
+    fn quiet(mut handler: AnalyzeHandler) -> (AnalyzeHandler, Arc<MemoryLines>) {
+        let lines = Arc::new(MemoryLines::default());
+        handler.emf = Emf::new("analyze-fn", lines.clone());
+        (handler, lines)
+    }
 
     /// A repository whose every call fails transiently (a DynamoDB outage).
     struct DownRepo;
@@ -325,7 +378,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let queue = Arc::new(RecordingQueue::default());
         let analyzer = analyzer_over_down_repo(dir.path());
-        let handler = AnalyzeHandler::new(analyzer, queue.clone());
+        let (handler, lines) = quiet(AnalyzeHandler::new(analyzer, queue.clone()));
         let mut event = SqsEvent::default();
         event.records = vec![
             record(Some("m1"), "r1", JOB, "2"),
@@ -359,13 +412,21 @@ mod tests {
         assert!(retries
             .iter()
             .all(|(_, d)| *d > Duration::ZERO && *d <= Duration::from_secs(43_200)));
+        let docs = emf_docs(&lines);
+        let totals = function_doc(&docs);
+        assert_eq!(totals["Retries"], 3.0);
+        assert_eq!(totals["ImagesProcessed"], 0.0);
+        assert_eq!(totals["RecordLatency"].as_array().map(Vec::len), Some(3));
     }
 
     #[tokio::test]
     async fn a_retry_without_message_id_fails_the_invocation() {
         let dir = tempfile::tempdir().unwrap();
         let analyzer = analyzer_over_down_repo(dir.path());
-        let handler = AnalyzeHandler::new(analyzer, Arc::new(RecordingQueue::default()));
+        let (handler, _) = quiet(AnalyzeHandler::new(
+            analyzer,
+            Arc::new(RecordingQueue::default()),
+        ));
         let mut event = SqsEvent::default();
         event.records = vec![record(Some("m1"), "r1", JOB, "1")];
         assert!(handler.handle(event.clone(), None).await.is_ok());
@@ -378,7 +439,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let queue = Arc::new(RecordingQueue::default());
         let analyzer = analyzer_over_down_repo(dir.path());
-        let handler = AnalyzeHandler::new(analyzer, queue.clone());
+        let (handler, lines) = quiet(AnalyzeHandler::new(analyzer, queue.clone()));
         let mut event = SqsEvent::default();
         event.records = vec![
             record(Some("m1"), "r1", JOB, "1"),
@@ -393,6 +454,11 @@ mod tests {
         )));
         let retries = queue.retries.lock().unwrap().clone();
         assert!(retries.len() == 2 && retries.iter().all(|(_, d)| d.is_zero()));
+        // Both went back to the queue unstarted: retries, and no latency of handling.
+        let docs = emf_docs(&lines);
+        assert_eq!(docs.len(), 1);
+        assert_eq!(docs[0]["Retries"], 2.0);
+        assert!(docs[0].get("RecordLatency").is_none());
     }
 
     #[test]
@@ -400,5 +466,298 @@ mod tests {
         assert_eq!(receive_count(&record(Some("m"), "r", "", "3")), 3);
         assert_eq!(receive_count(&record(Some("m"), "r", "", "x")), 1);
         assert_eq!(receive_count(&SqsMessage::default()), 1);
+    }
+
+    // ---- metrics: the handler over the local adapters with a scripted, paid provider
+
+    use serde_json::Value;
+    use sightline_core::pricing::Usage;
+    use sightline_core::retry::FailureKind;
+    use sightline_pipeline::ingest::{Ingest, IngestOutcome};
+    use sightline_pipeline::local::{SqliteDb, SqliteRepository};
+    use std::collections::VecDeque;
+
+    const USAGE: Usage = Usage {
+        input_tokens: 1000,
+        output_tokens: 100,
+        cached_tokens: 0,
+    };
+
+    /// A paid provider answering from a script (an answer with [`USAGE`] once it runs out).
+    struct Scripted {
+        steps: Mutex<VecDeque<Result<Usage, FailureKind>>>,
+    }
+
+    #[async_trait]
+    impl VisionProvider for Scripted {
+        fn name(&self) -> &str {
+            "openai"
+        }
+        fn is_paid(&self) -> bool {
+            true
+        }
+        async fn analyze(&self, req: &VisionRequest) -> Result<VisionResponse, ProviderError> {
+            let step = self.steps.lock().unwrap().pop_front().unwrap_or(Ok(USAGE));
+            match step {
+                Ok(usage) => Ok(VisionResponse {
+                    analysis: serde_json::json!({"description": "ok", "tags": []}),
+                    usage: Some(usage),
+                    model: req.model.clone(),
+                    rate: RateInfo::default(),
+                }),
+                Err(kind) => Err(ProviderError {
+                    kind,
+                    message: "scripted".into(),
+                    rate: RateInfo::default(),
+                    usage: None,
+                    billed: false,
+                }),
+            }
+        }
+    }
+
+    /// A small PNG whose pixels differ for every `n`.
+    fn png(n: u8) -> Vec<u8> {
+        let img =
+            image::RgbImage::from_fn(32, 24, |x, y| image::Rgb([x as u8 * 7, y as u8 * 9, n]));
+        let mut out = std::io::Cursor::new(Vec::new());
+        image::DynamicImage::ImageRgb8(img)
+            .write_to(&mut out, image::ImageFormat::Png)
+            .unwrap();
+        out.into_inner()
+    }
+
+    struct Paid {
+        handler: AnalyzeHandler,
+        lines: Arc<MemoryLines>,
+        repo: Arc<dyn Repository>,
+        /// One SQS record per image, in order (message id = `m-{image id}`).
+        event: SqsEvent,
+        _dir: tempfile::TempDir,
+    }
+
+    /// Images ingested (resized, recorded, job made) for tenant `acme`, then a handler whose
+    /// analyzer calls `steps` on model gpt-4o (then `fallback`), one record at a time.
+    async fn paid(
+        images: &[(&str, Vec<u8>)],
+        steps: Vec<Result<Usage, FailureKind>>,
+        fallback: &[&str],
+    ) -> Paid {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs: Arc<dyn BlobStore> = Arc::new(FileBlobStore::new(dir.path()));
+        let repo: Arc<dyn Repository> =
+            Arc::new(SqliteRepository::new(SqliteDb::in_memory().unwrap()));
+        let settings = Arc::new(Settings {
+            model: "gpt-4o".into(),
+            fallback_models: fallback.iter().map(|m| m.to_string()).collect(),
+            ..Settings::default()
+        });
+        let queue = Arc::new(RecordingQueue::default());
+        let ingest = Ingest::new(
+            blobs.clone(),
+            repo.clone(),
+            queue.clone(),
+            settings.clone(),
+            Arc::new(SystemClock),
+            "uploads/",
+        );
+        let mut event = SqsEvent::default();
+        for (id, bytes) in images {
+            let out = ingest
+                .ingest_bytes("acme", id, "test", None, bytes.clone())
+                .await
+                .unwrap();
+            let IngestOutcome::Queued(job) = out else {
+                panic!("not queued: {out:?}")
+            };
+            let body = serde_json::to_string(&job).unwrap();
+            event.records.push(record(
+                Some(&format!("m-{id}")),
+                &format!("r-{id}"),
+                &body,
+                "1",
+            ));
+        }
+        let provider = Arc::new(Scripted {
+            steps: Mutex::new(steps.into()),
+        });
+        let analyzer = Analyzer::new(
+            blobs,
+            repo.clone(),
+            provider,
+            settings,
+            Arc::new(SystemClock),
+        );
+        let (mut handler, lines) = quiet(AnalyzeHandler::new(analyzer, queue));
+        handler.concurrency = 1;
+        Paid {
+            handler,
+            lines,
+            repo,
+            event,
+            _dir: dir,
+        }
+    }
+
+    fn emf_docs(lines: &MemoryLines) -> Vec<Value> {
+        lines
+            .lines()
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// The document of the counters without a model (exactly one per invocation here).
+    fn function_doc(docs: &[Value]) -> Value {
+        let found: Vec<&Value> = docs.iter().filter(|d| d.get("Model").is_none()).collect();
+        assert_eq!(found.len(), 1, "{docs:?}");
+        found[0].clone()
+    }
+
+    fn model_doc(docs: &[Value], model: &str) -> Value {
+        docs.iter()
+            .find(|d| d["Model"] == model)
+            .unwrap_or_else(|| panic!("no document for {model}: {docs:?}"))
+            .clone()
+    }
+
+    /// The unit the document's directive declares for `name`.
+    fn unit(doc: &Value, name: &str) -> String {
+        let directive = &doc["_aws"]["CloudWatchMetrics"][0];
+        assert_eq!(directive["Namespace"], "sightline");
+        directive["Metrics"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["Name"] == name)
+            .unwrap_or_else(|| panic!("{name} not declared in {doc}"))["Unit"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    #[tokio::test]
+    async fn an_invocation_emits_images_tokens_and_cost_as_emf() {
+        // Two distinct images, then a copy of the first: two paid calls, one cache hit.
+        let f = paid(&[("a", png(1)), ("b", png(2)), ("c", png(1))], vec![], &[]).await;
+        let (resp, outcomes) = f.handler.handle_with_outcomes(f.event.clone(), None).await;
+        assert!(resp.batch_item_failures.is_empty(), "{outcomes:?}");
+
+        let docs = emf_docs(&f.lines);
+        assert_eq!(
+            docs.len(),
+            2,
+            "one line of counters, one for the model: {docs:?}"
+        );
+        let totals = function_doc(&docs);
+        assert_eq!(totals["Function"], "analyze-fn");
+        assert_eq!(
+            totals["_aws"]["CloudWatchMetrics"][0]["Dimensions"],
+            serde_json::json!([["Function"]])
+        );
+        assert_eq!(totals["ImagesProcessed"], 3.0);
+        assert_eq!(totals["CacheHits"], 1.0);
+        assert_eq!(totals["ImagesFailed"], 0.0);
+        assert_eq!(totals["Retries"], 0.0);
+        assert_eq!(unit(&totals, "ImagesProcessed"), "Count");
+        assert_eq!(unit(&totals, "RecordLatency"), "Milliseconds");
+        let latencies = totals["RecordLatency"].as_array().unwrap();
+        assert_eq!(latencies.len(), 3);
+        assert!(latencies.iter().all(|v| v.as_f64().unwrap() >= 0.0));
+
+        // Tokens and cost are what the results recorded.
+        let mut cost = 0.0;
+        let mut tokens = (0, 0);
+        for id in ["a", "b", "c"] {
+            let r = f
+                .repo
+                .get_image("acme", id)
+                .await
+                .unwrap()
+                .unwrap()
+                .result
+                .unwrap();
+            cost += r.cost_usd;
+            tokens.0 += r.usage.input_tokens;
+            tokens.1 += r.usage.output_tokens;
+        }
+        assert_eq!(tokens, (2000, 200));
+        assert!(cost > 0.0);
+        let m = model_doc(&docs, "gpt-4o");
+        assert_eq!(
+            m["_aws"]["CloudWatchMetrics"][0]["Dimensions"],
+            serde_json::json!([["Function"], ["Function", "Model"]])
+        );
+        assert_eq!(m["InputTokens"], 2000.0);
+        assert_eq!(m["OutputTokens"], 200.0);
+        assert!(
+            (m["CostUsd"].as_f64().unwrap() - cost).abs() < 1e-12,
+            "{m} vs {cost}"
+        );
+        assert_eq!(unit(&m, "CostUsd"), "None");
+        assert_eq!(unit(&m, "InputTokens"), "Count");
+    }
+
+    #[tokio::test]
+    async fn a_throttled_record_counts_a_provider_throttle_and_a_retry() {
+        let throttled = FailureKind::Http {
+            status: 429,
+            retry_after: Some(Duration::from_secs(1)),
+        };
+        let f = paid(&[("a", png(1))], vec![Err(throttled)], &[]).await;
+        let (resp, _) = f.handler.handle_with_outcomes(f.event.clone(), None).await;
+        assert_eq!(resp.batch_item_failures.len(), 1);
+
+        let docs = emf_docs(&f.lines);
+        let totals = function_doc(&docs);
+        assert_eq!(totals["Retries"], 1.0);
+        assert_eq!(totals["ImagesProcessed"], 0.0);
+        let m = model_doc(&docs, "gpt-4o");
+        assert_eq!(m["ProviderThrottles"], 1.0);
+        assert_eq!(unit(&m, "ProviderThrottles"), "Count");
+        assert!(m.get("CostUsd").is_none(), "nothing was paid: {m}");
+    }
+
+    #[tokio::test]
+    async fn a_long_throttle_switches_to_the_fallback_model_and_counts_it() {
+        let throttled = FailureKind::Http {
+            status: 429,
+            retry_after: Some(Duration::from_secs(60)),
+        };
+        let f = paid(&[("a", png(1))], vec![Err(throttled)], &["gpt-4o-mini"]).await;
+        let (resp, _) = f.handler.handle_with_outcomes(f.event.clone(), None).await;
+        assert!(resp.batch_item_failures.is_empty());
+
+        let docs = emf_docs(&f.lines);
+        assert_eq!(function_doc(&docs)["ImagesProcessed"], 1.0);
+        let primary = model_doc(&docs, "gpt-4o");
+        assert_eq!(primary["ProviderThrottles"], 1.0);
+        assert_eq!(primary["FallbackSwitches"], 1.0);
+        let result = f
+            .repo
+            .get_image("acme", "a")
+            .await
+            .unwrap()
+            .unwrap()
+            .result
+            .unwrap();
+        assert_eq!(result.model, "gpt-4o-mini");
+        let fallback = model_doc(&docs, "gpt-4o-mini");
+        assert_eq!(fallback["InputTokens"], 1000.0);
+        assert!((fallback["CostUsd"].as_f64().unwrap() - result.cost_usd).abs() < 1e-12);
+    }
+
+    #[tokio::test]
+    async fn each_invocation_writes_its_own_lines() {
+        let f = paid(&[("a", png(1))], vec![], &[]).await;
+        f.handler.handle_with_outcomes(f.event.clone(), None).await;
+        // The same message again: already done, nothing processed a second time.
+        f.handler.handle_with_outcomes(f.event.clone(), None).await;
+        let docs = emf_docs(&f.lines);
+        let counters: Vec<&Value> = docs.iter().filter(|d| d.get("Model").is_none()).collect();
+        assert_eq!(counters.len(), 2);
+        assert_eq!(counters[0]["ImagesProcessed"], 1.0);
+        assert_eq!(counters[1]["ImagesProcessed"], 0.0);
+        assert_eq!(docs.iter().filter(|d| d["Model"] == "gpt-4o").count(), 1);
     }
 }

@@ -8,6 +8,7 @@ use sightline_core::keys::UPLOAD_PREFIX;
 use sightline_pipeline::analyze::Analyzer;
 use sightline_pipeline::ingest::Ingest;
 use sightline_pipeline::local::{FileBlobStore, SqliteDb, SqliteQueue, SqliteRepository};
+use sightline_pipeline::metrics::prometheus::Registry;
 use sightline_pipeline::ports::{BlobStore, Clock, Queue, Repository, SystemClock, VisionProvider};
 use sightline_pipeline::providers::select::build_provider;
 use sightline_pipeline::reconcile::Reconciler;
@@ -41,6 +42,8 @@ pub struct LocalApp {
     pub ingest: Ingest,
     pub analyzer: Analyzer,
     pub reconciler: Reconciler,
+    /// What the use-cases of this process counted (`GET /metrics` of `sightline serve`).
+    pub metrics: Arc<Registry>,
 }
 
 impl LocalApp {
@@ -68,7 +71,8 @@ impl LocalApp {
             build_provider(&config.settings, config.openai_api_key.as_deref())?;
         let settings = Arc::new(config.settings.clone());
         let queue_port: Arc<dyn Queue> = queue.clone();
-        let ingest = Ingest::new(
+        let metrics = Registry::new();
+        let mut ingest = Ingest::new(
             blobs.clone(),
             repo.clone(),
             queue_port,
@@ -76,6 +80,10 @@ impl LocalApp {
             clock.clone(),
             UPLOAD_PREFIX,
         );
+        // The reconciler's resizes are counted apart from the uploads' own.
+        let mut reconciler_ingest = ingest.clone();
+        reconciler_ingest.metrics = metrics.recorder("reconcile");
+        ingest.metrics = metrics.recorder("resize");
         let mut analyzer = Analyzer::new(
             blobs.clone(),
             repo.clone(),
@@ -84,6 +92,7 @@ impl LocalApp {
             clock.clone(),
         );
         analyzer.instance = instance.clone();
+        analyzer.metrics = metrics.recorder("analyze");
         Ok(LocalApp {
             config,
             instance,
@@ -93,9 +102,10 @@ impl LocalApp {
             repo,
             queue,
             provider,
-            reconciler: Reconciler::new(ingest.clone()),
+            reconciler: Reconciler::new(reconciler_ingest),
             ingest,
             analyzer,
+            metrics,
         })
     }
 

@@ -1,5 +1,5 @@
 //! `sightline serve`: the api Lambda's router, local presigned uploads, the widget,
-//! in-process workers and the reconciler, on one port.
+//! in-process workers and the reconciler, on one port; `GET /metrics` tells what they counted.
 
 use std::net::SocketAddr;
 use std::path::{Path as FsPath, PathBuf};
@@ -10,20 +10,23 @@ use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
-use axum::routing::put;
+use axum::response::IntoResponse;
+use axum::routing::{get, put};
 use axum::{Json, Router};
 use serde_json::json;
 use sightline_core::keys::{parse_upload_key, UPLOAD_PREFIX};
 use sightline_core::model::ImageStatus;
 use sightline_pipeline::http::{hash_api_key, method_not_allowed, routes, ApiError, ApiState};
 use sightline_pipeline::local::{LocalPresigner, TokenUse};
+use sightline_pipeline::metrics::prometheus::{self, write_gauge};
+use sightline_pipeline::metrics::Metric;
 use sightline_pipeline::ports::{rfc3339, Presigner};
 use tokio::sync::watch;
 use tower_http::services::ServeDir;
 use tower_http::set_header::SetResponseHeaderLayer;
 use tracing::{error, info, warn};
 
-use crate::app::{LocalApp, LOCAL_TENANT};
+use crate::app::{LocalApp, ANALYZE_QUEUE, LOCAL_TENANT};
 
 /// The widget page is served under a strict CSP: same-origin scripts and WASM only.
 pub const CSP: &str = "default-src 'self'; script-src 'self' 'wasm-unsafe-eval'; img-src 'self' blob: data:; \
@@ -163,7 +166,40 @@ pub async fn build_router(
         .nest_service("/pkg", ServeDir::new(web_dir.join("pkg")))
         .fallback_service(ServeDir::new(web_dir.join("www")))
         .layer(csp);
-    Ok(api.merge(uploads).merge(web))
+    let metrics = Router::new()
+        .route("/metrics", get(metrics))
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(app.clone());
+    Ok(api.merge(uploads).merge(metrics).merge(web))
+}
+
+/// `GET /metrics`: what this process counted (the metric set the Lambdas write as EMF), in
+/// Prometheus text format, and the local queue's depth. No API key, as usual for a metrics
+/// endpoint: it tells counts, never content, and the server listens on loopback unless
+/// `--addr` says otherwise.
+async fn metrics(State(app): State<LocalApp>) -> Result<impl IntoResponse, ApiError> {
+    let mut text = app.metrics.render();
+    let queue = [("queue", ANALYZE_QUEUE)];
+    let depth = app.queue.depth().await?;
+    let dead = app.queue.dead_letters().await?.len();
+    write_gauge(
+        &mut text,
+        "sightline_queue_messages",
+        "Messages in the local analyze queue (visible or in flight).",
+        &queue,
+        depth as f64,
+    );
+    write_gauge(
+        &mut text,
+        "sightline_dead_letter_messages",
+        "Messages of the local analyze queue that used up their receives.",
+        &queue,
+        dead as f64,
+    );
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, prometheus::CONTENT_TYPE)],
+        text,
+    ))
 }
 
 fn forbidden(message: impl Into<String>) -> ApiError {
@@ -275,8 +311,13 @@ async fn local_upload(
 async fn reconcile_loop(app: LocalApp, mut stop: watch::Receiver<bool>) {
     let every = app.config.settings.reconcile_every;
     loop {
-        if let Err(e) = app.reconciler.sweep(10_000).await {
-            warn!(error = %e, "reconciler sweep failed");
+        match app.reconciler.sweep(10_000).await {
+            Ok(report) => {
+                let requeued = report.requeued as f64;
+                let metrics = &app.reconciler.ingest.metrics;
+                metrics.record(Metric::JobsRequeued, None, requeued);
+            }
+            Err(e) => warn!(error = %e, "reconciler sweep failed"),
         }
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
@@ -293,7 +334,7 @@ pub async fn serve(
     web_dir: PathBuf,
 ) -> anyhow::Result<()> {
     if !addr.ip().is_loopback() {
-        tracing::warn!(%addr, "listening on a non-loopback address: the API is reachable from the network");
+        tracing::warn!(%addr, "listening on a non-loopback address: the API (and /metrics, which needs no key) is reachable from the network");
     }
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;

@@ -1143,6 +1143,111 @@ async fn kill_9_during_uploads_and_analysis_loses_nothing_and_books_every_paid_c
     }
 }
 
+/// The value of one Prometheus sample (`series` = name with its labels), if present.
+fn prom_sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_metrics_count_what_was_uploaded_and_analysed() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = start_serve(dir.path());
+    let http = reqwest::Client::new();
+    // Two different images, then (once they are done, so it finds the cache filled rather
+    // than the claim held) a copy of the first: a cache hit.
+    for batch in [vec![1, 2], vec![1]] {
+        let mut ids = Vec::new();
+        for n in batch {
+            let png = distinct_png(n);
+            let (id, url) =
+                new_upload(&http, &s.url, "k-test", "p.png", "image/png", png.len()).await;
+            assert_eq!(
+                put_upload(&http, &url, "image/png", png).await.status(),
+                200
+            );
+            ids.push(id);
+        }
+        let done = wait_final(&http, &s.url, "k-test", &ids, Duration::from_secs(60)).await;
+        assert!(done.iter().all(|v| v["status"] == "done"), "{done:?}");
+    }
+
+    // Counted right after each result is stored: poll briefly. No API key needed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let r = http.get(format!("{}/metrics", s.url)).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let ct = r.headers()["content-type"].to_str().unwrap().to_string();
+        assert!(ct.starts_with("text/plain; version=0.0.4"), "{ct}");
+        let text = r.text().await.unwrap();
+        let analysed = prom_sample(
+            &text,
+            r#"sightline_images_processed_total{function="analyze"}"#,
+        );
+        if analysed == Some(3.0) || Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    for (series, want) in [
+        (
+            r#"sightline_images_processed_total{function="resize"}"#,
+            3.0,
+        ),
+        (r#"sightline_images_failed_total{function="resize"}"#, 0.0),
+        (
+            r#"sightline_images_processed_total{function="analyze"}"#,
+            3.0,
+        ),
+        (r#"sightline_cache_hits_total{function="analyze"}"#, 1.0),
+        (r#"sightline_images_failed_total{function="analyze"}"#, 0.0),
+        (
+            r#"sightline_record_latency_seconds_count{function="analyze"}"#,
+            3.0,
+        ),
+        (
+            r#"sightline_record_latency_seconds_bucket{function="analyze",le="+Inf"}"#,
+            3.0,
+        ),
+        (
+            r#"sightline_record_latency_seconds_count{function="resize"}"#,
+            3.0,
+        ),
+        (r#"sightline_queue_messages{queue="analyze"}"#, 0.0),
+        (r#"sightline_dead_letter_messages{queue="analyze"}"#, 0.0),
+    ] {
+        assert_eq!(
+            prom_sample(&text, series),
+            Some(want),
+            "{series} in\n{text}"
+        );
+    }
+    // The offline analyzer is free: its calls are counted per model at $0.
+    assert_eq!(
+        prom_sample(
+            &text,
+            r#"sightline_cost_usd_total{function="analyze",model="sightline-local-v1"}"#
+        ),
+        Some(0.0),
+        "{text}"
+    );
+    for family in [
+        "# TYPE sightline_images_processed_total counter",
+        "# TYPE sightline_provider_throttles_total counter",
+        "# TYPE sightline_record_latency_seconds histogram",
+        "# HELP sightline_retries_total ",
+    ] {
+        assert!(text.contains(family), "{family} in\n{text}");
+    }
+    // Only GET.
+    let r = http
+        .post(format!("{}/metrics", s.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn serve_api_key_replaces_the_old_one_and_keys_rotate_and_revoke() {
     let dir = tempfile::tempdir().unwrap();

@@ -149,6 +149,8 @@ pub struct Analyzer {
     /// Prefix of every claim owner this analyzer writes (`{instance}:{handling}`): the local
     /// runtime names its process here, so claims of a process that died can be given back.
     pub instance: String,
+    /// Where metric events go (nowhere unless the runtime wires a recorder).
+    pub metrics: Arc<dyn crate::metrics::Recorder>,
 }
 
 impl Analyzer {
@@ -169,6 +171,7 @@ impl Analyzer {
             clock,
             limiters: Limiters::new(rpm, tpm),
             instance: uuid::Uuid::new_v4().simple().to_string(),
+            metrics: crate::metrics::no_metrics(),
         }
     }
 
@@ -181,8 +184,16 @@ impl Analyzer {
         }
     }
 
-    /// Handle one message body. Never panics; every error becomes an outcome.
+    /// Handle one message body. Never panics; every error becomes an outcome. The outcome and
+    /// the time it took go to the metrics.
     pub async fn handle(&self, body: &str, receive_count: u32) -> AnalyzeOutcome {
+        let started = std::time::Instant::now();
+        let outcome = self.handle_message(body, receive_count).await;
+        crate::metrics::observe_analyze(&*self.metrics, &outcome, started.elapsed());
+        outcome
+    }
+
+    async fn handle_message(&self, body: &str, receive_count: u32) -> AnalyzeOutcome {
         let job = match AnalysisJob::parse(body) {
             Ok(j) => j,
             Err(e) => {
@@ -363,6 +374,14 @@ impl Analyzer {
                     receive_count,
                 )
                 .await;
+            // Every call made with this model, answer or not, for the token and cost metrics.
+            let spent = match &step {
+                Step::Answered(r) => Some((r.usage, r.cost_usd)),
+                _ => (wasted.calls > 0).then_some((wasted.usage, wasted.cost_usd)),
+            };
+            if let Some((usage, cost)) = spent {
+                crate::metrics::observe_spend(&*self.metrics, model, &usage, cost);
+            }
             if !matches!(step, Step::Answered(_)) && wasted.calls > 0 {
                 // Invalid answers that ended in no result were still paid for.
                 self.book(
@@ -382,6 +401,8 @@ impl Analyzer {
                 }
                 Step::Fallback { delay, reason } => {
                     self.release(&key, &owner).await;
+                    let switch = crate::metrics::Metric::FallbackSwitches;
+                    self.metrics.record(switch, Some(model), 1.0);
                     last_retry = Some((delay, reason));
                 }
                 Step::Fail(reason) => {
@@ -745,6 +766,8 @@ impl Analyzer {
                     retry_after,
                 } = &e.kind
                 {
+                    let throttled = crate::metrics::Metric::ProviderThrottles;
+                    self.metrics.record(throttled, Some(model), 1.0);
                     let wait = retry_after.unwrap_or(Duration::from_secs(1));
                     let now = self.clock.now_ms();
                     self.limiters.with(model, now, |l| l.block_for(wait, now));

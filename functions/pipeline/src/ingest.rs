@@ -96,6 +96,8 @@ pub struct Ingest {
     pub clock: Arc<dyn Clock>,
     pub upload_prefix: String,
     pub budget: ResizeBudget,
+    /// Where metric events go (nowhere unless the runtime wires a recorder).
+    pub metrics: Arc<dyn crate::metrics::Recorder>,
 }
 
 impl Ingest {
@@ -115,6 +117,7 @@ impl Ingest {
             settings,
             clock,
             upload_prefix: upload_prefix.to_string(),
+            metrics: crate::metrics::no_metrics(),
         }
     }
 
@@ -126,7 +129,9 @@ impl Ingest {
         for (i, key) in keys.iter().enumerate() {
             let me = self.clone();
             let key = key.clone();
-            tasks.spawn(async move { (i, me.ingest_key(&key).await) });
+            // Each key's logs stay under the caller's span (the Lambda request id).
+            let task = async move { (i, me.ingest_key(&key).await) };
+            tasks.spawn(tracing::Instrument::in_current_span(task));
         }
         let mut outcomes: Vec<Option<IngestOutcome>> = vec![None; keys.len()];
         let mut first_error = None;
@@ -148,8 +153,21 @@ impl Ingest {
         }
     }
 
-    /// One object under the upload prefix.
+    /// One object under the upload prefix, in a span naming it (every log line of the object
+    /// carries its key, tenant and image id; at ERROR level so no log level filters it out);
+    /// the outcome and its time go to the metrics.
     pub async fn ingest_key(&self, key: &str) -> StoreResult<IngestOutcome> {
+        let started = std::time::Instant::now();
+        let (tenant, image_id) = parse_upload_key(key, &self.upload_prefix)
+            .map(|p| (p.tenant, p.image_id))
+            .unwrap_or_default();
+        let span = tracing::error_span!("upload", key, %tenant, %image_id);
+        let outcome = tracing::Instrument::instrument(self.ingest_object(key), span).await;
+        crate::metrics::observe_ingest(&*self.metrics, &outcome, started.elapsed());
+        outcome
+    }
+
+    async fn ingest_object(&self, key: &str) -> StoreResult<IngestOutcome> {
         let Some(parsed) = parse_upload_key(key, &self.upload_prefix) else {
             return Ok(IngestOutcome::Ignored(format!(
                 "{key} is outside {}",

@@ -3,6 +3,7 @@
 //! - [`ports`]: the traits (blob store, queue, repository, vision provider, presigner, clock).
 //! - [`ingest`] and [`analyze`]: the use-cases; [`worker`]: in-process queue consumers.
 //! - [`http`]: the API router used by the api Lambda and `sightline serve`.
+//! - [`metrics`]: the metric set, rendered as CloudWatch EMF (Lambda) and Prometheus (serve).
 //! - [`local`]: files + SQLite adapters; [`providers`]: OpenAI-compatible and offline analyzers.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
@@ -12,6 +13,7 @@ pub mod aws;
 pub mod http;
 pub mod ingest;
 pub mod local;
+pub mod metrics;
 pub mod ports;
 pub mod providers;
 pub mod reconcile;

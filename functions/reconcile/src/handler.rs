@@ -12,13 +12,20 @@
 //!
 //! A store error outside a single image (the query of due images) fails the invocation, so
 //! Lambda retries the asynchronous invocation; every step of the sweep is idempotent.
+//!
+//! Each invocation writes its metrics as CloudWatch EMF lines: the lost uploads it resized
+//! (images processed and failed, time per upload, each in a span with its key, tenant and
+//! image id) and the jobs it sent again (`JobsRequeued`).
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context};
 use aws_lambda_events::event::eventbridge::EventBridgeEvent;
 use serde::Serialize;
+use sightline_pipeline::metrics::emf::{Emf, EmfBatch};
+use sightline_pipeline::metrics::{Metric, Recorder};
 use sightline_pipeline::ports::StoreResult;
 use sightline_pipeline::reconcile::{Reconciler, SweepReport};
 use tracing::{info, warn};
@@ -110,6 +117,8 @@ pub struct ReconcileHandler {
     pub chunk: usize,
     /// Time that must be left before the deadline to start a chunk.
     pub reserve: Duration,
+    /// Where each invocation's metrics are written (stdout in Lambda).
+    pub emf: Emf,
 }
 
 impl ReconcileHandler {
@@ -119,6 +128,7 @@ impl ReconcileHandler {
             max,
             chunk: CHUNK,
             reserve: RESERVE,
+            emf: Emf::lambda("reconcile"),
         }
     }
 
@@ -139,14 +149,22 @@ impl ReconcileHandler {
             ),
             Err(_) => info!("reconcile invoked without an EventBridge event (manual run)"),
         }
-        let run = self
+        let batch = Arc::new(EmfBatch::default());
+        let mut me = self.clone();
+        me.reconciler.ingest.metrics = batch.clone();
+        let run = me
             .run(|| {
                 deadline.map(|d| {
                     d.duration_since(SystemTime::now())
                         .unwrap_or(Duration::ZERO)
                 })
             })
-            .await?;
+            .await;
+        if let Ok(run) = &run {
+            batch.record(Metric::JobsRequeued, None, run.report.requeued as f64);
+        }
+        self.emf.flush(&batch);
+        let run = run?;
         if run.report.errors > 0 {
             warn!(?run, "reconcile finished; some images failed and stay due");
         } else {
@@ -227,9 +245,9 @@ mod tests {
     use sightline_core::model::{ImageRecord, ImageSize, ImageStatus};
     use sightline_pipeline::ingest::Ingest;
     use sightline_pipeline::local::{FileBlobStore, SqliteDb, SqliteQueue, SqliteRepository};
+    use sightline_pipeline::metrics::emf::MemoryLines;
     use sightline_pipeline::ports::{rfc3339, BlobStore, Clock, Queue, Repository, SystemClock};
     use sightline_pipeline::Settings;
-    use std::sync::Arc;
 
     struct Fixture {
         _dir: tempfile::TempDir,
@@ -237,6 +255,7 @@ mod tests {
         repo: Arc<SqliteRepository>,
         queue: Arc<SqliteQueue>,
         handler: ReconcileHandler,
+        emf: Arc<MemoryLines>,
     }
 
     /// The Lambda's wiring over the local adapters: the repository does not hold the queue,
@@ -262,12 +281,15 @@ mod tests {
         );
         let mut handler = ReconcileHandler::new(Reconciler::new(ingest), max);
         handler.chunk = chunk;
+        let emf = Arc::new(MemoryLines::default());
+        handler.emf = Emf::new("reconcile-fn", emf.clone());
         Fixture {
             _dir: dir,
             blobs,
             repo,
             queue,
             handler,
+            emf,
         }
     }
 
@@ -473,6 +495,14 @@ mod tests {
             .collect();
         ids.sort();
         assert_eq!(ids, vec!["\"lost\"", "\"unsent\""]);
+        // The invocation's metrics: the lost upload resized, the unsent job sent.
+        let lines = f.emf.lines();
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        let doc: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+        assert_eq!(doc["Function"], "reconcile-fn");
+        assert_eq!(doc["ImagesProcessed"], 1.0);
+        assert_eq!(doc["JobsRequeued"], 1.0);
+        assert_eq!(doc["RecordLatency"].as_array().map(Vec::len), Some(1));
         // Everything moved on: the next run finds nothing.
         let again = f.handler.handle(event, None).await.unwrap();
         assert!(again.report.is_empty(), "{again:?}");

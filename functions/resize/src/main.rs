@@ -6,6 +6,7 @@ use aws_lambda_events::event::s3::S3Event;
 use lambda_runtime::{service_fn, Error, LambdaEvent};
 use sightline_pipeline::aws::{config, AwsEnv, Clients, DynamoRepository, S3BlobStore, SqsQueue};
 use sightline_pipeline::ingest::Ingest;
+use sightline_pipeline::metrics::emf::Emf;
 use sightline_pipeline::ports::SystemClock;
 
 #[tokio::main]
@@ -23,10 +24,12 @@ async fn main() -> Result<(), Error> {
         Arc::new(SystemClock),
         &env.upload_prefix,
     ));
+    let emf = Arc::new(Emf::lambda("resize"));
     lambda_runtime::run(service_fn(move |event: LambdaEvent<S3Event>| {
         let ingest = ingest.clone();
+        let emf = emf.clone();
         async move {
-            let outcomes = sightline_resize::handle(&ingest, event.payload).await?;
+            let outcomes = sightline_resize::handle_with(&ingest, event.payload, &emf).await?;
             Ok::<_, Error>(serde_json::json!({ "objects": outcomes.len() }))
         }
     }))

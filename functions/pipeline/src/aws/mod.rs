@@ -24,20 +24,22 @@ use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkErro
 
 use crate::ports::StoreError;
 
-/// Tracing for the Lambda binaries: JSON when `AWS_LAMBDA_LOG_FORMAT=JSON`, else plain
-/// text; no ANSI colours and no timestamps (CloudWatch adds them). `RUST_LOG` filters.
+/// Tracing for the Lambda binaries: the runtime's own subscriber, which follows Lambda's
+/// advanced logging controls — `AWS_LAMBDA_LOG_LEVEL` (the template's `ApplicationLogLevel`)
+/// sets the level, else `RUST_LOG`, else INFO; `AWS_LAMBDA_LOG_FORMAT=JSON` (`LogFormat`)
+/// writes one JSON object per line with a `level` field (so Lambda can filter too) and the
+/// fields of the current span and its parents (request id, message id, image id, tenant).
+/// Lines go to stdout, without ANSI colours or timestamps (CloudWatch adds them).
 pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(false)
-        .without_time();
-    if std::env::var("AWS_LAMBDA_LOG_FORMAT").is_ok_and(|v| v.eq_ignore_ascii_case("JSON")) {
-        builder.json().with_current_span(false).init();
-    } else {
-        builder.init();
-    }
+    lambda_runtime::tracing::init_default_subscriber();
+}
+
+/// [`init_tracing`] writing somewhere else than stdout (tests capture the lines).
+pub fn init_tracing_with_writer<W>(writer: W)
+where
+    W: for<'w> lambda_runtime::tracing::subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
+    lambda_runtime::tracing::init_default_subscriber_with_writer(writer);
 }
 
 /// Error codes that mean "slow down / try again".
