@@ -356,7 +356,8 @@ async fn permanent_errors_and_bad_messages_are_not_retried() {
         assert!(
             matches!(
                 f.analyzer.handle(body, 1).await,
-                AnalyzeOutcome::Retry { reason, .. } if reason.contains("malformed")
+                // Each reason names what is wrong with the message (JobParseError).
+                AnalyzeOutcome::Retry { reason, .. } if reason.contains("job message")
             ),
             "{body:?}"
         );
