@@ -1,5 +1,6 @@
 //! Vision providers: an OpenAI-compatible client and the offline local analyzer.
 
+mod http;
 pub mod local;
 pub mod openai;
 pub mod select;
