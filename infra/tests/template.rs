@@ -671,29 +671,46 @@ fn no_wildcard_resource_on_data_plane_actions() {
     }
 }
 
+/// Each provider's key variable names its own parameter, and the analyze role may read exactly
+/// those parameters.
+const KEY_PARAMS: [(&str, &str); 2] = [
+    ("SIGHTLINE_OPENAI_KEY_PARAM", "OpenAiKeyParameter"),
+    ("SIGHTLINE_ANTHROPIC_KEY_PARAM", "AnthropicKeyParameter"),
+];
+
 #[test]
-fn provider_key_is_read_from_exactly_one_ssm_parameter() {
+fn provider_keys_are_read_each_from_exactly_its_ssm_parameter() {
     let t = Template::load();
     let (id, f) = t.function(ANALYZE);
     let env = t.env(f);
-    let param = &env["SIGHTLINE_OPENAI_KEY_PARAM"];
-    assert!(
-        references(param).contains(&"OpenAiKeyParameter".to_string()),
-        "{id}: SIGHTLINE_OPENAI_KEY_PARAM comes from the OpenAiKeyParameter parameter: {param}"
-    );
-    let p = t.parameter("OpenAiKeyParameter");
-    assert!(
-        p["AllowedPattern"]
-            .as_str()
-            .is_some_and(|s| s.contains('/')),
-        "a parameter name"
-    );
+    for (var, parameter) in KEY_PARAMS {
+        let param = &env[var];
+        let from: Vec<String> = references(param)
+            .into_iter()
+            .filter(|r| !r.starts_with("AWS::"))
+            .collect();
+        assert_eq!(
+            from,
+            vec![parameter.to_string()],
+            "{id}: {var} comes from the {parameter} parameter: {param}"
+        );
+        let p = t.parameter(parameter);
+        assert!(
+            p["AllowedPattern"]
+                .as_str()
+                .is_some_and(|s| s.contains('/')),
+            "{parameter}: a parameter name"
+        );
+    }
 
     let gets = t.resources_for(f, "ssm:GetParameter");
-    assert_eq!(
-        gets,
-        vec!["arn:${AWS::Partition}:ssm:${AWS::Region}:${AWS::AccountId}:parameter${OpenAiKeyParameter}"]
-    );
+    let want: Vec<String> = KEY_PARAMS
+        .iter()
+        .map(|(_, p)| {
+            format!("arn:${{AWS::Partition}}:ssm:${{AWS::Region}}:${{AWS::AccountId}}:parameter${{{p}}}")
+        })
+        .collect();
+    assert_eq!(gets, want);
     let decrypt: Vec<_> = t
         .role_grants(f)
         .into_iter()
@@ -705,12 +722,14 @@ fn provider_key_is_read_from_exactly_one_ssm_parameter() {
         via, "ssm.${AWS::Region}.amazonaws.com",
         "kms:Decrypt only via SSM"
     );
-    // Only analyze reads the key.
+    // Only analyze reads the keys.
     for b in [RESIZE, API, RECONCILE] {
         let (_, other) = t.function(b);
         assert!(t.resources_for(other, "ssm:GetParameter").is_empty());
         assert!(t.resources_for(other, "kms:Decrypt").is_empty());
-        assert!(!t.env(other).contains_key("SIGHTLINE_OPENAI_KEY_PARAM"));
+        for (var, _) in KEY_PARAMS {
+            assert!(!t.env(other).contains_key(var));
+        }
     }
 }
 
@@ -756,7 +775,7 @@ fn no_secret_in_any_plain_environment_variable() {
                         let lname = name.to_lowercase();
                         assert!(
                             !(lname.contains("key") || lname.contains("secret"))
-                                || k == "SIGHTLINE_OPENAI_KEY_PARAM",
+                                || KEY_PARAMS.iter().any(|(var, _)| k == var),
                             "{owner}: {k} from parameter {name}"
                         );
                     }

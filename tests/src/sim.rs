@@ -1,28 +1,46 @@
-//! Provider simulator: a fake of OpenAI's `POST /v1/chat/completions` for vision requests.
+//! Provider simulator: a fake of OpenAI's `POST /v1/chat/completions` and Anthropic's
+//! `POST /v1/messages` for vision requests. Both routes share one flow (auth → body → poison →
+//! faults → rate limits → latency → answer) and one set of windows, faults and stats; only the
+//! wire format differs ([`Api`]).
 //!
 //! Deterministic enough for tests and realistic enough for benchmarks:
 //!
-//! - **Auth**: `Authorization: Bearer <key>`; a missing or wrong key is a 401
-//!   (`invalid_api_key`). With [`SimConfig::api_key`] empty any non-empty key is accepted
-//!   (each key then has its own rate-limit windows).
+//! - **Auth**: OpenAI: `Authorization: Bearer <key>`; a missing or wrong key is a 401
+//!   (`invalid_api_key`). Anthropic: `x-api-key: <key>` (401 `authentication_error`) and an
+//!   `anthropic-version` header (400 `invalid_request_error` when missing). With
+//!   [`SimConfig::api_key`] empty any non-empty key is accepted (each key then has its own
+//!   rate-limit windows, shared by both routes).
 //! - **Usage** follows the published image-token rules of `sightline-core`
-//!   ([`PriceTable::builtin`]): `prompt_tokens` = Σ per message ([`MESSAGE_OVERHEAD_TOKENS`] +
-//!   tokens of the role + tokens of each text part (≈ chars/4, [`text_tokens`]) + image tokens of
-//!   each image) + [`REPLY_PRIMING_TOKENS`]. `completion_tokens` = [`text_tokens`] of the content.
-//!   Models not in the table are a 404 (`model_not_found`).
+//!   ([`PriceTable::builtin`]). OpenAI: `prompt_tokens` = Σ per message
+//!   ([`MESSAGE_OVERHEAD_TOKENS`] + tokens of the role + tokens of each text part (≈ chars/4,
+//!   [`text_tokens`]) + image tokens of each image) + [`REPLY_PRIMING_TOKENS`]. Anthropic:
+//!   `input_tokens` = tokens of `system` + Σ per message ([`MESSAGE_OVERHEAD_TOKENS`] + tokens of
+//!   each text block + image tokens of each image, by the model's `anthropic` rule). Output
+//!   tokens = [`text_tokens`] of the answer. Models not in the table are a 404
+//!   (`model_not_found`); the Anthropic route also answers 404 `not_found_error` for models of
+//!   other providers.
 //! - **Content**: a JSON object string with `description`, `category`, `tags`, `objects`, `text`
 //!   and `quality_issues`, derived from the image's pixels (size, mean brightness, tone,
 //!   contrast) and its sha256, so it is the same for the same image and differs between images.
-//!   If it does not fit in `max_tokens` it is cut and `finish_reason` is `"length"`, like OpenAI.
+//!   If it does not fit in `max_tokens` it is cut, with `finish_reason: "length"` (OpenAI) or
+//!   `stop_reason: "max_tokens"` (Anthropic). Anthropic answers are
+//!   `{"type":"message","content":[{"type":"text","text":…}],"stop_reason":…,"usage":…}`.
 //! - **Rate limits**: per-key RPM and TPM sliding 60 s windows (0 = unlimited). TPM counts
 //!   prompt tokens + `max_completion_tokens`/`max_tokens` (or [`DEFAULT_MAX_TOKENS`]) at admission
 //!   like OpenAI's estimate. Requests rejected with 429 do not count. Every response after
-//!   authentication carries the six `x-ratelimit-*` headers (`reset` = time until capacity frees,
-//!   Go duration format: `"20ms"`, `"1.5s"`, `"6m0s"`; unlimited dimensions report
-//!   [`UNLIMITED_REPORTED`]). A 429 carries `Retry-After` (decimal seconds) and `retry-after-ms`.
+//!   authentication carries the limit headers. OpenAI: the six `x-ratelimit-*` headers (`reset`
+//!   = time until capacity frees, Go duration format: `"20ms"`, `"1.5s"`, `"6m0s"`; unlimited
+//!   dimensions report [`UNLIMITED_REPORTED`]); a 429 carries `Retry-After` (decimal seconds) and
+//!   `retry-after-ms`. Anthropic: `anthropic-ratelimit-requests-*` and
+//!   `anthropic-ratelimit-tokens-*` (`-limit`, `-remaining`, `-reset` as an RFC 3339 instant,
+//!   rounded up to the second; the one token window is reported as the combined `tokens-*`, no
+//!   `input-tokens-*`/`output-tokens-*`); a 429 `rate_limit_error` carries `retry-after` in whole
+//!   seconds, rounded up.
 //! - **Faults** ([`FaultPlan`]): probabilities for 5xx, 429, timeouts, malformed bodies and
 //!   non-JSON content, an `every_nth` schedule, and the per-request header `x-sim-fault`
-//!   (`500|502|503|504|429|timeout|malformed|bad-content|none`). Draws come from a
+//!   (`500|502|503|504|429|timeout|malformed|bad-content|none`; `529` and `overloaded` are
+//!   names of 503). 503 is "the provider is overloaded": the OpenAI route answers 503, the
+//!   Anthropic route 529 `overloaded_error`; 500 is Anthropic's `api_error`. Draws come from a
 //!   `StdRng` seeded from [`SimConfig::seed`] and the request's sequence number, so a run is
 //!   reproducible.
 //! - **Poison images** ([`FaultPlan::poison_rate`]): a fraction of *images* (not requests) that
@@ -32,10 +50,10 @@
 //! - **Control**: `GET /sim/stats`, `POST /sim/reset`, `GET|POST /sim/config` (a partial JSON
 //!   object merged into the current config), `GET /v1/models`.
 //!
-//! Order of checks for a chat completion: auth (401) → JSON/body validation (400) → model (404)
-//! → image decoding (400) → poison image (400, before any fault or limit; not counted in the
-//! windows) → fault decision (an injected 429 returns here, not counted in the windows) →
-//! rate-limit admission (429) → latency → other injected faults or success.
+//! Order of checks for a call: auth (401; Anthropic's missing version: 400) → JSON/body
+//! validation (400) → model (404) → image decoding (400) → poison image (400, before any fault or
+//! limit; not counted in the windows) → fault decision (an injected 429 returns here, not counted
+//! in the windows) → rate-limit admission (429) → latency → other injected faults or success.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
@@ -59,7 +77,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use sightline_core::model::Detail;
-use sightline_core::pricing::{text_tokens, PriceTable};
+use sightline_core::pricing::{text_tokens, ModelPrice, PriceTable};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -91,7 +109,7 @@ pub enum Fault {
     Http500,
     /// 502 with an HTML body, like the CDN in front of OpenAI.
     Http502,
-    /// 503 "overloaded" JSON body.
+    /// 503 "overloaded" JSON body (Anthropic's route: 529 `overloaded_error`).
     Http503,
     /// 504 gateway timeout JSON body.
     Http504,
@@ -157,6 +175,8 @@ impl FromStr for Fault {
             .find(|f| f.as_str() == s)
             .or(match s.as_str() {
                 "rate-limit" | "rate_limit" => Some(Fault::RateLimit),
+                // Anthropic's name for "overloaded".
+                "529" | "overloaded" => Some(Fault::Http503),
                 "bad_content" => Some(Fault::BadContent),
                 _ => None,
             })
@@ -288,7 +308,7 @@ impl FaultPlan {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SimConfig {
-    /// The one accepted key; empty = accept any non-empty bearer key.
+    /// The one accepted key (bearer or `x-api-key`); empty = accept any non-empty key.
     pub api_key: String,
     /// Requests per minute per key (0 = unlimited).
     pub rpm: u64,
@@ -378,7 +398,7 @@ impl FaultCounts {
 /// Counters since start or the last reset.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SimStats {
-    /// Every `POST /v1/chat/completions`.
+    /// Every `POST /v1/chat/completions` and `POST /v1/messages`.
     pub requests: u64,
     /// 200 responses with well-formed JSON content (no fault injected).
     pub completions: u64,
@@ -409,9 +429,9 @@ pub struct SimStats {
     pub poisoned_images: u64,
     /// Rejected requests per poison image sha256.
     pub poisoned_per_image: BTreeMap<String, u64>,
-    /// Chat completion requests being handled now.
+    /// Calls (either route) being handled now.
     pub in_flight: u64,
-    /// Most chat completion requests handled at once.
+    /// Most calls handled at once.
     pub peak_in_flight: u64,
 }
 
@@ -753,6 +773,12 @@ impl SimServer {
         self.addr
     }
 
+    /// `http://127.0.0.1:PORT` — use as an Anthropic client's base URL (it posts to
+    /// `{base}/v1/messages`).
+    pub fn anthropic_base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
     /// `http://127.0.0.1:PORT{path}`, e.g. `url("/sim/stats")`.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
@@ -801,7 +827,14 @@ impl Drop for SimServer {
 
 fn router(shared: Arc<Shared>) -> Router {
     Router::new()
-        .route("/v1/chat/completions", post(chat_completions_detached))
+        .route(
+            "/v1/chat/completions",
+            post(|state, headers, body| detached(Api::OpenAi, state, headers, body)),
+        )
+        .route(
+            "/v1/messages",
+            post(|state, headers, body| detached(Api::Anthropic, state, headers, body)),
+        )
         .route("/v1/models", get(list_models))
         .route("/sim/stats", get(get_stats))
         .route("/sim/reset", post(post_reset))
@@ -850,10 +883,47 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// The error as the API it answers on words it: OpenAI's `{"error": {message, type, param,
+    /// code}}` or Anthropic's `{"type": "error", "error": {type, message}}`.
+    fn render(self, api: Api) -> Response {
+        match api {
+            Api::OpenAi => (self.status, axum::Json(self.body())).into_response(),
+            Api::Anthropic => anthropic_error(self.status, &self.message),
+        }
+    }
+}
+
+/// The control endpoints answer in OpenAI's shape.
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, axum::Json(self.body())).into_response()
+        self.render(Api::OpenAi)
     }
+}
+
+/// Anthropic's error type for a status (its documented classes; other 4xx are
+/// `invalid_request_error`, other 5xx `api_error`).
+fn anthropic_error_type(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        529 => "overloaded_error",
+        500..=599 => "api_error",
+        _ => "invalid_request_error",
+    }
+}
+
+fn anthropic_error(status: StatusCode, message: &str) -> Response {
+    json_response(
+        status,
+        &json!({
+            "type": "error",
+            "error": {"type": anthropic_error_type(status), "message": message},
+        }),
+    )
 }
 
 fn json_response(status: StatusCode, body: &Value) -> Response {
@@ -866,7 +936,54 @@ fn set_header(resp: &mut Response, name: &'static str, value: &str) {
     }
 }
 
-fn add_limit_headers(resp: &mut Response, s: &LimitSnapshot) {
+/// An RFC 3339 instant `d` from now, rounded up to the second (a reset must not come early).
+fn rfc3339_after(d: Duration) -> String {
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|n| n.as_millis())
+        .unwrap_or(0);
+    let at_s = (now_ms + d.as_millis()).div_ceil(1000);
+    time::OffsetDateTime::from_unix_timestamp(i64::try_from(at_s).unwrap_or(i64::MAX))
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
+fn add_anthropic_limit_headers(resp: &mut Response, s: &LimitSnapshot) {
+    for (name, value) in [
+        (
+            "anthropic-ratelimit-requests-limit",
+            s.limit_requests.to_string(),
+        ),
+        (
+            "anthropic-ratelimit-requests-remaining",
+            s.remaining_requests.to_string(),
+        ),
+        (
+            "anthropic-ratelimit-requests-reset",
+            rfc3339_after(s.reset_requests),
+        ),
+        (
+            "anthropic-ratelimit-tokens-limit",
+            s.limit_tokens.to_string(),
+        ),
+        (
+            "anthropic-ratelimit-tokens-remaining",
+            s.remaining_tokens.to_string(),
+        ),
+        (
+            "anthropic-ratelimit-tokens-reset",
+            rfc3339_after(s.reset_tokens),
+        ),
+    ] {
+        set_header(resp, name, &value);
+    }
+}
+
+fn add_openai_limit_headers(resp: &mut Response, s: &LimitSnapshot) {
     set_header(
         resp,
         "x-ratelimit-limit-requests",
@@ -983,6 +1100,41 @@ fn authenticate(headers: &HeaderMap, expected: &str) -> Result<String, ApiError>
              https://platform.openai.com/account/api-keys.",
             redact(key)
         )));
+    }
+    Ok(key.to_string())
+}
+
+/// Anthropic's auth: `x-api-key` (401 `authentication_error`), then `anthropic-version`, which
+/// every call must send (400 `invalid_request_error`).
+fn authenticate_anthropic(headers: &HeaderMap, expected: &str) -> Result<String, ApiError> {
+    let unauthorized = |message: &str| ApiError {
+        status: StatusCode::UNAUTHORIZED,
+        message: message.to_string(),
+        kind: "authentication_error",
+        code: None,
+        param: None,
+    };
+    let key = headers
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .unwrap_or("");
+    if key.is_empty() {
+        return Err(unauthorized("x-api-key header is required"));
+    }
+    if !expected.is_empty() && key != expected {
+        return Err(unauthorized("invalid x-api-key"));
+    }
+    let version = headers
+        .get("anthropic-version")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .unwrap_or("");
+    if version.is_empty() {
+        return Err(ApiError::invalid(
+            "anthropic-version: header is required",
+            None,
+        ));
     }
     Ok(key.to_string())
 }
@@ -1169,7 +1321,18 @@ async fn parse_request(body: &[u8]) -> Result<Parsed, ApiError> {
         code: Some("model_not_found"),
         param: None,
     })?;
+    tokenize(model, price, text_tok, max_tokens, raw_images).await
+}
 
+/// The end of parsing both APIs share: decode the images off the async threads and add their
+/// tokens, by the model's rule, to the text tokens.
+async fn tokenize(
+    model: String,
+    price: &ModelPrice,
+    text_tok: u64,
+    max_tokens: Option<u64>,
+    raw_images: Vec<RawImage>,
+) -> Result<Parsed, ApiError> {
     let images = if raw_images.is_empty() {
         Vec::new()
     } else {
@@ -1198,6 +1361,198 @@ async fn parse_request(body: &[u8]) -> Result<Parsed, ApiError> {
         prompt_tokens: text_tok + image_tok,
         max_tokens,
         images,
+    })
+}
+
+#[derive(Debug, Deserialize)]
+struct MessagesRequest {
+    model: Option<String>,
+    messages: Option<Vec<Value>>,
+    max_tokens: Option<u64>,
+    system: Option<Value>,
+    temperature: Option<f64>,
+    stream: Option<bool>,
+}
+
+/// Text tokens of Anthropic text content: a string or a list of `text` blocks (`what` names
+/// the field in errors).
+fn anthropic_text_tokens(v: &Value, what: &str) -> Result<u64, ApiError> {
+    match v {
+        Value::String(s) => Ok(text_tokens(s)),
+        Value::Array(blocks) => blocks
+            .iter()
+            .enumerate()
+            .map(
+                |(j, b)| match (b.get("type").and_then(Value::as_str), b.get("text")) {
+                    (Some("text"), Some(Value::String(t))) => Ok(text_tokens(t)),
+                    _ => Err(ApiError::invalid(
+                        format!("{what}.{j}: expected a text block with a string `text`"),
+                        None,
+                    )),
+                },
+            )
+            .sum(),
+        _ => Err(ApiError::invalid(
+            format!("{what}: expected a string or a list of text blocks"),
+            None,
+        )),
+    }
+}
+
+/// Validate an Anthropic Messages body and tokenize it (see the module docs for the counts).
+async fn parse_messages_request(body: &[u8]) -> Result<Parsed, ApiError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid(format!("The request body is not valid JSON: {e}"), None))?;
+    if !value.is_object() {
+        return Err(ApiError::invalid(
+            "The request body must be a JSON object.",
+            None,
+        ));
+    }
+    let req: MessagesRequest = serde_json::from_value(value)
+        .map_err(|e| ApiError::invalid(format!("Invalid request body: {e}"), None))?;
+    let model = match req.model.as_deref() {
+        Some(m) if !m.is_empty() => m.to_string(),
+        _ => return Err(ApiError::invalid("model: Field required", Some("model"))),
+    };
+    let max_tokens = match req.max_tokens {
+        None => {
+            return Err(ApiError::invalid(
+                "max_tokens: Field required",
+                Some("max_tokens"),
+            ))
+        }
+        Some(0) => {
+            return Err(ApiError::invalid(
+                "max_tokens: must be greater than or equal to 1",
+                Some("max_tokens"),
+            ))
+        }
+        Some(n) => n,
+    };
+    let messages = req
+        .messages
+        .ok_or_else(|| ApiError::invalid("messages: Field required", Some("messages")))?;
+    if messages.is_empty() {
+        return Err(ApiError::invalid(
+            "messages: at least one message is required",
+            Some("messages"),
+        ));
+    }
+    if req.stream == Some(true) {
+        return Err(ApiError::invalid(
+            "The provider simulator does not support stream=true.",
+            Some("stream"),
+        ));
+    }
+    if let Some(t) = req.temperature {
+        if !(0.0..=1.0).contains(&t) {
+            return Err(ApiError::invalid(
+                format!("temperature: must be between 0 and 1, got {t}"),
+                Some("temperature"),
+            ));
+        }
+    }
+    let mut text_tok = match &req.system {
+        None | Some(Value::Null) => 0,
+        Some(system) => anthropic_text_tokens(system, "system")?,
+    };
+    let mut raw_images: Vec<RawImage> = Vec::new();
+    for (i, msg) in messages.iter().enumerate() {
+        let role = msg.get("role").and_then(Value::as_str).unwrap_or("");
+        if !matches!(role, "user" | "assistant") {
+            return Err(ApiError::invalid(
+                format!("messages.{i}.role: Input should be 'user' or 'assistant'"),
+                Some("messages"),
+            ));
+        }
+        text_tok += MESSAGE_OVERHEAD_TOKENS;
+        match msg.get("content") {
+            Some(Value::String(s)) => text_tok += text_tokens(s),
+            Some(Value::Array(blocks)) => {
+                for (j, block) in blocks.iter().enumerate() {
+                    match block.get("type").and_then(Value::as_str).unwrap_or("") {
+                        "text" => {
+                            text_tok += anthropic_text_tokens(
+                                &Value::Array(vec![block.clone()]),
+                                &format!("messages.{i}.content"),
+                            )?
+                        }
+                        "image" if role == "user" => {
+                            raw_images.push(parse_image_block(block, i, j)?)
+                        }
+                        "image" => {
+                            return Err(ApiError::invalid(
+                                format!("messages.{i}.content.{j}: images are only allowed in user messages"),
+                                Some("messages"),
+                            ))
+                        }
+                        other => {
+                            return Err(ApiError::invalid(
+                                format!("messages.{i}.content.{j}.type: unsupported block type '{other}' (the simulator takes 'text' and 'image')"),
+                                Some("messages"),
+                            ))
+                        }
+                    }
+                }
+            }
+            _ => {
+                return Err(ApiError::invalid(
+                    format!("messages.{i}.content: expected a string or a list of content blocks"),
+                    Some("messages"),
+                ))
+            }
+        }
+    }
+    // The Messages API serves Claude models only.
+    let price = PriceTable::builtin()
+        .model(&model)
+        .ok()
+        .filter(|p| p.provider == "anthropic")
+        .ok_or_else(|| ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!("model: {model}"),
+            kind: "not_found_error",
+            code: Some("model_not_found"),
+            param: None,
+        })?;
+    tokenize(model, price, text_tok, Some(max_tokens), raw_images).await
+}
+
+/// An Anthropic `image` block with a base64 source.
+fn parse_image_block(block: &Value, i: usize, j: usize) -> Result<RawImage, ApiError> {
+    let at = format!("messages.{i}.content.{j}.source");
+    let bad = |why: &str| ApiError::invalid(format!("{at}: {why}"), Some("messages"));
+    let source = block.get("source").ok_or_else(|| bad("Field required"))?;
+    if source.get("type").and_then(Value::as_str) != Some("base64") {
+        return Err(bad("the simulator accepts only base64 image sources"));
+    }
+    let media_type = source
+        .get("media_type")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if !matches!(
+        media_type,
+        "image/jpeg" | "image/png" | "image/gif" | "image/webp"
+    ) {
+        return Err(bad(&format!(
+            "media_type {media_type:?} is not one of image/jpeg, image/png, image/gif, image/webp"
+        )));
+    }
+    let data = source
+        .get("data")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad("data: Field required"))?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(data.trim())
+        .map_err(|e| bad(&format!("invalid base64 data ({e})")))?;
+    if bytes.is_empty() {
+        return Err(bad("the image data is empty"));
+    }
+    // Claude has no detail parameter; its image rule ignores it.
+    Ok(RawImage {
+        bytes,
+        detail: Detail::High,
     })
 }
 
@@ -1571,15 +1926,172 @@ fn rate_limit_body(
     json!({"error": {"message": message, "type": ty, "param": null, "code": "rate_limit_exceeded"}})
 }
 
-/// Like OpenAI, a request whose client gave up (a timeout, a killed process) is still
-/// processed and billed: the work runs in its own task, which a dropped connection does not
-/// cancel.
-async fn chat_completions_detached(
+/// The API a call came in on: the flow of [`handle`] is one, the wire format differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// `POST /v1/chat/completions`.
+    OpenAi,
+    /// `POST /v1/messages`.
+    Anthropic,
+}
+
+impl Api {
+    fn authenticate(self, headers: &HeaderMap, expected: &str) -> Result<String, ApiError> {
+        match self {
+            Api::OpenAi => authenticate(headers, expected),
+            Api::Anthropic => authenticate_anthropic(headers, expected),
+        }
+    }
+
+    async fn parse(self, body: &[u8]) -> Result<Parsed, ApiError> {
+        match self {
+            Api::OpenAi => parse_request(body).await,
+            Api::Anthropic => parse_messages_request(body).await,
+        }
+    }
+
+    fn add_limit_headers(self, resp: &mut Response, snap: &LimitSnapshot) {
+        match self {
+            Api::OpenAi => add_openai_limit_headers(resp, snap),
+            Api::Anthropic => add_anthropic_limit_headers(resp, snap),
+        }
+    }
+
+    fn add_retry_after(self, resp: &mut Response, d: Duration) {
+        match self {
+            Api::OpenAi => add_retry_after(resp, d),
+            // Anthropic sends whole seconds; rounding down would invite an early retry.
+            Api::Anthropic => set_header(
+                resp,
+                "retry-after",
+                &d.as_millis().div_ceil(1000).to_string(),
+            ),
+        }
+    }
+
+    /// The request id and timing headers of an answered call.
+    fn add_id_headers(self, resp: &mut Response, request_id: &str, started: Instant) {
+        match self {
+            Api::OpenAi => {
+                set_header(resp, "x-request-id", request_id);
+                set_header(
+                    resp,
+                    "openai-processing-ms",
+                    &started.elapsed().as_millis().to_string(),
+                );
+            }
+            Api::Anthropic => set_header(resp, "request-id", request_id),
+        }
+    }
+
+    fn server_error(self, f: Fault) -> Response {
+        match (self, f) {
+            (Api::OpenAi, f) | (Api::Anthropic, f @ Fault::Http502) => server_error_response(f),
+            (Api::Anthropic, Fault::Http503) => match StatusCode::from_u16(529) {
+                Ok(overloaded) => anthropic_error(overloaded, "Overloaded"),
+                Err(_) => anthropic_error(StatusCode::SERVICE_UNAVAILABLE, "Overloaded"),
+            },
+            (Api::Anthropic, Fault::Http504) => {
+                anthropic_error(StatusCode::GATEWAY_TIMEOUT, "Gateway timeout")
+            }
+            (Api::Anthropic, _) => {
+                anthropic_error(StatusCode::INTERNAL_SERVER_ERROR, "Internal server error")
+            }
+        }
+    }
+
+    /// A 429 from the limiter or the fault plan (`wait` None: the request alone is over the
+    /// limit, so no Retry-After).
+    fn rate_limited(
+        self,
+        model: &str,
+        kind: LimitKind,
+        limit: u64,
+        used: u64,
+        requested: u64,
+        wait: Option<Duration>,
+    ) -> Response {
+        let mut resp = match self {
+            Api::OpenAi => json_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                &rate_limit_body(model, kind, limit, used, requested, wait),
+            ),
+            Api::Anthropic => {
+                let dim = match kind {
+                    LimitKind::Requests => "requests",
+                    LimitKind::Tokens => "tokens",
+                };
+                let message = match wait {
+                    Some(_) => format!(
+                        "This request would exceed your organization's (org-sim) rate limit of \
+                         {limit} {dim} per minute for {model} (used {used}, requested {requested}). \
+                         Wait for the time in the retry-after header."
+                    ),
+                    None => format!(
+                        "This request alone ({requested} {dim}) exceeds your organization's \
+                         (org-sim) rate limit of {limit} {dim} per minute for {model}; reduce the \
+                         input or max_tokens."
+                    ),
+                };
+                anthropic_error(StatusCode::TOO_MANY_REQUESTS, &message)
+            }
+        };
+        if let Some(w) = wait {
+            self.add_retry_after(&mut resp, w);
+        }
+        resp
+    }
+
+    /// A 200's body: `cut` when the content stopped at `max_tokens`.
+    #[allow(clippy::too_many_arguments)]
+    fn answer(
+        self,
+        seq: u64,
+        sha_tag: &str,
+        model: &str,
+        content: &str,
+        cut: bool,
+        input_tokens: u64,
+        output_tokens: u64,
+    ) -> Value {
+        match self {
+            Api::OpenAi => completion_body(
+                &format!("chatcmpl-sim{seq:08}{sha_tag}"),
+                model,
+                content,
+                if cut { "length" } else { "stop" },
+                input_tokens,
+                output_tokens,
+            ),
+            Api::Anthropic => json!({
+                "id": format!("msg_sim{seq:08}{sha_tag}"),
+                "type": "message",
+                "role": "assistant",
+                "model": model,
+                "content": [{"type": "text", "text": content}],
+                "stop_reason": if cut { "max_tokens" } else { "end_turn" },
+                "stop_sequence": null,
+                "usage": {
+                    "input_tokens": input_tokens,
+                    "output_tokens": output_tokens,
+                    "cache_creation_input_tokens": 0,
+                    "cache_read_input_tokens": 0,
+                },
+            }),
+        }
+    }
+}
+
+/// Like OpenAI and Anthropic, a request whose client gave up (a timeout, a killed process) is
+/// still processed and billed: the work runs in its own task, which a dropped connection does
+/// not cancel.
+async fn detached(
+    api: Api,
     state: State<Arc<Shared>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    match tokio::spawn(chat_completions(state, headers, body)).await {
+    match tokio::spawn(handle(api, state, headers, body)).await {
         Ok(resp) => resp,
         Err(e) => (
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -1589,7 +2101,9 @@ async fn chat_completions_detached(
     }
 }
 
-async fn chat_completions(
+/// One vision call on either API: the checks, limits and faults of the module docs, in order.
+async fn handle(
+    api: Api,
     State(sh): State<Arc<Shared>>,
     headers: HeaderMap,
     body: Bytes,
@@ -1598,16 +2112,23 @@ async fn chat_completions(
     let _in_flight = InFlight::enter(&sh);
     let cfg = sh.lock().cfg.clone();
 
-    let key = match authenticate(&headers, &cfg.api_key) {
+    let key = match api.authenticate(&headers, &cfg.api_key) {
         Ok(k) => k,
         Err(e) => {
-            sh.lock().stats.unauthorized += 1;
-            return e.into_response();
+            {
+                let mut g = sh.lock();
+                if e.status == StatusCode::UNAUTHORIZED {
+                    g.stats.unauthorized += 1;
+                } else {
+                    g.stats.bad_requests += 1;
+                }
+            }
+            return e.render(api);
         }
     };
 
     let with_limits = |mut resp: Response, snap: &LimitSnapshot| {
-        add_limit_headers(&mut resp, snap);
+        api.add_limit_headers(&mut resp, snap);
         resp
     };
 
@@ -1615,11 +2136,11 @@ async fn chat_completions(
         Ok(f) => f,
         Err(e) => {
             sh.lock().stats.bad_requests += 1;
-            return with_limits(e.into_response(), &sh.snapshot(&key));
+            return with_limits(e.render(api), &sh.snapshot(&key));
         }
     };
 
-    let parsed = match parse_request(&body).await {
+    let parsed = match api.parse(&body).await {
         Ok(p) => p,
         Err(e) => {
             {
@@ -1630,7 +2151,7 @@ async fn chat_completions(
                     _ => {}
                 }
             }
-            return with_limits(e.into_response(), &sh.snapshot(&key));
+            return with_limits(e.render(api), &sh.snapshot(&key));
         }
     };
 
@@ -1672,7 +2193,7 @@ async fn chat_completions(
             None,
         )
         .with_code("image_rejected");
-        return with_limits(err.into_response(), &sh.snapshot(&key));
+        return with_limits(err.render(api), &sh.snapshot(&key));
     };
     let mut rng = per_request_rng(cfg.seed, seq);
     let fault = match forced {
@@ -1681,13 +2202,8 @@ async fn chat_completions(
     };
     let request_id = format!("req_sim{seq:08}");
     let finish = |mut resp: Response, snap: &LimitSnapshot| {
-        add_limit_headers(&mut resp, snap);
-        set_header(&mut resp, "x-request-id", &request_id);
-        set_header(
-            &mut resp,
-            "openai-processing-ms",
-            &started.elapsed().as_millis().to_string(),
-        );
+        api.add_limit_headers(&mut resp, snap);
+        api.add_id_headers(&mut resp, &request_id, started);
         resp
     };
 
@@ -1702,7 +2218,7 @@ async fn chat_completions(
             (snap.limit_requests, snap.limit_requests)
         };
         sh.lock().stats.faults.bump(Fault::RateLimit);
-        let body = rate_limit_body(
+        let resp = api.rate_limited(
             &parsed.model,
             LimitKind::Requests,
             limit,
@@ -1710,8 +2226,6 @@ async fn chat_completions(
             1,
             Some(wait),
         );
-        let mut resp = json_response(StatusCode::TOO_MANY_REQUESTS, &body);
-        add_retry_after(&mut resp, wait);
         return finish(resp, &snap);
     }
 
@@ -1740,11 +2254,7 @@ async fn chat_completions(
             wait,
             snapshot,
         } => {
-            let body = rate_limit_body(&parsed.model, kind, limit, used, requested, wait);
-            let mut resp = json_response(StatusCode::TOO_MANY_REQUESTS, &body);
-            if let Some(w) = wait {
-                add_retry_after(&mut resp, w);
-            }
+            let resp = api.rate_limited(&parsed.model, kind, limit, used, requested, wait);
             return finish(resp, &snapshot);
         }
     };
@@ -1780,24 +2290,23 @@ async fn chat_completions(
 
     if let Some(f @ (Fault::Http500 | Fault::Http502 | Fault::Http503 | Fault::Http504)) = fault {
         sh.lock().stats.faults.bump(f);
-        return finish(server_error_response(f), &snap);
+        return finish(api.server_error(f), &snap);
     }
 
-    // Build the completion.
+    // Build the answer.
     let sha_tag = parsed
         .images
         .first()
         .map(|im| im.sha256[..12.min(im.sha256.len())].to_string())
         .unwrap_or_else(|| "000000000000".into());
-    let id = format!("chatcmpl-sim{seq:08}{sha_tag}");
-    let (content, finish_reason, completion_tokens) = if fault == Some(Fault::BadContent) {
+    let (content, cut, completion_tokens) = if fault == Some(Fault::BadContent) {
         let c = format!(
             "I'm sorry, but I can't provide a structured description of this image. It appears to \
              show {} image(s).",
             parsed.images.len()
         );
         let t = text_tokens(&c);
-        (c, "stop", t)
+        (c, false, t)
     } else {
         let c = analysis(&parsed.images).to_string();
         let t = text_tokens(&c);
@@ -1807,16 +2316,17 @@ async fn chat_completions(
                     &c,
                     usize::try_from(max.saturating_mul(4)).unwrap_or(usize::MAX),
                 );
-                (cut, "length", max)
+                (cut, true, max)
             }
-            _ => (c, "stop", t),
+            _ => (c, false, t),
         }
     };
-    let body = completion_body(
-        &id,
+    let body = api.answer(
+        seq,
+        &sha_tag,
         &parsed.model,
         &content,
-        finish_reason,
+        cut,
         parsed.prompt_tokens,
         completion_tokens,
     );

@@ -945,3 +945,320 @@ async fn binds_loopback_only_and_stops() {
     sim.shutdown_and_wait().await;
     assert!(Client::new().get(url).send().await.is_err());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Anthropic Messages API (`POST /v1/messages`)
+// ---------------------------------------------------------------------------------------------
+
+fn anthropic_body(model: &str, image: &[u8], max_tokens: u64) -> Value {
+    json!({
+        "model": model,
+        "max_tokens": max_tokens,
+        "messages": [{
+            "role": "user",
+            "content": [
+                {"type": "image", "source": {"type": "base64", "media_type": "image/jpeg",
+                    "data": base64::engine::general_purpose::STANDARD.encode(image)}},
+                {"type": "text", "text": PROMPT}
+            ]
+        }]
+    })
+}
+
+async fn post_messages(
+    client: &Client,
+    sim: &SimServer,
+    body: &Value,
+    fault: Option<&str>,
+) -> reqwest::Response {
+    let mut req = client
+        .post(format!("{}/v1/messages", sim.anthropic_base_url()))
+        .header("x-api-key", KEY)
+        .header("anthropic-version", "2023-06-01")
+        .json(body);
+    if let Some(f) = fault {
+        req = req.header("x-sim-fault", f);
+    }
+    req.send().await.unwrap()
+}
+
+/// Seconds from now until an `anthropic-ratelimit-*-reset` instant (negative if past).
+fn reset_in(resp: &reqwest::Response, name: &str) -> f64 {
+    let at = time::OffsetDateTime::parse(
+        header(resp, name),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap_or_else(|e| panic!("{name}: {e}"));
+    (at - time::OffsetDateTime::now_utc()).as_seconds_f64()
+}
+
+fn assert_anthropic_error(v: &Value, kind: &str) {
+    assert_eq!(v["type"], "error", "{v}");
+    assert_eq!(v["error"]["type"], kind, "{v}");
+    assert!(!v["error"]["message"].as_str().unwrap().is_empty(), "{v}");
+}
+
+#[tokio::test]
+async fn anthropic_messages_answer_in_text_blocks_with_usage_by_the_claude_image_rule() {
+    let sim = SimServer::start(cfg()).await.unwrap();
+    let client = Client::new();
+    let img = jpeg(1024, 768, 70);
+    let resp = post_messages(
+        &client,
+        &sim,
+        &anthropic_body("claude-haiku-4-5", &img, 500),
+        None,
+    )
+    .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    for h in [
+        "anthropic-ratelimit-requests-limit",
+        "anthropic-ratelimit-requests-remaining",
+        "anthropic-ratelimit-tokens-limit",
+        "anthropic-ratelimit-tokens-remaining",
+    ] {
+        header(&resp, h).parse::<u64>().unwrap();
+    }
+    for h in [
+        "anthropic-ratelimit-requests-reset",
+        "anthropic-ratelimit-tokens-reset",
+    ] {
+        let s = reset_in(&resp, h);
+        assert!((-1.0..=2.0).contains(&s), "{h}: {s}");
+    }
+    assert!(header(&resp, "request-id").starts_with("req_"));
+    assert!(resp
+        .headers()
+        .get("x-ratelimit-remaining-requests")
+        .is_none());
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(v["type"], "message");
+    assert_eq!(v["role"], "assistant");
+    assert_eq!(v["model"], "claude-haiku-4-5");
+    assert!(v["id"].as_str().unwrap().starts_with("msg_"));
+    assert_eq!(v["stop_reason"], "end_turn");
+    assert_eq!(v["content"][0]["type"], "text");
+    let text = v["content"][0]["text"].as_str().unwrap();
+    let analysis: Value = serde_json::from_str(text).unwrap();
+    assert!(analysis["description"]
+        .as_str()
+        .unwrap()
+        .contains("1024x768"));
+    // Input = the model's image rule + the text, as documented: one message's overhead.
+    let image = PriceTable::builtin()
+        .model("claude-haiku-4-5")
+        .unwrap()
+        .image_tokens(1024, 768, Detail::High);
+    assert_eq!(image, 1049, "Claude: ceil(1024·768/750)");
+    let usage = &v["usage"];
+    assert_eq!(
+        usage["input_tokens"].as_u64().unwrap(),
+        image + MESSAGE_OVERHEAD_TOKENS + text_tokens(PROMPT)
+    );
+    assert_eq!(usage["output_tokens"].as_u64().unwrap(), text_tokens(text));
+    assert_eq!(usage["cache_read_input_tokens"], 0);
+
+    // The same image gets the same analysis on either route.
+    let openai: Value = post(
+        &client,
+        &sim,
+        &body("claude-haiku-4-5", &img, "high", 500),
+        None,
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(openai["choices"][0]["message"]["content"], text);
+
+    // A small max_tokens cuts the text with stop_reason max_tokens.
+    let cut: Value = post_messages(
+        &client,
+        &sim,
+        &anthropic_body("claude-haiku-4-5", &img, 10),
+        None,
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(cut["stop_reason"], "max_tokens");
+    assert_eq!(cut["usage"]["output_tokens"], 10);
+
+    let stats = sim.stats().await;
+    assert_eq!((stats.requests, stats.completions), (3, 3));
+    assert_eq!(stats.requests_per_image[&sha(&img)], 3);
+}
+
+#[tokio::test]
+async fn anthropic_auth_needs_x_api_key_then_anthropic_version() {
+    let sim = SimServer::start(cfg()).await.unwrap();
+    let client = Client::new();
+    let url = format!("{}/v1/messages", sim.anthropic_base_url());
+    let b = anthropic_body("claude-haiku-4-5", &jpeg(64, 64, 1), 100);
+    for (key, version, status, kind) in [
+        (None, Some("2023-06-01"), 401, "authentication_error"),
+        (
+            Some("sk-wrong"),
+            Some("2023-06-01"),
+            401,
+            "authentication_error",
+        ),
+        (Some(KEY), None, 400, "invalid_request_error"),
+    ] {
+        let mut req = client.post(&url).json(&b);
+        if let Some(k) = key {
+            req = req.header("x-api-key", k);
+        }
+        if let Some(v) = version {
+            req = req.header("anthropic-version", v);
+        }
+        // A bearer key is not how Anthropic authenticates.
+        let resp = req.bearer_auth(KEY).send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{key:?} {version:?}");
+        assert_anthropic_error(&resp.json().await.unwrap(), kind);
+    }
+    let stats = sim.stats().await;
+    assert_eq!((stats.unauthorized, stats.bad_requests), (2, 1));
+    assert_eq!(stats.completions, 0);
+}
+
+#[tokio::test]
+async fn anthropic_route_serves_claude_models_only_and_checks_its_body() {
+    let sim = SimServer::start(cfg()).await.unwrap();
+    let client = Client::new();
+    let img = jpeg(64, 64, 2);
+    let resp = post_messages(&client, &sim, &anthropic_body("gpt-4o", &img, 100), None).await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert_anthropic_error(&resp.json().await.unwrap(), "not_found_error");
+
+    let mut no_max = anthropic_body("claude-haiku-4-5", &img, 100);
+    no_max.as_object_mut().unwrap().remove("max_tokens");
+    let mut bad_media = anthropic_body("claude-haiku-4-5", &img, 100);
+    bad_media["messages"][0]["content"][0]["source"]["media_type"] = json!("image/bmp");
+    let mut image_from_assistant = anthropic_body("claude-haiku-4-5", &img, 100);
+    image_from_assistant["messages"][0]["role"] = json!("assistant");
+    let mut not_an_image = anthropic_body("claude-haiku-4-5", &img, 100);
+    not_an_image["messages"][0]["content"][0]["source"]["data"] =
+        json!(base64::engine::general_purpose::STANDARD.encode(b"not an image"));
+    for b in [no_max, bad_media, image_from_assistant, not_an_image] {
+        let resp = post_messages(&client, &sim, &b, None).await;
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{b}");
+        assert_anthropic_error(&resp.json().await.unwrap(), "invalid_request_error");
+    }
+    let stats = sim.stats().await;
+    assert_eq!((stats.not_found, stats.bad_requests), (1, 4));
+}
+
+#[tokio::test]
+async fn anthropic_faults_speak_anthropic_and_share_the_fault_plan() {
+    let sim = SimServer::start(SimConfig {
+        timeout_hang_ms: 2_000,
+        faults: FaultPlan {
+            retry_after_s: 2.5,
+            ..FaultPlan::default()
+        },
+        ..cfg()
+    })
+    .await
+    .unwrap();
+    let client = Client::new();
+    let b = anthropic_body("claude-haiku-4-5", &jpeg(200, 100, 30), 300);
+
+    let resp = post_messages(&client, &sim, &b, Some("429")).await;
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    // Whole seconds, rounded up.
+    assert_eq!(header(&resp, "retry-after"), "3");
+    assert_eq!(header(&resp, "anthropic-ratelimit-requests-remaining"), "0");
+    assert_anthropic_error(&resp.json().await.unwrap(), "rate_limit_error");
+
+    for (fault, status, kind) in [
+        ("503", 529, "overloaded_error"),
+        ("529", 529, "overloaded_error"),
+        ("500", 500, "api_error"),
+        ("504", 504, "api_error"),
+    ] {
+        let resp = post_messages(&client, &sim, &b, Some(fault)).await;
+        assert_eq!(resp.status().as_u16(), status, "{fault}");
+        assert!(resp
+            .headers()
+            .contains_key("anthropic-ratelimit-requests-remaining"));
+        assert_anthropic_error(&resp.json().await.unwrap(), kind);
+    }
+
+    let resp = post_messages(&client, &sim, &b, Some("malformed")).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let text = resp.text().await.unwrap();
+    assert!(serde_json::from_str::<Value>(&text).is_err(), "{text}");
+
+    let v: Value = post_messages(&client, &sim, &b, Some("bad-content"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let content = v["content"][0]["text"].as_str().unwrap();
+    assert!(serde_json::from_str::<Value>(content).is_err(), "{content}");
+    assert!(v["usage"]["input_tokens"].as_u64().unwrap() > 0);
+
+    let err = client
+        .post(format!("{}/v1/messages", sim.anthropic_base_url()))
+        .header("x-api-key", KEY)
+        .header("anthropic-version", "2023-06-01")
+        .header("x-sim-fault", "timeout")
+        .timeout(Duration::from_millis(300))
+        .json(&b)
+        .send()
+        .await
+        .unwrap_err();
+    assert!(err.is_timeout(), "{err:?}");
+
+    let stats = sim.stats().await;
+    assert_eq!(stats.faults.rate_limit, 1);
+    assert_eq!(stats.faults.http_503, 2);
+    assert_eq!(stats.faults.http_500, 1);
+    assert_eq!(stats.faults.http_504, 1);
+    assert_eq!(stats.faults.malformed, 1);
+    assert_eq!(stats.faults.bad_content, 1);
+    assert_eq!(stats.faults.timeout, 1);
+    assert_eq!(stats.completions, 0);
+}
+
+#[tokio::test]
+async fn both_routes_share_one_key_s_rate_limit_windows() {
+    let sim = SimServer::start(SimConfig { rpm: 2, ..cfg() })
+        .await
+        .unwrap();
+    let client = Client::new();
+    let img = jpeg(64, 64, 3);
+    assert_eq!(
+        post(&client, &sim, &body("gpt-4o", &img, "low", 100), None)
+            .await
+            .status(),
+        StatusCode::OK
+    );
+    let ok = post_messages(
+        &client,
+        &sim,
+        &anthropic_body("claude-haiku-4-5", &img, 100),
+        None,
+    )
+    .await;
+    assert_eq!(ok.status(), StatusCode::OK);
+    assert_eq!(header(&ok, "anthropic-ratelimit-requests-limit"), "2");
+    assert_eq!(header(&ok, "anthropic-ratelimit-requests-remaining"), "0");
+
+    let limited = post_messages(
+        &client,
+        &sim,
+        &anthropic_body("claude-haiku-4-5", &img, 100),
+        None,
+    )
+    .await;
+    assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
+    let wait: u64 = header(&limited, "retry-after").parse().unwrap();
+    assert!((1..=60).contains(&wait), "{wait}");
+    let reset = reset_in(&limited, "anthropic-ratelimit-requests-reset");
+    assert!(reset > 50.0 && reset <= 61.0, "{reset}");
+    assert_anthropic_error(&limited.json().await.unwrap(), "rate_limit_error");
+    assert_eq!(sim.stats().await.rate_limited, 1);
+}

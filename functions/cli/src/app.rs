@@ -67,8 +67,7 @@ impl LocalApp {
             )
             .with_instance(&instance),
         );
-        let provider: Arc<dyn VisionProvider> =
-            build_provider(&config.settings, config.openai_api_key.as_deref())?;
+        let provider: Arc<dyn VisionProvider> = build_provider(&config.settings, &config.keys)?;
         let settings = Arc::new(config.settings.clone());
         let queue_port: Arc<dyn Queue> = queue.clone();
         let metrics = Registry::new();

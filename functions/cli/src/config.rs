@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
-use sightline_pipeline::providers::select::provider_kind;
+use sightline_pipeline::providers::select::{resolve, ProviderKeys};
 use sightline_pipeline::settings::{ProviderKind, Runtime};
 use sightline_pipeline::Settings;
 
@@ -20,7 +20,8 @@ pub struct CommonOpts {
     /// Data directory for the SQLite database and images.
     #[arg(long, global = true)]
     pub data_dir: Option<String>,
-    /// Provider: `local` (offline analyzer, $0) or `openai` (any OpenAI-compatible API).
+    /// Provider: `local` (offline analyzer, $0), `openai` (any OpenAI-compatible API) or
+    /// `anthropic` (Messages API, Claude models); unset: by the model and the keys set.
     #[arg(long, global = true)]
     pub provider: Option<String>,
     /// Model to estimate and (with a paid provider) call.
@@ -78,9 +79,10 @@ impl CommonOpts {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub settings: Settings,
-    /// The provider the settings resolve to, given whether a key is set.
+    /// The provider the settings resolve to, given the keys set.
     pub provider: ProviderKind,
-    pub openai_api_key: Option<String>,
+    /// `OPENAI_API_KEY`, `ANTHROPIC_API_KEY`.
+    pub keys: ProviderKeys,
 }
 
 impl Config {
@@ -107,17 +109,12 @@ impl Config {
             settings.set(key, value, &format!("--{}", key.replace('_', "-")))?;
         }
         settings.finish()?;
-        let openai_api_key = env("OPENAI_API_KEY")
-            .map(|k| k.trim().to_string())
-            .filter(|k| !k.is_empty());
-        let provider = provider_kind(&settings, openai_api_key.is_some());
-        if provider == ProviderKind::OpenAi && openai_api_key.is_none() {
-            anyhow::bail!("provider `openai` needs OPENAI_API_KEY in the environment");
-        }
+        let keys = ProviderKeys::from_lookup(env);
+        let provider = resolve(&settings, &keys)?;
         Ok(Config {
             settings,
             provider,
-            openai_api_key,
+            keys,
         })
     }
 
@@ -276,6 +273,35 @@ mod tests {
         assert!(Config::resolve_with(&opts, &no_env).is_err());
         let key = |k: &str| (k == "OPENAI_API_KEY").then(|| "sk-test".to_string());
         let c = Config::resolve_with(&CommonOpts::default(), &key).unwrap();
+        assert_eq!(c.provider, ProviderKind::OpenAi);
+    }
+
+    #[test]
+    fn anthropic_needs_its_key_and_a_claude_model_with_it_picks_anthropic() {
+        let opts = CommonOpts {
+            provider: Some("anthropic".into()),
+            model: Some("claude-haiku-4-5".into()),
+            ..Default::default()
+        };
+        let openai_only = |k: &str| (k == "OPENAI_API_KEY").then(|| "sk-test".to_string());
+        let err = format!(
+            "{:#}",
+            Config::resolve_with(&opts, &openai_only).unwrap_err()
+        );
+        assert!(err.contains("ANTHROPIC_API_KEY"), "{err}");
+        let both = |k: &str| match k {
+            "OPENAI_API_KEY" => Some("sk-test".to_string()),
+            "ANTHROPIC_API_KEY" => Some("sk-ant-test".to_string()),
+            _ => None,
+        };
+        let claude = CommonOpts {
+            model: Some("claude-haiku-4-5".into()),
+            ..Default::default()
+        };
+        let c = Config::resolve_with(&claude, &both).unwrap();
+        assert_eq!(c.provider, ProviderKind::Anthropic);
+        // The default model is OpenAI's: the OpenAI key is used.
+        let c = Config::resolve_with(&CommonOpts::default(), &both).unwrap();
         assert_eq!(c.provider, ProviderKind::OpenAi);
     }
 }

@@ -20,7 +20,14 @@ fn samples() -> PathBuf {
 fn sightline(data_dir: &Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_sightline"));
     c.arg("--data-dir").arg(data_dir);
-    c.env_remove("OPENAI_API_KEY").env_remove("OPENAI_BASE_URL");
+    for k in [
+        "OPENAI_API_KEY",
+        "OPENAI_BASE_URL",
+        "ANTHROPIC_API_KEY",
+        "ANTHROPIC_BASE_URL",
+    ] {
+        c.env_remove(k);
+    }
     for (k, _) in std::env::vars() {
         if k.starts_with("SIGHTLINE_") {
             c.env_remove(k);
@@ -243,6 +250,141 @@ fn run_against_the_provider_simulator_with_faults_then_all_cached() {
         "ledger unchanged by cache hits"
     );
     assert_eq!(report["total"]["cached_images"], 12);
+}
+
+#[test]
+fn anthropic_run_against_the_simulator_with_faults_books_every_paid_call_then_all_cached() {
+    let _g = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let sim = rt
+        .block_on(SimServer::start(SimConfig {
+            api_key: "sk-ant-test".into(),
+            rpm: 0,
+            tpm: 0,
+            latency_ms: 10,
+            jitter_ms: 10,
+            seed: 3,
+            timeout_hang_ms: 1_000,
+            faults: FaultPlan {
+                // 503 is answered as Anthropic's 529 overloaded_error on /v1/messages.
+                error_rate: 0.2,
+                error_statuses: vec![500, 503],
+                rate_limit_rate: 0.2,
+                retry_after_s: 1.0,
+                every_nth: Some(EveryNth {
+                    n: 4,
+                    fault: Fault::Malformed,
+                }),
+                ..FaultPlan::default()
+            },
+        }))
+        .unwrap();
+    let photos = samples().join("photos");
+    let dir = tempfile::tempdir().unwrap();
+    let run = || {
+        let mut c = sightline(dir.path());
+        c.args([
+            "--provider",
+            "anthropic",
+            "--model",
+            "claude-haiku-4-5",
+            "--workers",
+            "2",
+        ])
+        .arg("run")
+        .arg(&photos)
+        .arg("--json")
+        .env("ANTHROPIC_API_KEY", "sk-ant-test")
+        .env("ANTHROPIC_BASE_URL", sim.anthropic_base_url());
+        run_json(&mut c)
+    };
+    let (images, summary) = run();
+    assert_eq!(images.len(), 5);
+    for img in &images {
+        assert_eq!(img["status"], "done", "{img}");
+        assert_eq!(img["provider"], "anthropic");
+        assert_eq!(img["model"], "claude-haiku-4-5");
+        assert!(img["result"]["description"].as_str().is_some());
+        // Billed by Claude's image rule, the same the estimate uses, plus the prompt.
+        let input = img["usage"]["input_tokens"].as_u64().unwrap();
+        assert!(
+            input > img["estimate"]["image_tokens"].as_u64().unwrap(),
+            "{img}"
+        );
+        assert!(img["cost_usd"].as_f64().unwrap() > 0.0);
+    }
+    let stats = rt.block_on(sim.stats());
+    assert_eq!(stats.completions, 5, "one good answer per image: {stats:?}");
+    assert!(stats.faults.malformed > 0, "{stats:?}");
+    assert!(stats.faults.http_503 > 0, "a 529 was injected: {stats:?}");
+    assert!(stats.faults.rate_limit > 0, "a 429 was injected: {stats:?}");
+
+    // Ledger = Σ what the images cost (results and extra spend); every billed call booked
+    // once, the unreadable ones at their estimate.
+    let extra = |i: &Value, k: &str| i["extra_spend"][k].as_f64().unwrap_or(0.0);
+    let sum: f64 = images
+        .iter()
+        .map(|i| i["cost_usd"].as_f64().unwrap() + extra(i, "cost_usd"))
+        .sum();
+    let costs = || {
+        let out = sightline(dir.path())
+            .args(["costs", "--json"])
+            .output()
+            .unwrap();
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let report = costs();
+    assert!(
+        (report["total"]["cost_usd"].as_f64().unwrap() - sum).abs() < 1e-9,
+        "{report} vs {sum}"
+    );
+    assert!((summary["cost_usd"].as_f64().unwrap() - sum).abs() < 1e-9);
+    assert_eq!(
+        report["total"]["calls"].as_u64().unwrap(),
+        stats.completions + stats.faults.malformed + stats.faults.bad_content,
+        "{report}"
+    );
+    assert_eq!(
+        report["total"]["calls_at_estimate"].as_u64().unwrap(),
+        stats.faults.malformed,
+        "{report}"
+    );
+
+    // Second run: all cached, no call, no cost.
+    let before = rt.block_on(sim.stats()).requests;
+    let (images, summary) = run();
+    assert_eq!(
+        rt.block_on(sim.stats()).requests,
+        before,
+        "no provider call"
+    );
+    assert_eq!(summary["cached"], 5);
+    assert!(images
+        .iter()
+        .all(|i| i["cached"] == true && i["cost_usd"].as_f64() == Some(0.0)));
+    let report = costs();
+    assert!((report["total"]["cost_usd"].as_f64().unwrap() - sum).abs() < 1e-9);
+    assert_eq!(report["total"]["cached_images"], 5);
+}
+
+#[test]
+fn explicit_anthropic_without_its_key_fails_naming_the_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = sightline(dir.path())
+        .args([
+            "--provider",
+            "anthropic",
+            "--model",
+            "claude-haiku-4-5",
+            "run",
+        ])
+        .arg(samples().join("photos/Garden.jpg"))
+        .env("OPENAI_API_KEY", "sk-test")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("ANTHROPIC_API_KEY"), "{err}");
 }
 
 #[test]

@@ -22,6 +22,9 @@ pub use sightline_core::pricing::DEFAULT_PROMPT;
 /// The OpenAI API; any OpenAI-compatible endpoint can replace it (`OPENAI_BASE_URL`).
 pub const DEFAULT_OPENAI_BASE_URL: &str = "https://api.openai.com/v1";
 
+/// The Anthropic API (`ANTHROPIC_BASE_URL`); the provider posts to `{base}/v1/messages`.
+pub const DEFAULT_ANTHROPIC_BASE_URL: &str = "https://api.anthropic.com";
+
 /// Longest output edge that may be asked for (larger is no image a model takes).
 pub const MAX_EDGE_LIMIT: u32 = 16_384;
 
@@ -38,6 +41,32 @@ pub enum ProviderKind {
     Local,
     /// Any OpenAI-compatible chat completions API.
     OpenAi,
+    /// Anthropic's Messages API (Claude models only).
+    Anthropic,
+}
+
+impl ProviderKind {
+    pub const ALL: [ProviderKind; 3] = [
+        ProviderKind::Local,
+        ProviderKind::OpenAi,
+        ProviderKind::Anthropic,
+    ];
+
+    /// The name used in settings and stored with results.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::Local => "local",
+            ProviderKind::OpenAi => "openai",
+            ProviderKind::Anthropic => "anthropic",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<ProviderKind> {
+        let value = value.trim();
+        ProviderKind::ALL
+            .into_iter()
+            .find(|k| k.as_str().eq_ignore_ascii_case(value))
+    }
 }
 
 /// Where the settings are used: the runtime picks the defaults that differ.
@@ -78,9 +107,11 @@ pub enum SettingsError {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Settings {
     pub prepare: PrepareOptions,
-    /// None: `openai` when a key is configured, else `local`.
+    /// None: chosen by the model and the keys configured
+    /// ([`crate::providers::select::provider_kind`]).
     pub provider: Option<ProviderKind>,
     pub openai_base_url: String,
+    pub anthropic_base_url: String,
     /// One provider request's timeout.
     pub provider_timeout: Duration,
     /// Model whose price is estimated and, with a paid provider, called.
@@ -150,6 +181,7 @@ impl Settings {
             prepare: PrepareOptions::default(),
             provider: None,
             openai_base_url: DEFAULT_OPENAI_BASE_URL.into(),
+            anthropic_base_url: DEFAULT_ANTHROPIC_BASE_URL.into(),
             provider_timeout: match runtime {
                 Runtime::Local => Duration::from_secs(60),
                 // A few records' worst cases must fit the function timeout (template: 180 s).
@@ -303,8 +335,8 @@ impl Settings {
         (def.apply)(self, value.trim()).map_err(bad)
     }
 
-    /// Apply every `SIGHTLINE_*` (and `OPENAI_BASE_URL`) variable that `get` finds; empty
-    /// values count as unset.
+    /// Apply every `SIGHTLINE_*` (and `OPENAI_BASE_URL`, `ANTHROPIC_BASE_URL`) variable that
+    /// `get` finds; empty values count as unset.
     pub fn apply_env(&mut self, get: &dyn Fn(&str) -> Option<String>) -> Result<(), SettingsError> {
         for def in SETTINGS {
             if let Some(v) = get(def.env).filter(|v| !v.trim().is_empty()) {
@@ -402,6 +434,14 @@ fn tenant_details(v: &str) -> Result<BTreeMap<String, Detail>, &'static str> {
     Ok(map)
 }
 
+fn http_url(v: &str) -> Result<String, &'static str> {
+    if v.starts_with("https://") || v.starts_with("http://") {
+        Ok(v.to_string())
+    } else {
+        Err("an http(s) URL")
+    }
+}
+
 fn show_secs(d: Duration) -> String {
     d.as_secs().to_string()
 }
@@ -425,19 +465,14 @@ pub const SETTINGS: &[SettingDef] = &[
         env: "SIGHTLINE_PROVIDER",
         flag: true,
         applies: Applies::Everywhere,
-        help: "`local` (offline analyzer, $0) or `openai` (any OpenAI-compatible API); unset: `openai` when a key is configured",
+        help: "`local` (offline analyzer, $0), `openai` (any OpenAI-compatible API) or `anthropic` (Messages API, Claude models); unset: the model's provider when its key is set (`claude-*` with `ANTHROPIC_API_KEY`), else `openai` when `OPENAI_API_KEY` is set, else `local`",
         apply: |s, v| {
-            s.provider = Some(match v.to_ascii_lowercase().as_str() {
-                "local" => ProviderKind::Local,
-                "openai" => ProviderKind::OpenAi,
-                _ => return Err("local or openai"),
-            });
+            s.provider = Some(ProviderKind::parse(v).ok_or("local, openai or anthropic")?);
             Ok(())
         },
         show: |s| match s.provider {
-            None => "(by key)".into(),
-            Some(ProviderKind::Local) => "local".into(),
-            Some(ProviderKind::OpenAi) => "openai".into(),
+            None => "(by model and key)".into(),
+            Some(kind) => kind.as_str().into(),
         },
     },
     SettingDef {
@@ -447,13 +482,22 @@ pub const SETTINGS: &[SettingDef] = &[
         applies: Applies::Everywhere,
         help: "OpenAI-compatible endpoint (Gemini's OpenAI endpoint, DeepSeek, a gateway)",
         apply: |s, v| {
-            if !(v.starts_with("https://") || v.starts_with("http://")) {
-                return Err("an http(s) URL");
-            }
-            s.openai_base_url = v.to_string();
+            s.openai_base_url = http_url(v)?;
             Ok(())
         },
         show: |s| s.openai_base_url.clone(),
+    },
+    SettingDef {
+        key: "anthropic_base_url",
+        env: "ANTHROPIC_BASE_URL",
+        flag: false,
+        applies: Applies::Everywhere,
+        help: "Anthropic Messages API endpoint (requests go to `{base}/v1/messages`)",
+        apply: |s, v| {
+            s.anthropic_base_url = http_url(v)?;
+            Ok(())
+        },
+        show: |s| s.anthropic_base_url.clone(),
     },
     SettingDef {
         key: "timeout_secs",
@@ -937,6 +981,30 @@ mod tests {
         assert_eq!(s.max_inline_wait, Duration::from_secs(2));
         assert!(Settings::for_lambda(&env(&[("SIGHTLINE_MODEL", "nope")])).is_err());
         assert!(Settings::for_lambda(&env(&[("SIGHTLINE_MAX_EDGE", "99999")])).is_err());
+    }
+
+    #[test]
+    fn anthropic_is_a_provider_with_its_own_endpoint() {
+        let mut s = Settings::default();
+        assert_eq!(s.anthropic_base_url, DEFAULT_ANTHROPIC_BASE_URL);
+        s.apply_env(&env(&[
+            ("SIGHTLINE_PROVIDER", "Anthropic"),
+            ("ANTHROPIC_BASE_URL", "http://127.0.0.1:9/"),
+        ]))
+        .unwrap();
+        assert_eq!(s.provider, Some(ProviderKind::Anthropic));
+        assert_eq!(s.anthropic_base_url, "http://127.0.0.1:9/");
+        let err = Settings::default()
+            .set(
+                "anthropic_base_url",
+                "api.anthropic.com",
+                "ANTHROPIC_BASE_URL",
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("ANTHROPIC_BASE_URL"), "{err}");
+        for kind in ProviderKind::ALL {
+            assert_eq!(ProviderKind::parse(kind.as_str()), Some(kind));
+        }
     }
 
     #[test]

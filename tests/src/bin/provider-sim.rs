@@ -1,13 +1,16 @@
-//! `provider-sim`: run the OpenAI chat-completions simulator until Ctrl-C.
+//! `provider-sim`: run the provider simulator (OpenAI chat completions and Anthropic Messages)
+//! until Ctrl-C.
 //!
 //! ```text
 //! provider-sim --port 8090 --rpm 60 --tpm 100000 --latency-ms 300 --error-rate 0.05 --seed 1 --api-key sk-sim
 //! provider-sim --port 8090 --poison-rate 0.01   # 1% of images are always rejected (400)
 //! ```
 //!
-//! Point an OpenAI client at the printed base URL. `GET /sim/stats`, `POST /sim/reset` and
+//! Point an OpenAI client at the printed OpenAI base URL (`OPENAI_BASE_URL`), an Anthropic client
+//! at the Anthropic one (`ANTHROPIC_BASE_URL`). `GET /sim/stats`, `POST /sim/reset` and
 //! `POST /sim/config` (partial JSON) control it at run time; `x-sim-fault: 500|502|503|504|429|
-//! timeout|malformed|bad-content|none` forces a fault for one request.
+//! timeout|malformed|bad-content|none` forces a fault for one request (503, also `529`, is
+//! Anthropic's 529 `overloaded_error` on `/v1/messages`).
 
 use clap::Parser;
 use sightline_tests::sim::{EveryNth, Fault, FaultPlan, SimConfig, SimServer};
@@ -15,13 +18,13 @@ use sightline_tests::sim::{EveryNth, Fault, FaultPlan, SimConfig, SimServer};
 #[derive(Debug, Parser)]
 #[command(
     name = "provider-sim",
-    about = "Fake OpenAI chat completions API for tests and benchmarks"
+    about = "Fake OpenAI chat completions and Anthropic Messages APIs for tests and benchmarks"
 )]
 struct Args {
     /// Port on 127.0.0.1 (0 = any free port).
     #[arg(long, default_value_t = 8090)]
     port: u16,
-    /// Accepted bearer key ("" = accept any key).
+    /// Accepted key, as a bearer key or `x-api-key` ("" = accept any key).
     #[arg(long, env = "SIM_API_KEY", default_value = "sk-sim")]
     api_key: String,
     /// Requests per minute per key (0 = unlimited).
@@ -103,8 +106,9 @@ async fn main() -> anyhow::Result<()> {
     };
     let server = SimServer::start_on(cfg.clone(), a.port).await?;
     eprintln!(
-        "provider-sim listening on {} (rpm {}, tpm {}, latency {}+{} ms, seed {}); stats at {}",
+        "provider-sim listening: OpenAI base {}, Anthropic base {} (rpm {}, tpm {}, latency {}+{} ms, seed {}); stats at {}",
         server.base_url,
+        server.anthropic_base_url(),
         cfg.rpm,
         cfg.tpm,
         cfg.latency_ms,

@@ -7,7 +7,9 @@ use aws_config::{BehaviorVersion, SdkConfig};
 use sightline_core::keys::{RESIZED_PREFIX, UPLOAD_PREFIX};
 
 use crate::ports::VisionProvider;
-use crate::providers::select::{build_provider, provider_kind};
+use crate::providers::select::{
+    build_provider, key_param_variable, key_variable, paid_candidates, ProviderKeys,
+};
 use crate::settings::{ProviderKind, Settings};
 
 /// Where the functions' resources are: names the template passes in the environment (the
@@ -22,6 +24,7 @@ pub struct AwsEnv {
     pub queue_url: Option<String>,
     pub table: String,
     pub openai_key_param: Option<String>,
+    pub anthropic_key_param: Option<String>,
     /// `AWS_ENDPOINT_URL` (emulator): S3 then uses path-style addressing.
     pub endpoint_url: Option<String>,
 }
@@ -50,9 +53,19 @@ impl AwsEnv {
             upload_prefix,
             queue_url: var(get, "SIGHTLINE_QUEUE_URL"),
             table: var(get, "SIGHTLINE_TABLE").context("SIGHTLINE_TABLE is required")?,
-            openai_key_param: var(get, "SIGHTLINE_OPENAI_KEY_PARAM"),
+            openai_key_param: var(get, key_param_variable(ProviderKind::OpenAi)),
+            anthropic_key_param: var(get, key_param_variable(ProviderKind::Anthropic)),
             endpoint_url: var(get, "AWS_ENDPOINT_URL"),
         })
+    }
+
+    /// The SSM parameter naming a paid provider's key, if configured.
+    pub fn key_param(&self, kind: ProviderKind) -> Option<&str> {
+        match kind {
+            ProviderKind::OpenAi => self.openai_key_param.as_deref(),
+            ProviderKind::Anthropic => self.anthropic_key_param.as_deref(),
+            ProviderKind::Local => None,
+        }
     }
 
     /// The analyze queue URL, or an error naming the variable.
@@ -96,20 +109,31 @@ pub async fn sdk_config_from_env() -> SdkConfig {
     aws_config::defaults(BehaviorVersion::latest()).load().await
 }
 
-/// The provider key: `OPENAI_API_KEY`, else the SSM SecureString named by
-/// `SIGHTLINE_OPENAI_KEY_PARAM` (read once per cold start). None when neither is set.
-pub async fn provider_key(env: &AwsEnv, sdk: &SdkConfig) -> anyhow::Result<Option<String>> {
-    if let Some(k) = std::env::var("OPENAI_API_KEY")
+/// A paid provider's key: its variable (`OPENAI_API_KEY`, `ANTHROPIC_API_KEY`), else the SSM
+/// SecureString named by its parameter variable (`SIGHTLINE_OPENAI_KEY_PARAM`,
+/// `SIGHTLINE_ANTHROPIC_KEY_PARAM`), read once per cold start. None when neither is set.
+pub async fn provider_key(
+    env: &AwsEnv,
+    sdk: &SdkConfig,
+    kind: ProviderKind,
+) -> anyhow::Result<Option<String>> {
+    if kind == ProviderKind::Local {
+        return Ok(None);
+    }
+    if let Some(k) = std::env::var(key_variable(kind))
         .ok()
         .filter(|k| !k.trim().is_empty())
     {
         return Ok(Some(k.trim().to_string()));
     }
-    let Some(name) = &env.openai_key_param else {
+    let Some(name) = env.key_param(kind) else {
         return Ok(None);
     };
     if name.starts_with("arn:aws:secretsmanager:") {
-        bail!("SIGHTLINE_OPENAI_KEY_PARAM is a Secrets Manager ARN; this build reads SSM parameters only");
+        bail!(
+            "{} is a Secrets Manager ARN; this build reads SSM parameters only",
+            key_param_variable(kind)
+        );
     }
     let ssm = aws_sdk_ssm::Client::new(sdk);
     let out = ssm
@@ -133,17 +157,21 @@ pub async fn provider_key(env: &AwsEnv, sdk: &SdkConfig) -> anyhow::Result<Optio
     Ok(Some(value.to_string()))
 }
 
-/// The vision provider the settings ask for (the key is read only when it may be used).
+/// The vision provider the settings ask for. Keys are read in the factory's order of
+/// preference and only until one is found, so an unused parameter is never fetched.
 pub async fn provider_from_env(
     env: &AwsEnv,
     sdk: &SdkConfig,
     settings: &Settings,
 ) -> anyhow::Result<Arc<dyn VisionProvider>> {
-    let key = match provider_kind(settings, true) {
-        ProviderKind::Local => None,
-        ProviderKind::OpenAi => provider_key(env, sdk).await?,
-    };
-    Ok(build_provider(settings, key.as_deref())?)
+    let mut keys = ProviderKeys::default();
+    for kind in paid_candidates(settings) {
+        keys.set(kind, provider_key(env, sdk, kind).await?);
+        if keys.get(kind).is_some() {
+            break;
+        }
+    }
+    Ok(build_provider(settings, &keys)?)
 }
 
 #[cfg(test)]
@@ -169,6 +197,19 @@ mod tests {
         assert_eq!(e.upload_prefix, "uploads/");
         assert_eq!(e.queue_url, None);
         assert!(e.require_queue().is_err());
+        assert_eq!(e.key_param(ProviderKind::Anthropic), None);
+        let e = AwsEnv::from_lookup(&lookup(&[
+            ("SIGHTLINE_BUCKET", "b"),
+            ("SIGHTLINE_TABLE", "t"),
+            ("SIGHTLINE_OPENAI_KEY_PARAM", "/sightline/openai"),
+            ("SIGHTLINE_ANTHROPIC_KEY_PARAM", "/sightline/anthropic"),
+        ]))
+        .unwrap();
+        assert_eq!(e.key_param(ProviderKind::OpenAi), Some("/sightline/openai"));
+        assert_eq!(
+            e.key_param(ProviderKind::Anthropic),
+            Some("/sightline/anthropic")
+        );
         assert!(AwsEnv::from_lookup(&lookup(&[("SIGHTLINE_TABLE", "t")])).is_err());
         let overlap = lookup(&[
             ("SIGHTLINE_BUCKET", "b"),

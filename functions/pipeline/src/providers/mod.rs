@@ -1,5 +1,8 @@
-//! Vision providers: an OpenAI-compatible client and the offline local analyzer.
+//! Vision providers: an OpenAI-compatible client, an Anthropic Messages client and the offline
+//! local analyzer.
 
+pub mod anthropic;
+mod http;
 pub mod local;
 pub mod openai;
 pub mod select;

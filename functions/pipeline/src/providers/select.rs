@@ -1,7 +1,10 @@
-//! The one provider factory: which provider the settings and the configured key ask for.
+//! The one provider factory: which provider the settings and the configured keys ask for.
 
 use std::sync::Arc;
 
+use sightline_core::pricing::PriceTable;
+
+use super::anthropic::AnthropicProvider;
 use super::local::LocalAnalyzer;
 use super::openai::OpenAiProvider;
 use crate::ports::VisionProvider;
@@ -9,58 +12,277 @@ use crate::settings::{ProviderKind, Settings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderSetupError {
-    #[error("provider `openai` needs an API key: set OPENAI_API_KEY (on Lambda, or SIGHTLINE_OPENAI_KEY_PARAM naming an SSM parameter)")]
-    NeedsKey,
+    #[error("provider `{}` needs an API key: set {} (on Lambda, or {} naming an SSM parameter)", .0.as_str(), key_variable(*.0), key_param_variable(*.0))]
+    NeedsKey(ProviderKind),
+    /// The Messages API serves Claude models only; a chain that leaves the provider would
+    /// fail image by image, so it fails at start.
+    #[error("provider `{provider}` cannot call model `{model}` (a `{model_provider}` model): fallback chains stay within one provider")]
+    ForeignModel {
+        provider: &'static str,
+        model: String,
+        model_provider: String,
+    },
     #[error("building the HTTP client for {base_url}: {reason}")]
     Client { base_url: String, reason: String },
 }
 
-/// The provider kind the settings resolve to with or without a key: the setting when given,
-/// else `openai` when a key is configured, else the offline analyzer.
-pub fn provider_kind(settings: &Settings, has_key: bool) -> ProviderKind {
-    match settings.provider {
-        Some(kind) => kind,
-        None if has_key => ProviderKind::OpenAi,
-        None => ProviderKind::Local,
+/// The variable that holds a paid provider's key, locally and on Lambda.
+pub fn key_variable(kind: ProviderKind) -> &'static str {
+    match kind {
+        ProviderKind::Anthropic => "ANTHROPIC_API_KEY",
+        ProviderKind::OpenAi | ProviderKind::Local => "OPENAI_API_KEY",
     }
 }
 
-/// Build the provider for these settings. `api_key` is the OpenAI-compatible key, if any
-/// (read by the caller from the environment, or from SSM on Lambda).
+/// On Lambda: the variable naming the SSM parameter that holds a paid provider's key.
+pub fn key_param_variable(kind: ProviderKind) -> &'static str {
+    match kind {
+        ProviderKind::Anthropic => "SIGHTLINE_ANTHROPIC_KEY_PARAM",
+        ProviderKind::OpenAi | ProviderKind::Local => "SIGHTLINE_OPENAI_KEY_PARAM",
+    }
+}
+
+/// The paid providers' keys, as configured (never printed).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct ProviderKeys {
+    pub openai: Option<String>,
+    pub anthropic: Option<String>,
+}
+
+impl std::fmt::Debug for ProviderKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProviderKeys")
+            .field("openai", &self.openai.is_some())
+            .field("anthropic", &self.anthropic.is_some())
+            .finish()
+    }
+}
+
+impl ProviderKeys {
+    /// `OPENAI_API_KEY` and `ANTHROPIC_API_KEY` as `get` finds them (blank = unset).
+    pub fn from_lookup(get: &dyn Fn(&str) -> Option<String>) -> ProviderKeys {
+        let mut keys = ProviderKeys::default();
+        for kind in [ProviderKind::OpenAi, ProviderKind::Anthropic] {
+            keys.set(kind, get(key_variable(kind)));
+        }
+        keys
+    }
+
+    /// Record a key (trimmed; blank = unset). The local analyzer has none.
+    pub fn set(&mut self, kind: ProviderKind, key: Option<String>) {
+        let key = key.map(|k| k.trim().to_string()).filter(|k| !k.is_empty());
+        match kind {
+            ProviderKind::OpenAi => self.openai = key,
+            ProviderKind::Anthropic => self.anthropic = key,
+            ProviderKind::Local => {}
+        }
+    }
+
+    pub fn get(&self, kind: ProviderKind) -> Option<&str> {
+        match kind {
+            ProviderKind::OpenAi => self.openai.as_deref(),
+            ProviderKind::Anthropic => self.anthropic.as_deref(),
+            ProviderKind::Local => None,
+        }
+    }
+}
+
+/// The paid providers the settings may use, in order of preference: the setting when given;
+/// unset, the configured model's own provider (from the price table) when we have a client for
+/// it, then OpenAI-compatible (gateways serve any model). A caller reading keys from a slow
+/// store (SSM) reads them in this order and stops at the first it finds.
+pub fn paid_candidates(settings: &Settings) -> Vec<ProviderKind> {
+    match settings.provider {
+        Some(ProviderKind::Local) => Vec::new(),
+        Some(kind) => vec![kind],
+        None => {
+            let own = PriceTable::builtin()
+                .model(&settings.model)
+                .ok()
+                .and_then(|m| ProviderKind::parse(&m.provider));
+            match own {
+                Some(ProviderKind::Anthropic) => {
+                    vec![ProviderKind::Anthropic, ProviderKind::OpenAi]
+                }
+                _ => vec![ProviderKind::OpenAi],
+            }
+        }
+    }
+}
+
+/// The provider kind the settings resolve to with these keys: the setting when given, else the
+/// first of [`paid_candidates`] whose key is set, else the offline analyzer.
+pub fn provider_kind(settings: &Settings, keys: &ProviderKeys) -> ProviderKind {
+    if let Some(kind) = settings.provider {
+        return kind;
+    }
+    paid_candidates(settings)
+        .into_iter()
+        .find(|k| keys.get(*k).is_some())
+        .unwrap_or(ProviderKind::Local)
+}
+
+/// The kind [`build_provider`] will build, or why it cannot (a chosen paid provider whose key
+/// is missing, a model the provider cannot serve).
+pub fn resolve(
+    settings: &Settings,
+    keys: &ProviderKeys,
+) -> Result<ProviderKind, ProviderSetupError> {
+    let kind = provider_kind(settings, keys);
+    if kind != ProviderKind::Local && keys.get(kind).is_none() {
+        return Err(ProviderSetupError::NeedsKey(kind));
+    }
+    if kind == ProviderKind::Anthropic {
+        let table = PriceTable::builtin();
+        for model in settings.model_chain() {
+            // Unknown models are refused by the settings' validation already.
+            if let Ok(price) = table.model(&model) {
+                if price.provider != kind.as_str() {
+                    return Err(ProviderSetupError::ForeignModel {
+                        provider: kind.as_str(),
+                        model,
+                        model_provider: price.provider.clone(),
+                    });
+                }
+            }
+        }
+    }
+    Ok(kind)
+}
+
+/// Build the provider for these settings and keys (read by the caller from the environment,
+/// or from SSM on Lambda).
 pub fn build_provider(
     settings: &Settings,
-    api_key: Option<&str>,
+    keys: &ProviderKeys,
 ) -> Result<Arc<dyn VisionProvider>, ProviderSetupError> {
-    let api_key = api_key.map(str::trim).filter(|k| !k.is_empty());
-    match (provider_kind(settings, api_key.is_some()), api_key) {
-        (ProviderKind::Local, _) => Ok(Arc::new(LocalAnalyzer)),
-        (ProviderKind::OpenAi, None) => Err(ProviderSetupError::NeedsKey),
-        (ProviderKind::OpenAi, Some(key)) => Ok(Arc::new(
+    let kind = resolve(settings, keys)?;
+    let client_err = |base_url: &str, e: anyhow::Error| ProviderSetupError::Client {
+        base_url: base_url.to_string(),
+        reason: e.to_string(),
+    };
+    let key = keys.get(kind).unwrap_or_default();
+    Ok(match kind {
+        ProviderKind::Local => Arc::new(LocalAnalyzer),
+        ProviderKind::OpenAi => Arc::new(
             OpenAiProvider::new(&settings.openai_base_url, key, settings.provider_timeout)
-                .map_err(|e| ProviderSetupError::Client {
-                    base_url: settings.openai_base_url.clone(),
-                    reason: e.to_string(),
-                })?,
-        )),
-    }
+                .map_err(|e| client_err(&settings.openai_base_url, e))?,
+        ),
+        ProviderKind::Anthropic => Arc::new(
+            AnthropicProvider::new(&settings.anthropic_base_url, key, settings.provider_timeout)
+                .map_err(|e| client_err(&settings.anthropic_base_url, e))?,
+        ),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn keys(openai: Option<&str>, anthropic: Option<&str>) -> ProviderKeys {
+        let mut k = ProviderKeys::default();
+        k.set(ProviderKind::OpenAi, openai.map(str::to_string));
+        k.set(ProviderKind::Anthropic, anthropic.map(str::to_string));
+        k
+    }
+
     #[test]
     fn the_provider_follows_the_setting_else_the_key() {
         let mut s = Settings::default();
-        assert!(!build_provider(&s, None).unwrap().is_paid());
-        assert!(build_provider(&s, Some("sk-x")).unwrap().is_paid());
-        assert!(!build_provider(&s, Some("  ")).unwrap().is_paid());
+        assert!(!build_provider(&s, &keys(None, None)).unwrap().is_paid());
+        assert!(build_provider(&s, &keys(Some("sk-x"), None))
+            .unwrap()
+            .is_paid());
+        assert!(!build_provider(&s, &keys(Some("  "), None))
+            .unwrap()
+            .is_paid());
         s.provider = Some(ProviderKind::Local);
-        assert!(!build_provider(&s, Some("sk-x")).unwrap().is_paid());
+        assert!(!build_provider(&s, &keys(Some("sk-x"), Some("sk-ant")))
+            .unwrap()
+            .is_paid());
         s.provider = Some(ProviderKind::OpenAi);
         assert!(matches!(
-            build_provider(&s, None),
-            Err(ProviderSetupError::NeedsKey)
+            build_provider(&s, &keys(None, Some("sk-ant"))),
+            Err(ProviderSetupError::NeedsKey(ProviderKind::OpenAi))
         ));
+    }
+
+    #[test]
+    fn unset_provider_picks_the_models_own_provider_when_its_key_is_set() {
+        let gpt = Settings::default();
+        let claude = Settings {
+            model: "claude-haiku-4-5".into(),
+            ..Settings::default()
+        };
+        let both = keys(Some("sk-x"), Some("sk-ant"));
+        assert_eq!(provider_kind(&claude, &both), ProviderKind::Anthropic);
+        assert_eq!(provider_kind(&gpt, &both), ProviderKind::OpenAi);
+        // Without the model's own key: an OpenAI-compatible gateway may still serve it.
+        let openai_only = keys(Some("sk-x"), None);
+        assert_eq!(provider_kind(&claude, &openai_only), ProviderKind::OpenAi);
+        // An Anthropic key does not make a GPT model callable.
+        let anthropic_only = keys(None, Some("sk-ant"));
+        assert_eq!(provider_kind(&gpt, &anthropic_only), ProviderKind::Local);
+        assert_eq!(
+            provider_kind(&claude, &anthropic_only),
+            ProviderKind::Anthropic
+        );
+        assert_eq!(
+            build_provider(&claude, &anthropic_only).unwrap().name(),
+            "anthropic"
+        );
+        assert_eq!(
+            paid_candidates(&claude),
+            vec![ProviderKind::Anthropic, ProviderKind::OpenAi]
+        );
+        assert_eq!(paid_candidates(&gpt), vec![ProviderKind::OpenAi]);
+    }
+
+    #[test]
+    fn explicit_anthropic_without_its_key_names_the_variable() {
+        let s = Settings {
+            provider: Some(ProviderKind::Anthropic),
+            model: "claude-haiku-4-5".into(),
+            ..Settings::default()
+        };
+        let err = build_provider(&s, &keys(Some("sk-x"), None))
+            .err()
+            .expect("no key");
+        assert!(matches!(
+            err,
+            ProviderSetupError::NeedsKey(ProviderKind::Anthropic)
+        ));
+        let msg = err.to_string();
+        assert!(msg.contains("ANTHROPIC_API_KEY"), "{msg}");
+        assert!(msg.contains("SIGHTLINE_ANTHROPIC_KEY_PARAM"), "{msg}");
+    }
+
+    #[test]
+    fn an_anthropic_chain_with_a_model_of_another_provider_is_refused() {
+        let s = Settings {
+            provider: Some(ProviderKind::Anthropic),
+            model: "claude-haiku-4-5".into(),
+            fallback_models: vec!["claude-sonnet-4-5".into(), "gpt-4o".into()],
+            ..Settings::default()
+        };
+        let err = build_provider(&s, &keys(None, Some("sk-ant")))
+            .err()
+            .expect("foreign fallback");
+        assert!(
+            matches!(&err, ProviderSetupError::ForeignModel { model, .. } if model == "gpt-4o"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn keys_are_read_trimmed_and_never_printed() {
+        let k = ProviderKeys::from_lookup(&|name| match name {
+            "OPENAI_API_KEY" => Some(" sk-secret ".into()),
+            "ANTHROPIC_API_KEY" => Some("  ".into()),
+            _ => None,
+        });
+        assert_eq!(k.get(ProviderKind::OpenAi), Some("sk-secret"));
+        assert_eq!(k.get(ProviderKind::Anthropic), None);
+        assert!(!format!("{k:?}").contains("secret"));
     }
 }
