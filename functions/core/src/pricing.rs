@@ -170,6 +170,12 @@ impl ModelPrice {
         }
     }
 
+    /// Whether the provider reads the image `detail` parameter (only OpenAI's models do; the
+    /// others answer the same whatever detail was asked).
+    pub fn reads_detail(&self) -> bool {
+        self.provider == "openai"
+    }
+
     /// Dollar cost of a call with this usage.
     pub fn cost_usd(&self, usage: &Usage) -> f64 {
         let cached = usage.cached_tokens.min(usage.input_tokens);

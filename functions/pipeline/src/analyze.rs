@@ -324,7 +324,6 @@ impl Analyzer {
         let detail = job
             .detail
             .unwrap_or_else(|| self.settings.detail_for(&job.tenant, record.detail));
-        let answer = self.settings.answer_params(detail);
         let chain = self.chain();
         let scope = self.settings.cache_scope(&job.tenant);
         let mut jpeg: Option<Arc<Vec<u8>>> = None;
@@ -332,6 +331,7 @@ impl Analyzer {
         for (i, model) in chain.iter().enumerate() {
             // The key names the model that answers, so a fallback's answer is never served
             // later as the primary model's.
+            let answer = self.settings.answer_params_for(model, detail);
             let key = idempotency_key(scope, &job.sha256, model, &answer);
             let now = self.clock.now_ms();
             match self

@@ -265,6 +265,16 @@ impl Settings {
 
     /// The request parameters an answer depends on besides the image and the model.
     pub fn answer_params(&self, detail: Detail) -> AnswerParams<'_> {
+        self.answer_params_for("", detail)
+    }
+
+    /// The answer parameters of a call to `model`: a model that never reads `detail` (Claude,
+    /// Gemini) gets one cache entry whatever detail was asked, so low then high is not paid twice.
+    pub fn answer_params_for(&self, model: &str, detail: Detail) -> AnswerParams<'_> {
+        let reads_detail = PriceTable::builtin()
+            .model(model)
+            .map_or(true, |m| m.reads_detail());
+        let detail = if reads_detail { detail } else { Detail::High };
         AnswerParams {
             prompt_version: &self.prompt_version,
             detail,
@@ -573,7 +583,7 @@ pub const SETTINGS: &[SettingDef] = &[
         env: "SIGHTLINE_DETAIL",
         flag: true,
         applies: Applies::Everywhere,
-        help: "image detail: `low` (85 tokens per image on GPT-4o-class models), `high` (by tiles) or `auto` (estimated as high); part of the cache key",
+        help: "image detail: `low` (85 tokens per image on GPT-4o-class models), `high` (by tiles) or `auto` (estimated as high); part of the cache key of OpenAI models (the only ones that read it)",
         apply: |s, v| {
             s.detail = detail(v)?;
             Ok(())
@@ -1005,6 +1015,19 @@ mod tests {
         for kind in ProviderKind::ALL {
             assert_eq!(ProviderKind::parse(kind.as_str()), Some(kind));
         }
+    }
+
+    #[test]
+    fn detail_is_in_the_cache_key_only_for_models_that_read_it() {
+        let s = Settings::default();
+        let low = s.answer_params_for("gpt-4o", Detail::Low);
+        let high = s.answer_params_for("gpt-4o", Detail::High);
+        assert_ne!(low, high);
+        // Claude never reads detail: low and high share one answer.
+        assert_eq!(
+            s.answer_params_for("claude-haiku-4-5", Detail::Low),
+            s.answer_params_for("claude-haiku-4-5", Detail::High)
+        );
     }
 
     #[test]
