@@ -5,10 +5,11 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use sightline_core::budget::{BudgetCaps, Period, Periods};
 use sightline_core::model::{AnalysisResult, ImageRecord, ImageStatus};
 use sightline_core::pricing::Usage;
 use sightline_pipeline::ports::{
-    api_key_id, BlobStore, Claim, Completion, Failure, JobDelivery, PutImage, Queue, QueueMessage,
+    api_key_id, BlobStore, BudgetHold, Claim, Completion, Failure, JobDelivery, PutImage, Queue, QueueMessage,
     Repository, Spend, StoreError,
 };
 
@@ -683,12 +684,145 @@ pub async fn spend_contract(repo: Arc<dyn Repository>) {
     assert!(close(row.estimated_cost_usd, 0.003));
 }
 
+/// Budget holds: reserved atomically against the ledger's spent money and the live holds,
+/// refused once a cap is spent, freed by settle or by their expiry; per-tenant caps.
+pub async fn budget_contract(repo: Arc<dyn Repository>) {
+    let t = unique("tb");
+    // 2026-05-10T12:00:00Z
+    let now = 1_778_414_400_000u64;
+    let periods = Periods::at(now);
+    assert_eq!((periods.day.as_str(), periods.month.as_str()), ("2026-05-10", "2026-05"));
+    let caps = BudgetCaps::from_amounts(0.05, 1.0);
+    let later = now + 60_000;
+
+    // Nothing spent: a hold fits and counts as reserved for the day and the month.
+    let BudgetHold::Reserved(h1) = repo
+        .reserve_budget(&t, &periods, 0.03, &caps, now, later)
+        .await
+        .unwrap()
+    else {
+        panic!("an empty budget refused a hold");
+    };
+    let counts = repo.budget_counts(&t, &periods, now).await.unwrap();
+    assert!(close(counts.day.reserved_usd, 0.03) && close(counts.month.reserved_usd, 0.03));
+    assert!(close(counts.day.spent_usd, 0.0));
+    // Under the cap (0.03 < 0.05): one more fits; then 0.06 is held and the day refuses.
+    let BudgetHold::Reserved(h2) = repo
+        .reserve_budget(&t, &periods, 0.03, &caps, now, later)
+        .await
+        .unwrap()
+    else {
+        panic!("a hold under the cap was refused");
+    };
+    assert_eq!(
+        repo.reserve_budget(&t, &periods, 0.01, &caps, now, later)
+            .await
+            .unwrap(),
+        BudgetHold::Over(Period::Day)
+    );
+    // The ledger books the real cost, then the hold is settled: spent is what was booked.
+    repo.put_image(
+        &record(&t, "b1", "2026-05-10T11:00:00.000Z", ImageStatus::Queued),
+        None,
+    )
+    .await
+    .unwrap();
+    let k = format!("t:{t}/{}:gpt-4.1-mini:v1", "56".repeat(32));
+    let r = result(&k, "gpt-4.1-mini", "2026-05-10T12:00:01.000Z", 0.02, false);
+    repo.complete(&t, "b1", &r, 0.03).await.unwrap();
+    repo.settle_budget(&t, &periods, &h1).await.unwrap();
+    repo.settle_budget(&t, &periods, &h1).await.unwrap(); // idempotent
+    let counts = repo.budget_counts(&t, &periods, now).await.unwrap();
+    assert!(close(counts.day.spent_usd, 0.02) && close(counts.day.reserved_usd, 0.03));
+    assert!(close(counts.month.spent_usd, 0.02) && close(counts.month.reserved_usd, 0.03));
+    assert_eq!(
+        repo.reserve_budget(&t, &periods, 0.01, &caps, now, later)
+            .await
+            .unwrap(),
+        BudgetHold::Over(Period::Day)
+    );
+    // A hold whose process died counts until it expires, then not at all.
+    let after = later + 1;
+    let counts = repo.budget_counts(&t, &periods, after).await.unwrap();
+    assert!(close(counts.day.reserved_usd, 0.0));
+    let BudgetHold::Reserved(h3) = repo
+        .reserve_budget(&t, &periods, 0.02, &caps, after, after + 60_000)
+        .await
+        .unwrap()
+    else {
+        panic!("an expired hold still counted");
+    };
+    repo.settle_budget(&t, &periods, &h2).await.unwrap(); // expired: a no-op
+    repo.settle_budget(&t, &periods, &h3).await.unwrap();
+    // The month counts other days of the month, not other months.
+    let spend = Spend {
+        day: "2026-05-02".into(),
+        model: "gpt-4.1-mini".into(),
+        calls: 1,
+        usage: Usage::default(),
+        cost_usd: 0.99,
+        calls_at_estimate: 0,
+        cost_at_estimate_usd: 0.0,
+    };
+    repo.book_spend(&t, "gone", &format!("{t}-may"), &spend)
+        .await
+        .unwrap();
+    let april = Spend {
+        day: "2026-04-30".into(),
+        ..spend.clone()
+    };
+    repo.book_spend(&t, "gone", &format!("{t}-april"), &april)
+        .await
+        .unwrap();
+    let counts = repo.budget_counts(&t, &periods, after).await.unwrap();
+    assert!(close(counts.month.spent_usd, 1.01) && close(counts.day.spent_usd, 0.02));
+    let day_only = BudgetCaps::from_amounts(0.5, 0.0);
+    assert!(matches!(
+        repo.reserve_budget(&t, &periods, 0.01, &day_only, after, after + 1)
+            .await
+            .unwrap(),
+        BudgetHold::Reserved(_)
+    ));
+    let day_spent = BudgetCaps::from_amounts(0.02, 0.0);
+    assert_eq!(
+        repo.reserve_budget(&t, &periods, 0.01, &day_spent, after, after + 1)
+            .await
+            .unwrap(),
+        BudgetHold::Over(Period::Day)
+    );
+    let month_only = BudgetCaps::from_amounts(0.0, 1.0);
+    assert_eq!(
+        repo.reserve_budget(&t, &periods, 0.01, &month_only, after, after + 1)
+            .await
+            .unwrap(),
+        BudgetHold::Over(Period::Month)
+    );
+
+    // A tenant's own caps: absent, set, replaced, removed.
+    assert_eq!(repo.tenant_budget(&t).await.unwrap(), None);
+    let own = BudgetCaps {
+        daily_usd: Some(2.5),
+        monthly_usd: None,
+    };
+    repo.set_tenant_budget(&t, Some(&own)).await.unwrap();
+    assert_eq!(repo.tenant_budget(&t).await.unwrap(), Some(own));
+    let own = BudgetCaps {
+        daily_usd: None,
+        monthly_usd: Some(40.0),
+    };
+    repo.set_tenant_budget(&t, Some(&own)).await.unwrap();
+    assert_eq!(repo.tenant_budget(&t).await.unwrap(), Some(own));
+    repo.set_tenant_budget(&t, None).await.unwrap();
+    assert_eq!(repo.tenant_budget(&t).await.unwrap(), None);
+}
+
 /// Everything the repository promises.
 pub async fn repository_contract(repo: Arc<dyn Repository>) {
     images_contract(repo.clone()).await;
     claims_and_completion_contract(repo.clone()).await;
     records_and_rechecks_contract(repo.clone()).await;
     spend_contract(repo.clone()).await;
+    budget_contract(repo.clone()).await;
     api_keys_contract(repo).await;
 }
 

@@ -229,6 +229,7 @@ impl AnalyzeHandler {
 mod tests {
     use super::*;
     use async_trait::async_trait;
+    use sightline_core::budget::{BudgetCaps, Periods};
     use sightline_core::model::{AnalysisResult, ImageRecord, ImageStatus};
     use sightline_pipeline::local::FileBlobStore;
     use sightline_pipeline::metrics::emf::MemoryLines;
@@ -253,6 +254,29 @@ mod tests {
 
     #[async_trait]
     impl Repository for DownRepo {
+        async fn reserve_budget(
+            &self,
+            _: &str,
+            _: &Periods,
+            _: f64,
+            _: &BudgetCaps,
+            _: u64,
+            _: u64,
+        ) -> StoreResult<BudgetHold> {
+            down()
+        }
+        async fn settle_budget(&self, _: &str, _: &Periods, _: &str) -> StoreResult<()> {
+            down()
+        }
+        async fn budget_counts(&self, _: &str, _: &Periods, _: u64) -> StoreResult<BudgetCounts> {
+            down()
+        }
+        async fn tenant_budget(&self, _: &str) -> StoreResult<Option<BudgetCaps>> {
+            down()
+        }
+        async fn set_tenant_budget(&self, _: &str, _: Option<&BudgetCaps>) -> StoreResult<()> {
+            down()
+        }
         async fn put_image(&self, _: &ImageRecord, _: Option<u64>) -> StoreResult<PutImage> {
             down()
         }

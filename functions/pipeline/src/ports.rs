@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
+use sightline_core::budget::{BudgetCaps, Counted, Period, Periods};
 use sightline_core::model::{AnalysisResult, Detail, ImageRecord, ImageStatus};
 use sightline_core::pricing::Usage;
 use sightline_core::retry::FailureKind;
@@ -180,6 +181,22 @@ pub enum Claim {
     Busy { retry_in: Duration },
 }
 
+/// What a budget reservation got.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BudgetHold {
+    /// Held until settled or until it expires; settle it by this id.
+    Reserved(String),
+    /// This period's cap is spent (or held): no paid call until it rolls over.
+    Over(Period),
+}
+
+/// A tenant's budget position for the periods of one instant.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct BudgetCounts {
+    pub day: Counted,
+    pub month: Counted,
+}
+
 /// A tenant's API key, as listed (the key itself is never stored, only its sha256).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiKeyInfo {
@@ -287,6 +304,35 @@ pub trait Repository: Send + Sync {
     ) -> StoreResult<()>;
     /// Ledger rows for a tenant, for days in [from, to] (inclusive, YYYY-MM-DD).
     async fn costs(&self, tenant: &str, from: &str, to: &str) -> StoreResult<Vec<CostRow>>;
+
+    /// Reserve `amount` USD against the tenant's caps for `periods`, atomically with every
+    /// other reservation and booking: admitted while the period's spent (what the ledger booked
+    /// on its days) plus live reservations is under its cap (see [`sightline_core::budget::fits`]).
+    /// The hold counts until [`Repository::settle_budget`] or until `expires_ms`, so a process
+    /// that dies between reserve and settle leaks nothing for long.
+    async fn reserve_budget(
+        &self,
+        tenant: &str,
+        periods: &Periods,
+        amount: f64,
+        caps: &BudgetCaps,
+        now_ms: u64,
+        expires_ms: u64,
+    ) -> StoreResult<BudgetHold>;
+    /// End a hold (the real cost is counted by the ledger booking made before). Idempotent.
+    async fn settle_budget(&self, tenant: &str, periods: &Periods, id: &str) -> StoreResult<()>;
+    /// Spent and live reserved money of a tenant for `periods`.
+    async fn budget_counts(
+        &self,
+        tenant: &str,
+        periods: &Periods,
+        now_ms: u64,
+    ) -> StoreResult<BudgetCounts>;
+    /// A tenant's own caps (they override the settings), None when it has none.
+    async fn tenant_budget(&self, tenant: &str) -> StoreResult<Option<BudgetCaps>>;
+    /// Set (Some) or remove (None) a tenant's own caps.
+    async fn set_tenant_budget(&self, tenant: &str, caps: Option<&BudgetCaps>)
+        -> StoreResult<()>;
 
     /// Add an API key (stored as its sha256) for a tenant; other keys stay valid.
     async fn add_api_key(

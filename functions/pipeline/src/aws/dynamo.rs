@@ -6,6 +6,8 @@
 //! | ledger | `T#{tenant}#COST` | `{YYYY-MM-DD}#{model}` |
 //! | spend marker | `SPEND#{spendId}` | `SPEND` |
 //! | API key | `KEY#{sha256(key)}` | `KEY` (gsi1pk `KEYS#{tenant}`) |
+//! | tenant budget caps | `T#{tenant}#BUDGET` | `CAPS` |
+//! | budget holds of a period | `T#{tenant}#BUDGET` | `D#{YYYY-MM-DD}` / `M#{YYYY-MM}` |
 //!
 //! The image item keeps the record JSON in `doc`; `status`, `error`, `result` (JSON) and
 //! `updated_at` are separate attributes so `complete` and `mark_failed` can update them with
@@ -19,11 +21,12 @@ use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem, Update};
 use aws_sdk_dynamodb::Client;
 use base64::Engine;
+use sightline_core::budget::{self, BudgetCaps, Counted, Periods};
 use sightline_core::model::{AnalysisResult, ExtraSpend, ImageRecord, ImageStatus};
 
 use super::sdk_err;
 use crate::ports::{
-    api_key_id, day_of, ApiKeyInfo, Claim, Completion, CostRow, Failure, ImagePage, PutImage,
+    api_key_id, day_of, ApiKeyInfo, BudgetCounts, BudgetHold, Claim, Completion, CostRow, Failure, ImagePage, PutImage,
     Repository, Spend, StoreError, StoreResult,
 };
 
@@ -31,6 +34,10 @@ use crate::ports::{
 const IDEM_TTL_SECS: u64 = 30 * 86_400;
 /// Spend markers (exactly-once booking of money without a result) expire after 90 days.
 const SPEND_TTL_SECS: u64 = 90 * 86_400;
+/// Budget hold items outlive their period by this long (TTL attribute `expires_at`).
+const HOLDS_TTL_SECS: u64 = 40 * 86_400;
+/// Optimistic rounds of a budget reservation before it reports contention as transient.
+const BUDGET_ROUNDS: u32 = 20;
 /// The one partition of the sparse recheck index (gsi3): images not final, by recheck time.
 const RECHECK_PK: &str = "RECHECK";
 
@@ -130,6 +137,35 @@ pub fn keys_pk(tenant: &str) -> String {
     format!("KEYS#{tenant}")
 }
 
+pub fn budget_pk(tenant: &str) -> String {
+    format!("T#{tenant}#BUDGET")
+}
+
+/// Live holds of a period item: id → (amount, expires_ms).
+fn holds_of(item: Option<&Item>) -> Vec<(String, f64, u64)> {
+    let Some(map) = item.and_then(|i| i.get("holds")).and_then(|v| v.as_m().ok()) else {
+        return Vec::new();
+    };
+    map.iter()
+        .filter_map(|(id, v)| {
+            let hold = v.as_m().ok()?;
+            Some((id.clone(), get_f64(hold, "a"), get_u64(hold, "x")))
+        })
+        .collect()
+}
+
+fn holds_value(holds: &[(String, f64, u64)]) -> AttributeValue {
+    AttributeValue::M(
+        holds
+            .iter()
+            .map(|(id, a, x)| {
+                let hold = HashMap::from([("a".to_string(), nf(*a)), ("x".to_string(), n(x))]);
+                (id.clone(), AttributeValue::M(hold))
+            })
+            .collect(),
+    )
+}
+
 pub fn spend_pk(spend_id: &str) -> String {
     format!("SPEND#{spend_id}")
 }
@@ -193,6 +229,80 @@ struct LedgerAdd<'a> {
 }
 
 impl DynamoRepository {
+    /// Spent per the ledger rows of the tenant's month (consistent reads): (day, month).
+    async fn ledger_spent(&self, tenant: &str, periods: &Periods) -> StoreResult<(f64, f64)> {
+        let (mut day, mut month) = (0.0, 0.0);
+        let day_prefix = format!("{}#", periods.day);
+        let mut start: Option<Item> = None;
+        loop {
+            let out = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .consistent_read(true)
+                .key_condition_expression("pk = :pk AND begins_with(sk, :month)")
+                .expression_attribute_values(":pk", s(ledger_pk(tenant)))
+                .expression_attribute_values(":month", s(format!("{}-", periods.month)))
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| sdk_err("dynamodb Query budget spent", e))?;
+            for item in out.items() {
+                let cost = get_f64(item, "cost_usd");
+                month += cost;
+                if get_s(item, "sk").is_some_and(|k| k.starts_with(&day_prefix)) {
+                    day += cost;
+                }
+            }
+            match out.last_evaluated_key {
+                Some(k) => start = Some(k),
+                None => break,
+            }
+        }
+        Ok((day, month))
+    }
+
+    /// The hold items of both periods, then the ledger. Read in that order, a booking that
+    /// lands in between is counted twice (held and spent), never zero times: its hold is only
+    /// settled after the booking, and a settle bumps the version our write is conditioned on.
+    async fn budget_state(
+        &self,
+        tenant: &str,
+        periods: &Periods,
+    ) -> StoreResult<(Option<Item>, Option<Item>, f64, f64)> {
+        let day_item = self
+            .get_item(budget_pk(tenant), &format!("D#{}", periods.day))
+            .await?;
+        let month_item = self
+            .get_item(budget_pk(tenant), &format!("M#{}", periods.month))
+            .await?;
+        let (spent_day, spent_month) = self.ledger_spent(tenant, periods).await?;
+        Ok((day_item, month_item, spent_day, spent_month))
+    }
+
+    /// A conditional write of a period's holds: only if nobody changed them since `item`.
+    fn holds_update(
+        &self,
+        tenant: &str,
+        sk: String,
+        item: Option<&Item>,
+        holds: &[(String, f64, u64)],
+        period_end_ms: u64,
+    ) -> StoreResult<Update> {
+        let ver = item.map(|i| get_u64(i, "ver")).unwrap_or(0);
+        Update::builder()
+            .table_name(&self.table)
+            .set_key(Some(Self::key(budget_pk(tenant), &sk)))
+            .update_expression("SET holds = :holds, ver = :next, expires_at = :ttl")
+            .condition_expression("attribute_not_exists(ver) OR ver = :ver")
+            .expression_attribute_values(":holds", holds_value(holds))
+            .expression_attribute_values(":next", n(ver + 1))
+            .expression_attribute_values(":ver", n(ver))
+            .expression_attribute_values(":ttl", n(period_end_ms / 1000 + HOLDS_TTL_SECS))
+            .build()
+            .map_err(|e| StoreError::Permanent(e.to_string()))
+    }
+
     /// The ledger row's atomic ADD for `a` (one item per tenant, day and model).
     fn ledger_update(
         &self,
@@ -920,6 +1030,173 @@ impl Repository for DynamoRepository {
         }
         rows.sort_by(|a, b| (&a.day, &a.model).cmp(&(&b.day, &b.model)));
         Ok(rows)
+    }
+
+    async fn reserve_budget(
+        &self,
+        tenant: &str,
+        periods: &Periods,
+        amount: f64,
+        caps: &BudgetCaps,
+        now_ms: u64,
+        expires_ms: u64,
+    ) -> StoreResult<BudgetHold> {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        for _ in 0..BUDGET_ROUNDS {
+            let (day_item, month_item, spent_day, spent_month) =
+                self.budget_state(tenant, periods).await?;
+            let live = |item: Option<&Item>| {
+                let mut h = holds_of(item);
+                h.retain(|(_, _, x)| *x > now_ms);
+                h
+            };
+            let (mut day_holds, mut month_holds) = (live(day_item.as_ref()), live(month_item.as_ref()));
+            let held = |h: &[(String, f64, u64)]| h.iter().map(|(_, a, _)| a).sum::<f64>();
+            let day = Counted {
+                spent_usd: spent_day,
+                reserved_usd: held(&day_holds),
+            };
+            let month = Counted {
+                spent_usd: spent_month,
+                reserved_usd: held(&month_holds),
+            };
+            if let Some(period) = budget::refusing(caps, day, month) {
+                return Ok(BudgetHold::Over(period));
+            }
+            day_holds.push((id.clone(), amount, expires_ms));
+            month_holds.push((id.clone(), amount, expires_ms));
+            let day_update = self.holds_update(
+                tenant,
+                format!("D#{}", periods.day),
+                day_item.as_ref(),
+                &day_holds,
+                periods.next_day_ms,
+            )?;
+            let month_update = self.holds_update(
+                tenant,
+                format!("M#{}", periods.month),
+                month_item.as_ref(),
+                &month_holds,
+                periods.next_month_ms,
+            )?;
+            let res = self
+                .client
+                .transact_write_items()
+                .transact_items(TransactWriteItem::builder().update(day_update).build())
+                .transact_items(TransactWriteItem::builder().update(month_update).build())
+                .send()
+                .await;
+            match res {
+                Ok(_) => return Ok(BudgetHold::Reserved(id)),
+                // Someone reserved or settled meanwhile: read again.
+                Err(e)
+                    if matches!(
+                        e.as_service_error(),
+                        Some(TransactWriteItemsError::TransactionCanceledException(_))
+                    ) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(5 + rand::random::<u64>() % 20))
+                        .await;
+                }
+                Err(e) => return Err(sdk_err("dynamodb TransactWriteItems budget", e)),
+            }
+        }
+        Err(StoreError::Transient(format!(
+            "budget of {tenant} kept changing"
+        )))
+    }
+
+    async fn settle_budget(&self, tenant: &str, periods: &Periods, id: &str) -> StoreResult<()> {
+        for sk in [format!("D#{}", periods.day), format!("M#{}", periods.month)] {
+            let res = self
+                .client
+                .update_item()
+                .table_name(&self.table)
+                .set_key(Some(Self::key(budget_pk(tenant), &sk)))
+                .update_expression("REMOVE holds.#id ADD ver :one")
+                .condition_expression("attribute_exists(holds.#id)")
+                .expression_attribute_names("#id", id)
+                .expression_attribute_values(":one", n(1))
+                .send()
+                .await;
+            match res {
+                Ok(_) => {}
+                Err(e) if is_conditional_failure(&e) => {} // already settled or expired
+                Err(e) => return Err(sdk_err("dynamodb UpdateItem settle budget", e)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn budget_counts(
+        &self,
+        tenant: &str,
+        periods: &Periods,
+        now_ms: u64,
+    ) -> StoreResult<BudgetCounts> {
+        let (day_item, month_item, spent_day, spent_month) =
+            self.budget_state(tenant, periods).await?;
+        let held = |item: Option<&Item>| {
+            holds_of(item)
+                .iter()
+                .filter(|(_, _, x)| *x > now_ms)
+                .map(|(_, a, _)| a)
+                .sum::<f64>()
+        };
+        Ok(BudgetCounts {
+            day: Counted {
+                spent_usd: spent_day,
+                reserved_usd: held(day_item.as_ref()),
+            },
+            month: Counted {
+                spent_usd: spent_month,
+                reserved_usd: held(month_item.as_ref()),
+            },
+        })
+    }
+
+    async fn tenant_budget(&self, tenant: &str) -> StoreResult<Option<BudgetCaps>> {
+        let item = self.get_item(budget_pk(tenant), "CAPS").await?;
+        Ok(item.map(|i| BudgetCaps {
+            daily_usd: get_n(&i, "daily_usd").and_then(|v| v.parse().ok()),
+            monthly_usd: get_n(&i, "monthly_usd").and_then(|v| v.parse().ok()),
+        }))
+    }
+
+    async fn set_tenant_budget(
+        &self,
+        tenant: &str,
+        caps: Option<&BudgetCaps>,
+    ) -> StoreResult<()> {
+        let key = Self::key(budget_pk(tenant), "CAPS");
+        match caps {
+            None => {
+                self.client
+                    .delete_item()
+                    .table_name(&self.table)
+                    .set_key(Some(key))
+                    .send()
+                    .await
+                    .map_err(|e| sdk_err("dynamodb DeleteItem budget", e))?;
+            }
+            Some(caps) => {
+                let mut item = key;
+                if let Some(d) = caps.daily_usd {
+                    item.insert("daily_usd".into(), nf(d));
+                }
+                if let Some(m) = caps.monthly_usd {
+                    item.insert("monthly_usd".into(), nf(m));
+                }
+                self.client
+                    .put_item()
+                    .table_name(&self.table)
+                    .set_item(Some(item))
+                    .send()
+                    .await
+                    .map_err(|e| sdk_err("dynamodb PutItem budget", e))?;
+            }
+        }
+        Ok(())
     }
 
     async fn add_api_key(

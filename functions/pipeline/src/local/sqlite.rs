@@ -8,10 +8,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use base64::Engine;
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+use sightline_core::budget::{self, BudgetCaps, Counted, Periods};
 use sightline_core::model::{AnalysisResult, ImageRecord, ImageStatus};
 
 use crate::ports::{
-    api_key_id, day_of, ApiKeyInfo, Claim, Clock, Completion, CostRow, Failure, ImagePage,
+    api_key_id, day_of, ApiKeyInfo, BudgetCounts, BudgetHold, Claim, Clock, Completion, CostRow, Failure, ImagePage,
     JobDelivery, PutImage, Queue, QueueMessage, Repository, Spend, StoreError, StoreResult,
 };
 
@@ -40,6 +41,12 @@ CREATE TABLE IF NOT EXISTS queue (
 CREATE INDEX IF NOT EXISTS queue_visible ON queue (queue, dead, visible_at, seq);
 CREATE TABLE IF NOT EXISTS spends (spend_id TEXT PRIMARY KEY, tenant TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS upload_tokens (nonce TEXT PRIMARY KEY, expires_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS budgets (
+    tenant TEXT PRIMARY KEY, daily_usd REAL, monthly_usd REAL);
+CREATE TABLE IF NOT EXISTS budget_holds (
+    id TEXT PRIMARY KEY, tenant TEXT NOT NULL, day TEXT NOT NULL, month TEXT NOT NULL,
+    amount_usd REAL NOT NULL, expires_ms INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS budget_holds_by_tenant ON budget_holds (tenant, month, day);
 CREATE TABLE IF NOT EXISTS instances (
     id TEXT PRIMARY KEY, pid INTEGER NOT NULL, started_at INTEGER NOT NULL, heartbeat_at INTEGER NOT NULL);
 "#;
@@ -494,6 +501,45 @@ fn add_to_ledger(conn: &Connection, a: &LedgerAdd<'_>) -> StoreResult<()> {
     Ok(())
 }
 
+/// Spent (ledger) and live held money of a tenant for `periods`. Spent comes from the ledger
+/// rows themselves, which only the booking transactions write: it is exact by construction.
+fn budget_counts_in(
+    conn: &Connection,
+    tenant: &str,
+    periods: &Periods,
+    now_ms: u64,
+) -> StoreResult<BudgetCounts> {
+    let month_days = format!("{}-%", periods.month);
+    let (spent_day, spent_month): (f64, f64) = conn
+        .query_row(
+            "SELECT COALESCE(SUM(CASE WHEN day = ?2 THEN cost_usd ELSE 0 END), 0),
+                    COALESCE(SUM(cost_usd), 0)
+             FROM ledger WHERE tenant = ?1 AND day LIKE ?3",
+            params![tenant, periods.day, month_days],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .map_err(db_err)?;
+    let (held_day, held_month): (f64, f64) = conn
+        .query_row(
+            "SELECT COALESCE(SUM(CASE WHEN day = ?2 THEN amount_usd ELSE 0 END), 0),
+                    COALESCE(SUM(amount_usd), 0)
+             FROM budget_holds WHERE tenant = ?1 AND month = ?3 AND expires_ms > ?4",
+            params![tenant, periods.day, periods.month, now_ms as i64],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .map_err(db_err)?;
+    Ok(BudgetCounts {
+        day: Counted {
+            spent_usd: spent_day,
+            reserved_usd: held_day,
+        },
+        month: Counted {
+            spent_usd: spent_month,
+            reserved_usd: held_month,
+        },
+    })
+}
+
 #[async_trait]
 impl Repository for SqliteRepository {
     async fn put_image(
@@ -888,6 +934,110 @@ impl Repository for SqliteRepository {
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(db_err)?;
                 Ok(rows)
+            })
+            .await
+    }
+
+    async fn reserve_budget(
+        &self,
+        tenant: &str,
+        periods: &Periods,
+        amount: f64,
+        caps: &BudgetCaps,
+        now_ms: u64,
+        expires_ms: u64,
+    ) -> StoreResult<BudgetHold> {
+        let (t, p, caps) = (tenant.to_string(), periods.clone(), *caps);
+        self.db
+            .with(move |c| {
+                // One write transaction: no other reservation or booking interleaves.
+                let tx = write_tx(c)?;
+                tx.execute(
+                    "DELETE FROM budget_holds WHERE tenant = ?1 AND expires_ms <= ?2",
+                    params![t, now_ms as i64],
+                )
+                .map_err(db_err)?;
+                let counts = budget_counts_in(&tx, &t, &p, now_ms)?;
+                if let Some(period) = budget::refusing(&caps, counts.day, counts.month) {
+                    return Ok(BudgetHold::Over(period));
+                }
+                let id = uuid::Uuid::new_v4().simple().to_string();
+                tx.execute(
+                    "INSERT INTO budget_holds (id, tenant, day, month, amount_usd, expires_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![id, t, p.day, p.month, amount, expires_ms as i64],
+                )
+                .map_err(db_err)?;
+                tx.commit().map_err(db_err)?;
+                Ok(BudgetHold::Reserved(id))
+            })
+            .await
+    }
+
+    async fn settle_budget(&self, tenant: &str, _periods: &Periods, id: &str) -> StoreResult<()> {
+        let (t, id) = (tenant.to_string(), id.to_string());
+        self.db
+            .with(move |c| {
+                c.execute(
+                    "DELETE FROM budget_holds WHERE id = ?1 AND tenant = ?2",
+                    params![id, t],
+                )
+                .map_err(db_err)?;
+                Ok(())
+            })
+            .await
+    }
+
+    async fn budget_counts(
+        &self,
+        tenant: &str,
+        periods: &Periods,
+        now_ms: u64,
+    ) -> StoreResult<BudgetCounts> {
+        let (t, p) = (tenant.to_string(), periods.clone());
+        self.db
+            .with(move |c| budget_counts_in(c, &t, &p, now_ms))
+            .await
+    }
+
+    async fn tenant_budget(&self, tenant: &str) -> StoreResult<Option<BudgetCaps>> {
+        let t = tenant.to_string();
+        self.db
+            .with(move |c| {
+                c.query_row(
+                    "SELECT daily_usd, monthly_usd FROM budgets WHERE tenant = ?1",
+                    params![t],
+                    |r| {
+                        Ok(BudgetCaps {
+                            daily_usd: r.get(0)?,
+                            monthly_usd: r.get(1)?,
+                        })
+                    },
+                )
+                .optional()
+                .map_err(db_err)
+            })
+            .await
+    }
+
+    async fn set_tenant_budget(
+        &self,
+        tenant: &str,
+        caps: Option<&BudgetCaps>,
+    ) -> StoreResult<()> {
+        let (t, caps) = (tenant.to_string(), caps.copied());
+        self.db
+            .with(move |c| {
+                match caps {
+                    Some(caps) => c.execute(
+                        "INSERT INTO budgets (tenant, daily_usd, monthly_usd) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (tenant) DO UPDATE SET daily_usd = ?2, monthly_usd = ?3",
+                        params![t, caps.daily_usd, caps.monthly_usd],
+                    ),
+                    None => c.execute("DELETE FROM budgets WHERE tenant = ?1", params![t]),
+                }
+                .map_err(db_err)?;
+                Ok(())
             })
             .await
     }
