@@ -9,8 +9,8 @@ use sightline_core::budget::{BudgetCaps, Period, Periods};
 use sightline_core::model::{AnalysisResult, ImageRecord, ImageStatus};
 use sightline_core::pricing::Usage;
 use sightline_pipeline::ports::{
-    api_key_id, BlobStore, BudgetHold, Claim, Completion, Failure, JobDelivery, PutImage, Queue, QueueMessage,
-    Repository, Spend, StoreError,
+    api_key_id, BlobStore, BudgetHold, Claim, Completion, Failure, JobDelivery, PutImage, Queue,
+    QueueMessage, Repository, Spend, StoreError,
 };
 
 /// A unique suffix so runs and tests never share tenants or keys.
@@ -691,7 +691,10 @@ pub async fn budget_contract(repo: Arc<dyn Repository>) {
     // 2026-05-10T12:00:00Z
     let now = 1_778_414_400_000u64;
     let periods = Periods::at(now);
-    assert_eq!((periods.day.as_str(), periods.month.as_str()), ("2026-05-10", "2026-05"));
+    assert_eq!(
+        (periods.day.as_str(), periods.month.as_str()),
+        ("2026-05-10", "2026-05")
+    );
     let caps = BudgetCaps::from_amounts(0.05, 1.0);
     let later = now + 60_000;
 

@@ -223,7 +223,10 @@ mod tests {
             refusing(&caps, Counted::default(), month_full),
             Some(Period::Month)
         );
-        assert_eq!(refusing(&caps, Counted::default(), Counted::default()), None);
+        assert_eq!(
+            refusing(&caps, Counted::default(), Counted::default()),
+            None
+        );
         assert_eq!(retry_at_ms(&p, Period::Day), p.next_day_ms);
         assert_eq!(retry_at_ms(&p, Period::Month), p.next_month_ms);
     }

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
+use sightline_core::budget::{self, BudgetCaps, Period, Periods};
 use sightline_core::limiter::{Denied, RateLimiter, Reservation};
 use sightline_core::model::{
     idempotency_key, AnalysisJob, AnalysisResult, Detail, Estimate, ImageStatus,
@@ -16,10 +17,10 @@ use sightline_core::retry::{classify, retry_delay, FailureKind, RetryClass};
 use tracing::{debug, info, warn};
 
 use crate::ports::{
-    day_of, rfc3339, BlobStore, Claim, Clock, Completion, Failure, ProviderError, Repository,
-    Spend, StoreError, VisionProvider, VisionRequest,
+    day_of, rfc3339, BlobStore, BudgetHold, Claim, Clock, Completion, Failure, ProviderError,
+    Repository, Spend, StoreError, VisionProvider, VisionRequest,
 };
-use crate::settings::Settings;
+use crate::settings::{OverBudget, Settings};
 
 /// What to do with the message after handling it.
 #[derive(Debug, Clone, PartialEq)]
@@ -43,6 +44,25 @@ impl AnalyzeOutcome {
     pub fn is_retry(&self) -> bool {
         matches!(self, AnalyzeOutcome::Retry { .. })
     }
+
+    /// A job waiting for its tenant's budget period to roll over: not a failure, so its
+    /// deliveries never mark the image failed.
+    pub fn is_budget_wait(&self) -> bool {
+        matches!(self, AnalyzeOutcome::Retry { reason, .. } if reason.starts_with(BUDGET_WAIT))
+    }
+}
+
+/// How every budget wait's reason starts (see [`AnalyzeOutcome::is_budget_wait`]).
+pub const BUDGET_WAIT: &str = "over budget, waiting";
+/// The failure reason of an image refused with `over_budget = fail`.
+pub const BUDGET_EXCEEDED: &str = "budget exceeded";
+
+/// What a budget reservation left to do.
+enum Budgeted {
+    /// Go ahead; settle this hold (if any) once the call's money is booked.
+    Go(Option<(Periods, String)>),
+    /// The period's cap is spent: wait until it rolls over at `retry_at_ms`, or fail.
+    Over { period: Period, retry_at_ms: u64 },
 }
 
 /// In-place retries of the final write after a paid answer.
@@ -231,7 +251,7 @@ impl Analyzer {
             return;
         };
         let max = self.settings.max_receives;
-        if max > 0 && receive_count >= max {
+        if max > 0 && receive_count >= max && !outcome.is_budget_wait() {
             return; // marked failed: no recheck any more
         }
         let at = self.clock.now_ms() + (*delay + self.settings.stuck_after).as_millis() as u64;
@@ -254,6 +274,11 @@ impl Analyzer {
         outcome: AnalyzeOutcome,
     ) -> AnalyzeOutcome {
         let max = self.settings.max_receives;
+        if outcome.is_budget_wait() {
+            // Waiting for money is not failing: the image stays queued. If the queue
+            // dead-letters the job meanwhile, the reconciler sends it again at its recheck.
+            return outcome;
+        }
         if let AnalyzeOutcome::Retry { reason, .. } = &outcome {
             if max > 0 && receive_count >= max {
                 let why = format!("gave up after {receive_count} deliveries: {reason}");
@@ -364,6 +389,23 @@ impl Analyzer {
                     }
                 },
             };
+            let hold = match self
+                .reserve_budget(job, model, detail, estimated_cost)
+                .await
+            {
+                Ok(Budgeted::Go(hold)) => hold,
+                Ok(Budgeted::Over {
+                    period,
+                    retry_at_ms,
+                }) => {
+                    self.release(&key, &owner).await;
+                    return Ok(self.over_budget(job, period, retry_at_ms).await);
+                }
+                Err(e) => {
+                    self.release(&key, &owner).await;
+                    return Err(e);
+                }
+            };
             let (step, wasted) = self
                 .try_model(
                     job,
@@ -391,13 +433,19 @@ impl Analyzer {
                 )
                 .await;
             }
+            if !matches!(step, Step::Answered(_)) {
+                self.settle_budget(job, hold.as_ref()).await;
+            }
             match step {
                 // The provider answered and was paid: the claim stays ours until the result
                 // is stored, so no retry can call it again while the lease lasts.
                 Step::Answered(result) => {
-                    return self
+                    let stored = self
                         .store_result(job, &result, estimated_cost, &owner)
-                        .await
+                        .await;
+                    // Settled after the booking: until then the hold still counts.
+                    self.settle_budget(job, hold.as_ref()).await;
+                    return stored;
                 }
                 Step::Fallback { delay, reason } => {
                     self.release(&key, &owner).await;
@@ -455,6 +503,97 @@ impl Analyzer {
                 Err(e) => {
                     warn!(error = %e, image_id = %job.image_id, cost_usd = spend.cost_usd, "could not book a paid call that left no result");
                     return;
+                }
+            }
+        }
+    }
+
+    /// The caps that apply to a tenant: its own budget item, else the settings.
+    async fn caps_for(&self, tenant: &str) -> Result<BudgetCaps, StoreError> {
+        Ok(self
+            .repo
+            .tenant_budget(tenant)
+            .await?
+            .unwrap_or(self.settings.budget))
+    }
+
+    /// Hold one call's estimate of `model` against the tenant's caps. Only paid providers
+    /// hold anything, and only for a capped tenant. The hold lasts as long as the claim's
+    /// lease: a process that dies mid-call frees it when the lease would end anyway.
+    async fn reserve_budget(
+        &self,
+        job: &AnalysisJob,
+        model: &str,
+        detail: Detail,
+        record_estimate: f64,
+    ) -> Result<Budgeted, StoreError> {
+        if !self.provider.is_paid() {
+            return Ok(Budgeted::Go(None));
+        }
+        let caps = self.caps_for(&job.tenant).await?;
+        if !caps.is_capped() {
+            return Ok(Budgeted::Go(None));
+        }
+        let amount = PriceTable::builtin()
+            .estimate(
+                model,
+                job.width,
+                job.height,
+                &self.settings.estimate_params(detail),
+            )
+            .map(|e| e.cost_usd)
+            .unwrap_or(record_estimate);
+        let now = self.clock.now_ms();
+        let periods = Periods::at(now);
+        let expires = now + self.settings.claim_lease.as_millis() as u64;
+        match self
+            .repo
+            .reserve_budget(&job.tenant, &periods, amount, &caps, now, expires)
+            .await?
+        {
+            BudgetHold::Reserved(id) => Ok(Budgeted::Go(Some((periods, id)))),
+            BudgetHold::Over(period) => Ok(Budgeted::Over {
+                period,
+                retry_at_ms: budget::retry_at_ms(&periods, period),
+            }),
+        }
+    }
+
+    /// End a hold once its money is booked; a failure leaves it to expire with the lease.
+    async fn settle_budget(&self, job: &AnalysisJob, hold: Option<&(Periods, String)>) {
+        let Some((periods, id)) = hold else { return };
+        if let Err(e) = self.repo.settle_budget(&job.tenant, periods, id).await {
+            debug!(error = %e, "could not settle a budget hold (it expires with the lease)");
+        }
+    }
+
+    /// A job refused by its tenant's budget: back to the queue until the period rolls over
+    /// (the queue caps the delay; it then simply checks again), or failed for good.
+    async fn over_budget(
+        &self,
+        job: &AnalysisJob,
+        period: Period,
+        retry_at_ms: u64,
+    ) -> AnalyzeOutcome {
+        let which = match period {
+            Period::Day => "daily",
+            Period::Month => "monthly",
+        };
+        match self.settings.over_budget {
+            OverBudget::Fail => {
+                info!(tenant = %job.tenant, image_id = %job.image_id, "{which} budget exceeded; failing the image");
+                self.fail(job, BUDGET_EXCEEDED).await
+            }
+            OverBudget::Wait => {
+                let now = self.clock.now_ms();
+                let delay = Duration::from_millis(retry_at_ms.saturating_sub(now).max(1000));
+                info!(tenant = %job.tenant, image_id = %job.image_id, wait_s = delay.as_secs(), "{which} budget exceeded; waiting for the next period");
+                AnalyzeOutcome::Retry {
+                    delay,
+                    reason: format!(
+                        "{BUDGET_WAIT} for the {which} budget to roll over at {}",
+                        rfc3339(retry_at_ms)
+                    ),
                 }
             }
         }

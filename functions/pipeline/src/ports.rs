@@ -331,8 +331,7 @@ pub trait Repository: Send + Sync {
     /// A tenant's own caps (they override the settings), None when it has none.
     async fn tenant_budget(&self, tenant: &str) -> StoreResult<Option<BudgetCaps>>;
     /// Set (Some) or remove (None) a tenant's own caps.
-    async fn set_tenant_budget(&self, tenant: &str, caps: Option<&BudgetCaps>)
-        -> StoreResult<()>;
+    async fn set_tenant_budget(&self, tenant: &str, caps: Option<&BudgetCaps>) -> StoreResult<()>;
 
     /// Add an API key (stored as its sha256) for a tenant; other keys stay valid.
     async fn add_api_key(

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use sightline_core::budget::BudgetCaps;
 use sightline_core::model::{AnswerParams, CacheScope, Detail};
 use sightline_core::pricing::{EstimateParams, PriceTable, PricingError};
 use sightline_core::PrepareOptions;
@@ -162,6 +163,10 @@ pub struct Settings {
     pub resize_memory_budget: u64,
     /// Resizes admitted at once (each holds its input bytes while it waits for memory).
     pub max_concurrent_resizes: usize,
+    /// Spending caps of every tenant without its own budget item (none by default).
+    pub budget: BudgetCaps,
+    /// What a job refused by its tenant's budget does.
+    pub over_budget: OverBudget,
     /// Local: concurrent analysis workers of one process.
     pub workers: usize,
     /// Local: the data directory (SQLite database and blobs).
@@ -217,6 +222,8 @@ impl Settings {
             pending_ttl: Duration::from_secs(7 * 86_400),
             resize_memory_budget: 1 << 30,
             max_concurrent_resizes: 8,
+            budget: BudgetCaps::default(),
+            over_budget: OverBudget::Wait,
             workers: 4,
             data_dir: PathBuf::from(".sightline"),
         }
@@ -362,6 +369,23 @@ impl Settings {
         s.apply_env(get)?;
         s.finish()?;
         Ok(s)
+    }
+}
+
+/// What a job refused by its tenant's budget does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OverBudget {
+    /// Back to the queue until the budget period rolls over.
+    Wait,
+    /// The image fails with "budget exceeded" (permanent).
+    Fail,
+}
+
+fn usd(v: &str) -> Result<f64, &'static str> {
+    match v.parse::<f64>() {
+        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+        _ => Err("an amount in USD, 0 or more (0 = no cap)"),
     }
 }
 
@@ -679,6 +703,49 @@ pub const SETTINGS: &[SettingDef] = &[
             Ok(())
         },
         show: |s| s.max_receives.to_string(),
+    },
+    SettingDef {
+        key: "budget_daily_usd",
+        env: "SIGHTLINE_BUDGET_DAILY_USD",
+        flag: false,
+        applies: Applies::Everywhere,
+        help: "spending cap per tenant per UTC day, USD (0 = none); a tenant's own budget overrides it",
+        apply: |s, v| {
+            s.budget.daily_usd = Some(usd(v)?).filter(|x| *x > 0.0);
+            Ok(())
+        },
+        show: |s| s.budget.daily_usd.unwrap_or(0.0).to_string(),
+    },
+    SettingDef {
+        key: "budget_monthly_usd",
+        env: "SIGHTLINE_BUDGET_MONTHLY_USD",
+        flag: false,
+        applies: Applies::Everywhere,
+        help: "spending cap per tenant per UTC month, USD (0 = none); a tenant's own budget overrides it",
+        apply: |s, v| {
+            s.budget.monthly_usd = Some(usd(v)?).filter(|x| *x > 0.0);
+            Ok(())
+        },
+        show: |s| s.budget.monthly_usd.unwrap_or(0.0).to_string(),
+    },
+    SettingDef {
+        key: "over_budget",
+        env: "SIGHTLINE_OVER_BUDGET",
+        flag: false,
+        applies: Applies::Everywhere,
+        help: "a job over its tenant's budget: `wait` (back to the queue until the period rolls over) or `fail` (the image fails with \"budget exceeded\")",
+        apply: |s, v| {
+            s.over_budget = match v {
+                "wait" => OverBudget::Wait,
+                "fail" => OverBudget::Fail,
+                _ => return Err("wait or fail"),
+            };
+            Ok(())
+        },
+        show: |s| match s.over_budget {
+            OverBudget::Wait => "wait".into(),
+            OverBudget::Fail => "fail".into(),
+        },
     },
     SettingDef {
         key: "workers",

@@ -26,8 +26,8 @@ use sightline_core::model::{AnalysisResult, ExtraSpend, ImageRecord, ImageStatus
 
 use super::sdk_err;
 use crate::ports::{
-    api_key_id, day_of, ApiKeyInfo, BudgetCounts, BudgetHold, Claim, Completion, CostRow, Failure, ImagePage, PutImage,
-    Repository, Spend, StoreError, StoreResult,
+    api_key_id, day_of, ApiKeyInfo, BudgetCounts, BudgetHold, Claim, Completion, CostRow, Failure,
+    ImagePage, PutImage, Repository, Spend, StoreError, StoreResult,
 };
 
 /// Idempotency items expire after 30 days (TTL attribute `expires_at`).
@@ -143,7 +143,10 @@ pub fn budget_pk(tenant: &str) -> String {
 
 /// Live holds of a period item: id → (amount, expires_ms).
 fn holds_of(item: Option<&Item>) -> Vec<(String, f64, u64)> {
-    let Some(map) = item.and_then(|i| i.get("holds")).and_then(|v| v.as_m().ok()) else {
+    let Some(map) = item
+        .and_then(|i| i.get("holds"))
+        .and_then(|v| v.as_m().ok())
+    else {
         return Vec::new();
     };
     map.iter()
@@ -1050,7 +1053,8 @@ impl Repository for DynamoRepository {
                 h.retain(|(_, _, x)| *x > now_ms);
                 h
             };
-            let (mut day_holds, mut month_holds) = (live(day_item.as_ref()), live(month_item.as_ref()));
+            let (mut day_holds, mut month_holds) =
+                (live(day_item.as_ref()), live(month_item.as_ref()));
             let held = |h: &[(String, f64, u64)]| h.iter().map(|(_, a, _)| a).sum::<f64>();
             let day = Counted {
                 spent_usd: spent_day,
@@ -1095,8 +1099,7 @@ impl Repository for DynamoRepository {
                         Some(TransactWriteItemsError::TransactionCanceledException(_))
                     ) =>
                 {
-                    tokio::time::sleep(Duration::from_millis(5 + rand::random::<u64>() % 20))
-                        .await;
+                    tokio::time::sleep(Duration::from_millis(5 + rand::random::<u64>() % 20)).await;
                 }
                 Err(e) => return Err(sdk_err("dynamodb TransactWriteItems budget", e)),
             }
@@ -1163,11 +1166,7 @@ impl Repository for DynamoRepository {
         }))
     }
 
-    async fn set_tenant_budget(
-        &self,
-        tenant: &str,
-        caps: Option<&BudgetCaps>,
-    ) -> StoreResult<()> {
+    async fn set_tenant_budget(&self, tenant: &str, caps: Option<&BudgetCaps>) -> StoreResult<()> {
         let key = Self::key(budget_pk(tenant), "CAPS");
         match caps {
             None => {

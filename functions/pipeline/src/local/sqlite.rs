@@ -12,8 +12,9 @@ use sightline_core::budget::{self, BudgetCaps, Counted, Periods};
 use sightline_core::model::{AnalysisResult, ImageRecord, ImageStatus};
 
 use crate::ports::{
-    api_key_id, day_of, ApiKeyInfo, BudgetCounts, BudgetHold, Claim, Clock, Completion, CostRow, Failure, ImagePage,
-    JobDelivery, PutImage, Queue, QueueMessage, Repository, Spend, StoreError, StoreResult,
+    api_key_id, day_of, ApiKeyInfo, BudgetCounts, BudgetHold, Claim, Clock, Completion, CostRow,
+    Failure, ImagePage, JobDelivery, PutImage, Queue, QueueMessage, Repository, Spend, StoreError,
+    StoreResult,
 };
 
 const SCHEMA: &str = r#"
@@ -1020,11 +1021,7 @@ impl Repository for SqliteRepository {
             .await
     }
 
-    async fn set_tenant_budget(
-        &self,
-        tenant: &str,
-        caps: Option<&BudgetCaps>,
-    ) -> StoreResult<()> {
+    async fn set_tenant_budget(&self, tenant: &str, caps: Option<&BudgetCaps>) -> StoreResult<()> {
         let (t, caps) = (tenant.to_string(), caps.copied());
         self.db
             .with(move |c| {

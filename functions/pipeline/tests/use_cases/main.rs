@@ -2,5 +2,6 @@
 //! provider) and the reconciler (with the states a crash leaves behind).
 
 mod analyze;
+mod budget;
 mod ingest;
 mod reconcile;
