@@ -356,7 +356,23 @@ fn schemas_match_the_api() {
     let report = schema(&spec, "CostReport");
     assert_eq!(
         required(report),
-        set(&["from", "to", "total", "by_model", "by_day", "rows"])
+        set(&["from", "to", "total", "by_model", "by_day", "rows", "budget"])
+    );
+    // The budget schemas name exactly what the API serializes.
+    let budget = serde_json::to_value(sightline_pipeline::http::BudgetReport::default()).unwrap();
+    let keys = |v: &Value| {
+        v.as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect::<BTreeSet<_>>()
+    };
+    assert_eq!(props(schema(&spec, "BudgetReport")), keys(&budget));
+    assert_eq!(required(schema(&spec, "BudgetReport")), keys(&budget));
+    assert_eq!(props(schema(&spec, "PeriodBudget")), keys(&budget["daily"]));
+    assert_eq!(
+        required(schema(&spec, "PeriodBudget")),
+        keys(&budget["daily"])
     );
 
     let err = schema(&spec, "Error");

@@ -10,7 +10,7 @@ use serde_json::json;
 use sightline_core::model::{Estimate, ImageStatus};
 use sightline_core::prepare;
 use sightline_core::pricing::PriceTable;
-use sightline_pipeline::http::{cost_report, default_window, hash_api_key};
+use sightline_pipeline::http::{budget_report, cost_report, default_window, hash_api_key};
 use sightline_pipeline::ports::api_key_id;
 
 use crate::app::{LocalApp, LOCAL_TENANT};
@@ -247,7 +247,14 @@ pub async fn main_with(cli: Cli) -> anyhow::Result<()> {
             let (df, dt) = default_window(app.clock.now_ms());
             let (from, to) = (from.unwrap_or(df), to.unwrap_or(dt));
             let rows = app.repo.costs(LOCAL_TENANT, &from, &to).await?;
-            let report = cost_report(&from, &to, rows);
+            let mut report = cost_report(&from, &to, rows);
+            report.budget = budget_report(
+                &*app.repo,
+                &app.config.settings,
+                LOCAL_TENANT,
+                app.clock.now_ms(),
+            )
+            .await?;
             let mut out = std::io::stdout().lock();
             if json {
                 writeln!(out, "{}", serde_json::to_string(&report)?)?;
@@ -297,6 +304,17 @@ pub async fn main_with(cli: Cli) -> anyhow::Result<()> {
                     "reported by the provider ${:.6}; booked at the estimate ${:.6} ({} calls whose usage could not be read)",
                     t.reported_cost_usd, t.cost_at_estimate_usd, t.calls_at_estimate
                 )?;
+                let b = &report.budget;
+                for p in [&b.daily, &b.monthly] {
+                    let cap = p
+                        .cap_usd
+                        .map_or_else(|| "none".to_string(), |c| format!("${c:.6}"));
+                    writeln!(
+                        out,
+                        "budget {}: cap {cap}, spent ${:.6}, reserved ${:.6} ({}, over budget: {})",
+                        p.period, p.spent_usd, p.reserved_usd, b.source, b.over_budget
+                    )?;
+                }
             }
             Ok(())
         }

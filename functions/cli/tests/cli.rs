@@ -1626,3 +1626,28 @@ async fn serve_and_run_share_one_data_dir() {
         assert!(!text.contains("SQLITE_BUSY"), "{text}");
     }
 }
+
+#[test]
+fn costs_report_the_budget_from_the_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = sightline(dir.path())
+        .env("SIGHTLINE_BUDGET_DAILY_USD", "0.5")
+        .env("SIGHTLINE_OVER_BUDGET", "fail")
+        .args(["costs", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let budget = &report["budget"];
+    assert_eq!(budget["source"], "settings");
+    assert_eq!(budget["over_budget"], "fail");
+    assert_eq!(budget["daily"]["cap_usd"], 0.5);
+    assert_eq!(budget["daily"]["spent_usd"], 0.0);
+    assert_eq!(budget["daily"]["remaining_usd"], 0.5);
+    assert_eq!(budget["monthly"]["cap_usd"], Value::Null);
+    assert_eq!(report["to"].as_str(), budget["daily"]["period"].as_str());
+}

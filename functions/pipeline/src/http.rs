@@ -16,12 +16,13 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
+use sightline_core::budget::{Counted, Periods};
 use sightline_core::keys::upload_key;
 use sightline_core::model::{Detail, ImageRecord, ImageStatus};
 use tracing::error;
 
 use crate::ports::{rfc3339, Clock, CostRow, Presigner, Repository, StoreError};
-use crate::settings::Settings;
+use crate::settings::{OverBudget, Settings};
 
 /// Every route of the router (method, path), for the OpenAPI consistency test.
 pub const ROUTES: &[(&str, &str)] = &[
@@ -412,6 +413,65 @@ pub struct CostReport {
     pub by_model: Vec<serde_json::Value>,
     pub by_day: Vec<serde_json::Value>,
     pub rows: Vec<CostRow>,
+    /// The tenant's caps and what counts against them now (today and this month, UTC).
+    #[serde(default)]
+    pub budget: BudgetReport,
+}
+
+/// One budget period: its cap (None = uncapped), the money the ledger booked in it and the
+/// money held by calls in flight.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PeriodBudget {
+    /// YYYY-MM-DD or YYYY-MM (UTC).
+    pub period: String,
+    pub cap_usd: Option<f64>,
+    pub spent_usd: f64,
+    pub reserved_usd: f64,
+    /// cap − spent − reserved, never below 0 (None when uncapped).
+    pub remaining_usd: Option<f64>,
+}
+
+/// A tenant's budget position.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BudgetReport {
+    /// `tenant` (its own budget item) or `settings` (budget_daily_usd / budget_monthly_usd).
+    pub source: String,
+    /// `wait` or `fail`: what a job over budget does.
+    pub over_budget: String,
+    pub daily: PeriodBudget,
+    pub monthly: PeriodBudget,
+}
+
+/// The budget position of `tenant` at `now_ms`: its own caps, else the settings'.
+pub async fn budget_report(
+    repo: &dyn Repository,
+    settings: &Settings,
+    tenant: &str,
+    now_ms: u64,
+) -> Result<BudgetReport, StoreError> {
+    let own = repo.tenant_budget(tenant).await?;
+    let (source, caps) = match own {
+        Some(c) => ("tenant", c),
+        None => ("settings", settings.budget),
+    };
+    let periods = Periods::at(now_ms);
+    let counts = repo.budget_counts(tenant, &periods, now_ms).await?;
+    let period = |name: &str, cap: Option<f64>, c: Counted| PeriodBudget {
+        period: name.to_string(),
+        cap_usd: cap,
+        spent_usd: c.spent_usd,
+        reserved_usd: c.reserved_usd,
+        remaining_usd: cap.map(|cap| (cap - c.spent_usd - c.reserved_usd).max(0.0)),
+    };
+    Ok(BudgetReport {
+        source: source.to_string(),
+        over_budget: match settings.over_budget {
+            OverBudget::Wait => "wait".into(),
+            OverBudget::Fail => "fail".into(),
+        },
+        daily: period(&periods.day, caps.daily(), counts.day),
+        monthly: period(&periods.month, caps.monthly(), counts.month),
+    })
 }
 
 pub fn cost_report(from: &str, to: &str, rows: Vec<CostRow>) -> CostReport {
@@ -443,6 +503,7 @@ pub fn cost_report(from: &str, to: &str, rows: Vec<CostRow>) -> CostReport {
             .map(|(k, t)| flatten("day", k, t))
             .collect(),
         rows,
+        budget: BudgetReport::default(),
     }
 }
 
@@ -485,5 +546,8 @@ async fn costs(
         return Err(ApiError::bad_request("from must not be after to"));
     }
     let rows = state.repo.costs(&tenant, &from, &to).await?;
-    Ok(Json(cost_report(&from, &to, rows)))
+    let mut report = cost_report(&from, &to, rows);
+    report.budget =
+        budget_report(&*state.repo, &state.settings, &tenant, state.clock.now_ms()).await?;
+    Ok(Json(report))
 }
