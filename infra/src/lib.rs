@@ -18,6 +18,14 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/images/{id}"),
     ("GET", "/v1/costs"),
     ("GET", "/v1/health"),
+    ("PUT", "/v1/tenants/{tenant}/budget"),
+    ("DELETE", "/v1/tenants/{tenant}/budget"),
+];
+
+/// Routes for operators, behind the admin key (`x-admin-key`), not a tenant's API key.
+pub const ADMIN_ROUTES: &[(&str, &str)] = &[
+    ("PUT", "/v1/tenants/{tenant}/budget"),
+    ("DELETE", "/v1/tenants/{tenant}/budget"),
 ];
 
 /// The only route that needs no API key.

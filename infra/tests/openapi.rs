@@ -131,7 +131,17 @@ fn every_route_has_responses_and_security_except_health() {
             &spec["security"]
         };
         let reqs = as_list(security);
-        if public.contains(&(m.clone(), p.clone())) {
+        let admin = sightline_infra_checks::ADMIN_ROUTES
+            .iter()
+            .any(|(am, ap)| *am == m && *ap == p);
+        if admin {
+            let names: BTreeSet<String> = reqs
+                .iter()
+                .flat_map(|r| r.as_object().expect("requirement").keys().cloned())
+                .collect();
+            assert_eq!(names, set(&["adminKey"]), "{m} {p}: the admin key only");
+            assert!(responses.contains_key("401") && responses.contains_key("403"));
+        } else if public.contains(&(m.clone(), p.clone())) {
             assert!(
                 reqs.is_empty(),
                 "{m} {p} needs no authentication (security: [])"

@@ -157,4 +157,61 @@ mod tests {
         );
         assert_eq!(call(app(state), ok).await.0, 200);
     }
+
+    #[tokio::test]
+    async fn a_tenant_budget_is_set_and_removed_only_with_the_admin_key() {
+        let mut state = state().await;
+        let req = |method: &str, key: Option<&str>, body: &str| {
+            let mut b = lambda_http::http::Request::builder()
+                .method(method)
+                .uri("/v1/tenants/acme/budget");
+            if let Some(k) = key {
+                b = b.header("x-admin-key", k);
+            }
+            b.body(Body::Text(body.into())).unwrap()
+        };
+        let caps = r#"{"daily_usd": 2.5, "monthly_usd": null}"#;
+        // No admin key configured: the route is closed.
+        assert_eq!(
+            call(app(state.clone()), req("PUT", Some("x"), caps))
+                .await
+                .0,
+            403
+        );
+        state.settings = Arc::new(Settings {
+            admin_api_key: Some("root-key".into()),
+            ..Settings::default()
+        });
+        for key in [None, Some("root-kex"), Some("")] {
+            let (status, body) = call(app(state.clone()), req("PUT", key, caps)).await;
+            assert_eq!(
+                (status, body["error"]["code"].as_str()),
+                (401, Some("unauthorized"))
+            );
+        }
+        // A tenant's API key is not an admin key.
+        assert_eq!(
+            call(app(state.clone()), req("PUT", Some("k1"), caps))
+                .await
+                .0,
+            401
+        );
+        let bad = r#"{"daily_usd": -1}"#;
+        assert_eq!(
+            call(app(state.clone()), req("PUT", Some("root-key"), bad))
+                .await
+                .0,
+            400
+        );
+        let (status, body) = call(app(state.clone()), req("PUT", Some("root-key"), caps)).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["source"], "tenant");
+        assert_eq!(body["daily"]["cap_usd"], 2.5);
+        assert_eq!(body["monthly"]["cap_usd"], serde_json::Value::Null);
+        let own = state.repo.tenant_budget("acme").await.unwrap();
+        assert_eq!(own.and_then(|c| c.daily()), Some(2.5));
+        let (status, _) = call(app(state.clone()), req("DELETE", Some("root-key"), "")).await;
+        assert_eq!(status, 204);
+        assert_eq!(state.repo.tenant_budget("acme").await.unwrap(), None);
+    }
 }

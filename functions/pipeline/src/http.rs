@@ -11,12 +11,12 @@ use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{any, get, post};
+use axum::routing::{any, get, post, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use sightline_core::budget::{Counted, Periods};
+use sightline_core::budget::{BudgetCaps, Counted, Periods};
 use sightline_core::keys::upload_key;
 use sightline_core::model::{Detail, ImageRecord, ImageStatus};
 use tracing::error;
@@ -31,6 +31,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/images"),
     ("GET", "/v1/images/{id}"),
     ("GET", "/v1/costs"),
+    ("PUT", "/v1/tenants/{tenant}/budget"),
+    ("DELETE", "/v1/tenants/{tenant}/budget"),
 ];
 
 #[derive(Clone)]
@@ -54,6 +56,10 @@ pub fn routes(state: ApiState) -> Router {
         .route("/v1/images", get(list_images))
         .route("/v1/images/{id}", get(get_image))
         .route("/v1/costs", get(costs))
+        .route(
+            "/v1/tenants/{tenant}/budget",
+            put(put_tenant_budget).delete(delete_tenant_budget),
+        )
         // JSON, not axum's plain-text defaults, for unknown /v1 paths and wrong methods.
         .route("/v1/{*rest}", any(not_found))
         .method_not_allowed_fallback(method_not_allowed)
@@ -550,4 +556,94 @@ async fn costs(
     report.budget =
         budget_report(&*state.repo, &state.settings, &tenant, state.clock.now_ms()).await?;
     Ok(Json(report))
+}
+
+/// The admin key's check: sha256 of both sides compared without an early exit, so the time
+/// taken says nothing about how much of a guess was right (nor about the key's length).
+fn admin(state: &ApiState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(expected) = state.settings.admin_api_key.as_deref() else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "no admin key is configured",
+        ));
+    };
+    let given = headers
+        .get("x-admin-key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let (a, b) = (
+        Sha256::digest(given.as_bytes()),
+        Sha256::digest(expected.as_bytes()),
+    );
+    let diff = a
+        .iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    if given.is_empty() || diff != 0 {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or invalid admin key",
+        ));
+    }
+    Ok(())
+}
+
+/// A tenant's own caps, as PUT: USD amounts, 0 or null for "no cap on this period".
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BudgetRequest {
+    #[serde(default)]
+    daily_usd: Option<f64>,
+    #[serde(default)]
+    monthly_usd: Option<f64>,
+}
+
+fn tenant_param(p: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    let tenant = path_param(p)?;
+    if !valid_id(&tenant) {
+        return Err(ApiError::bad_request("invalid tenant"));
+    }
+    Ok(tenant)
+}
+
+/// PUT /v1/tenants/{tenant}/budget (admin key): set the tenant's own caps, which override
+/// the deployment's settings; answers with the tenant's budget position.
+async fn put_tenant_budget(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    tenant: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<BudgetReport>, ApiError> {
+    admin(&state, &headers)?;
+    let tenant = tenant_param(tenant)?;
+    let body = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let req: BudgetRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
+    for v in [req.daily_usd, req.monthly_usd].into_iter().flatten() {
+        if !v.is_finite() || v < 0.0 {
+            return Err(ApiError::bad_request(
+                "daily_usd and monthly_usd must be amounts of 0 or more (0 or null = no cap)",
+            ));
+        }
+    }
+    let caps =
+        BudgetCaps::from_amounts(req.daily_usd.unwrap_or(0.0), req.monthly_usd.unwrap_or(0.0));
+    state.repo.set_tenant_budget(&tenant, Some(&caps)).await?;
+    let report =
+        budget_report(&*state.repo, &state.settings, &tenant, state.clock.now_ms()).await?;
+    Ok(Json(report))
+}
+
+/// DELETE /v1/tenants/{tenant}/budget (admin key): the tenant falls back to the settings.
+async fn delete_tenant_budget(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    tenant: Result<Path<String>, PathRejection>,
+) -> Result<StatusCode, ApiError> {
+    admin(&state, &headers)?;
+    let tenant = tenant_param(tenant)?;
+    state.repo.set_tenant_budget(&tenant, None).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

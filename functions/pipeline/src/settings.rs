@@ -167,6 +167,9 @@ pub struct Settings {
     pub budget: BudgetCaps,
     /// What a job refused by its tenant's budget does.
     pub over_budget: OverBudget,
+    /// The key of the admin routes (`x-admin-key`); None: they answer 403. Never serialized.
+    #[serde(skip)]
+    pub admin_api_key: Option<String>,
     /// Local: concurrent analysis workers of one process.
     pub workers: usize,
     /// Local: the data directory (SQLite database and blobs).
@@ -224,6 +227,7 @@ impl Settings {
             max_concurrent_resizes: 8,
             budget: BudgetCaps::default(),
             over_budget: OverBudget::Wait,
+            admin_api_key: None,
             workers: 4,
             data_dir: PathBuf::from(".sightline"),
         }
@@ -745,6 +749,24 @@ pub const SETTINGS: &[SettingDef] = &[
         show: |s| match s.over_budget {
             OverBudget::Wait => "wait".into(),
             OverBudget::Fail => "fail".into(),
+        },
+    },
+    SettingDef {
+        key: "admin_api_key",
+        env: "SIGHTLINE_ADMIN_API_KEY",
+        flag: false,
+        applies: Applies::Everywhere,
+        help: "key of the admin routes (`x-admin-key` header: `PUT`/`DELETE /v1/tenants/{tenant}/budget`); unset: they answer 403",
+        apply: |s, v| {
+            s.admin_api_key = Some(v.to_string()).filter(|k| !k.is_empty());
+            Ok(())
+        },
+        show: |s| {
+            if s.admin_api_key.is_some() {
+                "(set)".into()
+            } else {
+                String::new()
+            }
         },
     },
     SettingDef {
