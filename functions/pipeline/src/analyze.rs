@@ -65,6 +65,10 @@ enum Budgeted {
     Over { period: Period, retry_at_ms: u64 },
 }
 
+/// Longest budget wait in one delivery: SQS keeps a message invisible at most 12 h from its
+/// receipt, so a longer wait would be refused. A daily wait then takes at most three deliveries.
+const MAX_BUDGET_WAIT: Duration = Duration::from_secs(11 * 3600);
+
 /// In-place retries of the final write after a paid answer.
 const STORE_RETRIES: u32 = 3;
 
@@ -586,7 +590,8 @@ impl Analyzer {
             }
             OverBudget::Wait => {
                 let now = self.clock.now_ms();
-                let delay = Duration::from_millis(retry_at_ms.saturating_sub(now).max(1000));
+                let delay = Duration::from_millis(retry_at_ms.saturating_sub(now).max(1000))
+                    .min(MAX_BUDGET_WAIT);
                 info!(tenant = %job.tenant, image_id = %job.image_id, wait_s = delay.as_secs(), "{which} budget exceeded; waiting for the next period");
                 AnalyzeOutcome::Retry {
                     delay,
