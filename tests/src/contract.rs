@@ -801,6 +801,30 @@ pub async fn budget_contract(repo: Arc<dyn Repository>) {
         BudgetHold::Over(Period::Month)
     );
 
+    // Twenty concurrent holds near a cap: exactly the ones that fit are admitted (binary-exact
+    // amounts: 0, 0.125, 0.25 and 0.375 held are under 0.5, the fifth is not).
+    let racer = unique("tr");
+    let half = BudgetCaps::from_amounts(0.5, 0.0);
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let (repo, racer, periods) = (repo.clone(), racer.clone(), periods.clone());
+        tasks.push(tokio::spawn(async move {
+            repo.reserve_budget(&racer, &periods, 0.125, &half, now, later)
+                .await
+                .unwrap()
+        }));
+    }
+    let mut admitted = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            BudgetHold::Reserved(_) => admitted += 1,
+            BudgetHold::Over(p) => assert_eq!(p, Period::Day),
+        }
+    }
+    assert_eq!(admitted, 4, "holds admitted by racing reservations");
+    let counts = repo.budget_counts(&racer, &periods, now).await.unwrap();
+    assert!(close(counts.day.reserved_usd, 0.5));
+
     // A tenant's own caps: absent, set, replaced, removed.
     assert_eq!(repo.tenant_budget(&t).await.unwrap(), None);
     let own = BudgetCaps {
