@@ -77,7 +77,9 @@ pub async fn run_pipeline(
     let pending_cb = pending.clone();
     let pb = progress.clone();
     let on_outcome: OnOutcome = Arc::new(move |msg, outcome| {
-        if outcome.is_retry() {
+        // A job waiting for its budget period is done for this run: its image stays queued
+        // and `serve` (or a later run) analyses it once the period rolls over.
+        if outcome.is_retry() && !outcome.is_budget_wait() {
             return;
         }
         if let Ok(job) = sightline_core::model::AnalysisJob::parse(&msg.body) {

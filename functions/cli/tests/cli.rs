@@ -1651,3 +1651,44 @@ fn costs_report_the_budget_from_the_settings() {
     assert_eq!(budget["monthly"]["cap_usd"], Value::Null);
     assert_eq!(report["to"].as_str(), budget["daily"]["period"].as_str());
 }
+
+#[test]
+fn a_run_over_its_daily_budget_ends_with_the_rest_queued() {
+    let _g = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let sim = rt
+        .block_on(SimServer::start(SimConfig {
+            api_key: "sk-test".into(),
+            rpm: 0,
+            tpm: 0,
+            latency_ms: 20,
+            jitter_ms: 0,
+            seed: 7,
+            timeout_hang_ms: 4_000,
+            faults: FaultPlan::default(),
+        }))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = sightline(dir.path());
+    c.args([
+        "--provider",
+        "openai",
+        "--model",
+        "gpt-4.1-mini",
+        "--workers",
+        "1",
+    ])
+    .arg("run")
+    .arg(samples())
+    .arg("--json")
+    .env("OPENAI_API_KEY", "sk-test")
+    .env("OPENAI_BASE_URL", &sim.base_url)
+    // Far below one call: the first call is admitted, nothing after it.
+    .env("SIGHTLINE_BUDGET_DAILY_USD", "0.000001");
+    let (images, _) = run_json(&mut c);
+    assert_eq!(images.len(), 12);
+    let done = images.iter().filter(|i| i["status"] == "done").count();
+    let queued = images.iter().filter(|i| i["status"] == "queued").count();
+    assert_eq!((done, queued), (1, 11), "{images:?}");
+    assert_eq!(rt.block_on(sim.stats()).completions, 1);
+}
