@@ -447,8 +447,11 @@ impl Analyzer {
                     let stored = self
                         .store_result(job, &result, estimated_cost, &owner)
                         .await;
-                    // Settled after the booking: until then the hold still counts.
-                    self.settle_budget(job, hold.as_ref()).await;
+                    // Settled after the booking: until then the hold still counts. An answer
+                    // that could not be booked keeps its hold until the lease ends.
+                    if stored.is_ok() {
+                        self.settle_budget(job, hold.as_ref()).await;
+                    }
                     return stored;
                 }
                 Step::Fallback { delay, reason } => {
