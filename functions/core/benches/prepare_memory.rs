@@ -5,7 +5,7 @@
 //!
 //!   cargo bench -p sightline-core --bench prepare_memory
 //!
-//! The target is ≤ 64 MB for the 12 MP phone photo; the run fails if it is missed.
+//! The target is ≤ 64 MiB for the 12 MP phone photo; the run fails if it is missed.
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -86,7 +86,7 @@ fn main() {
     ];
     let opts = PrepareOptions::default();
     println!(
-        "{:<46} {:>11} {:>11} {:>10} {:>9} {:>11}  {:<9}  sha256 (output)",
+        "{:<46} {:>12} {:>12} {:>11} {:>9} {:>12}  {:<9}  sha256 (output)",
         "input", "file", "decoded", "peak heap", "peak/file", "estimate", "out"
     );
     let mut missed = false;
@@ -106,7 +106,7 @@ fn main() {
         };
         let decoded = u64::from(p.original_width) * u64::from(p.original_height) * 3;
         println!(
-            "{:<46} {:>8.2} MB {:>8.2} MB {:>7.2} MB {:>8.1}x {:>8.2} MB  {:<9}  {}",
+            "{:<46} {:>8.2} MiB {:>8.2} MiB {:>7.2} MiB {:>8.1}x {:>8.2} MiB  {:<9}  {}",
             format!("{name} ({what})"),
             bytes.len() as f64 / MB,
             decoded as f64 / MB,
@@ -124,7 +124,7 @@ fn main() {
         "(peak heap = most bytes live during one prepare, input excluded; decoded = full-size RGB)"
     );
     if missed {
-        eprintln!("12 MP prepare peak is over the 64 MB target");
+        eprintln!("12 MP prepare peak is over the 64 MiB target");
         std::process::exit(1);
     }
 }
