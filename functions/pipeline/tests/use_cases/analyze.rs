@@ -19,7 +19,7 @@ use sightline_pipeline::Settings;
 
 /// One scripted provider answer.
 #[derive(Debug, Clone)]
-enum Step {
+pub(crate) enum Step {
     /// A valid analysis with usage 1000 in / 100 out.
     Answer,
     /// A valid analysis whose response carried no usage (still billed).
@@ -30,22 +30,22 @@ enum Step {
 }
 
 /// Answers from a script; records which models were called.
-struct Scripted {
+pub(crate) struct Scripted {
     steps: Mutex<VecDeque<Step>>,
     calls: Mutex<Vec<String>>,
     /// How long each call takes.
-    latency: Mutex<Duration>,
+    pub(crate) latency: Mutex<Duration>,
 }
 
 impl Scripted {
-    fn new(steps: Vec<Step>) -> Arc<Scripted> {
+    pub(crate) fn new(steps: Vec<Step>) -> Arc<Scripted> {
         Arc::new(Scripted {
             steps: Mutex::new(steps.into()),
             calls: Mutex::new(Vec::new()),
             latency: Mutex::new(Duration::ZERO),
         })
     }
-    fn calls(&self) -> Vec<String> {
+    pub(crate) fn calls(&self) -> Vec<String> {
         self.calls.lock().unwrap().clone()
     }
 }
@@ -110,7 +110,7 @@ struct Fixture {
 /// The resized JPEG every fixture image has (the same bytes: a second image is a cache hit).
 const JPEG: &[u8] = &[0xFF, 0xD8, 1, 2, 3];
 
-fn sha(bytes: &[u8]) -> String {
+pub(crate) fn sha(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
@@ -163,7 +163,7 @@ async fn fixture_with(steps: Vec<Step>, settings: Settings) -> Fixture {
     }
 }
 
-fn record_of(tenant: &str, id: &str) -> ImageRecord {
+pub(crate) fn record_of(tenant: &str, id: &str) -> ImageRecord {
     ImageRecord {
         image_id: id.into(),
         tenant: tenant.into(),

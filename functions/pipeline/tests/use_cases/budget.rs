@@ -1,23 +1,19 @@
 //! Spending caps in the analyze use-case: holds before paid calls, waits and failures over
 //! budget, on the local adapters with a paid provider that takes its time.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use sha2::{Digest, Sha256};
 use sightline_core::budget::{BudgetCaps, Periods};
 use sightline_core::model::{AnalysisJob, Detail, ImageRecord, ImageStatus};
 use sightline_core::pricing::{PriceTable, Usage};
 use sightline_pipeline::analyze::{AnalyzeOutcome, Analyzer, BUDGET_EXCEEDED};
 use sightline_pipeline::local::{FileBlobStore, SqliteDb, SqliteRepository};
-use sightline_pipeline::ports::{
-    BlobStore, Clock, ProviderError, RateInfo, Repository, VisionProvider, VisionRequest,
-    VisionResponse,
-};
+use sightline_pipeline::ports::{BlobStore, Clock, Repository};
 use sightline_pipeline::settings::OverBudget;
 use sightline_pipeline::Settings;
+
+use crate::analyze::{record_of, sha, Scripted};
 
 /// 2026-11-30T20:00:00Z: the day rolls over in four hours.
 const NOW_MS: u64 = 1_796_068_800_000;
@@ -30,39 +26,11 @@ impl Clock for Fixed {
     }
 }
 
-/// A paid provider: every call answers after a while with 1000 tokens in and 100 out.
-struct Paid {
-    calls: AtomicUsize,
-}
-
-#[async_trait]
-impl VisionProvider for Paid {
-    fn name(&self) -> &str {
-        "openai"
-    }
-    fn is_paid(&self) -> bool {
-        true
-    }
-    async fn analyze(&self, req: &VisionRequest) -> Result<VisionResponse, ProviderError> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        tokio::time::sleep(Duration::from_millis(30)).await;
-        Ok(VisionResponse {
-            analysis: serde_json::json!({"description": "ok", "tags": []}),
-            usage: Some(Usage {
-                input_tokens: 1000,
-                output_tokens: 100,
-                cached_tokens: 0,
-            }),
-            model: req.model.clone(),
-            rate: RateInfo::default(),
-        })
-    }
-}
-
 struct Fixture {
     analyzer: Analyzer,
     repo: Arc<dyn Repository>,
-    provider: Arc<Paid>,
+    /// Every call answers after 30 ms with 1000 tokens in and 100 out.
+    provider: Arc<Scripted>,
     _dir: tempfile::TempDir,
 }
 
@@ -71,9 +39,8 @@ async fn fixture(images: usize, settings: Settings) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let blobs: Arc<dyn BlobStore> = Arc::new(FileBlobStore::new(dir.path()));
     let repo: Arc<dyn Repository> = Arc::new(SqliteRepository::new(SqliteDb::in_memory().unwrap()));
-    let provider = Arc::new(Paid {
-        calls: AtomicUsize::new(0),
-    });
+    let provider = Scripted::new(Vec::new());
+    *provider.latency.lock().unwrap() = Duration::from_millis(30);
     let settings = Settings {
         model: "gpt-4o".into(),
         max_receives: 5,
@@ -93,7 +60,11 @@ async fn fixture(images: usize, settings: Settings) -> Fixture {
             .put(&format!("resized/t/{id}.jpg"), bytes.clone(), "image/jpeg")
             .await
             .unwrap();
-        repo.put_image(&record(&id, &bytes), None).await.unwrap();
+        let record = ImageRecord {
+            sha256: Some(sha(&bytes)),
+            ..record_of("t", &id)
+        };
+        repo.put_image(&record, None).await.unwrap();
     }
     Fixture {
         analyzer,
@@ -105,35 +76,6 @@ async fn fixture(images: usize, settings: Settings) -> Fixture {
 
 fn jpeg(i: usize) -> Vec<u8> {
     vec![0xFF, 0xD8, (i % 256) as u8, (i / 256) as u8]
-}
-
-fn sha(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
-}
-
-fn record(id: &str, bytes: &[u8]) -> ImageRecord {
-    ImageRecord {
-        image_id: id.into(),
-        tenant: "t".into(),
-        source: format!("{id}.jpg"),
-        status: ImageStatus::Queued,
-        error: None,
-        permanent_failure: false,
-        original: None,
-        resized: None,
-        orientation: None,
-        sha256: Some(sha(bytes)),
-        original_sha256: None,
-        original_key: None,
-        resized_key: Some(format!("resized/t/{id}.jpg")),
-        estimate: None,
-        original_estimate: None,
-        result: None,
-        extra_spend: None,
-        detail: None,
-        created_at: "2026-11-30T00:00:00.000Z".into(),
-        updated_at: "2026-11-30T00:00:00.000Z".into(),
-    }
 }
 
 fn job(i: usize) -> String {
@@ -211,7 +153,7 @@ async fn twenty_workers_racing_a_daily_cap_overshoot_it_by_at_most_one_estimate_
         "{done} calls of {estimate} held"
     );
     assert_eq!(reserved, 0.0, "every hold was settled");
-    assert_eq!(done, f.provider.calls.load(Ordering::SeqCst));
+    assert_eq!(done, f.provider.calls().len());
     assert_eq!(done + waiting, 20);
     assert!(waiting > 0);
     for i in 0..20 {
@@ -253,7 +195,7 @@ async fn a_budget_wait_on_the_last_delivery_leaves_the_image_queued() {
     assert!(outcome.is_budget_wait(), "{outcome:?}");
     let rec = f.repo.get_image("t", "i0").await.unwrap().unwrap();
     assert_eq!(rec.status, ImageStatus::Queued);
-    assert_eq!(f.provider.calls.load(Ordering::SeqCst), 0);
+    assert_eq!(f.provider.calls().len(), 0);
 }
 
 #[tokio::test]
@@ -278,7 +220,7 @@ async fn over_budget_with_fail_fails_the_image_for_good_without_a_call() {
     let rec = f.repo.get_image("t", "i1").await.unwrap().unwrap();
     assert_eq!(rec.status, ImageStatus::Failed);
     assert!(rec.permanent_failure);
-    assert_eq!(f.provider.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(f.provider.calls().len(), 1);
 }
 
 #[tokio::test]
