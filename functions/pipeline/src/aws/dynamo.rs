@@ -232,34 +232,57 @@ struct LedgerAdd<'a> {
 }
 
 impl DynamoRepository {
-    /// Spent per the ledger rows of the tenant's month (consistent reads): (day, month).
-    async fn ledger_spent(&self, tenant: &str, periods: &Periods) -> StoreResult<(f64, f64)> {
-        let (mut day, mut month) = (0.0, 0.0);
-        let day_prefix = format!("{}#", periods.day);
+    /// The tenant's ledger rows of days `from..=to` (`YYYY-MM-DD`), all pages. `consistent`
+    /// reads see every booking that completed before the query (the budget needs that).
+    async fn ledger_rows(
+        &self,
+        tenant: &str,
+        from: &str,
+        to: &str,
+        consistent: bool,
+        op: &str,
+    ) -> StoreResult<Vec<Item>> {
+        let mut rows = Vec::new();
         let mut start: Option<Item> = None;
         loop {
             let out = self
                 .client
                 .query()
                 .table_name(&self.table)
-                .consistent_read(true)
-                .key_condition_expression("pk = :pk AND begins_with(sk, :month)")
+                .consistent_read(consistent)
+                .key_condition_expression("pk = :pk AND sk BETWEEN :from AND :to")
                 .expression_attribute_values(":pk", s(ledger_pk(tenant)))
-                .expression_attribute_values(":month", s(format!("{}-", periods.month)))
+                .expression_attribute_values(":from", s(from))
+                .expression_attribute_values(":to", s(format!("{to}~")))
                 .set_exclusive_start_key(start.take())
                 .send()
                 .await
-                .map_err(|e| sdk_err("dynamodb Query budget spent", e))?;
-            for item in out.items() {
-                let cost = get_f64(item, "cost_usd");
-                month += cost;
-                if get_s(item, "sk").is_some_and(|k| k.starts_with(&day_prefix)) {
-                    day += cost;
-                }
-            }
+                .map_err(|e| sdk_err(op, e))?;
+            rows.extend(out.items().iter().cloned());
             match out.last_evaluated_key {
                 Some(k) => start = Some(k),
                 None => break,
+            }
+        }
+        Ok(rows)
+    }
+
+    /// Spent per the ledger rows of the tenant's month (consistent reads): (day, month).
+    async fn ledger_spent(&self, tenant: &str, periods: &Periods) -> StoreResult<(f64, f64)> {
+        let (mut day, mut month) = (0.0, 0.0);
+        let day_prefix = format!("{}#", periods.day);
+        let (from, to) = (
+            format!("{}-01", periods.month),
+            format!("{}-31", periods.month),
+        );
+        let rows = self
+            .ledger_rows(tenant, &from, &to, true, "dynamodb Query budget spent")
+            .await?;
+        for item in &rows {
+            let cost = get_f64(item, "cost_usd");
+            month += cost;
+            if get_s(item, "sk").is_some_and(|k| k.starts_with(&day_prefix)) {
+                day += cost;
             }
         }
         Ok((day, month))
@@ -993,43 +1016,27 @@ impl Repository for DynamoRepository {
     }
 
     async fn costs(&self, tenant: &str, from: &str, to: &str) -> StoreResult<Vec<CostRow>> {
+        let items = self
+            .ledger_rows(tenant, from, to, false, "dynamodb Query costs")
+            .await?;
         let mut rows = Vec::new();
-        let mut start: Option<Item> = None;
-        loop {
-            let out = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .key_condition_expression("pk = :pk AND sk BETWEEN :from AND :to")
-                .expression_attribute_values(":pk", s(ledger_pk(tenant)))
-                .expression_attribute_values(":from", s(from))
-                .expression_attribute_values(":to", s(format!("{to}~")))
-                .set_exclusive_start_key(start.take())
-                .send()
-                .await
-                .map_err(|e| sdk_err("dynamodb Query costs", e))?;
-            for item in out.items() {
-                let Some((day, model)) = get_s(item, "sk").and_then(|k| k.split_once('#')) else {
-                    continue;
-                };
-                rows.push(CostRow {
-                    day: day.to_string(),
-                    model: model.to_string(),
-                    images: get_u64(item, "images"),
-                    cached_images: get_u64(item, "cached_images"),
-                    input_tokens: get_u64(item, "input_tokens"),
-                    output_tokens: get_u64(item, "output_tokens"),
-                    cost_usd: get_f64(item, "cost_usd"),
-                    estimated_cost_usd: get_f64(item, "estimated_cost_usd"),
-                    calls: get_u64(item, "calls"),
-                    calls_at_estimate: get_u64(item, "calls_at_estimate"),
-                    cost_at_estimate_usd: get_f64(item, "cost_at_estimate_usd"),
-                });
-            }
-            match out.last_evaluated_key {
-                Some(k) => start = Some(k),
-                None => break,
-            }
+        for item in &items {
+            let Some((day, model)) = get_s(item, "sk").and_then(|k| k.split_once('#')) else {
+                continue;
+            };
+            rows.push(CostRow {
+                day: day.to_string(),
+                model: model.to_string(),
+                images: get_u64(item, "images"),
+                cached_images: get_u64(item, "cached_images"),
+                input_tokens: get_u64(item, "input_tokens"),
+                output_tokens: get_u64(item, "output_tokens"),
+                cost_usd: get_f64(item, "cost_usd"),
+                estimated_cost_usd: get_f64(item, "estimated_cost_usd"),
+                calls: get_u64(item, "calls"),
+                calls_at_estimate: get_u64(item, "calls_at_estimate"),
+                cost_at_estimate_usd: get_f64(item, "cost_at_estimate_usd"),
+            });
         }
         rows.sort_by(|a, b| (&a.day, &a.model).cmp(&(&b.day, &b.model)));
         Ok(rows)
