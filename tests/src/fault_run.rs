@@ -266,7 +266,7 @@ fn sha_hex(bytes: &[u8]) -> String {
 // Shared run state
 // ---------------------------------------------------------------------------------------------
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -486,7 +486,7 @@ fn free_port() -> anyhow::Result<u16> {
 // Uploads
 // ---------------------------------------------------------------------------------------------
 
-fn backoff(attempt: u32, rng: &mut StdRng) -> Duration {
+pub(crate) fn backoff(attempt: u32, rng: &mut StdRng) -> Duration {
     let base = 100u64.saturating_mul(1 << attempt.min(4)).min(1500);
     Duration::from_millis(base / 2 + rng.gen_range(0..=base / 2))
 }
@@ -1736,7 +1736,7 @@ fn evaluate(x: &Inputs<'_>) -> Report {
     let paid_results = done.iter().filter(|r| !r.cached()).count() as u64;
     let cached_results = done.len() as u64 - paid_results;
     let s = x.stats;
-    let paid_calls = s.completions + s.faults.malformed + s.faults.bad_content;
+    let paid_calls = billed_calls(s);
     // Does serve book calls outside results (invalid answers, answers that lost a race)? If
     // not, a truncated answer (no readable usage) is paid at the provider but never booked, and
     // a bad-content answer followed by a good one is folded into that result's usage.
@@ -1941,37 +1941,7 @@ fn evaluate(x: &Inputs<'_>) -> Report {
         row(&mut t, "ledger: estimated usage cost", format!("${v:.6}"));
     }
     let _ = writeln!(t, "simulator");
-    row(
-        &mut t,
-        "requests / completions / paid calls",
-        format!("{} / {} / {paid_calls}", s.requests, s.completions),
-    );
-    row(
-        &mut t,
-        "faults: 500/502/503/504",
-        format!(
-            "{}/{}/{}/{}",
-            s.faults.http_500, s.faults.http_502, s.faults.http_503, s.faults.http_504
-        ),
-    );
-    row(
-        &mut t,
-        "faults: 429 injected / 429 RPM limit",
-        format!("{} / {}", s.faults.rate_limit, s.rate_limited),
-    );
-    row(
-        &mut t,
-        "faults: hangs / truncated / bad content",
-        format!(
-            "{} / {} / {}",
-            s.faults.timeout, s.faults.malformed, s.faults.bad_content
-        ),
-    );
-    row(
-        &mut t,
-        "poison: requests / distinct images",
-        format!("{} / {}", s.poisoned, s.poisoned_images),
-    );
+    simulator_rows(&mut t, 44, s);
     row(
         &mut t,
         "tokens billed: prompt / completion",
@@ -2198,6 +2168,45 @@ pub fn count_by<I: IntoIterator<Item = String>>(it: I) -> BTreeMap<String, u64> 
         *m.entry(k).or_default() += 1;
     }
     m
+}
+
+/// Calls the simulator billed: its answers and the paid bad ones (truncated, bad content).
+pub(crate) fn billed_calls(s: &SimStats) -> u64 {
+    s.completions + s.faults.malformed + s.faults.bad_content
+}
+
+/// The simulator's requests, faults and poison, as both fault runs report them (keys padded to
+/// `width`).
+pub(crate) fn simulator_rows(t: &mut String, width: usize, s: &SimStats) {
+    let mut row = |k: &str, v: String| {
+        let _ = writeln!(t, "  {k:<width$} {v}");
+    };
+    row(
+        "requests / completions / paid calls",
+        format!("{} / {} / {}", s.requests, s.completions, billed_calls(s)),
+    );
+    row(
+        "faults: 500/502/503/504",
+        format!(
+            "{}/{}/{}/{}",
+            s.faults.http_500, s.faults.http_502, s.faults.http_503, s.faults.http_504
+        ),
+    );
+    row(
+        "faults: 429 injected / 429 RPM limit",
+        format!("{} / {}", s.faults.rate_limit, s.rate_limited),
+    );
+    row(
+        "faults: hangs / truncated / bad content",
+        format!(
+            "{} / {} / {}",
+            s.faults.timeout, s.faults.malformed, s.faults.bad_content
+        ),
+    );
+    row(
+        "poison: requests / distinct images",
+        format!("{} / {}", s.poisoned, s.poisoned_images),
+    );
 }
 
 #[cfg(test)]

@@ -46,7 +46,7 @@ use std::io::{BufRead, BufReader, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -66,7 +66,8 @@ use tower::ServiceExt;
 
 use crate::emulator::{self, Emulator};
 use crate::fault_run::{
-    count_by, failure_kind, make_image, sim_config, Invariant, Options, TestImage, MODEL,
+    backoff, billed_calls, count_by, failure_kind, lock, make_image, sim_config, simulator_rows,
+    Invariant, Options, TestImage, MODEL,
 };
 use crate::sim::{is_poison, SimConfig, SimServer, SimStats};
 
@@ -157,10 +158,6 @@ fn image_count(o: &Options) -> usize {
 // ---------------------------------------------------------------------------------------------
 // Host processes
 // ---------------------------------------------------------------------------------------------
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// What one started process reported so far.
 #[derive(Debug, Default)]
@@ -516,11 +513,6 @@ impl Run {
 // ---------------------------------------------------------------------------------------------
 // Uploads
 // ---------------------------------------------------------------------------------------------
-
-fn backoff(attempt: u32, rng: &mut StdRng) -> Duration {
-    let base = 100u64.saturating_mul(1 << attempt.min(4)).min(1500);
-    Duration::from_millis(base / 2 + rng.gen_range(0..=base / 2))
-}
 
 fn ext_of(filename: &str) -> &str {
     filename.rsplit_once('.').map(|(_, e)| e).unwrap_or("png")
@@ -2028,7 +2020,7 @@ fn evaluate(x: &Inputs<'_>) -> Report {
 
     // --- 5. paid calls − ledger calls = lost to kills ------------------------------------------
     let s = x.stats;
-    let paid_calls = s.completions + s.faults.malformed + s.faults.bad_content;
+    let paid_calls = billed_calls(s);
     let lost = paid_calls as i64 - l.calls as i64;
     // The same against the calls booked on the records (differs from the above only when the
     // ledger and the records disagree, invariant 4).
@@ -2301,37 +2293,7 @@ fn evaluate(x: &Inputs<'_>) -> Report {
         format!("{} / ${:.6}", l.calls_at_estimate, l.cost_at_estimate_usd),
     );
     let _ = writeln!(t, "simulator");
-    row(
-        &mut t,
-        "requests / completions / paid calls",
-        format!("{} / {} / {paid_calls}", s.requests, s.completions),
-    );
-    row(
-        &mut t,
-        "faults: 500/502/503/504",
-        format!(
-            "{}/{}/{}/{}",
-            s.faults.http_500, s.faults.http_502, s.faults.http_503, s.faults.http_504
-        ),
-    );
-    row(
-        &mut t,
-        "faults: 429 injected / 429 RPM limit",
-        format!("{} / {}", s.faults.rate_limit, s.rate_limited),
-    );
-    row(
-        &mut t,
-        "faults: hangs / truncated / bad content",
-        format!(
-            "{} / {} / {}",
-            s.faults.timeout, s.faults.malformed, s.faults.bad_content
-        ),
-    );
-    row(
-        &mut t,
-        "poison: requests / distinct images",
-        format!("{} / {}", s.poisoned, s.poisoned_images),
-    );
+    simulator_rows(&mut t, 46, s);
     row(
         &mut t,
         "peak requests in flight",
