@@ -1,6 +1,7 @@
 //! sightline core: the domain with no AWS and no async runtime. Builds for wasm32.
 //!
 //! - [`prepare`]: limits, decode, EXIF orientation, sRGB, resize, JPEG.
+//! - [`batch`]: lanes, batch `custom_id`s, splitting by the providers' limits.
 //! - [`budget`]: spending-cap periods (UTC day and month) and reservation maths.
 //! - [`color`]: embedded ICC profiles (Display P3, Adobe RGB, CMYK) converted to sRGB.
 //! - [`pricing`]: the versioned price table and image-token rules (one estimator everywhere).
@@ -10,6 +11,7 @@
 //! - [`model`]: records, results and queue messages.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod batch;
 pub mod budget;
 pub mod color;
 pub mod keys;

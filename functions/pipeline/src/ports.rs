@@ -450,3 +450,62 @@ pub fn rfc3339(ms: u64) -> String {
 pub fn day_of(timestamp: &str) -> &str {
     timestamp.get(..10).unwrap_or(timestamp)
 }
+
+/// One request of a provider batch: a real-time request under its `custom_id`.
+#[derive(Debug, Clone)]
+pub struct BatchRequest {
+    pub custom_id: String,
+    pub request: VisionRequest,
+}
+
+/// A provider batch as the provider reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProviderBatch {
+    pub provider_batch_id: String,
+    /// The provider's own word for it (`in_progress`, `expired`, `ended`, …).
+    pub status: String,
+    pub phase: sightline_core::batch::BatchPhase,
+    /// Why the provider refused it (validation, the enqueued-token limit), when it did.
+    pub error: Option<String>,
+}
+
+/// How one line of an ended batch came back.
+#[derive(Debug, Clone)]
+pub enum LineOutcome {
+    /// A valid analysis (usage None: unreadable, still paid).
+    Answered(VisionResponse),
+    /// The line failed: classified like a real-time failure (`kind`); `billed`/`usage` say
+    /// whether it was paid (an invalid answer is).
+    Failed(ProviderError),
+    /// Never processed: the batch expired or was cancelled before this line ran (`why`).
+    Unprocessed(String),
+}
+
+/// One line of an ended batch, matched by `custom_id` (output order is not input order).
+#[derive(Debug, Clone)]
+pub struct BatchLine {
+    pub custom_id: String,
+    pub outcome: LineOutcome,
+}
+
+/// A provider's batch API (OpenAI Files + Batches, Anthropic Message Batches).
+#[async_trait]
+pub trait BatchProvider: Send + Sync {
+    /// Provider name stored with results ("openai", "anthropic").
+    fn name(&self) -> &str;
+    /// What one batch may hold.
+    fn limits(&self) -> sightline_core::batch::BatchLimits;
+    /// One request as the batch input holds it (a JSONL line or one element of the requests
+    /// array), without separator: its length is what the byte limit counts.
+    fn encode(&self, request: &BatchRequest) -> Result<Vec<u8>, ProviderError>;
+    /// Submit encoded requests (already split to fit [`BatchProvider::limits`]), tagged with
+    /// our `batch_id` where the provider keeps metadata. Returns the provider's batch id.
+    async fn submit(&self, batch_id: &str, encoded: Vec<Vec<u8>>) -> Result<String, ProviderError>;
+    async fn status(&self, provider_batch_id: &str) -> Result<ProviderBatch, ProviderError>;
+    /// Every line of an ended batch (answers and errors), in the provider's order.
+    async fn results(&self, provider_batch_id: &str) -> Result<Vec<BatchLine>, ProviderError>;
+    /// The provider batch submitted under our `batch_id` since `since_ms`, when the provider
+    /// can tell (OpenAI keeps our id in the batch's metadata; Anthropic keeps none: None).
+    /// Used after a crash between the provider's accept and our record of it.
+    async fn find(&self, batch_id: &str, since_ms: u64) -> Result<Option<String>, ProviderError>;
+}
