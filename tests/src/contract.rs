@@ -42,6 +42,7 @@ pub fn record(tenant: &str, image_id: &str, created_at: &str, status: ImageStatu
         result: None,
         extra_spend: None,
         detail: None,
+        lane: None,
         created_at: created_at.to_string(),
         updated_at: created_at.to_string(),
     }
@@ -72,6 +73,9 @@ pub fn result(
         calls: u32::from(!cached),
         usage_estimated: false,
         cost_at_estimate_usd: 0.0,
+        lane: Default::default(),
+        batch_id: None,
+        saved_usd: 0.0,
         idempotency_key: key.into(),
         prompt_version: "v1".into(),
         price_version: "test".into(),
@@ -603,6 +607,8 @@ pub async fn spend_contract(repo: Arc<dyn Repository>) {
         cost_usd: 0.004,
         calls_at_estimate: 1,
         cost_at_estimate_usd: 0.0025,
+        lane: Default::default(),
+        saved_usd: 0.0,
     };
     repo.put_image(
         &record(&t, "s1", "2026-05-01T00:00:00.000Z", ImageStatus::Queued),
@@ -766,6 +772,8 @@ pub async fn budget_contract(repo: Arc<dyn Repository>) {
         cost_usd: 0.99,
         calls_at_estimate: 0,
         cost_at_estimate_usd: 0.0,
+        lane: Default::default(),
+        saved_usd: 0.0,
     };
     repo.book_spend(&t, "gone", &format!("{t}-may"), &spend)
         .await

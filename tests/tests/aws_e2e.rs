@@ -228,6 +228,7 @@ async fn pipeline_end_to_end_on_the_emulator() {
         width: 10,
         height: 10,
         detail: None,
+        lane: None,
     };
     let poison_body = serde_json::to_string(&poison_job).unwrap();
     let poison_key = idempotency_key(

@@ -107,38 +107,81 @@ pub struct Split {
     pub oversize: Vec<usize>,
 }
 
-/// Pack requests (by their encoded sizes) into batches that respect both the request count and
-/// the byte limit: with base64 images of a few hundred KB the bytes bind long before the count.
-/// A request that alone exceeds the byte limit is reported as oversize, never submitted.
+/// Where one more request goes (see [`Packer::offer`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pack {
+    /// Into the current batch.
+    Fits,
+    /// The current batch is full: close it; the request opens the next one.
+    Full,
+    /// Too large for any batch on its own: never submitted.
+    Oversize,
+}
+
+/// Fills batches one request at a time within the count and byte limits: with base64 images of
+/// a few hundred KB the bytes bind long before the count. The one packing rule, used both to
+/// split sizes known up front and by the submitter as it encodes requests.
+#[derive(Debug, Clone)]
+pub struct Packer {
+    limits: BatchLimits,
+    count: usize,
+    bytes: usize,
+}
+
+impl Packer {
+    pub fn new(limits: BatchLimits) -> Packer {
+        Packer {
+            limits,
+            count: 0,
+            bytes: limits.envelope_bytes,
+        }
+    }
+
+    /// Place a request of `size` encoded bytes (see [`Pack`]).
+    pub fn offer(&mut self, size: usize) -> Pack {
+        let need = size.saturating_add(self.limits.per_request_overhead);
+        if self.limits.envelope_bytes.saturating_add(need) > self.limits.max_bytes {
+            return Pack::Oversize;
+        }
+        let fits = self.count < self.limits.max_requests
+            && self.bytes.saturating_add(need) <= self.limits.max_bytes;
+        let pack = if fits || self.count == 0 {
+            Pack::Fits
+        } else {
+            self.count = 0;
+            self.bytes = self.limits.envelope_bytes;
+            Pack::Full
+        };
+        self.count += 1;
+        self.bytes += need;
+        pack
+    }
+}
+
+/// Pack requests of the given encoded sizes into batches, in order (see [`Packer`]).
 pub fn split_by_limits(sizes: &[usize], limits: &BatchLimits) -> Split {
     let mut split = Split::default();
+    let mut packer = Packer::new(*limits);
     let mut start: Option<usize> = None;
-    let mut count = 0usize;
-    let mut bytes = limits.envelope_bytes;
     for (i, &size) in sizes.iter().enumerate() {
-        let need = size.saturating_add(limits.per_request_overhead);
-        if limits.envelope_bytes.saturating_add(need) > limits.max_bytes {
-            if let Some(s) = start.take() {
-                split.batches.push(s..i);
+        match packer.offer(size) {
+            Pack::Oversize => {
+                // Ranges hold consecutive requests: an oversize one ends the current batch.
+                split.oversize.push(i);
+                if let Some(s) = start.take() {
+                    split.batches.push(s..i);
+                }
+                packer = Packer::new(*limits);
             }
-            split.oversize.push(i);
-            count = 0;
-            bytes = limits.envelope_bytes;
-            continue;
-        }
-        let fits = count < limits.max_requests && bytes.saturating_add(need) <= limits.max_bytes;
-        if !fits {
-            if let Some(s) = start.take() {
-                split.batches.push(s..i);
+            Pack::Fits => {
+                start.get_or_insert(i);
             }
-            count = 0;
-            bytes = limits.envelope_bytes;
+            Pack::Full => {
+                if let Some(s) = start.replace(i) {
+                    split.batches.push(s..i);
+                }
+            }
         }
-        if start.is_none() {
-            start = Some(i);
-        }
-        count += 1;
-        bytes += need;
     }
     if let Some(s) = start {
         split.batches.push(s..sizes.len());

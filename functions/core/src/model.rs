@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::batch::Lane;
 use crate::pricing::Usage;
 
 /// OpenAI's image `detail`: `low` is a fixed small charge per image (85 tokens on GPT-4o-class
@@ -153,6 +154,10 @@ pub struct ImageRecord {
     /// estimate and the job use. None: the settings' detail for the tenant.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<Detail>,
+    /// The lane asked for (upload request, `run --lane`, a key-prefix rule). None: the
+    /// settings' default lane.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lane: Option<Lane>,
     /// RFC 3339, UTC.
     pub created_at: String,
     pub updated_at: String,
@@ -203,6 +208,16 @@ pub struct AnalysisResult {
     /// The part of `cost_usd` booked at the estimate (0 when every call reported its usage).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub cost_at_estimate_usd: f64,
+    /// The lane that paid for it: a batch answer is priced at the model's batch prices.
+    #[serde(default, skip_serializing_if = "Lane::is_realtime")]
+    pub lane: Lane,
+    /// The batch (our id) whose line this answer was: a second reconciliation of the same
+    /// batch recognises its own result and books nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_id: Option<String>,
+    /// What the same usage would have cost in the real-time lane, minus `cost_usd`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub saved_usd: f64,
     pub idempotency_key: String,
     pub prompt_version: String,
     pub price_version: String,
@@ -228,6 +243,9 @@ pub struct AnalysisJob {
     /// written before it existed use the settings' detail for their tenant.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<Detail>,
+    /// The lane decided when the job was recorded (None: real-time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lane: Option<Lane>,
 }
 
 /// Why a queue body is not an [`AnalysisJob`]: permanent for that message, never for the batch.
@@ -328,6 +346,7 @@ mod tests {
             width: 1,
             height: 1,
             detail: Some(Detail::Low),
+            lane: Some(Lane::Batch),
         };
         let body = serde_json::to_string(&good).unwrap();
         assert_eq!(AnalysisJob::parse(&body).unwrap(), good);

@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use sightline_core::budget::{self, BudgetCaps, Period, Periods};
 use sightline_core::limiter::{Denied, RateLimiter, Reservation};
 use sightline_core::model::{
-    idempotency_key, AnalysisJob, AnalysisResult, Detail, Estimate, ImageStatus,
+    idempotency_key, AnalysisJob, AnalysisResult, Detail, Estimate, ImageStatus, Lane,
 };
 use sightline_core::pricing::PriceTable;
 use sightline_core::pricing::Usage;
@@ -17,8 +17,8 @@ use sightline_core::retry::{classify, retry_delay, FailureKind, RetryClass};
 use tracing::{debug, info, warn};
 
 use crate::ports::{
-    day_of, rfc3339, BlobStore, BudgetHold, Claim, Clock, Completion, Failure, ProviderError,
-    Repository, Spend, StoreError, VisionProvider, VisionRequest,
+    day_of, rfc3339, BatchStore, BatchWaiter, BlobStore, BudgetHold, Claim, Clock, Completion,
+    Enqueued, Failure, ProviderError, Repository, Spend, StoreError, VisionProvider, VisionRequest,
 };
 use crate::settings::{OverBudget, Settings};
 
@@ -29,6 +29,9 @@ pub enum AnalyzeOutcome {
     Done { model: String, cost_usd: f64 },
     /// Same bytes, model and prompt were analysed before: stored at $0.
     Cached,
+    /// A batch-lane job, recorded for the next provider batch (or joined to the batch request
+    /// of the same key): the batch lane answers it; delete the message.
+    Batched,
     /// Duplicate delivery: the image already has its result.
     AlreadyDone,
     /// The job names content its image no longer has (the record holds another sha256):
@@ -68,6 +71,9 @@ enum Budgeted {
 /// Longest budget wait in one delivery: SQS keeps a message invisible at most 12 h from its
 /// receipt, so a longer wait would be refused. A daily wait then takes at most three deliveries.
 const MAX_BUDGET_WAIT: Duration = Duration::from_secs(11 * 3600);
+
+/// How long a provider may take to finish a batch.
+const BATCH_WINDOW: Duration = Duration::from_secs(24 * 3600);
 
 /// In-place retries of the final write after a paid answer.
 const STORE_RETRIES: u32 = 3;
@@ -110,6 +116,8 @@ impl Paid {
             cost_usd: self.cost_usd,
             calls_at_estimate: self.calls_at_estimate,
             cost_at_estimate_usd: self.cost_at_estimate_usd,
+            lane: Lane::Realtime,
+            saved_usd: 0.0,
         }
     }
 }
@@ -175,6 +183,8 @@ pub struct Analyzer {
     pub instance: String,
     /// Where metric events go (nowhere unless the runtime wires a recorder).
     pub metrics: Arc<dyn crate::metrics::Recorder>,
+    /// Where batch-lane jobs are recorded; None: every job is analysed in real time.
+    pub batches: Option<Arc<dyn BatchStore>>,
 }
 
 impl Analyzer {
@@ -196,7 +206,14 @@ impl Analyzer {
             limiters: Limiters::new(rpm, tpm),
             instance: uuid::Uuid::new_v4().simple().to_string(),
             metrics: crate::metrics::no_metrics(),
+            batches: None,
         }
+    }
+
+    /// Record batch-lane jobs in `store` for the batch lane to submit.
+    pub fn with_batches(mut self, store: Arc<dyn BatchStore>) -> Analyzer {
+        self.batches = Some(store);
+        self
     }
 
     /// Models tried in order; the offline analyzer has one.
@@ -341,6 +358,15 @@ impl Analyzer {
             warn!(image_id = %job.image_id, "{reason}; deleting the job");
             return Ok(AnalyzeOutcome::Stale(reason));
         }
+        if job.lane == Some(Lane::Batch) {
+            match &self.batches {
+                // The offline analyzer costs nothing: no batch to wait for.
+                Some(store) if self.provider.is_paid() => {
+                    return self.record_for_batch(job, &record, store.as_ref()).await
+                }
+                _ => debug!(image_id = %job.image_id, "no batch lane here; analysed in real time"),
+            }
+        }
         let estimated_cost = if self.provider.is_paid() {
             record.estimate.as_ref().map(|e| e.cost_usd).unwrap_or(0.0)
         } else {
@@ -473,6 +499,45 @@ impl Analyzer {
         let (delay, reason) =
             last_retry.unwrap_or((Duration::from_secs(5), "no model available".into()));
         Ok(AnalyzeOutcome::Retry { delay, reason })
+    }
+
+    /// A batch-lane job: its image waits for the batch request of its key (the primary model's
+    /// cache key), unless that key is answered already. Its recheck moves past the batch
+    /// window, so the reconciler only re-sends the job of an image nothing answered.
+    async fn record_for_batch(
+        &self,
+        job: &AnalysisJob,
+        record: &sightline_core::model::ImageRecord,
+        store: &dyn BatchStore,
+    ) -> Result<AnalyzeOutcome, StoreError> {
+        let detail = job
+            .detail
+            .unwrap_or_else(|| self.settings.detail_for(&job.tenant, record.detail));
+        let now = self.clock.now_ms();
+        let bytes = record.resized.map_or(0, |r| r.bytes);
+        let item = crate::batch::item_for(
+            &self.settings,
+            self.provider.name(),
+            job,
+            detail,
+            bytes,
+            now,
+        );
+        let waiter = BatchWaiter {
+            tenant: job.tenant.clone(),
+            image_id: job.image_id.clone(),
+        };
+        match store.enqueue_batch(&item, &waiter).await? {
+            Enqueued::Cached(prev) => self.store_cached(job, *prev).await,
+            Enqueued::Created | Enqueued::Joined | Enqueued::AlreadyWaiting => {
+                let at = now + (BATCH_WINDOW + self.settings.stuck_after).as_millis() as u64;
+                self.repo
+                    .set_recheck(&job.tenant, &job.image_id, Some(at))
+                    .await?;
+                debug!(image_id = %job.image_id, custom_id = %item.custom_id, "recorded for the batch lane");
+                Ok(AnalyzeOutcome::Batched)
+            }
+        }
     }
 
     /// The resized JPEG of a job, checked against the job's sha256: what is analysed (and
@@ -626,6 +691,9 @@ impl Analyzer {
             calls: 0,
             usage_estimated: false,
             cost_at_estimate_usd: 0.0,
+            lane: job.lane.unwrap_or_default(),
+            batch_id: None,
+            saved_usd: 0.0,
             completed_at: rfc3339(self.clock.now_ms()),
             ..prev
         };
@@ -674,6 +742,8 @@ impl Analyzer {
                         cost_usd: result.cost_usd,
                         calls_at_estimate: u64::from(result.usage_estimated),
                         cost_at_estimate_usd: result.cost_at_estimate_usd,
+                        lane: result.lane,
+                        saved_usd: result.saved_usd,
                     };
                     warn!(image_id = %job.image_id, cost_usd = result.cost_usd, "answer arrived for an image that already has a result; booked and cached, not stored on the image");
                     self.book(job, &format!("{owner}:{}:late", result.model), &spend)
@@ -810,6 +880,9 @@ impl Analyzer {
                     calls: u32::try_from(paid.calls).unwrap_or(u32::MAX),
                     usage_estimated: paid.calls_at_estimate > 0,
                     cost_at_estimate_usd: paid.cost_at_estimate_usd,
+                    lane: Lane::Realtime,
+                    batch_id: None,
+                    saved_usd: 0.0,
                     idempotency_key: key.to_string(),
                     prompt_version: self.settings.prompt_version.clone(),
                     price_version: table.version().to_string(),

@@ -18,7 +18,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use sightline_core::budget::{BudgetCaps, Counted, Periods};
 use sightline_core::keys::upload_key;
-use sightline_core::model::{Detail, ImageRecord, ImageStatus};
+use sightline_core::model::{Detail, ImageRecord, ImageStatus, Lane};
 use tracing::error;
 
 use crate::ports::{rfc3339, Clock, CostRow, Presigner, Repository, StoreError};
@@ -192,6 +192,9 @@ struct UploadRequest {
     /// Image detail for this image (`low`, `high`, `auto`); default: the tenant's setting.
     #[serde(default)]
     detail: Option<Detail>,
+    /// `realtime` or `batch` (half price, within 24 h); default: the settings' lane rule.
+    #[serde(default)]
+    lane: Option<Lane>,
 }
 
 #[derive(Debug, Serialize)]
@@ -285,6 +288,7 @@ async fn create_upload(
         result: None,
         extra_spend: None,
         detail: req.detail,
+        lane: req.lane,
         created_at: now.clone(),
         updated_at: now,
     };

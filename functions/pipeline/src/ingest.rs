@@ -315,6 +315,11 @@ impl Ingest {
             .settings
             .detail_for(tenant, existing.as_ref().and_then(|r| r.detail));
         let params = self.settings.estimate_params(detail);
+        // The upload's own lane, else the key rule, else the default: decided once, here.
+        let lane = self.settings.lane_for(
+            existing.as_ref().and_then(|r| r.lane),
+            original_key.unwrap_or(source),
+        );
         let estimate = table
             .estimate(&self.settings.model, img.width, img.height, &params)
             .ok();
@@ -358,6 +363,7 @@ impl Ingest {
             result: None,
             extra_spend: None,
             detail: Some(detail),
+            lane: Some(lane),
             created_at,
             updated_at: now,
         };
@@ -370,6 +376,7 @@ impl Ingest {
             width: img.width,
             height: img.height,
             detail: Some(detail),
+            lane: (!lane.is_realtime()).then_some(lane),
         };
         let body = job_body(&job)?;
         let soon = now_ms + self.settings.reconcile_after.as_millis() as u64;
@@ -453,6 +460,7 @@ impl Ingest {
             result: None,
             extra_spend: None,
             detail: existing.as_ref().and_then(|r| r.detail),
+            lane: existing.as_ref().and_then(|r| r.lane),
             original_key: existing.and_then(|r| r.original_key),
             created_at,
             updated_at: now,
@@ -479,6 +487,7 @@ pub fn job_of(record: &ImageRecord) -> Option<AnalysisJob> {
         width: record.resized?.width,
         height: record.resized?.height,
         detail: record.detail,
+        lane: record.lane.filter(|l| !l.is_realtime()),
     })
 }
 

@@ -1,7 +1,7 @@
 //! sightline use-cases over ports, the shared HTTP router, providers and local adapters.
 //!
 //! - [`ports`]: the traits (blob store, queue, repository, vision provider, presigner, clock).
-//! - [`ingest`] and [`analyze`]: the use-cases; [`worker`]: in-process queue consumers.
+//! - [`ingest`], [`analyze`] and [`batch`] (the batch lane): the use-cases; [`worker`]: in-process queue consumers.
 //! - [`http`]: the API router used by the api Lambda and `sightline serve`.
 //! - [`metrics`]: the metric set, rendered as CloudWatch EMF (Lambda) and Prometheus (serve).
 //! - [`local`]: files + SQLite adapters; [`providers`]: OpenAI-compatible and offline analyzers.
@@ -10,6 +10,7 @@
 pub mod analyze;
 #[cfg(feature = "aws")]
 pub mod aws;
+pub mod batch;
 pub mod http;
 pub mod ingest;
 pub mod local;

@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use sightline_core::budget::{BudgetCaps, Counted, Period, Periods};
-use sightline_core::model::{AnalysisResult, Detail, ImageRecord, ImageStatus};
+use sightline_core::model::{AnalysisResult, Detail, ImageRecord, ImageStatus, Lane};
 use sightline_core::pricing::Usage;
 use sightline_core::retry::FailureKind;
 
@@ -101,6 +101,16 @@ pub struct CostRow {
     pub calls_at_estimate: u64,
     #[serde(default)]
     pub cost_at_estimate_usd: f64,
+    /// The batch lane's part of the row (the rest is real-time): its images, paid calls,
+    /// cost at batch prices, and what the same usage would have cost in real time, minus it.
+    #[serde(default)]
+    pub batch_images: u64,
+    #[serde(default)]
+    pub batch_calls: u64,
+    #[serde(default)]
+    pub batch_cost_usd: f64,
+    #[serde(default)]
+    pub batch_saved_usd: f64,
 }
 
 /// Money paid for provider calls of an image that left no stored result: invalid answers of
@@ -117,6 +127,10 @@ pub struct Spend {
     pub cost_usd: f64,
     pub calls_at_estimate: u64,
     pub cost_at_estimate_usd: f64,
+    /// The lane that paid (batch lines are priced at batch prices).
+    pub lane: Lane,
+    /// Real-time price of the same usage minus `cost_usd` (batch lane; 0 otherwise).
+    pub saved_usd: f64,
 }
 
 impl Spend {
@@ -508,4 +522,213 @@ pub trait BatchProvider: Send + Sync {
     /// can tell (OpenAI keeps our id in the batch's metadata; Anthropic keeps none: None).
     /// Used after a crash between the provider's accept and our record of it.
     async fn find(&self, batch_id: &str, since_ms: u64) -> Result<Option<String>, ProviderError>;
+}
+
+/// An image waiting for a batch item's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchWaiter {
+    pub tenant: String,
+    pub image_id: String,
+}
+
+/// One idempotency key waiting for (or in) a provider batch: one request, however many images
+/// of its scope have the same bytes. The first waiter pays; the others get the answer at $0.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchItem {
+    /// [`sightline_core::batch::custom_id`] of `key`: the request's id at the provider.
+    pub custom_id: String,
+    /// The idempotency key the answer is cached under.
+    pub key: String,
+    /// Whose budget and ledger pay for the line (the first waiter's tenant).
+    pub tenant: String,
+    pub provider: String,
+    pub model: String,
+    pub sha256: String,
+    pub resized_key: String,
+    pub width: u32,
+    pub height: u32,
+    /// Bytes of the resized JPEG (what a batch's size is estimated by before it is built).
+    pub bytes: u64,
+    pub detail: Detail,
+    /// One line's estimate at the model's batch prices (budget holds; an answer whose usage
+    /// cannot be read is booked at it).
+    pub estimate_usd: f64,
+    pub estimate_input_tokens: u64,
+    pub estimate_output_tokens: u64,
+    pub waiters: Vec<BatchWaiter>,
+    /// Our batch id while the item is in one; None while pending.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_id: Option<String>,
+    /// Batches it was in that ended without an answer for it.
+    pub attempts: u32,
+    pub created_ms: u64,
+    /// Not submitted before this (a refused batch makes the submitter back off).
+    pub not_before_ms: u64,
+    /// Set once its line is reconciled for good (answered, or failed its images); the item
+    /// stays in its batch until the batch's totals are recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended: Option<ItemEnd>,
+}
+
+/// How an item's line ended for good, as its batch's totals count it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ItemEnd {
+    pub answered: bool,
+    /// Booked for the line (an invalid answer that failed its image is paid too).
+    pub cost_usd: f64,
+    pub saved_usd: f64,
+}
+
+/// What [`BatchStore::enqueue_batch`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Enqueued {
+    /// A new pending item for the key.
+    Created,
+    /// The key already waits in an item (pending or in a batch): the image waits for it.
+    Joined,
+    /// The image already waits in the item (a redelivered job).
+    AlreadyWaiting,
+    /// The key is answered already: reuse it at $0.
+    Cached(Box<AnalysisResult>),
+}
+
+/// Our record of a state of a provider batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BatchState {
+    /// Recorded, items assigned; the provider's accept is not recorded yet.
+    Submitting,
+    /// Accepted by the provider; polled until it ends.
+    Running,
+    /// Ended and every line reconciled.
+    Ended,
+    /// Refused by the provider (validation, the enqueued-token limit) or never accepted: its
+    /// items went back to pending.
+    Failed,
+}
+
+impl BatchState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BatchState::Submitting => "submitting",
+            BatchState::Running => "running",
+            BatchState::Ended => "ended",
+            BatchState::Failed => "failed",
+        }
+    }
+
+    pub fn is_open(self) -> bool {
+        matches!(self, BatchState::Submitting | BatchState::Running)
+    }
+}
+
+/// How a batch's lines ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LineCounts {
+    /// Answered and booked.
+    pub succeeded: u64,
+    /// Failed for good (their images failed with a reason).
+    pub failed: u64,
+    /// Back to pending (transient errors, expired or cancelled lines) or to the real-time lane.
+    pub retried: u64,
+}
+
+/// A tenant's budget hold for a batch (settled when the batch is reconciled).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchHold {
+    pub id: String,
+    /// When it was reserved (its day and month are the periods it counts in).
+    pub at_ms: u64,
+}
+
+/// One batch as sightline keeps it (listed by `sightline batches` and `GET /v1/batches`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchRecord {
+    /// Ours (a UUID); the provider's id is `provider_batch_id`.
+    pub batch_id: String,
+    pub tenant: String,
+    pub provider: String,
+    pub model: String,
+    pub state: BatchState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider_batch_id: Option<String>,
+    /// The provider's last word on it (`in_progress`, `expired`, `ended`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider_status: Option<String>,
+    /// Why the provider refused it, or why it was never accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub requests: u64,
+    #[serde(default)]
+    pub counts: LineCounts,
+    /// Booked for its lines at batch prices, and what real time would have cost more.
+    #[serde(default)]
+    pub cost_usd: f64,
+    #[serde(default)]
+    pub saved_usd: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hold: Option<BatchHold>,
+    pub created_at: String,
+    pub created_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submitted_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<String>,
+}
+
+/// Batch items and batch records (the batch lane's state), in the same store as the images so
+/// the ledger and the lines move together.
+#[async_trait]
+pub trait BatchStore: Send + Sync {
+    /// Add `waiter` to the item of `item.key` (creating it pending from `item`), unless the key
+    /// is answered already ([`Enqueued::Cached`]). Idempotent per waiter.
+    async fn enqueue_batch(&self, item: &BatchItem, waiter: &BatchWaiter) -> StoreResult<Enqueued>;
+    /// The cached answer of an idempotency key, if any (the submitter skips answered keys).
+    async fn cached_answer(&self, key: &str) -> StoreResult<Option<AnalysisResult>>;
+    /// Pending items (in no batch, `not_before_ms` reached), oldest first.
+    async fn pending_batch_items(&self, now_ms: u64, limit: usize) -> StoreResult<Vec<BatchItem>>;
+    /// Items in a batch.
+    async fn batch_items(&self, batch_id: &str) -> StoreResult<Vec<BatchItem>>;
+    /// Put items that are still pending into `batch_id`; returns the custom_ids it took.
+    async fn assign_batch_items(
+        &self,
+        batch_id: &str,
+        custom_ids: &[String],
+    ) -> StoreResult<Vec<String>>;
+    /// Back to pending if still in `batch_id`: `attempts` + `count_attempt`, not submitted
+    /// before `not_before_ms`. False when the item is not in that batch (any more).
+    async fn release_batch_item(
+        &self,
+        custom_id: &str,
+        batch_id: &str,
+        count_attempt: bool,
+        not_before_ms: u64,
+    ) -> StoreResult<bool>;
+    /// Mark an item of `batch_id` ended (it stays there until [`BatchStore::purge_batch`]).
+    /// False when it is not in that batch or already ended.
+    async fn end_batch_item(
+        &self,
+        custom_id: &str,
+        batch_id: &str,
+        end: &ItemEnd,
+    ) -> StoreResult<bool>;
+    /// Delete a pending item (its key got answered another way). False when it was not pending.
+    async fn drop_pending_item(&self, custom_id: &str) -> StoreResult<bool>;
+    /// Keep a pending item from being submitted before `not_before_ms` (budget waits).
+    async fn defer_batch_item(&self, custom_id: &str, not_before_ms: u64) -> StoreResult<bool>;
+    /// Delete the ended items of a batch whose totals are recorded.
+    async fn purge_batch(&self, batch_id: &str) -> StoreResult<()>;
+    /// Create or overwrite a batch record.
+    async fn put_batch(&self, batch: &BatchRecord) -> StoreResult<()>;
+    /// Overwrite a batch record only while the stored one is still open (submitting or
+    /// running): the first of two pollers to finish a batch records it; false for the other.
+    async fn close_batch(&self, batch: &BatchRecord) -> StoreResult<bool>;
+    async fn get_batch(&self, batch_id: &str) -> StoreResult<Option<BatchRecord>>;
+    /// Batch records, newest first: of one tenant (or all), only open ones (or all).
+    async fn list_batches(
+        &self,
+        tenant: Option<&str>,
+        open_only: bool,
+        limit: usize,
+    ) -> StoreResult<Vec<BatchRecord>>;
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sightline_core::budget::BudgetCaps;
-use sightline_core::model::{AnswerParams, CacheScope, Detail};
+use sightline_core::model::{AnswerParams, CacheScope, Detail, Lane};
 use sightline_core::pricing::{EstimateParams, PriceTable, PricingError};
 use sightline_core::PrepareOptions;
 
@@ -170,6 +170,23 @@ pub struct Settings {
     /// The key of the admin routes (`x-admin-key`); None: they answer 403. Never serialized.
     #[serde(skip)]
     pub admin_api_key: Option<String>,
+    /// The lane of an image that does not ask for one and matches no `batch_key_prefixes`.
+    pub lane: Lane,
+    /// Upload keys starting with one of these go to the batch lane (S3 drops and local paths).
+    pub batch_key_prefixes: Vec<String>,
+    /// The oldest pending batch request waits at most this long before a batch is submitted.
+    pub batch_max_wait: Duration,
+    /// Requests per batch (each provider's own limit applies too).
+    pub batch_max_requests: usize,
+    /// Bytes of one batch's input (each provider's own limit applies too); the submitter
+    /// holds one batch's input in memory while it uploads it.
+    pub batch_max_bytes: usize,
+    /// Batches a request may end in without an answer (transient errors, expiry) before its
+    /// images go to the real-time lane.
+    pub batch_attempts: u32,
+    /// How often open batches are polled and pending requests looked at (local; on AWS the
+    /// schedule of the batch function).
+    pub batch_poll_every: Duration,
     /// Local: concurrent analysis workers of one process.
     pub workers: usize,
     /// Local: the data directory (SQLite database and blobs).
@@ -228,6 +245,13 @@ impl Settings {
             budget: BudgetCaps::default(),
             over_budget: OverBudget::Wait,
             admin_api_key: None,
+            lane: Lane::Realtime,
+            batch_key_prefixes: Vec::new(),
+            batch_max_wait: Duration::from_secs(600),
+            batch_max_requests: 2_000,
+            batch_max_bytes: 100 << 20,
+            batch_attempts: 3,
+            batch_poll_every: Duration::from_secs(30),
             workers: 4,
             data_dir: PathBuf::from(".sightline"),
         }
@@ -272,6 +296,22 @@ impl Settings {
         requested
             .or_else(|| self.tenant_detail.get(tenant).copied())
             .unwrap_or(self.detail)
+    }
+
+    /// The lane of an image: its own request, else the first key-prefix rule it matches, else
+    /// the default.
+    pub fn lane_for(&self, requested: Option<Lane>, key: &str) -> Lane {
+        requested.unwrap_or_else(|| {
+            if self
+                .batch_key_prefixes
+                .iter()
+                .any(|p| key.starts_with(p.as_str()))
+            {
+                Lane::Batch
+            } else {
+                self.lane
+            }
+        })
     }
 
     /// The request parameters an answer depends on besides the image and the model.
@@ -900,6 +940,90 @@ pub const SETTINGS: &[SettingDef] = &[
             Ok(())
         },
         show: |s| show_secs(s.pending_ttl),
+    },
+    SettingDef {
+        key: "lane",
+        env: "SIGHTLINE_LANE",
+        flag: true,
+        applies: Applies::Everywhere,
+        help: "`realtime` (one call now) or `batch` (the provider's batch API: half price, answered within 24 h) for images that do not ask for a lane",
+        apply: |s, v| {
+            s.lane = Lane::parse(v).ok_or("realtime or batch")?;
+            Ok(())
+        },
+        show: |s| s.lane.to_string(),
+    },
+    SettingDef {
+        key: "batch_key_prefixes",
+        env: "SIGHTLINE_BATCH_KEY_PREFIXES",
+        flag: false,
+        applies: Applies::Everywhere,
+        help: "upload keys with one of these prefixes go to the batch lane, comma-separated (`uploads/nightly/` for a tenant `nightly`)",
+        apply: |s, v| {
+            s.batch_key_prefixes = list(v);
+            Ok(())
+        },
+        show: |s| s.batch_key_prefixes.join(","),
+    },
+    SettingDef {
+        key: "batch_max_wait_secs",
+        env: "SIGHTLINE_BATCH_MAX_WAIT_SECS",
+        flag: false,
+        applies: Applies::Everywhere,
+        help: "a batch is submitted when it is full or its oldest request has waited this long",
+        apply: |s, v| {
+            s.batch_max_wait = secs(v)?;
+            Ok(())
+        },
+        show: |s| show_secs(s.batch_max_wait),
+    },
+    SettingDef {
+        key: "batch_max_requests",
+        env: "SIGHTLINE_BATCH_MAX_REQUESTS",
+        flag: false,
+        applies: Applies::Everywhere,
+        help: "requests per batch (OpenAI allows 50,000, Anthropic 100,000)",
+        apply: |s, v| {
+            s.batch_max_requests = num::<usize>(v)?.max(1);
+            Ok(())
+        },
+        show: |s| s.batch_max_requests.to_string(),
+    },
+    SettingDef {
+        key: "batch_max_mb",
+        env: "SIGHTLINE_BATCH_MAX_MB",
+        flag: false,
+        applies: Applies::Everywhere,
+        help: "MB of one batch's input, held in memory while it is uploaded (OpenAI allows 200, Anthropic 256)",
+        apply: |s, v| {
+            s.batch_max_bytes = num::<usize>(v)?.max(1).saturating_mul(1 << 20);
+            Ok(())
+        },
+        show: |s| (s.batch_max_bytes >> 20).to_string(),
+    },
+    SettingDef {
+        key: "batch_attempts",
+        env: "SIGHTLINE_BATCH_ATTEMPTS",
+        flag: false,
+        applies: Applies::Everywhere,
+        help: "batches a request may come back from unanswered (transient errors, expiry) before its images go to the real-time lane",
+        apply: |s, v| {
+            s.batch_attempts = num::<u32>(v)?.max(1);
+            Ok(())
+        },
+        show: |s| s.batch_attempts.to_string(),
+    },
+    SettingDef {
+        key: "batch_poll_secs",
+        env: "SIGHTLINE_BATCH_POLL_SECS",
+        flag: false,
+        applies: Applies::Local,
+        help: "how often `serve` polls open batches and submits pending requests (on AWS: the batch function's schedule)",
+        apply: |s, v| {
+            s.batch_poll_every = secs(v)?.max(Duration::from_secs(1));
+            Ok(())
+        },
+        show: |s| show_secs(s.batch_poll_every),
     },
     SettingDef {
         key: "resize_memory_mb",

@@ -229,6 +229,9 @@ struct LedgerAdd<'a> {
     estimated_cost_usd: f64,
     calls_at_estimate: u64,
     cost_at_estimate_usd: f64,
+    /// The money came through the batch lane (it also counts in the batch attributes).
+    batch: bool,
+    saved_usd: f64,
 }
 
 impl DynamoRepository {
@@ -335,18 +338,23 @@ impl DynamoRepository {
         tenant: &str,
         a: &LedgerAdd<'_>,
     ) -> Result<Update, aws_sdk_dynamodb::error::BuildError> {
-        Update::builder()
+        let batch_add = if a.batch {
+            ", batch_images :images, batch_calls :calls, batch_cost_usd :cost, batch_saved_usd :saved"
+        } else {
+            ""
+        };
+        let update = Update::builder()
             .table_name(&self.table)
             .set_key(Some(Self::key(
                 ledger_pk(tenant),
                 &format!("{}#{}", a.day, a.model),
             )))
-            .update_expression(
+            .update_expression(format!(
                 "SET #day = :day, #model = :model \
                  ADD images :images, cached_images :cached, calls :calls, input_tokens :in, \
                  output_tokens :out, cost_usd :cost, estimated_cost_usd :est, \
-                 calls_at_estimate :calls_est, cost_at_estimate_usd :cost_est",
-            )
+                 calls_at_estimate :calls_est, cost_at_estimate_usd :cost_est{batch_add}"
+            ))
             .expression_attribute_names("#day", "day")
             .expression_attribute_names("#model", "model")
             .expression_attribute_values(":day", s(a.day))
@@ -359,8 +367,14 @@ impl DynamoRepository {
             .expression_attribute_values(":cost", nf(a.cost_usd))
             .expression_attribute_values(":est", nf(a.estimated_cost_usd))
             .expression_attribute_values(":calls_est", n(a.calls_at_estimate))
-            .expression_attribute_values(":cost_est", nf(a.cost_at_estimate_usd))
-            .build()
+            .expression_attribute_values(":cost_est", nf(a.cost_at_estimate_usd));
+        if a.batch {
+            update
+                .expression_attribute_values(":saved", nf(a.saved_usd))
+                .build()
+        } else {
+            update.build()
+        }
     }
 
     /// The idempotency item of a finished answer (replaces an in-flight claim).
@@ -862,6 +876,8 @@ impl Repository for DynamoRepository {
                     estimated_cost_usd,
                     calls_at_estimate: u64::from(result.usage_estimated),
                     cost_at_estimate_usd: result.cost_at_estimate_usd,
+                    batch: !result.lane.is_realtime(),
+                    saved_usd: result.saved_usd,
                 },
             )
             .map_err(perm)?;
@@ -960,6 +976,8 @@ impl Repository for DynamoRepository {
                     estimated_cost_usd: 0.0,
                     calls_at_estimate: spend.calls_at_estimate,
                     cost_at_estimate_usd: spend.cost_at_estimate_usd,
+                    batch: !spend.lane.is_realtime(),
+                    saved_usd: spend.saved_usd,
                 },
             )
             .map_err(perm)?;
@@ -1036,6 +1054,10 @@ impl Repository for DynamoRepository {
                 calls: get_u64(item, "calls"),
                 calls_at_estimate: get_u64(item, "calls_at_estimate"),
                 cost_at_estimate_usd: get_f64(item, "cost_at_estimate_usd"),
+                batch_images: get_u64(item, "batch_images"),
+                batch_calls: get_u64(item, "batch_calls"),
+                batch_cost_usd: get_f64(item, "batch_cost_usd"),
+                batch_saved_usd: get_f64(item, "batch_saved_usd"),
             });
         }
         rows.sort_by(|a, b| (&a.day, &a.model).cmp(&(&b.day, &b.model)));

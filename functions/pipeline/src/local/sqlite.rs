@@ -50,6 +50,15 @@ CREATE TABLE IF NOT EXISTS budget_holds (
 CREATE INDEX IF NOT EXISTS budget_holds_by_tenant ON budget_holds (tenant, month, day);
 CREATE TABLE IF NOT EXISTS instances (
     id TEXT PRIMARY KEY, pid INTEGER NOT NULL, started_at INTEGER NOT NULL, heartbeat_at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS batch_items (
+    custom_id TEXT PRIMARY KEY, batch_id TEXT, not_before_ms INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL, doc TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS batch_items_pending ON batch_items (created_ms) WHERE batch_id IS NULL;
+CREATE INDEX IF NOT EXISTS batch_items_by_batch ON batch_items (batch_id) WHERE batch_id IS NOT NULL;
+CREATE TABLE IF NOT EXISTS batches (
+    batch_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, state TEXT NOT NULL,
+    created_ms INTEGER NOT NULL, doc TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS batches_by_time ON batches (created_ms DESC);
 "#;
 
 /// Columns added after the first release: (table, column, definition). Added at open when an
@@ -62,6 +71,10 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("api_keys", "created_at", "TEXT NOT NULL DEFAULT ''"),
     ("queue", "ref", "TEXT"),
     ("upload_tokens", "sha256", "TEXT"),
+    ("ledger", "batch_images", "INTEGER NOT NULL DEFAULT 0"),
+    ("ledger", "batch_calls", "INTEGER NOT NULL DEFAULT 0"),
+    ("ledger", "batch_cost_usd", "REAL NOT NULL DEFAULT 0"),
+    ("ledger", "batch_saved_usd", "REAL NOT NULL DEFAULT 0"),
 ];
 
 /// Indexes over added columns (created after the columns exist).
@@ -471,18 +484,29 @@ struct LedgerAdd<'a> {
     estimated_cost_usd: f64,
     calls_at_estimate: i64,
     cost_at_estimate_usd: f64,
+    /// The money came through the batch lane (it also counts in the batch columns).
+    batch: bool,
+    saved_usd: f64,
 }
 
 fn add_to_ledger(conn: &Connection, a: &LedgerAdd<'_>) -> StoreResult<()> {
+    let (batch_images, batch_calls, batch_cost, batch_saved) = if a.batch {
+        (a.images, a.calls, a.cost_usd, a.saved_usd)
+    } else {
+        (0, 0, 0.0, 0.0)
+    };
     conn.execute(
         "INSERT INTO ledger (tenant, day, model, images, cached_images, calls, input_tokens, output_tokens,
-                             cost_usd, estimated_cost_usd, calls_at_estimate, cost_at_estimate_usd)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+                             cost_usd, estimated_cost_usd, calls_at_estimate, cost_at_estimate_usd,
+                             batch_images, batch_calls, batch_cost_usd, batch_saved_usd)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
          ON CONFLICT (tenant, day, model) DO UPDATE SET
            images = images + ?4, cached_images = cached_images + ?5, calls = calls + ?6,
            input_tokens = input_tokens + ?7, output_tokens = output_tokens + ?8,
            cost_usd = cost_usd + ?9, estimated_cost_usd = estimated_cost_usd + ?10,
-           calls_at_estimate = calls_at_estimate + ?11, cost_at_estimate_usd = cost_at_estimate_usd + ?12",
+           calls_at_estimate = calls_at_estimate + ?11, cost_at_estimate_usd = cost_at_estimate_usd + ?12,
+           batch_images = batch_images + ?13, batch_calls = batch_calls + ?14,
+           batch_cost_usd = batch_cost_usd + ?15, batch_saved_usd = batch_saved_usd + ?16",
         params![
             a.tenant,
             a.day,
@@ -495,7 +519,11 @@ fn add_to_ledger(conn: &Connection, a: &LedgerAdd<'_>) -> StoreResult<()> {
             a.cost_usd,
             a.estimated_cost_usd,
             a.calls_at_estimate,
-            a.cost_at_estimate_usd
+            a.cost_at_estimate_usd,
+            batch_images,
+            batch_calls,
+            batch_cost,
+            batch_saved
         ],
     )
     .map_err(db_err)?;
@@ -540,6 +568,8 @@ fn budget_counts_in(
         },
     })
 }
+
+mod batch;
 
 #[async_trait]
 impl Repository for SqliteRepository {
@@ -838,6 +868,8 @@ impl Repository for SqliteRepository {
                         estimated_cost_usd,
                         calls_at_estimate: i64::from(result.usage_estimated),
                         cost_at_estimate_usd: result.cost_at_estimate_usd,
+                        batch: !result.lane.is_realtime(),
+                        saved_usd: result.saved_usd,
                     },
                 )?;
                 tx.commit().map_err(db_err)?;
@@ -890,6 +922,8 @@ impl Repository for SqliteRepository {
                             estimated_cost_usd: 0.0,
                             calls_at_estimate: sp.calls_at_estimate as i64,
                             cost_at_estimate_usd: sp.cost_at_estimate_usd,
+                            batch: !sp.lane.is_realtime(),
+                            saved_usd: sp.saved_usd,
                         },
                     )?;
                     if let Some(mut rec) = load_image(&tx, &t, &image)? {
@@ -911,7 +945,8 @@ impl Repository for SqliteRepository {
                 let mut stmt = c
                     .prepare(
                         "SELECT day, model, images, cached_images, input_tokens, output_tokens, cost_usd,
-                                estimated_cost_usd, calls, calls_at_estimate, cost_at_estimate_usd
+                                estimated_cost_usd, calls, calls_at_estimate, cost_at_estimate_usd,
+                                batch_images, batch_calls, batch_cost_usd, batch_saved_usd
                          FROM ledger WHERE tenant = ?1 AND day >= ?2 AND day <= ?3 ORDER BY day, model",
                     )
                     .map_err(db_err)?;
@@ -929,6 +964,10 @@ impl Repository for SqliteRepository {
                             calls: r.get::<_, i64>(8)? as u64,
                             calls_at_estimate: r.get::<_, i64>(9)? as u64,
                             cost_at_estimate_usd: r.get(10)?,
+                            batch_images: r.get::<_, i64>(11)? as u64,
+                            batch_calls: r.get::<_, i64>(12)? as u64,
+                            batch_cost_usd: r.get(13)?,
+                            batch_saved_usd: r.get(14)?,
                         })
                     })
                     .map_err(db_err)?

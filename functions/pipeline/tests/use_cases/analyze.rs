@@ -183,6 +183,7 @@ pub(crate) fn record_of(tenant: &str, id: &str) -> ImageRecord {
         result: None,
         extra_spend: None,
         detail: None,
+        lane: None,
         created_at: "2026-11-22T00:00:00.000Z".into(),
         updated_at: "2026-11-22T00:00:00.000Z".into(),
     }
@@ -203,6 +204,7 @@ fn job_of(tenant: &str, id: &str) -> String {
         width: 1024,
         height: 1024,
         detail: None,
+        lane: None,
     })
     .unwrap()
 }
@@ -563,6 +565,9 @@ async fn an_answer_for_an_image_done_meanwhile_is_booked_cached_and_frees_its_cl
         calls: 0,
         usage_estimated: false,
         cost_at_estimate_usd: 0.0,
+        lane: Default::default(),
+        batch_id: None,
+        saved_usd: 0.0,
         idempotency_key: "elsewhere".into(),
         prompt_version: "v1".into(),
         price_version: "x".into(),

@@ -88,6 +88,7 @@ fn job(i: usize) -> String {
         width: 1024,
         height: 1024,
         detail: None,
+        lane: None,
     })
     .unwrap()
 }
@@ -187,6 +188,8 @@ async fn a_budget_wait_on_the_last_delivery_leaves_the_image_queued() {
                 cost_usd: 0.01,
                 calls_at_estimate: 0,
                 cost_at_estimate_usd: 0.0,
+                lane: Default::default(),
+                saved_usd: 0.0,
             },
         )
         .await

@@ -86,6 +86,7 @@ pub(crate) fn pending(id: &str, created_ms: u64) -> ImageRecord {
         result: None,
         extra_spend: None,
         detail: None,
+        lane: None,
         created_at: rfc3339(created_ms),
         updated_at: rfc3339(created_ms),
     }
