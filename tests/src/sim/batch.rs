@@ -518,8 +518,8 @@ pub(super) fn routes() -> Router<Arc<Shared>> {
         .route("/v1/messages/batches/{id}/results", get(anthropic_results))
 }
 
-/// Authenticate for `api` and settle the batches; the error is already rendered.
-fn enter(sh: &Shared, api: Api, headers: &HeaderMap) -> Result<SimConfig, Response> {
+/// Authenticate for `api` and settle the batches.
+fn enter(sh: &Shared, api: Api, headers: &HeaderMap) -> Result<SimConfig, ApiError> {
     let mut g = sh.lock();
     let cfg = g.cfg.clone();
     let auth = match api {
@@ -530,7 +530,7 @@ fn enter(sh: &Shared, api: Api, headers: &HeaderMap) -> Result<SimConfig, Respon
         if e.status == StatusCode::UNAUTHORIZED {
             g.stats.unauthorized += 1;
         }
-        return Err(e.render(api));
+        return Err(e);
     }
     settle(&mut g, Instant::now());
     Ok(cfg)
@@ -669,7 +669,7 @@ fn validate_jsonl(data: &[u8], cfg: &super::batch::BatchConfig) -> Result<Vec<Pe
 async fn upload_file(State(sh): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
     let cfg = match enter(&sh, Api::OpenAi, &headers) {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(e) => return e.render(Api::OpenAi),
     };
     let invalid = |m: String| ApiError::invalid(m, None).render(Api::OpenAi);
     let content_type = headers
@@ -728,8 +728,8 @@ async fn file_content(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = enter(&sh, Api::OpenAi, &headers) {
-        return r;
+    if let Err(e) = enter(&sh, Api::OpenAi, &headers) {
+        return e.render(Api::OpenAi);
     }
     let mut g = sh.lock();
     let Some(file) = g.batches.files.get(&id) else {
@@ -759,7 +759,7 @@ struct CreateOpenAi {
 async fn create_openai(State(sh): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
     let cfg = match enter(&sh, Api::OpenAi, &headers) {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(e) => return e.render(Api::OpenAi),
     };
     let invalid = |m: &str, param: &'static str| {
         ApiError::invalid(m.to_string(), Some(param)).render(Api::OpenAi)
@@ -929,8 +929,8 @@ async fn get_openai(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = enter(&sh, Api::OpenAi, &headers) {
-        return r;
+    if let Err(e) = enter(&sh, Api::OpenAi, &headers) {
+        return e.render(Api::OpenAi);
     }
     let mut g = sh.lock();
     match g.batches.batch_mut(Api::OpenAi, &id) {
@@ -969,8 +969,8 @@ async fn list_openai(
     Query(q): Query<ListQuery>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = enter(&sh, Api::OpenAi, &headers) {
-        return r;
+    if let Err(e) = enter(&sh, Api::OpenAi, &headers) {
+        return e.render(Api::OpenAi);
     }
     let g = sh.lock();
     let now = Instant::now();
@@ -1003,7 +1003,7 @@ async fn create_anthropic(
 ) -> Response {
     let cfg = match enter(&sh, Api::Anthropic, &headers) {
         Ok(c) => c,
-        Err(r) => return r,
+        Err(e) => return e.render(Api::Anthropic),
     };
     let refuse = |m: String| {
         sh.lock().stats.batch.batches_failed += 1;
@@ -1128,8 +1128,8 @@ async fn get_anthropic(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = enter(&sh, Api::Anthropic, &headers) {
-        return r;
+    if let Err(e) = enter(&sh, Api::Anthropic, &headers) {
+        return e.render(Api::Anthropic);
     }
     let mut g = sh.lock();
     match g.batches.batch_mut(Api::Anthropic, &id) {
@@ -1143,8 +1143,8 @@ async fn list_anthropic(
     Query(q): Query<ListQuery>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = enter(&sh, Api::Anthropic, &headers) {
-        return r;
+    if let Err(e) = enter(&sh, Api::Anthropic, &headers) {
+        return e.render(Api::Anthropic);
     }
     let g = sh.lock();
     let host = host(&headers);
@@ -1169,8 +1169,8 @@ async fn anthropic_results(
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = enter(&sh, Api::Anthropic, &headers) {
-        return r;
+    if let Err(e) = enter(&sh, Api::Anthropic, &headers) {
+        return e.render(Api::Anthropic);
     }
     let mut g = sh.lock();
     let Some(b) = g.batches.batch_mut(Api::Anthropic, &id) else {

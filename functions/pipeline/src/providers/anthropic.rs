@@ -200,6 +200,8 @@ impl VisionProvider for AnthropicProvider {
 
 /// A Messages API answer (or a batch's succeeded message) as a validated analysis, or the
 /// billed invalid-output failure it is. `model` stands in when the body names none.
+// The error VisionProvider::analyze returns, unboxed like it.
+#[allow(clippy::result_large_err)]
 pub(crate) fn answer(
     body: &Value,
     model: &str,

@@ -120,6 +120,8 @@ impl VisionProvider for OpenAiProvider {
 
 /// A chat completion (an answer, or a batch line's body) as a validated analysis, or the billed
 /// invalid-output failure it is. `model` stands in when the body names none.
+// The error VisionProvider::analyze returns, unboxed like it.
+#[allow(clippy::result_large_err)]
 pub(crate) fn answer(
     body: &Value,
     model: &str,
