@@ -47,6 +47,8 @@
 //!   the provider always rejects with a 400 `image_rejected`, a permanent error, whatever else is
 //!   configured. Which images are poison depends only on the seed and the image's sha256
 //!   ([`is_poison`]), so a harness can predict them.
+//! - **Batches** ([`batch`]): OpenAI Files + Batches and Anthropic Message Batches, each line
+//!   answered by this route's code; their counters are [`SimStats::batch`].
 //! - **Control**: `GET /sim/stats`, `POST /sim/reset`, `GET|POST /sim/config` (a partial JSON
 //!   object merged into the current config), `GET /v1/models`.
 //!

@@ -309,12 +309,13 @@ pub(super) fn settle(inner: &mut Inner, now: Instant) {
         }
         if b.api == Api::OpenAi {
             let (output, errors) = openai_result_files(b);
-            for (content, slot) in [
-                (output, &mut b.output_file_id),
-                (errors, &mut b.error_file_id),
+            for (kind, content, slot) in [
+                ("out", output, &mut b.output_file_id),
+                ("err", errors, &mut b.error_file_id),
             ] {
                 if !content.is_empty() {
-                    let id = format!("file-sim{:016x}", b.number * 4 + new_files.len() as u64);
+                    // Named after the batch, apart from the uploads' numbering.
+                    let id = format!("file-sim{kind}{:016x}", b.number);
                     *slot = Some(id.clone());
                     new_files.push((id, content));
                 }
