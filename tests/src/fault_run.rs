@@ -201,6 +201,7 @@ pub fn sim_config(o: &Options) -> SimConfig {
             every_nth: None,
             poison_rate: o.poison_rate,
         },
+        batch: Default::default(),
     }
 }
 

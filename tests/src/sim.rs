@@ -47,6 +47,8 @@
 //!   the provider always rejects with a 400 `image_rejected`, a permanent error, whatever else is
 //!   configured. Which images are poison depends only on the seed and the image's sha256
 //!   ([`is_poison`]), so a harness can predict them.
+//! - **Batches** ([`batch`]): OpenAI Files + Batches and Anthropic Message Batches, each line
+//!   answered by this route's code; their counters are [`SimStats::batch`].
 //! - **Control**: `GET /sim/stats`, `POST /sim/reset`, `GET|POST /sim/config` (a partial JSON
 //!   object merged into the current config), `GET /v1/models`.
 //!
@@ -80,6 +82,11 @@ use sightline_core::model::Detail;
 use sightline_core::pricing::{text_tokens, ModelPrice, PriceTable};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+
+pub mod batch;
+
+use batch::BatchStore;
+pub use batch::{BatchConfig, BatchStats};
 
 /// Length of the rate-limit windows.
 pub const WINDOW: Duration = Duration::from_secs(60);
@@ -322,6 +329,8 @@ pub struct SimConfig {
     pub seed: u64,
     /// How long a `timeout` fault hangs before dropping the connection.
     pub timeout_hang_ms: u64,
+    /// The batch endpoints: timing, limits and faults ([`batch`]).
+    pub batch: BatchConfig,
 }
 
 impl Default for SimConfig {
@@ -335,13 +344,15 @@ impl Default for SimConfig {
             faults: FaultPlan::default(),
             seed: 1,
             timeout_hang_ms: 30_000,
+            batch: BatchConfig::default(),
         }
     }
 }
 
 impl SimConfig {
     pub fn validate(&self) -> Result<(), String> {
-        self.faults.validate()
+        self.faults.validate()?;
+        self.batch.validate()
     }
 }
 
@@ -433,6 +444,9 @@ pub struct SimStats {
     pub in_flight: u64,
     /// Most calls handled at once.
     pub peak_in_flight: u64,
+    /// The batch endpoints (their lines are not in the real-time counters above).
+    #[serde(default)]
+    pub batch: BatchStats,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -648,6 +662,8 @@ struct Inner {
     windows: HashMap<String, Window>,
     /// Sequence number of valid requests (drives `every_nth` and the per-request RNG).
     valid_seq: u64,
+    /// Uploaded files and batches (kept across a stats reset).
+    batches: BatchStore,
 }
 
 #[derive(Debug)]
@@ -663,7 +679,10 @@ impl Shared {
     }
 
     fn stats(&self) -> SimStats {
-        self.lock().stats.clone()
+        let mut g = self.lock();
+        // Batches whose time has come end (and bill) now, so the counters are current.
+        batch::settle(&mut g, Instant::now());
+        g.stats.clone()
     }
 
     fn reset(&self) {
@@ -744,6 +763,7 @@ impl SimServer {
                 stats: SimStats::default(),
                 windows: HashMap::new(),
                 valid_seq: 0,
+                batches: BatchStore::default(),
             }),
             shutdown: shutdown_rx.clone(),
         });
@@ -835,6 +855,7 @@ fn router(shared: Arc<Shared>) -> Router {
             "/v1/messages",
             post(|state, headers, body| detached(Api::Anthropic, state, headers, body)),
         )
+        .merge(batch::routes())
         .route("/v1/models", get(list_models))
         .route("/sim/stats", get(get_stats))
         .route("/sim/reset", post(post_reset))
@@ -2082,6 +2103,80 @@ impl Api {
     }
 }
 
+/// The poison images among the call's (see [`is_poison`]).
+fn poison_images<'a>(cfg: &SimConfig, parsed: &'a Parsed) -> Vec<&'a str> {
+    parsed
+        .images
+        .iter()
+        .map(|im| im.sha256.as_str())
+        .filter(|sha| is_poison(cfg.seed, sha, cfg.faults.poison_rate))
+        .collect()
+}
+
+/// The 400 a call carrying a poison image gets, on either route and on batch lines.
+fn poison_error() -> ApiError {
+    ApiError::invalid(
+        "Your image was rejected (simulated poison image): the provider will never accept \
+         this image, whatever you retry.",
+        None,
+    )
+    .with_code("image_rejected")
+}
+
+/// A 200's body and the tokens it bills.
+struct Answer {
+    body: Value,
+    input_tokens: u64,
+    output_tokens: u64,
+}
+
+/// What the route answers (and bills) for a parsed call: the analysis, cut at `max_tokens`, or
+/// with `bad_content` a refusal that is not JSON. The batch lines use it too, so a batch line
+/// costs exactly what the same real-time call would.
+fn answer_for(api: Api, seq: u64, parsed: &Parsed, bad_content: bool) -> Answer {
+    let sha_tag = parsed
+        .images
+        .first()
+        .map(|im| im.sha256[..12.min(im.sha256.len())].to_string())
+        .unwrap_or_else(|| "000000000000".into());
+    let (content, cut, completion_tokens) = if bad_content {
+        let c = format!(
+            "I'm sorry, but I can't provide a structured description of this image. It appears to \
+             show {} image(s).",
+            parsed.images.len()
+        );
+        let t = text_tokens(&c);
+        (c, false, t)
+    } else {
+        let c = analysis(&parsed.images).to_string();
+        let t = text_tokens(&c);
+        match parsed.max_tokens {
+            Some(max) if t > max => {
+                let cut = truncate_chars(
+                    &c,
+                    usize::try_from(max.saturating_mul(4)).unwrap_or(usize::MAX),
+                );
+                (cut, true, max)
+            }
+            _ => (c, false, t),
+        }
+    };
+    let body = api.answer(
+        seq,
+        &sha_tag,
+        &parsed.model,
+        &content,
+        cut,
+        parsed.prompt_tokens,
+        completion_tokens,
+    );
+    Answer {
+        body,
+        input_tokens: parsed.prompt_tokens,
+        output_tokens: completion_tokens,
+    }
+}
+
 /// Like OpenAI and Anthropic, a request whose client gave up (a timeout, a killed process) is
 /// still processed and billed: the work runs in its own task, which a dropped connection does
 /// not cancel.
@@ -2157,12 +2252,7 @@ async fn handle(
 
     // Count the call per image; a poison image is rejected before anything else (it takes no
     // sequence number, so it does not shift the fault schedule of the other requests).
-    let poison: Vec<&str> = parsed
-        .images
-        .iter()
-        .map(|im| im.sha256.as_str())
-        .filter(|sha| is_poison(cfg.seed, sha, cfg.faults.poison_rate))
-        .collect();
+    let poison = poison_images(&cfg, &parsed);
     let seq = {
         let mut g = sh.lock();
         for im in &parsed.images {
@@ -2187,13 +2277,7 @@ async fn handle(
         }
     };
     let Some(seq) = seq else {
-        let err = ApiError::invalid(
-            "Your image was rejected (simulated poison image): the provider will never accept \
-             this image, whatever you retry.",
-            None,
-        )
-        .with_code("image_rejected");
-        return with_limits(err.render(api), &sh.snapshot(&key));
+        return with_limits(poison_error().render(api), &sh.snapshot(&key));
     };
     let mut rng = per_request_rng(cfg.seed, seq);
     let fault = match forced {
@@ -2293,49 +2377,17 @@ async fn handle(
         return finish(api.server_error(f), &snap);
     }
 
-    // Build the answer.
-    let sha_tag = parsed
-        .images
-        .first()
-        .map(|im| im.sha256[..12.min(im.sha256.len())].to_string())
-        .unwrap_or_else(|| "000000000000".into());
-    let (content, cut, completion_tokens) = if fault == Some(Fault::BadContent) {
-        let c = format!(
-            "I'm sorry, but I can't provide a structured description of this image. It appears to \
-             show {} image(s).",
-            parsed.images.len()
-        );
-        let t = text_tokens(&c);
-        (c, false, t)
-    } else {
-        let c = analysis(&parsed.images).to_string();
-        let t = text_tokens(&c);
-        match parsed.max_tokens {
-            Some(max) if t > max => {
-                let cut = truncate_chars(
-                    &c,
-                    usize::try_from(max.saturating_mul(4)).unwrap_or(usize::MAX),
-                );
-                (cut, true, max)
-            }
-            _ => (c, false, t),
-        }
-    };
-    let body = api.answer(
-        seq,
-        &sha_tag,
-        &parsed.model,
-        &content,
-        cut,
-        parsed.prompt_tokens,
-        completion_tokens,
-    );
+    let Answer {
+        body,
+        input_tokens,
+        output_tokens: completion_tokens,
+    } = answer_for(api, seq, &parsed, fault == Some(Fault::BadContent));
 
     {
         let mut g = sh.lock();
-        g.stats.prompt_tokens += parsed.prompt_tokens;
+        g.stats.prompt_tokens += input_tokens;
         g.stats.completion_tokens += completion_tokens;
-        g.stats.tokens_billed += parsed.prompt_tokens + completion_tokens;
+        g.stats.tokens_billed += input_tokens + completion_tokens;
         match fault {
             Some(f) => g.stats.faults.bump(f),
             None => {

@@ -1262,3 +1262,514 @@ async fn both_routes_share_one_key_s_rate_limit_windows() {
     assert_anthropic_error(&limited.json().await.unwrap(), "rate_limit_error");
     assert_eq!(sim.stats().await.rate_limited, 1);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Batch endpoints (OpenAI Files + Batches) and the OpenAI batch client
+// ---------------------------------------------------------------------------------------------
+
+mod openai_batch {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use reqwest::{Client, StatusCode};
+    use serde_json::{json, Value};
+    use sightline_core::batch::BatchPhase;
+    use sightline_core::model::Detail;
+    use sightline_core::pricing::DEFAULT_PROMPT;
+    use sightline_core::retry::FailureKind;
+    use sightline_pipeline::ports::{
+        BatchLine, BatchProvider, BatchRequest, LineOutcome, ProviderBatch, VisionProvider,
+        VisionRequest,
+    };
+    use sightline_pipeline::providers::openai::OpenAiProvider;
+    use sightline_pipeline::providers::openai_batch::OpenAiBatchProvider;
+    use sightline_tests::sim::{is_poison, BatchConfig, FaultPlan, SimConfig, SimServer};
+
+    use super::{cfg, jpeg, sha, KEY};
+
+    const MODEL: &str = "gpt-4.1-mini";
+
+    fn batch_cfg(batch: BatchConfig) -> SimConfig {
+        SimConfig {
+            batch: BatchConfig {
+                delay_ms: 150,
+                ..batch
+            },
+            ..cfg()
+        }
+    }
+
+    fn request(i: u8) -> VisionRequest {
+        let (w, h) = (200 + u32::from(i) * 40, 160 + u32::from(i) * 10);
+        VisionRequest {
+            model: MODEL.into(),
+            jpeg: Arc::new(jpeg(w, h, i.wrapping_mul(37))),
+            width: w,
+            height: h,
+            prompt: DEFAULT_PROMPT.into(),
+            max_output_tokens: 400,
+            detail: if i.is_multiple_of(2) {
+                Detail::High
+            } else {
+                Detail::Low
+            },
+        }
+    }
+
+    fn batch_requests(n: u8) -> Vec<BatchRequest> {
+        (0..n)
+            .map(|i| BatchRequest {
+                custom_id: sightline_core::batch::custom_id(&format!("key-{i}")),
+                request: request(i),
+            })
+            .collect()
+    }
+
+    fn client(sim: &SimServer) -> OpenAiBatchProvider {
+        OpenAiBatchProvider::new(&sim.base_url, KEY, Duration::from_secs(10)).unwrap()
+    }
+
+    async fn submit(p: &OpenAiBatchProvider, batch_id: &str, reqs: &[BatchRequest]) -> String {
+        let encoded = reqs.iter().map(|r| p.encode(r).unwrap()).collect();
+        p.submit(batch_id, encoded).await.unwrap()
+    }
+
+    async fn wait_ended(p: &dyn BatchProvider, id: &str) -> ProviderBatch {
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let b = p.status(id).await.unwrap();
+            if b.phase != BatchPhase::Running {
+                return b;
+            }
+            assert!(Instant::now() < until, "batch {id} still {}", b.status);
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+    }
+
+    fn by_id<'a>(lines: &'a [BatchLine], custom_id: &str) -> &'a LineOutcome {
+        &lines
+            .iter()
+            .find(|l| l.custom_id == custom_id)
+            .unwrap_or_else(|| panic!("no line for {custom_id}"))
+            .outcome
+    }
+
+    #[tokio::test]
+    async fn openai_batch_lines_cost_exactly_what_the_realtime_calls_cost() {
+        let sim = SimServer::start(batch_cfg(BatchConfig::default()))
+            .await
+            .unwrap();
+        let p = client(&sim);
+        assert_eq!(p.limits(), sightline_core::batch::OPENAI_BATCH_LIMITS);
+        let reqs = batch_requests(3);
+        let id = submit(&p, "b-1", &reqs).await;
+        assert!(id.starts_with("batch_"), "{id}");
+        let ended = wait_ended(&p, &id).await;
+        assert_eq!(
+            (ended.status.as_str(), ended.phase),
+            ("completed", BatchPhase::Ended)
+        );
+        assert_eq!(ended.error, None);
+        let lines = p.results(&id).await.unwrap();
+        assert_eq!(lines.len(), 3);
+        let realtime = OpenAiProvider::new(&sim.base_url, KEY, Duration::from_secs(10)).unwrap();
+        let mut input = 0;
+        let mut output = 0;
+        for r in &reqs {
+            let LineOutcome::Answered(answer) = by_id(&lines, &r.custom_id) else {
+                panic!("{:?}", by_id(&lines, &r.custom_id))
+            };
+            let now = realtime.analyze(&r.request).await.unwrap();
+            assert_eq!(answer.usage, now.usage, "same tokens as the real-time call");
+            assert_eq!(answer.analysis, now.analysis, "same answer");
+            assert_eq!(answer.model, MODEL);
+            let u = answer.usage.unwrap();
+            input += u.input_tokens;
+            output += u.output_tokens;
+        }
+        let s = sim.stats().await.batch;
+        assert_eq!(s.batches_created, 1);
+        assert_eq!(s.batches_ended, 1);
+        assert_eq!(s.lines_billed, 3);
+        assert_eq!((s.input_tokens, s.output_tokens), (input, output));
+        assert_eq!(s.results_fetches, 1, "one output file, no error file");
+    }
+
+    /// Uploads `jsonl` as a batch input file; the raw response.
+    async fn upload(sim: &SimServer, jsonl: String) -> reqwest::Response {
+        let form = reqwest::multipart::Form::new()
+            .text("purpose", "batch")
+            .part(
+                "file",
+                reqwest::multipart::Part::bytes(jsonl.into_bytes()).file_name("in.jsonl"),
+            );
+        Client::new()
+            .post(format!("{}/files", sim.base_url))
+            .bearer_auth(KEY)
+            .multipart(form)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    fn jsonl_line(custom_id: &str, url: &str) -> String {
+        json!({"custom_id": custom_id, "method": "POST", "url": url,
+            "body": {"model": MODEL, "messages": [{"role": "user", "content": "json please"}]}})
+        .to_string()
+    }
+
+    #[tokio::test]
+    async fn file_uploads_check_lines_custom_ids_and_the_configured_limits() {
+        let sim = SimServer::start(batch_cfg(BatchConfig {
+            max_file_lines: 2,
+            max_file_bytes: 1_000,
+            ..BatchConfig::default()
+        }))
+        .await
+        .unwrap();
+        let ok = format!(
+            "{}\n{}\n",
+            jsonl_line("a", "/v1/chat/completions"),
+            jsonl_line("b", "/v1/chat/completions")
+        );
+        let resp = upload(&sim, ok.clone()).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        let file: Value = resp.json().await.unwrap();
+        assert_eq!(file["object"], "file");
+        assert_eq!(file["purpose"], "batch");
+        assert_eq!(file["bytes"], ok.len());
+        assert!(file["id"].as_str().unwrap().starts_with("file-"));
+        let content = Client::new()
+            .get(format!(
+                "{}/files/{}/content",
+                sim.base_url,
+                file["id"].as_str().unwrap()
+            ))
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(content.text().await.unwrap(), ok);
+
+        for (bad, why) in [
+            (
+                format!(
+                    "{}\n{}\n",
+                    jsonl_line("a", "/v1/chat/completions"),
+                    jsonl_line("a", "/v1/chat/completions")
+                ),
+                "duplicate",
+            ),
+            (format!("{}\n", jsonl_line("a", "/v1/embeddings")), "url"),
+            ("{not json\n".to_string(), "JSON"),
+            (
+                (0..3)
+                    .map(|i| jsonl_line(&i.to_string(), "/v1/chat/completions") + "\n")
+                    .collect(),
+                "more than 2",
+            ),
+            (
+                format!(
+                    "{}\n",
+                    jsonl_line(&"x".repeat(1_000), "/v1/chat/completions")
+                ),
+                "too large",
+            ),
+        ] {
+            let resp = upload(&sim, bad).await;
+            assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "{why}");
+            let v: Value = resp.json().await.unwrap();
+            let msg = v["error"]["message"].as_str().unwrap();
+            assert!(msg.contains(why), "{why}: {msg}");
+        }
+        assert_eq!(sim.stats().await.batch.files_uploaded, 1);
+    }
+
+    #[tokio::test]
+    async fn a_batch_walks_validating_in_progress_then_completed_and_lists_newest_first() {
+        let sim = SimServer::start(SimConfig {
+            batch: BatchConfig {
+                delay_ms: 600,
+                ..BatchConfig::default()
+            },
+            ..cfg()
+        })
+        .await
+        .unwrap();
+        let p = client(&sim);
+        let first = submit(&p, "first", &batch_requests(1)).await;
+        let second = submit(&p, "second", &batch_requests(2)).await;
+        let get = |id: String| {
+            let url = format!("{}/batches/{id}", sim.base_url);
+            async move {
+                let v: Value = Client::new()
+                    .get(url)
+                    .bearer_auth(KEY)
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                v
+            }
+        };
+        let v = get(second.clone()).await;
+        assert_eq!(v["status"], "validating");
+        assert_eq!(v["request_counts"]["total"], 2);
+        assert_eq!(v["metadata"]["sightline_batch"], "second");
+        assert_eq!(v["completion_window"], "24h");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(get(second.clone()).await["status"], "in_progress");
+        let done = wait_ended(&p, &second).await;
+        assert_eq!(done.status, "completed");
+        let v = get(second.clone()).await;
+        assert_eq!(
+            v["request_counts"],
+            json!({"total": 2, "completed": 2, "failed": 0})
+        );
+        assert!(v["output_file_id"].is_string());
+        assert!(
+            v["error_file_id"].is_null(),
+            "no failed line, no error file"
+        );
+        assert!(v["completed_at"].is_u64());
+
+        let list: Value = Client::new()
+            .get(format!("{}/batches?limit=1", sim.base_url))
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(list["data"][0]["id"], second.as_str(), "newest first");
+        assert_eq!(list["has_more"], true);
+        assert_eq!(list["last_id"], second.as_str());
+        let rest: Value = Client::new()
+            .get(format!("{}/batches?limit=5&after={second}", sim.base_url))
+            .bearer_auth(KEY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(rest["data"][0]["id"], first.as_str());
+        assert_eq!(rest["has_more"], false);
+    }
+
+    #[tokio::test]
+    async fn a_batch_over_the_enqueued_token_limit_is_created_then_fails_token_limit_exceeded() {
+        let sim = SimServer::start(batch_cfg(BatchConfig {
+            delay_ms: 400,
+            enqueued_token_limit: 1,
+            ..BatchConfig::default()
+        }))
+        .await
+        .unwrap();
+        let p = client(&sim);
+        // Even one batch alone is over a limit of one token: the create still succeeds.
+        let id = submit(&p, "too-big", &batch_requests(2)).await;
+        let b = wait_ended(&p, &id).await;
+        assert_eq!((b.status.as_str(), b.phase), ("failed", BatchPhase::Failed));
+        let error = b.error.expect("the reason");
+        assert!(error.starts_with("token_limit_exceeded: "), "{error}");
+        assert!(p.results(&id).await.unwrap().is_empty(), "nothing ran");
+
+        // A limit that holds one batch: the second, sent while the first runs, fails; once
+        // the first has ended there is room again.
+        let mut c = sim.config().await;
+        let one = {
+            let probe = SimServer::start(batch_cfg(BatchConfig::default()))
+                .await
+                .unwrap();
+            let pp = client(&probe);
+            let pid = submit(&pp, "probe", &batch_requests(2)).await;
+            wait_ended(&pp, &pid).await;
+            probe.stats().await.batch.input_tokens
+        };
+        c.batch.enqueued_token_limit = one + one / 2;
+        sim.set_config(c).await.unwrap();
+        let a = submit(&p, "a", &batch_requests(2)).await;
+        let b = submit(&p, "b", &batch_requests(2)).await;
+        assert_eq!(wait_ended(&p, &b).await.phase, BatchPhase::Failed);
+        assert_eq!(wait_ended(&p, &a).await.phase, BatchPhase::Ended);
+        let c2 = submit(&p, "c", &batch_requests(2)).await;
+        assert_eq!(wait_ended(&p, &c2).await.status, "completed");
+        let s = sim.stats().await.batch;
+        assert_eq!(s.batches_created, 4);
+        assert_eq!(s.batches_failed, 2);
+        assert_eq!(s.lines_billed, 4, "failed batches bill nothing");
+    }
+
+    #[tokio::test]
+    async fn a_validation_failure_fails_the_whole_batch_with_its_error() {
+        let sim = SimServer::start(batch_cfg(BatchConfig {
+            fail_validation: true,
+            ..BatchConfig::default()
+        }))
+        .await
+        .unwrap();
+        let p = client(&sim);
+        let id = submit(&p, "v", &batch_requests(2)).await;
+        let b = wait_ended(&p, &id).await;
+        assert_eq!(b.phase, BatchPhase::Failed);
+        assert!(b.error.unwrap().starts_with("invalid_request: "));
+        let s = sim.stats().await.batch;
+        assert_eq!((s.batches_failed, s.lines_billed), (1, 0));
+    }
+
+    #[tokio::test]
+    async fn an_expired_batch_answers_part_of_its_lines_and_leaves_the_rest_unprocessed() {
+        let sim = SimServer::start(batch_cfg(BatchConfig {
+            expire_done_fraction: Some(0.5),
+            ..BatchConfig::default()
+        }))
+        .await
+        .unwrap();
+        let p = client(&sim);
+        let reqs = batch_requests(4);
+        let id = submit(&p, "e", &reqs).await;
+        let b = wait_ended(&p, &id).await;
+        assert_eq!((b.status.as_str(), b.phase), ("expired", BatchPhase::Ended));
+        let lines = p.results(&id).await.unwrap();
+        assert_eq!(lines.len(), 4);
+        for (i, r) in reqs.iter().enumerate() {
+            match (i < 2, by_id(&lines, &r.custom_id)) {
+                (true, LineOutcome::Answered(_)) => {}
+                (false, LineOutcome::Unprocessed(why)) => {
+                    assert!(why.starts_with("batch_expired"), "{why}")
+                }
+                (_, other) => panic!("line {i}: {other:?}"),
+            }
+        }
+        let s = sim.stats().await.batch;
+        assert_eq!(s.batches_expired, 1);
+        assert_eq!((s.lines_billed, s.lines_unprocessed), (2, 2));
+        assert_eq!(s.results_fetches, 2, "an output file and an error file");
+    }
+
+    #[tokio::test]
+    async fn shuffled_output_maps_by_custom_id_and_results_can_be_fetched_again() {
+        let sim = SimServer::start(batch_cfg(BatchConfig {
+            shuffle: true,
+            ..BatchConfig::default()
+        }))
+        .await
+        .unwrap();
+        let p = client(&sim);
+        let reqs = batch_requests(8);
+        let id = submit(&p, "s", &reqs).await;
+        wait_ended(&p, &id).await;
+        let first = p.results(&id).await.unwrap();
+        let order: Vec<&str> = first.iter().map(|l| l.custom_id.as_str()).collect();
+        let input: Vec<&str> = reqs.iter().map(|r| r.custom_id.as_str()).collect();
+        assert_ne!(order, input, "shuffled");
+        let again = p.results(&id).await.unwrap();
+        let again_order: Vec<&str> = again.iter().map(|l| l.custom_id.as_str()).collect();
+        assert_eq!(order, again_order, "the same file each time");
+        for r in &reqs {
+            let LineOutcome::Answered(a) = by_id(&first, &r.custom_id) else {
+                panic!()
+            };
+            // Each answer describes its own image (sizes differ per request).
+            let size = format!("{}x{}", r.request.width, r.request.height);
+            assert!(
+                a.analysis["description"].as_str().unwrap().contains(&size),
+                "{size}"
+            );
+        }
+        let s = sim.stats().await.batch;
+        assert_eq!(s.results_fetches, 2);
+        assert_eq!(s.lines_billed, 8, "fetching twice bills nothing more");
+    }
+
+    #[tokio::test]
+    async fn line_faults_and_poison_images_fail_lines_and_only_answered_lines_bill() {
+        let sim = SimServer::start(batch_cfg(BatchConfig {
+            transient_error_rate: 0.2,
+            permanent_error_rate: 0.2,
+            invalid_output_rate: 0.2,
+            ..BatchConfig::default()
+        }))
+        .await
+        .unwrap();
+        let mut c = sim.config().await;
+        c.faults = FaultPlan {
+            poison_rate: 0.1,
+            ..FaultPlan::default()
+        };
+        sim.set_config(c.clone()).await.unwrap();
+        let p = client(&sim);
+        let reqs = batch_requests(30);
+        let id = submit(&p, "f", &reqs).await;
+        wait_ended(&p, &id).await;
+        let lines = p.results(&id).await.unwrap();
+        assert_eq!(lines.len(), 30);
+        let (mut answered, mut invalid, mut transient, mut permanent, mut poisoned) =
+            (0u64, 0u64, 0, 0, 0);
+        let (mut input, mut output) = (0u64, 0u64);
+        for r in &reqs {
+            let poison = is_poison(c.seed, &sha(&r.request.jpeg), c.faults.poison_rate);
+            match by_id(&lines, &r.custom_id) {
+                LineOutcome::Answered(a) => {
+                    assert!(!poison);
+                    answered += 1;
+                    let u = a.usage.unwrap();
+                    (input, output) = (input + u.input_tokens, output + u.output_tokens);
+                }
+                LineOutcome::Failed(e) if e.kind == FailureKind::InvalidOutput => {
+                    assert!(e.billed && !poison);
+                    invalid += 1;
+                    let u = e.usage.expect("invalid output carries usage");
+                    (input, output) = (input + u.input_tokens, output + u.output_tokens);
+                }
+                LineOutcome::Failed(e) => {
+                    assert!(!e.billed);
+                    match e.kind {
+                        FailureKind::Http { status: 400, .. } if poison => {
+                            assert!(e.message.contains("poison"), "{}", e.message);
+                            poisoned += 1
+                        }
+                        FailureKind::Http { status: 400, .. } => permanent += 1,
+                        FailureKind::Http {
+                            status: 429 | 500, ..
+                        } => transient += 1,
+                        ref k => panic!("{k:?}"),
+                    }
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(answered > 0 && invalid > 0 && transient > 0 && permanent > 0);
+        let s = sim.stats().await.batch;
+        assert_eq!(s.lines_billed, answered + invalid, "provider-billed lines");
+        assert_eq!(s.lines_invalid_output, invalid);
+        assert_eq!((s.input_tokens, s.output_tokens), (input, output));
+        assert_eq!(s.lines_errored, transient + permanent + poisoned);
+        assert_eq!(s.lines_poisoned, poisoned);
+        // Batch lines stay out of the real-time counters.
+        assert_eq!(sim.stats().await.completions, 0);
+    }
+
+    #[tokio::test]
+    async fn find_locates_an_openai_batch_by_our_batch_id() {
+        let sim = SimServer::start(batch_cfg(BatchConfig::default()))
+            .await
+            .unwrap();
+        let p = client(&sim);
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let a = submit(&p, "ours-a", &batch_requests(1)).await;
+        let b = submit(&p, "ours-b", &batch_requests(1)).await;
+        assert_eq!(p.find("ours-a", since).await.unwrap(), Some(a));
+        assert_eq!(p.find("ours-b", since).await.unwrap(), Some(b));
+        assert_eq!(p.find("never-sent", since).await.unwrap(), None);
+        // Batches from before `since` are not looked at.
+        assert_eq!(p.find("ours-a", since + 60_000).await.unwrap(), None);
+    }
+}

@@ -148,6 +148,7 @@ fn run_against_the_provider_simulator_with_faults_then_all_cached() {
                 }),
                 ..FaultPlan::default()
             },
+            batch: Default::default(),
         }))
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -277,6 +278,7 @@ fn anthropic_run_against_the_simulator_with_faults_books_every_paid_call_then_al
                 }),
                 ..FaultPlan::default()
             },
+            batch: Default::default(),
         }))
         .unwrap();
     let photos = samples().join("photos");
@@ -401,6 +403,7 @@ fn detail_low_is_sent_priced_low_and_cached_apart_from_high() {
             seed: 1,
             timeout_hang_ms: 1_000,
             faults: FaultPlan::default(),
+            batch: Default::default(),
         }))
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -1666,6 +1669,7 @@ fn a_run_over_its_daily_budget_ends_with_the_rest_queued() {
             seed: 7,
             timeout_hang_ms: 4_000,
             faults: FaultPlan::default(),
+            batch: Default::default(),
         }))
         .unwrap();
     let dir = tempfile::tempdir().unwrap();

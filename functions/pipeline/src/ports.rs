@@ -511,6 +511,8 @@ pub trait BatchProvider: Send + Sync {
     fn limits(&self) -> sightline_core::batch::BatchLimits;
     /// One request as the batch input holds it (a JSONL line or one element of the requests
     /// array), without separator: its length is what the byte limit counts.
+    // The same error every provider call returns; boxing it here alone would make it differ.
+    #[allow(clippy::result_large_err)]
     fn encode(&self, request: &BatchRequest) -> Result<Vec<u8>, ProviderError>;
     /// Submit encoded requests (already split to fit [`BatchProvider::limits`]), tagged with
     /// our `batch_id` where the provider keeps metadata. Returns the provider's batch id.

@@ -103,6 +103,7 @@ async fn main() -> anyhow::Result<()> {
         },
         seed: a.seed,
         timeout_hang_ms: a.timeout_hang_ms,
+        batch: Default::default(),
     };
     let server = SimServer::start_on(cfg.clone(), a.port).await?;
     eprintln!(

@@ -54,7 +54,8 @@ impl AnthropicProvider {
         })
     }
 
-    fn body(req: &VisionRequest) -> Value {
+    /// The request body; a batch request's `params` are exactly this too.
+    pub(crate) fn body(req: &VisionRequest) -> Value {
         let data = base64::engine::general_purpose::STANDARD.encode(req.jpeg.as_slice());
         json!({
             "model": req.model,
@@ -137,7 +138,7 @@ fn text_of(v: &Value) -> Option<String> {
     (!texts.is_empty()).then(|| texts.concat())
 }
 
-struct AnthropicWire;
+pub(crate) struct AnthropicWire;
 
 impl Wire for AnthropicWire {
     fn rate_info(&self, headers: &HeaderMap) -> RateInfo {
@@ -193,32 +194,43 @@ impl VisionProvider for AnthropicProvider {
             .header("anthropic-version", ANTHROPIC_VERSION)
             .json(&Self::body(req));
         let Reply { body, rate } = exchange(request, &AnthropicWire).await?;
-        let usage = usage_of(&body);
-        let text = text_of(&body).ok_or_else(|| {
-            bad_answer("provider response has no text content".into(), rate, usage)
-        })?;
-        let analysis = validate_analysis(&text).map_err(|e| {
-            // A cut answer is the usual cause of invalid JSON: say so.
-            let cut = body.get("stop_reason").and_then(Value::as_str) == Some("max_tokens");
-            let why = if cut {
-                format!("{e} (the answer was cut at max_tokens)")
-            } else {
-                e.to_string()
-            };
-            bad_answer(why, rate, usage)
-        })?;
-        let model = body
-            .get("model")
-            .and_then(Value::as_str)
-            .unwrap_or(&req.model)
-            .to_string();
-        Ok(VisionResponse {
-            analysis,
-            usage,
-            model,
-            rate,
-        })
+        answer(&body, &req.model, rate)
     }
+}
+
+/// A Messages API answer (or a batch's succeeded message) as a validated analysis, or the
+/// billed invalid-output failure it is. `model` stands in when the body names none.
+// The error VisionProvider::analyze returns, unboxed like it.
+#[allow(clippy::result_large_err)]
+pub(crate) fn answer(
+    body: &Value,
+    model: &str,
+    rate: RateInfo,
+) -> Result<VisionResponse, ProviderError> {
+    let usage = usage_of(body);
+    let text = text_of(body)
+        .ok_or_else(|| bad_answer("provider response has no text content".into(), rate, usage))?;
+    let analysis = validate_analysis(&text).map_err(|e| {
+        // A cut answer is the usual cause of invalid JSON: say so.
+        let cut = body.get("stop_reason").and_then(Value::as_str) == Some("max_tokens");
+        let why = if cut {
+            format!("{e} (the answer was cut at max_tokens)")
+        } else {
+            e.to_string()
+        };
+        bad_answer(why, rate, usage)
+    })?;
+    let model = body
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or(model)
+        .to_string();
+    Ok(VisionResponse {
+        analysis,
+        usage,
+        model,
+        rate,
+    })
 }
 
 #[cfg(test)]

@@ -86,6 +86,144 @@ async fn read_capped(mut resp: reqwest::Response, max: usize) -> Result<String, 
     Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
+/// Send `request`: timeouts and connection errors are transient and not billed.
+async fn send(request: reqwest::RequestBuilder) -> Result<reqwest::Response, ProviderError> {
+    match request.send().await {
+        Ok(r) => Ok(r),
+        Err(e) if e.is_timeout() => Err(err(
+            FailureKind::Timeout,
+            format!("provider timed out: {e}"),
+            RateInfo::default(),
+        )),
+        Err(e) => Err(err(
+            FailureKind::Connection,
+            format!("provider unreachable: {e}"),
+            RateInfo::default(),
+        )),
+    }
+}
+
+/// A non-200 with the provider's own words for it.
+fn status_error(
+    status: u16,
+    text: &str,
+    retry_after: Option<Duration>,
+    rate: RateInfo,
+    wire: &dyn Wire,
+) -> ProviderError {
+    let detail = serde_json::from_str::<Value>(text)
+        .ok()
+        .and_then(|v| wire.error_detail(&v))
+        .unwrap_or_else(|| text.chars().take(200).collect());
+    err(
+        FailureKind::Http {
+            status,
+            retry_after,
+        },
+        format!("provider returned HTTP {status}: {detail}"),
+        rate,
+    )
+}
+
+/// A call that manages a batch (upload, create, status, list): like [`exchange`], but nothing
+/// in it is billed, so a 200 that is not JSON is an unbilled failure.
+pub(crate) async fn control(
+    request: reqwest::RequestBuilder,
+    wire: &dyn Wire,
+) -> Result<Value, ProviderError> {
+    match exchange(request, wire).await {
+        Ok(reply) => Ok(reply.body),
+        Err(e) => Err(ProviderError { billed: false, ..e }),
+    }
+}
+
+/// Largest batch results download accepted (an output file of 50,000 answers is far smaller).
+pub(crate) const MAX_RESULTS_BYTES: u64 = 2 * 1024 * 1024 * 1024;
+/// Longest results line kept; an answer or error line is a few KB.
+const MAX_LINE_BYTES: usize = 16 * 1024 * 1024;
+
+/// Download a JSONL body and hand each line to `line` as it arrives, so only one line is
+/// buffered. Lines longer than [`MAX_LINE_BYTES`] are skipped with a warning; a body over
+/// `max_bytes` is refused.
+pub(crate) async fn download_lines(
+    request: reqwest::RequestBuilder,
+    wire: &dyn Wire,
+    max_bytes: u64,
+    line: &mut (dyn FnMut(&[u8]) + Send),
+) -> Result<(), ProviderError> {
+    let mut resp = send(request).await?;
+    let status = resp.status().as_u16();
+    let rate = wire.rate_info(resp.headers());
+    let too_large = |n: u64| {
+        err(
+            FailureKind::InvalidOutput,
+            format!("batch results of {n} bytes exceed the {max_bytes}-byte limit"),
+            rate,
+        )
+    };
+    if status != 200 {
+        let retry_after = wire.retry_after(status, resp.headers(), &rate);
+        let text = read_capped(resp, 64 * 1024).await.unwrap_or_default();
+        return Err(status_error(status, &text, retry_after, rate, wire));
+    }
+    if let Some(n) = resp.content_length().filter(|n| *n > max_bytes) {
+        return Err(too_large(n));
+    }
+    let mut total = 0u64;
+    let mut pending: Vec<u8> = Vec::new();
+    let mut skipping = false;
+    loop {
+        let chunk = match resp.chunk().await {
+            Ok(Some(c)) => c,
+            Ok(None) => break,
+            Err(e) if e.is_timeout() => {
+                return Err(err(
+                    FailureKind::Timeout,
+                    format!("batch results download timed out: {e}"),
+                    rate,
+                ))
+            }
+            Err(e) => {
+                return Err(err(
+                    FailureKind::Connection,
+                    format!("reading batch results: {e}"),
+                    rate,
+                ))
+            }
+        };
+        total += chunk.len() as u64;
+        if total > max_bytes {
+            return Err(too_large(total));
+        }
+        let mut rest: &[u8] = &chunk;
+        while let Some(i) = rest.iter().position(|b| *b == b'\n') {
+            if !skipping {
+                pending.extend_from_slice(&rest[..i]);
+                line(&pending);
+            }
+            pending.clear();
+            skipping = false;
+            rest = &rest[i + 1..];
+        }
+        if !skipping {
+            if pending.len() + rest.len() > MAX_LINE_BYTES {
+                tracing::warn!(
+                    max = MAX_LINE_BYTES,
+                    "skipping a batch results line over the length limit"
+                );
+                pending.clear();
+                skipping = true;
+            } else {
+                pending.extend_from_slice(rest);
+            }
+        }
+    }
+    if !skipping && !pending.is_empty() {
+        line(&pending);
+    }
+    Ok(())
+}
+
 /// Send `request` and read its answer. Timeouts and connection errors are transient and not
 /// billed; a non-200 is `FailureKind::Http` with the provider's Retry-After; a 200 cut off or not
 /// JSON is billed invalid output.
@@ -93,23 +231,7 @@ pub(crate) async fn exchange(
     request: reqwest::RequestBuilder,
     wire: &dyn Wire,
 ) -> Result<Reply, ProviderError> {
-    let resp = match request.send().await {
-        Ok(r) => r,
-        Err(e) if e.is_timeout() => {
-            return Err(err(
-                FailureKind::Timeout,
-                format!("provider timed out: {e}"),
-                RateInfo::default(),
-            ))
-        }
-        Err(e) => {
-            return Err(err(
-                FailureKind::Connection,
-                format!("provider unreachable: {e}"),
-                RateInfo::default(),
-            ))
-        }
-    };
+    let resp = send(request).await?;
     let status = resp.status().as_u16();
     let rate = wire.rate_info(resp.headers());
     let retry_after = wire.retry_after(status, resp.headers(), &rate);
@@ -139,18 +261,7 @@ pub(crate) async fn exchange(
         }
     };
     if status != 200 {
-        let detail = serde_json::from_str::<Value>(&text)
-            .ok()
-            .and_then(|v| wire.error_detail(&v))
-            .unwrap_or_else(|| text.chars().take(200).collect());
-        return Err(err(
-            FailureKind::Http {
-                status,
-                retry_after,
-            },
-            format!("provider returned HTTP {status}: {detail}"),
-            rate,
-        ));
+        return Err(status_error(status, &text, retry_after, rate, wire));
     }
     let body: Value = serde_json::from_str(&text)
         .map_err(|e| bad_answer(format!("provider response is not JSON: {e}"), rate, None))?;

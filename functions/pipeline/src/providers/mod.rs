@@ -2,9 +2,11 @@
 //! local analyzer.
 
 pub mod anthropic;
+pub mod anthropic_batch;
 mod http;
 pub mod local;
 pub mod openai;
+pub mod openai_batch;
 pub mod select;
 
 use serde_json::{Map, Value};

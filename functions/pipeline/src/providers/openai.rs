@@ -38,7 +38,8 @@ impl OpenAiProvider {
         })
     }
 
-    fn body(req: &VisionRequest) -> Value {
+    /// The request body; batch lines carry exactly this too.
+    pub(crate) fn body(req: &VisionRequest) -> Value {
         let data_url = format!(
             "data:image/jpeg;base64,{}",
             base64::engine::general_purpose::STANDARD.encode(req.jpeg.as_slice())
@@ -87,7 +88,7 @@ fn usage_of(v: &Value) -> Option<Usage> {
 }
 
 /// OpenAI's header conventions (the shared defaults for errors and Retry-After).
-struct OpenAiWire;
+pub(crate) struct OpenAiWire;
 
 impl Wire for OpenAiWire {
     fn rate_info(&self, headers: &HeaderMap) -> RateInfo {
@@ -113,29 +114,41 @@ impl VisionProvider for OpenAiProvider {
             .bearer_auth(&self.api_key)
             .json(&Self::body(req));
         let Reply { body, rate } = exchange(request, &OpenAiWire).await?;
-        let usage = usage_of(&body);
-        let content = body
-            .pointer("/choices/0/message/content")
-            .and_then(Value::as_str)
-            .ok_or_else(|| {
-                bad_answer(
-                    "provider response has no message content".into(),
-                    rate,
-                    usage,
-                )
-            })?;
-        let analysis =
-            validate_analysis(content).map_err(|e| bad_answer(e.to_string(), rate, usage))?;
-        let model = body
-            .get("model")
-            .and_then(Value::as_str)
-            .unwrap_or(&req.model)
-            .to_string();
-        Ok(VisionResponse {
-            analysis,
-            usage,
-            model,
-            rate,
-        })
+        answer(&body, &req.model, rate)
     }
+}
+
+/// A chat completion (an answer, or a batch line's body) as a validated analysis, or the billed
+/// invalid-output failure it is. `model` stands in when the body names none.
+// The error VisionProvider::analyze returns, unboxed like it.
+#[allow(clippy::result_large_err)]
+pub(crate) fn answer(
+    body: &Value,
+    model: &str,
+    rate: RateInfo,
+) -> Result<VisionResponse, ProviderError> {
+    let usage = usage_of(body);
+    let content = body
+        .pointer("/choices/0/message/content")
+        .and_then(Value::as_str)
+        .ok_or_else(|| {
+            bad_answer(
+                "provider response has no message content".into(),
+                rate,
+                usage,
+            )
+        })?;
+    let analysis =
+        validate_analysis(content).map_err(|e| bad_answer(e.to_string(), rate, usage))?;
+    let model = body
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or(model)
+        .to_string();
+    Ok(VisionResponse {
+        analysis,
+        usage,
+        model,
+        rate,
+    })
 }

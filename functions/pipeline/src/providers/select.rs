@@ -5,9 +5,11 @@ use std::sync::Arc;
 use sightline_core::pricing::PriceTable;
 
 use super::anthropic::AnthropicProvider;
+use super::anthropic_batch::AnthropicBatchProvider;
 use super::local::LocalAnalyzer;
 use super::openai::OpenAiProvider;
-use crate::ports::VisionProvider;
+use super::openai_batch::OpenAiBatchProvider;
+use crate::ports::{BatchProvider, VisionProvider};
 use crate::settings::{ProviderKind, Settings};
 
 #[derive(Debug, thiserror::Error)]
@@ -175,6 +177,35 @@ pub fn build_provider(
     })
 }
 
+/// The batch API of the provider [`build_provider`] would build for these settings and keys
+/// (same resolution, base URL, key and timeout); None for the local analyzer, which has none.
+pub fn build_batch_provider(
+    settings: &Settings,
+    keys: &ProviderKeys,
+) -> Result<Option<Arc<dyn BatchProvider>>, ProviderSetupError> {
+    let kind = resolve(settings, keys)?;
+    let client_err = |base_url: &str, e: anyhow::Error| ProviderSetupError::Client {
+        base_url: base_url.to_string(),
+        reason: e.to_string(),
+    };
+    let key = keys.get(kind).unwrap_or_default();
+    Ok(match kind {
+        ProviderKind::Local => None,
+        ProviderKind::OpenAi => Some(Arc::new(
+            OpenAiBatchProvider::new(&settings.openai_base_url, key, settings.provider_timeout)
+                .map_err(|e| client_err(&settings.openai_base_url, e))?,
+        )),
+        ProviderKind::Anthropic => Some(Arc::new(
+            AnthropicBatchProvider::new(
+                &settings.anthropic_base_url,
+                key,
+                settings.provider_timeout,
+            )
+            .map_err(|e| client_err(&settings.anthropic_base_url, e))?,
+        )),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,6 +303,38 @@ mod tests {
             matches!(&err, ProviderSetupError::ForeignModel { model, .. } if model == "gpt-4o"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn the_batch_provider_is_the_real_time_providers_and_local_has_none() {
+        let s = Settings::default();
+        assert!(build_batch_provider(&s, &keys(None, None))
+            .unwrap()
+            .is_none());
+        let openai = build_batch_provider(&s, &keys(Some("sk-x"), None))
+            .unwrap()
+            .expect("a batch api");
+        assert_eq!(openai.name(), "openai");
+        let claude = Settings {
+            model: "claude-haiku-4-5".into(),
+            ..Settings::default()
+        };
+        let anthropic = build_batch_provider(&claude, &keys(None, Some("sk-ant")))
+            .unwrap()
+            .expect("a batch api");
+        assert_eq!(anthropic.name(), "anthropic");
+        assert_eq!(
+            anthropic.limits(),
+            sightline_core::batch::ANTHROPIC_BATCH_LIMITS
+        );
+        let explicit = Settings {
+            provider: Some(ProviderKind::OpenAi),
+            ..Settings::default()
+        };
+        assert!(matches!(
+            build_batch_provider(&explicit, &keys(None, None)),
+            Err(ProviderSetupError::NeedsKey(ProviderKind::OpenAi))
+        ));
     }
 
     #[test]
