@@ -19,6 +19,7 @@ pub fn api_state(env: &AwsEnv, clients: &Clients, settings: Settings) -> ApiStat
         presigner: Arc::new(S3Presigner::new(clients.s3.clone(), &env.bucket)),
         settings: Arc::new(settings),
         clock: Arc::new(SystemClock) as Arc<dyn Clock>,
+        batches: None,
     }
 }
 
@@ -55,7 +56,8 @@ mod tests {
             .unwrap();
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         ApiState {
-            repo,
+            repo: repo.clone(),
+            batches: Some(repo),
             presigner: Arc::new(LocalPresigner::new(
                 b"s".to_vec(),
                 "http://x",

@@ -6,11 +6,14 @@ use std::time::Duration;
 use anyhow::Context;
 use sightline_core::keys::UPLOAD_PREFIX;
 use sightline_pipeline::analyze::Analyzer;
+use sightline_pipeline::batch::BatchLane;
 use sightline_pipeline::ingest::Ingest;
 use sightline_pipeline::local::{FileBlobStore, SqliteDb, SqliteQueue, SqliteRepository};
 use sightline_pipeline::metrics::prometheus::Registry;
-use sightline_pipeline::ports::{BlobStore, Clock, Queue, Repository, SystemClock, VisionProvider};
-use sightline_pipeline::providers::select::build_provider;
+use sightline_pipeline::ports::{
+    BatchStore, BlobStore, Clock, Queue, Repository, SystemClock, VisionProvider,
+};
+use sightline_pipeline::providers::select::{build_batch_provider, build_provider};
 use sightline_pipeline::reconcile::Reconciler;
 use sightline_pipeline::worker::{OnOutcome, WorkerPool};
 
@@ -42,6 +45,10 @@ pub struct LocalApp {
     pub ingest: Ingest,
     pub analyzer: Analyzer,
     pub reconciler: Reconciler,
+    /// Batch items and batch records (the SQLite repository).
+    pub batch_store: Arc<dyn BatchStore>,
+    /// The batch lane (None with the offline analyzer: it has no batches and costs nothing).
+    pub batch: Option<BatchLane>,
     /// What the use-cases of this process counted (`GET /metrics` of `sightline serve`).
     pub metrics: Arc<Registry>,
 }
@@ -55,8 +62,8 @@ impl LocalApp {
         let blobs: Arc<dyn BlobStore> =
             Arc::new(FileBlobStore::new(config.data_dir().join("blobs")));
         // Records and their job messages are written in one transaction.
-        let repo: Arc<dyn Repository> =
-            Arc::new(SqliteRepository::with_job_queue(db.clone(), ANALYZE_QUEUE));
+        let sqlite_repo = Arc::new(SqliteRepository::with_job_queue(db.clone(), ANALYZE_QUEUE));
+        let repo: Arc<dyn Repository> = sqlite_repo.clone();
         let instance = uuid::Uuid::new_v4().simple().to_string();
         let queue = Arc::new(
             SqliteQueue::new(
@@ -92,6 +99,20 @@ impl LocalApp {
         );
         analyzer.instance = instance.clone();
         analyzer.metrics = metrics.recorder("analyze");
+        let batch =
+            build_batch_provider(&config.settings, &config.keys)?.map(|provider| BatchLane {
+                blobs: blobs.clone(),
+                repo: repo.clone(),
+                store: sqlite_repo.clone(),
+                provider,
+                queue: queue.clone(),
+                settings: Arc::new(config.settings.clone()),
+                clock: clock.clone(),
+                metrics: metrics.recorder("batch"),
+            });
+        if batch.is_some() {
+            analyzer = analyzer.with_batches(sqlite_repo.clone());
+        }
         Ok(LocalApp {
             config,
             instance,
@@ -102,6 +123,8 @@ impl LocalApp {
             queue,
             provider,
             reconciler: Reconciler::new(reconciler_ingest),
+            batch,
+            batch_store: sqlite_repo,
             ingest,
             analyzer,
             metrics,

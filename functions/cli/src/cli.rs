@@ -42,6 +42,10 @@ pub enum Command {
         /// One JSON object per image on stdout, then a summary object.
         #[arg(long)]
         json: bool,
+        /// With `--lane batch`: poll until the batches are answered (else the run returns once
+        /// they are submitted, and `sightline batches` follows them).
+        #[arg(long)]
+        wait: bool,
     },
     /// Tokens and cost per model, original vs resized, without storing or calling anything.
     Estimate {
@@ -103,6 +107,15 @@ pub enum Command {
         #[arg(long, global = true)]
         json: bool,
     },
+    /// Batches of the batch lane: provider, model, state, line counts, cost, times.
+    Batches {
+        /// Only batches not ended yet.
+        #[arg(long)]
+        open: bool,
+        /// One JSON object per batch.
+        #[arg(long)]
+        json: bool,
+    },
     /// One reconciler sweep: resize lost uploads, re-send lost jobs, expire unused uploads.
     Reconcile {
         #[arg(long)]
@@ -133,7 +146,7 @@ pub async fn main_with(cli: Cli) -> anyhow::Result<()> {
             let config = Config::resolve(&cli.common)?;
             estimate(&config, &files, &models, json)
         }
-        Command::Run { paths, json } => {
+        Command::Run { paths, json, wait } => {
             let config = Config::resolve(&cli.common)?;
             let inputs = collect_inputs(&paths)?;
             if inputs.is_empty() {
@@ -142,7 +155,7 @@ pub async fn main_with(cli: Cli) -> anyhow::Result<()> {
             let model = config.settings.model.clone();
             let app = LocalApp::open(config)?;
             let pb = progress_bar(inputs.len() as u64);
-            let records = run_pipeline(&app, &inputs, &pb).await?;
+            let records = run_pipeline(&app, &inputs, &pb, wait).await?;
             pb.finish_and_clear();
             let summary = summarize(&records);
             let mut out = std::io::stdout().lock();
@@ -304,6 +317,18 @@ pub async fn main_with(cli: Cli) -> anyhow::Result<()> {
                     "reported by the provider ${:.6}; booked at the estimate ${:.6} ({} calls whose usage could not be read)",
                     t.reported_cost_usd, t.cost_at_estimate_usd, t.calls_at_estimate
                 )?;
+                let l = &report.by_lane;
+                writeln!(
+                    out,
+                    "by lane: real-time {} images, {} calls, ${:.6}; batch {} images, {} calls, ${:.6} (saved ${:.6} against real-time prices)",
+                    l.realtime.images,
+                    l.realtime.calls,
+                    l.realtime.cost_usd,
+                    l.batch.images,
+                    l.batch.calls,
+                    l.batch.cost_usd,
+                    l.batch_saved_usd
+                )?;
                 let b = &report.budget;
                 for p in [&b.daily, &b.monthly] {
                     let cap = p
@@ -315,6 +340,63 @@ pub async fn main_with(cli: Cli) -> anyhow::Result<()> {
                         p.period, p.spent_usd, p.reserved_usd, b.source, b.over_budget
                     )?;
                 }
+            }
+            Ok(())
+        }
+        Command::Batches { open, json } => {
+            let config = Config::resolve(&cli.common)?;
+            let app = LocalApp::open(config)?;
+            let batches = app
+                .batch_store
+                .list_batches(Some(LOCAL_TENANT), open, 1000)
+                .await?;
+            let mut out = std::io::stdout().lock();
+            if json {
+                for b in &batches {
+                    writeln!(out, "{}", serde_json::to_string(b)?)?;
+                }
+                return Ok(());
+            }
+            writeln!(
+                out,
+                "{:<32} {:<9} {:<14} {:<11} {:>6} {:>6} {:>6} {:>6} {:>11} {:<24} {:<24}",
+                "batch",
+                "provider",
+                "model",
+                "state",
+                "lines",
+                "done",
+                "failed",
+                "retry",
+                "cost USD",
+                "submitted",
+                "ended"
+            )?;
+            for b in &batches {
+                writeln!(
+                    out,
+                    "{:<32} {:<9} {:<14} {:<11} {:>6} {:>6} {:>6} {:>6} {:>11.6} {:<24} {:<24}",
+                    b.batch_id,
+                    b.provider,
+                    b.model,
+                    b.provider_status
+                        .as_deref()
+                        .filter(|_| b.state == sightline_pipeline::ports::BatchState::Running)
+                        .unwrap_or(b.state.as_str()),
+                    b.requests,
+                    b.counts.succeeded,
+                    b.counts.failed,
+                    b.counts.retried,
+                    b.cost_usd,
+                    b.submitted_at.as_deref().unwrap_or("-"),
+                    b.ended_at.as_deref().unwrap_or("-")
+                )?;
+                if let Some(e) = &b.error {
+                    writeln!(out, "    error: {e}")?;
+                }
+            }
+            if batches.is_empty() {
+                writeln!(out, "no {}batches", if open { "open " } else { "" })?;
             }
             Ok(())
         }

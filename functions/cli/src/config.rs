@@ -51,6 +51,10 @@ pub struct CommonOpts {
     /// Provider request timeout in seconds.
     #[arg(long, global = true)]
     pub timeout_secs: Option<String>,
+    /// `realtime` (one call per image, now) or `batch` (the provider's batch API: half
+    /// price, answered within 24 h).
+    #[arg(long, global = true)]
+    pub lane: Option<String>,
 }
 
 impl CommonOpts {
@@ -68,6 +72,7 @@ impl CommonOpts {
             ("prompt_version", &self.prompt_version),
             ("workers", &self.workers),
             ("timeout_secs", &self.timeout_secs),
+            ("lane", &self.lane),
         ]
         .into_iter()
         .filter_map(|(k, v)| v.as_deref().map(|v| (k, v)))

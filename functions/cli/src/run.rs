@@ -10,6 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use sightline_core::keys::sanitize_id;
 use sightline_core::model::{ImageRecord, ImageStatus};
+use sightline_pipeline::analyze::AnalyzeOutcome;
 use sightline_pipeline::ingest::IngestOutcome;
 use sightline_pipeline::ports::{rfc3339, Failure};
 use sightline_pipeline::worker::OnOutcome;
@@ -55,10 +56,13 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
 }
 
 /// Run every input through resize → queue → analysis; return the final records, in input order.
+/// Batch-lane images are submitted at once when all are prepared; with `wait_for_batches` the
+/// run polls until they are answered, else it returns with them waiting (`sightline batches`).
 pub async fn run_pipeline(
     app: &LocalApp,
     inputs: &[PathBuf],
     progress: &ProgressBar,
+    wait_for_batches: bool,
 ) -> anyhow::Result<Vec<ImageRecord>> {
     let run_tag = uuid::Uuid::now_v7().simple().to_string();
     let ids: Vec<String> = inputs
@@ -70,16 +74,28 @@ pub async fn run_pipeline(
         })
         .collect();
     let pending: Arc<Mutex<HashSet<String>>> = Arc::new(Mutex::new(HashSet::new()));
+    // Images recorded for a batch: not final until their batch answers.
+    let batched: Arc<Mutex<HashSet<String>>> = Arc::new(Mutex::new(HashSet::new()));
 
     // Workers start first so analysis overlaps resizing.
     let (stop_tx, stop_rx) = watch::channel(false);
     let (done_tx, mut done_rx) = watch::channel(0u64);
     let pending_cb = pending.clone();
+    let batched_cb = batched.clone();
     let pb = progress.clone();
     let on_outcome: OnOutcome = Arc::new(move |msg, outcome| {
         // A job waiting for its budget period is done for this run: its image stays queued
         // and `serve` (or a later run) analyses it once the period rolls over.
         if outcome.is_retry() && !outcome.is_budget_wait() {
+            return;
+        }
+        if *outcome == AnalyzeOutcome::Batched {
+            if let Ok(job) = sightline_core::model::AnalysisJob::parse(&msg.body) {
+                if let Ok(mut b) = batched_cb.lock() {
+                    b.insert(job.image_id);
+                }
+            }
+            done_tx.send_modify(|n| *n += 1);
             return;
         }
         if let Ok(job) = sightline_core::model::AnalysisJob::parse(&msg.body) {
@@ -157,10 +173,23 @@ pub async fn run_pipeline(
             break;
         }
         if app.queue.depth().await? == 0 {
+            let in_batch = batched.lock().map(|b| b.clone()).unwrap_or_default();
             let stuck: Vec<String> = pending
                 .lock()
-                .map(|p| p.iter().cloned().collect())
+                .map(|p| {
+                    p.iter()
+                        .filter(|id| !in_batch.contains(*id))
+                        .cloned()
+                        .collect()
+                })
                 .unwrap_or_default();
+            if stuck.is_empty() {
+                // Only batch-lane images are left: the batch phase.
+                if !in_batch.is_empty() {
+                    wait_for_batch_lane(app, &pending, progress, wait_for_batches).await?;
+                }
+                break;
+            }
             for id in stuck {
                 // The analyzer records its own reason on the last delivery; keep that one.
                 let recorded = app.repo.get_image(LOCAL_TENANT, &id).await?;
@@ -200,6 +229,75 @@ pub async fn run_pipeline(
         }
     }
     Ok(records)
+}
+
+/// Submit what waits for a batch at once; with `wait`, poll (and resubmit what comes back for
+/// retry) until every image of the run is final. The real-time workers keep running: images
+/// whose batch attempts are used up come back through the queue.
+async fn wait_for_batch_lane(
+    app: &LocalApp,
+    pending: &Mutex<HashSet<String>>,
+    progress: &ProgressBar,
+    wait: bool,
+) -> anyhow::Result<()> {
+    let Some(lane) = &app.batch else {
+        return Ok(());
+    };
+    let every = app.config.settings.batch_poll_every;
+    loop {
+        let report = lane.tick(true).await?;
+        progress.set_message(format!(
+            "batch lane: {} open, {} pending",
+            report.open_batches, report.pending_items
+        ));
+        // Held back for long (a budget period): not worth waiting in this process.
+        let due_in = report
+            .next_due_ms
+            .map_or(0, |at| at.saturating_sub(app.clock.now_ms()));
+        let only_deferred = report.open_batches == 0
+            && report.pending_items > 0
+            && report.pending_items == report.deferred_items
+            && due_in > 3_600_000;
+        if only_deferred {
+            progress.suspend(|| {
+                eprintln!(
+                    "{} batch requests are held back (over budget, or backing off after a refused batch); `sightline serve` submits them when they are due",
+                    report.deferred_items
+                )
+            });
+            return Ok(());
+        }
+        if !wait {
+            let left = pending.lock().map(|p| p.len()).unwrap_or(0);
+            progress.suspend(|| {
+                eprintln!(
+                    "{left} images wait for the batch lane; `sightline batches` follows them (or run with --wait)"
+                )
+            });
+            return Ok(());
+        }
+        let deadline = std::time::Instant::now() + every;
+        while std::time::Instant::now() < deadline {
+            let ids: Vec<String> = pending
+                .lock()
+                .map(|p| p.iter().cloned().collect())
+                .unwrap_or_default();
+            for id in ids {
+                let done = app
+                    .repo
+                    .get_image(LOCAL_TENANT, &id)
+                    .await?
+                    .is_some_and(|r| r.status.is_final());
+                if done && pending.lock().map(|mut p| p.remove(&id)).unwrap_or(false) {
+                    progress.inc(1);
+                }
+            }
+            if pending.lock().map(|p| p.is_empty()).unwrap_or(true) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(250).min(every)).await;
+        }
+    }
 }
 
 async fn ingest_file(

@@ -148,6 +148,7 @@ pub async fn build_router(
         presigner: presigner_port,
         settings: Arc::new(app.config.settings.clone()),
         clock: app.clock.clone(),
+        batches: Some(app.batch_store.clone()),
     });
     let max_body = app.config.settings.prepare.max_input_bytes as usize + 1;
     let uploads = Router::new()
@@ -326,6 +327,25 @@ async fn reconcile_loop(app: LocalApp, mut stop: watch::Receiver<bool>) {
     }
 }
 
+/// Poll open batches and submit what is due every `batch_poll_secs`, until `stop`.
+async fn batch_loop(app: LocalApp, mut stop: watch::Receiver<bool>) {
+    let Some(lane) = app.batch.clone() else {
+        return;
+    };
+    let every = app.config.settings.batch_poll_every;
+    loop {
+        match lane.tick(false).await {
+            Ok(report) if report != Default::default() => info!(?report, "batch lane"),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "batch lane tick failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
 /// Run the server until Ctrl-C.
 pub async fn serve(
     app: LocalApp,
@@ -344,6 +364,7 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
     let instance = app.start_instance(stop_rx.clone()).await?;
     let workers = tokio::spawn(app.workers(None).run(stop_rx.clone()));
+    let batches = tokio::spawn(batch_loop(app.clone(), stop_rx.clone()));
     let reconciler = tokio::spawn(reconcile_loop(app.clone(), stop_rx));
     info!(url = %base_url, "sightline serve is listening");
     eprintln!("sightline serve: {base_url}/  (API key: {shown_key})");
@@ -355,6 +376,7 @@ pub async fn serve(
     let _ = stop_tx.send(true);
     let _ = workers.await;
     let _ = reconciler.await;
+    let _ = batches.await;
     let _ = instance.await;
     Ok(())
 }

@@ -63,6 +63,10 @@ pub struct TickReport {
     pub open_batches: u64,
     /// Items still pending after the tick (waiting for a batch to fill, a timer or a budget).
     pub pending_items: u64,
+    /// Of those, the ones held back until later (a budget period, a backoff).
+    pub deferred_items: u64,
+    /// When the first held-back item is due (ms since the epoch).
+    pub next_due_ms: Option<u64>,
 }
 
 impl TickReport {
@@ -108,11 +112,15 @@ impl BatchLane {
         self.poll(&mut report).await?;
         self.submit(flush, &mut report).await?;
         report.open_batches = self.store.list_batches(None, true, OPEN_PAGE).await?.len() as u64;
-        report.pending_items = self
+        let now = self.clock.now_ms();
+        let pending = self
             .store
             .pending_batch_items(u64::MAX, PENDING_PAGE)
-            .await?
-            .len() as u64;
+            .await?;
+        report.pending_items = pending.len() as u64;
+        let deferred = pending.iter().filter(|i| i.not_before_ms > now);
+        report.deferred_items = deferred.clone().count() as u64;
+        report.next_due_ms = deferred.map(|i| i.not_before_ms).min();
         Ok(report)
     }
 

@@ -41,6 +41,8 @@ pub struct ApiState {
     pub presigner: Arc<dyn Presigner>,
     pub settings: Arc<Settings>,
     pub clock: Arc<dyn Clock>,
+    /// The batch lane's records (`GET /v1/batches`); None: the list is empty.
+    pub batches: Option<Arc<dyn crate::ports::BatchStore>>,
 }
 
 /// The API with a JSON 404 for anything else (the api Lambda).
@@ -56,6 +58,7 @@ pub fn routes(state: ApiState) -> Router {
         .route("/v1/images", get(list_images))
         .route("/v1/images/{id}", get(get_image))
         .route("/v1/costs", get(costs))
+        .route("/v1/batches", get(list_batches))
         .route(
             "/v1/tenants/{tenant}/budget",
             put(put_tenant_budget).delete(delete_tenant_budget),
@@ -379,6 +382,45 @@ async fn list_images(
     Ok(Json(page))
 }
 
+/// `GET /v1/batches?state=open|all&limit=N`: the tenant's batches, newest first.
+async fn list_batches(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    q: Result<Query<BTreeMap<String, String>>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let tenant = tenant(&state, &headers).await?;
+    let q = query(q)?;
+    for k in q.keys() {
+        if !matches!(k.as_str(), "state" | "limit") {
+            return Err(ApiError::bad_request(format!(
+                "unknown query parameter {k:?}"
+            )));
+        }
+    }
+    let open_only = match q.get("state").map(String::as_str) {
+        None | Some("all") => false,
+        Some("open") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "state must be open or all, not {other:?}"
+            )))
+        }
+    };
+    let limit = match q.get("limit") {
+        None => 50,
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=1000).contains(n))
+            .ok_or_else(|| ApiError::bad_request("limit must be an integer from 1 to 1000"))?,
+    };
+    let batches = match &state.batches {
+        Some(store) => store.list_batches(Some(&tenant), open_only, limit).await?,
+        None => Vec::new(),
+    };
+    Ok(Json(json!({ "batches": batches })))
+}
+
 /// Totals over a set of ledger rows.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct CostTotals {
@@ -423,9 +465,41 @@ pub struct CostReport {
     pub by_model: Vec<serde_json::Value>,
     pub by_day: Vec<serde_json::Value>,
     pub rows: Vec<CostRow>,
+    /// The same money split by lane, and what the batch lane saved against real-time prices.
+    #[serde(default)]
+    pub by_lane: LaneCosts,
     /// The tenant's caps and what counts against them now (today and this month, UTC).
     #[serde(default)]
     pub budget: BudgetReport,
+}
+
+/// One lane's part of the cost report.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct LaneTotals {
+    pub images: u64,
+    pub calls: u64,
+    pub cost_usd: f64,
+}
+
+/// Cost by lane: the batch lane's lines are priced at batch prices; `batch_saved_usd` is what
+/// the same usage would have cost more in real time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct LaneCosts {
+    pub realtime: LaneTotals,
+    pub batch: LaneTotals,
+    pub batch_saved_usd: f64,
+}
+
+impl LaneCosts {
+    fn add(&mut self, r: &CostRow) {
+        self.batch.images += r.batch_images;
+        self.batch.calls += r.batch_calls;
+        self.batch.cost_usd += r.batch_cost_usd;
+        self.batch_saved_usd += r.batch_saved_usd;
+        self.realtime.images += r.images.saturating_sub(r.batch_images);
+        self.realtime.calls += r.calls.saturating_sub(r.batch_calls);
+        self.realtime.cost_usd += r.cost_usd - r.batch_cost_usd;
+    }
 }
 
 /// One budget period: its cap (None = uncapped), the money the ledger booked in it and the
@@ -488,8 +562,10 @@ pub fn cost_report(from: &str, to: &str, rows: Vec<CostRow>) -> CostReport {
     let mut total = CostTotals::default();
     let mut by_model: BTreeMap<String, CostTotals> = BTreeMap::new();
     let mut by_day: BTreeMap<String, CostTotals> = BTreeMap::new();
+    let mut by_lane = LaneCosts::default();
     for r in &rows {
         total.add(r);
+        by_lane.add(r);
         by_model.entry(r.model.clone()).or_default().add(r);
         by_day.entry(r.day.clone()).or_default().add(r);
     }
@@ -513,6 +589,7 @@ pub fn cost_report(from: &str, to: &str, rows: Vec<CostRow>) -> CostReport {
             .map(|(k, t)| flatten("day", k, t))
             .collect(),
         rows,
+        by_lane,
         budget: BudgetReport::default(),
     }
 }
