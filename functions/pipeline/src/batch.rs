@@ -857,9 +857,10 @@ impl BatchLane {
         Ok(())
     }
 
-    /// Hold the chunk's estimate against the tenant's caps. When the whole chunk does not fit,
-    /// halve it until a part does; what is left waits for the period (or fails, per
-    /// `over_budget`). Ok(None): nothing may be submitted now.
+    /// Hold the chunk's estimate against the tenant's caps: as many requests as fit in what is
+    /// left of the tightest capped period, the last of them allowed to cross the cap (the same
+    /// bound as the real-time lane: at most one request's estimate over). What does not fit
+    /// waits for the period (or fails, per `over_budget`). Ok(None): nothing may go now.
     async fn hold_budget(
         &self,
         tenant: &str,
@@ -875,40 +876,64 @@ impl BatchLane {
             return Ok(Some(None));
         }
         let periods = Periods::at(now);
+        let counts = self.repo.budget_counts(tenant, &periods, now).await?;
+        let left = |cap: Option<f64>, c: budget::Counted| {
+            cap.map(|cap| cap - c.spent_usd - c.reserved_usd)
+        };
+        let (headroom, period) = match (
+            left(caps.daily(), counts.day),
+            left(caps.monthly(), counts.month),
+        ) {
+            (Some(d), Some(m)) if m < d => (m, budget::Period::Month),
+            (Some(d), _) => (d, budget::Period::Day),
+            (None, Some(m)) => (m, budget::Period::Month),
+            (None, None) => return Ok(Some(None)),
+        };
+        let mut n = 0;
+        let mut amount = 0.0;
+        for (item, _) in chunk.iter() {
+            if amount >= headroom {
+                break;
+            }
+            amount += item.estimate_usd;
+            n += 1;
+        }
         let expires = now + BATCH_HOLD.as_millis() as u64;
-        let mut n = chunk.len();
-        let mut over = None;
-        while n > 0 {
-            let amount: f64 = chunk[..n].iter().map(|(i, _)| i.estimate_usd).sum();
+        let held = if n == 0 {
+            None
+        } else {
             match self
                 .repo
                 .reserve_budget(tenant, &periods, amount, &caps, now, expires)
                 .await?
             {
-                BudgetHold::Reserved(id) => {
-                    let rest = chunk.split_off(n);
-                    self.over_budget(&rest, over, &periods).await?;
-                    return Ok(Some(Some(BatchHold { id, at_ms: now })));
+                BudgetHold::Reserved(id) => Some(id),
+                BudgetHold::Over(_) => None,
+            }
+        };
+        match held {
+            Some(id) => {
+                let rest = chunk.split_off(n);
+                if !rest.is_empty() {
+                    self.over_budget(&rest, period, &periods).await?;
                 }
-                BudgetHold::Over(period) => {
-                    over = Some(period);
-                    n /= 2;
-                }
+                Ok(Some(Some(BatchHold { id, at_ms: now })))
+            }
+            None => {
+                let all = std::mem::take(chunk);
+                self.over_budget(&all, period, &periods).await?;
+                Ok(None)
             }
         }
-        let all = std::mem::take(chunk);
-        self.over_budget(&all, over, &periods).await?;
-        Ok(None)
     }
 
     /// Items the budget refused: wait for the period to roll over, or fail.
     async fn over_budget(
         &self,
         items: &[(BatchItem, Vec<u8>)],
-        period: Option<budget::Period>,
+        period: budget::Period,
         periods: &Periods,
     ) -> Result<(), BatchError> {
-        let Some(period) = period else { return Ok(()) };
         for (item, _) in items {
             match self.settings.over_budget {
                 OverBudget::Wait => {

@@ -2,6 +2,7 @@
 //! provider) and the reconciler (with the states a crash leaves behind).
 
 mod analyze;
+mod batch;
 mod budget;
 mod ingest;
 mod reconcile;
