@@ -17,6 +17,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/images"),
     ("GET", "/v1/images/{id}"),
     ("GET", "/v1/costs"),
+    ("GET", "/v1/batches"),
     ("GET", "/v1/health"),
     ("PUT", "/v1/tenants/{tenant}/budget"),
     ("DELETE", "/v1/tenants/{tenant}/budget"),

@@ -183,6 +183,7 @@ fn routes_have_the_documented_statuses() {
         ("GET", "/v1/images/{id}", &["200", "401", "404"][..]),
         ("GET", "/v1/images", &["200", "400", "401"][..]),
         ("GET", "/v1/costs", &["200", "400", "401"][..]),
+        ("GET", "/v1/batches", &["200", "400", "401"][..]),
         ("GET", "/v1/health", &["200"][..]),
     ] {
         let (_, _, op) = ops
@@ -203,7 +204,13 @@ fn schemas_match_the_api() {
     assert_eq!(required(up), set(&["content_type", "content_length"]));
     assert_eq!(
         props(up),
-        set(&["filename", "content_type", "content_length", "detail"])
+        set(&[
+            "filename",
+            "content_type",
+            "content_length",
+            "detail",
+            "lane"
+        ])
     );
     // The detail values are the ones the pipeline reads.
     for v in as_list(&up["properties"]["detail"]["enum"]) {
@@ -264,6 +271,7 @@ fn schemas_match_the_api() {
             "original_estimate",
             "result",
             "extra_spend",
+            "lane",
             "created_at",
             "updated_at",
         ])
@@ -325,6 +333,9 @@ fn schemas_match_the_api() {
             "calls",
             "usage_estimated",
             "cost_at_estimate_usd",
+            "lane",
+            "batch_id",
+            "saved_usd",
             "idempotency_key",
             "prompt_version",
             "price_version",
@@ -355,7 +366,14 @@ fn schemas_match_the_api() {
     ];
     let row = schema(&spec, "CostRow");
     let mut with_keys = row_fields.to_vec();
-    with_keys.extend(["day", "model"]);
+    with_keys.extend([
+        "day",
+        "model",
+        "batch_images",
+        "batch_calls",
+        "batch_cost_usd",
+        "batch_saved_usd",
+    ]);
     assert_eq!(props(row), set(&with_keys));
     assert_eq!(required(row), set(&with_keys));
     // Totals add what the provider reported, apart from what was booked at the estimate.
@@ -366,7 +384,46 @@ fn schemas_match_the_api() {
     let report = schema(&spec, "CostReport");
     assert_eq!(
         required(report),
-        set(&["from", "to", "total", "by_model", "by_day", "rows", "budget"])
+        set(&["from", "to", "total", "by_model", "by_day", "rows", "by_lane", "budget"])
+    );
+    // The lane and batch schemas name exactly what the API serializes.
+    let lanes = serde_json::to_value(sightline_pipeline::http::LaneCosts::default()).unwrap();
+    let keys_of = |v: &Value| {
+        v.as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect::<BTreeSet<_>>()
+    };
+    assert_eq!(props(schema(&spec, "LaneCosts")), keys_of(&lanes));
+    assert_eq!(props(schema(&spec, "LaneTotals")), keys_of(&lanes["batch"]));
+    let batch = sightline_pipeline::ports::BatchRecord {
+        batch_id: "b".into(),
+        tenant: "t".into(),
+        provider: "openai".into(),
+        model: "m".into(),
+        state: sightline_pipeline::ports::BatchState::Ended,
+        provider_batch_id: Some("p".into()),
+        provider_status: Some("completed".into()),
+        error: Some("e".into()),
+        requests: 1,
+        counts: Default::default(),
+        cost_usd: 0.0,
+        saved_usd: 0.0,
+        hold: Some(sightline_pipeline::ports::BatchHold {
+            id: "h".into(),
+            at_ms: 1,
+        }),
+        created_at: "x".into(),
+        created_ms: 1,
+        submitted_at: Some("x".into()),
+        ended_at: Some("x".into()),
+    };
+    let batch = serde_json::to_value(batch).unwrap();
+    assert_eq!(props(schema(&spec, "BatchRecord")), keys_of(&batch));
+    assert_eq!(
+        props(schema(&spec, "BatchCounts")),
+        keys_of(&batch["counts"])
     );
     // The budget schemas name exactly what the API serializes.
     let budget = serde_json::to_value(sightline_pipeline::http::BudgetReport::default()).unwrap();

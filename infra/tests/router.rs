@@ -40,6 +40,7 @@ fn app() -> axum::Router {
         )),
         settings: Arc::new(Settings::default()),
         clock,
+        batches: None,
     })
 }
 

@@ -2172,7 +2172,7 @@ pub fn count_by<I: IntoIterator<Item = String>>(it: I) -> BTreeMap<String, u64> 
 }
 
 /// Calls the simulator billed: its answers and the paid bad ones (truncated, bad content).
-pub(crate) fn billed_calls(s: &SimStats) -> u64 {
+pub fn billed_calls(s: &SimStats) -> u64 {
     s.completions + s.faults.malformed + s.faults.bad_content
 }
 

@@ -1,6 +1,7 @@
 //! Test harness.
 
 pub mod aws_setup;
+pub mod batch_run;
 pub mod contract;
 pub mod emulator;
 pub mod fault_run;

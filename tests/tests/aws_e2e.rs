@@ -468,6 +468,7 @@ async fn pipeline_end_to_end_on_the_emulator() {
         presigner: Arc::new(S3Presigner::new(clients.s3.clone(), &bucket)),
         settings: settings.clone(),
         clock: clock.clone(),
+        batches: None,
     });
     let first = id(good[0].0);
     let (st, body) = api_call(

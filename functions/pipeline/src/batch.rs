@@ -208,7 +208,10 @@ impl BatchLane {
     }
 
     /// A batch with no lines to read: every item back to pending after a backoff (so the
-    /// submitter does not hit the same refusal at once), the hold settled, the error kept.
+    /// submitter does not hit the same refusal at once), the hold settled, the error kept. A
+    /// refusal that counts as an attempt (validation: it may never pass) sends items whose
+    /// attempts are used up to the real-time lane; the enqueued-token limit only makes them
+    /// wait for running batches to finish.
     async fn fail_batch(
         &self,
         mut batch: BatchRecord,
@@ -217,6 +220,10 @@ impl BatchLane {
         report: &mut TickReport,
     ) -> Result<(), BatchError> {
         for item in self.store.batch_items(&batch.batch_id).await? {
+            if count_attempt && item.attempts + 1 >= self.settings.batch_attempts {
+                self.to_realtime(&batch, &item, now, report).await?;
+                continue;
+            }
             let not_before = now + self.backoff(item.attempts).as_millis() as u64;
             self.store
                 .release_batch_item(&item.custom_id, &batch.batch_id, count_attempt, not_before)
@@ -562,19 +569,7 @@ impl BatchLane {
         report: &mut TickReport,
     ) -> Result<(), BatchError> {
         if item.attempts + 1 >= self.settings.batch_attempts {
-            // Real-time jobs first: if the item's removal then fails, a retry sends them again
-            // (duplicates are harmless), never none.
-            self.send_realtime(item).await?;
-            // Out of the batch without counting as failed: release, then drop it.
-            if self
-                .store
-                .release_batch_item(&item.custom_id, &batch.batch_id, true, now)
-                .await?
-            {
-                self.store.drop_pending_item(&item.custom_id).await?;
-            }
-            report.items_to_realtime += 1;
-            info!(custom_id = %item.custom_id, attempts = item.attempts + 1, "batch attempts used up; the images go to the real-time lane");
+            self.to_realtime(batch, item, now, report).await?;
         } else {
             // Lines come back for retry in the next batch at once (not after the timer).
             if self
@@ -585,6 +580,30 @@ impl BatchLane {
                 report.lines_retried += 1;
             }
         }
+        Ok(())
+    }
+
+    /// An item whose batch attempts are used up: its images go to the real-time lane.
+    async fn to_realtime(
+        &self,
+        batch: &BatchRecord,
+        item: &BatchItem,
+        now: u64,
+        report: &mut TickReport,
+    ) -> Result<(), BatchError> {
+        // Real-time jobs first: if the item's removal then fails, a retry sends them again
+        // (duplicates are harmless), never none.
+        self.send_realtime(item).await?;
+        // Out of the batch without counting as failed: release, then drop it.
+        if self
+            .store
+            .release_batch_item(&item.custom_id, &batch.batch_id, true, now)
+            .await?
+        {
+            self.store.drop_pending_item(&item.custom_id).await?;
+        }
+        report.items_to_realtime += 1;
+        info!(custom_id = %item.custom_id, attempts = item.attempts + 1, "batch attempts used up; the images go to the real-time lane");
         Ok(())
     }
 
@@ -640,8 +659,12 @@ impl BatchLane {
         }
     }
 
-    /// Submit what is due, grouped by tenant and model.
+    /// Submit what is due, grouped by tenant and model. One submission at a time per process:
+    /// two ticks of one process would only race for the same items (other processes' races are
+    /// settled by the store's conditional assignment).
     pub async fn submit(&self, flush: bool, report: &mut TickReport) -> Result<(), BatchError> {
+        static SUBMITTING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+        let _one_at_a_time = SUBMITTING.lock().await;
         let now = self.clock.now_ms();
         let pending = self.store.pending_batch_items(now, PENDING_PAGE).await?;
         let mut groups: BTreeMap<(String, String), Vec<BatchItem>> = BTreeMap::new();
