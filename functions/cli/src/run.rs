@@ -371,6 +371,9 @@ pub fn image_json(r: &ImageRecord) -> Value {
         "provider": res.map(|x| x.provider.clone()),
         "model": res.map(|x| x.model.clone()),
         "cached": res.map(|x| x.cached).unwrap_or(false),
+        "lane": res.map(|x| x.lane.as_str()).or(r.lane.map(|l| l.as_str())),
+        "batch_id": res.and_then(|x| x.batch_id.clone()),
+        "saved_usd": res.map(|x| x.saved_usd),
         "result": res.map(|x| x.analysis.clone()),
         "extra_spend": r.extra_spend,
     })

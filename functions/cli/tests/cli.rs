@@ -473,6 +473,102 @@ fn detail_low_is_sent_priced_low_and_cached_apart_from_high() {
     assert_eq!(est["resized"]["image_tokens"], 85, "{est}");
 }
 
+#[test]
+fn batch_lane_run_waits_for_its_batch_books_it_at_batch_prices_and_joins_a_batch_in_flight() {
+    let _g = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let sim = rt
+        .block_on(SimServer::start(SimConfig {
+            api_key: "sk-test".into(),
+            seed: 2,
+            ..SimConfig::default()
+        }))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let photos = samples().join("photos");
+    let cmd = |detail: &str| {
+        let mut c = sightline(dir.path());
+        c.args([
+            "--provider",
+            "openai",
+            "--model",
+            "gpt-4.1-mini",
+            "--lane",
+            "batch",
+            "--detail",
+            detail,
+        ])
+        .env("OPENAI_API_KEY", "sk-test")
+        .env("OPENAI_BASE_URL", &sim.base_url)
+        .env("SIGHTLINE_BATCH_POLL_SECS", "1");
+        c
+    };
+    let stats = || rt.block_on(sim.stats());
+
+    // --wait: submitted as soon as the images are prepared, polled until answered.
+    let (images, summary) = run_json(cmd("high").args(["run", "--json", "--wait"]).arg(&photos));
+    assert_eq!(images.len(), 5);
+    let table = sightline_core::pricing::PriceTable::builtin();
+    let price = table.model("gpt-4.1-mini").unwrap();
+    for img in &images {
+        assert_eq!(img["status"], "done", "{img}");
+        assert_eq!(img["lane"], "batch", "{img}");
+        let usage = sightline_core::pricing::Usage {
+            input_tokens: img["usage"]["input_tokens"].as_u64().unwrap(),
+            output_tokens: img["usage"]["output_tokens"].as_u64().unwrap(),
+            cached_tokens: 0,
+        };
+        let cost = img["cost_usd"].as_f64().unwrap();
+        assert!((cost - price.batch_cost_usd(&usage)).abs() < 1e-12, "{img}");
+        assert!(img["saved_usd"].as_f64().unwrap() > 0.0);
+    }
+    assert_eq!(
+        stats().completions,
+        0,
+        "nothing went through the real-time lane"
+    );
+    assert_eq!(stats().batch.lines_billed, 5);
+    let batches = stdout_of(cmd("high").args(["batches", "--json"]));
+    let batch: Value = serde_json::from_str(batches.lines().next().unwrap()).unwrap();
+    assert_eq!(batches.lines().count(), 1, "{batches}");
+    assert_eq!(batch["state"], "ended");
+    assert_eq!(batch["requests"], 5);
+    assert_eq!(batch["counts"]["succeeded"], 5);
+    let total = summary["cost_usd"].as_f64().unwrap();
+    assert!((batch["cost_usd"].as_f64().unwrap() - total).abs() < 1e-12);
+    let costs: Value =
+        serde_json::from_str(&stdout_of(cmd("high").args(["costs", "--json"]))).unwrap();
+    assert_eq!(costs["by_lane"]["batch"]["calls"], 5, "{costs}");
+    assert_eq!(costs["by_lane"]["realtime"]["calls"], 0);
+    assert!((costs["by_lane"]["batch"]["cost_usd"].as_f64().unwrap() - total).abs() < 1e-12);
+    assert!(costs["by_lane"]["batch_saved_usd"].as_f64().unwrap() > 0.0);
+
+    // The same bytes again: answered from the cache at $0, no batch.
+    let (again, _) = run_json(cmd("high").args(["run", "--json", "--wait"]).arg(&photos));
+    assert!(again.iter().all(|i| i["cached"] == true), "{again:?}");
+    assert_eq!(stats().batch.batches_created, 1);
+
+    // Without --wait the run returns once its batch is submitted; a second run of the same
+    // images joins the batch in flight and waits for it: one request per key, paid once.
+    let (queued, _) = run_json(cmd("low").args(["run", "--json"]).arg(&photos));
+    assert!(queued.iter().all(|i| i["status"] == "queued"), "{queued:?}");
+    let open = stdout_of(cmd("low").args(["batches", "--open", "--json"]));
+    assert_eq!(open.lines().count(), 1, "{open}");
+    let (joined, _) = run_json(cmd("low").args(["run", "--json", "--wait"]).arg(&photos));
+    assert!(joined.iter().all(|i| i["status"] == "done"), "{joined:?}");
+    assert_eq!(stats().batch.batches_created, 2);
+    assert_eq!(
+        stats().batch.lines_billed,
+        10,
+        "the joined images were not sent again"
+    );
+    let paid = joined.iter().filter(|i| i["cached"] == false).count();
+    assert_eq!(
+        paid, 0,
+        "the second run's images share the first run's answers"
+    );
+}
+
 fn crc32(data: &[u8]) -> u32 {
     let mut crc = 0xFFFF_FFFFu32;
     for &b in data {
