@@ -7,8 +7,9 @@ use sightline_pipeline::aws::{config, AwsEnv, Clients};
 async fn main() -> Result<(), Error> {
     sightline_pipeline::aws::init_tracing();
     let env = AwsEnv::from_env()?;
-    let settings = config::settings_from_env()?;
+    let mut settings = config::settings_from_env()?;
     let sdk = config::sdk_config_from_env().await;
+    config::load_admin_key(&mut settings, &sdk).await?;
     let clients = Clients::new(&sdk, env.endpoint_url.as_deref());
     let app = sightline_api::app(sightline_api::api_state(&env, &clients, settings));
     lambda_http::run(app).await

@@ -292,7 +292,9 @@ async fn create_upload(
         result: None,
         extra_spend: None,
         detail: req.detail,
-        lane: req.lane,
+        // Decided now by the one rule (request, key prefix, default), so the record says its
+        // lane from the start (the widget follows it).
+        lane: Some(state.settings.lane_for(req.lane, &key)),
         created_at: now.clone(),
         updated_at: now,
     };

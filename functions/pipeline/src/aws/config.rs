@@ -129,11 +129,42 @@ pub async fn provider_key(
     let Some(name) = env.key_param(kind) else {
         return Ok(None);
     };
+    Ok(Some(
+        read_secure_parameter(sdk, name, key_param_variable(kind)).await?,
+    ))
+}
+
+/// The variable naming the SSM SecureString of the admin key (`x-admin-key` of the admin
+/// routes), for the api function.
+pub const ADMIN_KEY_PARAM_VARIABLE: &str = "SIGHTLINE_ADMIN_KEY_PARAM";
+
+/// Give the settings the admin key from the SSM parameter named by
+/// [`ADMIN_KEY_PARAM_VARIABLE`], read once per cold start, unless the settings already have one
+/// (`SIGHTLINE_ADMIN_API_KEY`). Without either the admin routes answer 403.
+pub async fn load_admin_key(settings: &mut Settings, sdk: &SdkConfig) -> anyhow::Result<()> {
+    if settings.admin_api_key.is_some() {
+        return Ok(());
+    }
+    let Some(name) = std::env::var(ADMIN_KEY_PARAM_VARIABLE)
+        .ok()
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+    else {
+        return Ok(());
+    };
+    settings.admin_api_key =
+        Some(read_secure_parameter(sdk, &name, ADMIN_KEY_PARAM_VARIABLE).await?);
+    Ok(())
+}
+
+/// The value of an SSM SecureString (decrypted), named by the variable `variable`.
+async fn read_secure_parameter(
+    sdk: &SdkConfig,
+    name: &str,
+    variable: &str,
+) -> anyhow::Result<String> {
     if name.starts_with("arn:aws:secretsmanager:") {
-        bail!(
-            "{} is a Secrets Manager ARN; this build reads SSM parameters only",
-            key_param_variable(kind)
-        );
+        bail!("{variable} is a Secrets Manager ARN; this build reads SSM parameters only");
     }
     let ssm = aws_sdk_ssm::Client::new(sdk);
     let out = ssm
@@ -154,7 +185,7 @@ pub async fn provider_key(
         .map(str::trim)
         .filter(|v| !v.is_empty())
         .with_context(|| format!("SSM parameter {name} is empty"))?;
-    Ok(Some(value.to_string()))
+    Ok(value.to_string())
 }
 
 /// The vision provider the settings ask for. Keys are read in the factory's order of
