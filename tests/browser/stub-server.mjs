@@ -3,11 +3,14 @@
 // GET /v1/images/{id}, GET /v1/costs, GET /v1/health), x-api-key checks, JSON errors,
 // and the widget's static files at / and the WASM package at /pkg/.
 //
-//   node tests/browser/stub-server.mjs [--port 8788] [--key sightline-local-key]
+//   node tests/browser/stub-server.mjs [--port 8788] [--key sightline-local-key] [--batch-delay-ms 20000]
 //
 // Binds 127.0.0.1 only. The "analysis" is fake: image size from the JPEG header, a fixed
 // description and tags, and a cost from gpt-4.1-mini's prices. A filename containing
-// "fail-analysis" ends in status "failed"; "fail-upload" makes the first PUT answer 500.
+// "fail-analysis" ends in status "failed"; "fail-upload" makes the first PUT answer 500;
+// "never-finish" stays queued. An upload with "lane": "batch" stays queued until its "batch"
+// is answered (answerBatches(), or batchDelayMs after the PUT when set), then is done at half
+// price with lane, batch_id and saved_usd. Every POST /v1/uploads body is kept in uploadRequests.
 import http from 'node:http';
 import { randomUUID } from 'node:crypto';
 import { pathToFileURL } from 'node:url';
@@ -70,8 +73,11 @@ function fakeTokens(w, h) {
   return Math.ceil(Math.min(1536, Math.ceil(w / 32) * Math.ceil(h / 32)) * 1.62) + 120;
 }
 
-export async function startStubServer({ port = 0, apiKey = 'sightline-local-key', analysisDelayMs = 400, model = 'gpt-4.1-mini' } = {}) {
+export async function startStubServer({
+  port = 0, apiKey = 'sightline-local-key', analysisDelayMs = 400, model = 'gpt-4.1-mini', batchDelayMs = null,
+} = {}) {
   const images = new Map(); // id -> record
+  const uploadRequests = []; // POST /v1/uploads bodies, in order
   const grants = new Map(); // token -> {id, content_type, content_length, expires}
   const failedPuts = new Set();
   let base = '';
@@ -87,7 +93,9 @@ export async function startStubServer({ port = 0, apiKey = 'sightline-local-key'
     const { width, height } = rec.resized;
     const input = fakeTokens(width, height);
     const output = 180;
-    const cost = (input * 0.4 + output * 1.6) / 1e6;
+    const realtimeCost = (input * 0.4 + output * 1.6) / 1e6;
+    const batch = rec.lane === 'batch';
+    const cost = batch ? realtimeCost / 2 : realtimeCost;
     const failing = /fail-analysis/.test(rec.source);
     rec.updated_at = now();
     if (failing) {
@@ -110,11 +118,19 @@ export async function startStubServer({ port = 0, apiKey = 'sightline-local-key'
       usage: { input_tokens: input, output_tokens: output, cached_tokens: 0 },
       cost_usd: cost,
       cached: false,
+      ...(batch ? { lane: 'batch', batch_id: 'stub-batch-1', saved_usd: realtimeCost - cost } : {}),
       idempotency_key: `${rec.sha256 || 'x'}:${model}:stub`,
       prompt_version: 'stub',
       price_version: 'stub',
       completed_at: now(),
     };
+  }
+
+  /** Answer every queued batch-lane image (the provider's batch came back). */
+  function answerBatches() {
+    for (const rec of images.values()) {
+      if (rec.lane === 'batch' && rec.status === 'queued') finish(rec);
+    }
   }
 
   function costs() {
@@ -154,7 +170,8 @@ export async function startStubServer({ port = 0, apiKey = 'sightline-local-key'
       } catch (e) {
         return apiError(res, 400, 'bad_request', `invalid JSON body: ${e.message}`);
       }
-      const allowed = new Set(['filename', 'content_type', 'content_length', 'detail']);
+      uploadRequests.push(body);
+      const allowed = new Set(['filename', 'content_type', 'content_length', 'detail', 'lane']);
       const unknown = Object.keys(body || {}).filter((k) => !allowed.has(k));
       if (unknown.length) return apiError(res, 400, 'bad_request', `invalid JSON body: unknown field \`${unknown[0]}\``);
       if (!TYPES.has(body.content_type)) return apiError(res, 400, 'bad_request', `unsupported content_type ${JSON.stringify(body.content_type)}`);
@@ -162,6 +179,9 @@ export async function startStubServer({ port = 0, apiKey = 'sightline-local-key'
       if (body.content_length > MAX_BYTES) return apiError(res, 413, 'too_large', `content_length ${body.content_length} is over the ${MAX_BYTES}-byte limit`);
       if (body.detail !== undefined && !['low', 'high', 'auto'].includes(body.detail)) {
         return apiError(res, 400, 'bad_request', `invalid JSON body: unknown variant \`${body.detail}\``);
+      }
+      if (body.lane !== undefined && !['realtime', 'batch'].includes(body.lane)) {
+        return apiError(res, 400, 'bad_request', `invalid JSON body: unknown variant \`${body.lane}\``);
       }
       const id = randomUUID();
       const key = `uploads/local/${id}.${TYPES.get(body.content_type)}`;
@@ -172,6 +192,7 @@ export async function startStubServer({ port = 0, apiKey = 'sightline-local-key'
       images.set(id, {
         image_id: id, tenant: 'local', source: body.filename || key, status: 'pending', created_at: t, updated_at: t,
         ...(body.detail ? { detail: body.detail } : {}),
+        ...(body.lane ? { lane: body.lane } : {}),
       });
       return sendJson(res, 201, {
         image_id: id,
@@ -210,7 +231,11 @@ export async function startStubServer({ port = 0, apiKey = 'sightline-local-key'
       rec.original = { ...size, bytes: bytes.length };
       rec.resized = { ...size, bytes: bytes.length };
       rec.updated_at = now();
-      setTimeout(() => finish(rec), analysisDelayMs);
+      if (rec.lane === 'batch') {
+        if (batchDelayMs !== null) setTimeout(() => { if (rec.status === 'queued') finish(rec); }, batchDelayMs);
+      } else if (!/never-finish/.test(rec.source)) {
+        setTimeout(() => finish(rec), analysisDelayMs);
+      }
       res.writeHead(200, { 'content-length': 0 });
       return res.end();
     }
@@ -250,6 +275,8 @@ export async function startStubServer({ port = 0, apiKey = 'sightline-local-key'
   return {
     url: base,
     images,
+    uploadRequests,
+    answerBatches,
     close: () => new Promise((resolve) => { server.closeAllConnections?.(); server.close(() => resolve()); }),
   };
 }
@@ -259,7 +286,11 @@ if (import.meta.url === pathToFileURL(process.argv[1]).href) {
     const i = process.argv.indexOf(name);
     return i > 0 ? process.argv[i + 1] : dflt;
   };
-  const stub = await startStubServer({ port: Number(arg('--port', 8788)), apiKey: arg('--key', 'sightline-local-key') });
+  const stub = await startStubServer({
+    port: Number(arg('--port', 8788)),
+    apiKey: arg('--key', 'sightline-local-key'),
+    batchDelayMs: Number(arg('--batch-delay-ms', 20000)),
+  });
   console.log(`stub sightline server on ${stub.url} (Ctrl-C to stop)`);
   const stop = async () => { await stub.close(); process.exit(0); };
   process.on('SIGINT', stop);

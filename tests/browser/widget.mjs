@@ -1,6 +1,6 @@
 // Widget-only browser test against the in-memory stub server (no Rust server needed):
 // the same flow as e2e.mjs, plus retry of a failed upload, a failed analysis, a
-// decompression bomb, keyboard access and the CSP.
+// decompression bomb, the batch-lane choice, keyboard access and the CSP.
 //
 //   node tests/browser/widget.mjs      (needs wasm-client/pkg: scripts/wasm-build.sh)
 import path from 'node:path';
@@ -34,6 +34,31 @@ function bombPng() {
     chunk('IHDR', ihdr),
     chunk('IDAT', Buffer.from([0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01])),
   ]);
+}
+
+const LANE_LABEL = 'Cheaper (batch, within 24 h)';
+const laneBox = (page) => page.getByRole('checkbox', { name: LANE_LABEL });
+const item = (page, name) => page.evaluate((n) => {
+  const i = document.querySelector('sightline-uploader').items.find((x) => x.name === n);
+  return i && { state: i.state, imageId: i.imageId, lane: i.lane, prepared: i.prepared && { width: i.prepared.width, height: i.prepared.height } };
+}, name);
+
+/** Add one sample under `name` and wait until it is ready. */
+async function addReady(page, name, sample = 'samples/rocket.jpg') {
+  await page.locator('sightline-uploader input[type=file]').setInputFiles([
+    { name, mimeType: 'image/jpeg', buffer: readSample(sample) },
+  ]);
+  await fileRow(page, name).and(page.locator('[data-state="ready"]')).waitFor({ timeout: 30000 });
+}
+
+/** The WASM module's own estimate for the image, imported afresh in the page (not the element's figures). */
+function wasmEstimate(page, width, height) {
+  return page.evaluate(async ([w, h]) => {
+    const { default: init, estimate } = await import('/pkg/sightline_wasm.js');
+    await init();
+    const models = document.querySelector('sightline-uploader').models;
+    return estimate(w, h, models, {}).map((e) => ({ model: e.model, costUsd: e.costUsd, batchCostUsd: e.batchCostUsd }));
+  }, [width, height]);
 }
 
 const t = reporter();
@@ -92,6 +117,133 @@ try {
     const rec = await (await fetch(`${stub.url}/v1/images/${id}`, { headers: { 'x-api-key': 'sightline-local-key' } })).json();
     assert(rec.detail === 'low', `the upload asked for ${rec.detail}`);
     await page.evaluate(() => document.querySelector('sightline-uploader').removeAttribute('detail'));
+  });
+
+  await t.check('until the lane checkbox is used, upload requests send no lane (the server\'s rule)', async () => {
+    assert(stub.uploadRequests.length > 0, 'no upload requests yet');
+    const withLane = stub.uploadRequests.filter((b) => 'lane' in b);
+    assert(withLane.length === 0, `sent lane: ${JSON.stringify(withLane)}`);
+    assert(await laneBox(page).isVisible() && !(await laneBox(page).isChecked()), 'the checkbox is not shown unchecked');
+  });
+
+  await t.check('with the batch lane ticked, the estimate and total show the WASM module\'s batch price', async () => {
+    await laneBox(page).check();
+    await addReady(page, 'batch-lane.jpg');
+    const { prepared } = await item(page, 'batch-lane.jpg');
+    const wasm = await wasmEstimate(page, prepared.width, prepared.height);
+    assert(wasm.length >= 1, 'the WASM module estimated nothing');
+    const row = fileRow(page, 'batch-lane.jpg');
+    assert(/Est\. cost \(batch\)/.test(await row.locator('thead').textContent()), 'no batch heading');
+    for (const e of wasm) {
+      assert(e.batchCostUsd > 0 && e.batchCostUsd < e.costUsd, `${e.model}: batch ${e.batchCostUsd} vs ${e.costUsd}`);
+      const cell = row.locator(`tr[data-model="${e.model}"] td[data-cost]`);
+      const shown = Number(await cell.getAttribute('data-cost'));
+      assert(shown === e.batchCostUsd, `${e.model}: row shows ${shown}, WASM batch ${e.batchCostUsd}`);
+      const text = await page.evaluate(async (x) => (await import('/sightline-uploader.js')).formatUsd(x), e.batchCostUsd);
+      assert((await cell.textContent()) === text, `${e.model}: text ${await cell.textContent()}, want ${text}`);
+      // Only this image is ready, so the total before upload is its cost.
+      const total = Number(await page.locator(`sightline-uploader .batch-models li[data-model="${e.model}"]`).getAttribute('data-cost'));
+      assert(total === e.batchCostUsd, `${e.model}: total ${total}, WASM batch ${e.batchCostUsd}`);
+    }
+    // Unticked, the real-time price is back.
+    await laneBox(page).uncheck();
+    const rt = Number(await row.locator(`tr[data-model="${wasm[0].model}"] td[data-cost]`).getAttribute('data-cost'));
+    assert(rt === wasm[0].costUsd, `unticked: ${rt}, WASM real time ${wasm[0].costUsd}`);
+    await laneBox(page).check();
+  });
+
+  await t.check('the batch checkbox sets "lane": "batch" on the upload request; the answered batch shows its cost and saving', async () => {
+    const row = fileRow(page, 'batch-lane.jpg');
+    await page.locator('sightline-uploader button.primary').click();
+    await row.and(page.locator('[data-state="processing"]')).waitFor({ timeout: 30000 });
+    const body = stub.uploadRequests.find((b) => b.filename === 'batch-lane.jpg');
+    assert(body && body.lane === 'batch', `upload request ${JSON.stringify(body)}`);
+    await row.locator('[data-role="state"]').filter({ hasText: 'In the batch lane' }).waitFor({ timeout: 10000 });
+    stub.answerBatches();
+    await row.and(page.locator('[data-state="done"]')).waitFor({ timeout: 30000 });
+    const cost = row.locator('[data-role="real-cost"]');
+    assert(await cost.getAttribute('data-lane') === 'batch', `result lane ${await cost.getAttribute('data-lane')}`);
+    const rec = stub.images.get((await item(page, 'batch-lane.jpg')).imageId);
+    assert(Number(await cost.getAttribute('data-cost')) === rec.result.cost_usd, 'shown cost is not the result\'s');
+    assert(Number(await cost.getAttribute('data-saved')) > 0, 'no saving');
+    assert(/batch lane, saved \$/.test(await cost.textContent()), `cost line: ${await cost.textContent()}`);
+    await laneBox(page).uncheck(); // later checks use the real-time lane
+  });
+
+  await t.check('a batch item still queued at poll-timeout ends "queued for the batch lane", not an error; a real-time one stalls as before', async () => {
+    const p4 = await browser.newPage();
+    const p4problems = watchPage(p4);
+    await openWidget(p4, stub.url);
+    await p4.evaluate(() => {
+      window.queuedEvents = [];
+      document.addEventListener('sightline-queued', (e) => window.queuedEvents.push(e.detail.item.name));
+      document.querySelector('sightline-uploader').setAttribute('poll-timeout', '1');
+    });
+    await laneBox(p4).check();
+    await addReady(p4, 'slow-batch.jpg');
+    await p4.locator('sightline-uploader button.primary').click();
+    await fileRow(p4, 'slow-batch.jpg').and(p4.locator('[data-state="processing"]')).waitFor({ timeout: 30000 });
+    await laneBox(p4).uncheck();
+    await addReady(p4, 'never-finish.jpg');
+    await p4.locator('sightline-uploader button.primary').click();
+
+    const batchRow = fileRow(p4, 'slow-batch.jpg');
+    await batchRow.and(p4.locator('[data-state="batch_queued"]')).waitFor({ timeout: 15000 });
+    assert(await batchRow.locator('[data-role="error"]').isHidden(), 'the queued batch item shows an error');
+    const text = await batchRow.locator('[data-role="state"]').textContent();
+    assert(text === 'Queued for the batch lane — results within 24 h', `state text: ${text}`);
+    assert((await p4.evaluate(() => window.queuedEvents)).join() === 'slow-batch.jpg', 'no sightline-queued event');
+
+    const rtRow = fileRow(p4, 'never-finish.jpg');
+    await rtRow.and(p4.locator('[data-state="stalled"]')).waitFor({ timeout: 15000 });
+    assert(await rtRow.locator('[data-role="error"]').getAttribute('data-code') === 'timeout', 'real-time item did not time out');
+
+    // The batch comes back later: "Check again" picks up the result.
+    stub.answerBatches();
+    await batchRow.getByRole('button', { name: /Check again/ }).click();
+    await batchRow.and(p4.locator('[data-state="done"]')).waitFor({ timeout: 15000 });
+    await p4.close();
+    assert(p4problems.length === 0, p4problems.join('\n'));
+  });
+
+  await t.check('the batch checkbox is labelled, described and operable from the keyboard', async () => {
+    const p5 = await browser.newPage();
+    await openWidget(p5, stub.url);
+    const activeId = () => p5.evaluate(() => {
+      const root = document.querySelector('sightline-uploader').shadowRoot;
+      return root.activeElement ? root.activeElement.id || root.activeElement.className : '';
+    });
+    let reached = false;
+    for (let i = 0; i < 8 && !reached; i++) {
+      await p5.keyboard.press('Tab');
+      reached = (await activeId()) === 'lane-batch';
+    }
+    assert(reached, 'Tab never reaches the lane checkbox');
+    const lane = () => p5.evaluate(() => document.querySelector('sightline-uploader').lane);
+    await p5.keyboard.press('Space');
+    assert(await laneBox(p5).isChecked() && (await lane()) === 'batch', `after Space: lane ${await lane()}`);
+    await p5.keyboard.press('Space');
+    assert(!(await laneBox(p5).isChecked()) && (await lane()) === 'realtime', `after 2nd Space: lane ${await lane()}`);
+    const help = await laneBox(p5).getAttribute('aria-describedby');
+    assert(/24 h/.test(await p5.locator(`sightline-uploader #${help}`).textContent()), 'no description');
+    await p5.close();
+  });
+
+  await t.check('the checkbox reflects lane="batch" / "realtime" (pinned, disabled); lane-choice="off" hides it', async () => {
+    const p6 = await browser.newPage();
+    await openWidget(p6, stub.url);
+    const set = (name, value) => p6.evaluate(([n, v]) => {
+      const el = document.querySelector('sightline-uploader');
+      if (v === null) el.removeAttribute(n); else el.setAttribute(n, v);
+      return el.lane;
+    }, [name, value]);
+    const box = laneBox(p6);
+    assert((await set('lane', 'batch')) === 'batch' && await box.isChecked() && await box.isDisabled(), 'lane="batch" not reflected');
+    assert((await set('lane', 'realtime')) === 'realtime' && !(await box.isChecked()) && await box.isDisabled(), 'lane="realtime" not reflected');
+    assert((await set('lane', null)) === '' && await box.isEnabled(), 'removing lane does not free the checkbox');
+    await box.check();
+    assert((await set('lane-choice', 'off')) === '' && await box.isHidden(), 'lane-choice="off" leaves the checkbox or its lane');
+    await p6.close();
   });
 
   await t.check('a failed upload is retried with the same prepared bytes', async () => {

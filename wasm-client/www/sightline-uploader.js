@@ -9,15 +9,20 @@
 // Attributes: api-base (default: this origin), api-key, models (comma list), max-edge,
 // quality, max-bytes (largest file read, default 25 MiB), concurrency (uploads at once, 2),
 // poll-timeout (seconds, 300), detail (low | high | auto: priced here and asked for on each
-// upload; unset: the server's setting, estimated as high).
+// upload; unset: the server's setting, estimated as high), lane (realtime | batch: pins the lane
+// priced here and asked for on each upload; unset: the "Cheaper (batch, within 24 h)" checkbox
+// decides, and until it is used no lane is sent (the server's rule, priced as real time)),
+// lane-choice ("off" hides that checkbox).
 // Methods: addFiles(files), upload(), retry(itemId), clear(), refreshCosts().
 // Events (bubbling, composed): sightline-prepared, sightline-uploaded, sightline-analysed,
-// sightline-error; detail = {item}.
+// sightline-queued (a batch-lane image still queued when poll-timeout ran out: not an error, its
+// result comes within 24 h; "Check again" polls anew), sightline-error; detail = {item}.
 //
 // Plain JS, no build step, CSP-friendly: no inline scripts or styles, same-origin only.
 
 const DEFAULT_MODELS = 'gpt-4.1-mini,gpt-4o';
 const DEFAULT_MAX_BYTES = 25 * 1024 * 1024;
+const LANES = ['realtime', 'batch'];
 const CSS_URL = new URL('./sightline-uploader.css', import.meta.url).href;
 const WORKER_URL = new URL('./worker.js', import.meta.url);
 
@@ -61,6 +66,16 @@ function svg(tag, attrs = {}) {
   const node = document.createElementNS(SVG_NS, tag);
   for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, String(v));
   return node;
+}
+
+/**
+ * An estimate's cost and unresized cost in a lane. Both figures come from the WASM module
+ * (batchCostUsd is the core's batch price), so no price is computed here.
+ */
+function laneCosts(e, lane) {
+  return lane === 'batch'
+    ? { cost: e.batchCostUsd, original: e.originalBatchCostUsd }
+    : { cost: e.costUsd, original: e.originalCostUsd };
 }
 
 function jpegName(name) {
@@ -140,11 +155,12 @@ const STATE_TEXT = {
   stalled: 'Still processing',
   done: 'Analysed',
   failed: 'Analysis failed',
+  batch_queued: 'Queued for the batch lane — results within 24 h',
 };
 
 class SightlineUploader extends HTMLElement {
   static get observedAttributes() {
-    return ['models', 'api-key', 'api-base', 'max-edge', 'detail'];
+    return ['models', 'api-key', 'api-base', 'max-edge', 'detail', 'lane', 'lane-choice'];
   }
 
   constructor() {
@@ -157,6 +173,7 @@ class SightlineUploader extends HTMLElement {
     this.activeUploads = 0;
     this.knownModels = null;
     this.priceVersion = '';
+    this.laneChoice = ''; // the checkbox's lane once used; '' until then
     this.worker = null;
     const root = this.attachShadow({ mode: 'open' });
     root.append(this.buildSkeleton());
@@ -198,6 +215,26 @@ class SightlineUploader extends HTMLElement {
   get estimateParams() {
     return this.detail ? { detail: this.detail } : {};
   }
+  /** The lane pinned by the `lane` attribute, or ''. */
+  get pinnedLane() {
+    const l = (this.getAttribute('lane') || '').trim().toLowerCase();
+    return LANES.includes(l) ? l : '';
+  }
+  get laneChoiceShown() {
+    return (this.getAttribute('lane-choice') || '').trim().toLowerCase() !== 'off';
+  }
+  /**
+   * The lane to price and ask for on the next uploads: the attribute, else the checkbox once
+   * used, else '' (nothing sent: the server's rule, priced as real time).
+   */
+  get lane() {
+    return this.pinnedLane || (this.laneChoiceShown ? this.laneChoice : '');
+  }
+  /** An item's lane: the server's word once known, else what its upload asked, else the next one. */
+  itemLane(item) {
+    if (item.record && item.record.lane) return item.record.lane;
+    return item.lane !== null ? item.lane : this.lane;
+  }
   /** The requested models that the price table knows. */
   get models() {
     const asked = (this.getAttribute('models') || DEFAULT_MODELS)
@@ -212,6 +249,7 @@ class SightlineUploader extends HTMLElement {
       this.modelsReady = this.loadModels();
     }
     this.$.edge.textContent = String(this.maxEdge);
+    this.renderLaneControl();
     if (this.apiKey) this.refreshCosts();
   }
 
@@ -234,6 +272,7 @@ class SightlineUploader extends HTMLElement {
   attributeChangedCallback(name, oldValue, newValue) {
     if (oldValue === newValue || !this.$) return;
     if (name === 'models' || name === 'detail') this.reestimate();
+    if (name === 'lane' || name === 'lane-choice') this.laneChanged();
     if (name === 'max-edge') this.$.edge.textContent = String(this.maxEdge);
     if ((name === 'api-key' || name === 'api-base') && this.worker && this.apiKey) this.refreshCosts();
   }
@@ -279,6 +318,10 @@ class SightlineUploader extends HTMLElement {
 
     $.upload = el('button', { type: 'button', class: 'primary', part: 'upload-button', disabled: true, text: 'Upload' });
     $.clear = el('button', { type: 'button', class: 'secondary', disabled: true, text: 'Clear list' });
+    $.laneBox = el('input', { type: 'checkbox', id: 'lane-batch', 'aria-describedby': 'lane-help' });
+    $.laneHelp = el('span', { id: 'lane-help', class: 'hint', text: '' });
+    $.lane = el('div', { class: 'lane', part: 'lane-choice' },
+      el('label', { for: 'lane-batch' }, $.laneBox, ' Cheaper (batch, within 24 h)'), $.laneHelp);
     $.totals = el('div', { class: 'totals', part: 'totals', 'aria-live': 'polite' });
     $.priceVersion = el('p', { class: 'hint price-version' });
 
@@ -297,7 +340,7 @@ class SightlineUploader extends HTMLElement {
         $.drop, $.input, $.status,
         $.list,
         el('div', { class: 'batch' }, $.totals,
-          el('div', { class: 'actions' }, $.upload, $.clear)),
+          el('div', { class: 'actions' }, $.lane, $.upload, $.clear)),
         $.priceVersion),
       $.costs);
 
@@ -328,6 +371,11 @@ class SightlineUploader extends HTMLElement {
     });
     $.upload.addEventListener('click', () => this.upload());
     $.clear.addEventListener('click', () => this.clear());
+    $.laneBox.addEventListener('change', () => {
+      // Once used, the box says both ways: unchecked asks for real time explicitly.
+      this.laneChoice = $.laneBox.checked ? 'batch' : 'realtime';
+      this.laneChanged();
+    });
     $.costRefresh.addEventListener('click', () => this.refreshCosts());
     return frag;
   }
@@ -365,6 +413,7 @@ class SightlineUploader extends HTMLElement {
         upload: null,
         error: null,
         record: null,
+        lane: null, // what the upload request asked for ('' = nothing); null until sent
         progress: 0,
       };
       this.items.push(item);
@@ -430,6 +479,7 @@ class SightlineUploader extends HTMLElement {
           originalTokens: before.result[i].tokens,
           originalImageTokens: before.result[i].imageTokens,
           originalCostUsd: before.result[i].costUsd,
+          originalBatchCostUsd: before.result[i].batchCostUsd,
         }));
         this.renderItem(item);
       } catch (err) {
@@ -438,6 +488,24 @@ class SightlineUploader extends HTMLElement {
       }
     }
     this.renderTotals();
+  }
+
+  /** The lane changed (attribute or checkbox): prices already carry both lanes, re-render. */
+  laneChanged() {
+    this.renderLaneControl();
+    for (const item of this.items) this.renderItem(item);
+    this.renderTotals();
+  }
+
+  renderLaneControl() {
+    const $ = this.$;
+    const pinned = this.pinnedLane;
+    $.lane.hidden = !this.laneChoiceShown;
+    $.laneBox.checked = this.lane === 'batch';
+    $.laneBox.disabled = Boolean(pinned);
+    $.laneHelp.textContent = pinned
+      ? `Set by this page: ${pinned === 'batch' ? 'batch lane, half price, results within 24 h' : 'real time'}.`
+      : 'Half price; results can take up to 24 h.';
   }
 
   // ----- uploading -----
@@ -460,7 +528,7 @@ class SightlineUploader extends HTMLElement {
     if (!item || !item.prepared) return;
     if (item.state === 'upload_error') {
       this.enqueueUpload(item);
-    } else if (item.state === 'stalled') {
+    } else if (item.state === 'stalled' || item.state === 'batch_queued') {
       this.setState(item, 'processing');
       this.poll(item);
     }
@@ -514,6 +582,7 @@ class SightlineUploader extends HTMLElement {
       let created = item.upload;
       const expires = created && Date.parse(created.upload.expires_at || '');
       if (!created || !(expires > Date.now() + 30000)) {
+        const lane = this.lane;
         created = await this.api('/v1/uploads', {
           method: 'POST',
           headers: { 'content-type': 'application/json' },
@@ -522,8 +591,10 @@ class SightlineUploader extends HTMLElement {
             content_type: 'image/jpeg',
             content_length: jpeg.byteLength,
             ...(this.detail ? { detail: this.detail } : {}),
+            ...(lane ? { lane } : {}),
           }),
         });
+        item.lane = lane;
         if (!created || !created.image_id || !created.upload || !created.upload.url) {
           throw Object.assign(new Error('the server answered without an upload URL'), { code: 'bad_response' });
         }
@@ -607,7 +678,8 @@ class SightlineUploader extends HTMLElement {
           item.prepared.jpeg = null; // uploaded and analysed: the preview blob is all we need
           this.setState(item, 'done');
           this.emit('sightline-analysed', item);
-          this.announce(`${item.name}: analysed${rec.result ? `, ${formatUsd(rec.result.cost_usd)}` : ''}.`);
+          this.announce(`${item.name}: analysed${rec.result ? `, ${formatUsd(rec.result.cost_usd)}` : ''}`
+            + `${rec.result && rec.result.lane === 'batch' ? ' (batch lane)' : ''}.`);
           this.refreshCosts();
           return;
         }
@@ -626,6 +698,13 @@ class SightlineUploader extends HTMLElement {
         }
       }
       if (Date.now() - started > this.pollTimeoutMs) {
+        // A batch answer may take 24 h: waiting longer is expected, not a failure.
+        if (this.itemLane(item) === 'batch') {
+          this.setState(item, 'batch_queued');
+          this.emit('sightline-queued', item);
+          this.announce(`${item.name}: queued for the batch lane; results within 24 h.`);
+          return;
+        }
         this.setError(item, 'stalled', 'timeout', `no result after ${Math.round(this.pollTimeoutMs / 1000)} s; the server may still be working`);
         return;
       }
@@ -741,7 +820,9 @@ class SightlineUploader extends HTMLElement {
     r.li.dataset.state = item.state;
     if (item.imageId) r.li.dataset.imageId = item.imageId;
     let stateText = STATE_TEXT[item.state] || item.state;
-    if (item.state === 'processing' && item.serverStatus === 'queued') stateText = 'Analysing…';
+    if (item.state === 'processing' && item.serverStatus === 'queued') {
+      stateText = this.itemLane(item) === 'batch' ? 'In the batch lane: waiting for its batch (within 24 h)…' : 'Analysing…';
+    }
     r.state.textContent = stateText;
 
     const p = item.prepared;
@@ -769,8 +850,9 @@ class SightlineUploader extends HTMLElement {
     if (item.error) r.error.dataset.code = item.error.code;
     else delete r.error.dataset.code;
 
-    r.retry.hidden = !(item.state === 'upload_error' || item.state === 'stalled');
-    r.retry.textContent = item.state === 'stalled' ? 'Check again' : 'Retry upload';
+    const recheck = item.state === 'stalled' || item.state === 'batch_queued';
+    r.retry.hidden = !(item.state === 'upload_error' || recheck);
+    r.retry.textContent = recheck ? 'Check again' : 'Retry upload';
     r.retry.setAttribute('aria-label', `${r.retry.textContent}: ${item.name}`);
 
     const rec = item.record;
@@ -781,20 +863,23 @@ class SightlineUploader extends HTMLElement {
   renderEstimates(item) {
     const p = item.prepared;
     const r = item.row;
-    const table = el('table', { class: 'est' },
-      el('caption', { class: 'visually-hidden', text: `Estimated cost of ${item.name}` }),
+    const lane = this.itemLane(item);
+    const batch = lane === 'batch';
+    const table = el('table', { class: 'est', 'data-lane': lane || 'realtime' },
+      el('caption', { class: 'visually-hidden', text: `Estimated cost of ${item.name}${batch ? ' in the batch lane' : ''}` }),
       el('thead', {}, el('tr', {},
         el('th', { scope: 'col', text: 'Model' }),
         el('th', { scope: 'col', text: 'Tokens' }),
-        el('th', { scope: 'col', text: 'Est. cost' }),
+        el('th', { scope: 'col', text: batch ? 'Est. cost (batch)' : 'Est. cost' }),
         el('th', { scope: 'col', text: 'Unresized' }))));
     const body = el('tbody');
     for (const e of p.estimates || []) {
+      const c = laneCosts(e, lane);
       body.append(el('tr', { 'data-model': e.model },
         el('th', { scope: 'row', text: e.model }),
         el('td', { 'data-tokens': e.tokens, title: `${formatInt(e.imageTokens)} image tokens + prompt + expected output`, text: formatInt(e.tokens) }),
-        el('td', { 'data-cost': e.costUsd, text: formatUsd(e.costUsd) }),
-        el('td', { class: 'muted', text: `${formatUsd(e.originalCostUsd)}` })));
+        el('td', { 'data-cost': c.cost, title: batch ? `real time: ${formatUsd(e.costUsd)}` : null, text: formatUsd(c.cost) }),
+        el('td', { class: 'muted', text: `${formatUsd(c.original)}` })));
     }
     table.append(body);
     r.estimates.replaceChildren(table);
@@ -815,11 +900,16 @@ class SightlineUploader extends HTMLElement {
     }
     const usage = res.usage || {};
     const est = (item.prepared && item.prepared.estimates || []).find((e) => e.model === res.model);
-    const costLine = el('p', { class: 'real-cost', 'data-role': 'real-cost', 'data-cost': res.cost_usd ?? '' },
+    const lane = res.lane || 'realtime';
+    const costLine = el('p', {
+      class: 'real-cost', 'data-role': 'real-cost', 'data-cost': res.cost_usd ?? '', 'data-lane': lane,
+      'data-saved': res.saved_usd ?? null,
+    },
       `${res.model || 'model'}: ${formatUsd(res.cost_usd ?? 0)} actual`
       + ` (${formatInt(usage.input_tokens || 0)} in + ${formatInt(usage.output_tokens || 0)} out tokens)`
       + (res.cached ? ' · cached, no provider call' : '')
-      + (est ? ` · estimated ${formatUsd(est.costUsd)}` : ''));
+      + (lane === 'batch' ? ` · batch lane${res.saved_usd ? `, saved ${formatUsd(res.saved_usd)}` : ''}` : '')
+      + (est ? ` · estimated ${formatUsd(laneCosts(est, lane).cost)}` : ''));
     parts.push(costLine);
     const details = el('details', {}, el('summary', { text: 'Full analysis (JSON)' }),
       el('pre', { text: JSON.stringify(analysis, null, 2) }));
@@ -841,12 +931,14 @@ class SightlineUploader extends HTMLElement {
       return;
     }
     const sums = new Map();
+    const batch = this.lane === 'batch'; // ready items go in the next uploads' lane
     for (const item of ready) {
       for (const e of item.prepared.estimates || []) {
         const s = sums.get(e.model) || { tokens: 0, cost: 0, original: 0 };
+        const c = laneCosts(e, this.lane);
         s.tokens += e.tokens;
-        s.cost += e.costUsd;
-        s.original += e.originalCostUsd;
+        s.cost += c.cost;
+        s.original += c.original;
         sums.set(e.model, s);
       }
     }
@@ -856,14 +948,18 @@ class SightlineUploader extends HTMLElement {
     if (invalid) head.push(`${invalid} cannot be used`);
     lines.push(el('p', { class: 'batch-head', text: head.join(' · ') }));
     if (sums.size) {
-      const ul = el('ul', { class: 'batch-models', 'aria-label': 'Estimated total before upload' });
+      const ul = el('ul', { class: 'batch-models', 'data-lane': this.lane || 'realtime', 'aria-label': 'Estimated total before upload' });
       for (const [model, s] of sums) {
         ul.append(el('li', { 'data-model': model, 'data-cost': s.cost, 'data-tokens': s.tokens },
           el('strong', { text: model }),
           ` ${formatInt(s.tokens)} tokens ≈ ${formatUsd(s.cost)}`,
           el('span', { class: 'muted', text: ` (unresized ${formatUsd(s.original)})` })));
       }
-      lines.push(el('p', { class: 'hint', text: 'Estimated total before upload (image + prompt + expected answer), one analysis per image with the model you run:' }), ul);
+      lines.push(el('p', {
+        class: 'hint',
+        text: `Estimated total before upload (image + prompt + expected answer)${batch ? ' at batch prices, results within 24 h' : ''},`
+          + ' one analysis per image with the model you run:',
+      }), ul);
     }
     $.totals.replaceChildren(...lines);
   }
