@@ -124,8 +124,8 @@ impl Paid {
 
 /// How one model of the chain ended.
 enum Step {
-    /// The provider answered: store this.
-    Answered(AnalysisResult),
+    /// The provider answered: store this (boxed: a result is far larger than the others).
+    Answered(Box<AnalysisResult>),
     /// Try the next model; if none is left, retry the message after `delay`.
     Fallback { delay: Duration, reason: String },
     /// Retry the message after `delay`.
@@ -888,7 +888,7 @@ impl Analyzer {
                     price_version: table.version().to_string(),
                     completed_at: rfc3339(self.clock.now_ms()),
                 };
-                (Step::Answered(result), Paid::default())
+                (Step::Answered(Box::new(result)), Paid::default())
             }
             Err(e) => {
                 let step = match classify(&e.kind) {
