@@ -71,6 +71,10 @@ impl Registry {
                     .entry((metric, (function.to_string(), model)))
                     .or_default() += value;
             }
+            Kind::Gauge => {
+                s.counters
+                    .insert((metric, (function.to_string(), None)), value);
+            }
             Kind::Distribution => {
                 // Recorded in milliseconds (the CloudWatch unit); Prometheus wants seconds.
                 let seconds = value / 1000.0;
@@ -101,6 +105,7 @@ impl Registry {
             let kind = match metric.kind() {
                 Kind::Counter => "counter",
                 Kind::Distribution => "histogram",
+                Kind::Gauge => "gauge",
             };
             let _ = writeln!(out, "# HELP {name} {}", escape_help(metric.help()));
             let _ = writeln!(out, "# TYPE {name} {kind}");
