@@ -186,6 +186,29 @@ mod tests {
     }
 
     #[test]
+    fn gauges_keep_the_last_level() {
+        let r = Registry::new();
+        let batch = r.recorder("batch");
+        batch.record(Metric::BatchItemsPending, None, 7.0);
+        batch.record(Metric::BatchItemsPending, None, 3.0);
+        batch.record(Metric::BatchesSubmitted, None, 1.0);
+        batch.record(Metric::BatchesSubmitted, None, 1.0);
+        let text = r.render();
+        assert!(text.contains("# TYPE sightline_batch_items_pending gauge"));
+        assert_eq!(
+            sample(&text, r#"sightline_batch_items_pending{function="batch"}"#),
+            Some(3.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                r#"sightline_batches_submitted_total{function="batch"}"#
+            ),
+            Some(2.0)
+        );
+    }
+
+    #[test]
     fn counters_render_with_help_type_and_labels() {
         let r = Registry::new();
         let analyze = r.recorder("analyze");
