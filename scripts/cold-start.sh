@@ -19,7 +19,7 @@ export CARGO_INCREMENTAL=0
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 VENV=${SIGHTLINE_INFRA_VENV:-$TARGET/infra-venv}
 RUNS=${COLD_START_RUNS:-20}
-FUNCTIONS=(resize analyze api reconcile)
+FUNCTIONS=(resize analyze api reconcile batch)
 
 if [ ! -x "$VENV/bin/cargo-lambda" ]; then
   python3 -m venv "$VENV"

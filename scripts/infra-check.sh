@@ -67,7 +67,7 @@ if [ "${SIGHTLINE_CHECK_LAMBDA_BUILD:-0}" = 1 ]; then
   # cargo-lambda's PyPI package ships the binary and depends on ziglang (Zig, the cross linker).
   pip_tool cargo-lambda 'cargo-lambda>=1.8'
   args=(lambda build --release -p sightline-resize -p sightline-analyze -p sightline-api
-    -p sightline-reconcile)
+    -p sightline-reconcile -p sightline-batch)
   case "$compiler" in
     zig)
       if ! "$VENV/bin/python" -c 'import ziglang' 2>/dev/null; then
@@ -91,7 +91,7 @@ if [ "${SIGHTLINE_CHECK_LAMBDA_BUILD:-0}" = 1 ]; then
   log "cargo ${args[*]}"
   # The venv's bin first: cargo-lambda finds `cargo-lambda` and Zig (python -m ziglang) there.
   PATH="$VENV/bin:$PATH" cargo "${args[@]}"
-  ls -l "${CARGO_TARGET_DIR:-target}"/lambda/sightline-{resize,analyze,api,reconcile}/bootstrap
+  ls -l "${CARGO_TARGET_DIR:-target}"/lambda/sightline-{resize,analyze,api,reconcile,batch}/bootstrap
 fi
 
 log "infra checks passed"

@@ -210,8 +210,9 @@ const RESIZE: &str = "sightline-resize";
 const ANALYZE: &str = "sightline-analyze";
 const API: &str = "sightline-api";
 const RECONCILE: &str = "sightline-reconcile";
+const BATCH: &str = "sightline-batch";
 /// Every function of the template.
-const ALL: [&str; 4] = [RESIZE, ANALYZE, API, RECONCILE];
+const ALL: [&str; 5] = [RESIZE, ANALYZE, API, RECONCILE, BATCH];
 
 #[test]
 fn template_uses_long_form_intrinsics_only() {
@@ -233,14 +234,15 @@ fn functions_are_arm64_al2023_cargo_lambda_binaries() {
     let functions = t.of_type("AWS::Serverless::Function");
     assert_eq!(
         functions.len(),
-        4,
-        "four functions: resize, analyze, api, reconcile"
+        5,
+        "five functions: resize, analyze, api, reconcile, batch"
     );
     for (binary, dir) in [
         (RESIZE, "resize"),
         (ANALYZE, "analyze"),
         (API, "api"),
         (RECONCILE, "reconcile"),
+        (BATCH, "batch"),
     ] {
         let (id, f) = t.function(binary);
         assert_eq!(f["Metadata"]["BuildMethod"], "rust-cargolambda", "{id}");
@@ -558,6 +560,15 @@ fn function_roles_are_least_privilege() {
                 "dynamodb:ConditionCheckItem",
                 "dynamodb:Query",
             ]),
+            // The analyzer's exactly-once writes, and batch items and records (gsi1-3).
+            BATCH => set(&[
+                "dynamodb:GetItem",
+                "dynamodb:PutItem",
+                "dynamodb:UpdateItem",
+                "dynamodb:DeleteItem",
+                "dynamodb:ConditionCheckItem",
+                "dynamodb:Query",
+            ]),
             // Rechecks (Query gsi3), the resize path, and deleting unused pending records.
             RECONCILE => set(&[
                 "dynamodb:GetItem",
@@ -681,7 +692,22 @@ const KEY_PARAMS: [(&str, &str); 2] = [
 #[test]
 fn provider_keys_are_read_each_from_exactly_its_ssm_parameter() {
     let t = Template::load();
-    let (id, f) = t.function(ANALYZE);
+    for binary in [ANALYZE, BATCH] {
+        provider_keys_of(&t, binary);
+    }
+    // Only the functions that call the provider read the keys.
+    for b in [RESIZE, API, RECONCILE] {
+        let (_, other) = t.function(b);
+        assert!(t.resources_for(other, "ssm:GetParameter").is_empty());
+        assert!(t.resources_for(other, "kms:Decrypt").is_empty());
+        for (var, _) in KEY_PARAMS {
+            assert!(!t.env(other).contains_key(var));
+        }
+    }
+}
+
+fn provider_keys_of(t: &Template, binary: &str) {
+    let (id, f) = t.function(binary);
     let env = t.env(f);
     for (var, parameter) in KEY_PARAMS {
         let param = &env[var];
@@ -720,17 +746,8 @@ fn provider_keys_are_read_each_from_exactly_its_ssm_parameter() {
     let via = render(&decrypt[0].2["Condition"]["StringEquals"]["kms:ViaService"]);
     assert_eq!(
         via, "ssm.${AWS::Region}.amazonaws.com",
-        "kms:Decrypt only via SSM"
+        "{id}: kms:Decrypt only via SSM"
     );
-    // Only analyze reads the keys.
-    for b in [RESIZE, API, RECONCILE] {
-        let (_, other) = t.function(b);
-        assert!(t.resources_for(other, "ssm:GetParameter").is_empty());
-        assert!(t.resources_for(other, "kms:Decrypt").is_empty());
-        for (var, _) in KEY_PARAMS {
-            assert!(!t.env(other).contains_key(var));
-        }
-    }
 }
 
 #[test]
@@ -937,7 +954,7 @@ fn functions_get_the_documented_environment() {
         }
         assert_eq!(references(&env["SIGHTLINE_TABLE"]), vec!["Table"]);
     }
-    for binary in [RESIZE, ANALYZE, RECONCILE] {
+    for binary in [RESIZE, ANALYZE, RECONCILE, BATCH] {
         let (id, f) = t.function(binary);
         assert_eq!(
             references(&t.env(f)["SIGHTLINE_QUEUE_URL"]),
@@ -1195,6 +1212,98 @@ fn reconciler_runs_on_a_schedule() {
                     .iter()
                     .any(|d| d["Name"] == "FunctionName" && Template::target(&d["Value"]) == id)
                 && references(&p["AlarmActions"]).contains(&"AlarmTopic".to_string())
+        }),
+        "an alarm on {id} Errors"
+    );
+}
+
+/// The batch function ticks on an EventBridge schedule (a parameter, every minute by default),
+/// with memory for one batch input, the lane settings it and the resize function need, and the
+/// rights to build, submit and reconcile batches and send jobs back to the real-time lane.
+#[test]
+fn batch_function_ticks_on_a_schedule_with_its_settings_and_rights() {
+    let t = Template::load();
+    let (id, f) = t.function(BATCH);
+    let all_events = f["Properties"]["Events"].as_object().expect("Events");
+    let schedules = t.events(f, "Schedule");
+    assert_eq!(
+        (schedules.len(), all_events.len()),
+        (1, 1),
+        "{id}: one trigger, a Schedule event"
+    );
+    let ev = schedules[0].1;
+    assert_eq!(references(&ev["Schedule"]), vec!["BatchSchedule"]);
+    assert!(ev["Enabled"] != false && ev["State"] != "DISABLED");
+    assert_eq!(t.parameter("BatchSchedule")["Default"], "rate(1 minute)");
+
+    // One batch input (SIGHTLINE_BATCH_MAX_MB, 100 MB by default) fits several times over.
+    let mem = t.number(t.function_prop(f, "MemorySize"));
+    let max_mb = t.number(&t.parameter("BatchMaxMb")["Default"]);
+    assert_eq!(max_mb, 100.0);
+    assert!(
+        mem >= 4.0 * max_mb,
+        "{id}: {mem} MB for a {max_mb} MB input"
+    );
+    let timeout = t.number(t.function_prop(f, "Timeout"));
+    assert!(
+        (300.0..=900.0).contains(&timeout),
+        "{id}: timeout {timeout}"
+    );
+
+    let env = t.env(f);
+    for (k, p) in [
+        ("SIGHTLINE_BATCH_MAX_WAIT_SECS", "BatchMaxWaitSecs"),
+        ("SIGHTLINE_BATCH_MAX_REQUESTS", "BatchMaxRequests"),
+        ("SIGHTLINE_BATCH_MAX_MB", "BatchMaxMb"),
+        ("SIGHTLINE_BATCH_ATTEMPTS", "BatchAttempts"),
+        ("SIGHTLINE_MODEL", "Model"),
+        ("OPENAI_BASE_URL", "OpenAiBaseUrl"),
+    ] {
+        assert_eq!(references(&env[k]), vec![p.to_string()], "{id}: {k}");
+    }
+    // The lane is decided where images are resized.
+    for binary in [RESIZE, RECONCILE, ANALYZE, BATCH] {
+        let (id, f) = t.function(binary);
+        let env = t.env(f);
+        assert_eq!(references(&env["SIGHTLINE_LANE"]), vec!["Lane"], "{id}");
+        assert_eq!(
+            references(&env["SIGHTLINE_BATCH_KEY_PREFIXES"]),
+            vec!["BatchUploadPrefixes"],
+            "{id}"
+        );
+    }
+    // Every SIGHTLINE_ variable it gets is a setting the code knows (or one of AwsEnv's).
+    let known: BTreeSet<&str> = sightline_pipeline::settings::SETTINGS
+        .iter()
+        .map(|d| d.env)
+        .collect();
+    for k in env.keys().filter(|k| k.starts_with("SIGHTLINE_BATCH")) {
+        assert!(known.contains(k.as_str()), "{id}: {k} is no setting");
+    }
+
+    assert_eq!(
+        t.resources_for(f, "s3:GetObject"),
+        vec!["${Bucket.Arn}/resized/*"]
+    );
+    assert!(t.resources_for(f, "s3:PutObject").is_empty());
+    assert_eq!(
+        t.resources_for(f, "sqs:SendMessage"),
+        vec!["${AnalyzeQueue.Arn}"]
+    );
+    assert!(t.resources_for(f, "sqs:ReceiveMessage").is_empty());
+    let q = t.resources_for(f, "dynamodb:Query");
+    assert!(
+        q.iter().any(|r| r == "${Table.Arn}/index/*"),
+        "{id} queries the GSIs (pending items, open batches)"
+    );
+    let alarms = t.of_type("AWS::CloudWatch::Alarm");
+    assert!(
+        alarms.iter().any(|(_, a)| {
+            let p = &a["Properties"];
+            p["MetricName"] == "Errors"
+                && as_list(&p["Dimensions"])
+                    .iter()
+                    .any(|d| Template::target(&d["Value"]) == id)
         }),
         "an alarm on {id} Errors"
     );

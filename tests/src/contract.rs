@@ -5,11 +5,13 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use sightline_core::batch::custom_id;
 use sightline_core::budget::{BudgetCaps, Period, Periods};
-use sightline_core::model::{AnalysisResult, ImageRecord, ImageStatus};
+use sightline_core::model::{AnalysisResult, Detail, ImageRecord, ImageStatus};
 use sightline_core::pricing::Usage;
 use sightline_pipeline::ports::{
-    api_key_id, BlobStore, BudgetHold, Claim, Completion, Failure, JobDelivery, PutImage, Queue,
+    api_key_id, BatchItem, BatchRecord, BatchState, BatchStore, BatchWaiter, BlobStore, BudgetHold,
+    Claim, Completion, Enqueued, Failure, ItemEnd, JobDelivery, LineCounts, PutImage, Queue,
     QueueMessage, Repository, Spend, StoreError,
 };
 
@@ -859,6 +861,436 @@ pub async fn repository_contract(repo: Arc<dyn Repository>) {
     spend_contract(repo.clone()).await;
     budget_contract(repo.clone()).await;
     api_keys_contract(repo).await;
+}
+
+/// A pending batch item of `key` for `tenant` (its one waiter is set by the enqueue).
+pub fn batch_item(key: &str, tenant: &str, created_ms: u64, not_before_ms: u64) -> BatchItem {
+    BatchItem {
+        custom_id: custom_id(key),
+        key: key.to_string(),
+        tenant: tenant.to_string(),
+        provider: "openai".into(),
+        model: "gpt-4.1-mini".into(),
+        sha256: "ab".repeat(32),
+        resized_key: format!("resized/{tenant}/x.jpg"),
+        width: 512,
+        height: 384,
+        bytes: 40_000,
+        detail: Detail::Low,
+        estimate_usd: 0.0002,
+        estimate_input_tokens: 300,
+        estimate_output_tokens: 100,
+        waiters: Vec::new(),
+        batch_id: None,
+        attempts: 0,
+        created_ms,
+        not_before_ms,
+        ended: None,
+    }
+}
+
+pub fn batch_record(
+    batch_id: &str,
+    tenant: &str,
+    created_ms: u64,
+    state: BatchState,
+) -> BatchRecord {
+    BatchRecord {
+        batch_id: batch_id.to_string(),
+        tenant: tenant.to_string(),
+        provider: "openai".into(),
+        model: "gpt-4.1-mini".into(),
+        state,
+        provider_batch_id: None,
+        provider_status: None,
+        error: None,
+        requests: 3,
+        counts: LineCounts::default(),
+        cost_usd: 0.0,
+        saved_usd: 0.0,
+        hold: None,
+        created_at: sightline_pipeline::ports::rfc3339(created_ms),
+        created_ms,
+        submitted_at: None,
+        ended_at: None,
+    }
+}
+
+fn waiter(tenant: &str, image_id: &str) -> BatchWaiter {
+    BatchWaiter {
+        tenant: tenant.to_string(),
+        image_id: image_id.to_string(),
+    }
+}
+
+/// Custom ids of `items` that are among `mine`, in their order (the listings are table-wide).
+fn only(items: &[BatchItem], mine: &[&BatchItem]) -> Vec<String> {
+    items
+        .iter()
+        .filter(|i| mine.iter().any(|m| m.custom_id == i.custom_id))
+        .map(|i| i.custom_id.clone())
+        .collect()
+}
+
+fn cids(items: &[&BatchItem]) -> Vec<String> {
+    items.iter().map(|i| i.custom_id.clone()).collect()
+}
+
+/// Batch items: enqueue (create, join, already waiting, cached), pending order and
+/// `not_before`, conditional moves (assign, release, end, drop, defer) and purge.
+pub async fn batch_items_contract(repo: Arc<dyn Repository>, store: Arc<dyn BatchStore>) {
+    let t = unique("tbi");
+    let base = 1_900_000_000_000u64;
+    let key = |name: &str| format!("{}:gpt-4.1-mini:v1", unique(&format!("{name}-{t}-")));
+    let a = batch_item(&key("a"), &t, base + 3, 0);
+    let b = batch_item(&key("b"), &t, base + 1, 0);
+    let c = batch_item(&key("c"), &t, base + 2, base + 10_000);
+    let d = batch_item(&key("d"), &t, base + 4, 0);
+    let mine = [&a, &b, &c, &d];
+    let (w1, w2, w3) = (waiter(&t, "i1"), waiter(&t, "i2"), waiter(&t, "i3"));
+
+    assert_eq!(
+        store.enqueue_batch(&a, &w1).await.unwrap(),
+        Enqueued::Created
+    );
+    assert_eq!(
+        store.enqueue_batch(&a, &w1).await.unwrap(),
+        Enqueued::AlreadyWaiting
+    );
+    assert_eq!(
+        store.enqueue_batch(&a, &w2).await.unwrap(),
+        Enqueued::Joined
+    );
+    assert_eq!(
+        store.enqueue_batch(&a, &w2).await.unwrap(),
+        Enqueued::AlreadyWaiting
+    );
+    for (item, w) in [(&b, &w1), (&c, &w1), (&d, &w3)] {
+        assert_eq!(
+            store.enqueue_batch(item, w).await.unwrap(),
+            Enqueued::Created
+        );
+    }
+
+    // Pending: oldest first, only those whose not_before has come.
+    let pending = store
+        .pending_batch_items(base + 5_000, 10_000)
+        .await
+        .unwrap();
+    assert_eq!(only(&pending, &mine), cids(&[&b, &a, &d]));
+    let got_a = pending.iter().find(|i| i.custom_id == a.custom_id).unwrap();
+    assert_eq!(got_a.waiters, vec![w1.clone(), w2.clone()]);
+    assert_eq!((got_a.batch_id.as_deref(), got_a.attempts), (None, 0));
+    assert_eq!(got_a.key, a.key);
+    assert_eq!(got_a.ended, None);
+    let pending = store
+        .pending_batch_items(base + 10_000, 10_000)
+        .await
+        .unwrap();
+    assert_eq!(only(&pending, &mine), cids(&[&b, &c, &a, &d]));
+    assert!(
+        store
+            .pending_batch_items(base + 10_000, 1)
+            .await
+            .unwrap()
+            .len()
+            <= 1
+    );
+
+    // Defer only pending ones.
+    assert!(store
+        .defer_batch_item(&b.custom_id, base + 20_000)
+        .await
+        .unwrap());
+    let pending = store
+        .pending_batch_items(base + 10_000, 10_000)
+        .await
+        .unwrap();
+    assert_eq!(only(&pending, &mine), cids(&[&c, &a, &d]));
+    assert!(!store.defer_batch_item("no-such-item", base).await.unwrap());
+
+    // Assign takes pending items only (deferred ones too), once.
+    let (b1, b2, b3) = (unique("bat1-"), unique("bat2-"), unique("bat3-"));
+    let ask: Vec<String> = vec![
+        a.custom_id.clone(),
+        b.custom_id.clone(),
+        "no-such-item".into(),
+    ];
+    assert_eq!(
+        store.assign_batch_items(&b1, &ask).await.unwrap(),
+        cids(&[&a, &b])
+    );
+    let ask: Vec<String> = cids(&[&a, &b, &c]);
+    assert_eq!(
+        store.assign_batch_items(&b2, &ask).await.unwrap(),
+        cids(&[&c])
+    );
+    let in1 = store.batch_items(&b1).await.unwrap();
+    assert_eq!(cids(&in1.iter().collect::<Vec<_>>()), cids(&[&b, &a]));
+    assert!(in1
+        .iter()
+        .all(|i| i.batch_id.as_deref() == Some(b1.as_str())));
+    assert_eq!(
+        cids(
+            &store
+                .batch_items(&b2)
+                .await
+                .unwrap()
+                .iter()
+                .collect::<Vec<_>>()
+        ),
+        cids(&[&c])
+    );
+    let pending = store.pending_batch_items(u64::MAX, 10_000).await.unwrap();
+    assert_eq!(only(&pending, &mine), cids(&[&d]));
+    assert!(!store.defer_batch_item(&a.custom_id, base).await.unwrap());
+    assert!(!store.drop_pending_item(&a.custom_id).await.unwrap());
+
+    // An item in a batch can still be joined; it stays in its batch.
+    assert_eq!(
+        store.enqueue_batch(&a, &w3).await.unwrap(),
+        Enqueued::Joined
+    );
+    let in1 = store.batch_items(&b1).await.unwrap();
+    let got_a = in1.iter().find(|i| i.custom_id == a.custom_id).unwrap();
+    assert_eq!(got_a.waiters, vec![w1.clone(), w2.clone(), w3.clone()]);
+    assert_eq!(got_a.batch_id.as_deref(), Some(b1.as_str()));
+
+    // Release only from the batch that holds it; attempts count when asked.
+    assert!(!store
+        .release_batch_item(&a.custom_id, &b2, true, 0)
+        .await
+        .unwrap());
+    assert!(store
+        .release_batch_item(&a.custom_id, &b1, true, base + 30_000)
+        .await
+        .unwrap());
+    assert!(!store
+        .release_batch_item(&a.custom_id, &b1, true, base + 30_000)
+        .await
+        .unwrap());
+    assert!(store
+        .release_batch_item(&b.custom_id, &b1, false, 0)
+        .await
+        .unwrap());
+    let pending = store
+        .pending_batch_items(base + 10_000, 10_000)
+        .await
+        .unwrap();
+    assert_eq!(only(&pending, &mine), cids(&[&b, &d]));
+    let pending = store
+        .pending_batch_items(base + 30_000, 10_000)
+        .await
+        .unwrap();
+    assert_eq!(only(&pending, &mine), cids(&[&b, &a, &d]));
+    let find = |items: &[BatchItem], id: &str| items.iter().find(|i| i.custom_id == id).cloned();
+    let got_a = find(&pending, &a.custom_id).unwrap();
+    assert_eq!((got_a.attempts, got_a.not_before_ms), (1, base + 30_000));
+    assert_eq!(got_a.batch_id, None);
+    assert_eq!(got_a.waiters.len(), 3);
+    assert_eq!(find(&pending, &b.custom_id).unwrap().attempts, 0);
+    assert!(store.batch_items(&b1).await.unwrap().is_empty());
+
+    // End once, and only in the batch that holds it.
+    let end = ItemEnd {
+        answered: true,
+        cost_usd: 0.0002,
+        saved_usd: 0.0002,
+    };
+    assert!(!store.end_batch_item(&c.custom_id, &b1, &end).await.unwrap());
+    assert!(store.end_batch_item(&c.custom_id, &b2, &end).await.unwrap());
+    assert!(!store.end_batch_item(&c.custom_id, &b2, &end).await.unwrap());
+    let in2 = store.batch_items(&b2).await.unwrap();
+    assert_eq!(in2.len(), 1);
+    assert_eq!(in2[0].ended.as_ref(), Some(&end));
+    assert!(!store.end_batch_item(&a.custom_id, &b1, &end).await.unwrap());
+
+    // Purge deletes a batch's ended items only.
+    assert_eq!(
+        store
+            .assign_batch_items(&b3, &cids(&[&b, &d]))
+            .await
+            .unwrap(),
+        cids(&[&b, &d])
+    );
+    assert!(store.end_batch_item(&d.custom_id, &b3, &end).await.unwrap());
+    store.purge_batch(&b3).await.unwrap();
+    let in3 = store.batch_items(&b3).await.unwrap();
+    assert_eq!(cids(&in3.iter().collect::<Vec<_>>()), cids(&[&b]));
+    assert_eq!(in3[0].ended, None);
+    // The purged item is gone: a new enqueue of its key creates it afresh.
+    assert_eq!(
+        store.enqueue_batch(&d, &w1).await.unwrap(),
+        Enqueued::Created
+    );
+
+    // An ended item counts as absent on enqueue: a fresh pending item, leaving its batch.
+    let w4 = waiter(&t, "i4");
+    assert_eq!(
+        store.enqueue_batch(&c, &w4).await.unwrap(),
+        Enqueued::Created
+    );
+    let pending = store.pending_batch_items(u64::MAX, 10_000).await.unwrap();
+    let got_c = find(&pending, &c.custom_id).unwrap();
+    assert_eq!(got_c.waiters, vec![w4.clone()]);
+    assert_eq!(
+        (got_c.batch_id.as_deref(), got_c.ended.as_ref()),
+        (None, None)
+    );
+    assert!(store.batch_items(&b2).await.unwrap().is_empty());
+    store.purge_batch(&b2).await.unwrap();
+    assert!(find(
+        &store.pending_batch_items(u64::MAX, 10_000).await.unwrap(),
+        &c.custom_id
+    )
+    .is_some());
+
+    // Drop only pending ones.
+    assert!(store.drop_pending_item(&c.custom_id).await.unwrap());
+    assert!(!store.drop_pending_item(&c.custom_id).await.unwrap());
+    assert!(!store.drop_pending_item(&b.custom_id).await.unwrap());
+    let pending = store.pending_batch_items(u64::MAX, 10_000).await.unwrap();
+    assert_eq!(only(&pending, &mine), cids(&[&a, &d]));
+
+    // Cached: a key answered through `complete` is reused, pending item or not.
+    assert_eq!(store.cached_answer(&a.key).await.unwrap(), None);
+    let e = batch_item(&key("e"), &t, base + 5, 0);
+    for (id, item) in [("img-a", &a), ("img-e", &e)] {
+        let rec = record(&t, id, "2026-04-01T00:00:00.000Z", ImageStatus::Queued);
+        repo.put_image(&rec, None).await.unwrap();
+        let r = result(
+            &item.key,
+            "gpt-4.1-mini",
+            "2026-04-01T00:01:00.000Z",
+            0.001,
+            false,
+        );
+        assert_eq!(
+            repo.complete(&t, id, &r, 0.001).await.unwrap(),
+            Completion::Stored
+        );
+        assert_eq!(
+            store.cached_answer(&item.key).await.unwrap(),
+            Some(r.clone())
+        );
+        assert_eq!(
+            store.enqueue_batch(item, &waiter(&t, "i9")).await.unwrap(),
+            Enqueued::Cached(Box::new(r))
+        );
+    }
+    let pending = store.pending_batch_items(u64::MAX, 10_000).await.unwrap();
+    assert!(
+        find(&pending, &e.custom_id).is_none(),
+        "a cached key makes no item"
+    );
+    assert!(
+        find(&pending, &a.custom_id).is_some(),
+        "the submitter drops it"
+    );
+}
+
+/// Batch records: put/get, close only while open, listing newest first by tenant and state.
+pub async fn batch_records_contract(store: Arc<dyn BatchStore>) {
+    let (t, o) = (unique("tbr"), unique("tbr-other-"));
+    let base = 1_900_000_000_000u64;
+    let r1 = batch_record(&unique("r1-"), &t, base + 1, BatchState::Running);
+    let r2 = batch_record(&unique("r2-"), &t, base + 2, BatchState::Ended);
+    let r3 = batch_record(&unique("r3-"), &o, base + 3, BatchState::Submitting);
+    let r4 = batch_record(&unique("r4-"), &t, base + 4, BatchState::Submitting);
+    for r in [&r1, &r2, &r3, &r4] {
+        store.put_batch(r).await.unwrap();
+    }
+    assert_eq!(
+        store.get_batch(&r1.batch_id).await.unwrap().as_ref(),
+        Some(&r1)
+    );
+    assert_eq!(store.get_batch("no-such-batch").await.unwrap(), None);
+
+    let ids = |rs: Vec<BatchRecord>| -> Vec<String> {
+        rs.into_iter()
+            .map(|r| r.batch_id)
+            .filter(|id| [&r1, &r2, &r3, &r4].iter().any(|r| &r.batch_id == id))
+            .collect()
+    };
+    let want =
+        |rs: &[&BatchRecord]| -> Vec<String> { rs.iter().map(|r| r.batch_id.clone()).collect() };
+    let list = |tenant: Option<String>, open: bool, limit: usize| {
+        let store = store.clone();
+        async move {
+            store
+                .list_batches(tenant.as_deref(), open, limit)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        ids(list(Some(t.clone()), false, 10).await),
+        want(&[&r4, &r2, &r1])
+    );
+    assert_eq!(
+        ids(list(Some(t.clone()), false, 2).await),
+        want(&[&r4, &r2])
+    );
+    assert_eq!(
+        ids(list(Some(t.clone()), true, 10).await),
+        want(&[&r4, &r1])
+    );
+    assert_eq!(ids(list(Some(o.clone()), false, 10).await), want(&[&r3]));
+    assert_eq!(ids(list(None, true, 10_000).await), want(&[&r4, &r3, &r1]));
+    assert_eq!(
+        ids(list(None, false, 10_000).await),
+        want(&[&r4, &r3, &r2, &r1])
+    );
+    assert!(list(Some(unique("nobody")), false, 10).await.is_empty());
+
+    // Close only while open: the first closer wins.
+    let mut done = r1.clone();
+    done.state = BatchState::Ended;
+    done.counts = LineCounts {
+        succeeded: 2,
+        failed: 1,
+        retried: 0,
+    };
+    done.cost_usd = 0.0005;
+    done.ended_at = Some("2026-04-02T00:00:00.000Z".into());
+    assert!(store.close_batch(&done).await.unwrap());
+    let mut late = r1.clone();
+    late.state = BatchState::Failed;
+    assert!(!store.close_batch(&late).await.unwrap());
+    assert_eq!(store.get_batch(&r1.batch_id).await.unwrap(), Some(done));
+    let mut r2_again = r2.clone();
+    r2_again.state = BatchState::Failed;
+    assert!(!store.close_batch(&r2_again).await.unwrap());
+    assert_eq!(
+        store.get_batch(&r2.batch_id).await.unwrap().as_ref(),
+        Some(&r2)
+    );
+    let ghost = batch_record(&unique("ghost-"), &t, base, BatchState::Ended);
+    assert!(!store.close_batch(&ghost).await.unwrap());
+    assert_eq!(store.get_batch(&ghost.batch_id).await.unwrap(), None);
+    assert_eq!(ids(list(Some(t.clone()), true, 10).await), want(&[&r4]));
+
+    // Put overwrites (submitting → running keeps it open; ended leaves the open listing).
+    let mut running = r4.clone();
+    running.state = BatchState::Running;
+    running.provider_batch_id = Some("batch_abc".into());
+    store.put_batch(&running).await.unwrap();
+    assert_eq!(
+        store.get_batch(&r4.batch_id).await.unwrap(),
+        Some(running.clone())
+    );
+    assert_eq!(ids(list(Some(t.clone()), true, 10).await), want(&[&r4]));
+    let mut failed = running;
+    failed.state = BatchState::Failed;
+    store.put_batch(&failed).await.unwrap();
+    assert!(ids(list(Some(t.clone()), true, 10).await).is_empty());
+    assert_eq!(ids(list(Some(t), false, 10).await), want(&[&r4, &r2, &r1]));
+}
+
+/// Everything the batch store promises (`repo` and `store` are the same adapter).
+pub async fn batch_store_contract(repo: Arc<dyn Repository>, store: Arc<dyn BatchStore>) {
+    batch_items_contract(repo, store.clone()).await;
+    batch_records_contract(store).await;
 }
 
 /// Receive until `want` messages are collected or `timeout` passes.

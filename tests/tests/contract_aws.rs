@@ -35,10 +35,11 @@ async fn aws_adapter_contract() {
     let queue =
         Arc::new(SqsQueue::new(clients.sqs.clone(), url).with_wait(Duration::from_millis(500)));
 
-    let (r, q, b) = tokio::join!(
-        contract::repository_contract(repo),
+    let (r, s, q, b) = tokio::join!(
+        contract::repository_contract(repo.clone()),
+        contract::batch_store_contract(repo.clone(), repo),
         contract::queue_contract(queue),
         contract::blob_contract(blobs),
     );
-    let _ = (r, q, b);
+    let _ = (r, s, q, b);
 }

@@ -37,6 +37,14 @@ async fn local_repository_contract_with_its_job_queue() {
 }
 
 #[tokio::test]
+async fn local_batch_store_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = SqliteDb::open(&dir.path().join("db.sqlite")).unwrap();
+    let repo = Arc::new(SqliteRepository::new(db));
+    contract::batch_store_contract(repo.clone(), repo).await;
+}
+
+#[tokio::test]
 async fn local_queue_contract() {
     let db = SqliteDb::in_memory().unwrap();
     contract::queue_contract(Arc::new(SqliteQueue::new(

@@ -19,13 +19,16 @@ async fn main() -> Result<(), Error> {
     let sdk = config::sdk_config_from_env().await;
     let clients = Clients::new(&sdk, env.endpoint_url.as_deref());
     let provider = config::provider_from_env(&env, &sdk, &settings).await?;
+    let repo = Arc::new(DynamoRepository::new(clients.dynamodb.clone(), &env.table));
+    // Batch-lane jobs become batch items in the same table (the batch function submits them).
     let analyzer = Analyzer::new(
         Arc::new(S3BlobStore::new(clients.s3.clone(), &env.bucket)),
-        Arc::new(DynamoRepository::new(clients.dynamodb.clone(), &env.table)),
+        repo.clone(),
         provider,
         Arc::new(settings),
         Arc::new(SystemClock),
-    );
+    )
+    .with_batches(repo);
     let queue = Arc::new(SqsQueue::new(clients.sqs.clone(), env.require_queue()?));
     let handler = Arc::new(AnalyzeHandler::new(analyzer, queue));
     lambda_runtime::run(service_fn(move |event: LambdaEvent<SqsEvent>| {

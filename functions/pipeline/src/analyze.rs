@@ -124,7 +124,7 @@ impl Paid {
 
 /// How one model of the chain ended.
 enum Step {
-    /// The provider answered: store this.
+    /// The provider answered: store this (boxed: a result is far larger than the others).
     Answered(Box<AnalysisResult>),
     /// Try the next model; if none is left, retry the message after `delay`.
     Fallback { delay: Duration, reason: String },

@@ -43,8 +43,9 @@ const PENDING_PAGE: usize = 20_000;
 /// Open batches polled per tick.
 const OPEN_PAGE: usize = 1_000;
 
-/// What one tick did (logged, shown by `run --lane batch --wait`, asserted by tests).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// What one tick did (logged, shown by `run --lane batch --wait`, asserted by tests; the
+/// batch Lambda's response).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct TickReport {
     pub batches_submitted: u64,
     pub requests_submitted: u64,

@@ -6,9 +6,10 @@ use anyhow::{bail, Context};
 use aws_config::{BehaviorVersion, SdkConfig};
 use sightline_core::keys::{RESIZED_PREFIX, UPLOAD_PREFIX};
 
-use crate::ports::VisionProvider;
+use crate::ports::{BatchProvider, VisionProvider};
 use crate::providers::select::{
-    build_provider, key_param_variable, key_variable, paid_candidates, ProviderKeys,
+    build_batch_provider, build_provider, key_param_variable, key_variable, paid_candidates,
+    ProviderKeys,
 };
 use crate::settings::{ProviderKind, Settings};
 
@@ -188,13 +189,13 @@ async fn read_secure_parameter(
     Ok(value.to_string())
 }
 
-/// The vision provider the settings ask for. Keys are read in the factory's order of
-/// preference and only until one is found, so an unused parameter is never fetched.
-pub async fn provider_from_env(
+/// The provider keys the settings need, read in the factory's order of preference and only
+/// until one is found, so an unused parameter is never fetched.
+async fn provider_keys(
     env: &AwsEnv,
     sdk: &SdkConfig,
     settings: &Settings,
-) -> anyhow::Result<Arc<dyn VisionProvider>> {
+) -> anyhow::Result<ProviderKeys> {
     let mut keys = ProviderKeys::default();
     for kind in paid_candidates(settings) {
         keys.set(kind, provider_key(env, sdk, kind).await?);
@@ -202,7 +203,28 @@ pub async fn provider_from_env(
             break;
         }
     }
+    Ok(keys)
+}
+
+/// The vision provider the settings ask for.
+pub async fn provider_from_env(
+    env: &AwsEnv,
+    sdk: &SdkConfig,
+    settings: &Settings,
+) -> anyhow::Result<Arc<dyn VisionProvider>> {
+    let keys = provider_keys(env, sdk, settings).await?;
     Ok(build_provider(settings, &keys)?)
+}
+
+/// The batch API of the provider [`provider_from_env`] would build (same keys); None for the
+/// local analyzer, which has none.
+pub async fn batch_provider_from_env(
+    env: &AwsEnv,
+    sdk: &SdkConfig,
+    settings: &Settings,
+) -> anyhow::Result<Option<Arc<dyn BatchProvider>>> {
+    let keys = provider_keys(env, sdk, settings).await?;
+    Ok(build_batch_provider(settings, &keys)?)
 }
 
 #[cfg(test)]

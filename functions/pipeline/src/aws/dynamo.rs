@@ -8,6 +8,10 @@
 //! | API key | `KEY#{sha256(key)}` | `KEY` (gsi1pk `KEYS#{tenant}`) |
 //! | tenant budget caps | `T#{tenant}#BUDGET` | `CAPS` |
 //! | budget holds of a period | `T#{tenant}#BUDGET` | `D#{YYYY-MM-DD}` / `M#{YYYY-MM}` |
+//! | batch item | `BITEM#{custom_id}` | `BITEM` (gsi3pk `BPENDING` while pending, `BITEMS#{batchId}` in a batch) |
+//! | batch record | `BATCH#{batchId}` | `BATCH` (gsi1pk `BATCHES#{tenant}`, gsi2pk `BATCHES`, gsi3pk `BOPEN` while open) |
+//!
+//! The batch lane's items and records are in [`batch`].
 //!
 //! The image item keeps the record JSON in `doc`; `status`, `error`, `result` (JSON) and
 //! `updated_at` are separate attributes so `complete` and `mark_failed` can update them with
@@ -25,6 +29,8 @@ use sightline_core::budget::{self, BudgetCaps, Counted, Periods};
 use sightline_core::model::{AnalysisResult, ExtraSpend, ImageRecord, ImageStatus};
 
 use super::sdk_err;
+
+pub mod batch;
 use crate::ports::{
     api_key_id, day_of, ApiKeyInfo, BudgetCounts, BudgetHold, Claim, Completion, CostRow, Failure,
     ImagePage, PutImage, Repository, Spend, StoreError, StoreResult,

@@ -96,6 +96,10 @@ impl Recorder for EmfBatch {
                     .or_default() += value
             }
             (Kind::Counter, _) => *t.totals.entry(metric).or_default() += value,
+            // The level at the end of the invocation.
+            (Kind::Gauge, _) => {
+                t.totals.insert(metric, value);
+            }
         }
     }
 }

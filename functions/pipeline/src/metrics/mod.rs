@@ -35,6 +35,9 @@ pub enum Kind {
     Counter,
     /// One value per observation: an EMF value array, a Prometheus histogram.
     Distribution,
+    /// A level read at the end of an invocation: the last value counts (EMF one value per
+    /// invocation, a Prometheus gauge).
+    Gauge,
 }
 
 /// Every metric sightline emits.
@@ -63,10 +66,30 @@ pub enum Metric {
     JobsRequeued,
     /// Time to handle one record (an SQS message, an upload), in milliseconds.
     RecordLatency,
+    /// Provider batches submitted (batch).
+    BatchesSubmitted,
+    /// Requests (lines) in the batches submitted (batch).
+    BatchRequestsSubmitted,
+    /// Batches the provider refused (validation, the enqueued-token limit) (batch).
+    BatchesRefused,
+    /// Batches that ended and whose lines were reconciled (batch).
+    BatchesEnded,
+    /// Batch lines answered and booked (batch).
+    BatchLinesAnswered,
+    /// Batch lines failed for good (their images failed) (batch).
+    BatchLinesFailed,
+    /// Batch lines back to pending (transient errors, expiry, cancellation) (batch).
+    BatchLinesRetried,
+    /// Batch items whose images went to the real-time lane after `batch_attempts` (batch).
+    BatchItemsToRealtime,
+    /// Batches open (submitting or running) at the end of a tick (batch; a gauge).
+    BatchesOpen,
+    /// Batch items pending at the end of a tick (batch; a gauge).
+    BatchItemsPending,
 }
 
 impl Metric {
-    pub const ALL: [Metric; 11] = [
+    pub const ALL: [Metric; 21] = [
         Metric::ImagesProcessed,
         Metric::ImagesFailed,
         Metric::CacheHits,
@@ -78,6 +101,16 @@ impl Metric {
         Metric::CostUsd,
         Metric::JobsRequeued,
         Metric::RecordLatency,
+        Metric::BatchesSubmitted,
+        Metric::BatchRequestsSubmitted,
+        Metric::BatchesRefused,
+        Metric::BatchesEnded,
+        Metric::BatchLinesAnswered,
+        Metric::BatchLinesFailed,
+        Metric::BatchLinesRetried,
+        Metric::BatchItemsToRealtime,
+        Metric::BatchesOpen,
+        Metric::BatchItemsPending,
     ];
 
     /// The CloudWatch metric name.
@@ -94,6 +127,16 @@ impl Metric {
             Metric::CostUsd => "CostUsd",
             Metric::JobsRequeued => "JobsRequeued",
             Metric::RecordLatency => "RecordLatency",
+            Metric::BatchesSubmitted => "BatchesSubmitted",
+            Metric::BatchRequestsSubmitted => "BatchRequestsSubmitted",
+            Metric::BatchesRefused => "BatchesRefused",
+            Metric::BatchesEnded => "BatchesEnded",
+            Metric::BatchLinesAnswered => "BatchLinesAnswered",
+            Metric::BatchLinesFailed => "BatchLinesFailed",
+            Metric::BatchLinesRetried => "BatchLinesRetried",
+            Metric::BatchItemsToRealtime => "BatchItemsToRealtime",
+            Metric::BatchesOpen => "BatchesOpen",
+            Metric::BatchItemsPending => "BatchItemsPending",
         }
     }
 
@@ -109,6 +152,7 @@ impl Metric {
     pub fn kind(self) -> Kind {
         match self {
             Metric::RecordLatency => Kind::Distribution,
+            Metric::BatchesOpen | Metric::BatchItemsPending => Kind::Gauge,
             _ => Kind::Counter,
         }
     }
@@ -139,6 +183,16 @@ impl Metric {
             Metric::CostUsd => "sightline_cost_usd_total",
             Metric::JobsRequeued => "sightline_jobs_requeued_total",
             Metric::RecordLatency => "sightline_record_latency_seconds",
+            Metric::BatchesSubmitted => "sightline_batches_submitted_total",
+            Metric::BatchRequestsSubmitted => "sightline_batch_requests_submitted_total",
+            Metric::BatchesRefused => "sightline_batches_refused_total",
+            Metric::BatchesEnded => "sightline_batches_ended_total",
+            Metric::BatchLinesAnswered => "sightline_batch_lines_answered_total",
+            Metric::BatchLinesFailed => "sightline_batch_lines_failed_total",
+            Metric::BatchLinesRetried => "sightline_batch_lines_retried_total",
+            Metric::BatchItemsToRealtime => "sightline_batch_items_to_realtime_total",
+            Metric::BatchesOpen => "sightline_batches_open",
+            Metric::BatchItemsPending => "sightline_batch_items_pending",
         }
     }
 
@@ -159,6 +213,18 @@ impl Metric {
             Metric::CostUsd => "Cost of provider calls in USD (reported usage, price table).",
             Metric::JobsRequeued => "Jobs the reconciler sent again.",
             Metric::RecordLatency => "Time to handle one record (queue message or upload).",
+            Metric::BatchesSubmitted => "Provider batches submitted.",
+            Metric::BatchRequestsSubmitted => "Requests in the provider batches submitted.",
+            Metric::BatchesRefused => "Batches the provider refused.",
+            Metric::BatchesEnded => "Batches ended and reconciled.",
+            Metric::BatchLinesAnswered => "Batch lines answered and booked.",
+            Metric::BatchLinesFailed => "Batch lines failed for good.",
+            Metric::BatchLinesRetried => "Batch lines back to pending.",
+            Metric::BatchItemsToRealtime => {
+                "Batch items sent to the real-time lane after their batch attempts."
+            }
+            Metric::BatchesOpen => "Batches open at the end of the last tick.",
+            Metric::BatchItemsPending => "Batch items pending at the end of the last tick.",
         }
     }
 
@@ -233,6 +299,25 @@ pub fn observe_ingest(rec: &dyn Recorder, outcome: &StoreResult<IngestOutcome>, 
         count(matches!(outcome, Ok(IngestOutcome::Failed { .. }))),
     );
     rec.record(Metric::RecordLatency, None, millis(elapsed));
+}
+
+/// The metrics of one tick of the batch lane (zeros too, so a quiet minute reads 0).
+pub fn observe_tick(rec: &dyn Recorder, r: &crate::batch::TickReport) {
+    for (metric, value) in [
+        (Metric::BatchesSubmitted, r.batches_submitted),
+        (Metric::BatchRequestsSubmitted, r.requests_submitted),
+        (Metric::BatchesRefused, r.batches_failed),
+        (Metric::BatchesEnded, r.batches_ended),
+        (Metric::BatchLinesAnswered, r.lines_answered),
+        (Metric::BatchLinesFailed, r.lines_failed),
+        (Metric::BatchLinesRetried, r.lines_retried),
+        (Metric::BatchItemsToRealtime, r.items_to_realtime),
+        (Metric::CacheHits, r.items_cached),
+        (Metric::BatchesOpen, r.open_batches),
+        (Metric::BatchItemsPending, r.pending_items),
+    ] {
+        rec.record(metric, None, value as f64);
+    }
 }
 
 /// Tokens and money of the provider calls made with `model` for one job.

@@ -71,6 +71,10 @@ impl Registry {
                     .entry((metric, (function.to_string(), model)))
                     .or_default() += value;
             }
+            Kind::Gauge => {
+                s.counters
+                    .insert((metric, (function.to_string(), None)), value);
+            }
             Kind::Distribution => {
                 // Recorded in milliseconds (the CloudWatch unit); Prometheus wants seconds.
                 let seconds = value / 1000.0;
@@ -101,6 +105,7 @@ impl Registry {
             let kind = match metric.kind() {
                 Kind::Counter => "counter",
                 Kind::Distribution => "histogram",
+                Kind::Gauge => "gauge",
             };
             let _ = writeln!(out, "# HELP {name} {}", escape_help(metric.help()));
             let _ = writeln!(out, "# TYPE {name} {kind}");
@@ -178,6 +183,29 @@ mod tests {
     fn sample(text: &str, series: &str) -> Option<f64> {
         text.lines()
             .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn gauges_keep_the_last_level() {
+        let r = Registry::new();
+        let batch = r.recorder("batch");
+        batch.record(Metric::BatchItemsPending, None, 7.0);
+        batch.record(Metric::BatchItemsPending, None, 3.0);
+        batch.record(Metric::BatchesSubmitted, None, 1.0);
+        batch.record(Metric::BatchesSubmitted, None, 1.0);
+        let text = r.render();
+        assert!(text.contains("# TYPE sightline_batch_items_pending gauge"));
+        assert_eq!(
+            sample(&text, r#"sightline_batch_items_pending{function="batch"}"#),
+            Some(3.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                r#"sightline_batches_submitted_total{function="batch"}"#
+            ),
+            Some(2.0)
+        );
     }
 
     #[test]

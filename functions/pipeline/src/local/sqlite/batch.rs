@@ -132,6 +132,7 @@ impl BatchStore for SqliteRepository {
                     "SELECT doc, batch_id, not_before_ms FROM batch_items
                      WHERE batch_id IS NULL AND not_before_ms <= ?1
                      ORDER BY created_ms, custom_id LIMIT ?2",
+                    // Clamped: `u64::MAX` ("whenever", the tick's count) would wrap to -1.
                     params![now_ms.min(i64::MAX as u64) as i64, limit as i64],
                 )
             })
