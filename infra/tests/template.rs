@@ -577,7 +577,13 @@ fn function_roles_are_least_privilege() {
                 "dynamodb:DeleteItem",
                 "dynamodb:Query",
             ]),
-            _ => set(&["dynamodb:GetItem", "dynamodb:Query", "dynamodb:PutItem"]),
+            // Reads, API keys and tenant budgets (set and removed by the admin routes).
+            _ => set(&[
+                "dynamodb:GetItem",
+                "dynamodb:Query",
+                "dynamodb:PutItem",
+                "dynamodb:DeleteItem",
+            ]),
         };
         assert!(
             dynamo.is_subset(&allowed),
@@ -684,6 +690,9 @@ fn no_wildcard_resource_on_data_plane_actions() {
 
 /// Each provider's key variable names its own parameter, and the analyze role may read exactly
 /// those parameters.
+/// The admin key's variable and parameter (the api function's only secret).
+const ADMIN_KEY_PARAM: (&str, &str) = ("SIGHTLINE_ADMIN_KEY_PARAM", "AdminKeyParameter");
+
 const KEY_PARAMS: [(&str, &str); 2] = [
     ("SIGHTLINE_OPENAI_KEY_PARAM", "OpenAiKeyParameter"),
     ("SIGHTLINE_ANTHROPIC_KEY_PARAM", "AnthropicKeyParameter"),
@@ -698,12 +707,47 @@ fn provider_keys_are_read_each_from_exactly_its_ssm_parameter() {
     // Only the functions that call the provider read the keys.
     for b in [RESIZE, API, RECONCILE] {
         let (_, other) = t.function(b);
-        assert!(t.resources_for(other, "ssm:GetParameter").is_empty());
-        assert!(t.resources_for(other, "kms:Decrypt").is_empty());
         for (var, _) in KEY_PARAMS {
             assert!(!t.env(other).contains_key(var));
         }
     }
+    for b in [RESIZE, RECONCILE] {
+        let (_, other) = t.function(b);
+        assert!(t.resources_for(other, "ssm:GetParameter").is_empty());
+        assert!(t.resources_for(other, "kms:Decrypt").is_empty());
+    }
+}
+
+#[test]
+fn the_api_reads_exactly_the_admin_key_parameter_and_nothing_else_secret() {
+    let t = Template::load();
+    let (id, api) = t.function(API);
+    let env = t.env(api);
+    let from: Vec<String> = references(&env[ADMIN_KEY_PARAM.0])
+        .into_iter()
+        .filter(|r| !r.starts_with("AWS::"))
+        .collect();
+    assert_eq!(from, vec![ADMIN_KEY_PARAM.1.to_string()], "{id}");
+    assert!(t.parameter(ADMIN_KEY_PARAM.1)["AllowedPattern"]
+        .as_str()
+        .is_some_and(|s| s.contains('/')));
+    assert_eq!(
+        t.resources_for(api, "ssm:GetParameter"),
+        vec![format!(
+            "arn:${{AWS::Partition}}:ssm:${{AWS::Region}}:${{AWS::AccountId}}:parameter${{{}}}",
+            ADMIN_KEY_PARAM.1
+        )]
+    );
+    let decrypt: Vec<_> = t
+        .role_grants(api)
+        .into_iter()
+        .filter(|(a, _, _)| a.iter().any(|x| x == "kms:Decrypt"))
+        .collect();
+    assert_eq!(decrypt.len(), 1);
+    assert_eq!(
+        render(&decrypt[0].2["Condition"]["StringEquals"]["kms:ViaService"]),
+        "ssm.${AWS::Region}.amazonaws.com"
+    );
 }
 
 fn provider_keys_of(t: &Template, binary: &str) {
@@ -792,7 +836,8 @@ fn no_secret_in_any_plain_environment_variable() {
                         let lname = name.to_lowercase();
                         assert!(
                             !(lname.contains("key") || lname.contains("secret"))
-                                || KEY_PARAMS.iter().any(|(var, _)| k == var),
+                                || KEY_PARAMS.iter().any(|(var, _)| k == var)
+                                || k == ADMIN_KEY_PARAM.0,
                             "{owner}: {k} from parameter {name}"
                         );
                     }

@@ -251,6 +251,8 @@ mod tests {
             items_cached: 9,
             open_batches: 10,
             pending_items: 11,
+            deferred_items: 0,
+            next_due_ms: None,
         };
         let batch = EmfBatch::default();
         observe_tick(&batch, &report);
