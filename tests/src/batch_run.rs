@@ -95,7 +95,7 @@ pub fn settings(sim: &SimServer, provider: &str) -> Settings {
     };
     s.lane = Lane::Batch;
     s.batch_max_requests = 50;
-    s.batch_attempts = 3;
+    s.batch_attempts = 4;
     s.batch_poll_every = Duration::from_millis(100);
     s.max_receives = 5;
     s.provider_timeout = Duration::from_secs(20);
@@ -110,9 +110,12 @@ pub fn lane_tick(lane: BatchLane) -> Tick {
     })
 }
 
-/// Record `n` images for the batch lane, run until every one is final, then check.
+/// Record `n` images for the batch lane, run until every one is final, then check. With
+/// `two_pollers`, every round runs two ticks at once (as two overlapping schedules would).
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     n: usize,
+    two_pollers: bool,
     stack: Stack,
     sim: &SimServer,
     settings: Arc<Settings>,
@@ -160,37 +163,44 @@ pub async fn run(
             other => bail!("{id} was not queued: {other:?}"),
         }
     }
-    // Round 1: every batch is refused by validation; then the enqueued-token limit and
-    // expiry (60% of the lines done) until round 10; then only line faults.
+    // First one tick under validation refusals (every batch it submits is refused), then the
+    // enqueued-token limit and expiry (60% of the lines done) until round 8, then only line
+    // faults.
     let mut cfg = sim.config().await;
     cfg.batch = BatchConfig {
         fail_validation: true,
         ..batch_faults()
     };
     sim.set_config(cfg.clone()).await?;
+    drain(&analyzer, &*stack.queue).await?;
+    let first = tick().await?;
+    ensure!(
+        first.batches_submitted + first.batches_failed > 0,
+        "the first tick submitted nothing: {first:?}"
+    );
+    // About one batch of input tokens may be enqueued at once: of the batches sent together,
+    // the rest are created and then fail on the limit. Batches run for 2 s meanwhile, so they
+    // overlap however slowly the store lets the submitter create them.
+    cfg.batch = BatchConfig {
+        enqueued_token_limit: 15_000,
+        expire_done_fraction: Some(0.6),
+        delay_ms: 2_000,
+        ..batch_faults()
+    };
+    sim.set_config(cfg.clone()).await?;
     let mut round = 0u32;
-    let deadline = Instant::now() + Duration::from_secs(240);
+    let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         drain(&analyzer, &*stack.queue).await?;
-        // Two pollers at once, as two overlapping schedules would.
-        let (a, b) = tokio::join!(tick(), tick());
-        let (a, b) = (a?, b?);
+        let (a, b) = if two_pollers {
+            let (a, b) = tokio::join!(tick(), tick());
+            (a?, b?)
+        } else {
+            let a = tick().await?;
+            (a, tick().await?)
+        };
         round += 1;
-        if round == 1 {
-            // Refused at create (Anthropic) or accepted, to fail when polled (OpenAI).
-            let tried =
-                a.batches_submitted + b.batches_submitted + a.batches_failed + b.batches_failed;
-            ensure!(tried > 0, "round 1 submitted nothing");
-            // About one batch of input tokens may be enqueued at once: of the batches sent
-            // together, the rest are created and then fail on the limit.
-            cfg.batch = BatchConfig {
-                enqueued_token_limit: 15_000,
-                expire_done_fraction: Some(0.6),
-                ..batch_faults()
-            };
-            sim.set_config(cfg.clone()).await?;
-        }
-        if round == 10 {
+        if round == 8 {
             cfg.batch = batch_faults();
             sim.set_config(cfg.clone()).await?;
         }
@@ -220,9 +230,14 @@ pub async fn run(
             "a second reconciliation answered lines"
         );
     }
-    let (a, b) = tokio::join!(tick(), tick());
-    a?;
-    b?;
+    if two_pollers {
+        let (a, b) = tokio::join!(tick(), tick());
+        a?;
+        b?;
+    } else {
+        tick().await?;
+        tick().await?;
+    }
     let after = ledger(&*stack.repo).await?;
     ensure!(
         totals(&before) == totals(&after),
