@@ -16,6 +16,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/uploads"),
     ("GET", "/v1/images"),
     ("GET", "/v1/images/{id}"),
+    ("POST", "/v1/images/{id}/analyze"),
     ("GET", "/v1/costs"),
     ("GET", "/v1/batches"),
     ("GET", "/v1/health"),

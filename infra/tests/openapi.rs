@@ -184,6 +184,11 @@ fn routes_have_the_documented_statuses() {
         ("GET", "/v1/images", &["200", "400", "401"][..]),
         ("GET", "/v1/costs", &["200", "400", "401"][..]),
         ("GET", "/v1/batches", &["200", "400", "401"][..]),
+        (
+            "POST",
+            "/v1/images/{id}/analyze",
+            &["202", "400", "401", "404", "409"][..],
+        ),
         ("GET", "/v1/health", &["200"][..]),
     ] {
         let (_, _, op) = ops

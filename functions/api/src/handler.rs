@@ -161,6 +161,84 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_failed_image_is_queued_again_on_the_lane_asked_and_others_are_refused() {
+        use sightline_core::model::{ImageRecord, ImageStatus, Lane};
+        let state = state().await;
+        let record = |id: &str, status: ImageStatus| ImageRecord {
+            image_id: id.into(),
+            tenant: "acme".into(),
+            source: format!("{id}.jpg"),
+            status,
+            error: (status == ImageStatus::Failed).then(|| "budget exceeded".into()),
+            permanent_failure: status == ImageStatus::Failed,
+            original: None,
+            resized: None,
+            orientation: None,
+            sha256: Some("ab".repeat(32)),
+            original_sha256: None,
+            original_key: None,
+            resized_key: Some(format!("resized/acme/{id}/x.jpg")),
+            estimate: None,
+            original_estimate: None,
+            result: None,
+            extra_spend: None,
+            detail: None,
+            lane: None,
+            created_at: "2026-11-30T00:00:00.000Z".into(),
+            updated_at: "2026-11-30T00:00:00.000Z".into(),
+        };
+        for (id, status) in [
+            ("failed", ImageStatus::Failed),
+            ("queued", ImageStatus::Queued),
+            ("waiting", ImageStatus::Pending),
+        ] {
+            state
+                .repo
+                .put_image(&record(id, status), None)
+                .await
+                .unwrap();
+        }
+        let post = |id: &str, body: &str| {
+            lambda_http::http::Request::builder()
+                .method("POST")
+                .uri(format!("/v1/images/{id}/analyze"))
+                .header("x-api-key", "k1")
+                .body(Body::Text(body.into()))
+                .unwrap()
+        };
+        let (status, body) = call(app(state.clone()), post("failed", r#"{"lane":"batch"}"#)).await;
+        assert_eq!(status, 202, "{body}");
+        assert_eq!(body["status"], "queued");
+        assert_eq!(body["lane"], "batch");
+        assert!(body["error"].is_null() && body["permanent_failure"].is_null());
+        let stored = state
+            .repo
+            .get_image("acme", "failed")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (stored.status, stored.lane),
+            (ImageStatus::Queued, Some(Lane::Batch))
+        );
+        // Due for the reconciler now: its next sweep sends the job.
+        let due = state.repo.due_rechecks(u64::MAX / 2, 10).await.unwrap();
+        assert!(due.iter().any(|r| r.image_id == "failed"));
+        for (id, body, want) in [
+            ("failed", "", 409),
+            ("queued", "", 409),
+            ("waiting", "{}", 409),
+            ("nope", "", 404),
+            ("queued", r#"{"lane":"slow"}"#, 400),
+            ("queued", r#"{"model":"x"}"#, 400),
+        ] {
+            let (got, resp) = call(app(state.clone()), post(id, body)).await;
+            assert_eq!(got, want, "{id} {body}: {resp}");
+            assert!(resp["error"]["message"].is_string(), "{resp}");
+        }
+    }
+
+    #[tokio::test]
     async fn a_tenant_budget_is_set_and_removed_only_with_the_admin_key() {
         let mut state = state().await;
         let req = |method: &str, key: Option<&str>, body: &str| {

@@ -21,7 +21,7 @@ use sightline_core::keys::upload_key;
 use sightline_core::model::{Detail, ImageRecord, ImageStatus, Lane};
 use tracing::error;
 
-use crate::ports::{rfc3339, Clock, CostRow, Presigner, Repository, StoreError};
+use crate::ports::{rfc3339, Clock, CostRow, Presigner, PutImage, Repository, StoreError};
 use crate::settings::{OverBudget, Settings};
 
 /// Every route of the router (method, path), for the OpenAPI consistency test.
@@ -30,6 +30,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/uploads"),
     ("GET", "/v1/images"),
     ("GET", "/v1/images/{id}"),
+    ("POST", "/v1/images/{id}/analyze"),
     ("GET", "/v1/costs"),
     ("GET", "/v1/batches"),
     ("PUT", "/v1/tenants/{tenant}/budget"),
@@ -58,6 +59,7 @@ pub fn routes(state: ApiState) -> Router {
         .route("/v1/uploads", post(create_upload))
         .route("/v1/images", get(list_images))
         .route("/v1/images/{id}", get(get_image))
+        .route("/v1/images/{id}/analyze", post(reanalyze))
         .route("/v1/costs", get(costs))
         .route("/v1/batches", get(list_batches))
         .route(
@@ -343,6 +345,76 @@ async fn get_image(
         .await?
         .map(Json)
         .ok_or_else(ApiError::not_found)
+}
+
+/// `POST /v1/images/{id}/analyze`: analyse a failed image again, on the lane asked for.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReanalyzeRequest {
+    /// Default: the lane the image had.
+    #[serde(default)]
+    lane: Option<Lane>,
+}
+
+/// A failed image goes back to `queued` with a recheck due now: the reconciler sends its job
+/// on its next sweep (the one path that (re)sends jobs), on the lane asked for. An image that is
+/// done, still queued or never uploaded is refused (409): analysing it again would only wait
+/// for or pay for what is already under way, or has nothing to analyse.
+async fn reanalyze(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    id: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<ImageRecord>), ApiError> {
+    let tenant = tenant(&state, &headers).await?;
+    let id = path_param(id)?;
+    if !valid_id(&id) {
+        return Err(ApiError::not_found());
+    }
+    let body = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let req: ReanalyzeRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        ReanalyzeRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?
+    };
+    let mut record = state
+        .repo
+        .get_image(&tenant, &id)
+        .await?
+        .ok_or_else(ApiError::not_found)?;
+    let conflict = |message: String| ApiError::new(StatusCode::CONFLICT, "conflict", message);
+    match record.status {
+        ImageStatus::Failed if record.resized_key.is_some() && record.sha256.is_some() => {}
+        ImageStatus::Failed => {
+            return Err(conflict(
+                "the image itself could not be prepared; upload it again".into(),
+            ))
+        }
+        ImageStatus::Done => {
+            return Err(conflict(
+                "the image is analysed; the same bytes, model and prompt would be answered from the cache".into(),
+            ))
+        }
+        ImageStatus::Queued => {
+            return Err(conflict(
+                "the image is queued for analysis already".into(),
+            ))
+        }
+        ImageStatus::Pending => return Err(conflict("the image was not uploaded yet".into())),
+    }
+    let now = state.clock.now_ms();
+    record.status = ImageStatus::Queued;
+    record.error = None;
+    record.permanent_failure = false;
+    record.lane = req.lane.or(record.lane);
+    record.updated_at = rfc3339(now);
+    match state.repo.put_image(&record, Some(now)).await? {
+        PutImage::Stored => Ok((StatusCode::ACCEPTED, Json(record))),
+        PutImage::HasResult | PutImage::OtherUpload => Err(conflict(
+            "the image changed meanwhile; look at it again".into(),
+        )),
+    }
 }
 
 async fn list_images(
