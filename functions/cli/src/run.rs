@@ -153,20 +153,7 @@ pub async fn run_pipeline(
     loop {
         if last_check.elapsed() >= Duration::from_secs(1) {
             last_check = std::time::Instant::now();
-            let ids: Vec<String> = pending
-                .lock()
-                .map(|p| p.iter().cloned().collect())
-                .unwrap_or_default();
-            for id in ids {
-                let done = app
-                    .repo
-                    .get_image(LOCAL_TENANT, &id)
-                    .await?
-                    .is_some_and(|r| r.status.is_final());
-                if done && pending.lock().map(|mut p| p.remove(&id)).unwrap_or(false) {
-                    progress.inc(1);
-                }
-            }
+            count_final(app, &pending, progress).await?;
         }
         let left = pending.lock().map(|p| p.len()).unwrap_or(0);
         if left == 0 {
@@ -231,6 +218,30 @@ pub async fn run_pipeline(
     Ok(records)
 }
 
+/// Take the images whose records are final off `pending`, counting each on the bar once.
+/// Another process on the same data dir (`serve`) may finish some of them.
+async fn count_final(
+    app: &LocalApp,
+    pending: &Mutex<HashSet<String>>,
+    progress: &ProgressBar,
+) -> anyhow::Result<()> {
+    let ids: Vec<String> = pending
+        .lock()
+        .map(|p| p.iter().cloned().collect())
+        .unwrap_or_default();
+    for id in ids {
+        let done = app
+            .repo
+            .get_image(LOCAL_TENANT, &id)
+            .await?
+            .is_some_and(|r| r.status.is_final());
+        if done && pending.lock().map(|mut p| p.remove(&id)).unwrap_or(false) {
+            progress.inc(1);
+        }
+    }
+    Ok(())
+}
+
 /// Submit what waits for a batch at once; with `wait`, poll (and resubmit what comes back for
 /// retry) until every image of the run is final. The real-time workers keep running: images
 /// whose batch attempts are used up come back through the queue.
@@ -278,20 +289,7 @@ async fn wait_for_batch_lane(
         }
         let deadline = std::time::Instant::now() + every;
         while std::time::Instant::now() < deadline {
-            let ids: Vec<String> = pending
-                .lock()
-                .map(|p| p.iter().cloned().collect())
-                .unwrap_or_default();
-            for id in ids {
-                let done = app
-                    .repo
-                    .get_image(LOCAL_TENANT, &id)
-                    .await?
-                    .is_some_and(|r| r.status.is_final());
-                if done && pending.lock().map(|mut p| p.remove(&id)).unwrap_or(false) {
-                    progress.inc(1);
-                }
-            }
+            count_final(app, pending, progress).await?;
             if pending.lock().map(|p| p.is_empty()).unwrap_or(true) {
                 return Ok(());
             }

@@ -734,17 +734,7 @@ impl Analyzer {
                     })
                 }
                 Ok(Completion::AlreadyDone) => {
-                    let spend = Spend {
-                        day: day_of(&result.completed_at).to_string(),
-                        model: result.model.clone(),
-                        calls: u64::from(result.calls),
-                        usage: result.usage,
-                        cost_usd: result.cost_usd,
-                        calls_at_estimate: u64::from(result.usage_estimated),
-                        cost_at_estimate_usd: result.cost_at_estimate_usd,
-                        lane: result.lane,
-                        saved_usd: result.saved_usd,
-                    };
+                    let spend = Spend::of_result(result);
                     warn!(image_id = %job.image_id, cost_usd = result.cost_usd, "answer arrived for an image that already has a result; booked and cached, not stored on the image");
                     self.book(job, &format!("{owner}:{}:late", result.model), &spend)
                         .await;

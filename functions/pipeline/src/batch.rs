@@ -77,6 +77,25 @@ impl TickReport {
     }
 }
 
+/// The money of one paid line (see [`BatchLane::line_money`]).
+struct LineMoney {
+    usage: Usage,
+    /// `usage` is the item's estimate (the answer's usage could not be read).
+    estimated: bool,
+    cost_usd: f64,
+    saved_usd: f64,
+}
+
+impl LineMoney {
+    fn cost_at_estimate_usd(&self) -> f64 {
+        if self.estimated {
+            self.cost_usd
+        } else {
+            0.0
+        }
+    }
+}
+
 /// Why a tick stopped early (the next tick carries on where it left off).
 #[derive(Debug, thiserror::Error)]
 pub enum BatchError {
@@ -374,11 +393,33 @@ impl BatchLane {
         resp: VisionResponse,
         now: u64,
     ) -> AnalysisResult {
+        let money = self.line_money(item, &resp.model, resp.usage);
+        AnalysisResult {
+            provider: self.provider.name().to_string(),
+            model: item.model.clone(),
+            analysis: resp.analysis,
+            usage: money.usage,
+            cost_usd: money.cost_usd,
+            cached: false,
+            calls: 1,
+            usage_estimated: money.estimated,
+            cost_at_estimate_usd: money.cost_at_estimate_usd(),
+            lane: Lane::Batch,
+            batch_id: Some(batch.batch_id.clone()),
+            saved_usd: money.saved_usd,
+            idempotency_key: item.key.clone(),
+            prompt_version: self.settings.prompt_version.clone(),
+            price_version: PriceTable::builtin().version().to_string(),
+            completed_at: rfc3339(now),
+        }
+    }
+
+    /// What one paid line cost: its reported usage (else the item's estimate, flagged) at the
+    /// batch prices of the model that answered (a dated name not in the table: the model
+    /// asked for), and what real time would have cost more. Counted in the spend metrics.
+    fn line_money(&self, item: &BatchItem, answered: &str, usage: Option<Usage>) -> LineMoney {
         let table = PriceTable::builtin();
-        let price = table
-            .model(&resp.model)
-            .or_else(|_| table.model(&item.model));
-        let (usage, estimated) = match resp.usage {
+        let (usage, estimated) = match usage {
             Some(u) => (u, false),
             None => (
                 Usage {
@@ -389,28 +430,16 @@ impl BatchLane {
                 true,
             ),
         };
-        let (cost, realtime) = match &price {
+        let (cost, realtime) = match table.model(answered).or_else(|_| table.model(&item.model)) {
             Ok(p) => (p.batch_cost_usd(&usage), p.cost_usd(&usage)),
             Err(_) => (item.estimate_usd, item.estimate_usd * 2.0),
         };
         crate::metrics::observe_spend(&*self.metrics, &item.model, &usage, cost);
-        AnalysisResult {
-            provider: self.provider.name().to_string(),
-            model: item.model.clone(),
-            analysis: resp.analysis,
+        LineMoney {
             usage,
+            estimated,
             cost_usd: cost,
-            cached: false,
-            calls: 1,
-            usage_estimated: estimated,
-            cost_at_estimate_usd: if estimated { cost } else { 0.0 },
-            lane: Lane::Batch,
-            batch_id: Some(batch.batch_id.clone()),
             saved_usd: (realtime - cost).max(0.0),
-            idempotency_key: item.key.clone(),
-            prompt_version: self.settings.prompt_version.clone(),
-            price_version: table.version().to_string(),
-            completed_at: rfc3339(now),
         }
     }
 
@@ -497,17 +526,7 @@ impl BatchLane {
         spend_id: &str,
         result: &AnalysisResult,
     ) -> Result<(), BatchError> {
-        let spend = Spend {
-            day: day_of(&result.completed_at).to_string(),
-            model: result.model.clone(),
-            calls: u64::from(result.calls),
-            usage: result.usage,
-            cost_usd: result.cost_usd,
-            calls_at_estimate: u64::from(result.usage_estimated),
-            cost_at_estimate_usd: result.cost_at_estimate_usd,
-            lane: Lane::Batch,
-            saved_usd: result.saved_usd,
-        };
+        let spend = Spend::of_result(result);
         self.repo
             .book_spend(tenant, image_id, spend_id, &spend)
             .await?;
@@ -522,35 +541,21 @@ impl BatchLane {
         line_id: &str,
         now: u64,
     ) -> Result<(f64, f64), BatchError> {
-        let (usage, estimated) = match (e.usage, e.billed) {
-            (Some(u), _) => (u, false),
-            (None, true) => (
-                Usage {
-                    input_tokens: item.estimate_input_tokens,
-                    output_tokens: item.estimate_output_tokens,
-                    cached_tokens: 0,
-                },
-                true,
-            ),
-            (None, false) => return Ok((0.0, 0.0)),
-        };
-        let table = PriceTable::builtin();
-        let (cost, realtime) = match table.model(&item.model) {
-            Ok(p) => (p.batch_cost_usd(&usage), p.cost_usd(&usage)),
-            Err(_) => (item.estimate_usd, item.estimate_usd * 2.0),
-        };
+        if e.usage.is_none() && !e.billed {
+            return Ok((0.0, 0.0));
+        }
+        let money = self.line_money(item, &item.model, e.usage);
         let spend = Spend {
             day: day_of(&rfc3339(now)).to_string(),
             model: item.model.clone(),
             calls: 1,
-            usage,
-            cost_usd: cost,
-            calls_at_estimate: u64::from(estimated),
-            cost_at_estimate_usd: if estimated { cost } else { 0.0 },
+            usage: money.usage,
+            cost_usd: money.cost_usd,
+            calls_at_estimate: u64::from(money.estimated),
+            cost_at_estimate_usd: money.cost_at_estimate_usd(),
             lane: Lane::Batch,
-            saved_usd: (realtime - cost).max(0.0),
+            saved_usd: money.saved_usd,
         };
-        crate::metrics::observe_spend(&*self.metrics, &item.model, &usage, cost);
         let (tenant, image) = item
             .waiters
             .first()

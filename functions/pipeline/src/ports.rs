@@ -134,6 +134,22 @@ pub struct Spend {
 }
 
 impl Spend {
+    /// A paid answer's money booked as spend without its result (an answer that lost the race
+    /// for its image, or arrived after the image was answered another way).
+    pub fn of_result(result: &AnalysisResult) -> Spend {
+        Spend {
+            day: day_of(&result.completed_at).to_string(),
+            model: result.model.clone(),
+            calls: u64::from(result.calls),
+            usage: result.usage,
+            cost_usd: result.cost_usd,
+            calls_at_estimate: u64::from(result.usage_estimated),
+            cost_at_estimate_usd: result.cost_at_estimate_usd,
+            lane: result.lane,
+            saved_usd: result.saved_usd,
+        }
+    }
+
     /// What the image record keeps of it.
     pub fn as_extra(&self) -> sightline_core::model::ExtraSpend {
         sightline_core::model::ExtraSpend {
