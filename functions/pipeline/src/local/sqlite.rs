@@ -17,9 +17,13 @@ use crate::ports::{
     StoreResult,
 };
 
-const SCHEMA: &str = r#"
+/// Connection settings (outside any transaction: journal_mode cannot change inside one).
+const PRAGMAS: &str = r#"
 PRAGMA journal_mode = WAL;
 PRAGMA synchronous = NORMAL;
+"#;
+
+const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS images (
     tenant TEXT NOT NULL, image_id TEXT NOT NULL, status TEXT NOT NULL,
     created_at TEXT NOT NULL, doc TEXT NOT NULL,
@@ -138,11 +142,16 @@ impl SqliteDb {
         Self::init(Connection::open_in_memory()?)
     }
 
-    fn init(conn: Connection) -> anyhow::Result<SqliteDb> {
+    fn init(mut conn: Connection) -> anyhow::Result<SqliteDb> {
         // Two processes on one data dir (`serve` and `run`) wait for each other's writes.
         conn.busy_timeout(Duration::from_secs(30))?;
-        conn.execute_batch(SCHEMA)?;
-        migrate(&conn)?;
+        conn.execute_batch(PRAGMAS)?;
+        // Schema and migrations in one write transaction: processes opening a new (or older)
+        // data dir at the same moment would otherwise both see a column missing and both add it.
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute_batch(SCHEMA)?;
+        migrate(&tx)?;
+        tx.commit()?;
         Ok(SqliteDb {
             conn: Arc::new(Mutex::new(conn)),
         })
@@ -1361,6 +1370,34 @@ mod tests {
             SqliteQueue::new(db, "q", max_receives, clock.clone()),
             clock,
         )
+    }
+
+    #[test]
+    fn processes_opening_a_new_data_dir_at_once_all_get_the_whole_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sightline.db");
+        // Separate connections race as separate processes do (each its own schema check).
+        let openers: Vec<_> = (0..8)
+            .map(|_| {
+                let path = path.clone();
+                std::thread::spawn(move || SqliteDb::open(&path).map(|_| ()))
+            })
+            .collect();
+        for o in openers {
+            o.join().unwrap().unwrap();
+        }
+        let db = SqliteDb::open(&path).unwrap();
+        let conn = db.conn.lock().unwrap();
+        for (table, column, _) in ADDED_COLUMNS {
+            let present: bool = conn
+                .prepare(&format!(
+                    "SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"
+                ))
+                .unwrap()
+                .exists(params![column])
+                .unwrap();
+            assert!(present, "{table}.{column}");
+        }
     }
 
     #[tokio::test]
