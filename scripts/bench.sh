@@ -13,8 +13,9 @@
 # 3. the browser: prepareImage against the platform path in the same Chromium page, and the
 #    widget's first load gzipped (tests/browser/bench.mjs);
 # 4. cold start and zipped size of each Lambda bootstrap (scripts/cold-start.sh);
-# 5. limiter throughput with a limit shared by several analyzer processes: not built yet, the
-#    row says so.
+# 5. limiter throughput: 1,000 images through `sightline run` against the simulator at 600 RPM
+#    and 200,000 TPM, one process, then 4 processes splitting the limit statically
+#    (scripts/bench/limiter.sh; about 5 min).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -45,6 +46,9 @@ node tests/browser/bench.mjs --runs "$RUNS" --json "$OUT/browser.json" > "$OUT/b
 
 echo "== 4. cold start and size"
 COLD_START_RUNS=${COLD_START_RUNS:-20} bash scripts/cold-start.sh > "$OUT/cold-start.txt" 2>&1
+
+echo "== 5. limiter throughput"
+bash scripts/bench/limiter.sh "$OUT" "$OUT/sharp/node_modules/sharp" > "$OUT/limiter.jsonl"
 
 echo
 python3 scripts/bench/table.py "$OUT"

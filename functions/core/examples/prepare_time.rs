@@ -10,7 +10,9 @@ use sightline_core::{prepare, PrepareOptions};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let file = args.next().ok_or("usage: prepare_time FILE [RUNS] [OUT.jpg]")?;
+    let file = args
+        .next()
+        .ok_or("usage: prepare_time FILE [RUNS] [OUT.jpg]")?;
     let runs: usize = args.next().map(|r| r.parse()).transpose()?.unwrap_or(21);
     let out = args.next();
     let bytes = std::fs::read(&file)?;
