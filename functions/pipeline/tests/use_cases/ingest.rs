@@ -57,3 +57,50 @@ async fn an_uploads_detail_wins_over_its_tenants_and_is_priced_and_carried_by_it
         85
     );
 }
+
+#[tokio::test]
+async fn the_lane_is_the_uploads_own_else_the_key_prefix_rule_else_the_default_and_the_job_carries_it(
+) {
+    use sightline_core::model::Lane;
+    let w = world_with(Settings {
+        batch_key_prefixes: vec!["uploads/t/nightly-".into()],
+        ..Settings::default()
+    });
+    // An S3 drop under the prefix rule, one that asked for real time under it anyway, and one
+    // outside it.
+    let mut asked_realtime = pending("nightly-asked", T0);
+    asked_realtime.lane = Some(Lane::Realtime);
+    let cases = [
+        (pending("nightly-drop", T0), Lane::Batch),
+        (asked_realtime, Lane::Realtime),
+        (pending("daytime", T0), Lane::Realtime),
+    ];
+    for (i, (rec, _)) in cases.iter().enumerate() {
+        w.repo.put_image(rec, None).await.unwrap();
+        let key = rec.original_key.clone().unwrap();
+        w.blobs
+            .put(&key, png(30 + i as u8), "image/png")
+            .await
+            .unwrap();
+        w.ingest.ingest_key(&key).await.unwrap();
+    }
+    let jobs: Vec<AnalysisJob> = messages(&w.queue)
+        .await
+        .iter()
+        .map(|b| AnalysisJob::parse(b).unwrap())
+        .collect();
+    for (rec, lane) in &cases {
+        let id = &rec.image_id;
+        let stored = w.repo.get_image("t", id).await.unwrap().unwrap();
+        assert_eq!(stored.lane, Some(*lane), "{id}");
+        let job = jobs.iter().find(|j| &j.image_id == id).unwrap();
+        // Real-time jobs stay as they were before lanes existed (no field).
+        let carried = job.lane.unwrap_or(Lane::Realtime);
+        assert_eq!(carried, *lane, "{id}");
+    }
+    assert_eq!(
+        Settings::default().lane_for(None, "uploads/t/nightly-x.png"),
+        Lane::Realtime,
+        "no rule, no batch"
+    );
+}
