@@ -57,7 +57,10 @@ s = json.load(sys.stdin)
 wall = $end - $start
 # A sliding minute admits RPM requests (TPM tokens) at once: more wait a whole minute each time.
 ideal = 60 * max(($N - 1) // $RPM, max(s.get('tokens_billed', 0) - 1, 0) // $TPM)
+# At a steady rate (what a provider enforcing over short periods allows): N / RPM minutes.
+steady = max($N / $RPM, s.get('tokens_billed', 0) / $TPM) * 60
 print(json.dumps({'case': '$name', 'processes': $procs, 'images': $N, 'wall_s': round(wall, 2), 'ideal_s': round(ideal, 2),
+  'steady_s': round(steady, 2), 'steady_ratio': round(wall / steady, 3),
   'ratio': round(wall / ideal, 3), 'requests': s['requests'], 'completions': s['completions'], 'rate_limited': s['rate_limited']}))"
 }
 case="${LIMITER_CASES:-one four}"
