@@ -9,7 +9,9 @@
 # 1. server prepare of the 12 MP phone photo on one core (taskset -c 1): sightline's
 #    `prepare` against sharp 0.34 (installed into target/bench/sharp), both with sharp's default
 #    JPEG encoder and with mozjpeg (trellis) as the baseline;
-# 2. peak heap of one 12 MP prepare (counting allocator, functions/core/benches/prepare_memory.rs);
+# 2. peak heap of one 12 MP prepare (counting allocator, functions/core/benches/prepare_memory.rs),
+#    and the resize Lambda bootstrap's peak RSS handling the photo end to end against the
+#    emulator (tests/src/bin/resize-rss.rs; needs Docker, started by scripts/docker-up.sh);
 # 3. the browser: prepareImage against the platform path in the same Chromium page, and the
 #    widget's first load gzipped (tests/browser/bench.mjs);
 # 4. cold start and zipped size of each Lambda bootstrap (scripts/cold-start.sh);
@@ -38,6 +40,13 @@ SHARP_MOZJPEG=1 taskset -c 1 node scripts/bench/sharp-prepare.mjs "$OUT/sharp/no
 
 echo "== 2. peak heap of one prepare"
 cargo bench --locked -q -p sightline-core --bench prepare_memory > "$OUT/memory.txt" 2>&1 || true
+
+echo "== 2b. the resize Lambda process end to end (emulator in a container)"
+bash scripts/docker-up.sh > "$OUT/docker.log" 2>&1
+bash scripts/build-emulator-image.sh >> "$OUT/docker.log" 2>&1
+[ -x "$TARGET/lambda/sightline-resize/bootstrap" ] || bash scripts/cold-start.sh > /dev/null 2>&1
+cargo build --locked -q -p sightline-tests --bin resize-rss
+"$TARGET/debug/resize-rss" --runs 5 "$TARGET/lambda/sightline-resize/bootstrap" "$PHOTO" > "$OUT/resize-rss.json"
 
 echo "== 3. browser"
 bash scripts/browser-setup.sh > "$OUT/browser-setup.log" 2>&1

@@ -32,7 +32,14 @@ if m:
         f"{peak_mib / decoded_mib:.2f}", "≤ 64 MiB", "yes" if peak_mib <= 64 else "no")
 else:
     row("peak heap, one 12 MP prepare", "(not read)", "", "", "≤ 64 MiB", "?")
-row("resize Lambda process, end to end", "not measured", "", "", "≤ 128 MB", "?")
+rss_file = out / "resize-rss.json"
+if rss_file.exists():
+    rss = load("resize-rss.json")
+    mb = rss["peak_rss_mib_median"] * 1.048576
+    row("resize Lambda process, 12 MP end to end (peak RSS)", f"{rss['peak_rss_mib_median']:.1f} MiB (max {rss['peak_rss_mib_max']:.1f})",
+        "", "", "≤ 128 MB", "yes" if mb <= 128 else "no")
+else:
+    row("resize Lambda process, end to end", "not measured", "", "", "≤ 128 MB", "?")
 
 b = load("browser.json")
 r = b["medianMs"] / b["platformMedianMs"]
