@@ -9,7 +9,7 @@ use anyhow::bail;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use sightline_core::keys::sanitize_id;
-use sightline_core::model::{ImageRecord, ImageStatus};
+use sightline_core::model::{ImageRecord, ImageStatus, Lane};
 use sightline_pipeline::analyze::AnalyzeOutcome;
 use sightline_pipeline::ingest::IngestOutcome;
 use sightline_pipeline::ports::{rfc3339, Failure};
@@ -160,8 +160,8 @@ pub async fn run_pipeline(
             break;
         }
         if app.queue.depth().await? == 0 {
-            let in_batch = batched.lock().map(|b| b.clone()).unwrap_or_default();
-            let stuck: Vec<String> = pending
+            let mut in_batch = batched.lock().map(|b| b.clone()).unwrap_or_default();
+            let candidates: Vec<String> = pending
                 .lock()
                 .map(|p| {
                     p.iter()
@@ -170,16 +170,23 @@ pub async fn run_pipeline(
                         .collect()
                 })
                 .unwrap_or_default();
-            if stuck.is_empty() {
-                // Only batch-lane images are left: the batch phase.
-                if !in_batch.is_empty() {
-                    wait_for_batch_lane(app, &pending, progress, wait_for_batches).await?;
-                }
-                break;
-            }
-            for id in stuck {
-                // The analyzer records its own reason on the last delivery; keep that one.
+            let mut stuck = Vec::new();
+            for id in candidates {
                 let recorded = app.repo.get_image(LOCAL_TENANT, &id).await?;
+                // A batch-lane job acknowledged before our callback heard of it: its image
+                // waits for its batch, it is not stuck.
+                let waits_for_batch = app.batch.is_some()
+                    && recorded.as_ref().is_some_and(|r| {
+                        r.status == ImageStatus::Queued && r.lane == Some(Lane::Batch)
+                    });
+                if waits_for_batch {
+                    in_batch.insert(id);
+                } else {
+                    stuck.push((id, recorded));
+                }
+            }
+            for (id, recorded) in stuck {
+                // The analyzer records its own reason on the last delivery; keep that one.
                 if !recorded.is_some_and(|r| r.status.is_final()) {
                     let reason = format!(
                         "gave up after {} attempts (dead-lettered)",
@@ -195,7 +202,13 @@ pub async fn run_pipeline(
                         )
                         .await?;
                 }
-                progress.inc(1);
+                if pending.lock().map(|mut p| p.remove(&id)).unwrap_or(false) {
+                    progress.inc(1);
+                }
+            }
+            // What is left waits for the batch lane: the batch phase.
+            if !in_batch.is_empty() {
+                wait_for_batch_lane(app, &pending, progress, wait_for_batches).await?;
             }
             break;
         }
