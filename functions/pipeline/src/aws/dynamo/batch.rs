@@ -146,10 +146,12 @@ impl DynamoRepository {
         }
     }
 
-    /// Every page of a query on gsi3 partition `pk`, in sort order (`forward`), with an
-    /// optional filter; stops once `limit` items are read.
-    async fn gsi3_items(
+    /// Every page of a query on partition `pk` of `index` (`gsi1`..`gsi3`, whose partition
+    /// attribute is `{index}pk`), in sort order (`forward`), with an optional filter; stops once
+    /// `limit` items are read.
+    async fn index_items(
         &self,
+        index: &str,
         pk: &str,
         forward: bool,
         filter: Option<(&str, Vec<(&str, AttributeValue)>)>,
@@ -163,15 +165,23 @@ impl DynamoRepository {
                 .client
                 .query()
                 .table_name(&self.table)
-                .index_name("gsi3")
-                .key_condition_expression("gsi3pk = :pk")
+                .index_name(index)
+                .key_condition_expression("#pk = :pk")
+                .expression_attribute_names("#pk", format!("{index}pk"))
                 .expression_attribute_values(":pk", s(pk))
                 .scan_index_forward(forward)
                 .set_exclusive_start_key(start.take());
-            if let Some((expr, values)) = &filter {
-                q = q.filter_expression(*expr);
-                for (k, v) in values {
-                    q = q.expression_attribute_values(*k, v.clone());
+            match &filter {
+                Some((expr, values)) => {
+                    q = q.filter_expression(*expr);
+                    for (k, v) in values {
+                        q = q.expression_attribute_values(*k, v.clone());
+                    }
+                }
+                // Unfiltered, a page need hold no more than what is still wanted.
+                None => {
+                    let left = limit.saturating_sub(items.len());
+                    q = q.limit(i32::try_from(left).unwrap_or(i32::MAX));
                 }
             }
             let out = q.send().await.map_err(|e| sdk_err(op, e))?;
@@ -304,7 +314,8 @@ impl BatchStore for DynamoRepository {
 
     async fn pending_batch_items(&self, now_ms: u64, limit: usize) -> StoreResult<Vec<BatchItem>> {
         let raw = self
-            .gsi3_items(
+            .index_items(
+                "gsi3",
                 PENDING_PK,
                 true,
                 Some(("not_before_ms <= :now", vec![(":now", n(now_ms))])),
@@ -317,7 +328,8 @@ impl BatchStore for DynamoRepository {
 
     async fn batch_items(&self, batch_id: &str) -> StoreResult<Vec<BatchItem>> {
         let raw = self
-            .gsi3_items(
+            .index_items(
+                "gsi3",
                 &batch_items_pk(batch_id),
                 true,
                 None,
@@ -434,7 +446,8 @@ impl BatchStore for DynamoRepository {
 
     async fn purge_batch(&self, batch_id: &str) -> StoreResult<()> {
         let items = self
-            .gsi3_items(
+            .index_items(
+                "gsi3",
                 &batch_items_pk(batch_id),
                 true,
                 Some(("attribute_exists(ended)", Vec::new())),
@@ -514,37 +527,22 @@ impl BatchStore for DynamoRepository {
         let raw = if open_only {
             // Open batches are few: one sparse partition, filtered by tenant.
             let filter = tenant.map(|t| ("tenant = :t", vec![(":t", s(t))]));
-            self.gsi3_items(OPEN_PK, false, filter, limit, "dynamodb Query open batches")
-                .await?
+            self.index_items(
+                "gsi3",
+                OPEN_PK,
+                false,
+                filter,
+                limit,
+                "dynamodb Query open batches",
+            )
+            .await?
         } else {
-            let (index, key, pk) = match tenant {
-                Some(t) => ("gsi1", "gsi1pk", tenant_batches_pk(t)),
-                None => ("gsi2", "gsi2pk", ALL_BATCHES_PK.to_string()),
+            let (index, pk) = match tenant {
+                Some(t) => ("gsi1", tenant_batches_pk(t)),
+                None => ("gsi2", ALL_BATCHES_PK.to_string()),
             };
-            let mut items = Vec::new();
-            let mut start: Option<Item> = None;
-            loop {
-                let out = self
-                    .client
-                    .query()
-                    .table_name(&self.table)
-                    .index_name(index)
-                    .key_condition_expression("#pk = :pk")
-                    .expression_attribute_names("#pk", key)
-                    .expression_attribute_values(":pk", s(pk.clone()))
-                    .scan_index_forward(false)
-                    .limit(i32::try_from(limit - items.len()).unwrap_or(i32::MAX))
-                    .set_exclusive_start_key(start.take())
-                    .send()
-                    .await
-                    .map_err(|e| sdk_err("dynamodb Query batches", e))?;
-                items.extend(out.items.unwrap_or_default());
-                match out.last_evaluated_key {
-                    Some(k) if items.len() < limit => start = Some(k),
-                    _ => break,
-                }
-            }
-            items
+            self.index_items(index, &pk, false, None, limit, "dynamodb Query batches")
+                .await?
         };
         raw.iter().map(record_from).collect()
     }
