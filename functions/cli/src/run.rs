@@ -74,14 +74,11 @@ pub async fn run_pipeline(
         })
         .collect();
     let pending: Arc<Mutex<HashSet<String>>> = Arc::new(Mutex::new(HashSet::new()));
-    // Images recorded for a batch: not final until their batch answers.
-    let batched: Arc<Mutex<HashSet<String>>> = Arc::new(Mutex::new(HashSet::new()));
 
     // Workers start first so analysis overlaps resizing.
     let (stop_tx, stop_rx) = watch::channel(false);
     let (done_tx, mut done_rx) = watch::channel(0u64);
     let pending_cb = pending.clone();
-    let batched_cb = batched.clone();
     let pb = progress.clone();
     let on_outcome: OnOutcome = Arc::new(move |msg, outcome| {
         // A job waiting for its budget period is done for this run: its image stays queued
@@ -89,12 +86,8 @@ pub async fn run_pipeline(
         if outcome.is_retry() && !outcome.is_budget_wait() {
             return;
         }
+        // Recorded for a batch: not final until its batch answers (the record says so).
         if *outcome == AnalyzeOutcome::Batched {
-            if let Ok(job) = sightline_core::model::AnalysisJob::parse(&msg.body) {
-                if let Ok(mut b) = batched_cb.lock() {
-                    b.insert(job.image_id);
-                }
-            }
             done_tx.send_modify(|n| *n += 1);
             return;
         }
@@ -160,27 +153,21 @@ pub async fn run_pipeline(
             break;
         }
         if app.queue.depth().await? == 0 {
-            let mut in_batch = batched.lock().map(|b| b.clone()).unwrap_or_default();
             let candidates: Vec<String> = pending
                 .lock()
-                .map(|p| {
-                    p.iter()
-                        .filter(|id| !in_batch.contains(*id))
-                        .cloned()
-                        .collect()
-                })
+                .map(|p| p.iter().cloned().collect())
                 .unwrap_or_default();
+            let mut waiting_for_batch = false;
             let mut stuck = Vec::new();
             for id in candidates {
                 let recorded = app.repo.get_image(LOCAL_TENANT, &id).await?;
-                // A batch-lane job acknowledged before our callback heard of it: its image
-                // waits for its batch, it is not stuck.
-                let waits_for_batch = app.batch.is_some()
+                // Queued on the batch lane: its job was recorded for a batch, it is not stuck.
+                let in_batch = app.batch.is_some()
                     && recorded.as_ref().is_some_and(|r| {
                         r.status == ImageStatus::Queued && r.lane == Some(Lane::Batch)
                     });
-                if waits_for_batch {
-                    in_batch.insert(id);
+                if in_batch {
+                    waiting_for_batch = true;
                 } else {
                     stuck.push((id, recorded));
                 }
@@ -207,7 +194,7 @@ pub async fn run_pipeline(
                 }
             }
             // What is left waits for the batch lane: the batch phase.
-            if !in_batch.is_empty() {
+            if waiting_for_batch {
                 wait_for_batch_lane(app, &pending, progress, wait_for_batches).await?;
             }
             break;
