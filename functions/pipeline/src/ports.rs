@@ -750,3 +750,120 @@ pub trait BatchStore: Send + Sync {
         limit: usize,
     ) -> StoreResult<Vec<BatchRecord>>;
 }
+
+/// Where vectors of one embedding space live: one index per (model, dimension), since vectors of
+/// different models or sizes cannot be compared.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct VectorIndex {
+    pub model: String,
+    pub dims: u32,
+}
+
+impl VectorIndex {
+    pub fn new(model: impl Into<String>, dims: u32) -> Self {
+        Self {
+            model: model.into(),
+            dims,
+        }
+    }
+
+    /// The index's name where the store wants one (S3 Vectors: 3–63 characters of lowercase
+    /// letters, digits, hyphens and dots): the model lowercased with anything else turned into
+    /// a hyphen, then the dimension; a long model name keeps its start and a hash of the rest.
+    pub fn name(&self) -> String {
+        let mut model: String = self
+            .model
+            .chars()
+            .map(|c| {
+                let c = c.to_ascii_lowercase();
+                if c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .collect();
+        let suffix = format!("-{}", self.dims);
+        let room = 63 - suffix.len();
+        if model.len() > room {
+            use sha2::Digest;
+            let digest = hex::encode(sha2::Sha256::digest(self.model.as_bytes()));
+            model.truncate(room - 9);
+            model.push('-');
+            model.push_str(&digest[..8]);
+        }
+        let name = format!("{model}{suffix}");
+        let name = name.trim_start_matches(['-', '.']).to_string();
+        if name.len() < 3 {
+            format!("v-{name}")
+        } else {
+            name
+        }
+    }
+}
+
+/// What is stored beside a vector, and filtered on.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct VectorMeta {
+    /// The image's status when it was embedded ("done").
+    pub status: String,
+    /// The analysis tags, lowercased.
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+/// One image's vector.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VectorRecord {
+    pub tenant: String,
+    pub image_id: String,
+    /// L2-normalised by the embedder.
+    pub vector: Vec<f32>,
+    pub meta: VectorMeta,
+}
+
+/// A nearest-neighbour search within one tenant.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VectorQuery {
+    pub tenant: String,
+    pub vector: Vec<f32>,
+    /// Hits wanted, 1..=[`MAX_TOP_K`].
+    pub top_k: usize,
+    /// Only vectors carrying this tag.
+    pub tag: Option<String>,
+}
+
+/// The most hits one query returns (S3 Vectors' QueryVectors limit).
+pub const MAX_TOP_K: usize = 100;
+
+/// One hit, nearest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VectorHit {
+    pub image_id: String,
+    /// Cosine distance, 1 − cos(query, vector): 0 for the same direction, up to 2.
+    pub distance: f32,
+    pub meta: VectorMeta,
+}
+
+/// Image embeddings by tenant and index: exact cosine search, tenant-scoped.
+#[async_trait]
+pub trait VectorStore: Send + Sync {
+    /// Create the index if it does not exist (idempotent).
+    async fn ensure_index(&self, index: &VectorIndex) -> StoreResult<()>;
+    /// Insert or replace vectors (the index exists). A vector whose length is not the index's
+    /// dimension is refused with [`StoreError::InvalidInput`].
+    async fn put_vectors(&self, index: &VectorIndex, records: &[VectorRecord]) -> StoreResult<()>;
+    /// One image's vector, if stored.
+    async fn get_vector(
+        &self,
+        index: &VectorIndex,
+        tenant: &str,
+        image_id: &str,
+    ) -> StoreResult<Option<VectorRecord>>;
+    /// Delete the vectors of these images in every index (deleting an image, re-indexing).
+    /// Missing ones are not an error.
+    async fn delete_vectors(&self, tenant: &str, image_ids: &[String]) -> StoreResult<()>;
+    /// The `top_k` nearest vectors of the query's tenant, nearest first; ties in image id order.
+    /// A missing index has no hits.
+    async fn query(&self, index: &VectorIndex, query: &VectorQuery) -> StoreResult<Vec<VectorHit>>;
+}
