@@ -12,7 +12,8 @@ use sightline_core::pricing::Usage;
 use sightline_pipeline::ports::{
     api_key_id, BatchItem, BatchRecord, BatchState, BatchStore, BatchWaiter, BlobStore, BudgetHold,
     Claim, Completion, Enqueued, Failure, ItemEnd, JobDelivery, LineCounts, PutImage, Queue,
-    QueueMessage, Repository, Spend, StoreError,
+    QueueMessage, Repository, Spend, StoreError, VectorIndex, VectorMeta, VectorQuery,
+    VectorRecord, VectorStore, MAX_TOP_K,
 };
 
 /// A unique suffix so runs and tests never share tenants or keys.
@@ -1417,4 +1418,276 @@ pub async fn blob_contract(blobs: Arc<dyn BlobStore>) {
     blobs.delete(&key).await.unwrap();
     assert_eq!(blobs.size(&key).await.unwrap(), None);
     blobs.delete(&missing).await.unwrap();
+}
+
+/// A unit vector of `dims` pointing mostly along axis `axis`, tilted by `tilt` towards the next
+/// axis: cosine distances between such vectors are known in advance.
+pub fn unit_vector(dims: usize, axis: usize, tilt: f32) -> Vec<f32> {
+    let mut v = vec![0.0f32; dims];
+    v[axis % dims] = 1.0;
+    v[(axis + 1) % dims] = tilt;
+    let norm = (1.0 + tilt * tilt).sqrt();
+    v.iter_mut().for_each(|x| *x /= norm);
+    v
+}
+
+fn vector_record(tenant: &str, image_id: &str, vector: Vec<f32>, tags: &[&str]) -> VectorRecord {
+    VectorRecord {
+        tenant: tenant.to_string(),
+        image_id: image_id.to_string(),
+        vector,
+        meta: VectorMeta {
+            status: "done".into(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+        },
+    }
+}
+
+fn query(tenant: &str, vector: Vec<f32>, top_k: usize, tag: Option<&str>) -> VectorQuery {
+    VectorQuery {
+        tenant: tenant.to_string(),
+        vector,
+        top_k,
+        tag: tag.map(str::to_string),
+    }
+}
+
+/// Vectors: exact cosine ranking, tenant isolation, tag filter, replace, delete, dimension
+/// checks, separate indexes per model and dimension.
+pub async fn vector_store_contract(store: Arc<dyn VectorStore>) {
+    let dims = 8;
+    let index = VectorIndex::new(unique("contract-model/"), dims as u32);
+    let a = unique("tenant-a-");
+    let b = unique("tenant-b-");
+
+    // A missing index has no hits.
+    let hits = store
+        .query(&index, &query(&a, unit_vector(dims, 0, 0.0), 5, None))
+        .await
+        .unwrap();
+    assert!(hits.is_empty(), "{hits:?}");
+
+    store.ensure_index(&index).await.unwrap();
+    store.ensure_index(&index).await.unwrap(); // idempotent
+
+    // Tenant A: img-0 .. img-4 at growing angles from axis 0; tenant B: one vector exactly on
+    // axis 0, which A's queries must never see.
+    let tilts = [0.05f32, 0.2, 0.5, 1.0, 3.0];
+    let records: Vec<VectorRecord> = tilts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let tags: &[&str] = if i % 2 == 0 {
+                &["even", "shoe"]
+            } else {
+                &["odd"]
+            };
+            vector_record(&a, &format!("img-{i}"), unit_vector(dims, 0, *t), tags)
+        })
+        .collect();
+    store.put_vectors(&index, &records).await.unwrap();
+    store
+        .put_vectors(
+            &index,
+            &[vector_record(
+                &b,
+                "img-b",
+                unit_vector(dims, 0, 0.0),
+                &["even"],
+            )],
+        )
+        .await
+        .unwrap();
+
+    let hits = store
+        .query(&index, &query(&a, unit_vector(dims, 0, 0.0), 10, None))
+        .await
+        .unwrap();
+    let ids: Vec<&str> = hits.iter().map(|h| h.image_id.as_str()).collect();
+    assert_eq!(ids, ["img-0", "img-1", "img-2", "img-3", "img-4"]);
+    for (hit, tilt) in hits.iter().zip(tilts) {
+        let expected = 1.0 - 1.0 / (1.0 + tilt * tilt).sqrt();
+        assert!(
+            (hit.distance - expected).abs() < 1e-3,
+            "{}: distance {} expected {expected}",
+            hit.image_id,
+            hit.distance
+        );
+    }
+    assert_eq!(hits[0].meta.tags, ["even", "shoe"]);
+    assert_eq!(hits[0].meta.status, "done");
+
+    // top_k and the tag filter.
+    let hits = store
+        .query(&index, &query(&a, unit_vector(dims, 0, 0.0), 2, None))
+        .await
+        .unwrap();
+    assert_eq!(hits.len(), 2);
+    let hits = store
+        .query(
+            &index,
+            &query(&a, unit_vector(dims, 0, 0.0), 10, Some("even")),
+        )
+        .await
+        .unwrap();
+    let ids: Vec<&str> = hits.iter().map(|h| h.image_id.as_str()).collect();
+    assert_eq!(ids, ["img-0", "img-2", "img-4"]);
+    let hits = store
+        .query(
+            &index,
+            &query(&a, unit_vector(dims, 0, 0.0), 10, Some("absent")),
+        )
+        .await
+        .unwrap();
+    assert!(hits.is_empty());
+
+    // Tenant B sees only its own vector.
+    let hits = store
+        .query(&index, &query(&b, unit_vector(dims, 3, 0.0), 10, None))
+        .await
+        .unwrap();
+    let ids: Vec<&str> = hits.iter().map(|h| h.image_id.as_str()).collect();
+    assert_eq!(ids, ["img-b"]);
+    // An unknown tenant sees nothing.
+    let hits = store
+        .query(
+            &index,
+            &query(&unique("nobody-"), unit_vector(dims, 0, 0.0), 10, None),
+        )
+        .await
+        .unwrap();
+    assert!(hits.is_empty());
+
+    // get_vector round-trips (f32 values, tags).
+    let got = store
+        .get_vector(&index, &a, "img-2")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.image_id, "img-2");
+    assert_eq!(got.tenant, a);
+    for (x, y) in got.vector.iter().zip(unit_vector(dims, 0, 0.5)) {
+        assert!((x - y).abs() < 1e-6);
+    }
+    assert!(store
+        .get_vector(&index, &b, "img-2")
+        .await
+        .unwrap()
+        .is_none());
+
+    // Replacing a vector moves it.
+    store
+        .put_vectors(
+            &index,
+            &[vector_record(
+                &a,
+                "img-4",
+                unit_vector(dims, 0, 0.0),
+                &["odd"],
+            )],
+        )
+        .await
+        .unwrap();
+    let hits = store
+        .query(&index, &query(&a, unit_vector(dims, 0, 0.0), 1, None))
+        .await
+        .unwrap();
+    assert_eq!(hits[0].image_id, "img-4");
+    assert!(hits[0].distance.abs() < 1e-4);
+    assert_eq!(hits[0].meta.tags, ["odd"]);
+
+    // A wrong dimension is refused, and nothing is written.
+    match store
+        .put_vectors(
+            &index,
+            &[vector_record(
+                &a,
+                "img-bad",
+                unit_vector(dims + 1, 0, 0.0),
+                &[],
+            )],
+        )
+        .await
+    {
+        Err(StoreError::InvalidInput(_)) => {}
+        other => panic!("expected InvalidInput, got {other:?}"),
+    }
+    assert!(store
+        .get_vector(&index, &a, "img-bad")
+        .await
+        .unwrap()
+        .is_none());
+
+    // Another index (same model, another dimension) is separate.
+    let other = VectorIndex::new(index.model.clone(), 4);
+    store.ensure_index(&other).await.unwrap();
+    store
+        .put_vectors(
+            &other,
+            &[vector_record(&a, "img-0", unit_vector(4, 1, 0.0), &[])],
+        )
+        .await
+        .unwrap();
+    let hits = store
+        .query(&other, &query(&a, unit_vector(4, 1, 0.0), 10, None))
+        .await
+        .unwrap();
+    assert_eq!(hits.len(), 1);
+
+    // Deleting removes the image's vectors from every index; missing ids are fine.
+    store
+        .delete_vectors(&a, &["img-0".to_string(), "never-stored".to_string()])
+        .await
+        .unwrap();
+    assert!(store
+        .get_vector(&index, &a, "img-0")
+        .await
+        .unwrap()
+        .is_none());
+    assert!(store
+        .get_vector(&other, &a, "img-0")
+        .await
+        .unwrap()
+        .is_none());
+    let hits = store
+        .query(&index, &query(&a, unit_vector(dims, 0, 0.0), 10, None))
+        .await
+        .unwrap();
+    let ids: BTreeSet<&str> = hits.iter().map(|h| h.image_id.as_str()).collect();
+    assert_eq!(ids, BTreeSet::from(["img-1", "img-2", "img-3", "img-4"]));
+    // Tenant B's vector with the same id survives A's delete.
+    store
+        .delete_vectors(&a, &["img-b".to_string()])
+        .await
+        .unwrap();
+    assert!(store
+        .get_vector(&index, &b, "img-b")
+        .await
+        .unwrap()
+        .is_some());
+
+    // Many vectors in one call (adapters batch their writes), and top_k at the maximum.
+    let many: Vec<VectorRecord> = (0..250)
+        .map(|i| {
+            vector_record(
+                &b,
+                &format!("many-{i:03}"),
+                unit_vector(dims, i % dims, (i / dims) as f32 * 0.01),
+                &[],
+            )
+        })
+        .collect();
+    store.put_vectors(&index, &many).await.unwrap();
+    let hits = store
+        .query(
+            &index,
+            &query(&b, unit_vector(dims, 2, 0.0), MAX_TOP_K, None),
+        )
+        .await
+        .unwrap();
+    assert_eq!(hits.len(), MAX_TOP_K);
+    assert!(hits
+        .windows(2)
+        .all(|w| w[0].distance <= w[1].distance + 1e-6));
+    assert_eq!(hits[0].image_id, "many-002");
 }
