@@ -2,7 +2,9 @@
 
 use std::sync::Arc;
 
-use sightline_pipeline::local::{FileBlobStore, SqliteDb, SqliteQueue, SqliteRepository};
+use sightline_pipeline::local::{
+    FileBlobStore, SqliteDb, SqliteQueue, SqliteRepository, SqliteVectorStore,
+};
 use sightline_pipeline::ports::{Clock, Queue, SystemClock};
 use sightline_tests::contract;
 
@@ -60,4 +62,11 @@ async fn local_queue_contract() {
 async fn local_blob_contract() {
     let dir = tempfile::tempdir().unwrap();
     contract::blob_contract(Arc::new(FileBlobStore::new(dir.path()))).await;
+}
+
+#[tokio::test]
+async fn local_vector_store_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = SqliteDb::open(&dir.path().join("db.sqlite")).unwrap();
+    contract::vector_store_contract(Arc::new(SqliteVectorStore::new(db))).await;
 }

@@ -63,6 +63,13 @@ CREATE TABLE IF NOT EXISTS batches (
     batch_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, state TEXT NOT NULL,
     created_ms INTEGER NOT NULL, doc TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS batches_by_time ON batches (created_ms DESC);
+CREATE TABLE IF NOT EXISTS vector_indexes (
+    name TEXT PRIMARY KEY, model TEXT NOT NULL, dims INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS vectors (
+    index_name TEXT NOT NULL, tenant TEXT NOT NULL, image_id TEXT NOT NULL,
+    vector BLOB NOT NULL, status TEXT NOT NULL, tags TEXT NOT NULL,
+    PRIMARY KEY (index_name, tenant, image_id));
+CREATE INDEX IF NOT EXISTS vectors_by_image ON vectors (tenant, image_id);
 "#;
 
 /// Columns added after the first release: (table, column, definition). Added at open when an
@@ -112,6 +119,28 @@ fn write_tx(c: &mut Connection) -> StoreResult<Transaction<'_>> {
         .map_err(db_err)
 }
 
+/// Make sqlite-vec's functions part of every connection opened from now on (once per process).
+fn register_sqlite_vec() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: sqlite3_vec_init is an SQLite extension entry point, the signature
+        // sqlite3_auto_extension expects; the sqlite-vec crate declares it without arguments,
+        // hence the cast. It is registered before any connection that uses it is opened.
+        unsafe {
+            rusqlite::ffi::sqlite3_auto_extension(Some(std::mem::transmute::<
+                *const (),
+                unsafe extern "C" fn(
+                    *mut rusqlite::ffi::sqlite3,
+                    *mut *mut std::os::raw::c_char,
+                    *const rusqlite::ffi::sqlite3_api_routines,
+                ) -> std::os::raw::c_int,
+            >(
+                sqlite_vec::sqlite3_vec_init as *const ()
+            )));
+        }
+    });
+}
+
 /// What a use of a single-use upload token is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenUse {
@@ -131,6 +160,7 @@ pub struct SqliteDb {
 
 impl SqliteDb {
     pub fn open(path: &Path) -> anyhow::Result<SqliteDb> {
+        register_sqlite_vec();
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
@@ -139,6 +169,7 @@ impl SqliteDb {
     }
 
     pub fn in_memory() -> anyhow::Result<SqliteDb> {
+        register_sqlite_vec();
         Self::init(Connection::open_in_memory()?)
     }
 
@@ -158,7 +189,7 @@ impl SqliteDb {
     }
 
     /// Run a closure on the connection off the async threads.
-    async fn with<T, F>(&self, f: F) -> StoreResult<T>
+    pub(crate) async fn with<T, F>(&self, f: F) -> StoreResult<T>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> StoreResult<T> + Send + 'static,
@@ -579,6 +610,9 @@ fn budget_counts_in(
 }
 
 mod batch;
+mod vectors;
+
+pub use vectors::SqliteVectorStore;
 
 #[async_trait]
 impl Repository for SqliteRepository {
