@@ -21,6 +21,8 @@ pub enum PricingError {
     Duplicate(String),
     #[error("unknown model {model:?}; known models: {known}")]
     UnknownModel { model: String, known: String },
+    #[error("embedding model {0:?} lists no dimensions")]
+    NoDims(String),
 }
 
 /// How a provider turns an image into input tokens.
@@ -338,10 +340,46 @@ impl Default for EstimateParams {
     }
 }
 
+/// One embedding model: what an image and text cost, which dimensions it can return, and
+/// whether its text vectors share the image space.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EmbeddingPrice {
+    pub id: String,
+    pub provider: String,
+    /// Dimensions the model can return; the first is its default.
+    pub dims: Vec<u32>,
+    /// USD per image embedded.
+    pub per_image_usd: f64,
+    /// USD per 1,000 text tokens embedded.
+    pub per_1k_text_tokens_usd: f64,
+    /// Text queries land in the image space (a CLIP-style model). False for the offline
+    /// embedder, whose text search falls back to keywords.
+    pub understands_text: bool,
+    /// The longest image edge the model accepts (the resized JPEG is scaled down to it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_image_edge: Option<u32>,
+    pub source: String,
+    pub as_of: String,
+}
+
+impl EmbeddingPrice {
+    pub fn default_dims(&self) -> u32 {
+        self.dims.first().copied().unwrap_or(0)
+    }
+
+    /// What `images` images and `text_tokens` text tokens cost.
+    pub fn cost_usd(&self, images: u64, text_tokens: u64) -> f64 {
+        images as f64 * self.per_image_usd
+            + text_tokens as f64 / 1000.0 * self.per_1k_text_tokens_usd
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct TableFile {
     version: String,
     models: Vec<ModelPrice>,
+    #[serde(default)]
+    embedding_models: Vec<EmbeddingPrice>,
 }
 
 /// All known models, by id.
@@ -349,6 +387,7 @@ struct TableFile {
 pub struct PriceTable {
     version: String,
     models: BTreeMap<String, ModelPrice>,
+    embedding_models: BTreeMap<String, EmbeddingPrice>,
 }
 
 impl PriceTable {
@@ -371,10 +410,39 @@ impl PriceTable {
             }
             models.insert(m.id.clone(), m);
         }
+        let mut embedding_models = BTreeMap::new();
+        for m in file.embedding_models {
+            if models.contains_key(&m.id) || embedding_models.contains_key(&m.id) {
+                return Err(PricingError::Duplicate(m.id));
+            }
+            if m.dims.is_empty() {
+                return Err(PricingError::NoDims(m.id));
+            }
+            embedding_models.insert(m.id.clone(), m);
+        }
         Ok(PriceTable {
             version: file.version,
             models,
+            embedding_models,
         })
+    }
+
+    pub fn embedding_models(&self) -> impl Iterator<Item = &EmbeddingPrice> {
+        self.embedding_models.values()
+    }
+
+    pub fn embedding_model(&self, id: &str) -> Result<&EmbeddingPrice, PricingError> {
+        self.embedding_models
+            .get(id)
+            .ok_or_else(|| PricingError::UnknownModel {
+                model: id.to_string(),
+                known: self
+                    .embedding_models
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
     }
 
     pub fn version(&self) -> &str {
@@ -441,10 +509,12 @@ impl Serialize for PriceTable {
         struct View<'a> {
             version: &'a str,
             models: Vec<&'a ModelPrice>,
+            embedding_models: Vec<&'a EmbeddingPrice>,
         }
         View {
             version: &self.version,
             models: self.models.values().collect(),
+            embedding_models: self.embedding_models.values().collect(),
         }
         .serialize(serializer)
     }
@@ -453,6 +523,51 @@ impl Serialize for PriceTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn embedding_models_are_priced_per_image_and_per_thousand_text_tokens() {
+        let table = PriceTable::builtin();
+        let titan = table
+            .embedding_model("amazon.titan-embed-image-v1")
+            .unwrap();
+        assert_eq!(titan.default_dims(), 1024);
+        assert!(titan.understands_text);
+        // 1,000 images and 2,000 text tokens.
+        let cost = titan.cost_usd(1000, 2000);
+        assert!(
+            (cost - (1000.0 * titan.per_image_usd + 2.0 * titan.per_1k_text_tokens_usd)).abs()
+                < 1e-12
+        );
+        let local = table.embedding_model("sightline-visual-v1").unwrap();
+        assert_eq!(local.cost_usd(1_000_000, 1_000_000), 0.0);
+        assert!(!local.understands_text);
+        assert_eq!(local.default_dims(), 256);
+        assert!(
+            table.model("amazon.titan-embed-image-v1").is_err(),
+            "not a vision model"
+        );
+    }
+
+    #[test]
+    fn an_embedding_model_without_dimensions_is_refused() {
+        let text = r#"
+version = "t"
+models = []
+[[embedding_models]]
+id = "e"
+provider = "p"
+dims = []
+per_image_usd = 0.0
+per_1k_text_tokens_usd = 0.0
+understands_text = true
+source = "s"
+as_of = "2026-01-01"
+"#;
+        assert!(matches!(
+            PriceTable::from_toml(text),
+            Err(PricingError::NoDims(_))
+        ));
+    }
 
     fn tokens(model: &str, w: u32, h: u32, detail: Detail) -> u64 {
         PriceTable::builtin()

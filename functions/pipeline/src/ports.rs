@@ -867,3 +867,31 @@ pub trait VectorStore: Send + Sync {
     /// A missing index has no hits.
     async fn query(&self, index: &VectorIndex, query: &VectorQuery) -> StoreResult<Vec<VectorHit>>;
 }
+
+/// What an embedding call returns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embedding {
+    /// L2-normalised, of the embedder's dimension.
+    pub vector: Vec<f32>,
+    /// Text tokens billed (0 for an image, or when the provider does not say).
+    pub input_tokens: u64,
+    /// Images billed (1 for an image input, else 0).
+    pub images: u64,
+}
+
+/// An embedding model: images (the resized JPEG) and, when it understands words, text, into one
+/// vector space.
+#[async_trait]
+pub trait Embedder: Send + Sync {
+    /// Provider name ("local", "openai", "bedrock").
+    fn name(&self) -> &str;
+    /// The model id, as in the price table's `[[embedding_models]]`.
+    fn model(&self) -> &str;
+    fn dims(&self) -> u32;
+    /// Whether text queries land in the same space as images. The offline embedder's do not:
+    /// text search then ranks by the analysis text instead (`"mode": "keyword"`).
+    fn understands_text(&self) -> bool;
+    async fn embed_image(&self, jpeg: &[u8]) -> Result<Embedding, ProviderError>;
+    /// Fails with a permanent [`ProviderError`] when [`Embedder::understands_text`] is false.
+    async fn embed_text(&self, text: &str) -> Result<Embedding, ProviderError>;
+}

@@ -6,4 +6,6 @@ pub mod sqlite;
 
 pub use files::FileBlobStore;
 pub use presign::{LocalPresigner, UploadGrant};
-pub use sqlite::{DeadLetter, SqliteDb, SqliteQueue, SqliteRepository, SqliteVectorStore, TokenUse};
+pub use sqlite::{
+    DeadLetter, SqliteDb, SqliteQueue, SqliteRepository, SqliteVectorStore, TokenUse,
+};

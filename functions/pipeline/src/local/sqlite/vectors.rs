@@ -251,7 +251,10 @@ mod tests {
             meta: VectorMeta::default(),
         };
         store
-            .put_vectors(&index, &[rec("x", vec![1.0, 0.0]), rec("y", vec![0.0, 1.0])])
+            .put_vectors(
+                &index,
+                &[rec("x", vec![1.0, 0.0]), rec("y", vec![0.0, 1.0])],
+            )
             .await
             .unwrap();
         let hits = store
