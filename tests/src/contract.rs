@@ -11,8 +11,8 @@ use sightline_core::model::{AnalysisResult, Detail, ImageRecord, ImageStatus};
 use sightline_core::pricing::Usage;
 use sightline_pipeline::ports::{
     api_key_id, BatchItem, BatchRecord, BatchState, BatchStore, BatchWaiter, BlobStore, BudgetHold,
-    Claim, Completion, Enqueued, Failure, ItemEnd, JobDelivery, LineCounts, PutImage, Queue,
-    QueueMessage, Repository, Spend, StoreError, VectorIndex, VectorMeta, VectorQuery,
+    Claim, Completion, Enqueued, Failure, ItemEnd, JobDelivery, LedgerKind, LineCounts, PutImage,
+    Queue, QueueMessage, Repository, Spend, StoreError, VectorIndex, VectorMeta, VectorQuery,
     VectorRecord, VectorStore, MAX_TOP_K,
 };
 
@@ -78,6 +78,7 @@ pub fn result(
         cost_at_estimate_usd: 0.0,
         lane: Default::default(),
         batch_id: None,
+        reused_from: None,
         saved_usd: 0.0,
         idempotency_key: key.into(),
         prompt_version: "v1".into(),
@@ -612,6 +613,7 @@ pub async fn spend_contract(repo: Arc<dyn Repository>) {
         cost_at_estimate_usd: 0.0025,
         lane: Default::default(),
         saved_usd: 0.0,
+        kind: Default::default(),
     };
     repo.put_image(
         &record(&t, "s1", "2026-05-01T00:00:00.000Z", ImageStatus::Queued),
@@ -691,6 +693,74 @@ pub async fn spend_contract(repo: Arc<dyn Repository>) {
     assert_eq!((row.images, row.calls, row.calls_at_estimate), (2, 7, 3));
     assert!(close(row.cost_usd, 0.012) && close(row.cost_at_estimate_usd, 0.006));
     assert!(close(row.estimated_cost_usd, 0.003));
+    assert_eq!(row.kind, LedgerKind::Analysis);
+
+    // An embedding is booked once, on a row of its own kind, and never on the image.
+    let embedding = Spend {
+        day: "2026-05-01".into(),
+        model: "amazon.titan-embed-image-v1".into(),
+        calls: 1,
+        usage: Usage::default(),
+        cost_usd: 0.00006,
+        calls_at_estimate: 0,
+        cost_at_estimate_usd: 0.0,
+        lane: Default::default(),
+        saved_usd: 0.0,
+        kind: LedgerKind::Embedding,
+    };
+    repo.book_spend(&t, "e1", "embed-e1", &embedding)
+        .await
+        .unwrap();
+    repo.book_spend(&t, "e1", "embed-e1", &embedding)
+        .await
+        .unwrap();
+    let rows = repo.costs(&t, "2026-05-01", "2026-05-01").await.unwrap();
+    let emb = rows
+        .iter()
+        .find(|r| r.model == "amazon.titan-embed-image-v1")
+        .unwrap();
+    assert_eq!(
+        (emb.kind, emb.calls, emb.images),
+        (LedgerKind::Embedding, 1, 0)
+    );
+    assert!(close(emb.cost_usd, 0.00006));
+    let rec = repo.get_image(&t, "e1").await.unwrap().unwrap();
+    assert!(rec.extra_spend.is_none(), "{:?}", rec.extra_spend);
+
+    // A near-duplicate's reused analysis counts as an image at $0 with what it spared.
+    repo.put_image(
+        &record(&t, "n1", "2026-05-01T00:00:00.000Z", ImageStatus::Queued),
+        None,
+    )
+    .await
+    .unwrap();
+    let mut r = result(
+        &format!("t:{t}/{}:gpt-4.1-mini:v1", "56".repeat(32)),
+        "gpt-4.1-mini",
+        "2026-05-01T02:00:00.000Z",
+        0.0,
+        false,
+    );
+    r.calls = 0;
+    r.usage = Usage::default();
+    r.reused_from = Some("e1".into());
+    r.saved_usd = 0.002;
+    repo.complete(&t, "n1", &r, 0.002).await.unwrap();
+    let row = repo
+        .costs(&t, "2026-05-01", "2026-05-01")
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|r| r.model == "gpt-4.1-mini")
+        .unwrap();
+    assert_eq!((row.images, row.calls, row.reused_images), (3, 7, 1));
+    assert!(close(row.cost_usd, 0.012) && close(row.reused_saved_usd, 0.002));
+    assert_eq!(row.batch_images, 0);
+    let rec = repo.get_image(&t, "n1").await.unwrap().unwrap();
+    assert_eq!(
+        rec.result.and_then(|r| r.reused_from).as_deref(),
+        Some("e1")
+    );
 }
 
 /// Budget holds: reserved atomically against the ledger's spent money and the live holds,
@@ -777,6 +847,7 @@ pub async fn budget_contract(repo: Arc<dyn Repository>) {
         cost_at_estimate_usd: 0.0,
         lane: Default::default(),
         saved_usd: 0.0,
+        kind: Default::default(),
     };
     repo.book_spend(&t, "gone", &format!("{t}-may"), &spend)
         .await

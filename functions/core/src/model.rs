@@ -215,9 +215,14 @@ pub struct AnalysisResult {
     /// batch recognises its own result and books nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch_id: Option<String>,
-    /// What the same usage would have cost in the real-time lane, minus `cost_usd`.
+    /// What this result saved: for a batch answer, what the same usage would have cost in the
+    /// real-time lane minus `cost_usd`; for a reused analysis, the estimate of the call it
+    /// spared.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub saved_usd: f64,
+    /// The image whose analysis this one reuses (near-duplicate skip): no call was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reused_from: Option<String>,
     pub idempotency_key: String,
     pub prompt_version: String,
     pub price_version: String,

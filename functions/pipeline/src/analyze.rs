@@ -18,7 +18,8 @@ use tracing::{debug, info, warn};
 
 use crate::ports::{
     day_of, rfc3339, BatchStore, BatchWaiter, BlobStore, BudgetHold, Claim, Clock, Completion,
-    Enqueued, Failure, ProviderError, Repository, Spend, StoreError, VisionProvider, VisionRequest,
+    Enqueued, Failure, LedgerKind, ProviderError, Repository, Spend, StoreError, VisionProvider,
+    VisionRequest,
 };
 use crate::settings::{OverBudget, Settings};
 
@@ -118,6 +119,7 @@ impl Paid {
             cost_at_estimate_usd: self.cost_at_estimate_usd,
             lane: Lane::Realtime,
             saved_usd: 0.0,
+            kind: LedgerKind::Analysis,
         }
     }
 }
@@ -694,6 +696,7 @@ impl Analyzer {
             lane: job.lane.unwrap_or_default(),
             batch_id: None,
             saved_usd: 0.0,
+            reused_from: None,
             completed_at: rfc3339(self.clock.now_ms()),
             ..prev
         };
@@ -873,6 +876,7 @@ impl Analyzer {
                     lane: Lane::Realtime,
                     batch_id: None,
                     saved_usd: 0.0,
+                    reused_from: None,
                     idempotency_key: key.to_string(),
                     prompt_version: self.settings.prompt_version.clone(),
                     price_version: table.version().to_string(),

@@ -28,8 +28,8 @@ use crate::analyze::BUDGET_EXCEEDED;
 use crate::ports::{
     day_of, rfc3339, BatchHold, BatchItem, BatchLine, BatchProvider, BatchRecord, BatchRequest,
     BatchState, BatchStore, BatchWaiter, BlobStore, BudgetHold, Clock, Completion, Failure,
-    ItemEnd, LineCounts, LineOutcome, ProviderError, Queue, Repository, Spend, StoreError,
-    VisionRequest, VisionResponse,
+    ItemEnd, LedgerKind, LineCounts, LineOutcome, ProviderError, Queue, Repository, Spend,
+    StoreError, VisionRequest, VisionResponse,
 };
 use crate::settings::{OverBudget, Settings};
 
@@ -407,6 +407,7 @@ impl BatchLane {
             lane: Lane::Batch,
             batch_id: Some(batch.batch_id.clone()),
             saved_usd: money.saved_usd,
+            reused_from: None,
             idempotency_key: item.key.clone(),
             prompt_version: self.settings.prompt_version.clone(),
             price_version: PriceTable::builtin().version().to_string(),
@@ -555,6 +556,7 @@ impl BatchLane {
             cost_at_estimate_usd: money.cost_at_estimate_usd(),
             lane: Lane::Batch,
             saved_usd: money.saved_usd,
+            kind: LedgerKind::Analysis,
         };
         let (tenant, image) = item
             .waiters

@@ -111,6 +111,42 @@ pub struct CostRow {
     pub batch_cost_usd: f64,
     #[serde(default)]
     pub batch_saved_usd: f64,
+    /// What the row's money bought: image analyses, or embeddings (similarity search).
+    #[serde(default)]
+    pub kind: LedgerKind,
+    /// Near-duplicates that reused another image's analysis at $0, and the estimates of the
+    /// calls they spared.
+    #[serde(default)]
+    pub reused_images: u64,
+    #[serde(default)]
+    pub reused_saved_usd: f64,
+}
+
+/// What a ledger row's money bought. Models of the two kinds never share a row: an embedding
+/// model is never a vision model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LedgerKind {
+    #[default]
+    Analysis,
+    Embedding,
+}
+
+impl LedgerKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LedgerKind::Analysis => "analysis",
+            LedgerKind::Embedding => "embedding",
+        }
+    }
+
+    pub fn parse(value: &str) -> LedgerKind {
+        if value == "embedding" {
+            LedgerKind::Embedding
+        } else {
+            LedgerKind::Analysis
+        }
+    }
 }
 
 /// Money paid for provider calls of an image that left no stored result: invalid answers of
@@ -131,6 +167,9 @@ pub struct Spend {
     pub lane: Lane,
     /// Real-time price of the same usage minus `cost_usd` (batch lane; 0 otherwise).
     pub saved_usd: f64,
+    /// Analysis calls (kept on the image as `extra_spend`) or an embedding (ledger only: it is
+    /// paid for the image's vector, not for an answer).
+    pub kind: LedgerKind,
 }
 
 impl Spend {
@@ -147,6 +186,7 @@ impl Spend {
             cost_at_estimate_usd: result.cost_at_estimate_usd,
             lane: result.lane,
             saved_usd: result.saved_usd,
+            kind: LedgerKind::Analysis,
         }
     }
 
@@ -324,7 +364,8 @@ pub trait Repository: Send + Sync {
     /// lost the race for its image is still good for its key). Ends an in-flight claim on it.
     async fn cache_result(&self, result: &AnalysisResult) -> StoreResult<()>;
     /// Add money that left no result to the ledger and to the image's `extra_spend`, once per
-    /// `spend_id` (a repeat is a no-op). A missing image only gets the ledger entry.
+    /// `spend_id` (a repeat is a no-op). A missing image only gets the ledger entry; so does an
+    /// embedding ([`LedgerKind::Embedding`]), whose row says what it bought.
     async fn book_spend(
         &self,
         tenant: &str,

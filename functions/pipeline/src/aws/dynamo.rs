@@ -33,7 +33,7 @@ use super::sdk_err;
 pub mod batch;
 use crate::ports::{
     api_key_id, day_of, ApiKeyInfo, BudgetCounts, BudgetHold, Claim, Completion, CostRow, Failure,
-    ImagePage, PutImage, Repository, Spend, StoreError, StoreResult,
+    ImagePage, LedgerKind, PutImage, Repository, Spend, StoreError, StoreResult,
 };
 
 /// Idempotency items expire after 30 days (TTL attribute `expires_at`).
@@ -237,7 +237,10 @@ struct LedgerAdd<'a> {
     cost_at_estimate_usd: f64,
     /// The money came through the batch lane (it also counts in the batch attributes).
     batch: bool,
+    /// A near-duplicate's reused analysis (it also counts in the reuse attributes).
+    reused: bool,
     saved_usd: f64,
+    kind: LedgerKind,
 }
 
 impl DynamoRepository {
@@ -349,6 +352,11 @@ impl DynamoRepository {
         } else {
             ""
         };
+        let reused_add = if a.reused {
+            ", reused_images :images, reused_saved_usd :saved"
+        } else {
+            ""
+        };
         let update = Update::builder()
             .table_name(&self.table)
             .set_key(Some(Self::key(
@@ -356,13 +364,15 @@ impl DynamoRepository {
                 &format!("{}#{}", a.day, a.model),
             )))
             .update_expression(format!(
-                "SET #day = :day, #model = :model \
+                "SET #day = :day, #model = :model, #kind = :kind \
                  ADD images :images, cached_images :cached, calls :calls, input_tokens :in, \
                  output_tokens :out, cost_usd :cost, estimated_cost_usd :est, \
-                 calls_at_estimate :calls_est, cost_at_estimate_usd :cost_est{batch_add}"
+                 calls_at_estimate :calls_est, cost_at_estimate_usd :cost_est{batch_add}{reused_add}"
             ))
             .expression_attribute_names("#day", "day")
             .expression_attribute_names("#model", "model")
+            .expression_attribute_names("#kind", "kind")
+            .expression_attribute_values(":kind", s(a.kind.as_str()))
             .expression_attribute_values(":day", s(a.day))
             .expression_attribute_values(":model", s(a.model))
             .expression_attribute_values(":images", n(a.images))
@@ -374,7 +384,7 @@ impl DynamoRepository {
             .expression_attribute_values(":est", nf(a.estimated_cost_usd))
             .expression_attribute_values(":calls_est", n(a.calls_at_estimate))
             .expression_attribute_values(":cost_est", nf(a.cost_at_estimate_usd));
-        if a.batch {
+        if a.batch || a.reused {
             update
                 .expression_attribute_values(":saved", nf(a.saved_usd))
                 .build()
@@ -883,7 +893,9 @@ impl Repository for DynamoRepository {
                     calls_at_estimate: u64::from(result.usage_estimated),
                     cost_at_estimate_usd: result.cost_at_estimate_usd,
                     batch: !result.lane.is_realtime(),
+                    reused: result.reused_from.is_some(),
                     saved_usd: result.saved_usd,
+                    kind: LedgerKind::Analysis,
                 },
             )
             .map_err(perm)?;
@@ -983,7 +995,9 @@ impl Repository for DynamoRepository {
                     calls_at_estimate: spend.calls_at_estimate,
                     cost_at_estimate_usd: spend.cost_at_estimate_usd,
                     batch: !spend.lane.is_realtime(),
+                    reused: false,
                     saved_usd: spend.saved_usd,
+                    kind: spend.kind,
                 },
             )
             .map_err(perm)?;
@@ -1003,7 +1017,8 @@ impl Repository for DynamoRepository {
             .expression_attribute_values(":est", nf(extra.cost_at_estimate_usd))
             .build()
             .map_err(perm)?;
-        let mut with_image = true;
+        // An embedding is paid for the image's vector, not for an answer: ledger only.
+        let mut with_image = spend.kind == LedgerKind::Analysis;
         loop {
             let mut items = vec![
                 TransactWriteItem::builder().put(marker.clone()).build(),
@@ -1064,6 +1079,9 @@ impl Repository for DynamoRepository {
                 batch_calls: get_u64(item, "batch_calls"),
                 batch_cost_usd: get_f64(item, "batch_cost_usd"),
                 batch_saved_usd: get_f64(item, "batch_saved_usd"),
+                kind: LedgerKind::parse(get_s(item, "kind").unwrap_or_default()),
+                reused_images: get_u64(item, "reused_images"),
+                reused_saved_usd: get_f64(item, "reused_saved_usd"),
             });
         }
         rows.sort_by(|a, b| (&a.day, &a.model).cmp(&(&b.day, &b.model)));

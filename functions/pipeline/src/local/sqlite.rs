@@ -13,8 +13,8 @@ use sightline_core::model::{AnalysisResult, ImageRecord, ImageStatus};
 
 use crate::ports::{
     api_key_id, day_of, ApiKeyInfo, BudgetCounts, BudgetHold, Claim, Clock, Completion, CostRow,
-    Failure, ImagePage, JobDelivery, PutImage, Queue, QueueMessage, Repository, Spend, StoreError,
-    StoreResult,
+    Failure, ImagePage, JobDelivery, LedgerKind, PutImage, Queue, QueueMessage, Repository, Spend,
+    StoreError, StoreResult,
 };
 
 /// Connection settings (outside any transaction: journal_mode cannot change inside one).
@@ -86,6 +86,9 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("ledger", "batch_calls", "INTEGER NOT NULL DEFAULT 0"),
     ("ledger", "batch_cost_usd", "REAL NOT NULL DEFAULT 0"),
     ("ledger", "batch_saved_usd", "REAL NOT NULL DEFAULT 0"),
+    ("ledger", "kind", "TEXT NOT NULL DEFAULT 'analysis'"),
+    ("ledger", "reused_images", "INTEGER NOT NULL DEFAULT 0"),
+    ("ledger", "reused_saved_usd", "REAL NOT NULL DEFAULT 0"),
 ];
 
 /// Indexes over added columns (created after the columns exist).
@@ -526,7 +529,10 @@ struct LedgerAdd<'a> {
     cost_at_estimate_usd: f64,
     /// The money came through the batch lane (it also counts in the batch columns).
     batch: bool,
+    /// A near-duplicate's reused analysis (it also counts in the reuse columns).
+    reused: bool,
     saved_usd: f64,
+    kind: LedgerKind,
 }
 
 fn add_to_ledger(conn: &Connection, a: &LedgerAdd<'_>) -> StoreResult<()> {
@@ -535,18 +541,26 @@ fn add_to_ledger(conn: &Connection, a: &LedgerAdd<'_>) -> StoreResult<()> {
     } else {
         (0, 0, 0.0, 0.0)
     };
+    let (reused_images, reused_saved) = if a.reused {
+        (a.images, a.saved_usd)
+    } else {
+        (0, 0.0)
+    };
     conn.execute(
         "INSERT INTO ledger (tenant, day, model, images, cached_images, calls, input_tokens, output_tokens,
                              cost_usd, estimated_cost_usd, calls_at_estimate, cost_at_estimate_usd,
-                             batch_images, batch_calls, batch_cost_usd, batch_saved_usd)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)
+                             batch_images, batch_calls, batch_cost_usd, batch_saved_usd,
+                             kind, reused_images, reused_saved_usd)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)
          ON CONFLICT (tenant, day, model) DO UPDATE SET
            images = images + ?4, cached_images = cached_images + ?5, calls = calls + ?6,
            input_tokens = input_tokens + ?7, output_tokens = output_tokens + ?8,
            cost_usd = cost_usd + ?9, estimated_cost_usd = estimated_cost_usd + ?10,
            calls_at_estimate = calls_at_estimate + ?11, cost_at_estimate_usd = cost_at_estimate_usd + ?12,
            batch_images = batch_images + ?13, batch_calls = batch_calls + ?14,
-           batch_cost_usd = batch_cost_usd + ?15, batch_saved_usd = batch_saved_usd + ?16",
+           batch_cost_usd = batch_cost_usd + ?15, batch_saved_usd = batch_saved_usd + ?16,
+           kind = ?17, reused_images = reused_images + ?18,
+           reused_saved_usd = reused_saved_usd + ?19",
         params![
             a.tenant,
             a.day,
@@ -563,7 +577,10 @@ fn add_to_ledger(conn: &Connection, a: &LedgerAdd<'_>) -> StoreResult<()> {
             batch_images,
             batch_calls,
             batch_cost,
-            batch_saved
+            batch_saved,
+            a.kind.as_str(),
+            reused_images,
+            reused_saved
         ],
     )
     .map_err(db_err)?;
@@ -913,6 +930,8 @@ impl Repository for SqliteRepository {
                         cost_at_estimate_usd: result.cost_at_estimate_usd,
                         batch: !result.lane.is_realtime(),
                         saved_usd: result.saved_usd,
+                        reused: result.reused_from.is_some(),
+                        kind: LedgerKind::Analysis,
                     },
                 )?;
                 tx.commit().map_err(db_err)?;
@@ -967,9 +986,12 @@ impl Repository for SqliteRepository {
                             cost_at_estimate_usd: sp.cost_at_estimate_usd,
                             batch: !sp.lane.is_realtime(),
                             saved_usd: sp.saved_usd,
+                            reused: false,
+                            kind: sp.kind,
                         },
                     )?;
-                    if let Some(mut rec) = load_image(&tx, &t, &image)? {
+                    let on_image = sp.kind == LedgerKind::Analysis;
+                    if let Some(mut rec) = load_image(&tx, &t, &image)?.filter(|_| on_image) {
                         rec.extra_spend
                             .get_or_insert_with(Default::default)
                             .add(&sp.as_extra());
@@ -989,7 +1011,8 @@ impl Repository for SqliteRepository {
                     .prepare(
                         "SELECT day, model, images, cached_images, input_tokens, output_tokens, cost_usd,
                                 estimated_cost_usd, calls, calls_at_estimate, cost_at_estimate_usd,
-                                batch_images, batch_calls, batch_cost_usd, batch_saved_usd
+                                batch_images, batch_calls, batch_cost_usd, batch_saved_usd,
+                                kind, reused_images, reused_saved_usd
                          FROM ledger WHERE tenant = ?1 AND day >= ?2 AND day <= ?3 ORDER BY day, model",
                     )
                     .map_err(db_err)?;
@@ -1011,6 +1034,9 @@ impl Repository for SqliteRepository {
                             batch_calls: r.get::<_, i64>(12)? as u64,
                             batch_cost_usd: r.get(13)?,
                             batch_saved_usd: r.get(14)?,
+                            kind: LedgerKind::parse(&r.get::<_, String>(15)?),
+                            reused_images: r.get::<_, i64>(16)? as u64,
+                            reused_saved_usd: r.get(17)?,
                         })
                     })
                     .map_err(db_err)?

@@ -568,6 +568,7 @@ async fn an_answer_for_an_image_done_meanwhile_is_booked_cached_and_frees_its_cl
         lane: Default::default(),
         batch_id: None,
         saved_usd: 0.0,
+        reused_from: None,
         idempotency_key: "elsewhere".into(),
         prompt_version: "v1".into(),
         price_version: "x".into(),

@@ -190,6 +190,7 @@ async fn a_budget_wait_on_the_last_delivery_leaves_the_image_queued() {
                 cost_at_estimate_usd: 0.0,
                 lane: Default::default(),
                 saved_usd: 0.0,
+                kind: Default::default(),
             },
         )
         .await
