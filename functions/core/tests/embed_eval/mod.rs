@@ -131,11 +131,11 @@ fn local_embedding_finds_altered_copies_and_near_dup_rule_reuses_only_them() {
     let mut sources = Vec::new();
     let mut copy_sigs: Vec<[VisualSignature; 5]> = Vec::new();
     for rel in SOURCES {
-        let bytes = read(rel);
-        sources.push(pipeline_signature(&bytes));
+        let prepared = prepare(&read(rel), &PrepareOptions::default()).unwrap();
+        sources.push(visual_signature(&prepared.jpeg).unwrap());
         // The copies are made from the photo as the product sees it (≤ 1024 px): a copy
         // resized to 50 % is then a 512-px image, smaller than the source's embedding input.
-        let master = prepared_pixels(&bytes, 1024);
+        let master = image::load_from_memory(&prepared.jpeg).unwrap().into_rgb8();
         copy_sigs.push(copies(&master).map(|c| pipeline_signature(&c)));
     }
     let unrelated: Vec<VisualSignature> = UNRELATED
