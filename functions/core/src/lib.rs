@@ -4,6 +4,7 @@
 //! - [`batch`]: lanes, batch `custom_id`s, splitting by the providers' limits.
 //! - [`budget`]: spending-cap periods (UTC day and month) and reservation maths.
 //! - [`color`]: embedded ICC profiles (Display P3, Adobe RGB, CMYK) converted to sRGB.
+//! - [`embed`]: the offline visual embedding, perceptual hash and near-duplicate rule.
 //! - [`pricing`]: the versioned price table and image-token rules (one estimator everywhere).
 //! - [`retry`]: transient vs permanent, backoff.
 //! - [`limiter`]: RPM + TPM reserve-then-correct maths.
@@ -14,6 +15,7 @@
 pub mod batch;
 pub mod budget;
 pub mod color;
+pub mod embed;
 pub mod keys;
 pub mod limiter;
 pub mod model;

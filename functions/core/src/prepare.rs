@@ -443,6 +443,42 @@ pub fn memory_estimate(bytes: &[u8], opts: &PrepareOptions) -> Result<u64, Prepa
 
 /// Decode, orient, convert, resize and encode one image.
 pub fn prepare(bytes: &[u8], opts: &PrepareOptions) -> Result<PreparedImage, PrepareError> {
+    let decoded = decode_fit(bytes, opts)?;
+    let upright = decoded.rgb;
+    let jpeg = encode_jpeg(&upright, opts.quality)?;
+    let sha256 = hex::encode(Sha256::digest(&jpeg));
+    Ok(PreparedImage {
+        format: decoded.format,
+        orientation: decoded.orientation,
+        original_width: decoded.original_width,
+        original_height: decoded.original_height,
+        original_bytes: bytes.len() as u64,
+        width: upright.width(),
+        height: upright.height(),
+        bytes: jpeg.len() as u64,
+        sha256,
+        jpeg,
+        color: decoded.color,
+    })
+}
+
+/// An image decoded by [`decode_fit`]: upright sRGB pixels and the facts about the original.
+pub(crate) struct Decoded {
+    /// Upright, sRGB, fitted within `max_edge`.
+    pub(crate) rgb: RgbImage,
+    pub(crate) format: SourceFormat,
+    /// EXIF orientation of the original, 1–8.
+    pub(crate) orientation: u8,
+    /// Upright size of the original.
+    pub(crate) original_width: u32,
+    pub(crate) original_height: u32,
+    pub(crate) color: ColorHandling,
+}
+
+/// Everything [`prepare`] does except the JPEG encode, under the same limits: other
+/// consumers of pixels (the visual embedding) decode through here so that one bounded decode
+/// path exists.
+pub(crate) fn decode_fit(bytes: &[u8], opts: &PrepareOptions) -> Result<Decoded, PrepareError> {
     check_options(opts)?;
     let (format, mut decoder, stored_w, stored_h, orientation) = open(bytes, opts)?;
     // JPEG marker segments, walked once: None inside when the structure breaks before a scan.
@@ -506,21 +542,12 @@ pub fn prepare(bytes: &[u8], opts: &PrepareOptions) -> Result<PreparedImage, Pre
     }
     let mut upright = DynamicImage::ImageRgb8(resized);
     upright.apply_orientation(orientation);
-    let upright = upright.into_rgb8();
-
-    let jpeg = encode_jpeg(&upright, opts.quality)?;
-    let sha256 = hex::encode(Sha256::digest(&jpeg));
-    Ok(PreparedImage {
+    Ok(Decoded {
+        rgb: upright.into_rgb8(),
         format,
         orientation: orientation.to_exif(),
         original_width: up_w,
         original_height: up_h,
-        original_bytes: bytes.len() as u64,
-        width: upright.width(),
-        height: upright.height(),
-        bytes: jpeg.len() as u64,
-        sha256,
-        jpeg,
         color: plan.handling(),
     })
 }

@@ -1,9 +1,12 @@
-//! Image preparation against real photos and hostile inputs.
+//! Image preparation against real photos and hostile inputs; the visual embedding's
+//! evaluation is a module of this binary (one integration-test binary per crate).
 use std::io::Cursor;
 
 use image::{DynamicImage, ImageFormat, Rgb, RgbImage, Rgba, RgbaImage};
 use sightline_core::prepare::{probe, sniff, SourceFormat};
 use sightline_core::{prepare, PrepareError, PrepareOptions};
+
+mod embed_eval;
 
 /// The repository's test fixtures (tests/fixtures: samples/, photos/, large/).
 fn samples() -> std::path::PathBuf {
