@@ -190,6 +190,18 @@ fn routes_have_the_documented_statuses() {
             &["202", "400", "401", "404", "409"][..],
         ),
         ("GET", "/v1/health", &["200"][..]),
+        ("DELETE", "/v1/images/{id}", &["204", "401", "404"][..]),
+        (
+            "GET",
+            "/v1/images/{id}/similar",
+            &["200", "400", "401", "404", "409", "503"][..],
+        ),
+        ("GET", "/v1/search", &["200", "400", "401", "503"][..]),
+        (
+            "POST",
+            "/v1/search",
+            &["200", "400", "401", "413", "503"][..],
+        ),
     ] {
         let (_, _, op) = ops
             .iter()
@@ -341,6 +353,7 @@ fn schemas_match_the_api() {
             "lane",
             "batch_id",
             "saved_usd",
+            "reused_from",
             "idempotency_key",
             "prompt_version",
             "price_version",
@@ -378,6 +391,9 @@ fn schemas_match_the_api() {
         "batch_calls",
         "batch_cost_usd",
         "batch_saved_usd",
+        "kind",
+        "reused_images",
+        "reused_saved_usd",
     ]);
     assert_eq!(props(row), set(&with_keys));
     assert_eq!(required(row), set(&with_keys));

@@ -41,6 +41,10 @@ fn app() -> axum::Router {
         settings: Arc::new(Settings::default()),
         clock,
         batches: None,
+        search: None,
+        blobs: Arc::new(sightline_pipeline::local::FileBlobStore::new(
+            std::env::temp_dir().join("sightline-router-test"),
+        )),
     })
 }
 
@@ -86,7 +90,8 @@ async fn router_routes_match_the_openapi_spec() {
     }
     // …and nothing else is served.
     for (m, p) in [
-        ("DELETE", "/v1/images/x"),
+        ("PUT", "/v1/images/x"),
+        ("DELETE", "/v1/search"),
         ("GET", "/v1/uploads"),
         ("POST", "/v1/costs"),
         ("GET", "/v2/images"),

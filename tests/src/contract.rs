@@ -243,6 +243,17 @@ pub async fn images_contract(repo: Arc<dyn Repository>) {
     .await
     .unwrap();
     assert_eq!(repo.get_image(&a, "img-404").await.unwrap(), None);
+    // Deleting an image removes its record whatever its state; a second delete finds nothing.
+    let gone = unique("gone-");
+    repo.put_image(
+        &record(&gone, "d1", "2026-05-01T00:00:00.000Z", ImageStatus::Done),
+        None,
+    )
+    .await
+    .unwrap();
+    assert!(repo.delete_image(&gone, "d1").await.unwrap());
+    assert!(repo.get_image(&gone, "d1").await.unwrap().is_none());
+    assert!(!repo.delete_image(&gone, "d1").await.unwrap());
 }
 
 /// Claims: acquire, busy while leased, re-entrant for the owner, expiry, release, cached.

@@ -469,6 +469,8 @@ async fn pipeline_end_to_end_on_the_emulator() {
         settings: settings.clone(),
         clock: clock.clone(),
         batches: None,
+        search: None,
+        blobs: Arc::new(S3BlobStore::new(clients.s3.clone(), &bucket)),
     });
     let first = id(good[0].0);
     let (st, body) = api_call(

@@ -329,6 +329,9 @@ mod tests {
         async fn expire_pending(&self, _: &str, _: &str) -> StoreResult<bool> {
             down()
         }
+        async fn delete_image(&self, _: &str, _: &str) -> StoreResult<bool> {
+            down()
+        }
         async fn cache_result(&self, _: &AnalysisResult) -> StoreResult<()> {
             down()
         }

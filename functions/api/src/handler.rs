@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use sightline_pipeline::aws::{AwsEnv, Clients, DynamoRepository, S3Presigner};
+use sightline_pipeline::aws::{AwsEnv, Clients, DynamoRepository, S3BlobStore, S3Presigner};
 use sightline_pipeline::http::{router, ApiState};
 use sightline_pipeline::ports::{Clock, SystemClock};
 use sightline_pipeline::Settings;
@@ -20,6 +20,8 @@ pub fn api_state(env: &AwsEnv, clients: &Clients, settings: Settings) -> ApiStat
         settings: Arc::new(settings),
         clock: Arc::new(SystemClock) as Arc<dyn Clock>,
         batches: None,
+        search: None,
+        blobs: Arc::new(S3BlobStore::new(clients.s3.clone(), &env.bucket)),
     }
 }
 
@@ -65,6 +67,10 @@ mod tests {
             )),
             settings: Arc::new(Settings::default()),
             clock,
+            search: None,
+            blobs: Arc::new(sightline_pipeline::local::FileBlobStore::new(
+                std::env::temp_dir().join("sightline-api-handler-test"),
+            )),
         }
     }
 

@@ -8,13 +8,16 @@ use sightline_core::keys::UPLOAD_PREFIX;
 use sightline_pipeline::analyze::Analyzer;
 use sightline_pipeline::batch::BatchLane;
 use sightline_pipeline::ingest::Ingest;
-use sightline_pipeline::local::{FileBlobStore, SqliteDb, SqliteQueue, SqliteRepository};
+use sightline_pipeline::local::{
+    FileBlobStore, SqliteDb, SqliteQueue, SqliteRepository, SqliteVectorStore,
+};
 use sightline_pipeline::metrics::prometheus::Registry;
 use sightline_pipeline::ports::{
     BatchStore, BlobStore, Clock, Queue, Repository, SystemClock, VisionProvider,
 };
-use sightline_pipeline::providers::select::{build_batch_provider, build_provider};
+use sightline_pipeline::providers::select::{build_batch_provider, build_embedder, build_provider};
 use sightline_pipeline::reconcile::Reconciler;
+use sightline_pipeline::search::Search;
 use sightline_pipeline::worker::{OnOutcome, WorkerPool};
 
 use tokio::sync::watch;
@@ -51,6 +54,8 @@ pub struct LocalApp {
     pub batch: Option<BatchLane>,
     /// What the use-cases of this process counted (`GET /metrics` of `sightline serve`).
     pub metrics: Arc<Registry>,
+    /// Vectors (sqlite-vec in the same database) and the searches over them.
+    pub search: Arc<Search>,
 }
 
 impl LocalApp {
@@ -76,6 +81,14 @@ impl LocalApp {
         );
         let provider: Arc<dyn VisionProvider> = build_provider(&config.settings, &config.keys)?;
         let settings = Arc::new(config.settings.clone());
+        let search = Arc::new(Search::new(
+            repo.clone(),
+            blobs.clone(),
+            Arc::new(SqliteVectorStore::new(db.clone())),
+            build_embedder(&config.settings, &config.keys)?,
+            settings.clone(),
+            clock.clone(),
+        ));
         let queue_port: Arc<dyn Queue> = queue.clone();
         let metrics = Registry::new();
         let mut ingest = Ingest::new(
@@ -99,6 +112,7 @@ impl LocalApp {
         );
         analyzer.instance = instance.clone();
         analyzer.metrics = metrics.recorder("analyze");
+        let analyzer = analyzer.with_search(search.clone());
         let batch =
             build_batch_provider(&config.settings, &config.keys)?.map(|provider| BatchLane {
                 blobs: blobs.clone(),
@@ -110,9 +124,10 @@ impl LocalApp {
                 clock: clock.clone(),
                 metrics: metrics.recorder("batch"),
             });
-        if batch.is_some() {
-            analyzer = analyzer.with_batches(sqlite_repo.clone());
-        }
+        let analyzer = match batch {
+            Some(_) => analyzer.with_batches(sqlite_repo.clone()),
+            None => analyzer,
+        };
         Ok(LocalApp {
             config,
             instance,
@@ -128,6 +143,7 @@ impl LocalApp {
             ingest,
             analyzer,
             metrics,
+            search,
         })
     }
 

@@ -121,6 +121,34 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Images like one already analysed (its id) or like an image file, nearest first.
+    Similar {
+        /// An image id (`sightline results` lists them) or the path of an image file.
+        target: String,
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Find analysed images by text: in the image space with an embedder that understands
+    /// words, else by keywords over the analysis (the answer says which).
+    Search {
+        query: String,
+        #[arg(long, default_value_t = 10)]
+        top: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Give analysed images their vectors with the configured embedder: those without one, or
+    /// all of them with `--all` (after changing the embedding model).
+    Reindex {
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete an image: its record, files and vectors (the ledger keeps what was paid).
+    Delete { image_id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -252,6 +280,69 @@ pub async fn main_with(cli: Cli) -> anyhow::Result<()> {
                     writeln!(out, "{:<8} {:<40} {}", r.status.as_str(), r.image_id, desc)?;
                 }
             }
+            Ok(())
+        }
+        Command::Similar { target, top, json } => {
+            let app = LocalApp::open(Config::resolve(&cli.common)?)?;
+            let path = std::path::Path::new(&target);
+            let found = if path.is_file() {
+                let bytes =
+                    std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+                app.search.similar_to_image(LOCAL_TENANT, &bytes, top).await
+            } else {
+                app.search.similar(LOCAL_TENANT, &target, top).await
+            }
+            .map_err(|e| anyhow::anyhow!("similar {target}: {e}"))?;
+            print_found(&found, json)
+        }
+        Command::Search { query, top, json } => {
+            let app = LocalApp::open(Config::resolve(&cli.common)?)?;
+            let found = app
+                .search
+                .text(LOCAL_TENANT, &query, top)
+                .await
+                .map_err(|e| anyhow::anyhow!("search {query:?}: {e}"))?;
+            print_found(&found, json)
+        }
+        Command::Reindex { all, json } => {
+            let app = LocalApp::open(Config::resolve(&cli.common)?)?;
+            let report = app
+                .search
+                .reindex(LOCAL_TENANT, all)
+                .await
+                .map_err(|e| anyhow::anyhow!("reindex: {e}"))?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!(
+                    "reindexed {} images ({} already had a vector, {} failed)",
+                    report.indexed, report.skipped, report.failed
+                );
+            }
+            if report.failed > 0 {
+                bail!(
+                    "{} images could not be indexed (see the log)",
+                    report.failed
+                );
+            }
+            Ok(())
+        }
+        Command::Delete { image_id } => {
+            let app = LocalApp::open(Config::resolve(&cli.common)?)?;
+            let record = app
+                .repo
+                .get_image(LOCAL_TENANT, &image_id)
+                .await?
+                .with_context(|| format!("no image {image_id}"))?;
+            sightline_pipeline::search::delete_image(
+                app.repo.as_ref(),
+                app.blobs.as_ref(),
+                Some(app.search.as_ref()),
+                &record,
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("deleting {image_id}: {e}"))?;
+            println!("deleted {image_id}");
             Ok(())
         }
         Command::Costs { from, to, json } => {
@@ -631,4 +722,35 @@ fn truncate(s: &str, n: usize) -> String {
             .collect();
         format!("…{tail}")
     }
+}
+
+/// Search results: one JSON object, or a line per image.
+fn print_found(
+    found: &sightline_pipeline::search::SearchResults,
+    json: bool,
+) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{}", serde_json::to_string(found)?)?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "mode: {} ({})",
+        match found.mode {
+            sightline_pipeline::search::SearchMode::Vector => "vector",
+            sightline_pipeline::search::SearchMode::Keyword => "keyword",
+        },
+        found.model
+    )?;
+    for hit in &found.results {
+        writeln!(
+            out,
+            "{:.4} {:<40} {}",
+            hit.distance,
+            hit.image_id,
+            hit.description.as_deref().unwrap_or("")
+        )?;
+    }
+    Ok(())
 }

@@ -55,6 +55,12 @@ pub struct CommonOpts {
     /// price, answered within 24 h).
     #[arg(long, global = true)]
     pub lane: Option<String>,
+    /// Vectors for `similar` and search: `local` (offline, $0), `openai`, `bedrock` or `off`.
+    #[arg(long, global = true)]
+    pub embedder: Option<String>,
+    /// `near`: near-duplicates of analysed images reuse their analysis at $0; `off`.
+    #[arg(long, global = true)]
+    pub dedupe: Option<String>,
 }
 
 impl CommonOpts {
@@ -73,6 +79,8 @@ impl CommonOpts {
             ("workers", &self.workers),
             ("timeout_secs", &self.timeout_secs),
             ("lane", &self.lane),
+            ("embedder", &self.embedder),
+            ("dedupe", &self.dedupe),
         ]
         .into_iter()
         .filter_map(|(k, v)| v.as_deref().map(|v| (k, v)))

@@ -372,6 +372,7 @@ pub fn image_json(r: &ImageRecord) -> Value {
         "lane": res.map(|x| x.lane.as_str()).or(r.lane.map(|l| l.as_str())),
         "batch_id": res.and_then(|x| x.batch_id.clone()),
         "saved_usd": res.map(|x| x.saved_usd),
+        "reused_from": res.and_then(|x| x.reused_from.clone()),
         "result": res.map(|x| x.analysis.clone()),
         "extra_spend": r.extra_spend,
     })

@@ -149,6 +149,8 @@ pub async fn build_router(
         settings: Arc::new(app.config.settings.clone()),
         clock: app.clock.clone(),
         batches: Some(app.batch_store.clone()),
+        search: Some(app.search.clone()),
+        blobs: app.blobs.clone(),
     });
     let max_body = app.config.settings.prepare.max_input_bytes as usize + 1;
     let uploads = Router::new()

@@ -1792,3 +1792,166 @@ fn a_run_over_its_daily_budget_ends_with_the_rest_queued() {
     assert_eq!((done, queued), (1, 11), "{images:?}");
     assert_eq!(rt.block_on(sim.stats()).completions, 1);
 }
+
+/// Write `src` scaled to `scale` of its size (and brightened by `gain`) as a JPEG at `dst`.
+fn altered_copy(src: &Path, dst: &Path, scale: f32, gain: f32) {
+    let img = image::open(src).unwrap().to_rgb8();
+    let (w, h) = (
+        (img.width() as f32 * scale) as u32,
+        (img.height() as f32 * scale) as u32,
+    );
+    let mut small = image::imageops::resize(&img, w, h, image::imageops::FilterType::Triangle);
+    for p in small.pixels_mut() {
+        for c in p.0.iter_mut() {
+            *c = (*c as f32 * gain).min(255.0) as u8;
+        }
+    }
+    image::DynamicImage::ImageRgb8(small)
+        .save_with_format(dst, image::ImageFormat::Jpeg)
+        .unwrap();
+}
+
+#[test]
+fn similar_search_near_duplicate_skip_and_delete_work_offline() {
+    let _g = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let data = tempfile::tempdir().unwrap();
+    let first = tempfile::tempdir().unwrap();
+    for name in ["Garden.jpg", "Dune.jpg", "Wood.jpg"] {
+        std::fs::copy(samples().join("photos").join(name), first.path().join(name)).unwrap();
+    }
+    let (images, _) = run_json(
+        sightline(data.path())
+            .arg("run")
+            .arg(first.path())
+            .args(["--json", "--dedupe", "near"]),
+    );
+    assert_eq!(images.len(), 3);
+    let garden = by_source(&images, "Garden.jpg")["image_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    // A half-size, 10% brighter copy of Garden reuses its analysis at $0; an unrelated image
+    // is analysed.
+    let second = tempfile::tempdir().unwrap();
+    altered_copy(
+        &samples().join("photos/Garden.jpg"),
+        &second.path().join("garden-copy.jpg"),
+        0.5,
+        1.1,
+    );
+    std::fs::copy(
+        samples().join("samples/rocket.jpg"),
+        second.path().join("rocket.jpg"),
+    )
+    .unwrap();
+    let (images, summary) = run_json(
+        sightline(data.path())
+            .arg("run")
+            .arg(second.path())
+            .args(["--json", "--dedupe", "near"]),
+    );
+    assert_eq!(summary["done"], 2, "{summary}");
+    let copy = by_source(&images, "garden-copy.jpg");
+    assert_eq!(
+        copy["reused_from"].as_str(),
+        Some(garden.as_str()),
+        "{copy}"
+    );
+    assert!(by_source(&images, "rocket.jpg")["reused_from"].is_null());
+    let copy_id = copy["image_id"].as_str().unwrap().to_string();
+
+    let out = sightline(data.path())
+        .args(["costs", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = report["rows"].as_array().expect("rows");
+    let reused: u64 = rows
+        .iter()
+        .map(|r| r["reused_images"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(reused, 1, "{report}");
+
+    // `similar` by id: the copy is Garden's nearest; by file: Garden's photo finds both.
+    let out = sightline(data.path())
+        .args(["similar", &garden, "--top", "3", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let found: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(found["mode"], "vector");
+    assert_eq!(found["results"][0]["image_id"], copy_id.as_str(), "{found}");
+    assert_eq!(found["results"].as_array().unwrap().len(), 3);
+    let out = sightline(data.path())
+        .arg("similar")
+        .arg(samples().join("photos/Garden.jpg"))
+        .args(["--top", "2", "--json"])
+        .output()
+        .unwrap();
+    let found: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<&str> = found["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["image_id"].as_str().unwrap())
+        .collect();
+    assert!(
+        ids.contains(&garden.as_str()) && ids.contains(&copy_id.as_str()),
+        "{found}"
+    );
+
+    // Text search with the offline embedder is a keyword search over the analyses.
+    let out = sightline(data.path())
+        .args(["search", "image", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let found: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(found["mode"], "keyword");
+
+    // Deleting the copy removes it from the results; reindex has nothing missing.
+    let out = sightline(data.path())
+        .args(["delete", &copy_id])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = sightline(data.path())
+        .args(["similar", &garden, "--json"])
+        .output()
+        .unwrap();
+    let found: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(found["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|h| h["image_id"] != copy_id.as_str()));
+    let out = sightline(data.path())
+        .args(["reindex", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (report["indexed"].as_u64(), report["failed"].as_u64()),
+        (Some(0), Some(0))
+    );
+    assert_eq!(report["skipped"], 4);
+}

@@ -538,10 +538,15 @@ mod tests {
             (cost - (1000.0 * titan.per_image_usd + 2.0 * titan.per_1k_text_tokens_usd)).abs()
                 < 1e-12
         );
-        let local = table.embedding_model("sightline-visual-v1").unwrap();
+        let local = table
+            .embedding_model(crate::embed::LOCAL_EMBED_MODEL)
+            .unwrap();
         assert_eq!(local.cost_usd(1_000_000, 1_000_000), 0.0);
         assert!(!local.understands_text);
-        assert_eq!(local.default_dims(), 256);
+        assert_eq!(
+            local.default_dims() as usize,
+            crate::embed::LOCAL_EMBED_DIMS
+        );
         assert!(
             table.model("amazon.titan-embed-image-v1").is_err(),
             "not a vision model"

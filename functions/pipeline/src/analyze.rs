@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use sightline_core::budget::{self, BudgetCaps, Period, Periods};
 use sightline_core::limiter::{Denied, RateLimiter, Reservation};
 use sightline_core::model::{
-    idempotency_key, AnalysisJob, AnalysisResult, Detail, Estimate, ImageStatus, Lane,
+    idempotency_key, AnalysisJob, AnalysisResult, Detail, Estimate, ImageRecord, ImageStatus, Lane,
 };
 use sightline_core::pricing::PriceTable;
 use sightline_core::pricing::Usage;
@@ -30,6 +30,9 @@ pub enum AnalyzeOutcome {
     Done { model: String, cost_usd: f64 },
     /// Same bytes, model and prompt were analysed before: stored at $0.
     Cached,
+    /// A near-duplicate of an image analysed before (near-duplicate skip): its analysis was
+    /// reused at $0.
+    Reused { from: String },
     /// A batch-lane job, recorded for the next provider batch (or joined to the batch request
     /// of the same key): the batch lane answers it; delete the message.
     Batched,
@@ -187,6 +190,8 @@ pub struct Analyzer {
     pub metrics: Arc<dyn crate::metrics::Recorder>,
     /// Where batch-lane jobs are recorded; None: every job is analysed in real time.
     pub batches: Option<Arc<dyn BatchStore>>,
+    /// Vectors for done images and near-duplicate skip; None: neither.
+    pub search: Option<Arc<crate::search::Search>>,
 }
 
 impl Analyzer {
@@ -209,7 +214,15 @@ impl Analyzer {
             instance: uuid::Uuid::new_v4().simple().to_string(),
             metrics: crate::metrics::no_metrics(),
             batches: None,
+            search: None,
         }
+    }
+
+    /// Give done images their vectors, and let near-duplicates reuse analyses when the
+    /// settings ask for it.
+    pub fn with_search(mut self, search: Arc<crate::search::Search>) -> Analyzer {
+        self.search = Some(search);
+        self
     }
 
     /// Record batch-lane jobs in `store` for the batch lane to submit.
@@ -259,7 +272,111 @@ impl Analyzer {
         let outcome = self.give_up_if_last(&job, receive_count, outcome).await;
         self.keep_off_the_reconciler(&job, receive_count, &outcome)
             .await;
+        if matches!(
+            outcome,
+            AnalyzeOutcome::Done { .. } | AnalyzeOutcome::Cached | AnalyzeOutcome::Reused { .. }
+        ) {
+            self.index(&job).await;
+        }
         outcome
+    }
+
+    /// Give a done image its vectors. Never fails the analysis: an error is logged, and
+    /// `sightline reindex` embeds what is missing.
+    async fn index(&self, job: &AnalysisJob) {
+        let Some(search) = &self.search else { return };
+        let indexed = async {
+            let Some(record) = self.repo.get_image(&job.tenant, &job.image_id).await? else {
+                return Ok(());
+            };
+            let jpeg = self
+                .blobs
+                .get(&job.resized_key, self.settings.prepare.max_input_bytes)
+                .await?;
+            search.index_image(&record, &jpeg).await
+        };
+        let res: Result<(), crate::search::SearchError> = indexed.await;
+        if let Err(e) = res {
+            warn!(error = %e, image_id = %job.image_id, "could not index the image; `sightline reindex` will");
+        }
+    }
+
+    /// With near-duplicate skip on for the tenant: store the analysis of an image this one is
+    /// a near-copy of, at $0. None when there is none (or the skip is off).
+    async fn reuse_near_duplicate(
+        &self,
+        job: &AnalysisJob,
+        record: &ImageRecord,
+    ) -> Result<Option<AnalyzeOutcome>, StoreError> {
+        let Some(search) = &self.search else {
+            return Ok(None);
+        };
+        if self.settings.dedupe_for(&job.tenant) != crate::settings::Dedupe::Near {
+            return Ok(None);
+        }
+        let Some(model) = self.chain().into_iter().next() else {
+            return Ok(None);
+        };
+        let jpeg = match self.fetch_verified(job).await {
+            Ok(j) => j,
+            Err(Fetched::Store(e)) => return Err(e),
+            // The analysis path reports the mismatch.
+            Err(Fetched::Mismatch(_)) => return Ok(None),
+        };
+        let near = match search
+            .near_duplicate(&job.tenant, &job.image_id, &jpeg, &model)
+            .await
+        {
+            Ok(Some(n)) => n,
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                warn!(error = %e, image_id = %job.image_id, "near-duplicate lookup failed; analysing");
+                return Ok(None);
+            }
+        };
+        let detail = job
+            .detail
+            .unwrap_or_else(|| self.settings.detail_for(&job.tenant, record.detail));
+        let answer = self.settings.answer_params_for(&model, detail);
+        let key = idempotency_key(
+            self.settings.cache_scope(&job.tenant),
+            &job.sha256,
+            &model,
+            &answer,
+        );
+        let spared = if self.provider.is_paid() {
+            record.estimate.as_ref().map(|e| e.cost_usd).unwrap_or(0.0)
+        } else {
+            0.0
+        };
+        let result = AnalysisResult {
+            usage: Default::default(),
+            cost_usd: 0.0,
+            cached: false,
+            calls: 0,
+            usage_estimated: false,
+            cost_at_estimate_usd: 0.0,
+            lane: Lane::Realtime,
+            batch_id: None,
+            saved_usd: spared,
+            reused_from: Some(near.image_id.clone()),
+            idempotency_key: key,
+            completed_at: rfc3339(self.clock.now_ms()),
+            ..near.result
+        };
+        info!(image_id = %job.image_id, reused_from = %near.image_id, distance = near.distance, "near-duplicate: analysis reused");
+        Ok(Some(
+            match self
+                .repo
+                .complete(&job.tenant, &job.image_id, &result, 0.0)
+                .await?
+            {
+                Completion::Stored => AnalyzeOutcome::Reused {
+                    from: near.image_id,
+                },
+                Completion::AlreadyDone => AnalyzeOutcome::AlreadyDone,
+            },
+        ))
     }
 
     /// A job that goes back to the queue is alive: move its image's recheck past the retry, so
@@ -359,6 +476,9 @@ impl Analyzer {
             );
             warn!(image_id = %job.image_id, "{reason}; deleting the job");
             return Ok(AnalyzeOutcome::Stale(reason));
+        }
+        if let Some(outcome) = self.reuse_near_duplicate(job, &record).await? {
+            return Ok(outcome);
         }
         if job.lane == Some(Lane::Batch) {
             match &self.batches {

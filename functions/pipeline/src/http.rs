@@ -30,7 +30,11 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/uploads"),
     ("GET", "/v1/images"),
     ("GET", "/v1/images/{id}"),
+    ("DELETE", "/v1/images/{id}"),
     ("POST", "/v1/images/{id}/analyze"),
+    ("GET", "/v1/images/{id}/similar"),
+    ("GET", "/v1/search"),
+    ("POST", "/v1/search"),
     ("GET", "/v1/costs"),
     ("GET", "/v1/batches"),
     ("PUT", "/v1/tenants/{tenant}/budget"),
@@ -45,6 +49,10 @@ pub struct ApiState {
     pub clock: Arc<dyn Clock>,
     /// The batch lane's records (`GET /v1/batches`); None: the list is empty.
     pub batches: Option<Arc<dyn crate::ports::BatchStore>>,
+    /// Similarity and text search; None: those routes answer 503.
+    pub search: Option<Arc<crate::search::Search>>,
+    /// Where originals and resized images live (deleting an image deletes them).
+    pub blobs: Arc<dyn crate::ports::BlobStore>,
 }
 
 /// The API with a JSON 404 for anything else (the api Lambda).
@@ -58,8 +66,10 @@ pub fn routes(state: ApiState) -> Router {
         .route("/v1/health", get(health))
         .route("/v1/uploads", post(create_upload))
         .route("/v1/images", get(list_images))
-        .route("/v1/images/{id}", get(get_image))
+        .route("/v1/images/{id}", get(get_image).delete(delete_image))
         .route("/v1/images/{id}/analyze", post(reanalyze))
+        .route("/v1/images/{id}/similar", get(similar))
+        .route("/v1/search", get(search_text).post(search_image))
         .route("/v1/costs", get(costs))
         .route("/v1/batches", get(list_batches))
         .route(
@@ -345,6 +355,173 @@ async fn get_image(
         .await?
         .map(Json)
         .ok_or_else(ApiError::not_found)
+}
+
+/// `DELETE /v1/images/{id}`: the record, its original and resized images and its vectors go;
+/// the ledger keeps what was paid. Deleting twice answers 404 the second time.
+async fn delete_image(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<StatusCode, ApiError> {
+    let tenant = tenant(&state, &headers).await?;
+    let id = path_param(id)?;
+    if !valid_id(&id) {
+        return Err(ApiError::not_found());
+    }
+    let record = state
+        .repo
+        .get_image(&tenant, &id)
+        .await?
+        .ok_or_else(ApiError::not_found)?;
+    crate::search::delete_image(
+        state.repo.as_ref(),
+        state.blobs.as_ref(),
+        state.search.as_deref(),
+        &record,
+    )
+    .await
+    .map_err(search_error)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn search_error(e: crate::search::SearchError) -> ApiError {
+    use crate::search::SearchError as E;
+    match e {
+        E::NoImage(_) => ApiError::not_found(),
+        E::NoVector(m) => ApiError::new(
+            StatusCode::CONFLICT,
+            "no_vector",
+            format!("image {m} has no vector yet: it is not analysed, or it was analysed before the embedder was set (`sightline reindex`)"),
+        ),
+        E::Off => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "search_off",
+            "similarity search is off here (embedder = off)",
+        ),
+        E::BadRequest(m) => ApiError::bad_request(m),
+        E::Provider(p) => {
+            error!(error = %p, "embedding provider");
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "provider",
+                format!("the embedding provider failed: {}", p.message),
+            )
+        }
+        E::Store(s) => s.into(),
+    }
+}
+
+fn search_of(state: &ApiState) -> Result<&crate::search::Search, ApiError> {
+    state
+        .search
+        .as_deref()
+        .ok_or_else(|| search_error(crate::search::SearchError::Off))
+}
+
+/// `top` from a query string: 1..=100, default 10; other keys are refused.
+fn top_param(q: &BTreeMap<String, String>, allowed: &[&str]) -> Result<usize, ApiError> {
+    for k in q.keys() {
+        if k != "top" && !allowed.contains(&k.as_str()) {
+            return Err(ApiError::bad_request(format!(
+                "unknown query parameter {k:?}"
+            )));
+        }
+    }
+    match q.get("top") {
+        None => Ok(10),
+        Some(t) => t
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=crate::ports::MAX_TOP_K).contains(n))
+            .ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "top must be an integer from 1 to {}",
+                    crate::ports::MAX_TOP_K
+                ))
+            }),
+    }
+}
+
+/// `GET /v1/images/{id}/similar?top=`: the tenant's images nearest to this one.
+async fn similar(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    id: Result<Path<String>, PathRejection>,
+    q: Result<Query<BTreeMap<String, String>>, QueryRejection>,
+) -> Result<Json<crate::search::SearchResults>, ApiError> {
+    let tenant = tenant(&state, &headers).await?;
+    let id = path_param(id)?;
+    let q = query(q)?;
+    if !valid_id(&id) {
+        return Err(ApiError::not_found());
+    }
+    let top = top_param(&q, &[])?;
+    let found = search_of(&state)?
+        .similar(&tenant, &id, top)
+        .await
+        .map_err(search_error)?;
+    Ok(Json(found))
+}
+
+/// `GET /v1/search?q=&top=`: a text query (vector or keyword mode, said in the answer).
+async fn search_text(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    q: Result<Query<BTreeMap<String, String>>, QueryRejection>,
+) -> Result<Json<crate::search::SearchResults>, ApiError> {
+    let tenant = tenant(&state, &headers).await?;
+    let q = query(q)?;
+    let top = top_param(&q, &["q"])?;
+    let text = q
+        .get("q")
+        .ok_or_else(|| ApiError::bad_request("q is required"))?;
+    let found = search_of(&state)?
+        .text(&tenant, text, top)
+        .await
+        .map_err(search_error)?;
+    Ok(Json(found))
+}
+
+/// `POST /v1/search?top=` with an image as the body: the tenant's images nearest to it.
+async fn search_image(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    q: Result<Query<BTreeMap<String, String>>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<crate::search::SearchResults>, ApiError> {
+    let tenant = tenant(&state, &headers).await?;
+    let q = query(q)?;
+    let top = top_param(&q, &[])?;
+    let body = body.map_err(|e| {
+        ApiError::new(
+            e.status(),
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                "too_large"
+            } else {
+                "bad_request"
+            },
+            e.body_text(),
+        )
+    })?;
+    if body.is_empty() {
+        return Err(ApiError::bad_request(
+            "send the query image as the request body",
+        ));
+    }
+    let max = state.settings.prepare.max_input_bytes;
+    if body.len() as u64 > max {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("the image is over the {max}-byte limit"),
+        ));
+    }
+    let found = search_of(&state)?
+        .similar_to_image(&tenant, &body, top)
+        .await
+        .map_err(search_error)?;
+    Ok(Json(found))
 }
 
 /// `POST /v1/images/{id}/analyze`: analyse a failed image again, on the lane asked for.

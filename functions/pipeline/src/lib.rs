@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod ports;
 pub mod providers;
 pub mod reconcile;
+pub mod search;
 pub mod settings;
 pub mod worker;
 

@@ -339,6 +339,9 @@ pub trait Repository: Send + Sync {
     /// Delete a record that is still `pending` (an upload URL nobody used). False when the
     /// record is absent or no longer pending.
     async fn expire_pending(&self, tenant: &str, image_id: &str) -> StoreResult<bool>;
+    /// Delete an image's record, whatever its state (the ledger and the idempotency cache keep
+    /// theirs). False when there was none.
+    async fn delete_image(&self, tenant: &str, image_id: &str) -> StoreResult<bool>;
 
     /// Take the in-flight claim for `key` (lease), or learn it is cached or busy.
     async fn claim(

@@ -70,6 +70,84 @@ impl ProviderKind {
     }
 }
 
+/// Which embedder gives done images their vector (similarity and text search).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmbedderKind {
+    /// No vectors: `similar` and vector search are off (keyword search still works).
+    Off,
+    /// The offline visual embedding ($0): near-duplicates and look-alikes, no words.
+    Local,
+    /// An OpenAI-compatible multimodal `/v1/embeddings` (a CLIP-serving gateway).
+    OpenAi,
+    /// Amazon Bedrock (Titan Multimodal Embeddings, Nova Multimodal Embeddings).
+    Bedrock,
+}
+
+impl EmbedderKind {
+    pub const ALL: [EmbedderKind; 4] = [
+        EmbedderKind::Off,
+        EmbedderKind::Local,
+        EmbedderKind::OpenAi,
+        EmbedderKind::Bedrock,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EmbedderKind::Off => "off",
+            EmbedderKind::Local => "local",
+            EmbedderKind::OpenAi => "openai",
+            EmbedderKind::Bedrock => "bedrock",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<EmbedderKind> {
+        let value = value.trim();
+        EmbedderKind::ALL
+            .into_iter()
+            .find(|k| k.as_str().eq_ignore_ascii_case(value))
+    }
+
+    /// The model used when none is set.
+    pub fn default_model(self) -> Option<&'static str> {
+        match self {
+            EmbedderKind::Off => None,
+            EmbedderKind::Local => Some(sightline_core::embed::LOCAL_EMBED_MODEL),
+            EmbedderKind::OpenAi => Some("clip-vit-b-32"),
+            EmbedderKind::Bedrock => Some("amazon.titan-embed-image-v1"),
+        }
+    }
+}
+
+/// Whether an image that looks like one analysed before reuses its analysis.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dedupe {
+    /// Every image with new bytes is analysed (identical bytes are cached anyway).
+    #[default]
+    Off,
+    /// A near-duplicate (resized, recompressed, slightly cropped, brightened or mirrored copy)
+    /// of an image analysed with the same model and prompt version reuses its analysis at $0.
+    Near,
+}
+
+impl Dedupe {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dedupe::Off => "off",
+            Dedupe::Near => "near",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<Dedupe> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "off" | "none" => Some(Dedupe::Off),
+            "near" => Some(Dedupe::Near),
+            _ => None,
+        }
+    }
+}
+
 /// Where the settings are used: the runtime picks the defaults that differ.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Runtime {
@@ -103,6 +181,12 @@ pub enum SettingsError {
     ResizeBudget(u64),
     #[error("quality must be 1..=100 (got {0})")]
     Quality(u8),
+    #[error("embedding model {model} returns {allowed:?} dimensions, not {dims}")]
+    EmbeddingDims {
+        model: String,
+        dims: u32,
+        allowed: Vec<u32>,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -187,6 +271,18 @@ pub struct Settings {
     /// How often open batches are polled and pending requests looked at (local; on AWS the
     /// schedule of the batch function).
     pub batch_poll_every: Duration,
+    /// Which embedder gives done images their vector.
+    pub embedder: EmbedderKind,
+    /// The embedding model (None: the embedder's default, [`EmbedderKind::default_model`]).
+    pub embedding_model: Option<String>,
+    /// The vector size asked for (None: the model's default dimension).
+    pub embedding_dims: Option<u32>,
+    /// Base URL of the OpenAI-compatible embeddings API (None: `openai_base_url`).
+    pub embedding_base_url: Option<String>,
+    /// Near-duplicate skip for tenants without their own choice.
+    pub dedupe: Dedupe,
+    /// Near-duplicate skip per tenant (over `dedupe`).
+    pub tenant_dedupe: BTreeMap<String, Dedupe>,
     /// Local: concurrent analysis workers of one process.
     pub workers: usize,
     /// Local: the data directory (SQLite database and blobs).
@@ -252,6 +348,12 @@ impl Settings {
             batch_max_bytes: 100 << 20,
             batch_attempts: 3,
             batch_poll_every: Duration::from_secs(30),
+            embedder: EmbedderKind::Local,
+            embedding_model: None,
+            embedding_dims: None,
+            embedding_base_url: None,
+            dedupe: Dedupe::Off,
+            tenant_dedupe: BTreeMap::new(),
             workers: 4,
             data_dir: PathBuf::from(".sightline"),
         }
@@ -279,7 +381,43 @@ impl Settings {
         if self.resize_memory_budget < 64 << 20 {
             return Err(SettingsError::ResizeBudget(self.resize_memory_budget >> 20));
         }
+        if let Some((model, dims)) = self.embedding()? {
+            let m = table.embedding_model(&model)?;
+            if !m.dims.contains(&dims) {
+                return Err(SettingsError::EmbeddingDims {
+                    model,
+                    dims,
+                    allowed: m.dims.clone(),
+                });
+            }
+        }
         Ok(())
+    }
+
+    /// The embedding model and dimension in use; None when the embedder is off.
+    pub fn embedding(&self) -> Result<Option<(String, u32)>, SettingsError> {
+        let Some(default) = self.embedder.default_model() else {
+            return Ok(None);
+        };
+        let model = self
+            .embedding_model
+            .clone()
+            .unwrap_or_else(|| default.to_string());
+        let dims = match self.embedding_dims {
+            Some(d) => d,
+            None => PriceTable::builtin()
+                .embedding_model(&model)?
+                .default_dims(),
+        };
+        Ok(Some((model, dims)))
+    }
+
+    /// Whether near-duplicates of `tenant`'s analysed images reuse their analysis.
+    pub fn dedupe_for(&self, tenant: &str) -> Dedupe {
+        self.tenant_dedupe
+            .get(tenant)
+            .copied()
+            .unwrap_or(self.dedupe)
     }
 
     /// Whose answers the idempotency cache may reuse for an image of `tenant`.
@@ -508,6 +646,20 @@ fn tenant_details(v: &str) -> Result<BTreeMap<String, Detail>, &'static str> {
             return Err(EXPECTED);
         }
         map.insert(tenant.to_string(), Detail::parse(d).ok_or(EXPECTED)?);
+    }
+    Ok(map)
+}
+
+fn tenant_dedupes(v: &str) -> Result<BTreeMap<String, Dedupe>, &'static str> {
+    const EXPECTED: &str = "tenant=off|near pairs, comma-separated (acme=near,beta=off)";
+    let mut map = BTreeMap::new();
+    for pair in list(v) {
+        let (tenant, d) = pair.split_once('=').ok_or(EXPECTED)?;
+        let tenant = tenant.trim();
+        if tenant.is_empty() {
+            return Err(EXPECTED);
+        }
+        map.insert(tenant.to_string(), Dedupe::parse(d).ok_or(EXPECTED)?);
     }
     Ok(map)
 }
@@ -1024,6 +1176,96 @@ pub const SETTINGS: &[SettingDef] = &[
             Ok(())
         },
         show: |s| show_secs(s.batch_poll_every),
+    },
+    SettingDef {
+        key: "embedder",
+        env: "SIGHTLINE_EMBEDDER",
+        flag: true,
+        applies: Applies::Everywhere,
+        help: "who gives each analysed image its vector for `similar` and search: `local` (offline visual embedding, $0, no words), `openai` (an OpenAI-compatible multimodal `/v1/embeddings`), `bedrock` (Titan or Nova Multimodal Embeddings) or `off`",
+        apply: |s, v| {
+            s.embedder = EmbedderKind::parse(v).ok_or("local, openai, bedrock or off")?;
+            Ok(())
+        },
+        show: |s| s.embedder.as_str().into(),
+    },
+    SettingDef {
+        key: "embedding_model",
+        env: "SIGHTLINE_EMBEDDING_MODEL",
+        flag: false,
+        applies: Applies::Everywhere,
+        help: "embedding model (`sightline models` lists them); unset: `sightline-visual-v1`, `clip-vit-b-32` or `amazon.titan-embed-image-v1` by embedder",
+        apply: |s, v| {
+            s.embedding_model = Some(v.trim().to_string()).filter(|m| !m.is_empty());
+            Ok(())
+        },
+        show: |s| {
+            s.embedding_model
+                .clone()
+                .unwrap_or_else(|| "(by embedder)".into())
+        },
+    },
+    SettingDef {
+        key: "embedding_dims",
+        env: "SIGHTLINE_EMBEDDING_DIMS",
+        flag: false,
+        applies: Applies::Everywhere,
+        help: "vector size asked of the embedding model (one it offers); unset: its default",
+        apply: |s, v| {
+            s.embedding_dims = Some(num::<u32>(v)?);
+            Ok(())
+        },
+        show: |s| {
+            s.embedding_dims
+                .map(|d| d.to_string())
+                .unwrap_or_else(|| "(model's default)".into())
+        },
+    },
+    SettingDef {
+        key: "embedding_base_url",
+        env: "SIGHTLINE_EMBEDDING_BASE_URL",
+        flag: false,
+        applies: Applies::Everywhere,
+        help: "base URL of the OpenAI-compatible embeddings API; unset: `openai_base_url`",
+        apply: |s, v| {
+            s.embedding_base_url = Some(http_url(v)?);
+            Ok(())
+        },
+        show: |s| {
+            s.embedding_base_url
+                .clone()
+                .unwrap_or_else(|| "(openai_base_url)".into())
+        },
+    },
+    SettingDef {
+        key: "dedupe",
+        env: "SIGHTLINE_DEDUPE",
+        flag: true,
+        applies: Applies::Everywhere,
+        help: "`near`: an image that is a near-duplicate (resized, recompressed, cropped, brightened or mirrored copy) of one analysed with the same model and prompt version reuses its analysis at $0; `off`: every new image is analysed",
+        apply: |s, v| {
+            s.dedupe = Dedupe::parse(v).ok_or("off or near")?;
+            Ok(())
+        },
+        show: |s| s.dedupe.as_str().into(),
+    },
+    SettingDef {
+        key: "tenant_dedupe",
+        env: "SIGHTLINE_TENANT_DEDUPE",
+        flag: false,
+        applies: Applies::Everywhere,
+        help: "near-duplicate skip per tenant, `acme=near,beta=off` (a table in the file)",
+        apply: |s, v| {
+            s.tenant_dedupe = tenant_dedupes(v)?;
+            Ok(())
+        },
+        show: |s| {
+            s.tenant_dedupe
+                .iter()
+                .map(|(t, d)| format!("{t}={}", d.as_str()))
+                .collect::<Vec<_>>()
+                .join(",")
+        },
     },
     SettingDef {
         key: "resize_memory_mb",

@@ -781,6 +781,22 @@ impl Repository for DynamoRepository {
         }
     }
 
+    async fn delete_image(&self, tenant: &str, image_id: &str) -> StoreResult<bool> {
+        let res = self
+            .client
+            .delete_item()
+            .table_name(&self.table)
+            .set_key(Some(Self::key(image_pk(tenant, image_id), "IMAGE")))
+            .condition_expression("attribute_exists(pk)")
+            .send()
+            .await;
+        match res {
+            Ok(_) => Ok(true),
+            Err(e) if is_conditional_failure(&e) => Ok(false),
+            Err(e) => Err(sdk_err("dynamodb DeleteItem image", e)),
+        }
+    }
+
     async fn claim(
         &self,
         key: &str,

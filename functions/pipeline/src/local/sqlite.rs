@@ -829,6 +829,20 @@ impl Repository for SqliteRepository {
             .await
     }
 
+    async fn delete_image(&self, tenant: &str, image_id: &str) -> StoreResult<bool> {
+        let (t, i) = (tenant.to_string(), image_id.to_string());
+        self.db
+            .with(move |c| {
+                c.execute(
+                    "DELETE FROM images WHERE tenant = ?1 AND image_id = ?2",
+                    params![t, i],
+                )
+                .map(|n| n == 1)
+                .map_err(db_err)
+            })
+            .await
+    }
+
     async fn claim(
         &self,
         key: &str,

@@ -268,7 +268,7 @@ fn millis(d: Duration) -> f64 {
 pub fn observe_analyze(rec: &dyn Recorder, outcome: &AnalyzeOutcome, elapsed: Duration) {
     let processed = matches!(
         outcome,
-        AnalyzeOutcome::Done { .. } | AnalyzeOutcome::Cached
+        AnalyzeOutcome::Done { .. } | AnalyzeOutcome::Cached | AnalyzeOutcome::Reused { .. }
     );
     rec.record(Metric::ImagesProcessed, None, count(processed));
     rec.record(

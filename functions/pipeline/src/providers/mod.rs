@@ -5,6 +5,7 @@ pub mod anthropic;
 pub mod anthropic_batch;
 mod http;
 pub mod local;
+pub mod local_embed;
 pub mod openai;
 pub mod openai_batch;
 pub mod select;

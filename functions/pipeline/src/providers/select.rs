@@ -7,10 +7,11 @@ use sightline_core::pricing::PriceTable;
 use super::anthropic::AnthropicProvider;
 use super::anthropic_batch::AnthropicBatchProvider;
 use super::local::LocalAnalyzer;
+use super::local_embed::LocalEmbedder;
 use super::openai::OpenAiProvider;
 use super::openai_batch::OpenAiBatchProvider;
-use crate::ports::{BatchProvider, VisionProvider};
-use crate::settings::{ProviderKind, Settings};
+use crate::ports::{BatchProvider, Embedder, VisionProvider};
+use crate::settings::{EmbedderKind, ProviderKind, Settings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderSetupError {
@@ -26,6 +27,8 @@ pub enum ProviderSetupError {
     },
     #[error("building the HTTP client for {base_url}: {reason}")]
     Client { base_url: String, reason: String },
+    #[error("embedder: {0}")]
+    Embedding(String),
 }
 
 /// The variable that holds a paid provider's key, locally and on Lambda.
@@ -204,6 +207,30 @@ pub fn build_batch_provider(
             .map_err(|e| client_err(&settings.anthropic_base_url, e))?,
         )),
     })
+}
+
+/// The embedder the settings ask for (None when it is off).
+pub fn build_embedder(
+    settings: &Settings,
+    keys: &ProviderKeys,
+) -> Result<Option<Arc<dyn Embedder>>, ProviderSetupError> {
+    let _ = keys;
+    let embedding = settings
+        .embedding()
+        .map_err(|e| ProviderSetupError::Embedding(e.to_string()))?;
+    let Some((_model, _dims)) = embedding else {
+        return Ok(None);
+    };
+    Ok(Some(match settings.embedder {
+        EmbedderKind::Off => return Ok(None),
+        EmbedderKind::Local => Arc::new(LocalEmbedder),
+        other => {
+            return Err(ProviderSetupError::Embedding(format!(
+                "embedder {} is not available in this build",
+                other.as_str()
+            )))
+        }
+    }))
 }
 
 #[cfg(test)]
