@@ -321,7 +321,7 @@ def create_index(self: S3VectorsResponse) -> ActionResult:
     metric = self._get_param("distanceMetric")
     config = self._get_param("metadataConfiguration") or {}
 
-    if not isinstance(name, str) or not INDEX_NAME.match(name) or ".." in name:
+    if not isinstance(name, str) or not INDEX_NAME.match(name):
         raise ValidationError(
             "Invalid index name: 3-63 lowercase letters, numbers, hyphens and dots, "
             "starting and ending with a letter or number"
