@@ -61,7 +61,7 @@ async fn aws_adapter_contract() {
 
 /// What the contract does not reach but S3 Vectors imposes, on an emulator that refuses what
 /// AWS refuses: more than 500 vectors in one PutVectors call, filterable metadata over 2 KB,
-/// keys that could mix tenants.
+/// an index deleted under the store, keys that could mix tenants.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_vector_store_limits() {
     let emu = Emulator::start().await.expect("emulator");
@@ -71,7 +71,7 @@ async fn s3_vector_store_limits() {
     aws_setup::create_vector_bucket(&s3vectors, &bucket)
         .await
         .unwrap();
-    let store = S3VectorStore::new(s3vectors, &bucket);
+    let store = S3VectorStore::new(s3vectors.clone(), &bucket);
     let dims = 16;
     let index = VectorIndex::new("limits-model", dims as u32);
     store.ensure_index(&index).await.unwrap();
@@ -126,6 +126,28 @@ async fn s3_vector_store_limits() {
         .unwrap();
     assert_eq!(hits.len(), 1);
     assert_eq!(hits[0].image_id, "tagged");
+
+    // An index deleted behind the store's back (it remembers the indexes it ensured): the write
+    // fails as transient, and the retry's ensure_index creates the index again.
+    s3vectors
+        .delete_index()
+        .vector_bucket_name(&bucket)
+        .index_name(index.name())
+        .send()
+        .await
+        .unwrap();
+    let one = [record("again".into(), 1, vec![])];
+    match store.put_vectors(&index, &one).await {
+        Err(StoreError::Transient(_)) => {}
+        other => panic!("expected Transient, got {other:?}"),
+    }
+    store.ensure_index(&index).await.unwrap();
+    store.put_vectors(&index, &one).await.unwrap();
+    assert!(store
+        .get_vector(&index, &tenant, "again")
+        .await
+        .unwrap()
+        .is_some());
 
     // A tenant with '/' could share keys with another tenant: refused before any call.
     let mut bad = record("x".into(), 0, vec![]);

@@ -88,6 +88,12 @@ impl S3VectorStore {
         }
     }
 
+    fn forget(&self, index: &str) {
+        if let Ok(mut s) = self.known_indexes.lock() {
+            s.remove(index);
+        }
+    }
+
     /// Every index of the bucket, by name.
     async fn index_names(&self) -> StoreResult<Vec<String>> {
         let mut names = Vec::new();
@@ -321,14 +327,30 @@ impl VectorStore for S3VectorStore {
         let name = index.name();
         let vectors: Vec<PutInputVector> = by_key.into_values().collect();
         for batch in vectors.chunks(put_batch_size(index.dims)) {
-            self.client
+            match self
+                .client
                 .put_vectors()
                 .vector_bucket_name(&self.bucket)
                 .index_name(&name)
                 .set_vectors(Some(batch.to_vec()))
                 .send()
                 .await
-                .map_err(|e| sdk_err("s3vectors PutVectors", e))?;
+            {
+                Ok(_) => {}
+                // The index was deleted since it was ensured (cached): forget it, so the retry's
+                // ensure_index creates it again.
+                Err(e)
+                    if e.as_service_error()
+                        .is_some_and(|s| s.is_not_found_exception()) =>
+                {
+                    self.forget(&name);
+                    return Err(StoreError::Transient(format!(
+                        "s3vectors PutVectors: index {name} of vector bucket {} not found",
+                        self.bucket
+                    )));
+                }
+                Err(e) => return Err(sdk_err("s3vectors PutVectors", e)),
+            }
         }
         Ok(())
     }
