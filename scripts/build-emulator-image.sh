@@ -9,9 +9,10 @@
 #   2. wheels      pip download -r tests/emulator/requirements.txt on the host
 #        (CPython 3.11 / manylinux x86_64, binary only), cached in $CACHE
 #   3. image       docker build --network=host tests/emulator/Dockerfile
-#        tagged sightline/moto-emulator:5, labelled with a hash of
-#        Dockerfile + requirements.txt; skipped when a tag with the same
-#        hash already exists.
+#        tagged sightline/moto-emulator:5 (SIGHTLINE_EMULATOR_BUILD_TAG),
+#        labelled with a hash of the context's sources (Dockerfile,
+#        requirements.txt, the S3 Vectors QueryVectors patch and its test) and
+#        this script; skipped when a tag with the same hash already exists.
 #
 # Prints the image tag on stdout (last line); progress goes to stderr.
 # Env: SIGHTLINE_EMULATOR_CACHE (default: <cargo target dir>/emulator-cache),
@@ -36,7 +37,10 @@ docker info >/dev/null 2>&1 || die "Docker is not available. Run scripts/docker-
 # docker clients otherwise require buildx for `docker build`).
 export DOCKER_BUILDKIT=0
 
-HASH=$(cat "$CTX_SRC/Dockerfile" "$CTX_SRC/requirements.txt" "$0" | sha256sum | cut -c1-16)
+# Every file the image is built from (the build context's sources, this script): a change to
+# any of them, e.g. the S3 Vectors QueryVectors patch, must rebuild the image.
+CTX_FILES=(Dockerfile requirements.txt s3vectors_query.py test_s3vectors_query.py)
+HASH=$(cat "${CTX_FILES[@]/#/$CTX_SRC/}" "$0" | sha256sum | cut -c1-16)
 
 if [ "${FORCE_REBUILD:-0}" != 1 ] &&
    [ "$(docker image inspect -f '{{ index .Config.Labels "sightline.emulator.hash" }}' "$IMAGE" 2>/dev/null || true)" = "$HASH" ]; then
@@ -116,7 +120,7 @@ fi
 CTX="$CACHE/context"
 rm -rf "$CTX"
 mkdir -p "$CTX/wheels"
-cp "$CTX_SRC/Dockerfile" "$CTX_SRC/requirements.txt" "$CTX/"
+(cd "$CTX_SRC" && cp "${CTX_FILES[@]}" "$CTX/")
 cp "$WHEELS"/*.whl "$CTX/wheels/"
 
 say "docker build -> $IMAGE"

@@ -3,7 +3,8 @@
 //! cfn-lint (scripts/infra-check.sh) checks that the template is valid CloudFormation; these tests
 //! check the decisions that keep the pipeline safe and cheap: queue timing and redrive, partial
 //! batch responses, the S3 trigger prefix, least-privilege IAM, encryption, the table design of
-//! docs/aws.md and that the provider key never sits in an environment variable.
+//! docs/aws.md, the S3 Vectors bucket and index, and that the provider key never sits in an
+//! environment variable.
 
 mod common;
 
@@ -20,6 +21,7 @@ const DATA_PLANE: &[&str] = &[
     "ssm:",
     "kms:",
     "secretsmanager:",
+    "s3vectors:",
 ];
 
 struct Template {
@@ -1594,4 +1596,114 @@ fn dashboard_shows_every_emitted_metric_and_the_queues_and_errors() {
         alarms.contains(&"DeadLetterQueueAlarm.Arn".to_string()),
         "{alarms:?}"
     );
+}
+
+/// The vector bucket and the default model's index: encrypted, float32 and cosine (the port's
+/// distance), named as the code names the index; its name reaches exactly the functions that
+/// use vectors, whose roles act on this bucket's indexes only, each what it needs.
+#[test]
+fn vector_bucket_and_index_with_least_privilege() {
+    let t = Template::load();
+    let buckets = t.of_type("AWS::S3Vectors::VectorBucket");
+    assert_eq!(buckets.len(), 1, "one vector bucket");
+    let (bucket_id, bucket) = buckets[0];
+    let bp = &bucket["Properties"];
+    assert_eq!(bp["EncryptionConfiguration"]["SseType"], "AES256");
+    let indexes = t.of_type("AWS::S3Vectors::Index");
+    assert_eq!(indexes.len(), 1, "the default model's index");
+    let ip = &indexes[0].1["Properties"];
+    assert_eq!(references(&ip["VectorBucketArn"]), vec![bucket_id]);
+    assert_eq!(ip["DataType"], "float32");
+    assert_eq!(ip["DistanceMetric"], "cosine");
+    assert!(
+        ip["MetadataConfiguration"].is_null(),
+        "every metadata key is filterable (tenant and tags are filtered on)"
+    );
+    assert_eq!(references(&ip["Dimension"]), vec!["EmbeddingDimension"]);
+    let dims = t.number(&ip["Dimension"]);
+    assert!((1.0..=4096.0).contains(&dims));
+
+    // The template's index name is the one the code derives (VectorIndex::name), for the
+    // defaults and for any model name the parameter's pattern admits at its longest.
+    let model = &t.parameter("EmbeddingModel")["Default"];
+    let name = render(&ip["IndexName"])
+        .replace("${EmbeddingModel}", model.as_str().expect("model"))
+        .replace("${EmbeddingDimension}", &(dims as u32).to_string());
+    assert_eq!(
+        name,
+        sightline_pipeline::ports::VectorIndex::new(model.as_str().expect("model"), dims as u32)
+            .name()
+    );
+    let pattern = t.parameter("EmbeddingModel")["AllowedPattern"]
+        .as_str()
+        .expect("pattern");
+    assert_eq!(
+        pattern, "^[a-z0-9][a-z0-9.-]{0,40}$",
+        "the case checked below"
+    );
+    let longest = format!("m{}", "a.-".repeat(14).chars().take(40).collect::<String>());
+    assert_eq!(
+        sightline_pipeline::ports::VectorIndex::new(longest.as_str(), 4096).name(),
+        format!("{longest}-4096")
+    );
+
+    // The functions that use vectors get the bucket's name; the others neither it nor rights.
+    for binary in ALL {
+        let (id, f) = t.function(binary);
+        let env = t.env(f);
+        let grants: Vec<(Vec<String>, Vec<String>, Value)> = t
+            .role_grants(f)
+            .into_iter()
+            .filter(|(a, _, _)| a.iter().any(|a| a.starts_with("s3vectors:")))
+            .collect();
+        if binary != ANALYZE && binary != API {
+            assert!(!env.contains_key("SIGHTLINE_VECTOR_BUCKET"), "{id}");
+            assert!(grants.is_empty(), "{id}: {grants:?}");
+            continue;
+        }
+        assert_eq!(
+            env["SIGHTLINE_VECTOR_BUCKET"], bp["VectorBucketName"],
+            "{id}: the vector bucket's own name"
+        );
+        for (actions, resources, _) in &grants {
+            assert!(
+                actions.iter().all(|a| a.starts_with("s3vectors:")),
+                "{id}: {actions:?}"
+            );
+            for r in resources {
+                let on_bucket = r == &format!("${{{bucket_id}.VectorBucketArn}}");
+                let on_indexes = r == &format!("${{{bucket_id}.VectorBucketArn}}/index/*");
+                assert!(on_bucket || on_indexes, "{id}: s3vectors on {r}");
+                // Listing indexes is a bucket action; everything else acts on an index.
+                for a in actions {
+                    assert_eq!(a == "s3vectors:ListIndexes", on_bucket, "{id}: {a} on {r}");
+                }
+            }
+        }
+        let actions: BTreeSet<&str> = grants
+            .iter()
+            .flat_map(|(a, _, _)| a.iter().map(String::as_str))
+            .collect();
+        let expected: BTreeSet<&str> = if binary == ANALYZE {
+            [
+                "s3vectors:ListIndexes",
+                "s3vectors:CreateIndex",
+                "s3vectors:GetIndex",
+                "s3vectors:PutVectors",
+                "s3vectors:GetVectors",
+                "s3vectors:DeleteVectors",
+            ]
+            .into()
+        } else {
+            [
+                "s3vectors:ListIndexes",
+                "s3vectors:QueryVectors",
+                "s3vectors:GetVectors",
+                "s3vectors:GetIndex",
+                "s3vectors:DeleteVectors",
+            ]
+            .into()
+        };
+        assert_eq!(actions, expected, "{id}");
+    }
 }

@@ -1,5 +1,6 @@
 //! Create the AWS resources of docs/aws.md on the emulator: the single table (with its GSIs,
-//! TTL and point-in-time recovery), the bucket, queues with a DLQ, the S3 → SQS notification.
+//! TTL and point-in-time recovery), the bucket, queues with a DLQ, the S3 → SQS notification,
+//! the S3 vector bucket (its indexes are created by the vector store).
 
 use std::time::Duration;
 
@@ -93,6 +94,20 @@ pub async fn create_bucket(s3: &aws_sdk_s3::Client, name: &str) -> Result<()> {
         .send()
         .await
         .context("CreateBucket")?;
+    Ok(())
+}
+
+/// An S3 vector bucket (SSE-S3, as the template's); the store creates its indexes.
+pub async fn create_vector_bucket(
+    s3vectors: &sightline_pipeline::aws::aws_sdk_s3vectors::Client,
+    name: &str,
+) -> Result<()> {
+    s3vectors
+        .create_vector_bucket()
+        .vector_bucket_name(name)
+        .send()
+        .await
+        .context("CreateVectorBucket")?;
     Ok(())
 }
 

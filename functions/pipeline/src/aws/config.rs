@@ -6,6 +6,7 @@ use anyhow::{bail, Context};
 use aws_config::{BehaviorVersion, SdkConfig};
 use sightline_core::keys::{RESIZED_PREFIX, UPLOAD_PREFIX};
 
+use super::vectors::S3VectorStore;
 use crate::ports::{BatchProvider, VisionProvider};
 use crate::providers::select::{
     build_batch_provider, build_provider, key_param_variable, key_variable, paid_candidates,
@@ -24,11 +25,16 @@ pub struct AwsEnv {
     /// Analyze queue (required by resize and analyze, not by api).
     pub queue_url: Option<String>,
     pub table: String,
+    /// The S3 vector bucket of image embeddings (`SIGHTLINE_VECTOR_BUCKET`; analyze and api).
+    pub vector_bucket: Option<String>,
     pub openai_key_param: Option<String>,
     pub anthropic_key_param: Option<String>,
     /// `AWS_ENDPOINT_URL` (emulator): S3 then uses path-style addressing.
     pub endpoint_url: Option<String>,
 }
+
+/// The variable naming the S3 vector bucket of image embeddings.
+pub const VECTOR_BUCKET_VARIABLE: &str = "SIGHTLINE_VECTOR_BUCKET";
 
 /// Read an env var, treating empty as unset.
 fn var(get: &dyn Fn(&str) -> Option<String>, name: &str) -> Option<String> {
@@ -54,6 +60,7 @@ impl AwsEnv {
             upload_prefix,
             queue_url: var(get, "SIGHTLINE_QUEUE_URL"),
             table: var(get, "SIGHTLINE_TABLE").context("SIGHTLINE_TABLE is required")?,
+            vector_bucket: var(get, VECTOR_BUCKET_VARIABLE),
             openai_key_param: var(get, key_param_variable(ProviderKind::OpenAi)),
             anthropic_key_param: var(get, key_param_variable(ProviderKind::Anthropic)),
             endpoint_url: var(get, "AWS_ENDPOINT_URL"),
@@ -67,6 +74,13 @@ impl AwsEnv {
             ProviderKind::Anthropic => self.anthropic_key_param.as_deref(),
             ProviderKind::Local => None,
         }
+    }
+
+    /// The vector bucket's name, or an error naming the variable.
+    pub fn require_vector_bucket(&self) -> anyhow::Result<&str> {
+        self.vector_bucket
+            .as_deref()
+            .with_context(|| format!("{VECTOR_BUCKET_VARIABLE} is required"))
     }
 
     /// The analyze queue URL, or an error naming the variable.
@@ -103,6 +117,15 @@ impl Clients {
             dynamodb: aws_sdk_dynamodb::Client::new(sdk),
         }
     }
+}
+
+/// The vector store in the bucket named by [`VECTOR_BUCKET_VARIABLE`]. The S3 Vectors client
+/// follows the SDK configuration (`AWS_ENDPOINT_URL` for an emulator).
+pub fn vector_store(sdk: &SdkConfig, env: &AwsEnv) -> anyhow::Result<S3VectorStore> {
+    Ok(S3VectorStore::new(
+        aws_sdk_s3vectors::Client::new(sdk),
+        env.require_vector_bucket()?,
+    ))
 }
 
 /// SDK configuration from the environment (region, credentials, `AWS_ENDPOINT_URL`).
@@ -251,13 +274,17 @@ mod tests {
         assert_eq!(e.queue_url, None);
         assert!(e.require_queue().is_err());
         assert_eq!(e.key_param(ProviderKind::Anthropic), None);
+        assert_eq!(e.vector_bucket, None);
+        assert!(e.require_vector_bucket().is_err());
         let e = AwsEnv::from_lookup(&lookup(&[
             ("SIGHTLINE_BUCKET", "b"),
             ("SIGHTLINE_TABLE", "t"),
             ("SIGHTLINE_OPENAI_KEY_PARAM", "/sightline/openai"),
             ("SIGHTLINE_ANTHROPIC_KEY_PARAM", "/sightline/anthropic"),
+            ("SIGHTLINE_VECTOR_BUCKET", "vectors"),
         ]))
         .unwrap();
+        assert_eq!(e.require_vector_bucket().unwrap(), "vectors");
         assert_eq!(e.key_param(ProviderKind::OpenAi), Some("/sightline/openai"));
         assert_eq!(
             e.key_param(ProviderKind::Anthropic),

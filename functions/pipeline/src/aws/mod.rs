@@ -1,23 +1,27 @@
 //! AWS adapters (feature `aws`): S3 blobs and presigned uploads, SQS queue, DynamoDB
-//! repository (single-table design of docs/aws.md), and configuration from the environment.
+//! repository (single-table design of docs/aws.md), S3 Vectors vector store, and
+//! configuration from the environment.
 
 pub mod config;
 pub mod dynamo;
 pub mod presign;
 pub mod s3;
 pub mod sqs;
+pub mod vectors;
 
-pub use config::{sdk_config_from_env, AwsEnv, Clients};
+pub use config::{sdk_config_from_env, vector_store, AwsEnv, Clients};
 
 // The SDK crates, for callers that build clients or requests themselves.
 pub use aws_config;
 pub use aws_sdk_dynamodb;
 pub use aws_sdk_s3;
+pub use aws_sdk_s3vectors;
 pub use aws_sdk_sqs;
 pub use dynamo::DynamoRepository;
 pub use presign::S3Presigner;
 pub use s3::S3BlobStore;
 pub use sqs::SqsQueue;
+pub use vectors::S3VectorStore;
 
 use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
