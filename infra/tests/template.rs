@@ -1622,6 +1622,12 @@ fn vector_bucket_and_index_with_least_privilege() {
     assert_eq!(references(&ip["Dimension"]), vec!["EmbeddingDimension"]);
     let dims = t.number(&ip["Dimension"]);
     assert!((1.0..=4096.0).contains(&dims));
+    // The defaults are the offline embedder's model and vector length.
+    assert_eq!(
+        t.parameter("EmbeddingModel")["Default"],
+        sightline_core::embed::LOCAL_EMBED_MODEL
+    );
+    assert_eq!(dims as usize, sightline_core::embed::LOCAL_EMBED_DIMS);
 
     // The template's index name is the one the code derives (VectorIndex::name), for the
     // defaults and for any model name the parameter's pattern admits at its longest.

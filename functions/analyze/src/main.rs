@@ -20,15 +20,22 @@ async fn main() -> Result<(), Error> {
     let clients = Clients::new(&sdk, env.endpoint_url.as_deref());
     let provider = config::provider_from_env(&env, &sdk, &settings).await?;
     let repo = Arc::new(DynamoRepository::new(clients.dynamodb.clone(), &env.table));
+    let blobs = Arc::new(S3BlobStore::new(clients.s3.clone(), &env.bucket));
+    let settings = Arc::new(settings);
+    let search =
+        config::search_from_env(&env, &sdk, &settings, repo.clone(), blobs.clone()).await?;
     // Batch-lane jobs become batch items in the same table (the batch function submits them).
-    let analyzer = Analyzer::new(
-        Arc::new(S3BlobStore::new(clients.s3.clone(), &env.bucket)),
+    let mut analyzer = Analyzer::new(
+        blobs,
         repo.clone(),
         provider,
-        Arc::new(settings),
+        settings,
         Arc::new(SystemClock),
     )
     .with_batches(repo);
+    if let Some(search) = search {
+        analyzer = analyzer.with_search(search);
+    }
     let queue = Arc::new(SqsQueue::new(clients.sqs.clone(), env.require_queue()?));
     let handler = Arc::new(AnalyzeHandler::new(analyzer, queue));
     lambda_runtime::run(service_fn(move |event: LambdaEvent<SqsEvent>| {

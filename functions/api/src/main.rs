@@ -11,6 +11,15 @@ async fn main() -> Result<(), Error> {
     let sdk = config::sdk_config_from_env().await;
     config::load_admin_key(&mut settings, &sdk).await?;
     let clients = Clients::new(&sdk, env.endpoint_url.as_deref());
-    let app = sightline_api::app(sightline_api::api_state(&env, &clients, settings));
+    let mut state = sightline_api::api_state(&env, &clients, settings);
+    state.search = config::search_from_env(
+        &env,
+        &sdk,
+        &state.settings,
+        state.repo.clone(),
+        state.blobs.clone(),
+    )
+    .await?;
+    let app = sightline_api::app(state);
     lambda_http::run(app).await
 }

@@ -250,6 +250,33 @@ pub async fn batch_provider_from_env(
     Ok(build_batch_provider(settings, &keys)?)
 }
 
+/// Vectors and searches over S3 Vectors, with the embedder the settings ask for (its keys
+/// read like the provider's); None when no vector bucket is configured.
+pub async fn search_from_env(
+    env: &AwsEnv,
+    sdk: &SdkConfig,
+    settings: &Arc<Settings>,
+    repo: Arc<dyn crate::ports::Repository>,
+    blobs: Arc<dyn crate::ports::BlobStore>,
+) -> anyhow::Result<Option<Arc<crate::search::Search>>> {
+    if env.vector_bucket.is_none() {
+        return Ok(None);
+    }
+    let keys = match settings.embedder {
+        crate::settings::EmbedderKind::OpenAi => provider_keys(env, sdk, settings).await?,
+        _ => Default::default(),
+    };
+    let embedder = crate::providers::select::build_embedder(settings, &keys)?;
+    Ok(Some(Arc::new(crate::search::Search::new(
+        repo,
+        blobs,
+        Arc::new(vector_store(sdk, env)?),
+        embedder,
+        settings.clone(),
+        Arc::new(crate::ports::SystemClock),
+    ))))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
