@@ -1698,6 +1698,8 @@ fn vector_bucket_and_index_with_least_privilege() {
                 "s3vectors:PutVectors",
                 "s3vectors:GetVectors",
                 "s3vectors:DeleteVectors",
+                // Near-duplicate skip queries before the analysis call.
+                "s3vectors:QueryVectors",
             ]
             .into()
         } else {
