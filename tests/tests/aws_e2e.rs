@@ -14,11 +14,17 @@ use sightline_analyze::AnalyzeHandler;
 use sightline_core::keys::parse_upload_key;
 use sightline_core::model::{idempotency_key, AnalysisJob, ImageStatus};
 use sightline_pipeline::analyze::Analyzer;
-use sightline_pipeline::aws::{Clients, DynamoRepository, S3BlobStore, S3Presigner, SqsQueue};
+use sightline_pipeline::aws::{
+    Clients, DynamoRepository, S3BlobStore, S3Presigner, S3VectorStore, SqsQueue,
+};
 use sightline_pipeline::http::{hash_api_key, router, ApiState};
 use sightline_pipeline::ingest::Ingest;
 use sightline_pipeline::ports::{BlobStore, Clock, Queue, QueueMessage, Repository, SystemClock};
+use sightline_pipeline::providers::local::LocalAnalyzer;
+use sightline_pipeline::providers::local_embed::LocalEmbedder;
 use sightline_pipeline::providers::openai::OpenAiProvider;
+use sightline_pipeline::search::Search;
+use sightline_pipeline::settings::Dedupe;
 use sightline_pipeline::Settings;
 use sightline_tests::sim::{EveryNth, Fault, FaultPlan, SimConfig, SimServer};
 use sightline_tests::{aws_setup, contract::unique, emulator::Emulator};
@@ -751,4 +757,261 @@ async fn reconciler_lambda_recovers_what_a_crash_left_on_the_emulator() {
     }
     assert_eq!(jobs[1].sha256, prepared.sha256);
     assert!(repo.due_rechecks(ten_years, 100).await.unwrap().is_empty());
+}
+
+/// A JPEG of `rel` at half its size and 10% brighter: a near-duplicate of the original.
+fn altered_copy(rel: &str) -> Vec<u8> {
+    let img = image::load_from_memory(&sample(rel)).unwrap().to_rgb8();
+    let mut small = image::imageops::resize(
+        &img,
+        img.width() / 2,
+        img.height() / 2,
+        image::imageops::FilterType::Triangle,
+    );
+    for p in small.pixels_mut() {
+        for c in p.0.iter_mut() {
+            *c = (*c as f32 * 1.1).min(255.0) as u8;
+        }
+    }
+    let mut out = Vec::new();
+    image::DynamicImage::ImageRgb8(small)
+        .write_to(
+            &mut std::io::Cursor::new(&mut out),
+            image::ImageFormat::Jpeg,
+        )
+        .unwrap();
+    out
+}
+
+/// Upload → resize → analyse → embed (S3 Vectors) → `similar`, `search` and delete through the
+/// api router, on the emulator; a near-duplicate reuses its original's analysis; tenant globex,
+/// holding the very same photo, never sees acme's images and acme never sees globex's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn similarity_search_end_to_end_on_the_emulator() {
+    let emu = Emulator::start().await.expect("emulator");
+    let sdk = emu.sdk_config().await;
+    let clients = Clients::new(&sdk, Some(&emu.endpoint));
+    let bucket = unique("search-bucket-");
+    let table = unique("search-table-");
+    let vector_bucket = unique("search-vectors-");
+    aws_setup::create_bucket(&clients.s3, &bucket)
+        .await
+        .unwrap();
+    aws_setup::create_table(&clients.dynamodb, &table)
+        .await
+        .unwrap();
+    let s3v = sightline_pipeline::aws::aws_sdk_s3vectors::Client::new(&sdk);
+    aws_setup::create_vector_bucket(&s3v, &vector_bucket)
+        .await
+        .unwrap();
+    let analyze_url = aws_setup::create_queue(
+        &clients.sqs,
+        &unique("search-analyze-"),
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+
+    // The offline analyzer and embedder: no key; near-duplicate skip for acme only.
+    let settings = Arc::new(Settings {
+        tenant_dedupe: [("acme".to_string(), Dedupe::Near)].into(),
+        ..Settings::default()
+    });
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let blobs: Arc<dyn BlobStore> = Arc::new(S3BlobStore::new(clients.s3.clone(), &bucket));
+    let repo: Arc<dyn Repository> =
+        Arc::new(DynamoRepository::new(clients.dynamodb.clone(), &table));
+    let analyze_q = Arc::new(
+        SqsQueue::new(clients.sqs.clone(), &analyze_url).with_wait(Duration::from_millis(300)),
+    );
+    let search = Arc::new(Search::new(
+        repo.clone(),
+        blobs.clone(),
+        Arc::new(S3VectorStore::new(s3v.clone(), &vector_bucket)),
+        Some(Arc::new(LocalEmbedder)),
+        settings.clone(),
+        clock.clone(),
+    ));
+    let ingest = Ingest::new(
+        blobs.clone(),
+        repo.clone(),
+        analyze_q.clone(),
+        settings.clone(),
+        clock.clone(),
+        "uploads/",
+    );
+    let analyzer = Analyzer::new(
+        blobs.clone(),
+        repo.clone(),
+        Arc::new(LocalAnalyzer),
+        settings.clone(),
+        clock.clone(),
+    )
+    .with_search(search.clone());
+    let handler = AnalyzeHandler::new(analyzer, analyze_q.clone());
+
+    // Two rounds: the originals first, then acme's near-copy (it must find Garden analysed).
+    let rounds: Vec<Vec<(&str, Vec<u8>)>> = vec![
+        vec![
+            ("uploads/acme/garden.jpg", sample("photos/Garden.jpg")),
+            ("uploads/acme/dune.jpg", sample("photos/Dune.jpg")),
+            ("uploads/acme/rocket.jpg", sample("samples/rocket.jpg")),
+            ("uploads/globex/g-garden.jpg", sample("photos/Garden.jpg")),
+            ("uploads/globex/ladybird.jpg", sample("photos/LadyBird.jpg")),
+        ],
+        vec![(
+            "uploads/acme/garden-copy.jpg",
+            altered_copy("photos/Garden.jpg"),
+        )],
+    ];
+    for round in &rounds {
+        let keys: Vec<String> = round.iter().map(|(k, _)| k.to_string()).collect();
+        for (key, bytes) in round {
+            blobs.put(key, bytes.clone(), "image/jpeg").await.unwrap();
+        }
+        ingest.ingest_keys(&keys).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let msgs = analyze_q
+                .receive(10, Duration::from_secs(30))
+                .await
+                .unwrap();
+            if !msgs.is_empty() {
+                let resp = handler.handle(sqs_event(&msgs), None).await.unwrap();
+                assert!(resp.batch_item_failures.is_empty(), "{resp:?}");
+            }
+            let mut done = 0;
+            for key in &keys {
+                let i = parse_upload_key(key, "uploads/").unwrap();
+                let rec = repo.get_image(&i.tenant, &i.image_id).await.unwrap();
+                if rec.is_some_and(|r| r.status == ImageStatus::Done) {
+                    done += 1;
+                }
+            }
+            if done == keys.len() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "images not done in time");
+        }
+    }
+    let id = |key: &str| parse_upload_key(key, "uploads/").unwrap().image_id;
+    let copy = repo
+        .get_image("acme", &id("uploads/acme/garden-copy.jpg"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        copy.result.as_ref().and_then(|r| r.reused_from.clone()),
+        Some(id("uploads/acme/garden.jpg")),
+        "the near-copy reused Garden's analysis"
+    );
+
+    // The api router over the same adapters, with a key per tenant.
+    for (key, tenant) in [("key-acme", "acme"), ("key-globex", "globex")] {
+        repo.add_api_key(&hash_api_key(key), tenant, "2026-01-01T00:00:00.000Z")
+            .await
+            .unwrap();
+    }
+    let app = router(ApiState {
+        repo: repo.clone(),
+        presigner: Arc::new(S3Presigner::new(clients.s3.clone(), &bucket)),
+        settings: settings.clone(),
+        clock: clock.clone(),
+        batches: None,
+        search: Some(search.clone()),
+        blobs: blobs.clone(),
+    });
+    let garden = id("uploads/acme/garden.jpg");
+    let (st, body) = api_call(
+        app.clone(),
+        &format!("/v1/images/{garden}/similar?top=10"),
+        Some("key-acme"),
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["mode"], "vector");
+    let ids: Vec<String> = body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["image_id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        ids.first(),
+        Some(&id("uploads/acme/garden-copy.jpg")),
+        "{body}"
+    );
+    // Only acme's other three images: never globex's identical Garden.
+    let expected: BTreeSet<String> = [
+        "uploads/acme/garden-copy.jpg",
+        "uploads/acme/dune.jpg",
+        "uploads/acme/rocket.jpg",
+    ]
+    .iter()
+    .map(|k| id(k))
+    .collect();
+    assert_eq!(ids.iter().cloned().collect::<BTreeSet<_>>(), expected);
+
+    // globex cannot ask about acme's image, and its own search sees only its two images.
+    let (st, _) = api_call(
+        app.clone(),
+        &format!("/v1/images/{garden}/similar"),
+        Some("key-globex"),
+    )
+    .await;
+    assert_eq!(st, 404);
+    let globex_garden = id("uploads/globex/g-garden.jpg");
+    let (st, body) = api_call(
+        app.clone(),
+        &format!("/v1/images/{globex_garden}/similar"),
+        Some("key-globex"),
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    let ids: Vec<&str> = body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["image_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [id("uploads/globex/ladybird.jpg").as_str()]);
+
+    // Text search: keyword mode with the offline embedder, tenant-scoped.
+    let (st, body) = api_call(app.clone(), "/v1/search?q=image&top=50", Some("key-globex")).await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["mode"], "keyword");
+    let found: BTreeSet<&str> = body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["image_id"].as_str().unwrap())
+        .collect();
+    assert!(found.iter().all(|i| {
+        *i == globex_garden.as_str() || *i == id("uploads/globex/ladybird.jpg").as_str()
+    }));
+    let (st, _) = api_call(app.clone(), "/v1/search?top=5", Some("key-acme")).await;
+    assert_eq!(st, 400, "q is required");
+
+    // Deleting the copy removes its record and its vector: similar no longer lists it.
+    let copy_id = id("uploads/acme/garden-copy.jpg");
+    let req = lambda_http::http::Request::builder()
+        .method("DELETE")
+        .uri(format!("/v1/images/{copy_id}"))
+        .header("x-api-key", "key-acme")
+        .body(lambda_http::Body::Empty)
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status().as_u16(), 204);
+    assert!(repo.get_image("acme", &copy_id).await.unwrap().is_none());
+    let (_, body) = api_call(
+        app.clone(),
+        &format!("/v1/images/{garden}/similar"),
+        Some("key-acme"),
+    )
+    .await;
+    assert!(body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|h| h["image_id"] != copy_id.as_str()));
 }
