@@ -150,6 +150,7 @@ pub async fn run(
         settings: settings.clone(),
         clock: clock.clone(),
         metrics: sightline_pipeline::metrics::no_metrics(),
+        search: None,
     };
     let ids: Vec<String> = (0..n).map(|i| format!("b{i:04}")).collect();
     for (i, id) in ids.iter().enumerate() {

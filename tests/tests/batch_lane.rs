@@ -51,6 +51,7 @@ async fn local_run(provider: &str) -> Outcome {
         settings: settings.clone(),
         clock,
         metrics: sightline_pipeline::metrics::no_metrics(),
+        search: None,
     };
     let outcome = batch_run::run(
         300,
@@ -126,6 +127,7 @@ async fn emulator_batch_lane_300_images_end_once_paid_once_with_the_batch_handle
         settings: settings.clone(),
         clock: Arc::new(SystemClock),
         metrics: sightline_pipeline::metrics::no_metrics(),
+        search: None,
     };
     let handler = BatchHandler::new(Some(lane));
     let tick: Tick = Arc::new(move || {

@@ -142,6 +142,7 @@ mod tests {
             settings: Arc::new(Settings::default()),
             clock,
             metrics: sightline_pipeline::metrics::no_metrics(),
+            search: None,
         });
         let mut handler = BatchHandler::new(lane);
         let emf = Arc::new(MemoryLines::default());

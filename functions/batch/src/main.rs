@@ -20,8 +20,12 @@ async fn main() -> Result<(), Error> {
     let clients = Clients::new(&sdk, env.endpoint_url.as_deref());
     let provider = config::batch_provider_from_env(&env, &sdk, &settings).await?;
     let repo = Arc::new(DynamoRepository::new(clients.dynamodb.clone(), &env.table));
+    let blobs = Arc::new(S3BlobStore::new(clients.s3.clone(), &env.bucket));
+    // The images a batch answers get their vectors here, as the analyzer's do.
+    let search =
+        config::search_from_env(&env, &sdk, &settings, repo.clone(), blobs.clone()).await?;
     let lane = provider.map(|provider| BatchLane {
-        blobs: Arc::new(S3BlobStore::new(clients.s3.clone(), &env.bucket)),
+        blobs,
         repo: repo.clone(),
         store: repo,
         provider,
@@ -30,6 +34,7 @@ async fn main() -> Result<(), Error> {
         clock: Arc::new(SystemClock),
         // Each invocation records into its own EMF batch (BatchHandler::handle).
         metrics: no_metrics(),
+        search,
     });
     let handler = Arc::new(BatchHandler::new(lane));
     lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| {

@@ -123,6 +123,7 @@ impl LocalApp {
                 settings: Arc::new(config.settings.clone()),
                 clock: clock.clone(),
                 metrics: metrics.recorder("batch"),
+                search: Some(search.clone()),
             });
         let analyzer = match batch {
             Some(_) => analyzer.with_batches(sqlite_repo.clone()),

@@ -284,20 +284,8 @@ impl Analyzer {
     /// Give a done image its vectors. Never fails the analysis: an error is logged, and
     /// `sightline reindex` embeds what is missing.
     async fn index(&self, job: &AnalysisJob) {
-        let Some(search) = &self.search else { return };
-        let indexed = async {
-            let Some(record) = self.repo.get_image(&job.tenant, &job.image_id).await? else {
-                return Ok(());
-            };
-            let jpeg = self
-                .blobs
-                .get(&job.resized_key, self.settings.prepare.max_input_bytes)
-                .await?;
-            search.index_image(&record, &jpeg).await
-        };
-        let res: Result<(), crate::search::SearchError> = indexed.await;
-        if let Err(e) = res {
-            warn!(error = %e, image_id = %job.image_id, "could not index the image; `sightline reindex` will");
+        if let Some(search) = &self.search {
+            search.index_or_log(&job.tenant, &job.image_id).await;
         }
     }
 

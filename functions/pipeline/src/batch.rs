@@ -114,6 +114,8 @@ pub struct BatchLane {
     pub settings: Arc<Settings>,
     pub clock: Arc<dyn Clock>,
     pub metrics: Arc<dyn crate::metrics::Recorder>,
+    /// Vectors for the images a batch answers (None: `sightline reindex` gives them).
+    pub search: Option<Arc<crate::search::Search>>,
 }
 
 /// Why an item could not be put in a batch now.
@@ -490,6 +492,11 @@ impl BatchLane {
         }
         for w in waiters {
             self.give_cached(w, result).await?;
+        }
+        if let Some(search) = &self.search {
+            for w in &item.waiters {
+                search.index_or_log(&w.tenant, &w.image_id).await;
+            }
         }
         Ok(())
     }

@@ -206,6 +206,30 @@ impl Search {
         Ok(())
     }
 
+    /// Give a stored image its vectors if it is done (its record and resized JPEG read from
+    /// the stores); a missing or unfinished image is left alone.
+    pub async fn index_stored(&self, tenant: &str, image_id: &str) -> Result<(), SearchError> {
+        let Some(record) = self.repo.get_image(tenant, image_id).await? else {
+            return Ok(());
+        };
+        let (Some(_), Some(key)) = (&record.result, &record.resized_key) else {
+            return Ok(());
+        };
+        let jpeg = self
+            .blobs
+            .get(key, self.settings.prepare.max_input_bytes)
+            .await?;
+        self.index_image(&record, &jpeg).await
+    }
+
+    /// [`Search::index_stored`] that only logs a failure: an embedding never fails the step that
+    /// finished the image (`sightline reindex` embeds what is missing).
+    pub async fn index_or_log(&self, tenant: &str, image_id: &str) {
+        if let Err(e) = self.index_stored(tenant, image_id).await {
+            warn!(error = %e, image_id, "could not index the image; `sightline reindex` will");
+        }
+    }
+
     async fn put(
         &self,
         index: &VectorIndex,

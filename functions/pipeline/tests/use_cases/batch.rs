@@ -247,6 +247,7 @@ async fn fixture(images: usize, rounds: Vec<HashMap<usize, Line>>, settings: Set
         settings,
         clock,
         metrics: sightline_pipeline::metrics::no_metrics(),
+        search: None,
     };
     for i in 0..images {
         let id = format!("i{i}");
