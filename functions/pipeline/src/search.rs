@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use sightline_core::embed::{self, NearDupThreshold, LOCAL_EMBED_DIMS, LOCAL_EMBED_MODEL};
+use sightline_core::limiter::{Denied, RateLimiter};
 use sightline_core::model::{AnalysisResult, ImageRecord, ImageStatus};
 use sightline_core::pricing::{PriceTable, Usage};
 use sightline_core::retry::{classify, RetryClass};
@@ -113,6 +114,8 @@ pub struct Search {
     pub clock: Arc<dyn Clock>,
     /// Indexes known to exist (ensure_index once per process and index).
     ensured: Mutex<HashSet<VectorIndex>>,
+    /// Requests to a paid embedding model (`embedding_rpm`), as the analyzer limits its model.
+    limiter: Mutex<RateLimiter>,
 }
 
 /// The index of the offline visual vectors (near-duplicate skip, and `similar` with the local
@@ -139,9 +142,88 @@ impl Search {
             blobs,
             vectors,
             embedder,
+            ensured: Mutex::new(HashSet::new()),
+            limiter: Mutex::new(RateLimiter::new(
+                RateLimiter::per_instance(settings.embedding_rpm, settings.max_concurrency),
+                0,
+                clock.now_ms(),
+            )),
             settings,
             clock,
-            ensured: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// One embedding call under the limiter, with the analysis' retry classes: a wait for the
+    /// limiter up to `max_inline_wait` happens in place; transient errors are tried again a
+    /// few times (a 429's Retry-After also pauses the limiter); permanent ones fail at once.
+    async fn embed<'a, F, Fut>(
+        &self,
+        embedder: &dyn Embedder,
+        mut call: F,
+    ) -> Result<Embedding, SearchError>
+    where
+        F: FnMut() -> Fut + 'a,
+        Fut: std::future::Future<Output = Result<Embedding, ProviderError>> + 'a,
+    {
+        let limited = embedder.name() != "local";
+        let mut attempt = 0u32;
+        loop {
+            if limited {
+                self.wait_for_limiter().await?;
+            }
+            match call().await {
+                Ok(e) => return Ok(e),
+                Err(e) => {
+                    attempt += 1;
+                    if let sightline_core::retry::FailureKind::Http {
+                        status: 429,
+                        retry_after: Some(wait),
+                    } = e.kind
+                    {
+                        if let Ok(mut l) = self.limiter.lock() {
+                            l.block_for(wait, self.clock.now_ms());
+                        }
+                    }
+                    if attempt >= ATTEMPTS || classify(&e.kind) == RetryClass::Permanent {
+                        return Err(e.into());
+                    }
+                    let wait = sightline_core::retry::retry_delay(&e.kind, attempt, 0.5)
+                        .min(self.settings.max_inline_wait);
+                    warn!(error = %e.message, attempt, "embedding call failed; trying again");
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+
+    async fn wait_for_limiter(&self) -> Result<(), SearchError> {
+        let started = self.clock.now_ms();
+        loop {
+            let now = self.clock.now_ms();
+            let denied = match self.limiter.lock() {
+                Ok(mut l) => l.try_reserve(0, now).err(),
+                Err(_) => None,
+            };
+            let Some(Denied::Wait(wait)) = denied else {
+                return Ok(());
+            };
+            let waited = Duration::from_millis(now.saturating_sub(started));
+            if waited + wait > self.settings.max_inline_wait {
+                return Err(SearchError::Provider(Box::new(ProviderError {
+                    kind: sightline_core::retry::FailureKind::Http {
+                        status: 429,
+                        retry_after: Some(wait),
+                    },
+                    message: format!(
+                        "embedding_rpm reached: the next call may go in {} ms",
+                        wait.as_millis()
+                    ),
+                    rate: Default::default(),
+                    usage: None,
+                    billed: false,
+                })));
+            }
+            tokio::time::sleep(wait).await;
         }
     }
 
@@ -192,7 +274,9 @@ impl Search {
         let mut visual: Option<Vec<f32>> = None;
         if let Some(embedder) = &self.embedder {
             let index = VectorIndex::new(embedder.model(), embedder.dims());
-            let emb = with_retries(|| embedder.embed_image(jpeg)).await?;
+            let emb = self
+                .embed(embedder.as_ref(), || embedder.embed_image(jpeg))
+                .await?;
             self.book(record, embedder.as_ref(), &emb).await?;
             if index == visual_index() {
                 visual = Some(emb.vector.clone());
@@ -440,7 +524,9 @@ impl Search {
                 .await
                 .map_err(|e| SearchError::BadRequest(format!("preparing the image: {e}")))?
                 .map_err(|e| SearchError::BadRequest(format!("the query image: {e}")))?;
-        let emb = with_retries(|| embedder.embed_image(&prepared.jpeg)).await?;
+        let emb = self
+            .embed(embedder.as_ref(), || embedder.embed_image(&prepared.jpeg))
+            .await?;
         if emb.images > 0 || emb.input_tokens > 0 {
             let id = format!("query:{}", uuid::Uuid::new_v4().simple());
             self.book_embedding(tenant, &id, &id, embedder.as_ref(), &emb)
@@ -475,7 +561,9 @@ impl Search {
         match &self.embedder {
             Some(embedder) if embedder.understands_text() => {
                 let index = VectorIndex::new(embedder.model(), embedder.dims());
-                let emb = with_retries(|| embedder.embed_text(q)).await?;
+                let emb = self
+                    .embed(embedder.as_ref(), || embedder.embed_text(q))
+                    .await?;
                 let id = format!("query:{}", uuid::Uuid::new_v4().simple());
                 self.book_embedding(tenant, &id, &id, embedder.as_ref(), &emb)
                     .await?;
@@ -688,31 +776,6 @@ async fn visual_signature(jpeg: &[u8]) -> Result<embed::VisualSignature, SearchE
         .await
         .map_err(|e| SearchError::BadRequest(format!("visual embedding task: {e}")))?
         .map_err(|e| SearchError::BadRequest(format!("visual embedding: {e}")))
-}
-
-/// An embedding call with the analysis' retry classes: transient errors are tried again a few
-/// times in place (honouring a short Retry-After); permanent ones fail at once.
-async fn with_retries<'a, F, Fut>(mut call: F) -> Result<Embedding, ProviderError>
-where
-    F: FnMut() -> Fut + 'a,
-    Fut: std::future::Future<Output = Result<Embedding, ProviderError>> + 'a,
-{
-    let mut attempt = 0u32;
-    loop {
-        match call().await {
-            Ok(e) => return Ok(e),
-            Err(e) => {
-                attempt += 1;
-                if attempt >= ATTEMPTS || classify(&e.kind) == RetryClass::Permanent {
-                    return Err(e);
-                }
-                let wait = sightline_core::retry::retry_delay(&e.kind, attempt, 0.5)
-                    .min(Duration::from_secs(10));
-                warn!(error = %e.message, attempt, "embedding call failed; trying again");
-                tokio::time::sleep(wait).await;
-            }
-        }
-    }
 }
 
 fn analysis_strings(value: &serde_json::Value, out: &mut Vec<String>) {

@@ -279,6 +279,9 @@ pub struct Settings {
     pub embedding_dims: Option<u32>,
     /// Base URL of the OpenAI-compatible embeddings API (None: `openai_base_url`).
     pub embedding_base_url: Option<String>,
+    /// Requests per minute to the embedding model, per instance like `rpm` (0 = unlimited;
+    /// the offline embedder is never limited).
+    pub embedding_rpm: u64,
     /// Near-duplicate skip for tenants without their own choice.
     pub dedupe: Dedupe,
     /// Near-duplicate skip per tenant (over `dedupe`).
@@ -352,6 +355,7 @@ impl Settings {
             embedding_model: None,
             embedding_dims: None,
             embedding_base_url: None,
+            embedding_rpm: 0,
             dedupe: Dedupe::Off,
             tenant_dedupe: BTreeMap::new(),
             workers: 4,
@@ -1236,6 +1240,18 @@ pub const SETTINGS: &[SettingDef] = &[
                 .clone()
                 .unwrap_or_else(|| "(openai_base_url)".into())
         },
+    },
+    SettingDef {
+        key: "embedding_rpm",
+        env: "SIGHTLINE_EMBEDDING_RPM",
+        flag: false,
+        applies: Applies::Everywhere,
+        help: "requests per minute to a paid embedding model (shared like `rpm` by `max_concurrency` instances); 0 = unlimited",
+        apply: |s, v| {
+            s.embedding_rpm = num(v)?;
+            Ok(())
+        },
+        show: |s| s.embedding_rpm.to_string(),
     },
     SettingDef {
         key: "dedupe",

@@ -6,3 +6,4 @@ mod batch;
 mod budget;
 mod ingest;
 mod reconcile;
+mod search;
