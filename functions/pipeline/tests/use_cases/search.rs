@@ -45,16 +45,16 @@ impl ScriptedEmbedder {
         let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
         v.iter().map(|x| x / n).collect()
     }
-    fn next(&self) -> Result<(), ProviderError> {
+    fn next(&self) -> Result<(), Box<ProviderError>> {
         *self.calls.lock().unwrap() += 1;
         match self.errors.lock().unwrap().pop_front() {
-            Some(kind) => Err(ProviderError {
+            Some(kind) => Err(Box::new(ProviderError {
                 kind,
                 message: "scripted".into(),
                 rate: RateInfo::default(),
                 usage: None,
                 billed: false,
-            }),
+            })),
             None => Ok(()),
         }
     }
@@ -75,7 +75,7 @@ impl Embedder for ScriptedEmbedder {
         true
     }
     async fn embed_image(&self, jpeg: &[u8]) -> Result<Embedding, ProviderError> {
-        self.next()?;
+        self.next().map_err(|e| *e)?;
         Ok(Embedding {
             vector: Self::vector_of(jpeg),
             input_tokens: 0,
@@ -83,7 +83,7 @@ impl Embedder for ScriptedEmbedder {
         })
     }
     async fn embed_text(&self, text: &str) -> Result<Embedding, ProviderError> {
-        self.next()?;
+        self.next().map_err(|e| *e)?;
         Ok(Embedding {
             vector: Self::vector_of(text.as_bytes()),
             input_tokens: 7,
