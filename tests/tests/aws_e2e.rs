@@ -941,6 +941,12 @@ async fn similarity_search_end_to_end_on_the_emulator() {
         Some(&id("uploads/acme/garden-copy.jpg")),
         "{body}"
     );
+    // Each hit carries a presigned URL of its resized JPEG (the widget's thumbnails).
+    let thumb = body["results"][0]["thumbnail_url"]
+        .as_str()
+        .expect("thumbnail_url");
+    let bytes = reqwest::get(thumb).await.unwrap().bytes().await.unwrap();
+    assert_eq!(&bytes[..2], &[0xFF, 0xD8], "a JPEG");
     // Only acme's other three images: never globex's identical Garden.
     let expected: BTreeSet<String> = [
         "uploads/acme/garden-copy.jpg",

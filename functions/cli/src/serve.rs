@@ -10,7 +10,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
 use serde_json::json;
@@ -155,6 +155,7 @@ pub async fn build_router(
     let max_body = app.config.settings.prepare.max_input_bytes as usize + 1;
     let uploads = Router::new()
         .route("/local-upload/{token}", put(local_upload))
+        .route("/local-download/{token}", get(local_download))
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(UploadState {
@@ -215,6 +216,36 @@ fn used() -> ApiError {
         "upload_url_used",
         "this upload URL was already used; ask POST /v1/uploads for a new one",
     )
+}
+
+/// GET of a presigned local download URL (thumbnails of search results): the signed key's
+/// bytes, while the URL lasts. Only resized images are ever signed for reading.
+async fn local_download(
+    State(st): State<UploadState>,
+    token: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(token) =
+        token.map_err(|e| forbidden(format!("invalid download URL: {}", e.body_text())))?;
+    let grant = st
+        .presigner
+        .verify_download(&token)
+        .map_err(|e| forbidden(e.to_string()))?;
+    let bytes = st
+        .app
+        .blobs
+        .get(
+            &grant.read_key,
+            st.app.config.settings.prepare.max_input_bytes,
+        )
+        .await?;
+    Ok((
+        [
+            (axum::http::header::CONTENT_TYPE, "image/jpeg"),
+            (axum::http::header::CACHE_CONTROL, "private, max-age=300"),
+        ],
+        bytes,
+    )
+        .into_response())
 }
 
 /// PUT to a presigned local URL: check signature, expiry, type and size; use the URL up;

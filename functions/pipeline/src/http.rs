@@ -412,6 +412,23 @@ fn search_error(e: crate::search::SearchError) -> ApiError {
     }
 }
 
+/// How long a thumbnail URL in a search answer lasts.
+const THUMBNAIL_TTL: std::time::Duration = std::time::Duration::from_secs(900);
+
+/// Give each hit a short-lived URL of its resized image (the widget shows them). A hit whose
+/// URL cannot be made keeps none.
+async fn with_thumbnails(
+    state: &ApiState,
+    mut found: crate::search::SearchResults,
+) -> Json<crate::search::SearchResults> {
+    for hit in &mut found.results {
+        if let Some(key) = &hit.resized_key {
+            hit.thumbnail_url = state.presigner.presign_get(key, THUMBNAIL_TTL).await.ok();
+        }
+    }
+    Json(found)
+}
+
 fn search_of(state: &ApiState) -> Result<&crate::search::Search, ApiError> {
     state
         .search
@@ -461,7 +478,7 @@ async fn similar(
         .similar(&tenant, &id, top)
         .await
         .map_err(search_error)?;
-    Ok(Json(found))
+    Ok(with_thumbnails(&state, found).await)
 }
 
 /// `GET /v1/search?q=&top=`: a text query (vector or keyword mode, said in the answer).
@@ -480,7 +497,7 @@ async fn search_text(
         .text(&tenant, text, top)
         .await
         .map_err(search_error)?;
-    Ok(Json(found))
+    Ok(with_thumbnails(&state, found).await)
 }
 
 /// `POST /v1/search?top=` with an image as the body: the tenant's images nearest to it.
@@ -521,7 +538,7 @@ async fn search_image(
         .similar_to_image(&tenant, &body, top)
         .await
         .map_err(search_error)?;
-    Ok(Json(found))
+    Ok(with_thumbnails(&state, found).await)
 }
 
 /// `POST /v1/images/{id}/analyze`: analyse a failed image again, on the lane asked for.

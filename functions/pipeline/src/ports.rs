@@ -481,6 +481,8 @@ pub trait Presigner: Send + Sync {
         content_length: u64,
         expires_in: Duration,
     ) -> StoreResult<PresignedUpload>;
+    /// A URL that reads `key` (a resized image, for thumbnails) until `expires_in` has passed.
+    async fn presign_get(&self, key: &str, expires_in: Duration) -> StoreResult<String>;
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

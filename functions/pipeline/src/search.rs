@@ -75,6 +75,9 @@ pub struct SearchHit {
     pub tags: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub resized_key: Option<String>,
+    /// A short-lived URL of the resized image (set by the HTTP API for thumbnails).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub thumbnail_url: Option<String>,
 }
 
 /// The answer to a search.
@@ -824,6 +827,7 @@ fn hit_of(rec: &ImageRecord, distance: f32) -> SearchHit {
         description,
         tags,
         resized_key: rec.resized_key.clone(),
+        thumbnail_url: None,
     }
 }
 

@@ -74,4 +74,19 @@ impl Presigner for S3Presigner {
             expires_at,
         })
     }
+
+    async fn presign_get(&self, key: &str, expires_in: Duration) -> StoreResult<String> {
+        let expires_in = expires_in.clamp(Duration::from_secs(1), Duration::from_secs(7 * 86_400));
+        let cfg = PresigningConfig::expires_in(expires_in)
+            .map_err(|e| StoreError::Permanent(format!("presigning config: {e}")))?;
+        let req = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .presigned(cfg)
+            .await
+            .map_err(|e| sdk_err("s3 presign GetObject", e))?;
+        Ok(req.uri().to_string())
+    }
 }

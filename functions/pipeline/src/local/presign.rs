@@ -26,6 +26,15 @@ pub struct UploadGrant {
     pub nonce: String,
 }
 
+/// What a download URL allows: reading one key until it expires. Its fields differ from an
+/// [`UploadGrant`]'s, so neither kind of token parses as the other.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DownloadGrant {
+    pub read_key: String,
+    pub read_expires_ms: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GrantError {
     #[error("malformed upload token")]
@@ -72,6 +81,28 @@ impl LocalPresigner {
     }
 
     /// Check a token from an upload URL; the caller then checks type and length.
+    /// Check a download token: signed by us, a download grant, not expired.
+    pub fn verify_download(&self, token: &str) -> Result<DownloadGrant, GrantError> {
+        let raw = self.verified_payload(token)?;
+        let grant: DownloadGrant =
+            serde_json::from_slice(&raw).map_err(|_| GrantError::Malformed)?;
+        if grant.read_expires_ms < self.clock.now_ms() {
+            return Err(GrantError::Expired);
+        }
+        Ok(grant)
+    }
+
+    fn verified_payload(&self, token: &str) -> Result<Vec<u8>, GrantError> {
+        let (payload, sig) = token.split_once('.').ok_or(GrantError::Malformed)?;
+        let sig = B64.decode(sig).map_err(|_| GrantError::Malformed)?;
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.secret).map_err(|_| GrantError::Malformed)?;
+        mac.update(payload.as_bytes());
+        mac.verify_slice(&sig)
+            .map_err(|_| GrantError::BadSignature)?;
+        B64.decode(payload).map_err(|_| GrantError::Malformed)
+    }
+
     pub fn verify(&self, token: &str) -> Result<UploadGrant, GrantError> {
         let (payload, sig) = token.split_once('.').ok_or(GrantError::Malformed)?;
         let sig = B64.decode(sig).map_err(|_| GrantError::Malformed)?;
@@ -118,11 +149,62 @@ impl Presigner for LocalPresigner {
             expires_at: rfc3339(expires_ms),
         })
     }
+
+    async fn presign_get(&self, key: &str, expires_in: Duration) -> StoreResult<String> {
+        if key.is_empty() {
+            return Err(StoreError::Permanent("empty key".into()));
+        }
+        let grant = DownloadGrant {
+            read_key: key.to_string(),
+            read_expires_ms: self.clock.now_ms() + expires_in.as_millis() as u64,
+        };
+        let payload = B64.encode(serde_json::to_vec(&grant).unwrap_or_default());
+        let sig = B64.encode(self.mac(&payload));
+        Ok(format!("{}/local-download/{payload}.{sig}", self.base_url))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn download_and_upload_tokens_are_not_interchangeable() {
+        let p = LocalPresigner::new(
+            b"s".to_vec(),
+            "http://x",
+            Arc::new(crate::ports::SystemClock),
+        );
+        let url = p
+            .presign_get("resized/t/a.jpg", Duration::from_secs(60))
+            .await
+            .unwrap();
+        let token = url.rsplit('/').next().unwrap();
+        assert_eq!(
+            p.verify_download(token).unwrap().read_key,
+            "resized/t/a.jpg"
+        );
+        assert_eq!(p.verify(token), Err(GrantError::Malformed));
+        let up = p
+            .presign_put("uploads/t/a.jpg", "image/jpeg", 10, Duration::from_secs(60))
+            .await
+            .unwrap();
+        let token = up.url.rsplit('/').next().unwrap();
+        assert_eq!(p.verify_download(token), Err(GrantError::Malformed));
+        let other = LocalPresigner::new(
+            b"t".to_vec(),
+            "http://x",
+            Arc::new(crate::ports::SystemClock),
+        );
+        let url = other
+            .presign_get("resized/t/a.jpg", Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(
+            p.verify_download(url.rsplit('/').next().unwrap()),
+            Err(GrantError::BadSignature)
+        );
+    }
 
     struct Fixed(std::sync::atomic::AtomicU64);
     impl Clock for Fixed {
