@@ -56,6 +56,14 @@ try {
   const names = await addAndCheckEstimates(page, t.check);
   await uploadAndWait(page, names, t.check, { timeout });
   await checkCosts(page, t.check);
+  await t.check('done images show similar images whose thumbnails load from the server (signed local URLs)', async () => {
+    const thumbs = page.locator('sightline-uploader [data-role="similar"] img');
+    await thumbs.first().waitFor({ timeout: 30000 });
+    const src = await thumbs.first().getAttribute('src');
+    assert(src.includes('/local-download/'), `thumbnail URL ${src}`);
+    const width = await thumbs.first().evaluate(async (img) => { await img.decode(); return img.naturalWidth; });
+    assert(width > 0, 'the thumbnail did not load');
+  });
   await t.check('no CSP violations or page errors', () => assert(problems.length === 0, problems.join('\n')));
   const shot = path.join(ROOT, 'target/browser/e2e.png');
   await ensureDir(path.dirname(shot));

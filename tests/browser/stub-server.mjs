@@ -79,6 +79,8 @@ export async function startStubServer({
   const images = new Map(); // id -> record
   const uploadRequests = []; // POST /v1/uploads bodies, in order
   const grants = new Map(); // token -> {id, content_type, content_length, expires}
+  const thumbs = new Map(); // id -> uploaded JPEG bytes (served as the thumbnail)
+  const searchQueries = []; // GET /v1/search queries, lowercased
   const failedPuts = new Set();
   let base = '';
 
@@ -155,6 +157,15 @@ export async function startStubServer({
     return { from: today, to: today, total, by_model: [...byModel.values()], by_day: [...byDay.values()], rows: [] };
   }
 
+  /** A search hit as the API gives it: description and tags from the record's analysis. */
+  function hitOf(r, distance) {
+    const a = (r.result && r.result.analysis) || {};
+    return {
+      image_id: r.image_id, distance, description: a.description, tags: a.tags || [],
+      thumbnail_url: `${base}/_thumb/${encodeURIComponent(r.image_id)}`,
+    };
+  }
+
   async function handle(req, res) {
     const url = new URL(req.url, base);
     const p = url.pathname;
@@ -226,6 +237,7 @@ export async function startStubServer({
         return apiError(res, 500, 'internal', 'simulated storage failure (stub)');
       }
       grants.delete(put[1]);
+      thumbs.set(g.id, bytes);
       const size = jpegSize(bytes) || { width: 0, height: 0 };
       rec.status = 'queued';
       rec.original = { ...size, bytes: bytes.length };
@@ -246,6 +258,36 @@ export async function startStubServer({
       const rec = images.get(decodeURIComponent(img[1]));
       if (!rec) return apiError(res, 404, 'not_found', 'no such image');
       return sendJson(res, 200, rec);
+    }
+
+    const sim = p.match(/^\/v1\/images\/([^/]+)\/similar$/);
+    if (sim && req.method === 'GET') {
+      if (!authed(req, res)) return;
+      const id = decodeURIComponent(sim[1]);
+      if (!images.has(id)) return apiError(res, 404, 'not_found', 'no such image');
+      const top = Number(url.searchParams.get('top') || 10);
+      const others = [...images.values()].filter((r) => r.status === 'done' && r.image_id !== id);
+      return sendJson(res, 200, { mode: 'vector', model: 'sightline-visual-v1', results: others.slice(0, top).map((r, i) => hitOf(r, 0.01 * (i + 1))) });
+    }
+
+    if (p === '/v1/search' && req.method === 'GET') {
+      if (!authed(req, res)) return;
+      const q = (url.searchParams.get('q') || '').trim().toLowerCase();
+      if (!q) return apiError(res, 400, 'bad_request', 'q is required');
+      searchQueries.push(q);
+      const words = q.split(/[^a-z0-9]+/).filter((w) => w.length >= 2);
+      const results = [...images.values()]
+        .filter((r) => r.status === 'done' && words.some((w) => r.source.toLowerCase().includes(w)))
+        .map((r) => hitOf(r, 0.5));
+      return sendJson(res, 200, { mode: 'keyword', model: 'keyword', results });
+    }
+
+    const thumb = p.match(/^\/_thumb\/([^/]+)$/);
+    if (thumb && req.method === 'GET') {
+      const bytes = thumbs.get(decodeURIComponent(thumb[1]));
+      if (!bytes) return apiError(res, 404, 'not_found', 'no such thumbnail');
+      res.writeHead(200, { 'content-type': 'image/jpeg', 'content-length': bytes.length });
+      return res.end(bytes);
     }
 
     if (p === '/v1/images' && req.method === 'GET') {
@@ -276,6 +318,7 @@ export async function startStubServer({
     url: base,
     images,
     uploadRequests,
+    searchQueries,
     answerBatches,
     close: () => new Promise((resolve) => { server.closeAllConnections?.(); server.close(() => resolve()); }),
   };

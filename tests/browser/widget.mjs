@@ -307,6 +307,38 @@ try {
     assert(retry && retry.startsWith('Remove'), `row button label ${retry}`);
   });
 
+  await t.check('a done image shows similar images as thumbnails; the search box finds images and says how', async () => {
+    await page.locator('sightline-uploader input[type=file]').setInputFiles([
+      { name: 'similar-probe.jpg', mimeType: 'image/jpeg', buffer: readSample('samples/rocket.jpg') },
+    ]);
+    const row = fileRow(page, 'similar-probe.jpg');
+    await row.and(page.locator('[data-state="ready"]')).waitFor({ timeout: 30000 });
+    await page.locator('sightline-uploader button.primary').click();
+    await row.and(page.locator('[data-state="done"]')).waitFor({ timeout: 30000 });
+    const thumbs = row.locator('[data-role="similar"] img');
+    await thumbs.first().waitFor({ timeout: 10000 });
+    const n = await thumbs.count();
+    assert(n >= 1 && n <= 4, `similar thumbnails: ${n}`);
+    // The thumbnail really loaded (a decoded image, not a broken icon).
+    const width = await thumbs.first().evaluate(async (img) => { await img.decode(); return img.naturalWidth; });
+    assert(width > 0, 'thumbnail did not load');
+    assert((await thumbs.first().getAttribute('alt')).length > 0, 'thumbnail has no alt text');
+
+    const input = page.getByRole('searchbox', { name: 'Find analysed images' });
+    await input.fill('rocket');
+    await input.press('Enter');
+    const note = page.locator('sightline-uploader [data-role="search-note"]');
+    await page.waitForFunction(() => /matched against the analyses/.test(
+      document.querySelector('sightline-uploader').shadowRoot.querySelector('[data-role="search-note"]').textContent));
+    assert(/keyword|analyses/.test(await note.textContent()), await note.textContent());
+    const found = page.locator('sightline-uploader [data-role="search-results"] li');
+    assert(await found.count() >= 1, 'no search results');
+    assert(stub.searchQueries.includes('rocket'), `queries sent: ${stub.searchQueries}`);
+    await input.fill('   ');
+    await page.locator('sightline-uploader .search-form button').click();
+    assert(/Type what to look for/.test(await note.textContent()), 'empty query not explained');
+  });
+
   await t.check('a wrong API key is reported, not silent', async () => {
     const p2 = await browser.newPage();
     await openWidget(p2, stub.url, { apiKey: 'wrong-key' });

@@ -327,6 +327,18 @@ class SightlineUploader extends HTMLElement {
 
     $.list = el('ol', { class: 'files', part: 'files', 'aria-label': 'Images' });
 
+    $.searchInput = el('input', {
+      type: 'search', id: 'search-q', name: 'q', maxlength: '1000', autocomplete: 'off',
+      placeholder: 'red shoes, a receipt, a cat…', 'aria-describedby': 'search-note',
+    });
+    $.searchButton = el('button', { type: 'submit', class: 'secondary', text: 'Search' });
+    $.searchNote = el('p', { id: 'search-note', class: 'hint', 'data-role': 'search-note', 'aria-live': 'polite' });
+    $.searchResults = el('ul', { class: 'thumbs', 'data-role': 'search-results', 'aria-label': 'Search results' });
+    $.searchForm = el('form', { class: 'search-form', role: 'search' },
+      el('label', { for: 'search-q', text: 'Find analysed images' }), $.searchInput, $.searchButton);
+    $.search = el('section', { class: 'search', part: 'search', 'aria-label': 'Search analysed images' },
+      $.searchForm, $.searchNote, $.searchResults);
+
     $.costTotal = el('p', { class: 'cost-total', text: 'No spend yet.' });
     $.costChart = el('div', { class: 'cost-chart' });
     $.costRefresh = el('button', { type: 'button', class: 'secondary small', text: 'Refresh' });
@@ -342,6 +354,7 @@ class SightlineUploader extends HTMLElement {
         el('div', { class: 'batch' }, $.totals,
           el('div', { class: 'actions' }, $.lane, $.upload, $.clear)),
         $.priceVersion),
+      $.search,
       $.costs);
 
     // Events.
@@ -370,6 +383,10 @@ class SightlineUploader extends HTMLElement {
       if (files.length) this.addFiles(files);
     });
     $.upload.addEventListener('click', () => this.upload());
+    $.searchForm.addEventListener('submit', (e) => {
+      e.preventDefault();
+      this.search($.searchInput.value);
+    });
     $.clear.addEventListener('click', () => this.clear());
     $.laneBox.addEventListener('change', () => {
       // Once used, the box says both ways: unchecked asks for real time explicitly.
@@ -678,6 +695,7 @@ class SightlineUploader extends HTMLElement {
           item.prepared.jpeg = null; // uploaded and analysed: the preview blob is all we need
           this.setState(item, 'done');
           this.emit('sightline-analysed', item);
+          this.loadSimilar(item);
           this.announce(`${item.name}: analysed${rec.result ? `, ${formatUsd(rec.result.cost_usd)}` : ''}`
             + `${rec.result && rec.result.lane === 'batch' ? ' (batch lane)' : ''}.`);
           this.refreshCosts();
@@ -710,6 +728,63 @@ class SightlineUploader extends HTMLElement {
       }
       delay = Math.min(Math.round(delay * 1.4), 3000);
     }
+  }
+
+  // ----- similarity and search -----
+
+  /** The analysed images nearest to a done item, shown under its result (none if search is off). */
+  async loadSimilar(item) {
+    try {
+      const found = await this.api(`/v1/images/${encodeURIComponent(item.imageId)}/similar?top=4`);
+      item.similar = found.results || [];
+    } catch (err) {
+      // 409: no vector yet; 503: search is off here. Neither is the user's problem.
+      item.similar = [];
+    }
+    if (this.items.includes(item)) this.renderItem(item);
+  }
+
+  /** A text search over the tenant's analysed images; the answer says how it was matched. */
+  async search(query) {
+    const $ = this.$;
+    const q = String(query || '').trim();
+    if (!q) {
+      $.searchNote.textContent = 'Type what to look for.';
+      $.searchResults.replaceChildren();
+      return;
+    }
+    const seq = (this.searchSeq = (this.searchSeq || 0) + 1);
+    $.searchNote.textContent = 'Searching…';
+    try {
+      const found = await this.api(`/v1/search?q=${encodeURIComponent(q)}&top=12`);
+      if (seq !== this.searchSeq) return;
+      const n = (found.results || []).length;
+      const how = found.mode === 'keyword'
+        ? 'matched against the analyses (tags, description, text)'
+        : `by meaning (${found.model})`;
+      $.searchNote.textContent = `${n} image${n === 1 ? '' : 's'} ${how}.`;
+      $.searchResults.replaceChildren(...this.thumbs(found.results || []));
+      this.emit('sightline-search', { query: q, mode: found.mode, results: found.results || [] });
+    } catch (err) {
+      if (seq !== this.searchSeq) return;
+      $.searchNote.textContent = `Search failed: ${err.message}`;
+      $.searchResults.replaceChildren();
+    }
+  }
+
+  /** Thumbnails of found images: the picture when the server signed a URL, else its name. */
+  thumbs(results) {
+    return results.map((hit) => {
+      const label = hit.description || hit.image_id;
+      const fig = el('figure', {});
+      if (hit.thumbnail_url) {
+        fig.append(el('img', { src: hit.thumbnail_url, alt: label, loading: 'lazy', decoding: 'async' }));
+      }
+      fig.append(el('figcaption', {
+        text: `${hit.description ? hit.description.slice(0, 60) : hit.image_id} · ${Number(hit.distance).toFixed(3)}`,
+      }));
+      return el('li', { 'data-image-id': hit.image_id, title: label }, fig);
+    });
   }
 
   // ----- costs -----
@@ -911,9 +986,17 @@ class SightlineUploader extends HTMLElement {
       + (lane === 'batch' ? ` · batch lane${res.saved_usd ? `, saved ${formatUsd(res.saved_usd)}` : ''}` : '')
       + (est ? ` · estimated ${formatUsd(laneCosts(est, lane).cost)}` : ''));
     parts.push(costLine);
+    if (res.reused_from) {
+      parts.push(el('p', { class: 'hint', 'data-role': 'reused', text: `A near-copy of image ${res.reused_from}: its analysis was reused, no provider call.` }));
+    }
     const details = el('details', {}, el('summary', { text: 'Full analysis (JSON)' }),
       el('pre', { text: JSON.stringify(analysis, null, 2) }));
     parts.push(details);
+    if (item.similar && item.similar.length) {
+      parts.push(el('div', { class: 'similar', 'data-role': 'similar' },
+        el('p', { class: 'hint', text: 'Similar images' }),
+        el('ul', { class: 'thumbs', 'aria-label': 'Similar images' }, ...this.thumbs(item.similar))));
+    }
     r.result.replaceChildren(...parts);
     r.result.hidden = false;
   }
