@@ -155,6 +155,17 @@ pub async fn method_not_allowed() -> ApiError {
     )
 }
 
+/// A body axum could not read (over the size limit, or unreadable) as a JSON error: its own
+/// answer is plain text.
+fn body_error(e: BytesRejection) -> ApiError {
+    let code = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        "too_large"
+    } else {
+        "bad_request"
+    };
+    ApiError::new(e.status(), code, e.body_text())
+}
+
 /// Query strings axum cannot parse become JSON 400s.
 fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
     q.map(|Query(v)| v)
@@ -237,17 +248,7 @@ async fn create_upload(
 ) -> Result<(StatusCode, Json<UploadResponse>), ApiError> {
     let tenant = tenant(&state, &headers).await?;
     // The request is a small JSON document; axum's body limit answers in plain text.
-    let body = body.map_err(|e| {
-        ApiError::new(
-            e.status(),
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                "too_large"
-            } else {
-                "bad_request"
-            },
-            e.body_text(),
-        )
-    })?;
+    let body = body.map_err(body_error)?;
     let req: UploadRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
     let ext = extension_for(&req.content_type).ok_or_else(|| {
@@ -510,17 +511,7 @@ async fn search_image(
     let tenant = tenant(&state, &headers).await?;
     let q = query(q)?;
     let top = top_param(&q, &[])?;
-    let body = body.map_err(|e| {
-        ApiError::new(
-            e.status(),
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                "too_large"
-            } else {
-                "bad_request"
-            },
-            e.body_text(),
-        )
-    })?;
+    let body = body.map_err(body_error)?;
     if body.is_empty() {
         return Err(ApiError::bad_request(
             "send the query image as the request body",

@@ -518,7 +518,6 @@ impl Search {
         top: usize,
     ) -> Result<SearchResults, SearchError> {
         let embedder = self.embedder.clone().ok_or(SearchError::Off)?;
-        let index = VectorIndex::new(embedder.model(), embedder.dims());
         let top = check_top(top)?;
         let opts = self.settings.prepare;
         let owned = bytes.to_vec();
@@ -530,11 +529,24 @@ impl Search {
         let emb = self
             .embed(embedder.as_ref(), || embedder.embed_image(&prepared.jpeg))
             .await?;
+        self.query_results(embedder.as_ref(), tenant, emb, top)
+            .await
+    }
+
+    /// A query's own embedding booked (a paid query is money too), then its nearest images.
+    async fn query_results(
+        &self,
+        embedder: &dyn Embedder,
+        tenant: &str,
+        emb: Embedding,
+        top: usize,
+    ) -> Result<SearchResults, SearchError> {
         if emb.images > 0 || emb.input_tokens > 0 {
             let id = format!("query:{}", uuid::Uuid::new_v4().simple());
-            self.book_embedding(tenant, &id, &id, embedder.as_ref(), &emb)
+            self.book_embedding(tenant, &id, &id, embedder, &emb)
                 .await?;
         }
+        let index = VectorIndex::new(embedder.model(), embedder.dims());
         let hits = self.query(&index, tenant, emb.vector, top).await?;
         Ok(SearchResults {
             mode: SearchMode::Vector,
@@ -563,19 +575,11 @@ impl Search {
         let top = check_top(top)?;
         match &self.embedder {
             Some(embedder) if embedder.understands_text() => {
-                let index = VectorIndex::new(embedder.model(), embedder.dims());
                 let emb = self
                     .embed(embedder.as_ref(), || embedder.embed_text(q))
                     .await?;
-                let id = format!("query:{}", uuid::Uuid::new_v4().simple());
-                self.book_embedding(tenant, &id, &id, embedder.as_ref(), &emb)
-                    .await?;
-                let hits = self.query(&index, tenant, emb.vector, top).await?;
-                Ok(SearchResults {
-                    mode: SearchMode::Vector,
-                    model: index.model.clone(),
-                    results: self.found(tenant, hits).await?,
-                })
+                self.query_results(embedder.as_ref(), tenant, emb, top)
+                    .await
             }
             _ => self.keyword(tenant, q, top).await,
         }
