@@ -156,6 +156,14 @@ where
     let rate = RateInfo::default();
     let why = DisplayErrorContext(&e).to_string();
     match &e {
+        // A 200 the SDK could not read (it reports some as an unhandled service error, some as
+        // a response error) was answered, so it is billed.
+        SdkError::ServiceError(se) if se.raw().status().is_success() => {
+            bad_answer(format!("bedrock's answer is unreadable: {why}"), rate, None)
+        }
+        SdkError::ResponseError(r) if r.raw().status().is_success() => {
+            bad_answer(format!("bedrock's answer is unreadable: {why}"), rate, None)
+        }
         SdkError::ServiceError(se) => {
             let raw = se.raw();
             let code = se.err().code();
@@ -191,10 +199,6 @@ where
             format!("bedrock unreachable: {why}"),
             rate,
         ),
-        // A 200 whose body the SDK could not read was answered, so it is billed.
-        SdkError::ResponseError(r) if r.raw().status().as_u16() == 200 => {
-            bad_answer(format!("bedrock's answer is unreadable: {why}"), rate, None)
-        }
         SdkError::ResponseError(r) => {
             let status = r.raw().status().as_u16();
             let retry_after = r
@@ -460,6 +464,14 @@ mod tests {
         let cut: SdkError<ConverseError, HttpResponse> =
             SdkError::response_error("unexpected EOF", response(200, &[]));
         let e = failure(cut);
+        assert!(e.billed);
+        assert_eq!(e.kind, FailureKind::InvalidOutput);
+        // The SDK reports some unreadable 200s as an unhandled service error: billed too.
+        let meta = aws_sdk_bedrockruntime::error::ErrorMetadata::builder().build();
+        let e = failure(SdkError::service_error(
+            ConverseError::generic(meta),
+            response(200, &[]),
+        ));
         assert!(e.billed);
         assert_eq!(e.kind, FailureKind::InvalidOutput);
         let bad_gateway: SdkError<ConverseError, HttpResponse> =
