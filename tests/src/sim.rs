@@ -1,7 +1,10 @@
-//! Provider simulator: a fake of OpenAI's `POST /v1/chat/completions` and Anthropic's
-//! `POST /v1/messages` for vision requests. Both routes share one flow (auth → body → poison →
-//! faults → rate limits → latency → answer) and one set of windows, faults and stats; only the
-//! wire format differs ([`Api`]).
+//! Provider simulator: a fake of OpenAI's `POST /v1/chat/completions`, Anthropic's
+//! `POST /v1/messages` and Amazon Bedrock's `POST /model/{modelId}/converse` for vision
+//! requests ([`bedrock`] has Bedrock's wire format). The routes share one flow (auth → body →
+//! poison → faults → rate limits → latency → answer) and one set of windows, faults and stats;
+//! only the wire format differs ([`Api`]). Embeddings ([`embed`]: OpenAI-compatible
+//! `POST /v1/embeddings`, Bedrock's `POST /model/{modelId}/invoke` for Titan and Nova) follow
+//! the same flow with the same windows and faults, and answer deterministic vectors.
 //!
 //! Deterministic enough for tests and realistic enough for benchmarks:
 //!
@@ -84,9 +87,12 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub mod batch;
+pub mod bedrock;
+pub mod embed;
 
 use batch::BatchStore;
 pub use batch::{BatchConfig, BatchStats};
+pub use embed::EmbedStats;
 
 /// Length of the rate-limit windows.
 pub const WINDOW: Duration = Duration::from_secs(60);
@@ -409,11 +415,11 @@ impl FaultCounts {
 /// Counters since start or the last reset.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SimStats {
-    /// Every `POST /v1/chat/completions` and `POST /v1/messages`.
+    /// Every `POST /v1/chat/completions`, `POST /v1/messages` and Bedrock `converse`.
     pub requests: u64,
     /// 200 responses with well-formed JSON content (no fault injected).
     pub completions: u64,
-    /// 401s.
+    /// 401s (Bedrock's route: 403 `UnrecognizedClientException`).
     pub unauthorized: u64,
     /// 400s (invalid body, image, parameter or `x-sim-fault` value).
     pub bad_requests: u64,
@@ -447,6 +453,10 @@ pub struct SimStats {
     /// The batch endpoints (their lines are not in the real-time counters above).
     #[serde(default)]
     pub batch: BatchStats,
+    /// The embedding routes (not in `requests`; their injected faults and limiter 429s are in
+    /// `faults` and `rate_limited` with the others').
+    #[serde(default)]
+    pub embeddings: EmbedStats,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -849,13 +859,18 @@ fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route(
             "/v1/chat/completions",
-            post(|state, headers, body| detached(Api::OpenAi, state, headers, body)),
+            post(|state, headers, body| detached(Api::OpenAi, None, state, headers, body)),
         )
         .route(
             "/v1/messages",
-            post(|state, headers, body| detached(Api::Anthropic, state, headers, body)),
+            post(|state, headers, body| detached(Api::Anthropic, None, state, headers, body)),
         )
         .merge(batch::routes())
+        .merge(bedrock::routes())
+        .route(
+            "/v1/embeddings",
+            post(|state, headers, body| embed::detached(Api::OpenAi, None, state, headers, body)),
+        )
         .route("/v1/models", get(list_models))
         .route("/sim/stats", get(get_stats))
         .route("/sim/reset", post(post_reset))
@@ -911,6 +926,7 @@ impl ApiError {
         match api {
             Api::OpenAi => (self.status, axum::Json(self.body())).into_response(),
             Api::Anthropic => anthropic_error(self.status, &self.message),
+            Api::Bedrock => bedrock::render(self),
         }
     }
 }
@@ -1954,6 +1970,8 @@ pub enum Api {
     OpenAi,
     /// `POST /v1/messages`.
     Anthropic,
+    /// `POST /model/{modelId}/converse` (and `/invoke` for embeddings).
+    Bedrock,
 }
 
 impl Api {
@@ -1961,13 +1979,16 @@ impl Api {
         match self {
             Api::OpenAi => authenticate(headers, expected),
             Api::Anthropic => authenticate_anthropic(headers, expected),
+            Api::Bedrock => bedrock::authenticate(headers),
         }
     }
 
-    async fn parse(self, body: &[u8]) -> Result<Parsed, ApiError> {
+    /// `path_model`: the model named by the path (Bedrock's routes).
+    async fn parse(self, body: &[u8], path_model: Option<&str>) -> Result<Parsed, ApiError> {
         match self {
             Api::OpenAi => parse_request(body).await,
             Api::Anthropic => parse_messages_request(body).await,
+            Api::Bedrock => bedrock::parse_converse(body, path_model).await,
         }
     }
 
@@ -1975,14 +1996,17 @@ impl Api {
         match self {
             Api::OpenAi => add_openai_limit_headers(resp, snap),
             Api::Anthropic => add_anthropic_limit_headers(resp, snap),
+            // Bedrock reports no limits.
+            Api::Bedrock => {}
         }
     }
 
     fn add_retry_after(self, resp: &mut Response, d: Duration) {
         match self {
             Api::OpenAi => add_retry_after(resp, d),
-            // Anthropic sends whole seconds; rounding down would invite an early retry.
-            Api::Anthropic => set_header(
+            // Anthropic sends whole seconds; rounding down would invite an early retry. Bedrock
+            // documents no Retry-After; the simulator sends one the same way (module docs).
+            Api::Anthropic | Api::Bedrock => set_header(
                 resp,
                 "retry-after",
                 &d.as_millis().div_ceil(1000).to_string(),
@@ -2002,11 +2026,13 @@ impl Api {
                 );
             }
             Api::Anthropic => set_header(resp, "request-id", request_id),
+            Api::Bedrock => set_header(resp, "x-amzn-requestid", request_id),
         }
     }
 
     fn server_error(self, f: Fault) -> Response {
         match (self, f) {
+            (Api::Bedrock, f) => bedrock::server_error(f),
             (Api::OpenAi, f) | (Api::Anthropic, f @ Fault::Http502) => server_error_response(f),
             (Api::Anthropic, Fault::Http503) => match StatusCode::from_u16(529) {
                 Ok(overloaded) => anthropic_error(overloaded, "Overloaded"),
@@ -2056,6 +2082,11 @@ impl Api {
                 };
                 anthropic_error(StatusCode::TOO_MANY_REQUESTS, &message)
             }
+            Api::Bedrock => bedrock::error_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                "ThrottlingException",
+                bedrock::THROTTLED,
+            ),
         };
         if let Some(w) = wait {
             self.add_retry_after(&mut resp, w);
@@ -2099,6 +2130,7 @@ impl Api {
                     "cache_read_input_tokens": 0,
                 },
             }),
+            Api::Bedrock => bedrock::converse_body(content, cut, input_tokens, output_tokens),
         }
     }
 }
@@ -2182,11 +2214,12 @@ fn answer_for(api: Api, seq: u64, parsed: &Parsed, bad_content: bool) -> Answer 
 /// not cancel.
 async fn detached(
     api: Api,
+    path_model: Option<String>,
     state: State<Arc<Shared>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    match tokio::spawn(handle(api, state, headers, body)).await {
+    match tokio::spawn(handle(api, path_model, state, headers, body)).await {
         Ok(resp) => resp,
         Err(e) => (
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -2196,9 +2229,11 @@ async fn detached(
     }
 }
 
-/// One vision call on either API: the checks, limits and faults of the module docs, in order.
+/// One vision call on any API: the checks, limits and faults of the module docs, in order.
+/// `path_model`: the model the path names (Bedrock), None where the body names it.
 async fn handle(
     api: Api,
+    path_model: Option<String>,
     State(sh): State<Arc<Shared>>,
     headers: HeaderMap,
     body: Bytes,
@@ -2212,7 +2247,7 @@ async fn handle(
         Err(e) => {
             {
                 let mut g = sh.lock();
-                if e.status == StatusCode::UNAUTHORIZED {
+                if matches!(e.status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
                     g.stats.unauthorized += 1;
                 } else {
                     g.stats.bad_requests += 1;
@@ -2235,7 +2270,7 @@ async fn handle(
         }
     };
 
-    let parsed = match api.parse(&body).await {
+    let parsed = match api.parse(&body, path_model.as_deref()).await {
         Ok(p) => p,
         Err(e) => {
             {

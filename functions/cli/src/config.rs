@@ -20,8 +20,9 @@ pub struct CommonOpts {
     /// Data directory for the SQLite database and images.
     #[arg(long, global = true)]
     pub data_dir: Option<String>,
-    /// Provider: `local` (offline analyzer, $0), `openai` (any OpenAI-compatible API) or
-    /// `anthropic` (Messages API, Claude models); unset: by the model and the keys set.
+    /// Provider: `local` (offline analyzer, $0), `openai` (any OpenAI-compatible API),
+    /// `anthropic` (Messages API, Claude models) or `bedrock` (Amazon Bedrock, AWS credentials);
+    /// unset: by the model and the keys set.
     #[arg(long, global = true)]
     pub provider: Option<String>,
     /// Model to estimate and (with a paid provider) call.

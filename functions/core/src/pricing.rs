@@ -65,6 +65,17 @@ pub enum ImageTokenRule {
         tile: u32,
         tile_tokens: u64,
     },
+    /// Amazon Nova (v1 Lite and Pro), an approximation: Amazon publishes no formula, only a
+    /// table of approximate counts by size and the note that an image is rescaled until a side
+    /// reaches 896 px. The image is seen at a long edge of at least `min_long_edge` (smaller
+    /// ones are scaled up), cut into a grid of `tile`-px tiles (each side's count rounded, at
+    /// least one), `tile_tokens` each, plus one tile more (an overview) when the grid has more
+    /// than one. See [`nova_tiles`] for how it compares with Amazon's table.
+    NovaTile {
+        tile: u32,
+        tile_tokens: u64,
+        min_long_edge: u32,
+    },
 }
 
 impl ImageTokenRule {
@@ -75,6 +86,7 @@ impl ImageTokenRule {
             ImageTokenRule::OpenaiPatch { .. } => "openai_patch",
             ImageTokenRule::Anthropic { .. } => "anthropic",
             ImageTokenRule::Gemini { .. } => "gemini",
+            ImageTokenRule::NovaTile { .. } => "nova_tile",
         }
     }
 }
@@ -169,6 +181,11 @@ impl ModelPrice {
                     u64::from(width.div_ceil(t)) * u64::from(height.div_ceil(t)) * tile_tokens
                 }
             }
+            ImageTokenRule::NovaTile {
+                tile,
+                tile_tokens,
+                min_long_edge,
+            } => nova_tiles(width, height, *tile, *min_long_edge) * tile_tokens,
         }
     }
 
@@ -286,6 +303,34 @@ fn anthropic_fit(
         (l, s)
     } else {
         (s, l)
+    }
+}
+
+/// Tiles for the Nova rule (see [`ImageTokenRule::NovaTile`]).
+///
+/// Amazon's image page lists approximate token counts for five sizes: 900x450 ~800, 900x900
+/// ~1300, 1400x900 ~1800, 1800x900 ~2400, 1300x1300 ~2600. No pixel budget fits them (900x450
+/// is 506 px a token, 1300x1300 650). Tiles of 448 px at 256 tokens, the sides' counts
+/// rounded, and an overview tile for a grid of several, give 768, 1280, 1792, 2304 and 2560:
+/// every listed size within 4 %, under it for all five (the figures are "approximate"; the
+/// ledger books the usage Nova reports, this only sizes estimates and budget holds). Sizes
+/// unlike the table's (very large or very elongated images) are guesses.
+fn nova_tiles(width: u32, height: u32, tile: u32, min_long_edge: u32) -> u64 {
+    let (w, h) = (f64::from(width), f64::from(height));
+    let long = w.max(h);
+    // Nova scales a small image up until a side reaches 896 px.
+    let scale = if long > 0.0 && long < f64::from(min_long_edge) {
+        f64::from(min_long_edge) / long
+    } else {
+        1.0
+    };
+    let tile = f64::from(tile.max(1));
+    let count = |side: f64| ((side * scale / tile).round() as u64).max(1);
+    let grid = count(w) * count(h);
+    if grid > 1 {
+        grid + 1
+    } else {
+        grid
     }
 }
 
@@ -740,6 +785,73 @@ as_of = "2026-01-01"
         assert_eq!(tokens("gemini-2.5-flash", 768, 768, Detail::High), 258);
         assert_eq!(tokens("gemini-2.5-pro", 1024, 768, Detail::High), 516);
         assert_eq!(tokens("gemini-2.5-pro", 1536, 1536, Detail::High), 1032);
+    }
+
+    /// Amazon's table of approximate counts (Nova image understanding page).
+    #[test]
+    fn nova_tiles_stay_within_four_percent_of_amazons_table() {
+        for (w, h, approx) in [
+            (900, 450, 800.0),
+            (900, 900, 1300.0),
+            (1400, 900, 1800.0),
+            (1800, 900, 2400.0),
+            (1300, 1300, 2600.0),
+        ] {
+            for id in ["amazon.nova-lite-v1:0", "us.amazon.nova-pro-v1:0"] {
+                for (a, b) in [(w, h), (h, w)] {
+                    let t = tokens(id, a, b, Detail::High) as f64;
+                    assert!(
+                        (t - approx).abs() / approx <= 0.04,
+                        "{id} {a}x{b}: {t} vs ~{approx}"
+                    );
+                }
+            }
+        }
+        // A small image is scaled up to 896 px first; one tile has no overview.
+        assert_eq!(
+            tokens("amazon.nova-lite-v1:0", 400, 300, Detail::High),
+            tokens("amazon.nova-lite-v1:0", 896, 672, Detail::High)
+        );
+        assert_eq!(nova_tiles(448, 448, 448, 0), 1);
+        assert_eq!(nova_tiles(10, 100_000, 448, 896), 224);
+        assert_eq!(nova_tiles(0, 0, 448, 896), 1);
+        // Nova ignores detail.
+        assert_eq!(
+            tokens("amazon.nova-pro-v1:0", 1024, 768, Detail::Low),
+            tokens("amazon.nova-pro-v1:0", 1024, 768, Detail::High)
+        );
+    }
+
+    #[test]
+    fn bedrock_models_are_priced_and_claude_keeps_its_image_rule() {
+        let t = PriceTable::builtin();
+        let bedrock: Vec<&ModelPrice> = t.models().filter(|m| m.provider == "bedrock").collect();
+        assert!(bedrock.len() >= 4);
+        for m in &bedrock {
+            assert!(m.source.starts_with("https://"), "{}", m.id);
+            assert!(m.output_per_mtok > m.input_per_mtok, "{}", m.id);
+            assert!(m.batch_input_per_mtok < m.input_per_mtok, "{}", m.id);
+            assert!(!m.reads_detail(), "{}", m.id);
+        }
+        // A regional profile costs 10 % more than the global one; the image rule is Claude's.
+        let global = t
+            .model("global.anthropic.claude-haiku-4-5-20251001-v1:0")
+            .unwrap();
+        let us = t
+            .model("us.anthropic.claude-haiku-4-5-20251001-v1:0")
+            .unwrap();
+        assert!((us.input_per_mtok - 1.1 * global.input_per_mtok).abs() < 1e-9);
+        assert!((us.output_per_mtok - 1.1 * global.output_per_mtok).abs() < 1e-9);
+        assert_eq!(global.image, t.model("claude-haiku-4-5").unwrap().image);
+        assert_eq!(
+            tokens(
+                "global.anthropic.claude-haiku-4-5-20251001-v1:0",
+                1000,
+                1000,
+                Detail::High
+            ),
+            1334
+        );
     }
 
     #[test]

@@ -44,13 +44,16 @@ pub enum ProviderKind {
     OpenAi,
     /// Anthropic's Messages API (Claude models only).
     Anthropic,
+    /// Amazon Bedrock's Converse API (Claude and Nova models); AWS credentials, no key.
+    Bedrock,
 }
 
 impl ProviderKind {
-    pub const ALL: [ProviderKind; 3] = [
+    pub const ALL: [ProviderKind; 4] = [
         ProviderKind::Local,
         ProviderKind::OpenAi,
         ProviderKind::Anthropic,
+        ProviderKind::Bedrock,
     ];
 
     /// The name used in settings and stored with results.
@@ -59,6 +62,7 @@ impl ProviderKind {
             ProviderKind::Local => "local",
             ProviderKind::OpenAi => "openai",
             ProviderKind::Anthropic => "anthropic",
+            ProviderKind::Bedrock => "bedrock",
         }
     }
 
@@ -699,9 +703,11 @@ pub const SETTINGS: &[SettingDef] = &[
         env: "SIGHTLINE_PROVIDER",
         flag: true,
         applies: Applies::Everywhere,
-        help: "`local` (offline analyzer, $0), `openai` (any OpenAI-compatible API) or `anthropic` (Messages API, Claude models); unset: the model's provider when its key is set (`claude-*` with `ANTHROPIC_API_KEY`), else `openai` when `OPENAI_API_KEY` is set, else `local`",
+        help: "`local` (offline analyzer, $0), `openai` (any OpenAI-compatible API), `anthropic` (Messages API, Claude models) or `bedrock` (Amazon Bedrock's Converse API, AWS credentials); unset: `bedrock` for a Bedrock model, else the model's provider when its key is set (`claude-*` with `ANTHROPIC_API_KEY`), else `openai` when `OPENAI_API_KEY` is set, else `local`",
         apply: |s, v| {
-            s.provider = Some(ProviderKind::parse(v).ok_or("local, openai or anthropic")?);
+            s.provider = Some(
+                ProviderKind::parse(v).ok_or("local, openai, anthropic or bedrock")?,
+            );
             Ok(())
         },
         show: |s| match s.provider {

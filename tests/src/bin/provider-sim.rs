@@ -1,5 +1,5 @@
-//! `provider-sim`: run the provider simulator (OpenAI chat completions and Anthropic Messages)
-//! until Ctrl-C.
+//! `provider-sim`: run the provider simulator (OpenAI chat completions and embeddings, Anthropic
+//! Messages, Bedrock Converse and InvokeModel embeddings) until Ctrl-C.
 //!
 //! ```text
 //! provider-sim --port 8090 --rpm 60 --tpm 100000 --latency-ms 300 --error-rate 0.05 --seed 1 --api-key sk-sim
@@ -7,7 +7,8 @@
 //! ```
 //!
 //! Point an OpenAI client at the printed OpenAI base URL (`OPENAI_BASE_URL`), an Anthropic client
-//! at the Anthropic one (`ANTHROPIC_BASE_URL`). `GET /sim/stats`, `POST /sim/reset` and
+//! at the Anthropic one (`ANTHROPIC_BASE_URL`), an AWS SDK's Bedrock runtime client at the
+//! Bedrock one (`AWS_ENDPOINT_URL_BEDROCK_RUNTIME`, any credentials). `GET /sim/stats`, `POST /sim/reset` and
 //! `POST /sim/config` (partial JSON) control it at run time; `x-sim-fault: 500|502|503|504|429|
 //! timeout|malformed|bad-content|none` forces a fault for one request (503, also `529`, is
 //! Anthropic's 529 `overloaded_error` on `/v1/messages`).
@@ -18,7 +19,7 @@ use sightline_tests::sim::{EveryNth, Fault, FaultPlan, SimConfig, SimServer};
 #[derive(Debug, Parser)]
 #[command(
     name = "provider-sim",
-    about = "Fake OpenAI chat completions and Anthropic Messages APIs for tests and benchmarks"
+    about = "Fake OpenAI chat completions and embeddings, Anthropic Messages and Bedrock runtime APIs for tests and benchmarks"
 )]
 struct Args {
     /// Port on 127.0.0.1 (0 = any free port).
@@ -107,7 +108,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let server = SimServer::start_on(cfg.clone(), a.port).await?;
     eprintln!(
-        "provider-sim listening: OpenAI base {}, Anthropic base {} (rpm {}, tpm {}, latency {}+{} ms, seed {}); stats at {}",
+        "provider-sim listening: OpenAI base {}, Anthropic and Bedrock base {} (rpm {}, tpm {}, latency {}+{} ms, seed {}); stats at {}",
         server.base_url,
         server.anthropic_base_url(),
         cfg.rpm,

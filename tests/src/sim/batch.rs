@@ -391,7 +391,7 @@ async fn run_lines(
     for (i, p) in pending.into_iter().enumerate() {
         let seq = number * 1_000_000 + i as u64;
         let request_id = format!("req_simb{seq:014}");
-        let parsed = api.parse(&p.body).await;
+        let parsed = api.parse(&p.body, None).await;
         if let Ok(parsed) = &parsed {
             estimated += parsed.prompt_tokens;
         }
@@ -493,6 +493,7 @@ impl Api {
         let ptr = match self {
             Api::OpenAi => "/choices/0/finish_reason",
             Api::Anthropic => "/stop_reason",
+            Api::Bedrock => "/stopReason",
         };
         body.pointer(ptr)
             .and_then(Value::as_str)
@@ -526,6 +527,7 @@ fn enter(sh: &Shared, api: Api, headers: &HeaderMap) -> Result<SimConfig, ApiErr
     let auth = match api {
         Api::OpenAi => authenticate(headers, &cfg.api_key),
         Api::Anthropic => authenticate_anthropic(headers, &cfg.api_key),
+        Api::Bedrock => super::bedrock::authenticate(headers),
     };
     if let Err(e) = auth {
         if e.status == StatusCode::UNAUTHORIZED {

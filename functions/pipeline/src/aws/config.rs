@@ -61,8 +61,10 @@ impl AwsEnv {
             queue_url: var(get, "SIGHTLINE_QUEUE_URL"),
             table: var(get, "SIGHTLINE_TABLE").context("SIGHTLINE_TABLE is required")?,
             vector_bucket: var(get, VECTOR_BUCKET_VARIABLE),
-            openai_key_param: var(get, key_param_variable(ProviderKind::OpenAi)),
-            anthropic_key_param: var(get, key_param_variable(ProviderKind::Anthropic)),
+            openai_key_param: key_param_variable(ProviderKind::OpenAi)
+                .and_then(|name| var(get, name)),
+            anthropic_key_param: key_param_variable(ProviderKind::Anthropic)
+                .and_then(|name| var(get, name)),
             endpoint_url: var(get, "AWS_ENDPOINT_URL"),
         })
     }
@@ -72,7 +74,7 @@ impl AwsEnv {
         match kind {
             ProviderKind::OpenAi => self.openai_key_param.as_deref(),
             ProviderKind::Anthropic => self.anthropic_key_param.as_deref(),
-            ProviderKind::Local => None,
+            ProviderKind::Local | ProviderKind::Bedrock => None,
         }
     }
 
@@ -141,10 +143,12 @@ pub async fn provider_key(
     sdk: &SdkConfig,
     kind: ProviderKind,
 ) -> anyhow::Result<Option<String>> {
-    if kind == ProviderKind::Local {
+    // The local analyzer and Bedrock (the function's role) take no key.
+    let (Some(variable), Some(param_variable)) = (key_variable(kind), key_param_variable(kind))
+    else {
         return Ok(None);
-    }
-    if let Some(k) = std::env::var(key_variable(kind))
+    };
+    if let Some(k) = std::env::var(variable)
         .ok()
         .filter(|k| !k.trim().is_empty())
     {
@@ -154,7 +158,7 @@ pub async fn provider_key(
         return Ok(None);
     };
     Ok(Some(
-        read_secure_parameter(sdk, name, key_param_variable(kind)).await?,
+        read_secure_parameter(sdk, name, param_variable).await?,
     ))
 }
 

@@ -1,8 +1,15 @@
-//! Vision providers: an OpenAI-compatible client, an Anthropic Messages client and the offline
-//! local analyzer.
+//! Vision providers: an OpenAI-compatible client, an Anthropic Messages client, Bedrock's
+//! Converse client (feature `bedrock`) and the offline local analyzer; the remote embedders
+//! (an OpenAI-compatible `/embeddings`, Bedrock's Titan and Nova).
 
 pub mod anthropic;
 pub mod anthropic_batch;
+#[cfg(feature = "bedrock")]
+pub mod bedrock;
+#[cfg(feature = "bedrock")]
+pub mod bedrock_embed;
+pub mod embed_common;
+pub mod embed_openai;
 mod http;
 pub mod local;
 pub mod local_embed;

@@ -1,11 +1,13 @@
 //! The one provider factory: which provider the settings and the configured keys ask for.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use sightline_core::pricing::PriceTable;
 
 use super::anthropic::AnthropicProvider;
 use super::anthropic_batch::AnthropicBatchProvider;
+use super::embed_openai::OpenAiEmbedder;
 use super::local::LocalAnalyzer;
 use super::local_embed::LocalEmbedder;
 use super::openai::OpenAiProvider;
@@ -15,10 +17,10 @@ use crate::settings::{EmbedderKind, ProviderKind, Settings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProviderSetupError {
-    #[error("provider `{}` needs an API key: set {} (on Lambda, or {} naming an SSM parameter)", .0.as_str(), key_variable(*.0), key_param_variable(*.0))]
+    #[error("provider `{}` needs an API key: set {} (on Lambda, or {} naming an SSM parameter)", .0.as_str(), key_variable(*.0).unwrap_or("its key"), key_param_variable(*.0).unwrap_or("a variable"))]
     NeedsKey(ProviderKind),
-    /// The Messages API serves Claude models only; a chain that leaves the provider would
-    /// fail image by image, so it fails at start.
+    /// The Messages API serves Claude models only, Bedrock the ids of its catalogue; a chain
+    /// that leaves the provider would fail image by image, so it fails at start.
     #[error("provider `{provider}` cannot call model `{model}` (a `{model_provider}` model): fallback chains stay within one provider")]
     ForeignModel {
         provider: &'static str,
@@ -29,22 +31,39 @@ pub enum ProviderSetupError {
     Client { base_url: String, reason: String },
     #[error("embedder: {0}")]
     Embedding(String),
+    /// This build left the provider's client out (a Cargo feature).
+    #[error("provider `{provider}` is not in this build (enable the `{feature}` feature of sightline-pipeline)")]
+    NotBuilt {
+        provider: &'static str,
+        feature: &'static str,
+    },
+    #[error("embedder: {0}")]
+    Embedder(#[from] super::embed_common::EmbedSetupError),
 }
 
-/// The variable that holds a paid provider's key, locally and on Lambda.
-pub fn key_variable(kind: ProviderKind) -> &'static str {
+/// The variable that holds a paid provider's key, locally and on Lambda; None for the
+/// providers that take none (the local analyzer; Bedrock, which uses the AWS credential chain).
+pub fn key_variable(kind: ProviderKind) -> Option<&'static str> {
     match kind {
-        ProviderKind::Anthropic => "ANTHROPIC_API_KEY",
-        ProviderKind::OpenAi | ProviderKind::Local => "OPENAI_API_KEY",
+        ProviderKind::Anthropic => Some("ANTHROPIC_API_KEY"),
+        ProviderKind::OpenAi => Some("OPENAI_API_KEY"),
+        ProviderKind::Local | ProviderKind::Bedrock => None,
     }
 }
 
-/// On Lambda: the variable naming the SSM parameter that holds a paid provider's key.
-pub fn key_param_variable(kind: ProviderKind) -> &'static str {
+/// On Lambda: the variable naming the SSM parameter that holds a paid provider's key (None
+/// for the providers that take no key).
+pub fn key_param_variable(kind: ProviderKind) -> Option<&'static str> {
     match kind {
-        ProviderKind::Anthropic => "SIGHTLINE_ANTHROPIC_KEY_PARAM",
-        ProviderKind::OpenAi | ProviderKind::Local => "SIGHTLINE_OPENAI_KEY_PARAM",
+        ProviderKind::Anthropic => Some("SIGHTLINE_ANTHROPIC_KEY_PARAM"),
+        ProviderKind::OpenAi => Some("SIGHTLINE_OPENAI_KEY_PARAM"),
+        ProviderKind::Local | ProviderKind::Bedrock => None,
     }
+}
+
+/// Whether the provider is called with a key of ours.
+fn takes_key(kind: ProviderKind) -> bool {
+    key_variable(kind).is_some()
 }
 
 /// The paid providers' keys, as configured (never printed).
@@ -67,19 +86,21 @@ impl ProviderKeys {
     /// `OPENAI_API_KEY` and `ANTHROPIC_API_KEY` as `get` finds them (blank = unset).
     pub fn from_lookup(get: &dyn Fn(&str) -> Option<String>) -> ProviderKeys {
         let mut keys = ProviderKeys::default();
-        for kind in [ProviderKind::OpenAi, ProviderKind::Anthropic] {
-            keys.set(kind, get(key_variable(kind)));
+        for kind in ProviderKind::ALL {
+            if let Some(variable) = key_variable(kind) {
+                keys.set(kind, get(variable));
+            }
         }
         keys
     }
 
-    /// Record a key (trimmed; blank = unset). The local analyzer has none.
+    /// Record a key (trimmed; blank = unset). The local analyzer and Bedrock have none.
     pub fn set(&mut self, kind: ProviderKind, key: Option<String>) {
         let key = key.map(|k| k.trim().to_string()).filter(|k| !k.is_empty());
         match kind {
             ProviderKind::OpenAi => self.openai = key,
             ProviderKind::Anthropic => self.anthropic = key,
-            ProviderKind::Local => {}
+            ProviderKind::Local | ProviderKind::Bedrock => {}
         }
     }
 
@@ -87,15 +108,16 @@ impl ProviderKeys {
         match kind {
             ProviderKind::OpenAi => self.openai.as_deref(),
             ProviderKind::Anthropic => self.anthropic.as_deref(),
-            ProviderKind::Local => None,
+            ProviderKind::Local | ProviderKind::Bedrock => None,
         }
     }
 }
 
 /// The paid providers the settings may use, in order of preference: the setting when given;
 /// unset, the configured model's own provider (from the price table) when we have a client for
-/// it, then OpenAI-compatible (gateways serve any model). A caller reading keys from a slow
-/// store (SSM) reads them in this order and stops at the first it finds.
+/// it, then OpenAI-compatible (gateways serve any model). A Bedrock model id names Bedrock
+/// alone (no gateway takes it). A caller reading keys from a slow store (SSM) reads them in
+/// this order and stops at the first it finds.
 pub fn paid_candidates(settings: &Settings) -> Vec<ProviderKind> {
     match settings.provider {
         Some(ProviderKind::Local) => Vec::new(),
@@ -109,6 +131,7 @@ pub fn paid_candidates(settings: &Settings) -> Vec<ProviderKind> {
                 Some(ProviderKind::Anthropic) => {
                     vec![ProviderKind::Anthropic, ProviderKind::OpenAi]
                 }
+                Some(ProviderKind::Bedrock) => vec![ProviderKind::Bedrock],
                 _ => vec![ProviderKind::OpenAi],
             }
         }
@@ -116,14 +139,15 @@ pub fn paid_candidates(settings: &Settings) -> Vec<ProviderKind> {
 }
 
 /// The provider kind the settings resolve to with these keys: the setting when given, else the
-/// first of [`paid_candidates`] whose key is set, else the offline analyzer.
+/// first of [`paid_candidates`] whose key is set (or that takes none: Bedrock's credentials come
+/// from the AWS chain when it is called), else the offline analyzer.
 pub fn provider_kind(settings: &Settings, keys: &ProviderKeys) -> ProviderKind {
     if let Some(kind) = settings.provider {
         return kind;
     }
     paid_candidates(settings)
         .into_iter()
-        .find(|k| keys.get(*k).is_some())
+        .find(|k| !takes_key(*k) || keys.get(*k).is_some())
         .unwrap_or(ProviderKind::Local)
 }
 
@@ -134,10 +158,10 @@ pub fn resolve(
     keys: &ProviderKeys,
 ) -> Result<ProviderKind, ProviderSetupError> {
     let kind = provider_kind(settings, keys);
-    if kind != ProviderKind::Local && keys.get(kind).is_none() {
+    if takes_key(kind) && keys.get(kind).is_none() {
         return Err(ProviderSetupError::NeedsKey(kind));
     }
-    if kind == ProviderKind::Anthropic {
+    if matches!(kind, ProviderKind::Anthropic | ProviderKind::Bedrock) {
         let table = PriceTable::builtin();
         for model in settings.model_chain() {
             // Unknown models are refused by the settings' validation already.
@@ -177,11 +201,77 @@ pub fn build_provider(
             AnthropicProvider::new(&settings.anthropic_base_url, key, settings.provider_timeout)
                 .map_err(|e| client_err(&settings.anthropic_base_url, e))?,
         ),
+        ProviderKind::Bedrock => bedrock_provider(settings)?,
+    })
+}
+
+/// Bedrock's Converse client: credentials, region and endpoint from the AWS chain
+/// (`AWS_REGION`, `AWS_PROFILE`, the Lambda role, `AWS_ENDPOINT_URL_BEDROCK_RUNTIME`), read
+/// when the first image is analysed.
+#[cfg(feature = "bedrock")]
+fn bedrock_provider(settings: &Settings) -> Result<Arc<dyn VisionProvider>, ProviderSetupError> {
+    Ok(Arc::new(super::bedrock::BedrockProvider::from_env(
+        settings.provider_timeout,
+    )))
+}
+
+#[cfg(not(feature = "bedrock"))]
+fn bedrock_provider(_: &Settings) -> Result<Arc<dyn VisionProvider>, ProviderSetupError> {
+    Err(ProviderSetupError::NotBuilt {
+        provider: "bedrock",
+        feature: "bedrock",
+    })
+}
+
+/// A remote embedder: `openai` (an OpenAI-compatible `/embeddings`, a CLIP gateway; `api_key`
+/// optional) or `bedrock` (Titan or Nova Multimodal Embeddings through the AWS chain;
+/// `base_url` and `api_key` unused). The offline embedder is not built here. Fails for a model
+/// or dimension the price table refuses.
+pub fn build_embedder_for(
+    provider: &str,
+    model: &str,
+    dims: u32,
+    base_url: &str,
+    api_key: Option<&str>,
+    timeout: Duration,
+) -> Result<Arc<dyn Embedder>, ProviderSetupError> {
+    match ProviderKind::parse(provider) {
+        Some(ProviderKind::OpenAi) => Ok(Arc::new(OpenAiEmbedder::new(
+            base_url,
+            api_key.map(str::to_string),
+            model,
+            dims,
+            timeout,
+        )?)),
+        Some(ProviderKind::Bedrock) => bedrock_embedder(model, dims, timeout),
+        _ => {
+            Err(super::embed_common::EmbedSetupError::NoRemoteEmbedder(provider.to_string()).into())
+        }
+    }
+}
+
+#[cfg(feature = "bedrock")]
+fn bedrock_embedder(
+    model: &str,
+    dims: u32,
+    timeout: Duration,
+) -> Result<Arc<dyn Embedder>, ProviderSetupError> {
+    Ok(Arc::new(super::bedrock_embed::BedrockEmbedder::from_env(
+        model, dims, timeout,
+    )?))
+}
+
+#[cfg(not(feature = "bedrock"))]
+fn bedrock_embedder(_: &str, _: u32, _: Duration) -> Result<Arc<dyn Embedder>, ProviderSetupError> {
+    Err(ProviderSetupError::NotBuilt {
+        provider: "bedrock",
+        feature: "bedrock",
     })
 }
 
 /// The batch API of the provider [`build_provider`] would build for these settings and keys
-/// (same resolution, base URL, key and timeout); None for the local analyzer, which has none.
+/// (same resolution, base URL, key and timeout); None for the local analyzer, which has none,
+/// and for Bedrock, whose images are analysed in real time.
 pub fn build_batch_provider(
     settings: &Settings,
     keys: &ProviderKeys,
@@ -193,7 +283,8 @@ pub fn build_batch_provider(
     };
     let key = keys.get(kind).unwrap_or_default();
     Ok(match kind {
-        ProviderKind::Local => None,
+        // Bedrock's batch inference (S3 manifests and jobs) is not implemented: real time only.
+        ProviderKind::Local | ProviderKind::Bedrock => None,
         ProviderKind::OpenAi => Some(Arc::new(
             OpenAiBatchProvider::new(&settings.openai_base_url, key, settings.provider_timeout)
                 .map_err(|e| client_err(&settings.openai_base_url, e))?,
@@ -214,22 +305,35 @@ pub fn build_embedder(
     settings: &Settings,
     keys: &ProviderKeys,
 ) -> Result<Option<Arc<dyn Embedder>>, ProviderSetupError> {
-    let _ = keys;
     let embedding = settings
         .embedding()
         .map_err(|e| ProviderSetupError::Embedding(e.to_string()))?;
-    let Some((_model, _dims)) = embedding else {
+    let Some((model, dims)) = embedding else {
         return Ok(None);
     };
+    let base_url = settings
+        .embedding_base_url
+        .as_deref()
+        .unwrap_or(&settings.openai_base_url);
     Ok(Some(match settings.embedder {
         EmbedderKind::Off => return Ok(None),
         EmbedderKind::Local => Arc::new(LocalEmbedder),
-        other => {
-            return Err(ProviderSetupError::Embedding(format!(
-                "embedder {} is not available in this build",
-                other.as_str()
-            )))
-        }
+        EmbedderKind::OpenAi => build_embedder_for(
+            "openai",
+            &model,
+            dims,
+            base_url,
+            keys.get(ProviderKind::OpenAi),
+            settings.provider_timeout,
+        )?,
+        EmbedderKind::Bedrock => build_embedder_for(
+            "bedrock",
+            &model,
+            dims,
+            base_url,
+            None,
+            settings.provider_timeout,
+        )?,
     }))
 }
 
@@ -362,6 +466,115 @@ mod tests {
             build_batch_provider(&explicit, &keys(None, None)),
             Err(ProviderSetupError::NeedsKey(ProviderKind::OpenAi))
         ));
+    }
+
+    const BEDROCK_CLAUDE: &str = "global.anthropic.claude-haiku-4-5-20251001-v1:0";
+
+    #[test]
+    fn bedrock_takes_no_key_and_a_bedrock_model_picks_it() {
+        let explicit = Settings {
+            provider: Some(ProviderKind::Bedrock),
+            model: "amazon.nova-lite-v1:0".into(),
+            ..Settings::default()
+        };
+        assert_eq!(
+            resolve(&explicit, &keys(None, None)).unwrap(),
+            ProviderKind::Bedrock
+        );
+        // A Bedrock id names Bedrock: no key is looked for, no gateway is tried.
+        let by_model = Settings {
+            model: BEDROCK_CLAUDE.into(),
+            ..Settings::default()
+        };
+        assert_eq!(paid_candidates(&by_model), vec![ProviderKind::Bedrock]);
+        assert_eq!(
+            provider_kind(&by_model, &keys(Some("sk-x"), Some("sk-ant"))),
+            ProviderKind::Bedrock
+        );
+        assert_eq!(key_variable(ProviderKind::Bedrock), None);
+        assert_eq!(key_param_variable(ProviderKind::Bedrock), None);
+        // Real time only.
+        assert!(build_batch_provider(&by_model, &keys(None, None))
+            .unwrap()
+            .is_none());
+        let built = build_provider(&by_model, &keys(None, None));
+        #[cfg(feature = "bedrock")]
+        {
+            let p = built.unwrap();
+            assert_eq!(p.name(), "bedrock");
+            assert!(p.is_paid());
+        }
+        #[cfg(not(feature = "bedrock"))]
+        assert!(matches!(
+            built,
+            Err(ProviderSetupError::NotBuilt {
+                provider: "bedrock",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn bedrock_chains_stay_on_bedrock_and_anthropic_refuses_bedrock_ids() {
+        let mixed = Settings {
+            provider: Some(ProviderKind::Bedrock),
+            model: BEDROCK_CLAUDE.into(),
+            fallback_models: vec!["amazon.nova-pro-v1:0".into(), "claude-haiku-4-5".into()],
+            ..Settings::default()
+        };
+        let err = resolve(&mixed, &keys(None, None)).unwrap_err();
+        assert!(
+            matches!(&err, ProviderSetupError::ForeignModel { model, .. } if model == "claude-haiku-4-5"),
+            "{err}"
+        );
+        let anthropic = Settings {
+            provider: Some(ProviderKind::Anthropic),
+            model: BEDROCK_CLAUDE.into(),
+            ..Settings::default()
+        };
+        assert!(matches!(
+            resolve(&anthropic, &keys(None, Some("sk-ant"))),
+            Err(ProviderSetupError::ForeignModel { .. })
+        ));
+    }
+
+    #[test]
+    fn embedders_are_built_for_remote_providers_only() {
+        let timeout = Duration::from_secs(5);
+        let clip = build_embedder_for(
+            "openai",
+            "clip-vit-b-32",
+            512,
+            "http://127.0.0.1:9/v1",
+            None,
+            timeout,
+        )
+        .unwrap();
+        assert_eq!(
+            (clip.name(), clip.model(), clip.dims()),
+            ("openai", "clip-vit-b-32", 512)
+        );
+        assert!(clip.understands_text());
+        // A dimension the table does not list for the model is refused at start.
+        assert!(
+            build_embedder_for("openai", "clip-vit-b-32", 768, "http://x", None, timeout).is_err()
+        );
+        assert!(matches!(
+            build_embedder_for("local", "sightline-visual-v1", 256, "", None, timeout),
+            Err(ProviderSetupError::Embedder(_))
+        ));
+        let titan = build_embedder_for(
+            "bedrock",
+            "amazon.titan-embed-image-v1",
+            384,
+            "",
+            None,
+            timeout,
+        );
+        #[cfg(feature = "bedrock")]
+        assert_eq!(titan.unwrap().dims(), 384);
+        #[cfg(not(feature = "bedrock"))]
+        assert!(matches!(titan, Err(ProviderSetupError::NotBuilt { .. })));
     }
 
     #[test]
