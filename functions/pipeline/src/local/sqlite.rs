@@ -179,7 +179,25 @@ impl SqliteDb {
     fn init(mut conn: Connection) -> anyhow::Result<SqliteDb> {
         // Two processes on one data dir (`serve` and `run`) wait for each other's writes.
         conn.busy_timeout(Duration::from_secs(30))?;
-        conn.execute_batch(PRAGMAS)?;
+        // Switching a new file to WAL wants it to itself: when another process is switching it
+        // at the same moment SQLite may answer SQLITE_BUSY at once, without the busy handler.
+        let mut tries = 0;
+        loop {
+            match conn.execute_batch(PRAGMAS) {
+                Ok(()) => break,
+                Err(rusqlite::Error::SqliteFailure(f, _))
+                    if tries < 50
+                        && matches!(
+                            f.code,
+                            rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                        ) =>
+                {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         // Schema and migrations in one write transaction: processes opening a new (or older)
         // data dir at the same moment would otherwise both see a column missing and both add it.
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -1458,7 +1476,9 @@ mod tests {
             })
             .collect();
         for o in openers {
-            o.join().unwrap().unwrap();
+            if let Err(e) = o.join().unwrap() {
+                panic!("an opener failed: {e:#}");
+            }
         }
         let db = SqliteDb::open(&path).unwrap();
         let conn = db.conn.lock().unwrap();
