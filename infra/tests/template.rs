@@ -1719,3 +1719,60 @@ fn vector_bucket_and_index_with_least_privilege() {
         assert_eq!(actions, expected, "{id}");
     }
 }
+
+/// Bedrock is reached with the functions' own roles (no key): InvokeModel on foundation models
+/// and inference profiles, granted only under the stack's Bedrock conditions, to the functions
+/// that call it: analyze and batch (provider or embedder), api (embedder: search queries).
+#[test]
+fn bedrock_is_invoked_only_under_its_conditions_with_the_functions_roles() {
+    let t = Template::load();
+    for binary in ALL {
+        let (id, f) = t.function(binary);
+        let grants: Vec<(Vec<String>, Vec<String>, Value)> = t
+            .role_grants(f)
+            .into_iter()
+            .filter(|(a, _, _)| a.iter().any(|a| a.starts_with("bedrock:")))
+            .collect();
+        let expected_condition = match binary {
+            ANALYZE | BATCH => Some("UsesBedrock"),
+            API => Some("BedrockEmbedder"),
+            _ => None,
+        };
+        let Some(condition) = expected_condition else {
+            assert!(grants.is_empty(), "{id}: {grants:?}");
+            continue;
+        };
+        assert_eq!(grants.len(), 1, "{id}");
+        let (actions, resources, _) = &grants[0];
+        assert_eq!(actions, &vec!["bedrock:InvokeModel".to_string()], "{id}");
+        assert_eq!(
+            resources,
+            &vec![
+                "arn:${AWS::Partition}:bedrock:*::foundation-model/*".to_string(),
+                "arn:${AWS::Partition}:bedrock:*:${AWS::AccountId}:inference-profile/*".to_string(),
+            ],
+            "{id}"
+        );
+        let role = t.resource(&Template::target(&f["Properties"]["Role"]));
+        let text = serde_json::to_string(&role["Properties"]["Policies"]).expect("json");
+        assert!(
+            text.contains(&format!(
+                "{{\"Fn::If\":[\"{condition}\",{{\"Action\":[\"bedrock:InvokeModel\"]"
+            )),
+            "{id}: granted under {condition}: {text}"
+        );
+    }
+    // The provider and the embedder reach the functions as settings.
+    let (_, analyze) = t.function(ANALYZE);
+    let env = t.env(analyze);
+    assert_eq!(references(&env["SIGHTLINE_EMBEDDER"]), vec!["Embedder"]);
+    assert_eq!(
+        references(&env["SIGHTLINE_EMBEDDING_MODEL"]),
+        vec!["EmbeddingModel"]
+    );
+    assert_eq!(
+        references(&env["SIGHTLINE_EMBEDDING_DIMS"]),
+        vec!["EmbeddingDimension"]
+    );
+    assert!(render(&env["SIGHTLINE_PROVIDER"]).contains("bedrock"));
+}
