@@ -1955,3 +1955,85 @@ fn similar_search_near_duplicate_skip_and_delete_work_offline() {
     );
     assert_eq!(report["skipped"], 4);
 }
+
+#[test]
+fn a_remote_embedder_gives_vector_search_and_books_every_embedding_call_once() {
+    let _g = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let sim = rt
+        .block_on(SimServer::start(SimConfig {
+            api_key: "sk-test".into(),
+            rpm: 0,
+            tpm: 0,
+            seed: 3,
+            ..SimConfig::default()
+        }))
+        .unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let with_sim = |c: &mut Command| {
+        c.args(["--embedder", "openai"])
+            .env("OPENAI_API_KEY", "sk-test")
+            .env("OPENAI_BASE_URL", &sim.base_url)
+            .env("SIGHTLINE_EMBEDDING_MODEL", "clip-vit-b-32");
+    };
+    let mut run = sightline(data.path());
+    with_sim(&mut run);
+    run.args(["--provider", "openai", "run"])
+        .arg(samples().join("photos"))
+        .arg("--json");
+    let (images, summary) = run_json(&mut run);
+    assert_eq!(summary["done"], 5, "{summary}");
+
+    // A text query lands in the image space: vector mode, through the sim's /v1/embeddings.
+    let mut search = sightline(data.path());
+    with_sim(&mut search);
+    let out = search
+        .args(["search", "red flowers", "--top", "3", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let found: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(found["mode"], "vector", "{found}");
+    assert_eq!(found["model"], "clip-vit-b-32");
+    assert_eq!(found["results"].as_array().unwrap().len(), 3);
+
+    let garden = by_source(&images, "Garden.jpg")["image_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut similar = sightline(data.path());
+    with_sim(&mut similar);
+    let out = similar
+        .args(["similar", &garden, "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let found: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(found["results"].as_array().unwrap().len(), 4, "{found}");
+
+    // Every embedding the simulator answered (5 images, 1 query) is one ledger call, kind
+    // `embedding`, on the embedding model's own row.
+    let stats = rt.block_on(sim.stats());
+    assert_eq!(stats.embeddings.embeddings, 6, "{stats:?}");
+    let out = sightline(data.path())
+        .args(["costs", "--json"])
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    let embedding: Vec<&Value> = rows.iter().filter(|r| r["kind"] == "embedding").collect();
+    assert!(
+        embedding.iter().all(|r| r["model"] == "clip-vit-b-32"),
+        "{report}"
+    );
+    let calls: u64 = embedding.iter().map(|r| r["calls"].as_u64().unwrap()).sum();
+    assert_eq!(calls, 6, "{report}");
+}
