@@ -405,7 +405,7 @@ fn schemas_match_the_api() {
     let report = schema(&spec, "CostReport");
     assert_eq!(
         required(report),
-        set(&["from", "to", "total", "by_model", "by_day", "rows", "by_lane", "budget"])
+        set(&["from", "to", "total", "by_model", "by_day", "rows", "by_lane", "by_kind", "budget"])
     );
     // The lane and batch schemas name exactly what the API serializes.
     let lanes = serde_json::to_value(sightline_pipeline::http::LaneCosts::default()).unwrap();

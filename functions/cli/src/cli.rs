@@ -420,6 +420,17 @@ pub async fn main_with(cli: Cli) -> anyhow::Result<()> {
                     l.batch.cost_usd,
                     l.batch_saved_usd
                 )?;
+                let k = &report.by_kind;
+                writeln!(
+                    out,
+                    "by kind: analysis {} calls ${:.6}; embedding {} calls ${:.6}; near-duplicates reused {} images, sparing ${:.6}",
+                    k.analysis.calls,
+                    k.analysis.cost_usd,
+                    k.embedding.calls,
+                    k.embedding.cost_usd,
+                    k.reused_images,
+                    k.reused_saved_usd
+                )?;
                 let b = &report.budget;
                 for p in [&b.daily, &b.monthly] {
                     let cap = p

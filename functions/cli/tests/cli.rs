@@ -1873,6 +1873,7 @@ fn similar_search_near_duplicate_skip_and_delete_work_offline() {
         .map(|r| r["reused_images"].as_u64().unwrap_or(0))
         .sum();
     assert_eq!(reused, 1, "{report}");
+    assert_eq!(report["by_kind"]["reused_images"], 1, "{report}");
 
     // `similar` by id: the copy is Garden's nearest; by file: Garden's photo finds both.
     let out = sightline(data.path())
@@ -2036,4 +2037,11 @@ fn a_remote_embedder_gives_vector_search_and_books_every_embedding_call_once() {
     );
     let calls: u64 = embedding.iter().map(|r| r["calls"].as_u64().unwrap()).sum();
     assert_eq!(calls, 6, "{report}");
+    assert_eq!(report["by_kind"]["embedding"]["calls"], 6, "{report}");
+    // Lanes are how analyses are paid: the embedding calls are not in them.
+    assert_eq!(
+        report["by_lane"]["realtime"]["calls"],
+        report["by_kind"]["analysis"]["calls"],
+        "{report}"
+    );
 }

@@ -725,9 +725,13 @@ pub struct CostReport {
     pub by_model: Vec<serde_json::Value>,
     pub by_day: Vec<serde_json::Value>,
     pub rows: Vec<CostRow>,
-    /// The same money split by lane, and what the batch lane saved against real-time prices.
+    /// The analysis money split by lane, and what the batch lane saved against real-time prices.
     #[serde(default)]
     pub by_lane: LaneCosts,
+    /// The money split by what it bought (analyses, embeddings), and what near-duplicate skip
+    /// spared.
+    #[serde(default)]
+    pub by_kind: KindCosts,
     /// The tenant's caps and what counts against them now (today and this month, UTC).
     #[serde(default)]
     pub budget: BudgetReport,
@@ -750,8 +754,36 @@ pub struct LaneCosts {
     pub batch_saved_usd: f64,
 }
 
+/// Cost by what it bought; `reused_*`: near-duplicates that reused an analysis at $0, and the
+/// estimates of the calls they spared.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct KindCosts {
+    pub analysis: LaneTotals,
+    pub embedding: LaneTotals,
+    pub reused_images: u64,
+    pub reused_saved_usd: f64,
+}
+
+impl KindCosts {
+    fn add(&mut self, r: &CostRow) {
+        let part = match r.kind {
+            crate::ports::LedgerKind::Analysis => &mut self.analysis,
+            crate::ports::LedgerKind::Embedding => &mut self.embedding,
+        };
+        part.images += r.images;
+        part.calls += r.calls;
+        part.cost_usd += r.cost_usd;
+        self.reused_images += r.reused_images;
+        self.reused_saved_usd += r.reused_saved_usd;
+    }
+}
+
 impl LaneCosts {
     fn add(&mut self, r: &CostRow) {
+        // Lanes are how analyses are paid; embeddings have none.
+        if r.kind != crate::ports::LedgerKind::Analysis {
+            return;
+        }
         self.batch.images += r.batch_images;
         self.batch.calls += r.batch_calls;
         self.batch.cost_usd += r.batch_cost_usd;
@@ -823,9 +855,11 @@ pub fn cost_report(from: &str, to: &str, rows: Vec<CostRow>) -> CostReport {
     let mut by_model: BTreeMap<String, CostTotals> = BTreeMap::new();
     let mut by_day: BTreeMap<String, CostTotals> = BTreeMap::new();
     let mut by_lane = LaneCosts::default();
+    let mut by_kind = KindCosts::default();
     for r in &rows {
         total.add(r);
         by_lane.add(r);
+        by_kind.add(r);
         by_model.entry(r.model.clone()).or_default().add(r);
         by_day.entry(r.day.clone()).or_default().add(r);
     }
@@ -850,6 +884,7 @@ pub fn cost_report(from: &str, to: &str, rows: Vec<CostRow>) -> CostReport {
             .collect(),
         rows,
         by_lane,
+        by_kind,
         budget: BudgetReport::default(),
     }
 }
