@@ -2040,8 +2040,7 @@ fn a_remote_embedder_gives_vector_search_and_books_every_embedding_call_once() {
     assert_eq!(report["by_kind"]["embedding"]["calls"], 6, "{report}");
     // Lanes are how analyses are paid: the embedding calls are not in them.
     assert_eq!(
-        report["by_lane"]["realtime"]["calls"],
-        report["by_kind"]["analysis"]["calls"],
+        report["by_lane"]["realtime"]["calls"], report["by_kind"]["analysis"]["calls"],
         "{report}"
     );
 }

@@ -1,7 +1,8 @@
 //! The offline analyzer: real image measurements at $0, no network.
 //!
 //! Dimensions, dominant colours with their share, brightness, contrast, sharpness
-//! (variance of the Laplacian) with a blurry flag, and a 64-bit perceptual hash (dHash).
+//! (variance of the Laplacian) with a blurry flag, and the 64-bit DCT perceptual hash that
+//! near-duplicate skip uses (`sightline_core::embed::perceptual_hash`: one rule everywhere).
 
 use async_trait::async_trait;
 use image::{GrayImage, RgbImage};
@@ -69,7 +70,7 @@ pub fn analyze_bytes(bytes: &[u8]) -> Result<Value, Undecodable> {
     let colours = dominant_colours(&rgb, 5);
     let (brightness, contrast) = brightness_contrast(&gray);
     let sharpness = laplacian_variance(&gray);
-    let hash = dhash(&gray);
+    let hash = sightline_core::embed::perceptual_hash(&rgb);
 
     let mut issues = Vec::new();
     let blurry = sharpness < BLUR_THRESHOLD;
@@ -145,7 +146,7 @@ pub fn analyze_bytes(bytes: &[u8]) -> Result<Value, Undecodable> {
             "sharpness": round3(sharpness),
             "blurry": blurry,
             "perceptual_hash": format!("{hash:016x}"),
-            "hash_algorithm": "dhash-64"
+            "hash_algorithm": "phash-dct-64"
         }
     }))
 }
@@ -274,21 +275,6 @@ fn laplacian_variance(gray: &GrayImage) -> f64 {
     sum_sq / n - mean * mean
 }
 
-/// 64-bit difference hash: 9×8 grey thumbnail, one bit per horizontal neighbour comparison.
-fn dhash(gray: &GrayImage) -> u64 {
-    let small = image::imageops::resize(gray, 9, 8, image::imageops::FilterType::Triangle);
-    let mut hash = 0u64;
-    for y in 0..8 {
-        for x in 0..8 {
-            hash <<= 1;
-            if small.get_pixel(x, y).0[0] > small.get_pixel(x + 1, y).0[0] {
-                hash |= 1;
-            }
-        }
-    }
-    hash
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -335,16 +321,14 @@ mod tests {
     }
 
     #[test]
-    fn perceptual_hash_is_stable_under_resize() {
-        let img = GrayImage::from_fn(256, 256, |x, y| Luma([((x * 3 + y) % 256) as u8]));
-        let a = dhash(&img);
-        let b = dhash(&image::imageops::resize(
-            &img,
-            128,
-            128,
-            image::imageops::FilterType::Lanczos3,
-        ));
-        assert!((a ^ b).count_ones() <= 4, "{a:016x} vs {b:016x}");
+    fn the_reported_hash_is_the_near_duplicate_rules_hash() {
+        let img =
+            image::RgbImage::from_fn(256, 256, |x, y| Rgb([(x % 256) as u8, (y % 256) as u8, 90]));
+        let v = analyze_bytes(&jpeg(DynamicImage::ImageRgb8(img.clone()))).unwrap();
+        let reported =
+            u64::from_str_radix(v["metrics"]["perceptual_hash"].as_str().unwrap(), 16).unwrap();
+        assert_eq!(reported, sightline_core::embed::perceptual_hash(&img));
+        assert_eq!(v["metrics"]["hash_algorithm"], "phash-dct-64");
     }
 
     #[test]
