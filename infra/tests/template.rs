@@ -492,7 +492,15 @@ fn s3_permissions_are_prefix_scoped() {
     expect(RESIZE, "s3:PutObject", "/resized/*");
     expect(ANALYZE, "s3:GetObject", "/resized/*");
     expect(API, "s3:PutObject", "/uploads/*");
-    expect(RECONCILE, "s3:GetObject", "/uploads/*");
+    // The reconciler reads lost uploads, and the resized images of manual reindex runs.
+    let (_, reconcile) = t.function(RECONCILE);
+    let reads = t.resources_for(reconcile, "s3:GetObject");
+    assert_eq!(reads.len(), 2, "{reads:?}");
+    assert!(reads.iter().any(|r| r.ends_with("/uploads/*")), "{reads:?}");
+    assert!(
+        reads.iter().any(|r| r == "${Bucket.Arn}/resized/*"),
+        "{reads:?}"
+    );
     expect(RECONCILE, "s3:PutObject", "/resized/*");
     let (_, analyze) = t.function(ANALYZE);
     assert!(t.resources_for(analyze, "s3:PutObject").is_empty());
@@ -1664,7 +1672,7 @@ fn vector_bucket_and_index_with_least_privilege() {
             .into_iter()
             .filter(|(a, _, _)| a.iter().any(|a| a.starts_with("s3vectors:")))
             .collect();
-        if ![ANALYZE, API, BATCH].contains(&binary) {
+        if ![ANALYZE, API, BATCH, RECONCILE].contains(&binary) {
             assert!(!env.contains_key("SIGHTLINE_VECTOR_BUCKET"), "{id}");
             assert!(grants.is_empty(), "{id}: {grants:?}");
             continue;
@@ -1694,7 +1702,7 @@ fn vector_bucket_and_index_with_least_privilege() {
             .collect();
         // The analyzer and the batch lane write vectors (and query them for near-duplicate
         // skip); the api reads and deletes them.
-        let expected: BTreeSet<&str> = if binary == ANALYZE || binary == BATCH {
+        let expected: BTreeSet<&str> = if [ANALYZE, BATCH, RECONCILE].contains(&binary) {
             [
                 "s3vectors:ListIndexes",
                 "s3vectors:CreateIndex",
@@ -1734,7 +1742,7 @@ fn bedrock_is_invoked_only_under_its_conditions_with_the_functions_roles() {
             .filter(|(a, _, _)| a.iter().any(|a| a.starts_with("bedrock:")))
             .collect();
         let expected_condition = match binary {
-            ANALYZE | BATCH => Some("UsesBedrock"),
+            ANALYZE | BATCH | RECONCILE => Some("UsesBedrock"),
             API => Some("BedrockEmbedder"),
             _ => None,
         };

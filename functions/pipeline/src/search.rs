@@ -676,39 +676,59 @@ impl Search {
         let mut report = ReindexReport::default();
         let mut cursor: Option<String> = None;
         loop {
-            let page = self
-                .repo
-                .list_images(tenant, Some(ImageStatus::Done), 100, cursor.as_deref())
+            let (page, next) = self
+                .reindex_page(tenant, all, cursor.as_deref(), 100)
                 .await?;
-            for rec in page.images {
-                if !all && self.has_vector(&rec).await? {
-                    report.skipped += 1;
-                    continue;
-                }
-                let done = async {
-                    let key = rec
-                        .resized_key
-                        .clone()
-                        .ok_or_else(|| SearchError::NoVector(rec.image_id.clone()))?;
-                    let jpeg = self
-                        .blobs
-                        .get(&key, self.settings.prepare.max_input_bytes)
-                        .await?;
-                    self.index_image(&rec, &jpeg).await
-                };
-                match done.await {
-                    Ok(()) => report.indexed += 1,
-                    Err(e) => {
-                        warn!(error = %e, image_id = %rec.image_id, "could not index");
-                        report.failed += 1;
-                    }
-                }
-            }
-            match page.next_cursor {
+            report.indexed += page.indexed;
+            report.skipped += page.skipped;
+            report.failed += page.failed;
+            match next {
                 Some(c) => cursor = Some(c),
                 None => return Ok(report),
             }
         }
+    }
+
+    /// One page of [`Search::reindex`]: up to `limit` done images from `cursor` (None: the
+    /// newest), and the cursor of the next page (None: the last one). A caller with a deadline
+    /// (the reconcile Lambda) goes page by page and hands the cursor on.
+    pub async fn reindex_page(
+        &self,
+        tenant: &str,
+        all: bool,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<(ReindexReport, Option<String>), SearchError> {
+        let mut report = ReindexReport::default();
+        let page = self
+            .repo
+            .list_images(tenant, Some(ImageStatus::Done), limit.max(1), cursor)
+            .await?;
+        for rec in page.images {
+            if !all && self.has_vector(&rec).await? {
+                report.skipped += 1;
+                continue;
+            }
+            let done = async {
+                let key = rec
+                    .resized_key
+                    .clone()
+                    .ok_or_else(|| SearchError::NoVector(rec.image_id.clone()))?;
+                let jpeg = self
+                    .blobs
+                    .get(&key, self.settings.prepare.max_input_bytes)
+                    .await?;
+                self.index_image(&rec, &jpeg).await
+            };
+            match done.await {
+                Ok(()) => report.indexed += 1,
+                Err(e) => {
+                    warn!(error = %e, image_id = %rec.image_id, "could not index");
+                    report.failed += 1;
+                }
+            }
+        }
+        Ok((report, page.next_cursor))
     }
 
     /// Delete an image's vectors (every index).

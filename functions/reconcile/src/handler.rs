@@ -13,6 +13,11 @@
 //! A store error outside a single image (the query of due images) fails the invocation, so
 //! Lambda retries the asynchronous invocation; every step of the sweep is idempotent.
 //!
+//! A manual invocation with `{"reindex": {"tenant": "acme", "all": false, "cursor": null}}` gives
+//! the tenant's analysed images their vectors instead (`sightline reindex` on AWS): those missing
+//! one, or all with `all` (after a change of embedding model), page by page until the reserve
+//! before the deadline; the answer's `next_cursor`, when set, continues where it stopped.
+//!
 //! Each invocation writes its metrics as CloudWatch EMF lines: the lost uploads it resized
 //! (images processed and failed, time per upload, each in a span with its key, tenant and
 //! image id) and the jobs it sent again (`JobsRequeued`).
@@ -108,9 +113,34 @@ fn fitting(spare: Duration, pace: Duration) -> u64 {
     u64::try_from(spare.as_nanos() / pace.as_nanos()).unwrap_or(u64::MAX)
 }
 
+/// A manual reindex request (the `reindex` member of the invocation's payload).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReindexRequest {
+    pub tenant: String,
+    #[serde(default)]
+    pub all: bool,
+    #[serde(default)]
+    pub cursor: Option<String>,
+}
+
+/// What a reindex invocation did; `next_cursor`: invoke again with it to go on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReindexRun {
+    pub tenant: String,
+    #[serde(flatten)]
+    pub report: sightline_pipeline::search::ReindexReport,
+    pub next_cursor: Option<String>,
+}
+
+/// Done images per reindex page.
+pub const REINDEX_PAGE: usize = 50;
+
 #[derive(Clone)]
 pub struct ReconcileHandler {
     pub reconciler: Reconciler,
+    /// Vectors and their embedder, for manual reindex runs (None: no vector bucket here).
+    pub search: Option<Arc<sightline_pipeline::search::Search>>,
     /// Most images looked at per invocation.
     pub max: usize,
     /// Images per sweep call.
@@ -125,10 +155,74 @@ impl ReconcileHandler {
     pub fn new(reconciler: Reconciler, max: usize) -> ReconcileHandler {
         ReconcileHandler {
             reconciler,
+            search: None,
             max,
             chunk: CHUNK,
             reserve: RESERVE,
             emf: Emf::lambda("reconcile"),
+        }
+    }
+
+    /// Handle one invocation: a reindex request (`{"reindex": {...}}`) or else a sweep; the
+    /// answer is the run's report as JSON.
+    pub async fn handle_event(
+        &self,
+        event: serde_json::Value,
+        deadline: Option<SystemTime>,
+    ) -> anyhow::Result<serde_json::Value> {
+        if let Some(request) = event.get("reindex") {
+            let request: ReindexRequest = serde_json::from_value(request.clone()).context(
+                "the reindex request: {\"tenant\": \"...\", \"all\": false, \"cursor\": null}",
+            )?;
+            let run = self
+                .reindex(&request, || {
+                    deadline.map(|d| {
+                        d.duration_since(SystemTime::now())
+                            .unwrap_or(Duration::ZERO)
+                    })
+                })
+                .await?;
+            info!(?run, "reindex finished");
+            return Ok(serde_json::to_value(run)?);
+        }
+        Ok(serde_json::to_value(self.handle(event, deadline).await?)?)
+    }
+
+    /// Reindex page by page while no less than the reserve is left.
+    pub async fn reindex(
+        &self,
+        request: &ReindexRequest,
+        mut time_left: impl FnMut() -> Option<Duration>,
+    ) -> anyhow::Result<ReindexRun> {
+        let search = self
+            .search
+            .as_ref()
+            .context("no vector store here (SIGHTLINE_VECTOR_BUCKET is not set)")?;
+        let mut run = ReindexRun {
+            tenant: request.tenant.clone(),
+            report: Default::default(),
+            next_cursor: request.cursor.clone(),
+        };
+        loop {
+            if time_left().is_some_and(|t| t < self.reserve) {
+                return Ok(run);
+            }
+            let (page, next) = search
+                .reindex_page(
+                    &request.tenant,
+                    request.all,
+                    run.next_cursor.as_deref(),
+                    REINDEX_PAGE,
+                )
+                .await
+                .map_err(|e| anyhow::anyhow!("reindex of {}: {e}", request.tenant))?;
+            run.report.indexed += page.indexed;
+            run.report.skipped += page.skipped;
+            run.report.failed += page.failed;
+            run.next_cursor = next;
+            if run.next_cursor.is_none() {
+                return Ok(run);
+            }
         }
     }
 
@@ -539,6 +633,120 @@ mod tests {
             serde_json::to_value(&run).unwrap(),
             serde_json::json!({"resized": 1, "rejected": 0, "requeued": 2, "expired": 3,
                                "settled": 4, "errors": 0, "chunks": 2, "stopped": "max_reached"})
+        );
+    }
+
+    /// `n` done images of acme with results and resized JPEGs, but no vectors.
+    async fn done_unindexed(f: &Fixture, n: usize) {
+        let now = now_ms();
+        let bytes = jpeg(64, 48);
+        for i in 0..n {
+            let id = format!("img-{i:04}");
+            let key = format!("resized/acme/{id}.jpg");
+            f.blobs
+                .put(&key, bytes.clone(), "image/jpeg")
+                .await
+                .unwrap();
+            let at = rfc3339(now);
+            let r: ImageRecord = serde_json::from_value(serde_json::json!({
+                "image_id": id, "tenant": "acme", "source": format!("uploads/acme/{id}.jpg"),
+                "status": "done", "created_at": at, "updated_at": at, "resized_key": key,
+                "result": {
+                    "provider": "local", "model": "sightline-local-v1",
+                    "analysis": {"description": "a test", "tags": ["x"]},
+                    "usage": {"input_tokens": 0, "output_tokens": 0}, "cost_usd": 0.0,
+                    "cached": false, "idempotency_key": format!("k{i}"), "prompt_version": "v1",
+                    "price_version": "p", "completed_at": at
+                }
+            }))
+            .unwrap();
+            f.repo.put_image(&r, None).await.unwrap();
+        }
+    }
+
+    fn with_search(f: &mut Fixture) {
+        let search = sightline_pipeline::search::Search::new(
+            f.repo.clone(),
+            f.blobs.clone(),
+            Arc::new(sightline_pipeline::local::SqliteVectorStore::new(
+                SqliteDb::in_memory().unwrap(),
+            )),
+            Some(Arc::new(
+                sightline_pipeline::providers::local_embed::LocalEmbedder,
+            )),
+            Arc::new(Settings::default()),
+            Arc::new(SystemClock),
+        );
+        f.handler.search = Some(Arc::new(search));
+    }
+
+    #[tokio::test]
+    async fn a_reindex_request_stops_before_the_deadline_and_its_cursor_carries_on() {
+        let mut f = fixture(100, 1000);
+        with_search(&mut f);
+        done_unindexed(&f, 120).await;
+        // Enough time for two pages, then under the reserve.
+        let mut calls = 0;
+        let request = ReindexRequest {
+            tenant: "acme".into(),
+            all: false,
+            cursor: None,
+        };
+        let first = f
+            .handler
+            .reindex(&request, || {
+                calls += 1;
+                Some(if calls <= 2 {
+                    Duration::from_secs(600)
+                } else {
+                    Duration::from_secs(1)
+                })
+            })
+            .await
+            .unwrap();
+        assert_eq!(first.report.indexed, 2 * REINDEX_PAGE as u64);
+        let cursor = first.next_cursor.clone().expect("more to do");
+        // The next invocation goes on from the cursor, through the JSON payload.
+        let answer = f
+            .handler
+            .handle_event(
+                serde_json::json!({"reindex": {"tenant": "acme", "cursor": cursor}}),
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(answer["indexed"], 120 - 2 * REINDEX_PAGE as u64, "{answer}");
+        assert!(answer["next_cursor"].is_null(), "{answer}");
+        // Everything has its vector now.
+        let again = f
+            .handler
+            .handle_event(serde_json::json!({"reindex": {"tenant": "acme"}}), None)
+            .await
+            .unwrap();
+        assert_eq!(
+            (again["indexed"].as_u64(), again["skipped"].as_u64()),
+            (Some(0), Some(120))
+        );
+        // A malformed request is an error that says what is expected.
+        let err = f
+            .handler
+            .handle_event(serde_json::json!({"reindex": {"tenant": 7}}), None)
+            .await
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("reindex request"), "{err:#}");
+    }
+
+    #[tokio::test]
+    async fn without_a_vector_store_a_reindex_request_fails_clearly() {
+        let f = fixture(100, 1000);
+        let err = f
+            .handler
+            .handle_event(serde_json::json!({"reindex": {"tenant": "acme"}}), None)
+            .await
+            .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("SIGHTLINE_VECTOR_BUCKET"),
+            "{err:#}"
         );
     }
 }

@@ -19,19 +19,26 @@ async fn main() -> Result<(), Error> {
     let queue_url = env.require_queue()?.to_string();
     let sdk = config::sdk_config_from_env().await;
     let clients = Clients::new(&sdk, env.endpoint_url.as_deref());
+    let blobs = Arc::new(S3BlobStore::new(clients.s3.clone(), &env.bucket));
+    let repo = Arc::new(DynamoRepository::new(clients.dynamodb.clone(), &env.table));
+    // Manual reindex runs (`{"reindex": {...}}`) use the same vectors and embedder as analyze.
+    let search =
+        config::search_from_env(&env, &sdk, &settings, repo.clone(), blobs.clone()).await?;
     let ingest = Ingest::new(
-        Arc::new(S3BlobStore::new(clients.s3.clone(), &env.bucket)),
-        Arc::new(DynamoRepository::new(clients.dynamodb.clone(), &env.table)),
+        blobs,
+        repo,
         Arc::new(SqsQueue::new(clients.sqs.clone(), &queue_url)),
         settings,
         Arc::new(SystemClock),
         &env.upload_prefix,
     );
-    let handler = Arc::new(ReconcileHandler::new(Reconciler::new(ingest), max));
+    let mut handler = ReconcileHandler::new(Reconciler::new(ingest), max);
+    handler.search = search;
+    let handler = Arc::new(handler);
     lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| {
         let handler = handler.clone();
         let deadline = event.context.deadline();
-        async move { Ok::<_, Error>(handler.handle(event.payload, Some(deadline)).await?) }
+        async move { Ok::<_, Error>(handler.handle_event(event.payload, Some(deadline)).await?) }
     }))
     .await
 }
