@@ -1874,6 +1874,9 @@ fn similar_search_near_duplicate_skip_and_delete_work_offline() {
         .sum();
     assert_eq!(reused, 1, "{report}");
     assert_eq!(report["by_kind"]["reused_images"], 1, "{report}");
+    // The offline embedder calls nobody: nothing of it is on the ledger.
+    assert!(rows.iter().all(|r| r["kind"] != "embedding"), "{report}");
+    assert_eq!(report["by_kind"]["embedding"]["calls"], 0, "{report}");
 
     // `similar` by id: the copy is Garden's nearest; by file: Garden's photo finds both.
     let out = sightline(data.path())

@@ -937,6 +937,11 @@ pub trait Embedder: Send + Sync {
     /// Whether text queries land in the same space as images. The offline embedder's do not:
     /// text search then ranks by the analysis text instead (`"mode": "keyword"`).
     fn understands_text(&self) -> bool;
+    /// Whether a call is a paid provider call, booked on the ledger. The offline embedder's
+    /// are not (like the offline analyzer's, they cost nothing and call nobody).
+    fn is_paid(&self) -> bool {
+        true
+    }
     async fn embed_image(&self, jpeg: &[u8]) -> Result<Embedding, ProviderError>;
     /// Fails with a permanent [`ProviderError`] when [`Embedder::understands_text`] is false.
     async fn embed_text(&self, text: &str) -> Result<Embedding, ProviderError>;

@@ -168,7 +168,7 @@ impl Search {
         F: FnMut() -> Fut + 'a,
         Fut: std::future::Future<Output = Result<Embedding, ProviderError>> + 'a,
     {
-        let limited = embedder.name() != "local";
+        let limited = embedder.is_paid();
         let mut attempt = 0u32;
         loop {
             if limited {
@@ -375,6 +375,9 @@ impl Search {
         embedder: &dyn Embedder,
         emb: &Embedding,
     ) -> Result<(), SearchError> {
+        if !embedder.is_paid() {
+            return Ok(());
+        }
         let price = PriceTable::builtin()
             .embedding_model(embedder.model())
             .map_err(|e| SearchError::BadRequest(e.to_string()))?;

@@ -39,6 +39,10 @@ impl Embedder for LocalEmbedder {
         false
     }
 
+    fn is_paid(&self) -> bool {
+        false
+    }
+
     async fn embed_image(&self, jpeg: &[u8]) -> Result<Embedding, ProviderError> {
         let bytes = jpeg.to_vec();
         let vector = tokio::task::spawn_blocking(move || visual_embedding(&bytes))
