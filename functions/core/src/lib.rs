@@ -11,6 +11,7 @@
 //! - [`limiter`]: RPM + TPM reserve-then-correct maths.
 //! - [`keys`]: blob key layout and S3 event key decoding.
 //! - [`model`]: records, results and queue messages.
+//! - [`webhook`]: Standard Webhooks signing and verification, delivery outcome and retry schedule.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod batch;
@@ -24,6 +25,7 @@ pub mod model;
 pub mod prepare;
 pub mod pricing;
 pub mod retry;
+pub mod webhook;
 
 pub use model::{
     AnalysisJob, AnalysisResult, Detail, Estimate, ImageRecord, ImageSize, ImageStatus,
