@@ -85,11 +85,21 @@ pub enum VerifyError {
     BadSignature,
 }
 
-/// A tenant's symmetric signing secret (the raw key bytes). `Debug` hides them.
-#[derive(Clone, PartialEq, Eq)]
+/// A tenant's symmetric signing secret. `Debug` hides it.
+#[derive(Clone)]
 pub struct WebhookSecret {
     key: Vec<u8>,
+    /// HMAC keyed once at construction; each signature starts from a clone of it.
+    keyed: HmacSha256,
 }
+
+impl PartialEq for WebhookSecret {
+    fn eq(&self, other: &WebhookSecret) -> bool {
+        self.key == other.key
+    }
+}
+
+impl Eq for WebhookSecret {}
 
 impl fmt::Debug for WebhookSecret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -163,7 +173,12 @@ impl WebhookSecret {
         if !(MIN_SECRET_BYTES..=MAX_SECRET_BYTES).contains(&key.len()) {
             return Err(SecretError::Length(key.len()));
         }
-        Ok(WebhookSecret { key: key.to_vec() })
+        // HMAC takes keys of any length; the error arm is for the type's sake.
+        let keyed = HmacSha256::new_from_slice(key).map_err(|_| SecretError::Length(key.len()))?;
+        Ok(WebhookSecret {
+            key: key.to_vec(),
+            keyed,
+        })
     }
 
     /// The `whsec_<base64>` form, to show the owner once or to store. Named so that a secret
@@ -174,10 +189,7 @@ impl WebhookSecret {
 
     /// HMAC state over `{id}.{timestamp}.{body}`.
     fn mac(&self, id: &str, timestamp: &str, body: &[u8]) -> HmacSha256 {
-        // HMAC takes keys of any length, so this cannot fail; the fallback keeps input paths
-        // free of panics all the same.
-        let mut mac = HmacSha256::new_from_slice(&self.key)
-            .unwrap_or_else(|_| <HmacSha256 as Mac>::new(&Default::default()));
+        let mut mac = self.keyed.clone();
         mac.update(id.as_bytes());
         mac.update(b".");
         mac.update(timestamp.as_bytes());
@@ -477,7 +489,7 @@ mod tests {
     #[test]
     fn verify_accepts_any_one_matching_signature_among_several() {
         let list = format!(
-            "v1,Ceo5qEr07ixe2NLpvHk3FH9bwy/WavXrAFQ/9tdO6mc= v1a,AAAA v2,xyz  {SPEC_SIGNATURE} v1,!!notbase64"
+            "v1,Ceo5qEr07ixe2NLpvHk3FH9bwy/WavXrAFQ/9tdO6mc= v1a,AAAA v2,xyz  {SPEC_SIGNATURE} v1,!!notbase64 v1,"
         );
         assert_eq!(
             secret().verify(
@@ -488,6 +500,26 @@ mod tests {
             ),
             Ok(())
         );
+    }
+
+    #[test]
+    fn verify_refuses_empty_and_truncated_signatures() {
+        let tag = BASE64
+            .decode(SPEC_SIGNATURE.trim_start_matches("v1,"))
+            .unwrap();
+        let half = format!("v1,{}", BASE64.encode(&tag[..16]));
+        for sig in ["v1,", half.as_str()] {
+            assert_eq!(
+                secret().verify(
+                    &received(SPEC_ID, TS, sig),
+                    SPEC_BODY,
+                    SPEC_TIMESTAMP,
+                    DEFAULT_TOLERANCE
+                ),
+                Err(VerifyError::BadSignature),
+                "{sig:?}"
+            );
+        }
     }
 
     #[test]
