@@ -5,23 +5,27 @@
 //! - [`budget`]: spending-cap periods (UTC day and month) and reservation maths.
 //! - [`color`]: embedded ICC profiles (Display P3, Adobe RGB, CMYK) converted to sRGB.
 //! - [`embed`]: the offline visual embedding, perceptual hash and near-duplicate rule.
+//! - [`generate`]: generation jobs: templates, CSV/JSON rows, requests and idempotency keys.
 //! - [`pricing`]: the versioned price table and image-token rules (one estimator everywhere).
 //! - [`retry`]: transient vs permanent, backoff.
 //! - [`limiter`]: RPM + TPM reserve-then-correct maths.
 //! - [`keys`]: blob key layout and S3 event key decoding.
 //! - [`model`]: records, results and queue messages.
+//! - [`webhook`]: Standard Webhooks signing and verification, delivery outcome and retry schedule.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod batch;
 pub mod budget;
 pub mod color;
 pub mod embed;
+pub mod generate;
 pub mod keys;
 pub mod limiter;
 pub mod model;
 pub mod prepare;
 pub mod pricing;
 pub mod retry;
+pub mod webhook;
 
 pub use model::{
     AnalysisJob, AnalysisResult, Detail, Estimate, ImageRecord, ImageSize, ImageStatus,

@@ -5,6 +5,7 @@
 //! - [`http`]: the API router used by the api Lambda and `sightline serve`.
 //! - [`metrics`]: the metric set, rendered as CloudWatch EMF (Lambda) and Prometheus (serve).
 //! - [`local`]: files + SQLite adapters; [`providers`]: OpenAI-compatible and offline analyzers.
+//! - [`webhook_url`]: webhook URLs checked against SSRF after DNS resolution.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod analyze;
@@ -20,6 +21,7 @@ pub mod providers;
 pub mod reconcile;
 pub mod search;
 pub mod settings;
+pub mod webhook_url;
 pub mod worker;
 
 pub use settings::Settings;
