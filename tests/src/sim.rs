@@ -2229,6 +2229,101 @@ async fn detached(
     }
 }
 
+/// The steps every simulated call takes once it is parsed and counted, in order: an injected
+/// 429, the RPM/TPM windows (`estimate` tokens against TPM), an injected hang past the client's
+/// timeout, the latency, an injected 5xx. Ok: the limit snapshot to answer with; Err: the
+/// response already finished (`finish` adds the limit and id headers).
+#[allow(clippy::too_many_arguments)]
+async fn gate(
+    sh: &Arc<Shared>,
+    cfg: &SimConfig,
+    api: Api,
+    key: &str,
+    model: &str,
+    estimate: u64,
+    fault: Option<Fault>,
+    rng: &mut StdRng,
+    finish: &(dyn Fn(Response, &LimitSnapshot) -> Response + Sync),
+) -> Result<LimitSnapshot, Response> {
+    if fault == Some(Fault::RateLimit) {
+        let wait = Duration::from_secs_f64(cfg.faults.retry_after_s);
+        let mut snap = sh.snapshot(key);
+        snap.remaining_requests = 0;
+        snap.reset_requests = wait;
+        let limit = if cfg.rpm > 0 {
+            cfg.rpm
+        } else {
+            snap.limit_requests
+        };
+        sh.lock().stats.faults.bump(Fault::RateLimit);
+        let resp = api.rate_limited(model, LimitKind::Requests, limit, limit, 1, Some(wait));
+        return Err(finish(resp, &snap));
+    }
+
+    let admission = {
+        let mut g = sh.lock();
+        let (rpm, tpm) = (g.cfg.rpm, g.cfg.tpm);
+        let adm =
+            g.windows
+                .entry(key.to_string())
+                .or_default()
+                .admit(Instant::now(), rpm, tpm, estimate);
+        if matches!(adm, Admission::Limited { .. }) {
+            g.stats.rate_limited += 1;
+        }
+        adm
+    };
+    let snap = match admission {
+        Admission::Admitted(s) => s,
+        Admission::Limited {
+            kind,
+            limit,
+            used,
+            requested,
+            wait,
+            snapshot,
+        } => {
+            let resp = api.rate_limited(model, kind, limit, used, requested, wait);
+            return Err(finish(resp, &snapshot));
+        }
+    };
+
+    if fault == Some(Fault::Timeout) {
+        sh.lock().stats.faults.bump(Fault::Timeout);
+        let mut stop = sh.shutdown.clone();
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(cfg.timeout_hang_ms)) => {}
+            _ = stop.wait_for(|s| *s) => {}
+        }
+        // Headers go out, then the body errors: hyper drops the connection mid-response.
+        let stream = futures_util::stream::once(async {
+            Err::<Bytes, std::io::Error>(std::io::Error::other("simulated timeout"))
+        });
+        let mut resp = Response::new(Body::from_stream(stream));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        return Err(finish(resp, &snap));
+    }
+
+    let delay = cfg.latency_ms
+        + if cfg.jitter_ms > 0 {
+            rng.gen_range(0..=cfg.jitter_ms)
+        } else {
+            0
+        };
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+
+    if let Some(f @ (Fault::Http500 | Fault::Http502 | Fault::Http503 | Fault::Http504)) = fault {
+        sh.lock().stats.faults.bump(f);
+        return Err(finish(api.server_error(f), &snap));
+    }
+    Ok(snap)
+}
+
 /// One vision call on any API: the checks, limits and faults of the module docs, in order.
 /// `path_model`: the model the path names (Bedrock), None where the body names it.
 async fn handle(
@@ -2326,91 +2421,24 @@ async fn handle(
         resp
     };
 
-    if fault == Some(Fault::RateLimit) {
-        let wait = Duration::from_secs_f64(cfg.faults.retry_after_s);
-        let mut snap = sh.snapshot(&key);
-        snap.remaining_requests = 0;
-        snap.reset_requests = wait;
-        let (limit, used) = if cfg.rpm > 0 {
-            (cfg.rpm, cfg.rpm)
-        } else {
-            (snap.limit_requests, snap.limit_requests)
-        };
-        sh.lock().stats.faults.bump(Fault::RateLimit);
-        let resp = api.rate_limited(
-            &parsed.model,
-            LimitKind::Requests,
-            limit,
-            used,
-            1,
-            Some(wait),
-        );
-        return finish(resp, &snap);
-    }
-
     // Rate-limit admission with OpenAI's estimate: prompt + max output tokens.
     let estimate = parsed.prompt_tokens + parsed.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
-    let admission = {
-        let mut g = sh.lock();
-        let (rpm, tpm) = (g.cfg.rpm, g.cfg.tpm);
-        let adm =
-            g.windows
-                .entry(key.clone())
-                .or_default()
-                .admit(Instant::now(), rpm, tpm, estimate);
-        if matches!(adm, Admission::Limited { .. }) {
-            g.stats.rate_limited += 1;
-        }
-        adm
+    let snap = match gate(
+        &sh,
+        &cfg,
+        api,
+        &key,
+        &parsed.model,
+        estimate,
+        fault,
+        &mut rng,
+        &finish,
+    )
+    .await
+    {
+        Ok(snap) => snap,
+        Err(resp) => return resp,
     };
-    let snap = match admission {
-        Admission::Admitted(s) => s,
-        Admission::Limited {
-            kind,
-            limit,
-            used,
-            requested,
-            wait,
-            snapshot,
-        } => {
-            let resp = api.rate_limited(&parsed.model, kind, limit, used, requested, wait);
-            return finish(resp, &snapshot);
-        }
-    };
-
-    if fault == Some(Fault::Timeout) {
-        sh.lock().stats.faults.bump(Fault::Timeout);
-        let mut stop = sh.shutdown.clone();
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(cfg.timeout_hang_ms)) => {}
-            _ = stop.wait_for(|s| *s) => {}
-        }
-        // Headers go out, then the body errors: hyper drops the connection mid-response.
-        let stream = futures_util::stream::once(async {
-            Err::<Bytes, std::io::Error>(std::io::Error::other("simulated timeout"))
-        });
-        let mut resp = Response::new(Body::from_stream(stream));
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        return finish(resp, &snap);
-    }
-
-    let delay = cfg.latency_ms
-        + if cfg.jitter_ms > 0 {
-            rng.gen_range(0..=cfg.jitter_ms)
-        } else {
-            0
-        };
-    if delay > 0 {
-        tokio::time::sleep(Duration::from_millis(delay)).await;
-    }
-
-    if let Some(f @ (Fault::Http500 | Fault::Http502 | Fault::Http503 | Fault::Http504)) = fault {
-        sh.lock().stats.faults.bump(f);
-        return finish(api.server_error(f), &snap);
-    }
 
     let Answer {
         body,

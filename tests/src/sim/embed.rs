@@ -35,14 +35,13 @@
 use std::collections::BTreeMap;
 use std::io::Cursor;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use axum::body::{Body, Bytes};
+use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
-use rand::Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -50,8 +49,8 @@ use sightline_core::pricing::{text_tokens, EmbeddingPrice, PriceTable};
 
 use super::bedrock::{source_bytes, validation};
 use super::{
-    decide_fault, forced_fault, is_poison, json_response, per_request_rng, poison_error,
-    set_header, truncate_chars, Admission, Api, ApiError, Fault, LimitKind, LimitSnapshot, Shared,
+    decide_fault, forced_fault, gate, is_poison, json_response, per_request_rng, poison_error,
+    set_header, truncate_chars, Api, ApiError, Fault, LimitSnapshot, Shared,
 };
 
 /// Side of the thumbnail an image's vector is made from.
@@ -648,90 +647,24 @@ async fn handle(
         resp
     };
 
-    if fault == Some(Fault::RateLimit) {
-        let wait = Duration::from_secs_f64(cfg.faults.retry_after_s);
-        let mut snap = sh.snapshot(&key);
-        snap.remaining_requests = 0;
-        snap.reset_requests = wait;
-        let limit = if cfg.rpm > 0 {
-            cfg.rpm
-        } else {
-            snap.limit_requests
-        };
-        sh.lock().stats.faults.bump(Fault::RateLimit);
-        let resp = api.rate_limited(
-            &call.model,
-            LimitKind::Requests,
-            limit,
-            limit,
-            1,
-            Some(wait),
-        );
-        return finish(resp, &snap);
-    }
-
     // An embedding call counts its text tokens (at least one) against the TPM window.
     let estimate = call.text_tokens().max(1);
-    let admission = {
-        let mut g = sh.lock();
-        let (rpm, tpm) = (g.cfg.rpm, g.cfg.tpm);
-        let adm =
-            g.windows
-                .entry(key.clone())
-                .or_default()
-                .admit(Instant::now(), rpm, tpm, estimate);
-        if matches!(adm, Admission::Limited { .. }) {
-            g.stats.rate_limited += 1;
-        }
-        adm
+    let snap = match gate(
+        &sh,
+        &cfg,
+        api,
+        &key,
+        &call.model,
+        estimate,
+        fault,
+        &mut rng,
+        &finish,
+    )
+    .await
+    {
+        Ok(snap) => snap,
+        Err(resp) => return resp,
     };
-    let snap = match admission {
-        Admission::Admitted(s) => s,
-        Admission::Limited {
-            kind,
-            limit,
-            used,
-            requested,
-            wait,
-            snapshot,
-        } => {
-            let resp = api.rate_limited(&call.model, kind, limit, used, requested, wait);
-            return finish(resp, &snapshot);
-        }
-    };
-
-    if fault == Some(Fault::Timeout) {
-        sh.lock().stats.faults.bump(Fault::Timeout);
-        let mut stop = sh.shutdown.clone();
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(cfg.timeout_hang_ms)) => {}
-            _ = stop.wait_for(|s| *s) => {}
-        }
-        let stream = futures_util::stream::once(async {
-            Err::<Bytes, std::io::Error>(std::io::Error::other("simulated timeout"))
-        });
-        let mut resp = Response::new(Body::from_stream(stream));
-        resp.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        return finish(resp, &snap);
-    }
-
-    let delay = cfg.latency_ms
-        + if cfg.jitter_ms > 0 {
-            rng.gen_range(0..=cfg.jitter_ms)
-        } else {
-            0
-        };
-    if delay > 0 {
-        tokio::time::sleep(Duration::from_millis(delay)).await;
-    }
-
-    if let Some(f @ (Fault::Http500 | Fault::Http502 | Fault::Http503 | Fault::Http504)) = fault {
-        sh.lock().stats.faults.bump(f);
-        return finish(api.server_error(f), &snap);
-    }
 
     let mut vector = vector_of(&call);
     if fault == Some(Fault::BadContent) {
