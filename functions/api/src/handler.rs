@@ -75,6 +75,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_query_image_over_two_megabytes_reaches_the_search_route_and_an_oversized_one_is_413()
+    {
+        let state = state().await;
+        let post = |len: usize| {
+            lambda_http::http::Request::builder()
+                .method("POST")
+                .uri("/v1/search?top=3")
+                .header("x-api-key", "k1")
+                .body(Body::Binary(vec![0xFF; len]))
+                .unwrap()
+        };
+        // 3 MB passes axum's default 2 MB limit (search is off here: 503, not 413).
+        let (status, body) = call(app(state.clone()), post(3 << 20)).await;
+        assert_eq!(status, 503, "{body}");
+        // Over the upload limit: a JSON 413.
+        let over = state.settings.prepare.max_input_bytes as usize + 1;
+        let (status, body) = call(app(state), post(over)).await;
+        assert_eq!(status, 413, "{body}");
+        assert_eq!(body["error"]["code"], "too_large");
+    }
+
+    #[tokio::test]
     async fn lambda_http_requests_reach_the_router() {
         let state = state().await;
         let unauth = lambda_http::http::Request::builder()

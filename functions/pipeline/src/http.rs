@@ -62,6 +62,11 @@ pub fn router(state: ApiState) -> Router {
 
 /// The API routes alone, for merging into a larger app (`sightline serve` adds the widget).
 pub fn routes(state: ApiState) -> Router {
+    // A query image may be as large as an upload (axum's default body limit is 2 MB; behind API
+    // Gateway and Lambda the request is capped at 6 MB anyway).
+    let search_body_limit =
+        usize::try_from(state.settings.prepare.max_input_bytes.saturating_add(1))
+            .unwrap_or(usize::MAX);
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/uploads", post(create_upload))
@@ -69,7 +74,12 @@ pub fn routes(state: ApiState) -> Router {
         .route("/v1/images/{id}", get(get_image).delete(delete_image))
         .route("/v1/images/{id}/analyze", post(reanalyze))
         .route("/v1/images/{id}/similar", get(similar))
-        .route("/v1/search", get(search_text).post(search_image))
+        .route(
+            "/v1/search",
+            get(search_text)
+                .post(search_image)
+                .layer(axum::extract::DefaultBodyLimit::max(search_body_limit)),
+        )
         .route("/v1/costs", get(costs))
         .route("/v1/batches", get(list_batches))
         .route(
