@@ -237,10 +237,6 @@ impl Search {
             .map(|e| VectorIndex::new(e.model(), e.dims()))
     }
 
-    fn embedder_is_visual(&self) -> bool {
-        self.index().is_some_and(|i| i == visual_index())
-    }
-
     /// Whether visual vectors are kept besides the embedder's: near-duplicate skip needs them
     /// for every image, whatever the embedder.
     fn keeps_visual(&self) -> bool {
@@ -744,22 +740,23 @@ impl Search {
 
     /// Whether a done image already has its vector in the embedder's index (reindex skips it).
     pub async fn has_vector(&self, record: &ImageRecord) -> Result<bool, SearchError> {
-        let Some(index) = self.index() else {
-            return Ok(true);
-        };
-        let has = self
-            .vectors
-            .get_vector(&index, &record.tenant, &record.image_id)
-            .await?
-            .is_some();
-        if !has || !self.keeps_visual() || self.embedder_is_visual() {
-            return Ok(has);
+        // Every index this image should be in: the embedder's, and the visual one when
+        // near-duplicate skip needs it (the same index when the embedder is the visual one).
+        let mut wanted: Vec<VectorIndex> = self.index().into_iter().collect();
+        if self.keeps_visual() && !wanted.contains(&visual_index()) {
+            wanted.push(visual_index());
         }
-        Ok(self
-            .vectors
-            .get_vector(&visual_index(), &record.tenant, &record.image_id)
-            .await?
-            .is_some())
+        for index in wanted {
+            if self
+                .vectors
+                .get_vector(&index, &record.tenant, &record.image_id)
+                .await?
+                .is_none()
+            {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 }
 

@@ -323,3 +323,61 @@ async fn similar_and_text_search_stay_within_the_tenant_and_text_queries_are_boo
         .collect();
     assert_eq!(ids, ["c"]);
 }
+
+#[tokio::test]
+async fn with_the_embedder_off_near_duplicate_skip_still_gets_visual_vectors_from_reindex() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = SqliteDb::in_memory().unwrap();
+    let blobs: Arc<dyn BlobStore> = Arc::new(FileBlobStore::new(dir.path()));
+    let repo: Arc<dyn Repository> = Arc::new(SqliteRepository::new(db.clone()));
+    let settings = Arc::new(Settings {
+        dedupe: sightline_pipeline::settings::Dedupe::Near,
+        embedder: sightline_pipeline::settings::EmbedderKind::Off,
+        ..Settings::default()
+    });
+    let search = Search::new(
+        repo.clone(),
+        blobs.clone(),
+        Arc::new(SqliteVectorStore::new(db)),
+        None,
+        settings,
+        Arc::new(SystemClock),
+    );
+    // A done image with a real resized JPEG and no vector.
+    let img = image::RgbImage::from_fn(64, 48, |x, y| {
+        image::Rgb([(x * 4) as u8, (y * 5) as u8, 60])
+    });
+    let mut jpeg = Vec::new();
+    image::DynamicImage::ImageRgb8(img)
+        .write_to(
+            &mut std::io::Cursor::new(&mut jpeg),
+            image::ImageFormat::Jpeg,
+        )
+        .unwrap();
+    let mut rec = record_of("t", "a");
+    rec.status = ImageStatus::Done;
+    rec.sha256 = Some(sha(&jpeg));
+    rec.result = Some(
+        serde_json::from_value(serde_json::json!({
+            "provider": "local", "model": "m", "analysis": {"description": "x", "tags": []},
+            "usage": {"input_tokens": 0, "output_tokens": 0}, "cost_usd": 0.0, "cached": false,
+            "idempotency_key": "k", "prompt_version": "v1", "price_version": "p",
+            "completed_at": "2026-11-30T00:00:00.000Z"
+        }))
+        .unwrap(),
+    );
+    blobs
+        .put(rec.resized_key.as_deref().unwrap(), jpeg, "image/jpeg")
+        .await
+        .unwrap();
+    repo.put_image(&rec, None).await.unwrap();
+
+    let first = search.reindex("t", false).await.unwrap();
+    assert_eq!((first.indexed, first.failed), (1, 0));
+    assert_eq!(search.reindex("t", false).await.unwrap().skipped, 1);
+    // No embedder: no similarity search, but the visual vector serves the skip.
+    assert!(matches!(
+        search.similar("t", "a", 5).await,
+        Err(SearchError::Off)
+    ));
+}
