@@ -122,14 +122,16 @@ pub struct CostRow {
     pub reused_saved_usd: f64,
 }
 
-/// What a ledger row's money bought. Models of the two kinds never share a row: an embedding
-/// model is never a vision model.
+/// What a ledger row's money bought. Models of different kinds never share a row: an embedding
+/// or image generation model is never a vision model.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LedgerKind {
     #[default]
     Analysis,
     Embedding,
+    /// Generated images (booked once per image's spend id, on the ledger only).
+    Generation,
 }
 
 impl LedgerKind {
@@ -137,14 +139,15 @@ impl LedgerKind {
         match self {
             LedgerKind::Analysis => "analysis",
             LedgerKind::Embedding => "embedding",
+            LedgerKind::Generation => "generation",
         }
     }
 
     pub fn parse(value: &str) -> LedgerKind {
-        if value == "embedding" {
-            LedgerKind::Embedding
-        } else {
-            LedgerKind::Analysis
+        match value {
+            "embedding" => LedgerKind::Embedding,
+            "generation" => LedgerKind::Generation,
+            _ => LedgerKind::Analysis,
         }
     }
 }
@@ -367,8 +370,9 @@ pub trait Repository: Send + Sync {
     /// lost the race for its image is still good for its key). Ends an in-flight claim on it.
     async fn cache_result(&self, result: &AnalysisResult) -> StoreResult<()>;
     /// Add money that left no result to the ledger and to the image's `extra_spend`, once per
-    /// `spend_id` (a repeat is a no-op). A missing image only gets the ledger entry; so does an
-    /// embedding ([`LedgerKind::Embedding`]), whose row says what it bought.
+    /// `spend_id` (a repeat is a no-op). A missing image only gets the ledger entry; so do an
+    /// embedding ([`LedgerKind::Embedding`]) and a generated image ([`LedgerKind::Generation`]),
+    /// whose rows say what they bought.
     async fn book_spend(
         &self,
         tenant: &str,
