@@ -738,6 +738,33 @@ pub async fn spend_contract(repo: Arc<dyn Repository>) {
     let rec = repo.get_image(&t, "e1").await.unwrap().unwrap();
     assert!(rec.extra_spend.is_none(), "{:?}", rec.extra_spend);
 
+    // A generated image is booked once per spend id, on a `generation` row of its model.
+    let generation = Spend {
+        model: "gpt-image-1".into(),
+        usage: Usage {
+            input_tokens: 9,
+            output_tokens: 408,
+            cached_tokens: 0,
+        },
+        cost_usd: 0.016365,
+        kind: LedgerKind::Generation,
+        ..embedding.clone()
+    };
+    for _ in 0..2 {
+        repo.book_spend(&t, "e1", "gen-row-1", &generation)
+            .await
+            .unwrap();
+    }
+    let rows = repo.costs(&t, "2026-05-01", "2026-05-01").await.unwrap();
+    let gen = rows.iter().find(|r| r.model == "gpt-image-1").unwrap();
+    assert_eq!(
+        (gen.kind, gen.calls, gen.output_tokens),
+        (LedgerKind::Generation, 1, 408)
+    );
+    assert!(close(gen.cost_usd, 0.016365));
+    let rec = repo.get_image(&t, "e1").await.unwrap().unwrap();
+    assert!(rec.extra_spend.is_none(), "{:?}", rec.extra_spend);
+
     // A near-duplicate's reused analysis counts as an image at $0 with what it spared.
     repo.put_image(
         &record(&t, "n1", "2026-05-01T00:00:00.000Z", ImageStatus::Queued),

@@ -4,7 +4,9 @@
 //! poison → faults → rate limits → latency → answer) and one set of windows, faults and stats;
 //! only the wire format differs ([`Api`]). Embeddings ([`embed`]: OpenAI-compatible
 //! `POST /v1/embeddings`, Bedrock's `POST /model/{modelId}/invoke` for Titan and Nova) follow
-//! the same flow with the same windows and faults, and answer deterministic vectors.
+//! the same flow with the same windows and faults, and answer deterministic vectors. Image
+//! generation ([`images`]: `POST /v1/images/generations`, Bedrock's `invoke` for Nova Canvas and
+//! Titan Image Generator v2) does too, answering small real pictures.
 //!
 //! Deterministic enough for tests and realistic enough for benchmarks:
 //!
@@ -89,10 +91,12 @@ use tokio::task::JoinHandle;
 pub mod batch;
 pub mod bedrock;
 pub mod embed;
+pub mod images;
 
 use batch::BatchStore;
 pub use batch::{BatchConfig, BatchStats};
 pub use embed::EmbedStats;
+pub use images::ImageStats;
 
 /// Length of the rate-limit windows.
 pub const WINDOW: Duration = Duration::from_secs(60);
@@ -457,6 +461,10 @@ pub struct SimStats {
     /// `faults` and `rate_limited` with the others').
     #[serde(default)]
     pub embeddings: EmbedStats,
+    /// The image generation routes (not in `requests`; their injected faults and limiter 429s
+    /// are in `faults` and `rate_limited` with the others').
+    #[serde(default)]
+    pub images: ImageStats,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -870,6 +878,10 @@ fn router(shared: Arc<Shared>) -> Router {
         .route(
             "/v1/embeddings",
             post(|state, headers, body| embed::detached(Api::OpenAi, None, state, headers, body)),
+        )
+        .route(
+            "/v1/images/generations",
+            post(|state, headers, body| images::detached(Api::OpenAi, None, state, headers, body)),
         )
         .route("/v1/models", get(list_models))
         .route("/sim/stats", get(get_stats))

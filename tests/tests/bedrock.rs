@@ -384,3 +384,112 @@ async fn openai_compatible_embeddings_through_v1_embeddings() {
     assert_eq!(classify(&e.kind), RetryClass::Permanent);
     assert_eq!(sim.stats().await.embeddings.unauthorized, 1);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Image generation: Nova Canvas and Titan Image Generator v2 through InvokeModel
+// ---------------------------------------------------------------------------------------------
+
+mod images {
+    use super::*;
+    use sightline_core::generate::{OutputFormat, Quality, Size};
+    use sightline_pipeline::ports::{GenerationCall, ImageGenerator};
+    use sightline_pipeline::providers::gen_bedrock::BedrockGenerator;
+    use sightline_tests::sim::images::REFUSE_MARKER;
+
+    const NOVA_CANVAS: &str = "amazon.nova-canvas-v1:0";
+    const TITAN_IMAGE: &str = "amazon.titan-image-generator-v2:0";
+
+    fn call(model: &str, prompt: &str, format: OutputFormat) -> GenerationCall {
+        GenerationCall {
+            model: model.into(),
+            prompt: prompt.into(),
+            size: Size::Pixels {
+                width: 1280,
+                height: 720,
+            },
+            quality: Quality::High,
+            output_format: format,
+            seed: Some(7),
+        }
+    }
+
+    #[tokio::test]
+    async fn nova_canvas_and_titan_answer_an_image_in_the_asked_format_priced_per_image() {
+        let (sim, sdk) = sim(FaultPlan::default()).await;
+        let gen = BedrockGenerator::from_sdk_config(&sdk, TIMEOUT);
+        for (model, format) in [
+            (NOVA_CANVAS, OutputFormat::Png),
+            (TITAN_IMAGE, OutputFormat::Jpeg),
+        ] {
+            let img = gen
+                .generate(&call(model, "a harbour", format))
+                .await
+                .unwrap();
+            assert_eq!(img.usage, None, "bedrock bills per image");
+            assert!(img.width > img.height);
+            let decoded = image::load_from_memory(&img.bytes).unwrap();
+            assert_eq!((decoded.width(), decoded.height()), (img.width, img.height));
+            let price = PriceTable::builtin().image_model(model).unwrap();
+            let cost = price.cost_usd(
+                Size::Pixels {
+                    width: 1280,
+                    height: 720,
+                },
+                Quality::High,
+                img.usage.as_ref(),
+            );
+            assert!(cost.unwrap() > 0.0, "{model}");
+        }
+        assert_eq!(
+            image::guess_format(
+                &gen.generate(&call(TITAN_IMAGE, "x", OutputFormat::Jpeg))
+                    .await
+                    .unwrap()
+                    .bytes
+            )
+            .unwrap(),
+            image::ImageFormat::Jpeg
+        );
+        assert_eq!(sim.stats().await.images.images, 3);
+    }
+
+    #[tokio::test]
+    async fn throttling_server_errors_refusals_and_bad_images_are_classified() {
+        let (_sim, sdk) = sim(always(Fault::RateLimit)).await;
+        let gen = BedrockGenerator::from_sdk_config(&sdk, TIMEOUT);
+        let e = gen
+            .generate(&call(NOVA_CANVAS, "x", OutputFormat::Png))
+            .await
+            .unwrap_err();
+        assert_eq!(http_kind(&e), (429, Some(Duration::from_secs(2))));
+        assert_eq!(classify(&e.kind), RetryClass::Transient);
+
+        let (_sim, sdk) = sim(always(Fault::Http503)).await;
+        let gen = BedrockGenerator::from_sdk_config(&sdk, TIMEOUT);
+        let e = gen
+            .generate(&call(NOVA_CANVAS, "x", OutputFormat::Png))
+            .await
+            .unwrap_err();
+        assert_eq!(classify(&e.kind), RetryClass::Transient);
+        assert!(!e.billed);
+
+        let (_sim, sdk) = sim(FaultPlan::default()).await;
+        let gen = BedrockGenerator::from_sdk_config(&sdk, TIMEOUT);
+        let e = gen
+            .generate(&call(NOVA_CANVAS, REFUSE_MARKER, OutputFormat::Png))
+            .await
+            .unwrap_err();
+        assert_eq!(http_kind(&e).0, 400);
+        assert_eq!(classify(&e.kind), RetryClass::Permanent);
+        assert!(!e.billed);
+
+        let (_sim, sdk) = sim(always(Fault::BadContent)).await;
+        let gen = BedrockGenerator::from_sdk_config(&sdk, TIMEOUT);
+        let e = gen
+            .generate(&call(TITAN_IMAGE, "x", OutputFormat::Png))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, FailureKind::InvalidOutput);
+        assert!(e.billed);
+    }
+}

@@ -1773,3 +1773,224 @@ mod openai_batch {
         assert_eq!(p.find("ours-a", since + 60_000).await.unwrap(), None);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Image generation: `POST /v1/images/generations` through the pipeline's OpenAI generator
+// ---------------------------------------------------------------------------------------------
+
+mod images {
+    use super::*;
+    use sightline_core::generate::{OutputFormat, Quality, Size};
+    use sightline_core::retry::{classify, FailureKind, RetryClass};
+    use sightline_pipeline::ports::{GenerationCall, ImageGenerator};
+    use sightline_pipeline::providers::gen_local::LocalGenerator;
+    use sightline_pipeline::providers::gen_openai::OpenAiGenerator;
+    use sightline_tests::sim::images::REFUSE_MARKER;
+
+    fn call(prompt: &str, quality: Quality, format: OutputFormat) -> GenerationCall {
+        GenerationCall {
+            model: "gpt-image-1".into(),
+            prompt: prompt.into(),
+            size: Size::Pixels {
+                width: 1024,
+                height: 1536,
+            },
+            quality,
+            output_format: format,
+            seed: None,
+        }
+    }
+
+    async fn generator(faults: FaultPlan) -> (SimServer, OpenAiGenerator) {
+        let sim = SimServer::start(SimConfig { faults, ..cfg() })
+            .await
+            .unwrap();
+        let gen = OpenAiGenerator::new(&sim.url("/v1"), KEY, Duration::from_secs(10)).unwrap();
+        (sim, gen)
+    }
+
+    fn always(fault: Fault) -> FaultPlan {
+        FaultPlan {
+            every_nth: Some(EveryNth { n: 1, fault }),
+            retry_after_s: 2.0,
+            ..FaultPlan::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn an_image_comes_back_checked_with_its_usage_and_cost() {
+        let (sim, gen) = generator(FaultPlan::default()).await;
+        let prompt = "a lighthouse on a cliff at dawn";
+        for (format, mime) in [
+            (OutputFormat::Png, "image/png"),
+            (OutputFormat::Jpeg, "image/jpeg"),
+            (OutputFormat::Webp, "image/webp"),
+        ] {
+            let img = gen
+                .generate(&call(prompt, Quality::Low, format))
+                .await
+                .unwrap();
+            assert_eq!(img.content_type, mime);
+            // A real picture of the asked aspect (portrait), small.
+            assert!(img.height > img.width, "{}x{}", img.width, img.height);
+            let usage = img.usage.unwrap();
+            assert_eq!(usage.input_tokens, text_tokens(prompt));
+            // OpenAI's published output tokens for a low-quality portrait image.
+            assert_eq!(usage.output_tokens, 408);
+            let price = PriceTable::builtin().image_model("gpt-image-1").unwrap();
+            let cost = price
+                .cost_usd(img_size(), Quality::Low, Some(&usage))
+                .unwrap();
+            let expected = (usage.input_tokens as f64 * 5.0 + 408.0 * 40.0) / 1e6;
+            assert!((cost - expected).abs() < 1e-12, "{cost}");
+            // The token price lands on the published per-image figure ($0.016), near enough.
+            assert!((cost - 0.016).abs() < 0.001, "{cost}");
+        }
+        let stats = sim.stats().await;
+        assert_eq!(stats.images.images, 3);
+        assert_eq!(stats.images.output_tokens, 3 * 408);
+        assert_eq!(stats.images.per_model["gpt-image-1"], 3);
+        assert_eq!(stats.requests, 0, "image calls are not vision calls");
+    }
+
+    fn img_size() -> Size {
+        Size::Pixels {
+            width: 1024,
+            height: 1536,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_429_keeps_its_retry_after_and_is_transient() {
+        let (_sim, gen) = generator(always(Fault::RateLimit)).await;
+        let e = gen
+            .generate(&call("x", Quality::Low, OutputFormat::Png))
+            .await
+            .unwrap_err();
+        match e.kind {
+            FailureKind::Http {
+                status: 429,
+                retry_after: Some(wait),
+            } => assert_eq!(wait, Duration::from_secs(2)),
+            ref other => panic!("{other:?}"),
+        }
+        assert_eq!(classify(&e.kind), RetryClass::Transient);
+        assert!(!e.billed);
+    }
+
+    #[tokio::test]
+    async fn the_images_per_minute_window_refuses_the_next_image() {
+        let sim = SimServer::start(SimConfig { rpm: 1, ..cfg() })
+            .await
+            .unwrap();
+        let gen = OpenAiGenerator::new(&sim.url("/v1"), KEY, Duration::from_secs(10)).unwrap();
+        gen.generate(&call("one", Quality::Low, OutputFormat::Png))
+            .await
+            .unwrap();
+        let e = gen
+            .generate(&call("two", Quality::Low, OutputFormat::Png))
+            .await
+            .unwrap_err();
+        assert!(matches!(e.kind, FailureKind::Http { status: 429, .. }));
+        assert!(e.rate.remaining_requests == Some(0), "{:?}", e.rate);
+    }
+
+    #[tokio::test]
+    async fn server_errors_are_transient_and_unbilled() {
+        for fault in [Fault::Http500, Fault::Http502, Fault::Http503] {
+            let (_sim, gen) = generator(always(fault)).await;
+            let e = gen
+                .generate(&call("x", Quality::Low, OutputFormat::Png))
+                .await
+                .unwrap_err();
+            assert_eq!(classify(&e.kind), RetryClass::Transient, "{fault}");
+            assert!(!e.billed, "{fault}");
+        }
+    }
+
+    #[tokio::test]
+    async fn malformed_answers_and_undecodable_images_are_billed_invalid_output() {
+        let (_sim, gen) = generator(always(Fault::Malformed)).await;
+        let e = gen
+            .generate(&call("x", Quality::Low, OutputFormat::Png))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, FailureKind::InvalidOutput);
+        assert!(e.billed);
+
+        let (sim, gen) = generator(always(Fault::BadContent)).await;
+        let e = gen
+            .generate(&call("x", Quality::Medium, OutputFormat::Png))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind, FailureKind::InvalidOutput, "{}", e.message);
+        assert!(e.billed);
+        // The usage was reported with the bad image, so it is booked at its tokens.
+        assert_eq!(e.usage.map(|u| u.output_tokens), Some(1584));
+        assert_eq!(sim.stats().await.images.images, 0);
+    }
+
+    #[tokio::test]
+    async fn a_refused_prompt_is_permanent_and_unbilled() {
+        let (sim, gen) = generator(FaultPlan::default()).await;
+        let e = gen
+            .generate(&call(
+                &format!("please {REFUSE_MARKER} this"),
+                Quality::Low,
+                OutputFormat::Png,
+            ))
+            .await
+            .unwrap_err();
+        assert!(matches!(e.kind, FailureKind::Http { status: 400, .. }));
+        assert_eq!(classify(&e.kind), RetryClass::Permanent);
+        assert!(!e.billed);
+        assert!(e.message.contains("safety system"), "{}", e.message);
+        // A model the table does not price, or a size OpenAI refuses: permanent too.
+        let e = gen
+            .generate(&GenerationCall {
+                model: "dall-e-9".into(),
+                ..call("x", Quality::Low, OutputFormat::Png)
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(e.kind, FailureKind::Http { status: 404, .. }));
+        let e = gen
+            .generate(&GenerationCall {
+                size: Size::Pixels {
+                    width: 640,
+                    height: 480,
+                },
+                ..call("x", Quality::Low, OutputFormat::Png)
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(e.kind, FailureKind::Http { status: 400, .. }));
+        let stats = sim.stats().await;
+        assert_eq!((stats.images.refused, stats.images.bad_requests), (1, 2));
+    }
+
+    #[tokio::test]
+    async fn the_local_generator_needs_no_simulator_and_is_deterministic() {
+        let size = Size::Pixels {
+            width: 320,
+            height: 200,
+        };
+        let c = GenerationCall {
+            model: "local-canvas".into(),
+            size,
+            seed: Some(42),
+            ..call("a red kite", Quality::High, OutputFormat::Jpeg)
+        };
+        let a = LocalGenerator.generate(&c).await.unwrap();
+        let b = LocalGenerator.generate(&c).await.unwrap();
+        assert_eq!(a.bytes, b.bytes);
+        assert_eq!(
+            image::guess_format(&a.bytes).unwrap(),
+            image::ImageFormat::Jpeg
+        );
+        let decoded = image::load_from_memory(&a.bytes).unwrap();
+        assert_eq!((decoded.width(), decoded.height()), (320, 200));
+        let price = PriceTable::builtin().image_model(&a.model).unwrap();
+        assert_eq!(price.cost_usd(size, Quality::High, None).unwrap(), 0.0);
+    }
+}

@@ -9,6 +9,7 @@ use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
 
+use crate::generate::{Quality, Size};
 use crate::model::{Detail, Estimate};
 
 const BUILTIN_TABLE: &str = include_str!("../data/prices.toml");
@@ -23,6 +24,14 @@ pub enum PricingError {
     UnknownModel { model: String, known: String },
     #[error("embedding model {0:?} lists no dimensions")]
     NoDims(String),
+    #[error("image model {model:?}: price key {key:?} is not WIDTHxHEIGHT:QUALITY")]
+    BadImagePriceKey { model: String, key: String },
+    #[error("image model {model:?} has no price for {size} at {quality} quality")]
+    NoImagePrice {
+        model: String,
+        size: String,
+        quality: String,
+    },
 }
 
 /// How a provider turns an image into input tokens.
@@ -419,12 +428,124 @@ impl EmbeddingPrice {
     }
 }
 
+/// One image generation model: USD per image by size and quality, and token prices where the
+/// provider bills tokens (an answer's reported usage is then what is booked).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImagePrice {
+    pub id: String,
+    pub provider: String,
+    /// `"WIDTHxHEIGHT:quality"` → USD per image (quality `low`, `medium` or `high`).
+    pub prices: BTreeMap<String, f64>,
+    /// USD per 1M text input tokens (the prompt).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_input_per_mtok: Option<f64>,
+    /// USD per 1M image output tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_output_per_mtok: Option<f64>,
+    pub source: String,
+    pub as_of: String,
+}
+
+/// A parsed price key.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Tier {
+    width: u32,
+    height: u32,
+    quality: Quality,
+    usd: f64,
+}
+
+fn parse_key(key: &str) -> Option<(u32, u32, Quality)> {
+    let (size, quality) = key.split_once(':')?;
+    let Size::Pixels { width, height } = Size::parse(size).ok()? else {
+        return None;
+    };
+    let quality = Quality::parse(quality).ok()?;
+    (quality != Quality::Auto).then_some((width, height, quality))
+}
+
+impl ImagePrice {
+    fn tiers(&self) -> impl Iterator<Item = Tier> + '_ {
+        self.prices.iter().filter_map(|(k, usd)| {
+            parse_key(k).map(|(width, height, quality)| Tier {
+                width,
+                height,
+                quality,
+                usd: *usd,
+            })
+        })
+    }
+
+    /// The per-image price of one `size` at `quality`: the exact size, else the smallest listed
+    /// size covering both sides (providers price "up to" a resolution). `auto` (size or quality)
+    /// takes the dearest candidate: the provider picks, and an estimate must not fall short.
+    pub fn per_image_usd(&self, size: Size, quality: Quality) -> Result<f64, PricingError> {
+        let fits_quality = |t: &Tier| quality == Quality::Auto || t.quality == quality;
+        let candidates: Vec<Tier> = match size {
+            Size::Auto => self.tiers().filter(fits_quality).collect(),
+            Size::Pixels { width, height } => {
+                let exact: Vec<Tier> = self
+                    .tiers()
+                    .filter(|t| fits_quality(t) && t.width == width && t.height == height)
+                    .collect();
+                if !exact.is_empty() {
+                    exact
+                } else {
+                    let covering: Vec<Tier> = self
+                        .tiers()
+                        .filter(|t| fits_quality(t) && t.width >= width && t.height >= height)
+                        .collect();
+                    // The smallest covering tier by area, then every quality of that tier.
+                    let area_of = |t: &Tier| u64::from(t.width) * u64::from(t.height);
+                    let area = covering.iter().map(area_of).min();
+                    covering
+                        .into_iter()
+                        .filter(|t| Some(area_of(t)) == area)
+                        .collect()
+                }
+            }
+        };
+        candidates
+            .iter()
+            .map(|t| t.usd)
+            .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))))
+            .ok_or_else(|| PricingError::NoImagePrice {
+                model: self.id.clone(),
+                size: size.to_string(),
+                quality: quality.to_string(),
+            })
+    }
+
+    /// Whether answers are priced by their tokens (when they report them).
+    pub fn bills_tokens(&self) -> bool {
+        self.text_input_per_mtok.is_some() || self.image_output_per_mtok.is_some()
+    }
+
+    /// What one generated image cost: its reported tokens at the token prices when the model
+    /// bills tokens and `usage` is known, else the per-image price of `size` and `quality`.
+    pub fn cost_usd(
+        &self,
+        size: Size,
+        quality: Quality,
+        usage: Option<&Usage>,
+    ) -> Result<f64, PricingError> {
+        match usage {
+            Some(u) if self.bills_tokens() => Ok(u.input_tokens as f64 / 1e6
+                * self.text_input_per_mtok.unwrap_or(0.0)
+                + u.output_tokens as f64 / 1e6 * self.image_output_per_mtok.unwrap_or(0.0)),
+            _ => self.per_image_usd(size, quality),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct TableFile {
     version: String,
     models: Vec<ModelPrice>,
     #[serde(default)]
     embedding_models: Vec<EmbeddingPrice>,
+    #[serde(default)]
+    image_models: Vec<ImagePrice>,
 }
 
 /// All known models, by id.
@@ -433,6 +554,7 @@ pub struct PriceTable {
     version: String,
     models: BTreeMap<String, ModelPrice>,
     embedding_models: BTreeMap<String, EmbeddingPrice>,
+    image_models: BTreeMap<String, ImagePrice>,
 }
 
 impl PriceTable {
@@ -465,11 +587,47 @@ impl PriceTable {
             }
             embedding_models.insert(m.id.clone(), m);
         }
+        let mut image_models = BTreeMap::new();
+        for m in file.image_models {
+            if models.contains_key(&m.id)
+                || embedding_models.contains_key(&m.id)
+                || image_models.contains_key(&m.id)
+            {
+                return Err(PricingError::Duplicate(m.id));
+            }
+            // A key that does not parse would be a price silently never used.
+            if let Some(key) = m.prices.keys().find(|k| parse_key(k).is_none()) {
+                return Err(PricingError::BadImagePriceKey {
+                    model: m.id.clone(),
+                    key: key.clone(),
+                });
+            }
+            image_models.insert(m.id.clone(), m);
+        }
         Ok(PriceTable {
             version: file.version,
             models,
             embedding_models,
+            image_models,
         })
+    }
+
+    pub fn image_models(&self) -> impl Iterator<Item = &ImagePrice> {
+        self.image_models.values()
+    }
+
+    pub fn image_model(&self, id: &str) -> Result<&ImagePrice, PricingError> {
+        self.image_models
+            .get(id)
+            .ok_or_else(|| PricingError::UnknownModel {
+                model: id.to_string(),
+                known: self
+                    .image_models
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
     }
 
     pub fn embedding_models(&self) -> impl Iterator<Item = &EmbeddingPrice> {
@@ -555,11 +713,13 @@ impl Serialize for PriceTable {
             version: &'a str,
             models: Vec<&'a ModelPrice>,
             embedding_models: Vec<&'a EmbeddingPrice>,
+            image_models: Vec<&'a ImagePrice>,
         }
         View {
             version: &self.version,
             models: self.models.values().collect(),
             embedding_models: self.embedding_models.values().collect(),
+            image_models: self.image_models.values().collect(),
         }
         .serialize(serializer)
     }
@@ -596,6 +756,92 @@ mod tests {
             table.model("amazon.titan-embed-image-v1").is_err(),
             "not a vision model"
         );
+    }
+
+    #[test]
+    fn image_models_are_priced_by_size_and_quality_or_by_tokens() {
+        let table = PriceTable::builtin();
+        let px = |width, height| Size::Pixels { width, height };
+        let g = table.image_model("gpt-image-1").unwrap();
+        assert_eq!(
+            g.per_image_usd(px(1024, 1024), Quality::Low).unwrap(),
+            0.011
+        );
+        assert_eq!(
+            g.per_image_usd(px(1536, 1024), Quality::High).unwrap(),
+            0.25
+        );
+        // auto: the dearest candidate.
+        assert_eq!(
+            g.per_image_usd(px(1024, 1024), Quality::Auto).unwrap(),
+            0.167
+        );
+        assert_eq!(g.per_image_usd(Size::Auto, Quality::Medium).unwrap(), 0.063);
+        // A smaller size is priced at the smallest listed size covering it.
+        assert_eq!(g.per_image_usd(px(512, 512), Quality::Low).unwrap(), 0.011);
+        assert!(matches!(
+            g.per_image_usd(px(4096, 4096), Quality::Low),
+            Err(PricingError::NoImagePrice { .. })
+        ));
+        // Reported usage: text input tokens and image output tokens at their prices.
+        let usage = Usage {
+            input_tokens: 50,
+            output_tokens: 4160,
+            cached_tokens: 0,
+        };
+        let cost = g
+            .cost_usd(px(1024, 1024), Quality::High, Some(&usage))
+            .unwrap();
+        assert!(
+            (cost - (50.0 * 5.0 + 4160.0 * 40.0) / 1e6).abs() < 1e-12,
+            "{cost}"
+        );
+        assert_eq!(
+            g.cost_usd(px(1024, 1024), Quality::High, None).unwrap(),
+            0.167
+        );
+
+        // Bedrock: per image only, by resolution tier; usage does not change it.
+        let nova = table.image_model("amazon.nova-canvas-v1:0").unwrap();
+        assert!(!nova.bills_tokens());
+        assert_eq!(
+            nova.per_image_usd(px(512, 512), Quality::Low).unwrap(),
+            0.04
+        );
+        assert_eq!(
+            nova.per_image_usd(px(1280, 720), Quality::High).unwrap(),
+            0.08
+        );
+        assert_eq!(
+            nova.cost_usd(px(1024, 1024), Quality::Medium, Some(&usage))
+                .unwrap(),
+            0.04
+        );
+        let local = table.image_model("local-canvas").unwrap();
+        assert_eq!(
+            local.cost_usd(px(4096, 2048), Quality::Auto, None).unwrap(),
+            0.0
+        );
+        assert!(table.model("gpt-image-1").is_err(), "not a vision model");
+        assert!(table.image_model("gpt-4.1").is_err());
+    }
+
+    #[test]
+    fn an_image_price_key_that_does_not_parse_is_refused() {
+        let text = r#"
+version = "t"
+models = []
+[[image_models]]
+id = "i"
+provider = "p"
+prices = { "1024:low" = 0.1 }
+source = "s"
+as_of = "2026-01-01"
+"#;
+        assert!(matches!(
+            PriceTable::from_toml(text),
+            Err(PricingError::BadImagePriceKey { .. })
+        ));
     }
 
     #[test]

@@ -770,6 +770,8 @@ pub struct LaneCosts {
 pub struct KindCosts {
     pub analysis: LaneTotals,
     pub embedding: LaneTotals,
+    #[serde(default)]
+    pub generation: LaneTotals,
     pub reused_images: u64,
     pub reused_saved_usd: f64,
 }
@@ -779,6 +781,7 @@ impl KindCosts {
         let part = match r.kind {
             crate::ports::LedgerKind::Analysis => &mut self.analysis,
             crate::ports::LedgerKind::Embedding => &mut self.embedding,
+            crate::ports::LedgerKind::Generation => &mut self.generation,
         };
         part.images += r.images;
         part.calls += r.calls;
@@ -790,7 +793,7 @@ impl KindCosts {
 
 impl LaneCosts {
     fn add(&mut self, r: &CostRow) {
-        // Lanes are how analyses are paid; embeddings have none.
+        // Lanes are how analyses are paid; embeddings and generated images have none.
         if r.kind != crate::ports::LedgerKind::Analysis {
             return;
         }

@@ -122,14 +122,16 @@ pub struct CostRow {
     pub reused_saved_usd: f64,
 }
 
-/// What a ledger row's money bought. Models of the two kinds never share a row: an embedding
-/// model is never a vision model.
+/// What a ledger row's money bought. Models of different kinds never share a row: an embedding
+/// or image generation model is never a vision model.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LedgerKind {
     #[default]
     Analysis,
     Embedding,
+    /// Generated images (booked once per image's spend id, on the ledger only).
+    Generation,
 }
 
 impl LedgerKind {
@@ -137,14 +139,15 @@ impl LedgerKind {
         match self {
             LedgerKind::Analysis => "analysis",
             LedgerKind::Embedding => "embedding",
+            LedgerKind::Generation => "generation",
         }
     }
 
     pub fn parse(value: &str) -> LedgerKind {
-        if value == "embedding" {
-            LedgerKind::Embedding
-        } else {
-            LedgerKind::Analysis
+        match value {
+            "embedding" => LedgerKind::Embedding,
+            "generation" => LedgerKind::Generation,
+            _ => LedgerKind::Analysis,
         }
     }
 }
@@ -367,8 +370,9 @@ pub trait Repository: Send + Sync {
     /// lost the race for its image is still good for its key). Ends an in-flight claim on it.
     async fn cache_result(&self, result: &AnalysisResult) -> StoreResult<()>;
     /// Add money that left no result to the ledger and to the image's `extra_spend`, once per
-    /// `spend_id` (a repeat is a no-op). A missing image only gets the ledger entry; so does an
-    /// embedding ([`LedgerKind::Embedding`]), whose row says what it bought.
+    /// `spend_id` (a repeat is a no-op). A missing image only gets the ledger entry; so do an
+    /// embedding ([`LedgerKind::Embedding`]) and a generated image ([`LedgerKind::Generation`]),
+    /// whose rows say what they bought.
     async fn book_spend(
         &self,
         tenant: &str,
@@ -945,4 +949,58 @@ pub trait Embedder: Send + Sync {
     async fn embed_image(&self, jpeg: &[u8]) -> Result<Embedding, ProviderError>;
     /// Fails with a permanent [`ProviderError`] when [`Embedder::understands_text`] is false.
     async fn embed_text(&self, text: &str) -> Result<Embedding, ProviderError>;
+}
+
+/// One image to generate, as a provider is asked for it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationCall {
+    pub model: String,
+    pub prompt: String,
+    pub size: sightline_core::generate::Size,
+    pub quality: sightline_core::generate::Quality,
+    pub output_format: sightline_core::generate::OutputFormat,
+    /// Passed on where the provider takes one (Bedrock, the local generator); OpenAI's Images
+    /// API takes none, so the same call may give another picture there.
+    pub seed: Option<u64>,
+}
+
+impl GenerationCall {
+    /// The call a planned job row asks for.
+    pub fn of_request(req: &sightline_core::generate::GenerationRequest) -> GenerationCall {
+        GenerationCall {
+            model: req.model.clone(),
+            prompt: req.prompt.clone(),
+            size: req.size,
+            quality: req.quality,
+            output_format: req.output_format,
+            seed: req.seed,
+        }
+    }
+}
+
+/// A generated image, checked to decode as the format asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GeneratedImage {
+    pub bytes: Vec<u8>,
+    /// `image/png`, `image/jpeg` or `image/webp`.
+    pub content_type: String,
+    pub width: u32,
+    pub height: u32,
+    /// Tokens billed, where the provider bills and reports them (OpenAI's GPT image models);
+    /// None for providers that bill per image.
+    pub usage: Option<Usage>,
+    /// The model that made it, as the provider names it.
+    pub model: String,
+}
+
+/// An image generation model behind some API (`local`, `openai`, `bedrock`).
+#[async_trait]
+pub trait ImageGenerator: Send + Sync {
+    /// Provider name stored with results.
+    fn name(&self) -> &str;
+    /// Whether calls cost money and are booked on the ledger (the local generator's are not).
+    fn is_paid(&self) -> bool;
+    /// One image. Failures are classified like the vision providers' ([`ProviderError`]): an
+    /// answer whose image is unusable is billed invalid output.
+    async fn generate(&self, req: &GenerationCall) -> Result<GeneratedImage, ProviderError>;
 }

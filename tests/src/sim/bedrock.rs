@@ -1,6 +1,7 @@
 //! Amazon Bedrock runtime's wire format: `POST /model/{modelId}/converse` (analysis, on the
 //! shared flow of [`super::handle`] as [`Api::Bedrock`]) and the pieces `POST
-//! /model/{modelId}/invoke` (embeddings, [`super::embed`]) shares with it.
+//! /model/{modelId}/invoke` (embeddings, [`super::embed`]; image models, [`super::images`])
+//! shares with it.
 //!
 //! - **Auth**: a SigV4 `Authorization` header (`AWS4-HMAC-SHA256 Credential=<access key
 //!   id>/…`) or a Bedrock API key (`Authorization: Bearer …`); the signature is not checked.
@@ -61,7 +62,14 @@ pub(super) fn routes() -> Router<Arc<Shared>> {
                  Path(model): Path<String>,
                  headers: HeaderMap,
                  body: Bytes| async move {
-                    super::embed::detached(Api::Bedrock, Some(model), state, headers, body).await
+                    // One InvokeModel path serves embedding and image models alike.
+                    if super::images::is_image_model(&model) {
+                        super::images::detached(Api::Bedrock, Some(model), state, headers, body)
+                            .await
+                    } else {
+                        super::embed::detached(Api::Bedrock, Some(model), state, headers, body)
+                            .await
+                    }
                 },
             ),
         )

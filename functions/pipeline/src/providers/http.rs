@@ -231,11 +231,21 @@ pub(crate) async fn exchange(
     request: reqwest::RequestBuilder,
     wire: &dyn Wire,
 ) -> Result<Reply, ProviderError> {
+    exchange_capped(request, wire, MAX_RESPONSE_BYTES).await
+}
+
+/// [`exchange`] with a body cap of `max_bytes` (generated images are answered as base64 in the
+/// JSON, far larger than an analysis). A body over it is cut, so it is billed invalid output.
+pub(crate) async fn exchange_capped(
+    request: reqwest::RequestBuilder,
+    wire: &dyn Wire,
+    max_bytes: usize,
+) -> Result<Reply, ProviderError> {
     let resp = send(request).await?;
     let status = resp.status().as_u16();
     let rate = wire.rate_info(resp.headers());
     let retry_after = wire.retry_after(status, resp.headers(), &rate);
-    let text = match read_capped(resp, MAX_RESPONSE_BYTES).await {
+    let text = match read_capped(resp, max_bytes).await {
         Ok(t) => t,
         // A 200 cut off while its body was read was still answered, so it is billed.
         Err(e) if status == 200 => {

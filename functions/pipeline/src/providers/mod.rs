@@ -10,6 +10,11 @@ pub mod bedrock;
 pub mod bedrock_embed;
 pub mod embed_common;
 pub mod embed_openai;
+#[cfg(feature = "bedrock")]
+pub mod gen_bedrock;
+pub mod gen_common;
+pub mod gen_local;
+pub mod gen_openai;
 mod http;
 pub mod local;
 pub mod local_embed;

@@ -8,11 +8,13 @@ use sightline_core::pricing::PriceTable;
 use super::anthropic::AnthropicProvider;
 use super::anthropic_batch::AnthropicBatchProvider;
 use super::embed_openai::OpenAiEmbedder;
+use super::gen_local::LocalGenerator;
+use super::gen_openai::OpenAiGenerator;
 use super::local::LocalAnalyzer;
 use super::local_embed::LocalEmbedder;
 use super::openai::OpenAiProvider;
 use super::openai_batch::OpenAiBatchProvider;
-use crate::ports::{BatchProvider, Embedder, VisionProvider};
+use crate::ports::{BatchProvider, Embedder, ImageGenerator, VisionProvider};
 use crate::settings::{EmbedderKind, ProviderKind, Settings};
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +41,8 @@ pub enum ProviderSetupError {
     },
     #[error("embedder: {0}")]
     Embedder(#[from] super::embed_common::EmbedSetupError),
+    #[error("image generation: {0}")]
+    Generation(String),
 }
 
 /// The variable that holds a paid provider's key, locally and on Lambda; None for the
@@ -300,6 +304,71 @@ pub fn build_batch_provider(
     })
 }
 
+/// Image generation can take a minute or more at high quality: a call is given at least this
+/// long, whatever the vision calls' timeout.
+pub const MIN_GENERATION_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// The generator for an image model, by its provider in the price table's `[[image_models]]`:
+/// `local` (offline, $0), `openai` (the Images API at `openai_base_url`, needs the OpenAI key)
+/// or `bedrock` (Nova Canvas, Titan Image Generator v2; the AWS chain). A model the table does
+/// not price is refused, so nothing is generated that the ledger could not book.
+pub fn build_generator(
+    settings: &Settings,
+    keys: &ProviderKeys,
+    prices: &PriceTable,
+    model: &str,
+) -> Result<Arc<dyn ImageGenerator>, ProviderSetupError> {
+    let price = prices
+        .image_model(model)
+        .map_err(|e| ProviderSetupError::Generation(e.to_string()))?;
+    let timeout = settings.provider_timeout.max(MIN_GENERATION_TIMEOUT);
+    Ok(match price.provider.as_str() {
+        "local" => Arc::new(LocalGenerator),
+        "openai" => {
+            let key = keys
+                .get(ProviderKind::OpenAi)
+                .ok_or(ProviderSetupError::NeedsKey(ProviderKind::OpenAi))?;
+            Arc::new(
+                OpenAiGenerator::new(&settings.openai_base_url, key, timeout).map_err(|e| {
+                    ProviderSetupError::Client {
+                        base_url: settings.openai_base_url.clone(),
+                        reason: e.to_string(),
+                    }
+                })?,
+            )
+        }
+        "bedrock" => bedrock_generator(model, timeout)?,
+        other => {
+            return Err(ProviderSetupError::Generation(format!(
+                "image model {model:?} is priced for provider {other:?}, which has no generator"
+            )))
+        }
+    })
+}
+
+#[cfg(feature = "bedrock")]
+fn bedrock_generator(
+    model: &str,
+    timeout: Duration,
+) -> Result<Arc<dyn ImageGenerator>, ProviderSetupError> {
+    if !super::gen_bedrock::supports(model) {
+        return Err(ProviderSetupError::Generation(format!(
+            "{model} is not a Nova Canvas or Titan Image Generator model"
+        )));
+    }
+    Ok(Arc::new(super::gen_bedrock::BedrockGenerator::from_env(
+        timeout,
+    )))
+}
+
+#[cfg(not(feature = "bedrock"))]
+fn bedrock_generator(_: &str, _: Duration) -> Result<Arc<dyn ImageGenerator>, ProviderSetupError> {
+    Err(ProviderSetupError::NotBuilt {
+        provider: "bedrock",
+        feature: "bedrock",
+    })
+}
+
 /// The embedder the settings ask for (None when it is off).
 pub fn build_embedder(
     settings: &Settings,
@@ -346,6 +415,27 @@ mod tests {
         k.set(ProviderKind::OpenAi, openai.map(str::to_string));
         k.set(ProviderKind::Anthropic, anthropic.map(str::to_string));
         k
+    }
+
+    #[test]
+    fn the_generator_follows_the_image_models_provider() {
+        let s = Settings::default();
+        let prices = PriceTable::builtin();
+        let local = build_generator(&s, &keys(None, None), prices, "local-canvas").unwrap();
+        assert_eq!(local.name(), "local");
+        assert!(!local.is_paid());
+        assert!(matches!(
+            build_generator(&s, &keys(None, None), prices, "gpt-image-1"),
+            Err(ProviderSetupError::NeedsKey(ProviderKind::OpenAi))
+        ));
+        let openai = build_generator(&s, &keys(Some("k"), None), prices, "gpt-image-1").unwrap();
+        assert_eq!(openai.name(), "openai");
+        assert!(openai.is_paid());
+        // Not an image model: refused at start, not image by image.
+        assert!(matches!(
+            build_generator(&s, &keys(Some("k"), None), prices, "gpt-4.1"),
+            Err(ProviderSetupError::Generation(_))
+        ));
     }
 
     #[test]
