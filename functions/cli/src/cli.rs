@@ -423,11 +423,13 @@ pub async fn main_with(cli: Cli) -> anyhow::Result<()> {
                 let k = &report.by_kind;
                 writeln!(
                     out,
-                    "by kind: analysis {} calls ${:.6}; embedding {} calls ${:.6}; near-duplicates reused {} images, sparing ${:.6}",
+                    "by kind: analysis {} calls ${:.6}; embedding {} calls ${:.6}; generation {} calls ${:.6}; near-duplicates reused {} images, sparing ${:.6}",
                     k.analysis.calls,
                     k.analysis.cost_usd,
                     k.embedding.calls,
                     k.embedding.cost_usd,
+                    k.generation.calls,
+                    k.generation.cost_usd,
                     k.reused_images,
                     k.reused_saved_usd
                 )?;
