@@ -295,6 +295,7 @@ impl Analyzer {
         &self,
         job: &AnalysisJob,
         record: &ImageRecord,
+        fetched: &mut Option<Arc<Vec<u8>>>,
     ) -> Result<Option<AnalyzeOutcome>, StoreError> {
         let Some(search) = &self.search else {
             return Ok(None);
@@ -306,7 +307,7 @@ impl Analyzer {
             return Ok(None);
         };
         let jpeg = match self.fetch_verified(job).await {
-            Ok(j) => j,
+            Ok(j) => fetched.insert(Arc::new(j)).clone(),
             Err(Fetched::Store(e)) => return Err(e),
             // The analysis path reports the mismatch.
             Err(Fetched::Mismatch(_)) => return Ok(None),
@@ -465,7 +466,10 @@ impl Analyzer {
             warn!(image_id = %job.image_id, "{reason}; deleting the job");
             return Ok(AnalyzeOutcome::Stale(reason));
         }
-        if let Some(outcome) = self.reuse_near_duplicate(job, &record).await? {
+        // The resized JPEG, read once: near-duplicate skip reads it first when it runs, and
+        // the analysis below uses the same bytes.
+        let mut jpeg: Option<Arc<Vec<u8>>> = None;
+        if let Some(outcome) = self.reuse_near_duplicate(job, &record, &mut jpeg).await? {
             return Ok(outcome);
         }
         if job.lane == Some(Lane::Batch) {
@@ -491,7 +495,6 @@ impl Analyzer {
             .unwrap_or_else(|| self.settings.detail_for(&job.tenant, record.detail));
         let chain = self.chain();
         let scope = self.settings.cache_scope(&job.tenant);
-        let mut jpeg: Option<Arc<Vec<u8>>> = None;
         let mut last_retry: Option<(Duration, String)> = None;
         for (i, model) in chain.iter().enumerate() {
             // The key names the model that answers, so a fallback's answer is never served
