@@ -867,21 +867,27 @@ fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route(
             "/v1/chat/completions",
-            post(|state, headers, body| detached(Api::OpenAi, None, state, headers, body)),
+            post(|state, headers, body| detached(handle(Api::OpenAi, None, state, headers, body))),
         )
         .route(
             "/v1/messages",
-            post(|state, headers, body| detached(Api::Anthropic, None, state, headers, body)),
+            post(|state, headers, body| {
+                detached(handle(Api::Anthropic, None, state, headers, body))
+            }),
         )
         .merge(batch::routes())
         .merge(bedrock::routes())
         .route(
             "/v1/embeddings",
-            post(|state, headers, body| embed::detached(Api::OpenAi, None, state, headers, body)),
+            post(|state, headers, body| {
+                detached(embed::handle(Api::OpenAi, None, state, headers, body))
+            }),
         )
         .route(
             "/v1/images/generations",
-            post(|state, headers, body| images::detached(Api::OpenAi, None, state, headers, body)),
+            post(|state, headers, body| {
+                detached(images::handle(Api::OpenAi, None, state, headers, body))
+            }),
         )
         .route("/v1/models", get(list_models))
         .route("/sim/stats", get(get_stats))
@@ -2222,16 +2228,10 @@ fn answer_for(api: Api, seq: u64, parsed: &Parsed, bad_content: bool) -> Answer 
 }
 
 /// Like OpenAI and Anthropic, a request whose client gave up (a timeout, a killed process) is
-/// still processed and billed: the work runs in its own task, which a dropped connection does
-/// not cancel.
-async fn detached(
-    api: Api,
-    path_model: Option<String>,
-    state: State<Arc<Shared>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    match tokio::spawn(handle(api, path_model, state, headers, body)).await {
+/// still processed and billed: every route's work runs in its own task, which a dropped
+/// connection does not cancel.
+async fn detached(work: impl std::future::Future<Output = Response> + Send + 'static) -> Response {
+    match tokio::spawn(work).await {
         Ok(resp) => resp,
         Err(e) => (
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -51,7 +51,14 @@ pub(super) fn routes() -> Router<Arc<Shared>> {
             "/model/{model_id}/converse",
             post(
                 |state, Path(model): Path<String>, headers, body| async move {
-                    detached(Api::Bedrock, Some(model), state, headers, body).await
+                    detached(super::handle(
+                        Api::Bedrock,
+                        Some(model),
+                        state,
+                        headers,
+                        body,
+                    ))
+                    .await
                 },
             ),
         )
@@ -64,11 +71,23 @@ pub(super) fn routes() -> Router<Arc<Shared>> {
                  body: Bytes| async move {
                     // One InvokeModel path serves embedding and image models alike.
                     if super::images::is_image_model(&model) {
-                        super::images::detached(Api::Bedrock, Some(model), state, headers, body)
-                            .await
+                        detached(super::images::handle(
+                            Api::Bedrock,
+                            Some(model),
+                            state,
+                            headers,
+                            body,
+                        ))
+                        .await
                     } else {
-                        super::embed::detached(Api::Bedrock, Some(model), state, headers, body)
-                            .await
+                        detached(super::embed::handle(
+                            Api::Bedrock,
+                            Some(model),
+                            state,
+                            headers,
+                            body,
+                        ))
+                        .await
                     }
                 },
             ),

@@ -542,26 +542,8 @@ fn answer_body(call: &Call, vector: &[f32]) -> Value {
     }
 }
 
-/// Like the vision routes, a call whose client gave up still runs to its end.
-pub(super) async fn detached(
-    api: Api,
-    path_model: Option<String>,
-    state: State<Arc<Shared>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    match tokio::spawn(handle(api, path_model, state, headers, body)).await {
-        Ok(resp) => resp,
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("simulator task failed: {e}"),
-        )
-            .into_response(),
-    }
-}
-
 /// One embedding call: the vision routes' order of checks (module docs of [`super`]).
-async fn handle(
+pub(super) async fn handle(
     api: Api,
     path_model: Option<String>,
     State(sh): State<Arc<Shared>>,

@@ -308,25 +308,8 @@ fn answer_body(api: Api, call: &Call, b64: String) -> Value {
     }
 }
 
-/// Like the other routes, a call whose client gave up still runs to its end.
-pub(super) async fn detached(
-    api: Api,
-    path_model: Option<String>,
-    state: State<Arc<Shared>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    match tokio::spawn(handle(api, path_model, state, headers, body)).await {
-        Ok(resp) => resp,
-        Err(e) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("simulator task failed: {e}"),
-        )
-            .into_response(),
-    }
-}
-
-async fn handle(
+/// One image-generation call: the vision routes' order of checks (module docs of [`super`]).
+pub(super) async fn handle(
     api: Api,
     path_model: Option<String>,
     State(sh): State<Arc<Shared>>,
