@@ -48,6 +48,7 @@ pub fn record(tenant: &str, image_id: &str, created_at: &str, status: ImageStatu
         lane: None,
         created_at: created_at.to_string(),
         updated_at: created_at.to_string(),
+        generation: None,
     }
 }
 

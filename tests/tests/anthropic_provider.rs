@@ -57,6 +57,7 @@ fn request(w: u32, h: u32) -> VisionRequest {
         max_output_tokens: 400,
         // Claude has no detail: whatever is asked, it is not sent and not billed differently.
         detail: Detail::Low,
+        check: None,
     }
 }
 

@@ -235,6 +235,7 @@ async fn pipeline_end_to_end_on_the_emulator() {
         height: 10,
         detail: None,
         lane: None,
+        check: None,
     };
     let poison_body = serde_json::to_string(&poison_job).unwrap();
     let poison_key = idempotency_key(

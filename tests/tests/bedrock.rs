@@ -87,6 +87,7 @@ fn request(model: &str, w: u32, h: u32) -> VisionRequest {
         prompt: DEFAULT_PROMPT.into(),
         max_output_tokens: 600,
         detail: Detail::High,
+        check: None,
     }
 }
 

@@ -1313,6 +1313,7 @@ mod openai_batch {
             } else {
                 Detail::Low
             },
+            check: None,
         }
     }
 

@@ -214,6 +214,7 @@ mod tests {
             lane: None,
             created_at: "2026-11-30T00:00:00.000Z".into(),
             updated_at: "2026-11-30T00:00:00.000Z".into(),
+            generation: None,
         };
         for (id, status) in [
             ("failed", ImageStatus::Failed),

@@ -7,6 +7,8 @@ use anyhow::Context;
 use sightline_core::keys::UPLOAD_PREFIX;
 use sightline_pipeline::analyze::Analyzer;
 use sightline_pipeline::batch::BatchLane;
+use sightline_pipeline::delivery::{Deliveries, HttpPoster};
+use sightline_pipeline::generation::{GenerateOutcome, Generations, Generators};
 use sightline_pipeline::ingest::Ingest;
 use sightline_pipeline::local::{
     FileBlobStore, SqliteDb, SqliteQueue, SqliteRepository, SqliteVectorStore,
@@ -15,9 +17,11 @@ use sightline_pipeline::metrics::prometheus::Registry;
 use sightline_pipeline::ports::{
     BatchStore, BlobStore, Clock, Queue, Repository, SystemClock, VisionProvider,
 };
+use sightline_pipeline::providers::select::build_generator;
 use sightline_pipeline::providers::select::{build_batch_provider, build_embedder, build_provider};
 use sightline_pipeline::reconcile::Reconciler;
 use sightline_pipeline::search::Search;
+use sightline_pipeline::webhook_url::{Mode, Resolve, SystemResolver};
 use sightline_pipeline::worker::{OnOutcome, WorkerPool};
 
 use tokio::sync::watch;
@@ -29,6 +33,8 @@ use crate::config::Config;
 pub const LOCAL_TENANT: &str = "local";
 /// The local analyze queue (a table of the data dir's SQLite database).
 pub const ANALYZE_QUEUE: &str = "analyze";
+/// The local generation queue (one message per job row's attempt).
+pub const GENERATE_QUEUE: &str = "generate";
 /// How often a running process tells the data dir it is alive.
 const HEARTBEAT: Duration = Duration::from_secs(2);
 /// A process silent for this long counts as dead even if its pid still exists.
@@ -56,6 +62,11 @@ pub struct LocalApp {
     pub metrics: Arc<Registry>,
     /// Vectors (sqlite-vec in the same database) and the searches over them.
     pub search: Arc<Search>,
+    /// Generation jobs (their queue is [`GENERATE_QUEUE`]).
+    pub generations: Arc<Generations>,
+    pub generate_queue: Arc<SqliteQueue>,
+    /// Webhook deliveries of generation jobs.
+    pub deliveries: Deliveries,
 }
 
 impl LocalApp {
@@ -107,12 +118,56 @@ impl LocalApp {
             blobs.clone(),
             repo.clone(),
             provider.clone(),
-            settings,
+            settings.clone(),
             clock.clone(),
         );
         analyzer.instance = instance.clone();
         analyzer.metrics = metrics.recorder("analyze");
-        let analyzer = analyzer.with_search(search.clone());
+        let generate_queue = Arc::new(
+            SqliteQueue::new(
+                db.clone(),
+                GENERATE_QUEUE,
+                config.settings.max_receives,
+                clock.clone(),
+            )
+            .with_instance(&instance),
+        );
+        let resolver: Arc<dyn Resolve> = Arc::new(SystemResolver::default());
+        let generators = {
+            let (settings, keys) = (config.settings.clone(), config.keys.clone());
+            Generators::new(Box::new(move |model: &str| {
+                build_generator(
+                    &settings,
+                    &keys,
+                    sightline_core::PriceTable::builtin(),
+                    model,
+                )
+                .map_err(|e| e.to_string())
+            }))
+        };
+        let generations = Arc::new(
+            Generations::new(
+                sqlite_repo.clone(),
+                repo.clone(),
+                blobs.clone(),
+                generate_queue.clone(),
+                Arc::new(generators),
+                settings.clone(),
+                clock.clone(),
+                Mode::Local,
+                resolver.clone(),
+            )
+            .with_ingest(ingest.clone()),
+        );
+        let deliveries = Deliveries {
+            store: sqlite_repo.clone(),
+            poster: Arc::new(HttpPoster::new(Mode::Local, resolver)),
+            settings: settings.clone(),
+            clock: clock.clone(),
+        };
+        let analyzer = analyzer
+            .with_search(search.clone())
+            .with_generations(generations.clone());
         let batch =
             build_batch_provider(&config.settings, &config.keys)?.map(|provider| BatchLane {
                 blobs: blobs.clone(),
@@ -145,6 +200,9 @@ impl LocalApp {
             analyzer,
             metrics,
             search,
+            generations,
+            generate_queue,
+            deliveries,
         })
     }
 
@@ -195,10 +253,26 @@ impl LocalApp {
         }
     }
 
+    /// Workers of the generation queue (a provider call each, like the analysis workers).
+    pub fn generation_workers(
+        &self,
+        on_outcome: Option<OnOutcome<GenerateOutcome>>,
+    ) -> WorkerPool<Generations> {
+        WorkerPool {
+            queue: self.generate_queue.clone(),
+            handler: (*self.generations).clone(),
+            workers: self.config.settings.workers,
+            batch_size: 1,
+            visibility: self.config.settings.claim_lease,
+            idle_poll: Duration::from_millis(100),
+            on_outcome,
+        }
+    }
+
     pub fn workers(&self, on_outcome: Option<OnOutcome>) -> WorkerPool {
         WorkerPool {
             queue: self.queue.clone(),
-            analyzer: self.analyzer.clone(),
+            handler: self.analyzer.clone(),
             workers: self.config.settings.workers,
             // One message per receive: a worker handles messages one at a time, and a batch
             // would sit hidden behind the first one, its visibility running out unhandled.

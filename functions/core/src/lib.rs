@@ -6,6 +6,7 @@
 //! - [`color`]: embedded ICC profiles (Display P3, Adobe RGB, CMYK) converted to sRGB.
 //! - [`embed`]: the offline visual embedding, perceptual hash and near-duplicate rule.
 //! - [`generate`]: generation jobs: templates, CSV/JSON rows, requests and idempotency keys.
+//! - [`genjob`]: generation jobs as they run: row and job states, the check by analysis.
 //! - [`pricing`]: the versioned price table and image-token rules (one estimator everywhere).
 //! - [`retry`]: transient vs permanent, backoff.
 //! - [`limiter`]: RPM + TPM reserve-then-correct maths.
@@ -19,6 +20,7 @@ pub mod budget;
 pub mod color;
 pub mod embed;
 pub mod generate;
+pub mod genjob;
 pub mod keys;
 pub mod limiter;
 pub mod model;

@@ -158,6 +158,9 @@ pub struct ImageRecord {
     /// settings' default lane.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lane: Option<Lane>,
+    /// A generated image: the job row that made it, and what its analysis checks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<crate::genjob::GenerationLink>,
     /// RFC 3339, UTC.
     pub created_at: String,
     pub updated_at: String,
@@ -251,6 +254,9 @@ pub struct AnalysisJob {
     /// The lane decided when the job was recorded (None: real-time).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lane: Option<Lane>,
+    /// A generated image's request: the analysis also checks the image against it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<crate::genjob::CheckSpec>,
 }
 
 /// Why a queue body is not an [`AnalysisJob`]: permanent for that message, never for the batch.
@@ -352,6 +358,7 @@ mod tests {
             height: 1,
             detail: Some(Detail::Low),
             lane: Some(Lane::Batch),
+            check: None,
         };
         let body = serde_json::to_string(&good).unwrap();
         assert_eq!(AnalysisJob::parse(&body).unwrap(), good);

@@ -21,7 +21,7 @@ use crate::ports::{
     Enqueued, Failure, LedgerKind, ProviderError, Repository, Spend, StoreError, VisionProvider,
     VisionRequest,
 };
-use crate::settings::{OverBudget, Settings};
+use crate::settings::{AnalysisPrompt, OverBudget, Settings};
 
 /// What to do with the message after handling it.
 #[derive(Debug, Clone, PartialEq)]
@@ -173,6 +173,7 @@ impl Limiters {
 struct Target<'a> {
     model: &'a str,
     detail: Detail,
+    prompt: &'a AnalysisPrompt,
 }
 
 #[derive(Clone)]
@@ -192,6 +193,9 @@ pub struct Analyzer {
     pub batches: Option<Arc<dyn BatchStore>>,
     /// Vectors for done images and near-duplicate skip; None: neither.
     pub search: Option<Arc<crate::search::Search>>,
+    /// Generation jobs, told when a generated image's analysis ends; None: not here (the
+    /// sweep moves their rows on).
+    pub generations: Option<Arc<crate::generation::Generations>>,
 }
 
 impl Analyzer {
@@ -215,6 +219,7 @@ impl Analyzer {
             metrics: crate::metrics::no_metrics(),
             batches: None,
             search: None,
+            generations: None,
         }
     }
 
@@ -222,6 +227,15 @@ impl Analyzer {
     /// settings ask for it.
     pub fn with_search(mut self, search: Arc<crate::search::Search>) -> Analyzer {
         self.search = Some(search);
+        self
+    }
+
+    /// Tell generation jobs when their images' analyses end.
+    pub fn with_generations(
+        mut self,
+        generations: Arc<crate::generation::Generations>,
+    ) -> Analyzer {
+        self.generations = Some(generations);
         self
     }
 
@@ -278,6 +292,11 @@ impl Analyzer {
         ) {
             self.index(&job).await;
         }
+        if let (Some(generations), Some(_)) = (&self.generations, &job.check) {
+            // Its row moves on if the analysis ended (done, or failed: also a last retry);
+            // otherwise this is a no-op and the row stays checking.
+            generations.settle_or_log(&job.tenant, &job.image_id).await;
+        }
         outcome
     }
 
@@ -301,6 +320,11 @@ impl Analyzer {
             return Ok(None);
         };
         if self.settings.dedupe_for(&job.tenant) != crate::settings::Dedupe::Near {
+            return Ok(None);
+        }
+        if job.check.is_some() {
+            // A generated image is checked against its own prompt: another image's analysis
+            // cannot answer that.
             return Ok(None);
         }
         let Some(model) = self.chain().into_iter().next() else {
@@ -472,7 +496,7 @@ impl Analyzer {
         if let Some(outcome) = self.reuse_near_duplicate(job, &record, &mut jpeg).await? {
             return Ok(outcome);
         }
-        if job.lane == Some(Lane::Batch) {
+        if job.lane == Some(Lane::Batch) && job.check.is_none() {
             match &self.batches {
                 // The offline analyzer costs nothing: no batch to wait for.
                 Some(store) if self.provider.is_paid() => {
@@ -495,11 +519,14 @@ impl Analyzer {
             .unwrap_or_else(|| self.settings.detail_for(&job.tenant, record.detail));
         let chain = self.chain();
         let scope = self.settings.cache_scope(&job.tenant);
+        let prompt = self.settings.analysis_prompt(job.check.as_ref());
         let mut last_retry: Option<(Duration, String)> = None;
         for (i, model) in chain.iter().enumerate() {
             // The key names the model that answers, so a fallback's answer is never served
             // later as the primary model's.
-            let answer = self.settings.answer_params_for(model, detail);
+            let answer = self
+                .settings
+                .answer_params_with(model, detail, &prompt.version);
             let key = idempotency_key(scope, &job.sha256, model, &answer);
             let now = self.clock.now_ms();
             match self
@@ -533,7 +560,15 @@ impl Analyzer {
                 },
             };
             let hold = match self
-                .reserve_budget(job, model, detail, estimated_cost)
+                .reserve_budget(
+                    job,
+                    Target {
+                        model,
+                        detail,
+                        prompt: &prompt,
+                    },
+                    estimated_cost,
+                )
                 .await
             {
                 Ok(Budgeted::Go(hold)) => hold,
@@ -552,7 +587,11 @@ impl Analyzer {
             let (step, wasted) = self
                 .try_model(
                     job,
-                    Target { model, detail },
+                    Target {
+                        model,
+                        detail,
+                        prompt: &prompt,
+                    },
                     &key,
                     image,
                     i + 1 < chain.len(),
@@ -708,10 +747,14 @@ impl Analyzer {
     async fn reserve_budget(
         &self,
         job: &AnalysisJob,
-        model: &str,
-        detail: Detail,
+        target: Target<'_>,
         record_estimate: f64,
     ) -> Result<Budgeted, StoreError> {
+        let Target {
+            model,
+            detail,
+            prompt,
+        } = target;
         if !self.provider.is_paid() {
             return Ok(Budgeted::Go(None));
         }
@@ -724,7 +767,7 @@ impl Analyzer {
                 model,
                 job.width,
                 job.height,
-                &self.settings.estimate_params(detail),
+                &self.settings.estimate_params_with(detail, prompt),
             )
             .map(|e| e.cost_usd)
             .unwrap_or(record_estimate);
@@ -882,18 +925,23 @@ impl Analyzer {
         has_fallback: bool,
         receive_count: u32,
     ) -> (Step, Paid) {
-        let Target { model, detail } = target;
+        let Target {
+            model,
+            detail,
+            prompt,
+        } = target;
         let table = PriceTable::builtin();
-        let params = self.settings.estimate_params(detail);
+        let params = self.settings.estimate_params_with(detail, prompt);
         let paid_provider = self.provider.is_paid();
         let request = VisionRequest {
             model: model.to_string(),
             jpeg,
             width: job.width,
             height: job.height,
-            prompt: self.settings.prompt.clone(),
+            prompt: prompt.text.clone(),
             max_output_tokens: self.settings.max_output_tokens,
             detail,
+            check: job.check.clone(),
         };
         // What one call is expected to cost: booked when a paid answer's usage is unreadable.
         let estimate = table.estimate(model, job.width, job.height, &params).ok();
@@ -989,7 +1037,7 @@ impl Analyzer {
                     saved_usd: 0.0,
                     reused_from: None,
                     idempotency_key: key.to_string(),
-                    prompt_version: self.settings.prompt_version.clone(),
+                    prompt_version: prompt.version.clone(),
                     price_version: table.version().to_string(),
                     completed_at: rfc3339(self.clock.now_ms()),
                 };

@@ -636,6 +636,7 @@ impl BatchLane {
                 height: item.height,
                 detail: Some(item.detail),
                 lane: Some(Lane::Realtime),
+                check: None,
             };
             bodies.push(
                 serde_json::to_string(&job)
@@ -810,6 +811,7 @@ impl BatchLane {
                 prompt: self.settings.prompt.clone(),
                 max_output_tokens: self.settings.max_output_tokens,
                 detail: item.detail,
+                check: None,
             },
         };
         self.provider

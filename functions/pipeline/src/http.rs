@@ -318,6 +318,7 @@ async fn create_upload(
         // Decided now by the one rule (request, key prefix, default), so the record says its
         // lane from the start (the widget follows it).
         lane: Some(state.settings.lane_for(req.lane, &key)),
+        generation: None,
         created_at: now.clone(),
         updated_at: now,
     };

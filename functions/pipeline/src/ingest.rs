@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 use sightline_core::keys::{parse_upload_key, resized_key};
-use sightline_core::model::{AnalysisJob, ImageRecord, ImageSize, ImageStatus};
+use sightline_core::model::{AnalysisJob, ImageRecord, ImageSize, ImageStatus, Lane};
 use sightline_core::pricing::PriceTable;
 use sightline_core::{memory_estimate, prepare, PrepareError};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -314,12 +314,21 @@ impl Ingest {
         let detail = self
             .settings
             .detail_for(tenant, existing.as_ref().and_then(|r| r.detail));
-        let params = self.settings.estimate_params(detail);
-        // The upload's own lane, else the key rule, else the default: decided once, here.
-        let lane = self.settings.lane_for(
-            existing.as_ref().and_then(|r| r.lane),
-            original_key.unwrap_or(source),
-        );
+        // A generated image (its record names its job row) is analysed with its check.
+        let generation = existing.as_ref().and_then(|r| r.generation.clone());
+        let check = generation.as_ref().map(|g| g.check.clone());
+        let prompt = self.settings.analysis_prompt(check.as_ref());
+        let params = self.settings.estimate_params_with(detail, &prompt);
+        // The upload's own lane, else the key rule, else the default: decided once, here. A
+        // generated image goes in real time: its job waits for its check.
+        let lane = if generation.is_some() {
+            Lane::Realtime
+        } else {
+            self.settings.lane_for(
+                existing.as_ref().and_then(|r| r.lane),
+                original_key.unwrap_or(source),
+            )
+        };
         let estimate = table
             .estimate(&self.settings.model, img.width, img.height, &params)
             .ok();
@@ -364,6 +373,7 @@ impl Ingest {
             extra_spend: None,
             detail: Some(detail),
             lane: Some(lane),
+            generation,
             created_at,
             updated_at: now,
         };
@@ -377,6 +387,7 @@ impl Ingest {
             height: img.height,
             detail: Some(detail),
             lane: (!lane.is_realtime()).then_some(lane),
+            check,
         };
         let body = job_body(&job)?;
         let soon = now_ms + self.settings.reconcile_after.as_millis() as u64;
@@ -461,6 +472,7 @@ impl Ingest {
             extra_spend: None,
             detail: existing.as_ref().and_then(|r| r.detail),
             lane: existing.as_ref().and_then(|r| r.lane),
+            generation: existing.as_ref().and_then(|r| r.generation.clone()),
             original_key: existing.and_then(|r| r.original_key),
             created_at,
             updated_at: now,
@@ -488,6 +500,7 @@ pub fn job_of(record: &ImageRecord) -> Option<AnalysisJob> {
         height: record.resized?.height,
         detail: record.detail,
         lane: record.lane.filter(|l| !l.is_realtime()),
+        check: record.generation.as_ref().map(|g| g.check.clone()),
     })
 }
 

@@ -12,6 +12,8 @@ pub mod analyze;
 #[cfg(feature = "aws")]
 pub mod aws;
 pub mod batch;
+pub mod delivery;
+pub mod generation;
 pub mod http;
 pub mod ingest;
 pub mod local;

@@ -438,6 +438,9 @@ pub struct VisionRequest {
     pub prompt: String,
     pub max_output_tokens: u32,
     pub detail: Detail,
+    /// A generated image's request, which `prompt` already asks about: the offline analyzer
+    /// checks pictures of the offline generator with it; API providers read the prompt.
+    pub check: Option<sightline_core::genjob::CheckSpec>,
 }
 
 #[derive(Debug, Clone)]
@@ -524,6 +527,13 @@ pub fn rfc3339(ms: u64) -> String {
         "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
     );
     t.format(&f).unwrap_or_default()
+}
+
+/// Milliseconds since the epoch of an RFC 3339 timestamp (None when it is not one).
+pub fn parse_rfc3339_ms(timestamp: &str) -> Option<u64> {
+    let t = time::OffsetDateTime::parse(timestamp, &time::format_description::well_known::Rfc3339)
+        .ok()?;
+    u64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()
 }
 
 /// The UTC day (YYYY-MM-DD) of an RFC 3339 timestamp produced by [`rfc3339`].
@@ -1003,4 +1013,227 @@ pub trait ImageGenerator: Send + Sync {
     /// One image. Failures are classified like the vision providers' ([`ProviderError`]): an
     /// answer whose image is unusable is billed invalid output.
     async fn generate(&self, req: &GenerationCall) -> Result<GeneratedImage, ProviderError>;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Generation jobs
+// ---------------------------------------------------------------------------------------------
+
+/// A generation job as stored: its rows are [`GenerationRow`]s.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerationJob {
+    pub job_id: String,
+    pub tenant: String,
+    /// The job's template (rows may name others).
+    pub template: String,
+    pub rows: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhook_url: Option<String>,
+    /// Regenerate a row once when its check fails.
+    pub regenerate: bool,
+    pub status: sightline_core::genjob::JobStatus,
+    /// Where it came from: `cli`, `api`, or the S3 key of a dropped CSV.
+    pub source: String,
+    pub created_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+}
+
+/// One row of a generation job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerationRow {
+    pub job_id: String,
+    pub tenant: String,
+    pub row: u32,
+    /// As planned (attempt 1); a regeneration's request is derived from it
+    /// ([`sightline_core::genjob::attempt_request`]).
+    pub request: sightline_core::generate::GenerationRequest,
+    pub status: sightline_core::genjob::RowStatus,
+    /// 1, or 2 once regenerated.
+    pub attempt: u32,
+    /// The image of the current attempt (analysed like any upload).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_id: Option<String>,
+    /// Where the image was delivered (`generated/{tenant}/{job}/...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_key: Option<String>,
+    /// Generation money of this row: every attempt's call, $0 for images reused.
+    #[serde(default)]
+    pub generation_cost_usd: f64,
+    /// The current image came from an earlier generation of the same request ($0).
+    #[serde(default)]
+    pub reused: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check: Option<sightline_core::genjob::CheckVerdict>,
+    /// The failed check of the first image, when the row was regenerated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_check: Option<sightline_core::genjob::CheckVerdict>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub updated_at: String,
+}
+
+impl GenerationRow {
+    /// The request of the row's current attempt.
+    pub fn current_request(&self) -> sightline_core::generate::GenerationRequest {
+        sightline_core::genjob::attempt_request(&self.request, self.attempt)
+    }
+}
+
+/// An image generated once for an idempotency key (scoped by tenant): what a rerun reuses.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GeneratedObject {
+    pub tenant: String,
+    pub key: String,
+    pub blob_key: String,
+    pub content_type: String,
+    pub width: u32,
+    pub height: u32,
+    pub provider: String,
+    pub model: String,
+    #[serde(default)]
+    pub usage: Option<Usage>,
+    pub cost_usd: f64,
+    pub created_at: String,
+}
+
+/// What taking the generation claim of a key got.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenClaim {
+    Acquired,
+    /// Generated before: reuse it at $0.
+    Done(Box<GeneratedObject>),
+    /// Another worker is generating it now.
+    Busy {
+        retry_in: Duration,
+    },
+}
+
+/// Where a webhook delivery is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryStatus {
+    /// Waiting for its next attempt (`next_at_ms`).
+    Pending,
+    Delivered,
+    /// The receiver answered 410 Gone: never sent again unless redelivered by hand.
+    Gone,
+    /// Out of attempts or time: a dead letter, listed by the API; redelivery is a command.
+    Dead,
+}
+
+impl DeliveryStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryStatus::Pending => "pending",
+            DeliveryStatus::Delivered => "delivered",
+            DeliveryStatus::Gone => "gone",
+            DeliveryStatus::Dead => "dead",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<DeliveryStatus> {
+        match s {
+            "pending" => Some(DeliveryStatus::Pending),
+            "delivered" => Some(DeliveryStatus::Delivered),
+            "gone" => Some(DeliveryStatus::Gone),
+            "dead" => Some(DeliveryStatus::Dead),
+            _ => None,
+        }
+    }
+}
+
+/// One signed webhook message and its delivery state. The message id (`webhook-id`) stays
+/// the same across attempts, so a receiver can drop duplicates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WebhookDelivery {
+    pub delivery_id: String,
+    pub tenant: String,
+    pub job_id: String,
+    pub url: String,
+    pub event: String,
+    /// The JSON body, signed anew at each attempt (the timestamp changes).
+    pub body: String,
+    pub status: DeliveryStatus,
+    pub attempts: u32,
+    pub next_at_ms: u64,
+    pub first_at_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_status: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+/// Generation jobs, their rows, the per-tenant cache of generated images, and webhook
+/// deliveries.
+#[async_trait]
+pub trait GenerationStore: Send + Sync {
+    /// Store a new job and its rows (all or nothing).
+    async fn create_job(&self, job: &GenerationJob, rows: &[GenerationRow]) -> StoreResult<()>;
+    async fn get_job(&self, tenant: &str, job_id: &str) -> StoreResult<Option<GenerationJob>>;
+    /// A tenant's jobs, newest first.
+    async fn list_jobs(&self, tenant: &str, limit: usize) -> StoreResult<Vec<GenerationJob>>;
+    /// Jobs of every tenant still running (the sweep).
+    async fn running_jobs(&self, limit: usize) -> StoreResult<Vec<GenerationJob>>;
+    async fn rows(&self, tenant: &str, job_id: &str) -> StoreResult<Vec<GenerationRow>>;
+    async fn get_row(
+        &self,
+        tenant: &str,
+        job_id: &str,
+        row: u32,
+    ) -> StoreResult<Option<GenerationRow>>;
+    /// Replace a row if it still is at `(expected status, expected attempt)`: two workers
+    /// moving the same row on can never both win. False when it was not.
+    async fn update_row(
+        &self,
+        row: &GenerationRow,
+        expected: (sightline_core::genjob::RowStatus, u32),
+    ) -> StoreResult<bool>;
+    /// Mark a running job finished and record its webhook delivery (if any) at once; false
+    /// when it was finished already (nothing written).
+    async fn finish_job(
+        &self,
+        tenant: &str,
+        job_id: &str,
+        finished_at: &str,
+        delivery: Option<&WebhookDelivery>,
+    ) -> StoreResult<bool>;
+
+    /// Take the claim to generate `key` for a tenant, or learn it was generated (or is being).
+    async fn claim_generation(
+        &self,
+        tenant: &str,
+        key: &str,
+        owner: &str,
+        lease: Duration,
+        now_ms: u64,
+    ) -> StoreResult<GenClaim>;
+    async fn release_generation(&self, tenant: &str, key: &str, owner: &str) -> StoreResult<()>;
+    /// Record a generated image under its key (ends the claim). A second record of the same
+    /// key keeps the first.
+    async fn put_generated(&self, object: &GeneratedObject) -> StoreResult<()>;
+
+    async fn put_delivery(&self, delivery: &WebhookDelivery) -> StoreResult<()>;
+    async fn get_delivery(
+        &self,
+        tenant: &str,
+        delivery_id: &str,
+    ) -> StoreResult<Option<WebhookDelivery>>;
+    /// Pending deliveries due at `now_ms`, oldest first.
+    async fn due_deliveries(&self, now_ms: u64, limit: usize) -> StoreResult<Vec<WebhookDelivery>>;
+    /// Replace a delivery if its attempts are still `expected_attempts` (one sender per attempt).
+    async fn update_delivery(
+        &self,
+        delivery: &WebhookDelivery,
+        expected_attempts: u32,
+    ) -> StoreResult<bool>;
+    /// A tenant's deliveries, newest first; `status` filters.
+    async fn list_deliveries(
+        &self,
+        tenant: &str,
+        status: Option<DeliveryStatus>,
+        limit: usize,
+    ) -> StoreResult<Vec<WebhookDelivery>>;
 }

@@ -290,6 +290,19 @@ pub struct Settings {
     pub dedupe: Dedupe,
     /// Near-duplicate skip per tenant (over `dedupe`).
     pub tenant_dedupe: BTreeMap<String, Dedupe>,
+    /// Generated images per minute to each image model, per instance like `rpm` (0 = unlimited).
+    pub generation_ipm: u64,
+    /// Image models tried, in order, when a row's model is throttled for long or down.
+    pub generation_fallback_models: Vec<String>,
+    /// Generate a row once more when its image fails its check.
+    pub regenerate_on_mismatch: bool,
+    /// The `whsec_` secret webhooks are signed with, for tenants without their own.
+    pub webhook_secret: Option<String>,
+    /// Webhook secrets per tenant (over `webhook_secret`).
+    pub tenant_webhook_secret: BTreeMap<String, String>,
+    /// Multiplies the webhook retry schedule and its 24 h window (1 = as specified; tests and
+    /// demos shrink it).
+    pub webhook_retry_scale: f64,
     /// Local: concurrent analysis workers of one process.
     pub workers: usize,
     /// Local: the data directory (SQLite database and blobs).
@@ -300,6 +313,13 @@ impl Default for Settings {
     fn default() -> Self {
         Settings::defaults_for(Runtime::Local)
     }
+}
+
+/// The prompt a job is analysed with and the version its answers are cached under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AnalysisPrompt {
+    pub text: String,
+    pub version: String,
 }
 
 impl Settings {
@@ -362,6 +382,12 @@ impl Settings {
             embedding_rpm: 0,
             dedupe: Dedupe::Off,
             tenant_dedupe: BTreeMap::new(),
+            generation_ipm: 0,
+            generation_fallback_models: Vec::new(),
+            regenerate_on_mismatch: true,
+            webhook_secret: None,
+            tenant_webhook_secret: BTreeMap::new(),
+            webhook_retry_scale: 1.0,
             workers: 4,
             data_dir: PathBuf::from(".sightline"),
         }
@@ -421,6 +447,15 @@ impl Settings {
     }
 
     /// Whether near-duplicates of `tenant`'s analysed images reuse their analysis.
+    /// The secret a tenant's webhooks are signed with (None: the tenant has none, and its jobs
+    /// may not name a webhook).
+    pub fn webhook_secret_for(&self, tenant: &str) -> Option<&str> {
+        self.tenant_webhook_secret
+            .get(tenant)
+            .or(self.webhook_secret.as_ref())
+            .map(String::as_str)
+    }
+
     pub fn dedupe_for(&self, tenant: &str) -> Dedupe {
         self.tenant_dedupe
             .get(tenant)
@@ -468,15 +503,52 @@ impl Settings {
     /// The answer parameters of a call to `model`: a model that never reads `detail` (Claude,
     /// Gemini) gets one cache entry whatever detail was asked, so low then high is not paid twice.
     pub fn answer_params_for(&self, model: &str, detail: Detail) -> AnswerParams<'_> {
+        self.answer_params_with(model, detail, &self.prompt_version)
+    }
+
+    /// [`Settings::answer_params_for`] with a job's own prompt version (a generated image's
+    /// check, see [`Settings::analysis_prompt`]).
+    pub fn answer_params_with<'a>(
+        &self,
+        model: &str,
+        detail: Detail,
+        prompt_version: &'a str,
+    ) -> AnswerParams<'a> {
         let reads_detail = PriceTable::builtin()
             .model(model)
             .map_or(true, |m| m.reads_detail());
         let detail = if reads_detail { detail } else { Detail::High };
         AnswerParams {
-            prompt_version: &self.prompt_version,
+            prompt_version,
             detail,
             max_output_tokens: self.max_output_tokens,
         }
+    }
+
+    /// The prompt a job is analysed with and the version its answer is cached under: the
+    /// configured prompt, or for a generated image the check prompt built on it (one rule for
+    /// ingest's estimate, the analyzer's call and its cache key).
+    pub fn analysis_prompt(
+        &self,
+        check: Option<&sightline_core::genjob::CheckSpec>,
+    ) -> AnalysisPrompt {
+        match check {
+            None => AnalysisPrompt {
+                text: self.prompt.clone(),
+                version: self.prompt_version.clone(),
+            },
+            Some(c) => {
+                let text = sightline_core::genjob::check_prompt(&self.prompt, &c.prompt);
+                let version =
+                    sightline_core::genjob::check_prompt_version(&self.prompt_version, &text);
+                AnalysisPrompt { text, version }
+            }
+        }
+    }
+
+    /// What an estimate of a job with this prompt assumes besides the image.
+    pub fn estimate_params_with(&self, detail: Detail, prompt: &AnalysisPrompt) -> EstimateParams {
+        EstimateParams::for_prompt(&prompt.text, self.max_output_tokens, detail)
     }
 
     /// What an estimate assumes besides the image: the core's one rule for the prompt and
@@ -668,6 +740,26 @@ fn tenant_dedupes(v: &str) -> Result<BTreeMap<String, Dedupe>, &'static str> {
             return Err(EXPECTED);
         }
         map.insert(tenant.to_string(), Dedupe::parse(d).ok_or(EXPECTED)?);
+    }
+    Ok(map)
+}
+
+fn webhook_secret(v: &str) -> Result<String, &'static str> {
+    sightline_core::webhook::WebhookSecret::parse(v)
+        .map(|_| v.to_string())
+        .map_err(|_| "a whsec_ secret: `whsec_` and 24 to 64 bytes in base64")
+}
+
+fn tenant_webhook_secrets(v: &str) -> Result<BTreeMap<String, String>, &'static str> {
+    const EXPECTED: &str = "tenant=whsec_… pairs, comma-separated";
+    let mut map = BTreeMap::new();
+    for pair in list(v) {
+        let (tenant, secret) = pair.split_once('=').ok_or(EXPECTED)?;
+        let tenant = tenant.trim();
+        if tenant.is_empty() {
+            return Err(EXPECTED);
+        }
+        map.insert(tenant.to_string(), webhook_secret(secret.trim())?);
     }
     Ok(map)
 }
@@ -1288,6 +1380,94 @@ pub const SETTINGS: &[SettingDef] = &[
                 .collect::<Vec<_>>()
                 .join(",")
         },
+    },
+    SettingDef {
+        key: "generation_ipm",
+        env: "SIGHTLINE_GENERATION_IPM",
+        flag: false,
+        applies: Applies::Everywhere,
+        help: "generated images per minute to each image model (shared like `rpm` by `max_concurrency` instances); 0 = unlimited",
+        apply: |s, v| {
+            s.generation_ipm = num(v)?;
+            Ok(())
+        },
+        show: |s| s.generation_ipm.to_string(),
+    },
+    SettingDef {
+        key: "generation_fallback_models",
+        env: "SIGHTLINE_GENERATION_FALLBACK_MODELS",
+        flag: false,
+        applies: Applies::Everywhere,
+        help: "comma-separated image models tried when a row's model is throttled for long or down",
+        apply: |s, v| {
+            s.generation_fallback_models = list(v);
+            Ok(())
+        },
+        show: |s| s.generation_fallback_models.join(","),
+    },
+    SettingDef {
+        key: "regenerate_on_mismatch",
+        env: "SIGHTLINE_REGENERATE_ON_MISMATCH",
+        flag: false,
+        applies: Applies::Everywhere,
+        help: "generate a row once more (paid) when its image fails its check; a job may say otherwise",
+        apply: |s, v| {
+            s.regenerate_on_mismatch = flag(v)?;
+            Ok(())
+        },
+        show: |s| s.regenerate_on_mismatch.to_string(),
+    },
+    SettingDef {
+        key: "webhook_secret",
+        env: "SIGHTLINE_WEBHOOK_SECRET",
+        flag: false,
+        applies: Applies::Everywhere,
+        help: "the `whsec_` secret generation webhooks are signed with (Standard Webhooks); unset: jobs may not name a webhook",
+        apply: |s, v| {
+            s.webhook_secret = Some(webhook_secret(v)?);
+            Ok(())
+        },
+        show: |s| {
+            if s.webhook_secret.is_some() {
+                "(set)".into()
+            } else {
+                String::new()
+            }
+        },
+    },
+    SettingDef {
+        key: "tenant_webhook_secret",
+        env: "SIGHTLINE_TENANT_WEBHOOK_SECRET",
+        flag: false,
+        applies: Applies::Everywhere,
+        help: "webhook secrets per tenant, `acme=whsec_…,beta=whsec_…` (a table in the file)",
+        apply: |s, v| {
+            s.tenant_webhook_secret = tenant_webhook_secrets(v)?;
+            Ok(())
+        },
+        show: |s| {
+            s.tenant_webhook_secret
+                .keys()
+                .map(|t| format!("{t}=(set)"))
+                .collect::<Vec<_>>()
+                .join(",")
+        },
+    },
+    SettingDef {
+        key: "webhook_retry_scale",
+        env: "SIGHTLINE_WEBHOOK_RETRY_SCALE",
+        flag: false,
+        applies: Applies::Everywhere,
+        help: "multiplies the webhook retry schedule (5 s, 5 min, 30 min, 2 h, … within 24 h); below 1 only for tests and demos",
+        apply: |s, v| {
+            let scale: f64 = num(v)?;
+            if !(scale > 0.0 && scale <= 1.0) {
+                return Err("a number in (0, 1]");
+            }
+            s.webhook_retry_scale = scale;
+            Ok(())
+        },
+        show: |s| s.webhook_retry_scale.to_string(),
     },
     SettingDef {
         key: "resize_memory_mb",

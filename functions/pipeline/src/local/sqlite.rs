@@ -70,6 +70,24 @@ CREATE TABLE IF NOT EXISTS vectors (
     vector BLOB NOT NULL, status TEXT NOT NULL, tags TEXT NOT NULL,
     PRIMARY KEY (index_name, tenant, image_id));
 CREATE INDEX IF NOT EXISTS vectors_by_image ON vectors (tenant, image_id);
+CREATE TABLE IF NOT EXISTS gen_jobs (
+    tenant TEXT NOT NULL, job_id TEXT NOT NULL, status TEXT NOT NULL,
+    created_at TEXT NOT NULL, doc TEXT NOT NULL,
+    PRIMARY KEY (tenant, job_id));
+CREATE INDEX IF NOT EXISTS gen_jobs_running ON gen_jobs (status, created_at);
+CREATE TABLE IF NOT EXISTS gen_rows (
+    tenant TEXT NOT NULL, job_id TEXT NOT NULL, row INTEGER NOT NULL,
+    status TEXT NOT NULL, attempt INTEGER NOT NULL, doc TEXT NOT NULL,
+    PRIMARY KEY (tenant, job_id, row));
+CREATE TABLE IF NOT EXISTS gen_objects (
+    tenant TEXT NOT NULL, key TEXT NOT NULL, owner TEXT, lease_until INTEGER, doc TEXT,
+    PRIMARY KEY (tenant, key));
+CREATE TABLE IF NOT EXISTS webhook_deliveries (
+    tenant TEXT NOT NULL, delivery_id TEXT NOT NULL, status TEXT NOT NULL,
+    next_at INTEGER NOT NULL, attempts INTEGER NOT NULL, created_at TEXT NOT NULL,
+    doc TEXT NOT NULL,
+    PRIMARY KEY (tenant, delivery_id));
+CREATE INDEX IF NOT EXISTS webhook_deliveries_due ON webhook_deliveries (status, next_at);
 "#;
 
 /// Columns added after the first release: (table, column, definition). Added at open when an
@@ -645,6 +663,7 @@ fn budget_counts_in(
 }
 
 mod batch;
+mod generation;
 mod vectors;
 
 pub use vectors::SqliteVectorStore;

@@ -339,6 +339,7 @@ mod tests {
             prompt: "p".into(),
             max_output_tokens: 400,
             detail: sightline_core::model::Detail::Low,
+            check: None,
         };
         let body = AnthropicProvider::body(&req);
         assert_eq!(body["max_tokens"], 400);

@@ -543,6 +543,7 @@ mod tests {
             prompt: "describe".into(),
             max_output_tokens: 400,
             detail: sightline_core::model::Detail::Low,
+            check: None,
         };
         let m = BedrockProvider::message(&req).unwrap();
         let image = m.content()[0].as_image().unwrap();

@@ -6,10 +6,13 @@
 
 use async_trait::async_trait;
 use image::{GrayImage, RgbImage};
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
+use sightline_core::embed::{cosine_distance, is_near_duplicate, signature_rgb, NearDupThreshold};
+use sightline_core::genjob::{CheckSpec, CHECK_SKIPPED};
 use sightline_core::pricing::Usage;
 use sightline_core::retry::FailureKind;
 
+use super::gen_local::{draw, LOCAL_IMAGE_MODEL};
 use crate::ports::{ProviderError, RateInfo, VisionProvider, VisionRequest, VisionResponse};
 
 /// Model name stored with local results.
@@ -33,10 +36,17 @@ impl VisionProvider for LocalAnalyzer {
 
     async fn analyze(&self, req: &VisionRequest) -> Result<VisionResponse, ProviderError> {
         let jpeg = req.jpeg.clone();
-        let analysis = tokio::task::spawn_blocking(move || analyze_bytes(&jpeg))
-            .await
-            .map_err(|e| invalid(format!("analyzer task failed: {e}")))?
-            .map_err(|e| invalid(e.to_string()))?;
+        let check = req.check.clone();
+        let analysis = tokio::task::spawn_blocking(move || {
+            let mut analysis = analyze_bytes(&jpeg)?;
+            if let (Some(spec), Value::Object(map)) = (check, &mut analysis) {
+                map.extend(check_bytes(&jpeg, &spec)?);
+            }
+            Ok::<_, Undecodable>(analysis)
+        })
+        .await
+        .map_err(|e| invalid(format!("analyzer task failed: {e}")))?
+        .map_err(|e| invalid(e.to_string()))?;
         Ok(VisionResponse {
             analysis,
             usage: Some(Usage::default()),
@@ -60,6 +70,43 @@ fn invalid(message: String) -> ProviderError {
 #[derive(Debug, thiserror::Error)]
 #[error("cannot decode image: {0}")]
 pub struct Undecodable(#[from] image::ImageError);
+
+/// The offline check of a generated image against its request. A picture of the offline
+/// generator is a function of its request alone, so the checker draws the request again at the
+/// analysed size and compares the two by the near-duplicate rule: a picture made for another
+/// prompt or seed (or damaged on the way) fails. Pictures of other models it cannot judge,
+/// and says so.
+pub fn check_bytes(jpeg: &[u8], check: &CheckSpec) -> Result<Map<String, Value>, Undecodable> {
+    let mut out = Map::new();
+    if check.model != LOCAL_IMAGE_MODEL {
+        out.insert("matches_prompt".into(), Value::Null);
+        out.insert(
+            CHECK_SKIPPED.into(),
+            Value::String(format!(
+                "the offline analyzer cannot judge pictures of {}; analyse with a vision model to check them",
+                check.model
+            )),
+        );
+        return Ok(out);
+    }
+    let seen = image::load_from_memory(jpeg)?.to_rgb8();
+    let (w, h) = seen.dimensions();
+    let expected = draw(&check.prompt, check.seed, w, h);
+    let a = signature_rgb(&seen);
+    let b = signature_rgb(&expected);
+    let distance = cosine_distance(&a.embedding, &b.embedding);
+    let matches = is_near_duplicate(&a, &b, &NearDupThreshold::default());
+    out.insert("matches_prompt".into(), Value::Bool(matches));
+    let issues = if matches {
+        Vec::new()
+    } else {
+        vec![Value::String(format!(
+            "not the picture its request draws (visual distance {distance:.3})"
+        ))]
+    };
+    out.insert("prompt_issues".into(), Value::Array(issues));
+    Ok(out)
+}
 
 /// Measure a (resized) image.
 pub fn analyze_bytes(bytes: &[u8]) -> Result<Value, Undecodable> {
@@ -284,6 +331,61 @@ mod tests {
         let mut out = std::io::Cursor::new(Vec::new());
         img.write_to(&mut out, image::ImageFormat::Png).unwrap();
         out.into_inner()
+    }
+
+    fn spec(prompt: &str, seed: Option<u64>, model: &str) -> CheckSpec {
+        CheckSpec {
+            prompt: prompt.into(),
+            model: model.into(),
+            size: sightline_core::generate::Size::Pixels {
+                width: 1536,
+                height: 1024,
+            },
+            seed,
+        }
+    }
+
+    /// A picture of the offline generator as the pipeline analyses it: drawn at its request's
+    /// size, then prepared (resized to 1024, JPEG) like any upload.
+    fn generated(prompt: &str, seed: Option<u64>) -> Vec<u8> {
+        let png = jpeg(DynamicImage::ImageRgb8(draw(prompt, seed, 1536, 1024)));
+        sightline_core::prepare(&png, &Default::default())
+            .unwrap()
+            .jpeg
+    }
+
+    #[test]
+    fn offline_check_passes_the_picture_its_request_draws() {
+        let img = generated("a red lamp on a desk", Some(4));
+        let out = check_bytes(
+            &img,
+            &spec("a red lamp on a desk", Some(4), LOCAL_IMAGE_MODEL),
+        )
+        .unwrap();
+        assert_eq!(out["matches_prompt"], true, "{out:?}");
+        assert_eq!(out["prompt_issues"], json!([]));
+    }
+
+    #[test]
+    fn offline_check_fails_a_picture_of_another_prompt_or_seed() {
+        let img = generated("a red lamp on a desk", Some(4));
+        for other in [
+            spec("a blue chair in a garden", Some(4), LOCAL_IMAGE_MODEL),
+            spec("a red lamp on a desk", Some(5), LOCAL_IMAGE_MODEL),
+        ] {
+            let out = check_bytes(&img, &other).unwrap();
+            assert_eq!(out["matches_prompt"], false, "{other:?}: {out:?}");
+            assert_eq!(out["prompt_issues"].as_array().unwrap().len(), 1);
+        }
+    }
+
+    #[test]
+    fn offline_check_says_it_cannot_judge_other_models_pictures() {
+        let img = generated("a red lamp", None);
+        let out = check_bytes(&img, &spec("a red lamp", None, "gpt-image-1-mini")).unwrap();
+        let verdict = sightline_core::genjob::CheckVerdict::of_analysis(&Value::Object(out));
+        assert_eq!(verdict.matches, None);
+        assert!(verdict.issues[0].contains("gpt-image-1-mini"));
     }
 
     #[test]

@@ -186,6 +186,7 @@ pub(crate) fn record_of(tenant: &str, id: &str) -> ImageRecord {
         lane: None,
         created_at: "2026-11-22T00:00:00.000Z".into(),
         updated_at: "2026-11-22T00:00:00.000Z".into(),
+        generation: None,
     }
 }
 
@@ -205,6 +206,7 @@ fn job_of(tenant: &str, id: &str) -> String {
         height: 1024,
         detail: None,
         lane: None,
+        check: None,
     })
     .unwrap()
 }

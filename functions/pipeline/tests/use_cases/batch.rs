@@ -282,6 +282,7 @@ fn batch_job(i: usize) -> String {
         height: 1024,
         detail: None,
         lane: Some(Lane::Batch),
+        check: None,
     })
     .unwrap()
 }

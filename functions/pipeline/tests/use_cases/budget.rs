@@ -89,6 +89,7 @@ fn job(i: usize) -> String {
         height: 1024,
         detail: None,
         lane: None,
+        check: None,
     })
     .unwrap()
 }

@@ -4,6 +4,7 @@
 mod analyze;
 mod batch;
 mod budget;
+mod generation;
 mod ingest;
 mod reconcile;
 mod search;

@@ -89,6 +89,7 @@ pub(crate) fn pending(id: &str, created_ms: u64) -> ImageRecord {
         lane: None,
         created_at: rfc3339(created_ms),
         updated_at: rfc3339(created_ms),
+        generation: None,
     }
 }
 

@@ -1,0 +1,1024 @@
+//! Use-case: generation jobs. A job's rows go on the generation queue; each message makes one
+//! image (rate-limited, retried, with fallback models, paid once per idempotency key and
+//! tenant), stores it where the job delivers it and as an upload, and the upload is resized
+//! and analysed like any other, with a prompt that also checks it against its request. When
+//! an image's analysis ends, its row moves on: done, regenerated once (a setting), mismatch
+//! or failed; when every row is final the job finishes and its webhook is recorded for
+//! delivery ([`crate::delivery`]).
+//!
+//! Money: each paid generation call is booked on the ledger once (kind `generation`, spend id
+//! per call), whatever happens after; analyses book themselves as usual. A rerun of the same
+//! rows finds every image by its key and pays nothing.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sightline_core::generate::{GenerationRequest, OutputFormat};
+use sightline_core::genjob::{
+    CheckSpec, CheckVerdict, GenerationLink, JobStatus, RowCounts, RowStatus, EVENT_JOB_FINISHED,
+};
+use sightline_core::keys::upload_key;
+use sightline_core::limiter::{Denied, RateLimiter};
+use sightline_core::model::{ImageRecord, ImageStatus, Lane};
+use sightline_core::pricing::PriceTable;
+use sightline_core::retry::{classify, retry_delay, FailureKind, RetryClass};
+use tracing::{debug, info, warn};
+
+use crate::ingest::Ingest;
+use crate::ports::{
+    day_of, rfc3339, BlobStore, Clock, DeliveryStatus, GenClaim, GeneratedImage, GeneratedObject,
+    GenerationCall, GenerationJob, GenerationRow, GenerationStore, ImageGenerator, LedgerKind,
+    ProviderError, Queue, Repository, Spend, StoreError, StoreResult, WebhookDelivery,
+};
+use crate::settings::Settings;
+use crate::webhook_url::{validate_webhook_url, Mode, Resolve, UrlError};
+
+/// Blob prefix of the images a job delivers: `generated/{tenant}/{job_id}/{output key}`.
+pub const GENERATED_PREFIX: &str = "generated/";
+/// Blob prefix of generated images by idempotency key (what reruns reuse).
+pub const GENERATION_CACHE_PREFIX: &str = "gen-cache/";
+/// Rows in a webhook summary; a bigger job's receiver reads the rest from the API.
+pub const MAX_SUMMARY_ROWS: usize = 1000;
+/// How long a generation claim holds: a provider call plus the image's storage.
+const GENERATION_LEASE: Duration = Duration::from_secs(300);
+
+/// The queue message of one row's attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenerationMessage {
+    pub v: u32,
+    pub tenant: String,
+    pub job_id: String,
+    pub row: u32,
+    pub attempt: u32,
+}
+
+impl GenerationMessage {
+    pub const VERSION: u32 = 1;
+    /// What tells a generation message from an analysis job on a shared reading path.
+    pub const KIND: &'static str = "generation";
+
+    pub fn body(&self) -> StoreResult<String> {
+        serde_json::to_string(self)
+            .map_err(|e| StoreError::Permanent(format!("generation message: {e}")))
+    }
+
+    pub fn parse(body: &str) -> Result<GenerationMessage, String> {
+        let m: GenerationMessage =
+            serde_json::from_str(body).map_err(|e| format!("malformed generation message: {e}"))?;
+        if m.v != Self::VERSION {
+            return Err(format!("unsupported generation message version {}", m.v));
+        }
+        if m.job_id.is_empty() || m.tenant.is_empty() || m.row == 0 || m.attempt == 0 {
+            return Err("generation message lacks a tenant, job, row or attempt".into());
+        }
+        Ok(m)
+    }
+}
+
+/// What to do with a generation message after handling it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenerateOutcome {
+    /// Generated now and handed to the analysis.
+    Generated { model: String, cost_usd: f64 },
+    /// The same request was generated before: its image is reused at $0.
+    Reused,
+    /// Duplicate delivery: the row has moved on.
+    AlreadyDone,
+    /// The row failed for good (recorded on it).
+    Failed(String),
+    /// Transient: make the message visible again after `delay`.
+    Retry { delay: Duration, reason: String },
+}
+
+/// Why a job is refused before anything is stored or paid.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("row {row}: image model {model:?} has no price in the price table, so it cannot be generated or costed")]
+    UnknownModel { row: usize, model: String },
+    #[error("webhook URL refused: {0}")]
+    Webhook(#[from] UrlError),
+    #[error("tenant {0} has no webhook secret (webhook_secret / tenant_webhook_secret): a webhook could not be signed")]
+    NoWebhookSecret(String),
+    #[error("a job needs at least one row")]
+    Empty,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A job to start.
+#[derive(Debug, Clone)]
+pub struct Submission {
+    pub tenant: String,
+    pub template: String,
+    pub requests: Vec<GenerationRequest>,
+    pub webhook_url: Option<String>,
+    /// None: the `regenerate_on_mismatch` setting.
+    pub regenerate: Option<bool>,
+    pub source: String,
+}
+
+/// Image generators by model, built on first use (rows may name other models).
+pub type BuildGenerator =
+    dyn Fn(&str) -> Result<Arc<dyn ImageGenerator>, String> + Send + Sync + 'static;
+
+pub struct Generators {
+    build: Box<BuildGenerator>,
+    built: Mutex<HashMap<String, Arc<dyn ImageGenerator>>>,
+}
+
+impl Generators {
+    pub fn new(build: Box<BuildGenerator>) -> Generators {
+        Generators {
+            build,
+            built: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn get(&self, model: &str) -> Result<Arc<dyn ImageGenerator>, String> {
+        let mut built = match self.built.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(g) = built.get(model) {
+            return Ok(g.clone());
+        }
+        let g = (self.build)(model)?;
+        built.insert(model.to_string(), g.clone());
+        Ok(g)
+    }
+}
+
+#[derive(Clone)]
+pub struct Generations {
+    pub store: Arc<dyn GenerationStore>,
+    pub repo: Arc<dyn Repository>,
+    pub blobs: Arc<dyn BlobStore>,
+    /// The generation queue.
+    pub queue: Arc<dyn Queue>,
+    pub generators: Arc<Generators>,
+    pub settings: Arc<Settings>,
+    pub clock: Arc<dyn Clock>,
+    /// Where webhook URLs are checked (loopback receivers only locally).
+    pub mode: Mode,
+    pub resolver: Arc<dyn Resolve>,
+    /// Local: ingest a stored image at once. On AWS the upload's S3 event does it.
+    pub ingest: Option<Ingest>,
+    limiters: Arc<Mutex<HashMap<String, RateLimiter>>>,
+    instance: String,
+}
+
+/// The image id of a row's attempt: one image per attempt, so a regeneration is analysed
+/// (and checked) as a new image.
+pub fn image_id_of(job_id: &str, row: u32, attempt: u32) -> String {
+    format!("{job_id}-r{row}-a{attempt}")
+}
+
+fn extension(format: OutputFormat) -> &'static str {
+    match format {
+        OutputFormat::Png => "png",
+        OutputFormat::Jpeg => "jpg",
+        OutputFormat::Webp => "webp",
+    }
+}
+
+fn extension_of_type(content_type: &str) -> &'static str {
+    match content_type {
+        "image/jpeg" => "jpg",
+        "image/webp" => "webp",
+        _ => "png",
+    }
+}
+
+impl Generations {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        store: Arc<dyn GenerationStore>,
+        repo: Arc<dyn Repository>,
+        blobs: Arc<dyn BlobStore>,
+        queue: Arc<dyn Queue>,
+        generators: Arc<Generators>,
+        settings: Arc<Settings>,
+        clock: Arc<dyn Clock>,
+        mode: Mode,
+        resolver: Arc<dyn Resolve>,
+    ) -> Generations {
+        Generations {
+            store,
+            repo,
+            blobs,
+            queue,
+            generators,
+            settings,
+            clock,
+            mode,
+            resolver,
+            ingest: None,
+            limiters: Arc::new(Mutex::new(HashMap::new())),
+            instance: uuid::Uuid::new_v4().simple().to_string(),
+        }
+    }
+
+    /// Ingest stored images in this process (local runtime).
+    pub fn with_ingest(mut self, ingest: Ingest) -> Generations {
+        self.ingest = Some(ingest);
+        self
+    }
+
+    // --- submit ---------------------------------------------------------------------------
+
+    /// Check a planned job (models priced, webhook URL safe and signable), store it with its
+    /// rows, and queue one message per row. Nothing is paid for a refused job.
+    pub async fn submit(&self, sub: Submission) -> Result<GenerationJob, SubmitError> {
+        if sub.requests.is_empty() {
+            return Err(SubmitError::Empty);
+        }
+        let table = PriceTable::builtin();
+        for req in &sub.requests {
+            if table.image_model(&req.model).is_err() {
+                return Err(SubmitError::UnknownModel {
+                    row: req.row,
+                    model: req.model.clone(),
+                });
+            }
+        }
+        if let Some(url) = &sub.webhook_url {
+            if self.settings.webhook_secret_for(&sub.tenant).is_none() {
+                return Err(SubmitError::NoWebhookSecret(sub.tenant.clone()));
+            }
+            validate_webhook_url(url, self.mode, self.resolver.as_ref()).await?;
+        }
+        let now = rfc3339(self.clock.now_ms());
+        let job = GenerationJob {
+            job_id: format!("gj{}", &uuid::Uuid::new_v4().simple().to_string()[..20]),
+            tenant: sub.tenant.clone(),
+            template: sub.template.clone(),
+            rows: sub.requests.len() as u64,
+            webhook_url: sub.webhook_url.clone(),
+            regenerate: sub
+                .regenerate
+                .unwrap_or(self.settings.regenerate_on_mismatch),
+            status: JobStatus::Running,
+            source: sub.source.clone(),
+            created_at: now.clone(),
+            finished_at: None,
+        };
+        let rows: Vec<GenerationRow> = sub
+            .requests
+            .iter()
+            .map(|req| GenerationRow {
+                job_id: job.job_id.clone(),
+                tenant: job.tenant.clone(),
+                row: u32::try_from(req.row).unwrap_or(u32::MAX),
+                request: req.clone(),
+                status: RowStatus::Queued,
+                attempt: 1,
+                image_id: None,
+                output_key: None,
+                generation_cost_usd: 0.0,
+                reused: false,
+                check: None,
+                first_check: None,
+                error: None,
+                updated_at: now.clone(),
+            })
+            .collect();
+        self.store.create_job(&job, &rows).await?;
+        // A crash before the send leaves queued rows that the sweep sends again.
+        let bodies = rows
+            .iter()
+            .map(|r| self.message(r).body())
+            .collect::<StoreResult<Vec<_>>>()?;
+        self.queue.send(bodies).await?;
+        info!(job_id = %job.job_id, tenant = %job.tenant, rows = job.rows, "generation job queued");
+        Ok(job)
+    }
+
+    fn message(&self, row: &GenerationRow) -> GenerationMessage {
+        GenerationMessage {
+            v: GenerationMessage::VERSION,
+            tenant: row.tenant.clone(),
+            job_id: row.job_id.clone(),
+            row: row.row,
+            attempt: row.attempt,
+        }
+    }
+
+    // --- one row's generation ---------------------------------------------------------------
+
+    /// Handle one generation message. Never panics; every error becomes an outcome.
+    pub async fn handle(&self, body: &str, receive_count: u32) -> GenerateOutcome {
+        let msg = match GenerationMessage::parse(body) {
+            Ok(m) => m,
+            Err(reason) => {
+                // Never dropped: it goes back until the queue's redrive dead-letters it.
+                warn!(%reason, receive_count, "bad generation message; kept for the dead-letter queue");
+                return GenerateOutcome::Retry {
+                    delay: Duration::from_secs(30),
+                    reason,
+                };
+            }
+        };
+        let span = tracing::info_span!("generation", job_id = %msg.job_id, row = msg.row, attempt = msg.attempt, tenant = %msg.tenant);
+        let outcome = tracing::Instrument::instrument(self.handle_row(&msg, receive_count), span)
+            .await
+            .unwrap_or_else(|e| GenerateOutcome::Retry {
+                delay: retry_delay(&FailureKind::Connection, receive_count, 0.5),
+                reason: e.to_string(),
+            });
+        let max = self.settings.max_receives;
+        match outcome {
+            GenerateOutcome::Retry { reason, .. } if max > 0 && receive_count >= max => {
+                let why = format!("gave up after {receive_count} deliveries: {reason}");
+                match self.fail_row(&msg, &why).await {
+                    Ok(()) => GenerateOutcome::Failed(why),
+                    Err(e) => GenerateOutcome::Retry {
+                        delay: Duration::from_secs(5),
+                        reason: format!("recording the failure: {e}"),
+                    },
+                }
+            }
+            other => other,
+        }
+    }
+
+    async fn handle_row(
+        &self,
+        msg: &GenerationMessage,
+        receive_count: u32,
+    ) -> StoreResult<GenerateOutcome> {
+        let Some(row) = self
+            .store
+            .get_row(&msg.tenant, &msg.job_id, msg.row)
+            .await?
+        else {
+            return Ok(GenerateOutcome::Failed(format!(
+                "job {} has no row {}",
+                msg.job_id, msg.row
+            )));
+        };
+        if row.status != RowStatus::Queued || row.attempt != msg.attempt {
+            return Ok(GenerateOutcome::AlreadyDone);
+        }
+        let req = row.current_request();
+        let key = req.idempotency_key();
+        let owner = format!("{}:{}", self.instance, uuid::Uuid::new_v4().simple());
+        let now = self.clock.now_ms();
+        match self
+            .store
+            .claim_generation(&row.tenant, &key, &owner, GENERATION_LEASE, now)
+            .await?
+        {
+            GenClaim::Done(object) => {
+                self.hand_over(&row, &object, true).await?;
+                return Ok(GenerateOutcome::Reused);
+            }
+            GenClaim::Busy { retry_in } => {
+                return Ok(GenerateOutcome::Retry {
+                    delay: retry_in.max(Duration::from_secs(1)),
+                    reason: "the same image is being generated by another worker".into(),
+                })
+            }
+            GenClaim::Acquired => {}
+        }
+        let outcome = self.generate(&row, &req, &key, &owner, receive_count).await;
+        if !matches!(outcome, Ok(GenerateOutcome::Generated { .. })) {
+            if let Err(e) = self
+                .store
+                .release_generation(&row.tenant, &key, &owner)
+                .await
+            {
+                debug!(error = %e, "could not release a generation claim (it expires)");
+            }
+        }
+        outcome
+    }
+
+    /// The models tried for a request, in order.
+    fn chain(&self, model: &str) -> Vec<String> {
+        let mut chain = vec![model.to_string()];
+        for m in &self.settings.generation_fallback_models {
+            if !chain.contains(m) {
+                chain.push(m.clone());
+            }
+        }
+        chain
+    }
+
+    async fn generate(
+        &self,
+        row: &GenerationRow,
+        req: &GenerationRequest,
+        key: &str,
+        owner: &str,
+        receive_count: u32,
+    ) -> StoreResult<GenerateOutcome> {
+        let chain = self.chain(&req.model);
+        let mut last_retry = None;
+        for (i, model) in chain.iter().enumerate() {
+            let has_fallback = i + 1 < chain.len();
+            let generator = match self.generators.get(model) {
+                Ok(g) => g,
+                Err(e) if has_fallback => {
+                    warn!(model, error = %e, "image model unavailable; trying the next");
+                    continue;
+                }
+                Err(e) => return self.fail_row_now(row, &e).await,
+            };
+            if let Err(Denied::Wait(d)) = self.reserve(model) {
+                if has_fallback {
+                    last_retry = Some((d, format!("rate limit for {model}")));
+                    continue;
+                }
+                return Ok(GenerateOutcome::Retry {
+                    delay: d,
+                    reason: format!("local rate limit for {model}"),
+                });
+            }
+            let call = GenerationCall {
+                model: model.clone(),
+                ..GenerationCall::of_request(req)
+            };
+            let answer = generator.generate(&call).await;
+            let rate = match &answer {
+                Ok(_) => None,
+                Err(e) => Some(e.rate),
+            };
+            if let Some(rate) = rate {
+                self.observe(model, &rate);
+            }
+            match answer {
+                Ok(image) => {
+                    let cost = self
+                        .book(
+                            row,
+                            owner,
+                            model,
+                            req,
+                            generator.is_paid(),
+                            Some(&image),
+                            None,
+                        )
+                        .await;
+                    let object = self
+                        .keep(row, key, generator.name(), model, &image, cost)
+                        .await?;
+                    self.hand_over(row, &object, false).await?;
+                    return Ok(GenerateOutcome::Generated {
+                        model: model.clone(),
+                        cost_usd: cost,
+                    });
+                }
+                Err(e) => {
+                    if e.billed && generator.is_paid() {
+                        self.book(row, owner, model, req, true, None, Some(&e))
+                            .await;
+                    }
+                    match classify(&e.kind) {
+                        RetryClass::Permanent => {
+                            let reason = format!("{model}: {}", e.message);
+                            return self.fail_row_now(row, &reason).await;
+                        }
+                        RetryClass::Transient => {
+                            let delay = retry_delay(&e.kind, receive_count, 0.5);
+                            let reason = format!("{model}: {}", e.message);
+                            let long_wait = matches!(
+                                e.kind,
+                                FailureKind::Http { retry_after: Some(d), .. } if d >= self.settings.fallback_after
+                            );
+                            let throttled = matches!(e.kind, FailureKind::Http { status: 429, .. });
+                            if has_fallback && (long_wait || !throttled) {
+                                last_retry = Some((delay, reason));
+                                continue;
+                            }
+                            return Ok(GenerateOutcome::Retry { delay, reason });
+                        }
+                    }
+                }
+            }
+        }
+        let (delay, reason) =
+            last_retry.unwrap_or((Duration::from_secs(5), "no image model available".into()));
+        Ok(GenerateOutcome::Retry { delay, reason })
+    }
+
+    fn reserve(&self, model: &str) -> Result<(), Denied> {
+        let ipm =
+            RateLimiter::per_instance(self.settings.generation_ipm, self.settings.max_concurrency);
+        if ipm == 0 {
+            return Ok(());
+        }
+        let now = self.clock.now_ms();
+        let mut map = match self.limiters.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        map.entry(model.to_string())
+            .or_insert_with(|| RateLimiter::new(ipm, 0, now))
+            .try_reserve(0, now)
+            .map(|_| ())
+    }
+
+    fn observe(&self, model: &str, rate: &crate::ports::RateInfo) {
+        let now = self.clock.now_ms();
+        let mut map = match self.limiters.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(l) = map.get_mut(model) {
+            l.observe(rate, now);
+        }
+    }
+
+    /// Book one paid call on the ledger (once per call: the spend id names this handling and
+    /// model) and return its cost. An answer whose image was unusable is booked at the
+    /// per-image price of its request.
+    #[allow(clippy::too_many_arguments)]
+    async fn book(
+        &self,
+        row: &GenerationRow,
+        owner: &str,
+        model: &str,
+        req: &GenerationRequest,
+        paid: bool,
+        image: Option<&GeneratedImage>,
+        failed: Option<&ProviderError>,
+    ) -> f64 {
+        if !paid {
+            return 0.0;
+        }
+        let table = PriceTable::builtin();
+        let usage = image.and_then(|i| i.usage).or(failed.and_then(|e| e.usage));
+        let cost = table
+            .image_model(model)
+            .and_then(|p| p.cost_usd(req.size, req.quality, usage.as_ref()))
+            .unwrap_or(0.0);
+        let spend = Spend {
+            day: day_of(&rfc3339(self.clock.now_ms())).to_string(),
+            model: model.to_string(),
+            calls: 1,
+            usage: usage.unwrap_or_default(),
+            cost_usd: cost,
+            calls_at_estimate: u64::from(usage.is_none()),
+            cost_at_estimate_usd: if usage.is_none() { cost } else { 0.0 },
+            lane: Lane::Realtime,
+            saved_usd: 0.0,
+            kind: LedgerKind::Generation,
+        };
+        let image_id = image_id_of(&row.job_id, row.row, row.attempt);
+        let spend_id = format!("gen:{owner}:{model}");
+        for attempt in 0..4u32 {
+            match self
+                .repo
+                .book_spend(&row.tenant, &image_id, &spend_id, &spend)
+                .await
+            {
+                Ok(()) => return cost,
+                Err(e) if e.is_transient() && attempt < 3 => {
+                    tokio::time::sleep(Duration::from_millis(200 * 2u64.pow(attempt))).await;
+                }
+                Err(e) => {
+                    warn!(error = %e, cost_usd = cost, "could not book a generated image's cost");
+                    return cost;
+                }
+            }
+        }
+        cost
+    }
+
+    /// Store a new image under its key, so any later request of the same key reuses it.
+    async fn keep(
+        &self,
+        row: &GenerationRow,
+        key: &str,
+        provider: &str,
+        model: &str,
+        image: &GeneratedImage,
+        cost_usd: f64,
+    ) -> StoreResult<GeneratedObject> {
+        let blob_key = format!(
+            "{GENERATION_CACHE_PREFIX}{}/{key}.{}",
+            row.tenant,
+            extension_of_type(&image.content_type)
+        );
+        self.blobs
+            .put(&blob_key, image.bytes.clone(), &image.content_type)
+            .await?;
+        let object = GeneratedObject {
+            tenant: row.tenant.clone(),
+            key: key.to_string(),
+            blob_key,
+            content_type: image.content_type.clone(),
+            width: image.width,
+            height: image.height,
+            provider: provider.to_string(),
+            model: image.model.clone().if_empty(model),
+            usage: image.usage,
+            cost_usd,
+            created_at: rfc3339(self.clock.now_ms()),
+        };
+        self.store.put_generated(&object).await?;
+        Ok(object)
+    }
+
+    /// Deliver a row's image and start its check: the job's output key, an image record that
+    /// names the row, and the upload that the analysis picks up.
+    async fn hand_over(
+        &self,
+        row: &GenerationRow,
+        object: &GeneratedObject,
+        reused: bool,
+    ) -> StoreResult<()> {
+        let bytes = self
+            .blobs
+            .get(&object.blob_key, self.settings.prepare.max_input_bytes)
+            .await?;
+        let ext = extension_of_type(&object.content_type);
+        let req = row.current_request();
+        let output_key = format!(
+            "{GENERATED_PREFIX}{}/{}/{}",
+            row.tenant,
+            row.job_id,
+            req.output_key.clone().unwrap_or_else(|| format!(
+                "row-{}.{}",
+                row.row,
+                extension(req.output_format)
+            ))
+        );
+        self.blobs
+            .put(&output_key, bytes.clone(), &object.content_type)
+            .await?;
+        let image_id = image_id_of(&row.job_id, row.row, row.attempt);
+        let key = upload_key(&row.tenant, &image_id, ext);
+        let now_ms = self.clock.now_ms();
+        let now = rfc3339(now_ms);
+        let record = ImageRecord {
+            image_id: image_id.clone(),
+            tenant: row.tenant.clone(),
+            source: output_key.clone(),
+            status: ImageStatus::Pending,
+            error: None,
+            permanent_failure: false,
+            original: None,
+            resized: None,
+            orientation: None,
+            sha256: None,
+            original_sha256: None,
+            original_key: Some(key.clone()),
+            resized_key: None,
+            estimate: None,
+            original_estimate: None,
+            result: None,
+            extra_spend: None,
+            detail: None,
+            lane: Some(Lane::Realtime),
+            generation: Some(GenerationLink {
+                job_id: row.job_id.clone(),
+                row: row.row,
+                attempt: row.attempt,
+                check: CheckSpec::of_request(&req),
+            }),
+            created_at: now.clone(),
+            updated_at: now.clone(),
+        };
+        // A lost upload event leaves a pending record the reconciler looks at.
+        let recheck = now_ms + self.settings.stuck_after.as_millis() as u64;
+        self.repo.put_image(&record, Some(recheck)).await?;
+        self.blobs.put(&key, bytes, &object.content_type).await?;
+        let mut next = row.clone();
+        next.status = RowStatus::Checking;
+        next.image_id = Some(image_id);
+        next.output_key = Some(output_key);
+        next.reused = reused;
+        if !reused {
+            next.generation_cost_usd += object.cost_usd;
+        }
+        next.updated_at = now;
+        if !self
+            .store
+            .update_row(&next, (RowStatus::Queued, row.attempt))
+            .await?
+        {
+            debug!("row moved on meanwhile; nothing to hand over");
+            return Ok(());
+        }
+        if let Some(ingest) = &self.ingest {
+            ingest.ingest_key(&key).await?;
+        }
+        Ok(())
+    }
+
+    async fn fail_row(&self, msg: &GenerationMessage, reason: &str) -> StoreResult<()> {
+        if let Some(row) = self
+            .store
+            .get_row(&msg.tenant, &msg.job_id, msg.row)
+            .await?
+        {
+            if row.status == RowStatus::Queued && row.attempt == msg.attempt {
+                self.fail_row_now(&row, reason).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn fail_row_now(
+        &self,
+        row: &GenerationRow,
+        reason: &str,
+    ) -> StoreResult<GenerateOutcome> {
+        let mut next = row.clone();
+        next.status = RowStatus::Failed;
+        next.error = Some(reason.to_string());
+        next.updated_at = rfc3339(self.clock.now_ms());
+        warn!(job_id = %row.job_id, row = row.row, reason, "generation row failed");
+        if self
+            .store
+            .update_row(&next, (row.status, row.attempt))
+            .await?
+        {
+            self.maybe_finish(&row.tenant, &row.job_id).await?;
+        }
+        Ok(GenerateOutcome::Failed(reason.to_string()))
+    }
+
+    // --- after the analysis ---------------------------------------------------------------
+
+    /// Move a generated image's row on once its analysis has ended (called by the analyzer
+    /// and by the sweep; a no-op for other images and for rows already moved on).
+    pub async fn settle_image(&self, tenant: &str, image_id: &str) -> StoreResult<()> {
+        let Some(record) = self.repo.get_image(tenant, image_id).await? else {
+            return Ok(());
+        };
+        let Some(link) = &record.generation else {
+            return Ok(());
+        };
+        let Some(row) = self.store.get_row(tenant, &link.job_id, link.row).await? else {
+            return Ok(());
+        };
+        if row.status != RowStatus::Checking || row.attempt != link.attempt {
+            return Ok(());
+        }
+        let mut next = row.clone();
+        next.updated_at = rfc3339(self.clock.now_ms());
+        let mut regenerate = false;
+        match (&record.status, &record.result) {
+            (ImageStatus::Done, Some(result)) => {
+                let verdict = CheckVerdict::of_analysis(&result.analysis);
+                let job = self.store.get_job(tenant, &link.job_id).await?;
+                let may_regenerate = job.is_some_and(|j| j.regenerate) && row.attempt == 1;
+                if verdict.passed() {
+                    next.status = RowStatus::Done;
+                    next.check = Some(verdict);
+                } else if may_regenerate {
+                    info!(job_id = %row.job_id, row = row.row, issues = ?verdict.issues, "check failed; generating the row again");
+                    next.first_check = Some(verdict);
+                    next.attempt = 2;
+                    next.status = RowStatus::Queued;
+                    regenerate = true;
+                } else {
+                    next.status = RowStatus::Mismatch;
+                    next.check = Some(verdict);
+                }
+            }
+            (ImageStatus::Failed, _) => {
+                next.status = RowStatus::Failed;
+                next.error = Some(format!(
+                    "analysis failed: {}",
+                    record.error.as_deref().unwrap_or("unknown")
+                ));
+            }
+            _ => return Ok(()),
+        }
+        if !self
+            .store
+            .update_row(&next, (RowStatus::Checking, row.attempt))
+            .await?
+        {
+            return Ok(());
+        }
+        if regenerate {
+            self.queue.send(vec![self.message(&next).body()?]).await?;
+        } else {
+            self.maybe_finish(tenant, &row.job_id).await?;
+        }
+        Ok(())
+    }
+
+    /// [`Generations::settle_image`], logging instead of failing (the sweep retries).
+    pub async fn settle_or_log(&self, tenant: &str, image_id: &str) {
+        if let Err(e) = self.settle_image(tenant, image_id).await {
+            warn!(error = %e, image_id, "could not move a generation row on; the sweep will");
+        }
+    }
+
+    /// Finish the job if every row is final: record its summary webhook in the same write.
+    pub async fn maybe_finish(&self, tenant: &str, job_id: &str) -> StoreResult<bool> {
+        let Some(job) = self.store.get_job(tenant, job_id).await? else {
+            return Ok(false);
+        };
+        if job.status != JobStatus::Running {
+            return Ok(false);
+        }
+        let rows = self.store.rows(tenant, job_id).await?;
+        let mut counts = RowCounts::default();
+        for r in &rows {
+            counts.add(r.status, r.first_check.is_some(), r.reused);
+        }
+        if !counts.all_final() || counts.total < job.rows {
+            return Ok(false);
+        }
+        let now_ms = self.clock.now_ms();
+        let now = rfc3339(now_ms);
+        let delivery = match &job.webhook_url {
+            Some(url) => {
+                let report = self.report(&job, &rows).await?;
+                let body = serde_json::json!({
+                    "type": EVENT_JOB_FINISHED,
+                    "timestamp": now,
+                    "data": report.summary(MAX_SUMMARY_ROWS),
+                });
+                Some(WebhookDelivery {
+                    delivery_id: format!("msg_{}", uuid::Uuid::new_v4().simple()),
+                    tenant: tenant.to_string(),
+                    job_id: job_id.to_string(),
+                    url: url.clone(),
+                    event: EVENT_JOB_FINISHED.to_string(),
+                    body: body.to_string(),
+                    status: DeliveryStatus::Pending,
+                    attempts: 0,
+                    next_at_ms: now_ms,
+                    first_at_ms: now_ms,
+                    last_status: None,
+                    last_error: None,
+                    created_at: now.clone(),
+                    updated_at: now.clone(),
+                })
+            }
+            None => None,
+        };
+        let finished = self
+            .store
+            .finish_job(tenant, job_id, &now, delivery.as_ref())
+            .await?;
+        if finished {
+            info!(
+                job_id,
+                done = counts.done,
+                mismatch = counts.mismatch,
+                failed = counts.failed,
+                regenerated = counts.regenerated,
+                "generation job finished"
+            );
+        }
+        Ok(finished)
+    }
+
+    /// A job with its rows, counts and money: generation calls booked on the rows plus the
+    /// analyses of every image the job made (both attempts of a regenerated row).
+    pub async fn report(
+        &self,
+        job: &GenerationJob,
+        rows: &[GenerationRow],
+    ) -> StoreResult<JobReport> {
+        let mut counts = RowCounts::default();
+        let mut generation_cost = 0.0;
+        let mut analysis_cost = 0.0;
+        for r in rows {
+            counts.add(r.status, r.first_check.is_some(), r.reused);
+            generation_cost += r.generation_cost_usd;
+            if r.status == RowStatus::Queued && r.attempt == 1 {
+                continue;
+            }
+            for attempt in 1..=r.attempt {
+                let id = image_id_of(&r.job_id, r.row, attempt);
+                if let Some(rec) = self.repo.get_image(&r.tenant, &id).await? {
+                    analysis_cost += rec.result.as_ref().map_or(0.0, |x| x.cost_usd)
+                        + rec.extra_spend.as_ref().map_or(0.0, |x| x.cost_usd);
+                }
+            }
+        }
+        Ok(JobReport {
+            job: job.clone(),
+            counts,
+            generation_cost_usd: generation_cost,
+            analysis_cost_usd: analysis_cost,
+            rows: rows.to_vec(),
+        })
+    }
+
+    /// A tenant's job with its report, or None.
+    pub async fn job_report(&self, tenant: &str, job_id: &str) -> StoreResult<Option<JobReport>> {
+        let Some(job) = self.store.get_job(tenant, job_id).await? else {
+            return Ok(None);
+        };
+        let rows = self.store.rows(tenant, job_id).await?;
+        Ok(Some(self.report(&job, &rows).await?))
+    }
+
+    // --- the sweep ------------------------------------------------------------------------
+
+    /// Move running jobs on whatever was lost: rows whose analysis ended without telling
+    /// them, queued rows whose message is gone (sent again after `stuck_after`; duplicates
+    /// are harmless), and jobs whose last row ended without finishing them.
+    pub async fn sweep(&self) -> StoreResult<SweepReport> {
+        let mut report = SweepReport::default();
+        let stuck = self.settings.stuck_after.as_millis() as u64;
+        let now = self.clock.now_ms();
+        for job in self.store.running_jobs(500).await? {
+            for row in self.store.rows(&job.tenant, &job.job_id).await? {
+                match row.status {
+                    RowStatus::Checking => {
+                        if let Some(id) = &row.image_id {
+                            self.settle_image(&job.tenant, id).await?;
+                        }
+                    }
+                    RowStatus::Queued => {
+                        let age = crate::ports::parse_rfc3339_ms(&row.updated_at)
+                            .map(|t| now.saturating_sub(t))
+                            .unwrap_or(u64::MAX);
+                        if age >= stuck {
+                            self.queue.send(vec![self.message(&row).body()?]).await?;
+                            report.resent += 1;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            if self.maybe_finish(&job.tenant, &job.job_id).await? {
+                report.finished += 1;
+            }
+        }
+        Ok(report)
+    }
+}
+
+/// What one sweep did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct SweepReport {
+    pub resent: u64,
+    pub finished: u64,
+}
+
+/// A job, its rows by status, and what it cost.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobReport {
+    pub job: GenerationJob,
+    pub counts: RowCounts,
+    pub generation_cost_usd: f64,
+    pub analysis_cost_usd: f64,
+    pub rows: Vec<GenerationRow>,
+}
+
+impl JobReport {
+    /// The summary a webhook carries (rows capped at `max_rows`).
+    pub fn summary(&self, max_rows: usize) -> serde_json::Value {
+        let rows: Vec<serde_json::Value> = self
+            .rows
+            .iter()
+            .take(max_rows)
+            .map(|r| {
+                serde_json::json!({
+                    "row": r.row,
+                    "status": r.status,
+                    "image_id": r.image_id,
+                    "output_key": r.output_key,
+                    "regenerated": r.first_check.is_some(),
+                    "reused": r.reused,
+                    "check": r.check,
+                    "error": r.error,
+                    "generation_cost_usd": r.generation_cost_usd,
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "job_id": self.job.job_id,
+            "tenant": self.job.tenant,
+            "template": self.job.template,
+            "status": self.job.status,
+            "created_at": self.job.created_at,
+            "counts": self.counts,
+            "cost_usd": {
+                "generation": self.generation_cost_usd,
+                "analysis": self.analysis_cost_usd,
+                "total": self.generation_cost_usd + self.analysis_cost_usd,
+            },
+            "rows": rows,
+            "rows_truncated": self.rows.len() > max_rows,
+        })
+    }
+}
+
+trait IfEmpty {
+    fn if_empty(self, other: &str) -> String;
+}
+
+impl IfEmpty for String {
+    fn if_empty(self, other: &str) -> String {
+        if self.is_empty() {
+            other.to_string()
+        } else {
+            self
+        }
+    }
+}

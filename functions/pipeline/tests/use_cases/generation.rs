@@ -1,0 +1,641 @@
+//! Generation jobs over the local adapters: rows generated (a scripted paid generator with
+//! faults, and the offline one), checked by the offline analyzer, regenerated once, paid
+//! once, and the finished job's webhook delivered signed to a receiver on loopback that
+//! fails, recovers, or answers 410.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use axum::http::{HeaderMap, StatusCode};
+use sightline_core::generate::{plan_job, Limits, RowsInput, TemplateSet};
+use sightline_core::genjob::{JobStatus, RowStatus};
+use sightline_core::retry::FailureKind;
+use sightline_core::webhook::{ReceivedHeaders, WebhookSecret, DEFAULT_TOLERANCE};
+use sightline_pipeline::analyze::Analyzer;
+use sightline_pipeline::delivery::{Deliveries, HttpPoster};
+use sightline_pipeline::generation::{Generations, Generators, Submission};
+use sightline_pipeline::ingest::Ingest;
+use sightline_pipeline::local::{FileBlobStore, SqliteDb, SqliteQueue, SqliteRepository};
+use sightline_pipeline::ports::{
+    BlobStore, Clock, DeliveryStatus, GeneratedImage, GenerationCall, GenerationStore,
+    ImageGenerator, LedgerKind, ProviderError, Queue, RateInfo, Repository, SystemClock,
+};
+use sightline_pipeline::providers::gen_local::LocalGenerator;
+use sightline_pipeline::providers::local::LocalAnalyzer;
+use sightline_pipeline::webhook_url::{Mode, SystemResolver};
+use sightline_pipeline::Settings;
+
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+const PAID: &str = "gpt-image-1-mini";
+
+/// A generator around the offline one: scripted errors first, a refusal for prompts that
+/// say "forbidden", and a wrong picture for prompts that say "[wrong]" (always) or
+/// "[wrong-once]" (first call of that prompt only). Paid when it plays a paid model.
+struct Scripted {
+    paid: bool,
+    errors: Mutex<VecDeque<FailureKind>>,
+    calls: AtomicUsize,
+    wrong_once_seen: Mutex<Vec<String>>,
+}
+
+impl Scripted {
+    fn new(paid: bool, errors: Vec<FailureKind>) -> Arc<Scripted> {
+        Arc::new(Scripted {
+            paid,
+            errors: Mutex::new(errors.into()),
+            calls: AtomicUsize::new(0),
+            wrong_once_seen: Mutex::new(Vec::new()),
+        })
+    }
+}
+
+fn error(kind: FailureKind, billed: bool) -> ProviderError {
+    ProviderError {
+        message: format!("{kind:?}"),
+        kind,
+        rate: RateInfo::default(),
+        usage: None,
+        billed,
+    }
+}
+
+#[async_trait]
+impl ImageGenerator for Scripted {
+    fn name(&self) -> &str {
+        if self.paid {
+            "openai"
+        } else {
+            "local"
+        }
+    }
+    fn is_paid(&self) -> bool {
+        self.paid
+    }
+    async fn generate(&self, req: &GenerationCall) -> Result<GeneratedImage, ProviderError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if let Some(kind) = self.errors.lock().unwrap().pop_front() {
+            return Err(error(kind, false));
+        }
+        if req.prompt.contains("forbidden") {
+            let refused = FailureKind::Http {
+                status: 400,
+                retry_after: None,
+            };
+            return Err(error(refused, false));
+        }
+        let mut call = req.clone();
+        let wrong = req.prompt.contains("[wrong]")
+            || (req.prompt.contains("[wrong-once]") && {
+                let mut seen = self.wrong_once_seen.lock().unwrap();
+                let first = !seen.contains(&req.prompt);
+                seen.push(req.prompt.clone());
+                first
+            });
+        if wrong {
+            call.prompt = format!("something else entirely: {}", req.prompt);
+        }
+        call.model = sightline_pipeline::providers::gen_local::LOCAL_IMAGE_MODEL.into();
+        let mut image = LocalGenerator.generate(&call).await?;
+        image.model = req.model.clone();
+        Ok(image)
+    }
+}
+
+struct Fixture {
+    repo: Arc<SqliteRepository>,
+    generations: Generations,
+    analyzer: Analyzer,
+    analyze_queue: Arc<dyn Queue>,
+    generate_queue: Arc<dyn Queue>,
+    deliveries: Deliveries,
+    paid: Arc<Scripted>,
+    _dir: tempfile::TempDir,
+}
+
+fn fixture(paid_errors: Vec<FailureKind>) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let db = SqliteDb::open(&dir.path().join("db.sqlite")).unwrap();
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let blobs: Arc<dyn BlobStore> = Arc::new(FileBlobStore::new(dir.path().join("blobs")));
+    let repo = Arc::new(SqliteRepository::with_job_queue(db.clone(), "analyze"));
+    let analyze_queue: Arc<dyn Queue> =
+        Arc::new(SqliteQueue::new(db.clone(), "analyze", 5, clock.clone()));
+    let generate_queue: Arc<dyn Queue> =
+        Arc::new(SqliteQueue::new(db.clone(), "generate", 5, clock.clone()));
+    let settings = Arc::new(Settings {
+        webhook_secret: Some(SECRET.into()),
+        // 5 s, 5 min, 30 min … become 0.5 ms, 30 ms, 180 ms.
+        webhook_retry_scale: 0.0001,
+        max_receives: 5,
+        ..Settings::default()
+    });
+    let ingest = Ingest::new(
+        blobs.clone(),
+        repo.clone(),
+        analyze_queue.clone(),
+        settings.clone(),
+        clock.clone(),
+        sightline_core::keys::UPLOAD_PREFIX,
+    );
+    let paid = Scripted::new(true, paid_errors);
+    let local = Scripted::new(false, Vec::new());
+    let generators = {
+        let (paid, local) = (paid.clone(), local.clone());
+        Generators::new(Box::new(move |model: &str| {
+            Ok(if model == PAID {
+                paid.clone() as Arc<dyn ImageGenerator>
+            } else {
+                local.clone() as Arc<dyn ImageGenerator>
+            })
+        }))
+    };
+    let resolver = Arc::new(SystemResolver::default());
+    let generations = Generations::new(
+        repo.clone(),
+        repo.clone(),
+        blobs.clone(),
+        generate_queue.clone(),
+        Arc::new(generators),
+        settings.clone(),
+        clock.clone(),
+        Mode::Local,
+        resolver.clone(),
+    )
+    .with_ingest(ingest);
+    let analyzer = Analyzer::new(
+        blobs,
+        repo.clone(),
+        Arc::new(LocalAnalyzer),
+        settings.clone(),
+        clock.clone(),
+    )
+    .with_generations(Arc::new(generations.clone()));
+    let deliveries = Deliveries {
+        store: repo.clone(),
+        poster: Arc::new(HttpPoster::new(Mode::Local, resolver)),
+        settings,
+        clock,
+    };
+    Fixture {
+        repo,
+        generations,
+        analyzer,
+        analyze_queue,
+        generate_queue,
+        deliveries,
+        paid,
+        _dir: dir,
+    }
+}
+
+/// Run both queues until neither has visible work, then a sweep; until the job finishes.
+async fn run_job(f: &Fixture, tenant: &str, job_id: &str) {
+    for _ in 0..400 {
+        let mut moved = false;
+        for m in f
+            .generate_queue
+            .receive(10, Duration::from_secs(30))
+            .await
+            .unwrap()
+        {
+            moved = true;
+            let out = f.generations.handle(&m.body, m.receive_count).await;
+            match out {
+                sightline_pipeline::generation::GenerateOutcome::Retry { .. } => f
+                    .generate_queue
+                    .retry_after(&m.receipt, Duration::from_millis(10))
+                    .await
+                    .unwrap(),
+                _ => f.generate_queue.delete(&m.receipt).await.unwrap(),
+            }
+        }
+        for m in f
+            .analyze_queue
+            .receive(10, Duration::from_secs(30))
+            .await
+            .unwrap()
+        {
+            moved = true;
+            let out = f.analyzer.handle(&m.body, m.receive_count).await;
+            if out.is_retry() {
+                f.analyze_queue
+                    .retry_after(&m.receipt, Duration::from_millis(10))
+                    .await
+                    .unwrap();
+            } else {
+                f.analyze_queue.delete(&m.receipt).await.unwrap();
+            }
+        }
+        let job = f.repo.get_job(tenant, job_id).await.unwrap().unwrap();
+        if job.status == JobStatus::Finished {
+            return;
+        }
+        if !moved {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    panic!("job {job_id} did not finish");
+}
+
+fn templates() -> TemplateSet {
+    TemplateSet::from_toml(
+        r#"
+[templates.hero]
+prompt = "A studio photo of {product}"
+model = "gpt-image-1-mini"
+size = "1024x1024"
+quality = "low"
+output_key = "products/{sku}.png"
+"#,
+    )
+    .unwrap()
+}
+
+async fn submit(f: &Fixture, tenant: &str, csv: &str, webhook: Option<String>) -> String {
+    let requests = plan_job(
+        &templates(),
+        Some("hero"),
+        RowsInput::Csv(csv.as_bytes()),
+        &Limits::default(),
+    )
+    .unwrap();
+    f.generations
+        .submit(Submission {
+            tenant: tenant.into(),
+            template: "hero".into(),
+            requests,
+            webhook_url: webhook,
+            regenerate: None,
+            source: "test".into(),
+        })
+        .await
+        .unwrap()
+        .job_id
+}
+
+fn generation_ledger(rows: &[sightline_pipeline::ports::CostRow]) -> (u64, f64) {
+    rows.iter()
+        .filter(|r| r.kind == LedgerKind::Generation)
+        .fold((0, 0.0), |(c, usd), r| (c + r.calls, usd + r.cost_usd))
+}
+
+fn today() -> String {
+    sightline_pipeline::ports::rfc3339(SystemClock.now_ms())[..10].to_string()
+}
+
+#[tokio::test]
+async fn a_job_generates_checks_and_books_every_row_once_and_a_rerun_pays_nothing() {
+    let throttled = FailureKind::Http {
+        status: 429,
+        retry_after: Some(Duration::from_millis(10)),
+    };
+    let f = fixture(vec![throttled, FailureKind::Timeout]);
+    let csv = "sku,product\nA1,red lamp\nB2,blue chair\nC3,forbidden thing\nD4,green vase\n";
+    let job_id = submit(&f, "acme", csv, None).await;
+    run_job(&f, "acme", &job_id).await;
+
+    let report = f
+        .generations
+        .job_report("acme", &job_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.counts.total, 4);
+    assert_eq!(report.counts.done, 3, "{:?}", report.rows);
+    assert_eq!(report.counts.failed, 1);
+    let refused = report.rows.iter().find(|r| r.row == 3).unwrap();
+    assert_eq!(refused.status, RowStatus::Failed);
+    assert!(
+        refused.error.as_deref().unwrap().contains("400"),
+        "{refused:?}"
+    );
+    let done = report.rows.iter().find(|r| r.row == 1).unwrap();
+    assert_eq!(
+        done.output_key.as_deref(),
+        Some(format!("generated/acme/{job_id}/products/A1.png").as_str())
+    );
+    // The offline analyzer cannot judge the paid model's pictures: delivered unchecked.
+    assert_eq!(done.check.as_ref().unwrap().matches, None);
+
+    // Three images paid, once each, at the price table's per-image price; the ledger agrees.
+    let per_image = sightline_core::PriceTable::builtin()
+        .image_model(PAID)
+        .unwrap()
+        .cost_usd(
+            sightline_core::generate::Size::Pixels {
+                width: 1024,
+                height: 1024,
+            },
+            sightline_core::generate::Quality::Low,
+            None,
+        )
+        .unwrap();
+    assert!(per_image > 0.0);
+    assert!((report.generation_cost_usd - 3.0 * per_image).abs() < 1e-9);
+    let day = today();
+    let costs = f.repo.costs("acme", &day, &day).await.unwrap();
+    let (calls, usd) = generation_ledger(&costs);
+    assert_eq!(calls, 3);
+    assert!((usd - report.generation_cost_usd).abs() < 1e-9);
+    let calls_made = f.paid.calls.load(Ordering::SeqCst);
+
+    // The same CSV again: every image found by its key, nothing paid, nothing called.
+    let again = submit(&f, "acme", csv, None).await;
+    run_job(&f, "acme", &again).await;
+    let rerun = f
+        .generations
+        .job_report("acme", &again)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rerun.counts.done, 3);
+    assert_eq!(rerun.counts.reused, 3);
+    assert_eq!(rerun.generation_cost_usd, 0.0);
+    // Only the refused row asks the provider again (a refusal is not an image to reuse).
+    assert_eq!(f.paid.calls.load(Ordering::SeqCst), calls_made + 1);
+    let (calls_after, usd_after) =
+        generation_ledger(&f.repo.costs("acme", &day, &day).await.unwrap());
+    assert_eq!((calls_after, usd_after), (calls, usd));
+
+    // Another tenant's identical rows are its own to pay for.
+    let other = submit(&f, "globex", "sku,product\nA1,red lamp\n", None).await;
+    run_job(&f, "globex", &other).await;
+    let theirs = f
+        .generations
+        .job_report("globex", &other)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(theirs.counts.reused, 0);
+    assert!((theirs.generation_cost_usd - per_image).abs() < 1e-9);
+}
+
+fn local_templates_csv() -> &'static str {
+    "sku,product\nA1,a lamp\nB2,a chair [wrong-once]\nC3,a vase [wrong]\n"
+}
+
+async fn submit_local(f: &Fixture, tenant: &str, webhook: Option<String>) -> String {
+    let set = TemplateSet::from_toml(
+        r#"
+[templates.hero]
+prompt = "A photo of {product}"
+model = "local-canvas"
+size = "512x512"
+"#,
+    )
+    .unwrap();
+    let requests = plan_job(
+        &set,
+        Some("hero"),
+        RowsInput::Csv(local_templates_csv().as_bytes()),
+        &Limits::default(),
+    )
+    .unwrap();
+    f.generations
+        .submit(Submission {
+            tenant: tenant.into(),
+            template: "hero".into(),
+            requests,
+            webhook_url: webhook,
+            regenerate: None,
+            source: "test".into(),
+        })
+        .await
+        .unwrap()
+        .job_id
+}
+
+#[tokio::test]
+async fn a_row_whose_check_fails_is_regenerated_once_and_then_reported_as_a_mismatch() {
+    let f = fixture(Vec::new());
+    let job_id = submit_local(&f, "acme", None).await;
+    run_job(&f, "acme", &job_id).await;
+    let report = f
+        .generations
+        .job_report("acme", &job_id)
+        .await
+        .unwrap()
+        .unwrap();
+    let row = |n: u32| report.rows.iter().find(|r| r.row == n).unwrap().clone();
+    assert_eq!(row(1).status, RowStatus::Done);
+    assert_eq!(row(1).check.as_ref().unwrap().matches, Some(true));
+    assert!(row(1).first_check.is_none());
+    // Wrong once: regenerated with a new seed, and the second picture passes.
+    assert_eq!(row(2).status, RowStatus::Done, "{:?}", row(2));
+    assert_eq!(row(2).attempt, 2);
+    assert_eq!(row(2).first_check.as_ref().unwrap().matches, Some(false));
+    // Always wrong: regenerated once, then a mismatch with the check's issues.
+    assert_eq!(row(3).status, RowStatus::Mismatch);
+    assert_eq!(row(3).attempt, 2);
+    assert!(!row(3).check.as_ref().unwrap().issues.is_empty());
+    assert_eq!(
+        (
+            report.counts.done,
+            report.counts.mismatch,
+            report.counts.regenerated
+        ),
+        (2, 1, 2)
+    );
+}
+
+/// One received request: its headers and raw body.
+type Received = (HeaderMap, Vec<u8>);
+
+/// A webhook receiver on loopback: answers `script` in order (then 200), records what came.
+#[derive(Clone, Default)]
+struct Receiver {
+    script: Arc<Mutex<VecDeque<u16>>>,
+    got: Arc<Mutex<Vec<Received>>>,
+}
+
+async fn receiver(script: Vec<u16>) -> (Receiver, String) {
+    let r = Receiver {
+        script: Arc::new(Mutex::new(script.into())),
+        ..Default::default()
+    };
+    let state = r.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
+            let state = state.clone();
+            async move {
+                state.got.lock().unwrap().push((headers, body.to_vec()));
+                let status = state.script.lock().unwrap().pop_front().unwrap_or(200);
+                StatusCode::from_u16(status).unwrap()
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (r, format!("http://{addr}/hook"))
+}
+
+/// Deliver what is due until nothing is pending (the scaled 24 h window is 8.6 s).
+async fn deliver_until_settled(f: &Fixture, tenant: &str) -> Vec<DeliveryStatus> {
+    for _ in 0..1000 {
+        f.deliveries.deliver_due(10).await.unwrap();
+        let all = f.repo.list_deliveries(tenant, None, 10).await.unwrap();
+        if all.iter().all(|d| d.status != DeliveryStatus::Pending) {
+            return all.iter().map(|d| d.status).collect();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("deliveries did not settle");
+}
+
+#[tokio::test]
+async fn the_finished_job_webhook_arrives_signed_after_three_failures() {
+    let f = fixture(Vec::new());
+    let (rx, url) = receiver(vec![500, 503, 500]).await;
+    let job_id = submit_local(&f, "acme", Some(url)).await;
+    run_job(&f, "acme", &job_id).await;
+    assert_eq!(
+        deliver_until_settled(&f, "acme").await,
+        [DeliveryStatus::Delivered]
+    );
+    let got = rx.got.lock().unwrap().clone();
+    assert_eq!(got.len(), 4, "three failures, then the delivery");
+    let secret = WebhookSecret::parse(SECRET).unwrap();
+    let now = (SystemClock.now_ms() / 1000) as i64;
+    let ids: Vec<String> = got
+        .iter()
+        .map(|(h, body)| {
+            let pairs: Vec<(&str, &str)> = h
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.to_str().unwrap()))
+                .collect();
+            secret
+                .verify(
+                    &ReceivedHeaders::from_pairs(pairs),
+                    body,
+                    now,
+                    DEFAULT_TOLERANCE,
+                )
+                .expect("every attempt verifies");
+            h.get("webhook-id").unwrap().to_str().unwrap().to_string()
+        })
+        .collect();
+    assert!(ids.iter().all(|i| *i == ids[0]), "one message id: {ids:?}");
+    let body: serde_json::Value = serde_json::from_slice(&got[3].1).unwrap();
+    assert_eq!(body["type"], "generation.job.finished");
+    assert_eq!(body["data"]["job_id"], job_id);
+    assert_eq!(body["data"]["counts"]["total"], 3);
+    assert_eq!(body["data"]["counts"]["mismatch"], 1);
+    // A tampered body does not verify.
+    let (h, _) = &got[3];
+    let pairs: Vec<(&str, &str)> = h
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.to_str().unwrap()))
+        .collect();
+    assert!(secret
+        .verify(
+            &ReceivedHeaders::from_pairs(pairs),
+            b"{}",
+            now,
+            DEFAULT_TOLERANCE
+        )
+        .is_err());
+}
+
+#[tokio::test]
+async fn a_410_stops_delivery_and_redeliver_sends_it_again() {
+    let f = fixture(Vec::new());
+    let (rx, url) = receiver(vec![410]).await;
+    let job_id = submit_local(&f, "acme", Some(url)).await;
+    run_job(&f, "acme", &job_id).await;
+    assert_eq!(
+        deliver_until_settled(&f, "acme").await,
+        [DeliveryStatus::Gone]
+    );
+    // No more attempts, however long we wait.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    f.deliveries.deliver_due(10).await.unwrap();
+    assert_eq!(rx.got.lock().unwrap().len(), 1);
+    let d = f
+        .repo
+        .list_deliveries("acme", Some(DeliveryStatus::Gone), 10)
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    assert_eq!(d.last_status, Some(410));
+    // By hand: sent again, delivered.
+    f.deliveries
+        .redeliver("acme", &d.delivery_id)
+        .await
+        .unwrap();
+    assert_eq!(
+        deliver_until_settled(&f, "acme").await,
+        [DeliveryStatus::Delivered]
+    );
+    assert_eq!(rx.got.lock().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn a_receiver_that_never_recovers_ends_in_a_dead_letter() {
+    let f = fixture(Vec::new());
+    let (rx, url) = receiver(vec![500; 50]).await;
+    let job_id = submit_local(&f, "acme", Some(url)).await;
+    run_job(&f, "acme", &job_id).await;
+    assert_eq!(
+        deliver_until_settled(&f, "acme").await,
+        [DeliveryStatus::Dead]
+    );
+    let attempts = rx.got.lock().unwrap().len();
+    // The schedule's attempts within the (scaled) 24 h window, then a dead letter.
+    assert!((6..=10).contains(&attempts), "{attempts}");
+    let dead = f
+        .repo
+        .list_deliveries("acme", Some(DeliveryStatus::Dead), 10)
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].last_status, Some(500));
+}
+
+#[tokio::test]
+async fn a_job_is_refused_before_anything_is_stored_for_an_unsafe_webhook_or_an_unpriced_model() {
+    let f = fixture(Vec::new());
+    let requests = plan_job(
+        &templates(),
+        Some("hero"),
+        RowsInput::Csv(b"sku,product\nA1,lamp\n"),
+        &Limits::default(),
+    )
+    .unwrap();
+    let sub = |url: Option<&str>, requests: Vec<_>| Submission {
+        tenant: "acme".into(),
+        template: "hero".into(),
+        requests,
+        webhook_url: url.map(str::to_string),
+        regenerate: None,
+        source: "test".into(),
+    };
+    for bad in [
+        "http://169.254.169.254/latest/meta-data",
+        "https://10.0.0.1/hook",
+        "ftp://127.0.0.1/hook",
+    ] {
+        let err = f
+            .generations
+            .submit(sub(Some(bad), requests.clone()))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("webhook"), "{bad}: {err}");
+    }
+    let mut unpriced = requests.clone();
+    unpriced[0].model = "dall-e-9".into();
+    let err = f.generations.submit(sub(None, unpriced)).await.unwrap_err();
+    assert!(err.to_string().contains("dall-e-9"), "{err}");
+    assert!(f.repo.list_jobs("acme", 10).await.unwrap().is_empty());
+    assert!(f
+        .generate_queue
+        .receive(10, Duration::from_secs(1))
+        .await
+        .unwrap()
+        .is_empty());
+}
