@@ -149,6 +149,20 @@ pub enum Command {
     },
     /// Delete an image: its record, files and vectors (the ledger keeps what was paid).
     Delete { image_id: String },
+    /// Generate images from a template and rows (CSV or JSON); each is analysed and checked
+    /// against its prompt; a rerun of the same rows pays nothing.
+    Generate(crate::generate::GenerateArgs),
+    /// Generation jobs, newest first, or one job's rows, checks and cost.
+    Generations {
+        job_id: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Webhooks: verify a signature, list deliveries, redeliver.
+    Webhook {
+        #[command(subcommand)]
+        action: crate::generate::WebhookAction,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -326,6 +340,21 @@ pub async fn main_with(cli: Cli) -> anyhow::Result<()> {
                 );
             }
             Ok(())
+        }
+        Command::Generate(args) => {
+            let app = LocalApp::open(Config::resolve(&cli.common)?)?;
+            crate::generate::generate(&app, args).await
+        }
+        Command::Generations { job_id, json } => {
+            let app = LocalApp::open(Config::resolve(&cli.common)?)?;
+            crate::generate::generations(&app, job_id, json).await
+        }
+        Command::Webhook { action } => {
+            let app = match action {
+                crate::generate::WebhookAction::Verify { .. } => None,
+                _ => Some(LocalApp::open(Config::resolve(&cli.common)?)?),
+            };
+            crate::generate::webhook(app.as_ref(), action).await
         }
         Command::Delete { image_id } => {
             let app = LocalApp::open(Config::resolve(&cli.common)?)?;

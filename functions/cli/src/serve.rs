@@ -360,6 +360,35 @@ async fn reconcile_loop(app: LocalApp, mut stop: watch::Receiver<bool>) {
     }
 }
 
+/// Webhook attempts are due at seconds' notice (the schedule starts at 5 s): look often.
+const DELIVERY_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Attempt due webhook deliveries every second, and sweep generation jobs with the
+/// reconciler's period, until `stop`.
+async fn generation_loop(app: LocalApp, mut stop: watch::Receiver<bool>) {
+    let every = app.config.settings.reconcile_every;
+    let mut last_sweep: Option<std::time::Instant> = None;
+    loop {
+        if last_sweep.is_none_or(|t| t.elapsed() >= every) {
+            match app.generations.sweep().await {
+                Ok(report) if report != Default::default() => info!(?report, "generation sweep"),
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "generation sweep failed"),
+            }
+            last_sweep = Some(std::time::Instant::now());
+        }
+        match app.deliveries.deliver_due(100).await {
+            Ok(report) if report.attempted > 0 => info!(?report, "webhook deliveries"),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "webhook deliveries failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(DELIVERY_POLL) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
 /// Poll open batches and submit what is due every `batch_poll_secs`, until `stop`.
 async fn batch_loop(app: LocalApp, mut stop: watch::Receiver<bool>) {
     let Some(lane) = app.batch.clone() else {
@@ -398,6 +427,8 @@ pub async fn serve(
     let instance = app.start_instance(stop_rx.clone()).await?;
     let workers = tokio::spawn(app.workers(None).run(stop_rx.clone()));
     let batches = tokio::spawn(batch_loop(app.clone(), stop_rx.clone()));
+    let generators = tokio::spawn(app.generation_workers(None).run(stop_rx.clone()));
+    let generation = tokio::spawn(generation_loop(app.clone(), stop_rx.clone()));
     let reconciler = tokio::spawn(reconcile_loop(app.clone(), stop_rx));
     info!(url = %base_url, "sightline serve is listening");
     eprintln!("sightline serve: {base_url}/  (API key: {shown_key})");
@@ -410,6 +441,8 @@ pub async fn serve(
     let _ = workers.await;
     let _ = reconciler.await;
     let _ = batches.await;
+    let _ = generators.await;
+    let _ = generation.await;
     let _ = instance.await;
     Ok(())
 }
