@@ -45,6 +45,8 @@ fn app() -> axum::Router {
         blobs: Arc::new(sightline_pipeline::local::FileBlobStore::new(
             std::env::temp_dir().join("sightline-router-test"),
         )),
+        deliveries: None,
+        generations: None,
     })
 }
 

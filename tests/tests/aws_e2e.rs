@@ -478,6 +478,8 @@ async fn pipeline_end_to_end_on_the_emulator() {
         batches: None,
         search: None,
         blobs: Arc::new(S3BlobStore::new(clients.s3.clone(), &bucket)),
+        deliveries: None,
+        generations: None,
     });
     let first = id(good[0].0);
     let (st, body) = api_call(
@@ -921,6 +923,8 @@ async fn similarity_search_end_to_end_on_the_emulator() {
         batches: None,
         search: Some(search.clone()),
         blobs: blobs.clone(),
+        deliveries: None,
+        generations: None,
     });
     let garden = id("uploads/acme/garden.jpg");
     let (st, body) = api_call(

@@ -22,6 +22,8 @@ pub fn api_state(env: &AwsEnv, clients: &Clients, settings: Settings) -> ApiStat
         batches: None,
         search: None,
         blobs: Arc::new(S3BlobStore::new(clients.s3.clone(), &env.bucket)),
+        deliveries: None,
+        generations: None,
     }
 }
 
@@ -71,6 +73,8 @@ mod tests {
             blobs: Arc::new(sightline_pipeline::local::FileBlobStore::new(
                 std::env::temp_dir().join("sightline-api-handler-test"),
             )),
+            deliveries: None,
+            generations: None,
         }
     }
 

@@ -151,6 +151,8 @@ pub async fn build_router(
         batches: Some(app.batch_store.clone()),
         search: Some(app.search.clone()),
         blobs: app.blobs.clone(),
+        deliveries: Some(app.deliveries.clone()),
+        generations: Some(app.generations.clone()),
     });
     let max_body = app.config.settings.prepare.max_input_bytes as usize + 1;
     let uploads = Router::new()

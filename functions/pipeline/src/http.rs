@@ -37,6 +37,11 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/search"),
     ("GET", "/v1/costs"),
     ("GET", "/v1/batches"),
+    ("POST", "/v1/generations"),
+    ("GET", "/v1/generations"),
+    ("GET", "/v1/generations/{id}"),
+    ("GET", "/v1/webhooks/deliveries"),
+    ("POST", "/v1/webhooks/deliveries/{id}/redeliver"),
     ("PUT", "/v1/tenants/{tenant}/budget"),
     ("DELETE", "/v1/tenants/{tenant}/budget"),
 ];
@@ -53,7 +58,13 @@ pub struct ApiState {
     pub search: Option<Arc<crate::search::Search>>,
     /// Where originals and resized images live (deleting an image deletes them).
     pub blobs: Arc<dyn crate::ports::BlobStore>,
+    /// Generation jobs; None: their routes answer 503.
+    pub generations: Option<Arc<crate::generation::Generations>>,
+    /// Webhook deliveries (redeliver); None: 503.
+    pub deliveries: Option<crate::delivery::Deliveries>,
 }
+
+mod generations;
 
 /// The API with a JSON 404 for anything else (the api Lambda).
 pub fn router(state: ApiState) -> Router {
@@ -82,6 +93,16 @@ pub fn routes(state: ApiState) -> Router {
         )
         .route("/v1/costs", get(costs))
         .route("/v1/batches", get(list_batches))
+        .route(
+            "/v1/generations",
+            post(generations::create).get(generations::list),
+        )
+        .route("/v1/generations/{id}", get(generations::get))
+        .route("/v1/webhooks/deliveries", get(generations::deliveries))
+        .route(
+            "/v1/webhooks/deliveries/{id}/redeliver",
+            post(generations::redeliver),
+        )
         .route(
             "/v1/tenants/{tenant}/budget",
             put(put_tenant_budget).delete(delete_tenant_budget),

@@ -290,6 +290,8 @@ pub struct Settings {
     pub dedupe: Dedupe,
     /// Near-duplicate skip per tenant (over `dedupe`).
     pub tenant_dedupe: BTreeMap<String, Dedupe>,
+    /// The templates file the API's named templates come from (None: inline templates only).
+    pub templates_file: Option<PathBuf>,
     /// Generated images per minute to each image model, per instance like `rpm` (0 = unlimited).
     pub generation_ipm: u64,
     /// Image models tried, in order, when a row's model is throttled for long or down.
@@ -382,6 +384,7 @@ impl Settings {
             embedding_rpm: 0,
             dedupe: Dedupe::Off,
             tenant_dedupe: BTreeMap::new(),
+            templates_file: None,
             generation_ipm: 0,
             generation_fallback_models: Vec::new(),
             regenerate_on_mismatch: true,
@@ -1379,6 +1382,23 @@ pub const SETTINGS: &[SettingDef] = &[
                 .map(|(t, d)| format!("{t}={}", d.as_str()))
                 .collect::<Vec<_>>()
                 .join(",")
+        },
+    },
+    SettingDef {
+        key: "templates_file",
+        env: "SIGHTLINE_TEMPLATES_FILE",
+        flag: false,
+        applies: Applies::Everywhere,
+        help: "the generation templates file (`templates.toml`) the API's named templates come from; unset: the API takes inline templates only",
+        apply: |s, v| {
+            s.templates_file = Some(PathBuf::from(v)).filter(|p| !p.as_os_str().is_empty());
+            Ok(())
+        },
+        show: |s| {
+            s.templates_file
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
         },
     },
     SettingDef {

@@ -105,6 +105,8 @@ impl ImageGenerator for Scripted {
 }
 
 struct Fixture {
+    settings: Arc<Settings>,
+    blobs: Arc<dyn BlobStore>,
     repo: Arc<SqliteRepository>,
     generations: Generations,
     analyzer: Analyzer,
@@ -166,7 +168,7 @@ fn fixture(paid_errors: Vec<FailureKind>) -> Fixture {
     )
     .with_ingest(ingest);
     let analyzer = Analyzer::new(
-        blobs,
+        blobs.clone(),
         repo.clone(),
         Arc::new(LocalAnalyzer),
         settings.clone(),
@@ -176,10 +178,12 @@ fn fixture(paid_errors: Vec<FailureKind>) -> Fixture {
     let deliveries = Deliveries {
         store: repo.clone(),
         poster: Arc::new(HttpPoster::new(Mode::Local, resolver)),
-        settings,
+        settings: settings.clone(),
         clock,
     };
     Fixture {
+        settings,
+        blobs,
         repo,
         generations,
         analyzer,
@@ -638,4 +642,152 @@ async fn a_job_is_refused_before_anything_is_stored_for_an_unsafe_webhook_or_an_
         .await
         .unwrap()
         .is_empty());
+}
+
+async fn api_call(
+    app: &axum::Router,
+    method: &str,
+    uri: &str,
+    content_type: &str,
+    body: &str,
+) -> (StatusCode, serde_json::Value) {
+    use tower::ServiceExt;
+    let req = axum::http::Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("x-api-key", "acme-key")
+        .header("content-type", content_type)
+        .body(axum::body::Body::from(body.to_string()))
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap_or_default())
+}
+
+#[tokio::test]
+async fn the_api_starts_jobs_from_json_or_csv_refuses_bad_rows_and_reports_rows_and_deliveries() {
+    let f = fixture(Vec::new());
+    f.repo
+        .add_api_key(
+            &sightline_pipeline::http::hash_api_key("acme-key"),
+            "acme",
+            "2026-12-01T00:00:00Z",
+        )
+        .await
+        .unwrap();
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let app = sightline_pipeline::http::router(sightline_pipeline::http::ApiState {
+        repo: f.repo.clone(),
+        presigner: Arc::new(sightline_pipeline::local::LocalPresigner::new(
+            b"k".to_vec(),
+            "http://127.0.0.1:1",
+            clock.clone(),
+        )),
+        settings: f.settings.clone(),
+        clock,
+        batches: None,
+        search: None,
+        blobs: f.blobs.clone(),
+        generations: Some(Arc::new(f.generations.clone())),
+        deliveries: Some(f.deliveries.clone()),
+    });
+    let (rx, url) = receiver(vec![]).await;
+    let job = serde_json::json!({
+        "template": {"prompt": "A photo of {product}", "model": "local-canvas", "size": "256x256"},
+        "rows": [{"product": "a lamp"}, {"product": "a chair"}],
+        "webhook_url": url,
+    });
+    let (status, body) = api_call(
+        &app,
+        "POST",
+        "/v1/generations",
+        "application/json",
+        &job.to_string(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let job_id = body["job"]["job_id"].as_str().unwrap().to_string();
+    assert_eq!(body["job"]["rows"], 2);
+
+    // A CSV body needs a named template, and this server has no templates file.
+    let (status, body) = api_call(
+        &app,
+        "POST",
+        "/v1/generations?template=hero",
+        "text/csv",
+        "product\na lamp\n",
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    // A row missing its variable: refused with its row number, nothing stored.
+    let bad = serde_json::json!({
+        "template": {"prompt": "A photo of {product}", "model": "local-canvas"},
+        "csv": "product,colour\na lamp,red\n,blue\n",
+    });
+    let (status, body) = api_call(
+        &app,
+        "POST",
+        "/v1/generations",
+        "application/json",
+        &bad.to_string(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("row 2"),
+        "{body}"
+    );
+    let (_, list) = api_call(&app, "GET", "/v1/generations", "application/json", "").await;
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 1);
+
+    run_job(&f, "acme", &job_id).await;
+    let (status, report) = api_call(
+        &app,
+        "GET",
+        &format!("/v1/generations/{job_id}"),
+        "application/json",
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(report["counts"]["done"], 2, "{report}");
+    assert_eq!(report["rows"][0]["status"], "done");
+    assert_eq!(
+        deliver_until_settled(&f, "acme").await,
+        [DeliveryStatus::Delivered]
+    );
+    assert_eq!(rx.got.lock().unwrap().len(), 1);
+    let (_, deliveries) = api_call(
+        &app,
+        "GET",
+        "/v1/webhooks/deliveries?status=delivered",
+        "application/json",
+        "",
+    )
+    .await;
+    let id = deliveries["deliveries"][0]["delivery_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (status, _) = api_call(
+        &app,
+        "POST",
+        &format!("/v1/webhooks/deliveries/{id}/redeliver"),
+        "application/json",
+        "",
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(
+        deliver_until_settled(&f, "acme").await,
+        [DeliveryStatus::Delivered]
+    );
+    assert_eq!(rx.got.lock().unwrap().len(), 2);
+    // An unknown job id is a 404.
+    let (status, _) = api_call(&app, "GET", "/v1/generations/nope", "application/json", "").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
 }
