@@ -1122,6 +1122,8 @@ struct Parsed {
     prompt_tokens: u64,
     max_tokens: Option<u64>,
     images: Vec<ImageInfo>,
+    /// The image request of a generated image's check prompt (between `<request>` tags).
+    check_request: Option<String>,
 }
 
 fn authenticate(headers: &HeaderMap, expected: &str) -> Result<String, ApiError> {
@@ -1376,7 +1378,8 @@ async fn parse_request(body: &[u8]) -> Result<Parsed, ApiError> {
         code: Some("model_not_found"),
         param: None,
     })?;
-    tokenize(model, price, text_tok, max_tokens, raw_images).await
+    let check = sightline_core::genjob::request_of_check_prompt(&all_text).map(str::to_string);
+    tokenize(model, price, text_tok, max_tokens, raw_images, check).await
 }
 
 /// The end of parsing both APIs share: decode the images off the async threads and add their
@@ -1387,6 +1390,7 @@ async fn tokenize(
     text_tok: u64,
     max_tokens: Option<u64>,
     raw_images: Vec<RawImage>,
+    check_request: Option<String>,
 ) -> Result<Parsed, ApiError> {
     let images = if raw_images.is_empty() {
         Vec::new()
@@ -1416,6 +1420,7 @@ async fn tokenize(
         prompt_tokens: text_tok + image_tok,
         max_tokens,
         images,
+        check_request,
     })
 }
 
@@ -1508,6 +1513,7 @@ async fn parse_messages_request(body: &[u8]) -> Result<Parsed, ApiError> {
             ));
         }
     }
+    let mut all_text = String::new();
     let mut text_tok = match &req.system {
         None | Some(Value::Null) => 0,
         Some(system) => anthropic_text_tokens(system, "system")?,
@@ -1523,7 +1529,10 @@ async fn parse_messages_request(body: &[u8]) -> Result<Parsed, ApiError> {
         }
         text_tok += MESSAGE_OVERHEAD_TOKENS;
         match msg.get("content") {
-            Some(Value::String(s)) => text_tok += text_tokens(s),
+            Some(Value::String(s)) => {
+                text_tok += text_tokens(s);
+                all_text.push_str(s);
+            }
             Some(Value::Array(blocks)) => {
                 for (j, block) in blocks.iter().enumerate() {
                     match block.get("type").and_then(Value::as_str).unwrap_or("") {
@@ -1531,7 +1540,10 @@ async fn parse_messages_request(body: &[u8]) -> Result<Parsed, ApiError> {
                             text_tok += anthropic_text_tokens(
                                 &Value::Array(vec![block.clone()]),
                                 &format!("messages.{i}.content"),
-                            )?
+                            )?;
+                            if let Some(t) = block.get("text").and_then(Value::as_str) {
+                                all_text.push_str(t);
+                            }
                         }
                         "image" if role == "user" => {
                             raw_images.push(parse_image_block(block, i, j)?)
@@ -1571,7 +1583,8 @@ async fn parse_messages_request(body: &[u8]) -> Result<Parsed, ApiError> {
             code: Some("model_not_found"),
             param: None,
         })?;
-    tokenize(model, price, text_tok, Some(max_tokens), raw_images).await
+    let check = sightline_core::genjob::request_of_check_prompt(&all_text).map(str::to_string);
+    tokenize(model, price, text_tok, Some(max_tokens), raw_images, check).await
 }
 
 /// An Anthropic `image` block with a base64 source.
@@ -1738,6 +1751,21 @@ const OBJECTS: [&str; 16] = [
     "tree", "person", "car", "building", "sky", "dog", "cat", "table", "cup", "book", "bicycle",
     "flower", "window", "sign", "mountain", "bottle",
 ];
+
+/// The verdict on a generated image's request. The simulator cannot see what a picture shows,
+/// so a test marks what should fail: a request containing `[mismatch]` never matches.
+fn check_answer(request: &str) -> serde_json::Map<String, Value> {
+    let matches = !request.contains("[mismatch]");
+    let issues: Vec<&str> = if matches {
+        Vec::new()
+    } else {
+        vec!["the picture does not show what the request asked for"]
+    };
+    let mut m = serde_json::Map::new();
+    m.insert("matches_prompt".into(), Value::Bool(matches));
+    m.insert("prompt_issues".into(), json!(issues));
+    m
+}
 
 /// The analysis object for the images (deterministic in their pixels and bytes).
 fn analysis(images: &[ImageInfo]) -> Value {
@@ -2198,7 +2226,11 @@ fn answer_for(api: Api, seq: u64, parsed: &Parsed, bad_content: bool) -> Answer 
         let t = text_tokens(&c);
         (c, false, t)
     } else {
-        let c = analysis(&parsed.images).to_string();
+        let mut a = analysis(&parsed.images);
+        if let (Some(request), Value::Object(map)) = (&parsed.check_request, &mut a) {
+            map.extend(check_answer(request));
+        }
+        let c = a.to_string();
         let t = text_tokens(&c);
         match parsed.max_tokens {
             Some(max) if t > max => {

@@ -1995,3 +1995,46 @@ mod images {
         assert_eq!(price.cost_usd(size, Quality::High, None).unwrap(), 0.0);
     }
 }
+
+/// A generated image's check prompt gets a verdict: the simulator cannot see what a picture
+/// shows, so a request marked `[mismatch]` fails and any other passes; the offline rule that
+/// reads it is the pipeline's (`CheckVerdict::of_analysis`).
+#[tokio::test]
+async fn check_prompts_get_a_matches_prompt_verdict_and_plain_prompts_none() {
+    use sightline_core::genjob::{check_prompt, CheckVerdict};
+    use sightline_pipeline::ports::{VisionProvider, VisionRequest};
+    use sightline_pipeline::providers::openai::OpenAiProvider;
+    let sim = SimServer::start(cfg()).await.unwrap();
+    let provider = OpenAiProvider::new(&sim.base_url, KEY, Duration::from_secs(10)).unwrap();
+    let ask = |prompt: String| VisionRequest {
+        model: "gpt-4o".into(),
+        jpeg: std::sync::Arc::new(jpeg(320, 240, 90)),
+        width: 320,
+        height: 240,
+        prompt,
+        max_output_tokens: 400,
+        detail: Detail::High,
+        check: None,
+    };
+    let base = sightline_core::pricing::DEFAULT_PROMPT;
+    let ok = provider
+        .analyze(&ask(check_prompt(base, "a red lamp on a desk")))
+        .await
+        .unwrap();
+    assert_eq!(
+        CheckVerdict::of_analysis(&ok.analysis),
+        CheckVerdict {
+            matches: Some(true),
+            issues: vec![]
+        }
+    );
+    let bad = provider
+        .analyze(&ask(check_prompt(base, "a blue chair [mismatch]")))
+        .await
+        .unwrap();
+    let verdict = CheckVerdict::of_analysis(&bad.analysis);
+    assert_eq!(verdict.matches, Some(false));
+    assert_eq!(verdict.issues.len(), 1);
+    let plain = provider.analyze(&ask(base.to_string())).await.unwrap();
+    assert!(plain.analysis.get("matches_prompt").is_none());
+}

@@ -267,6 +267,7 @@ pub(super) async fn parse_converse(body: &[u8], model: Option<&str>) -> Result<P
         }
     }
     let mut raw_images = Vec::new();
+    let mut all_text = String::new();
     for (i, msg) in messages.iter().enumerate() {
         let role = msg.get("role").and_then(Value::as_str).unwrap_or("");
         if !matches!(role, "user" | "assistant") {
@@ -286,6 +287,7 @@ pub(super) async fn parse_converse(body: &[u8], model: Option<&str>) -> Result<P
                     validation(format!("messages.{i}.content.{j}.text must be a string"))
                 })?;
                 text_tok += text_tokens(t);
+                all_text.push_str(t);
             } else if let Some(image) = block.get("image") {
                 if role != "user" {
                     return Err(validation(format!(
@@ -314,7 +316,8 @@ pub(super) async fn parse_converse(body: &[u8], model: Option<&str>) -> Result<P
             }
         }
     }
-    tokenize(model, price, text_tok, max_tokens, raw_images)
+    let check = sightline_core::genjob::request_of_check_prompt(&all_text).map(str::to_string);
+    tokenize(model, price, text_tok, max_tokens, raw_images, check)
         .await
         // An image that does not decode is Bedrock's ValidationException.
         .map_err(|e| {
