@@ -1,4 +1,5 @@
-//! Test harness.
+//! Test harness: the provider simulator, the emulator stack, the adapter contract suite,
+//! fault runs and a webhook receiver.
 
 pub mod aws_setup;
 pub mod batch_run;
@@ -7,3 +8,4 @@ pub mod emulator;
 pub mod fault_run;
 pub mod fault_run_aws;
 pub mod sim;
+pub mod webhook_receiver;

@@ -30,9 +30,10 @@ pub struct GenerateArgs {
     /// The templates file.
     #[arg(long, default_value = "templates.toml")]
     pub templates: PathBuf,
-    /// Generate every row with this image model instead of the template's.
-    #[arg(long)]
-    pub model: Option<String>,
+    /// Generate every row with this image model instead of the template's (`--model` is the
+    /// analysis model that checks the images).
+    #[arg(long = "image-model")]
+    pub image_model: Option<String>,
     /// POST the finished job's summary here, signed with `webhook_secret`.
     #[arg(long)]
     pub webhook: Option<String>,
@@ -107,7 +108,7 @@ pub async fn generate(app: &LocalApp, args: GenerateArgs) -> anyhow::Result<()> 
     // Every row is checked before anything is stored or paid; errors carry row numbers.
     let mut requests = plan_job(&set, args.template.as_deref(), input, &Limits::default())
         .map_err(|e| anyhow::anyhow!("the job was refused, nothing was paid:\n{e}"))?;
-    if let Some(model) = &args.model {
+    if let Some(model) = &args.image_model {
         for r in &mut requests {
             r.model = model.clone();
         }
@@ -186,8 +187,9 @@ async fn wait_for(
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     bar.finish_and_clear();
-    // The first attempt of the job's webhook; later ones are `serve`'s.
-    app.deliveries.deliver_due(100).await?;
+    // The job's webhook: attempted now, and retried here while its next attempt is near (the
+    // first steps of the schedule); later ones are `serve`'s.
+    deliver_while_near(app, job_id).await?;
     let _ = stop_tx.send(true);
     let _ = generators.await;
     let _ = analysts.await;
@@ -198,6 +200,36 @@ async fn wait_for(
         .job_report(LOCAL_TENANT, job_id)
         .await?
         .unwrap_or(report))
+}
+
+/// How far off a webhook retry `--wait` still waits for.
+const NEAR: Duration = Duration::from_secs(60);
+
+async fn deliver_while_near(app: &LocalApp, job_id: &str) -> anyhow::Result<()> {
+    loop {
+        app.deliveries.deliver_due(100).await?;
+        let pending = app
+            .generations
+            .store
+            .list_deliveries(LOCAL_TENANT, Some(DeliveryStatus::Pending), 1000)
+            .await?
+            .into_iter()
+            .filter(|d| d.job_id == job_id)
+            .map(|d| d.next_at_ms)
+            .min();
+        let Some(next_at) = pending else {
+            return Ok(());
+        };
+        let wait = next_at.saturating_sub(app.clock.now_ms());
+        if wait > NEAR.as_millis() as u64 {
+            eprintln!(
+                "the webhook is not delivered yet; its next attempt is in {} s (`sightline serve` makes it)",
+                wait / 1000
+            );
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(wait.clamp(50, 1000))).await;
+    }
 }
 
 pub fn report_text(r: &JobReport) -> String {

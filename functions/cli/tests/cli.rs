@@ -6,7 +6,7 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 use sightline_tests::sim::{EveryNth, Fault, FaultPlan, SimConfig, SimServer};
 
 /// The sample runs are CPU-heavy; run them one at a time on small CI machines.
@@ -2046,4 +2046,183 @@ fn a_remote_embedder_gives_vector_search_and_books_every_embedding_call_once() {
         report["by_lane"]["realtime"]["calls"], report["by_kind"]["analysis"]["calls"],
         "{report}"
     );
+}
+
+/// 100 rows against the simulator's Images API and chat completions, with faults on both
+/// (429s with Retry-After, 5xx, timeouts, cut bodies), one row the safety system refuses and
+/// two whose check fails. Every row ends generated and analysed or failed with its reason,
+/// the ledger is the job's generation plus analysis cost, the finished job's webhook arrives
+/// signed after its receiver failed three times, and the same CSV again pays nothing.
+#[test]
+fn generate_100_rows_against_the_simulator_with_faults_then_a_rerun_pays_nothing() {
+    use sightline_core::webhook::{ReceivedHeaders, WebhookSecret, DEFAULT_TOLERANCE};
+    use sightline_tests::webhook_receiver::WebhookReceiver;
+    const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+    let _g = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let sim = rt
+        .block_on(SimServer::start(SimConfig {
+            api_key: "sk-test".into(),
+            rpm: 0,
+            tpm: 0,
+            latency_ms: 5,
+            jitter_ms: 10,
+            seed: 11,
+            timeout_hang_ms: 4_000,
+            faults: FaultPlan {
+                error_rate: 0.04,
+                rate_limit_rate: 0.04,
+                retry_after_s: 1.0,
+                timeout_rate: 0.01,
+                every_nth: Some(EveryNth {
+                    n: 23,
+                    fault: Fault::Malformed,
+                }),
+                ..FaultPlan::default()
+            },
+            batch: Default::default(),
+        }))
+        .unwrap();
+    let receiver = rt
+        .block_on(WebhookReceiver::start(vec![500, 503, 500]))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let templates = dir.path().join("templates.toml");
+    std::fs::write(
+        &templates,
+        r#"
+[templates.hero]
+prompt = "A studio photo of {product} in {colour}"
+model = "gpt-image-1-mini"
+size = "1024x1024"
+quality = "low"
+output_key = "products/{sku}.png"
+"#,
+    )
+    .unwrap();
+    let mut csv = String::from("sku,product,colour\n");
+    for i in 1..=100 {
+        let product = match i {
+            37 => "a REFUSE thing".to_string(),
+            50 | 51 => format!("lamp {i} [mismatch]"),
+            _ => format!("lamp {i}"),
+        };
+        csv.push_str(&format!("SKU-{i},{product},colour {}\n", i % 7));
+    }
+    let rows = dir.path().join("rows.csv");
+    std::fs::write(&rows, &csv).unwrap();
+    let data = dir.path().join("data");
+    let generate = || {
+        let mut c = sightline(&data);
+        c.args([
+            "--provider",
+            "openai",
+            "--model",
+            "gpt-4.1-mini",
+            "--timeout-secs",
+            "2",
+            "--workers",
+            "4",
+            "generate",
+            "--template",
+            "hero",
+            "--json",
+            "--wait",
+            "--webhook",
+            &receiver.url,
+        ])
+        .arg("--templates")
+        .arg(&templates)
+        .arg("--csv")
+        .arg(&rows)
+        .env("OPENAI_API_KEY", "sk-test")
+        .env("OPENAI_BASE_URL", &sim.base_url)
+        .env("SIGHTLINE_WEBHOOK_SECRET", SECRET)
+        // 5 s, 5 min, 30 min become 5 ms, 0.3 s, 1.8 s.
+        .env("SIGHTLINE_WEBHOOK_RETRY_SCALE", "0.001");
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "generate failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let report = generate();
+    let counts = &report["counts"];
+    let failed: Vec<String> = report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["status"] == "failed")
+        .map(|r| format!("row {}: {}", r["row"], r["error"]))
+        .collect();
+    assert_eq!(counts["failed"], 1, "{counts} {failed:?}");
+    assert_eq!(counts["total"], 100, "{counts}");
+    assert_eq!(counts["done"], 97, "{counts}");
+    assert_eq!(counts["mismatch"], 2, "{counts}");
+    assert_eq!(counts["failed"], 1, "{counts}");
+    assert_eq!(counts["regenerated"], 2, "{counts}");
+    let rows_out = report["rows"].as_array().unwrap();
+    let refused = rows_out.iter().find(|r| r["row"] == 37).unwrap();
+    assert!(
+        refused["error"].as_str().unwrap().contains("safety system"),
+        "{refused}"
+    );
+    for r in rows_out.iter().filter(|r| r["status"] == "done") {
+        assert_eq!(r["check"]["matches"], true, "{r}");
+        assert!(r["generation_cost_usd"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    let stats = rt.block_on(sim.stats());
+    assert!(stats.faults.total() > 0, "faults were injected: {stats:?}");
+
+    // The ledger is what the job cost: generation plus analysis, every paid call once.
+    let costs = || {
+        let out = sightline(&data).args(["costs", "--json"]).output().unwrap();
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let ledger = costs()["total"]["cost_usd"].as_f64().unwrap();
+    let job_cost = report["generation_cost_usd"].as_f64().unwrap()
+        + report["analysis_cost_usd"].as_f64().unwrap();
+    assert!(
+        (ledger - job_cost).abs() < 1e-9,
+        "{ledger} vs {job_cost}: {} {}",
+        costs()["by_kind"],
+        json!({"gen": report["generation_cost_usd"], "analysis": report["analysis_cost_usd"]})
+    );
+
+    // The webhook: three failures, then delivered; every attempt signed with the secret,
+    // one message id, the summary in the body.
+    let got = receiver.deliveries();
+    assert_eq!(got.len(), 4, "{got:?}");
+    let secret = WebhookSecret::parse(SECRET).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    for d in &got {
+        let pairs = d.headers.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        secret
+            .verify(
+                &ReceivedHeaders::from_pairs(pairs),
+                &d.body,
+                now,
+                DEFAULT_TOLERANCE,
+            )
+            .unwrap();
+        assert_eq!(d.header("webhook-id"), got[0].header("webhook-id"));
+    }
+    let body: Value = serde_json::from_slice(&got[3].body).unwrap();
+    assert_eq!(body["type"], "generation.job.finished");
+    assert_eq!(body["data"]["counts"]["done"], 97);
+
+    // The same CSV again: nothing generated, nothing analysed, nothing paid.
+    let images_before = rt.block_on(sim.stats()).images.images;
+    let again = generate();
+    assert_eq!(again["counts"]["done"], 97, "{}", again["counts"]);
+    assert_eq!(again["counts"]["reused"], 99, "{}", again["counts"]);
+    assert_eq!(again["generation_cost_usd"].as_f64(), Some(0.0));
+    assert_eq!(again["analysis_cost_usd"].as_f64(), Some(0.0));
+    assert_eq!(rt.block_on(sim.stats()).images.images, images_before);
+    assert!((costs()["total"]["cost_usd"].as_f64().unwrap() - ledger).abs() < 1e-9);
 }

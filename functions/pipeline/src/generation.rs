@@ -440,7 +440,19 @@ impl Generations {
                 model: model.clone(),
                 ..GenerationCall::of_request(req)
             };
-            let answer = generator.generate(&call).await;
+            let mut answer = generator.generate(&call).await;
+            if let Err(e) = &answer {
+                if e.kind == FailureKind::InvalidOutput {
+                    // An unusable answer (a cut body, bytes that are no image) is paid; like
+                    // an analysis it gets one more call in place, then it is permanent.
+                    if e.billed && generator.is_paid() {
+                        let cost = self.book(row, owner, model, req, true, None, Some(e)).await;
+                        self.add_wasted(row, cost).await?;
+                    }
+                    warn!(model, error = %e.message, "unusable image answer; asking once more");
+                    answer = generator.generate(&call).await;
+                }
+            }
             let rate = match &answer {
                 Ok(_) => None,
                 Err(e) => Some(e.rate),
@@ -472,8 +484,10 @@ impl Generations {
                 }
                 Err(e) => {
                     if e.billed && generator.is_paid() {
-                        self.book(row, owner, model, req, true, None, Some(&e))
+                        let cost = self
+                            .book(row, owner, model, req, true, None, Some(&e))
                             .await;
+                        self.add_wasted(row, cost).await?;
                     }
                     match classify(&e.kind) {
                         RetryClass::Permanent => {
@@ -567,7 +581,8 @@ impl Generations {
             kind: LedgerKind::Generation,
         };
         let image_id = image_id_of(&row.job_id, row.row, row.attempt);
-        let spend_id = format!("gen:{owner}:{model}");
+        // One id per paid call: its booking retries in place never count it twice.
+        let spend_id = format!("gen:{owner}:{model}:{}", uuid::Uuid::new_v4().simple());
         for attempt in 0..4u32 {
             match self
                 .repo
@@ -585,6 +600,34 @@ impl Generations {
             }
         }
         cost
+    }
+
+    /// Put money of a billed call that gave no image on its row, so the row's cost (and the
+    /// job's) equals what the ledger booked for it.
+    async fn add_wasted(&self, row: &GenerationRow, cost_usd: f64) -> StoreResult<()> {
+        if cost_usd == 0.0 {
+            return Ok(());
+        }
+        for _ in 0..3 {
+            let Some(current) = self
+                .store
+                .get_row(&row.tenant, &row.job_id, row.row)
+                .await?
+            else {
+                return Ok(());
+            };
+            let mut next = current.clone();
+            next.generation_cost_usd += cost_usd;
+            if self
+                .store
+                .update_row(&next, (current.status, current.attempt))
+                .await?
+            {
+                return Ok(());
+            }
+        }
+        warn!(job_id = %row.job_id, row = row.row, cost_usd, "could not add a billed call's cost to its row");
+        Ok(())
     }
 
     /// Store a new image under its key, so any later request of the same key reuses it.
@@ -686,7 +729,20 @@ impl Generations {
         let recheck = now_ms + self.settings.stuck_after.as_millis() as u64;
         self.repo.put_image(&record, Some(recheck)).await?;
         self.blobs.put(&key, bytes, &object.content_type).await?;
-        let mut next = row.clone();
+        // The stored row, not the one read at the start: a billed failure before this image
+        // added its cost to it meanwhile.
+        let Some(current) = self
+            .store
+            .get_row(&row.tenant, &row.job_id, row.row)
+            .await?
+        else {
+            return Ok(());
+        };
+        if current.status != RowStatus::Queued || current.attempt != row.attempt {
+            debug!("row moved on meanwhile; nothing to hand over");
+            return Ok(());
+        }
+        let mut next = current;
         next.status = RowStatus::Checking;
         next.image_id = Some(image_id);
         next.output_key = Some(output_key);
@@ -727,7 +783,18 @@ impl Generations {
         row: &GenerationRow,
         reason: &str,
     ) -> StoreResult<GenerateOutcome> {
-        let mut next = row.clone();
+        // The stored row: costs booked on it since it was read stay on it.
+        let Some(current) = self
+            .store
+            .get_row(&row.tenant, &row.job_id, row.row)
+            .await?
+        else {
+            return Ok(GenerateOutcome::Failed(reason.to_string()));
+        };
+        if current.status != row.status || current.attempt != row.attempt {
+            return Ok(GenerateOutcome::AlreadyDone);
+        }
+        let mut next = current;
         next.status = RowStatus::Failed;
         next.error = Some(reason.to_string());
         next.updated_at = rfc3339(self.clock.now_ms());
