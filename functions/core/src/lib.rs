@@ -5,6 +5,7 @@
 //! - [`budget`]: spending-cap periods (UTC day and month) and reservation maths.
 //! - [`color`]: embedded ICC profiles (Display P3, Adobe RGB, CMYK) converted to sRGB.
 //! - [`embed`]: the offline visual embedding, perceptual hash and near-duplicate rule.
+//! - [`header`]: what `prepare` would do, from the header alone (the browser's first-load module).
 //! - [`generate`]: generation jobs: templates, CSV/JSON rows, requests and idempotency keys.
 //! - [`pricing`]: the versioned price table and image-token rules (one estimator everywhere).
 //! - [`retry`]: transient vs permanent, backoff.
@@ -19,6 +20,7 @@ pub mod budget;
 pub mod color;
 pub mod embed;
 pub mod generate;
+pub mod header;
 pub mod keys;
 pub mod limiter;
 pub mod model;
