@@ -291,6 +291,9 @@ pub fn probe_image(bytes: &[u8], options: JsValue) -> Result<JsValue, JsValue> {
 pub fn plan_image(bytes: &[u8], options: JsValue) -> Result<JsValue, JsValue> {
     use sightline_core::header::{route, Route};
     let opts = prepare_options(&options)?;
+    // Bad models or estimate options fail first, as in `prepareImage`.
+    option_models(&options)?;
+    estimate_params(&options)?;
     let out = Object::new();
     match route(bytes, &opts).map_err(|e| error(e.code(), &e.to_string()))? {
         Route::Platform(h) => {
