@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 use crate::generate::{Quality, Size};
 use crate::model::{Detail, Estimate};
 
+/// The source of the built-in table (read by build.rs; the tests compare both readings).
+#[cfg(test)]
 const BUILTIN_TABLE: &str = include_str!("../data/prices.toml");
 /// The same table as JSON, written by build.rs: read without a TOML parser (the browser's
 /// first-load module is half the size without one).
