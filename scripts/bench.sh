@@ -50,7 +50,7 @@ cargo build --locked -q -p sightline-tests --bin resize-rss
 
 echo "== 3. browser"
 bash scripts/browser-setup.sh > "$OUT/browser-setup.log" 2>&1
-[ -f wasm-client/pkg/sightline_wasm_bg.wasm ] || bash scripts/wasm-build.sh
+[ -f wasm-client/pkg/sightline_wasm_bg.wasm ] && [ -f wasm-client/pkg/sightline_light_bg.wasm ] || bash scripts/wasm-build.sh
 node tests/browser/bench.mjs --runs "$RUNS" --json "$OUT/browser.json" > "$OUT/browser.txt"
 
 echo "== 4. cold start and size"

@@ -7,7 +7,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 export PATH="$HOME/.cargo/bin:$PATH"
 
-[[ -f wasm-client/pkg/sightline_wasm_bg.wasm ]] || { echo "wasm-client/pkg is missing: run scripts/wasm-build.sh" >&2; exit 1; }
+[[ -f wasm-client/pkg/sightline_wasm_bg.wasm && -f wasm-client/pkg/sightline_light_bg.wasm ]] || { echo "wasm-client/pkg is missing: run scripts/wasm-build.sh" >&2; exit 1; }
 # scripts/test.sh passes the binary its `cargo test` just built (building `-p sightline` alone
 # would resolve features differently and rebuild half the dependency tree).
 BIN="${SIGHTLINE_BIN:-}"

@@ -50,6 +50,12 @@ else
   bash scripts/wasm-test.sh 2>&1 | tee "$LOGDIR/wasm-test.log"
   count_cargo "$LOGDIR/wasm-test.log"
 
+  step "widget first load: JS + WASM before a JPEG is prepared <= 150 KB gzipped (measured in Chromium)"
+  # Fails the run when the first-load bundle just built grows over the target, or when
+  # preparing a JPEG starts to need the full decoder module.
+  node tests/browser/first-load.mjs 2>&1 | tee "$LOGDIR/first-load.log"
+  grep -E '^[0-9]+ passed, [0-9]+ failed' "$LOGDIR/first-load.log" | tail -1 | sed -E 's/([0-9]+) passed, ([0-9]+) failed.*/\1 \2/' >> "$LOGDIR/results.txt" || true
+
   step "browser end-to-end against sightline serve"
   SIGHTLINE_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/sightline" bash scripts/browser-e2e.sh 2>&1 | tee "$LOGDIR/browser-e2e.log"
   grep -E '^[0-9]+ passed, [0-9]+ failed' "$LOGDIR/browser-e2e.log" | tail -1 | sed -E 's/([0-9]+) passed, ([0-9]+) failed.*/\1 \2/' >> "$LOGDIR/results.txt" || true

@@ -14,7 +14,11 @@
 #   SIGHTLINE_WASM_OPT_PASSES=-Oz    wasm-opt level (-Oz, -Os, -O3, or "none"). Default -Oz.
 #                                    wasm-opt >= 116 is needed (Debian's 108 is too old: npm's is used).
 #   SIGHTLINE_WASM_OUT=dir           output folder. Default wasm-client/pkg.
-#   SIGHTLINE_WASM_TARGET_DIR=dir    cargo target dir. Default target/wasm (apart from the native build).
+#   SIGHTLINE_WASM_TARGET_DIR=dir    cargo target dir. Default target/wasm (apart from the native build);
+#                                    the first-load module builds in the same path + "-light".
+#   SIGHTLINE_WASM_MODULES="light full"  which modules to build (sightline_light: the widget's
+#                                    first load, no decoders; sightline_wasm: the full module).
+#   SIGHTLINE_WASM_LIGHT_OPT_LEVEL=z rustc opt-level of the first-load module. Default z.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -85,45 +89,63 @@ if [[ "$OPT_PASSES" != "none" ]]; then
 fi
 
 # 4. Build: release settings for the browser (fat LTO, one codegen unit, abort on panic), passed
-#    as env because profiles live at the workspace root.
+#    as env because profiles live at the workspace root. Two modules from one crate:
+#    - sightline_light: what the page loads first (no decoders: header routing, the output-size
+#      rule, the estimator and price table); size-optimised, it does no pixel work;
+#    - sightline_wasm: the full module (decoders, resize, encoder), loaded lazily by the
+#      widget for what the browser's own decoder cannot do the server's way.
 RUSTFLAGS_WASM="${RUSTFLAGS:-}"
 if [[ "$SIMD" == "1" ]]; then
   RUSTFLAGS_WASM="$RUSTFLAGS_WASM -C target-feature=+simd128"
 fi
-log "cargo build (opt-level=$OPT_LEVEL, lto, codegen-units=1, panic=abort, simd=$SIMD)"
-CARGO_PROFILE_RELEASE_OPT_LEVEL="$OPT_LEVEL" \
-CARGO_PROFILE_RELEASE_LTO=true \
-CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1 \
-CARGO_PROFILE_RELEASE_PANIC=abort \
-CARGO_PROFILE_RELEASE_DEBUG=false \
-CARGO_PROFILE_RELEASE_STRIP=debuginfo \
-CARGO_PROFILE_RELEASE_INCREMENTAL=false \
-RUSTFLAGS="$RUSTFLAGS_WASM" \
-  cargo build -p sightline-wasm --lib --release \
-    --target wasm32-unknown-unknown --target-dir "$TARGET_DIR"
-
-RAW_WASM="$TARGET_DIR/wasm32-unknown-unknown/release/sightline_wasm.wasm"
-
-# 5. JS bindings for ES modules (`import init from '/pkg/sightline_wasm.js'`).
+FEATURES=(--enable-bulk-memory --enable-sign-ext --enable-mutable-globals
+          --enable-nontrapping-float-to-int --enable-reference-types --enable-multivalue)
+[[ "$SIMD" == "1" ]] && FEATURES+=(--enable-simd)
 mkdir -p "$OUT"
-rm -f "$OUT"/sightline_wasm*
-wasm-bindgen --target web --out-dir "$OUT" --out-name sightline_wasm "$RAW_WASM"
-WASM="$OUT/sightline_wasm_bg.wasm"
 
-# 6. wasm-opt. Features: what rustc's default wasm32 CPU emits, plus SIMD.
-if [[ -n "$WASM_OPT" ]]; then
-  FEATURES=(--enable-bulk-memory --enable-sign-ext --enable-mutable-globals
-            --enable-nontrapping-float-to-int --enable-reference-types --enable-multivalue)
-  [[ "$SIMD" == "1" ]] && FEATURES+=(--enable-simd)
-  log "$WASM_OPT $OPT_PASSES ($("$WASM_OPT" --version 2>/dev/null | head -n1))"
-  "$WASM_OPT" "$OPT_PASSES" "${FEATURES[@]}" --strip-debug --strip-producers \
-    "$WASM" -o "$WASM.opt"
-  mv "$WASM.opt" "$WASM"
-fi
+# build_module NAME OPT_LEVEL TARGET_DIR [cargo args...]
+build_module() {
+  local name="$1" level="$2" tdir="$3"
+  shift 3
+  log "cargo build $name (opt-level=$level, lto, codegen-units=1, panic=abort, simd=$SIMD)"
+  CARGO_PROFILE_RELEASE_OPT_LEVEL="$level" \
+  CARGO_PROFILE_RELEASE_LTO=true \
+  CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1 \
+  CARGO_PROFILE_RELEASE_PANIC=abort \
+  CARGO_PROFILE_RELEASE_DEBUG=false \
+  CARGO_PROFILE_RELEASE_STRIP=debuginfo \
+  CARGO_PROFILE_RELEASE_INCREMENTAL=false \
+  RUSTFLAGS="$RUSTFLAGS_WASM" \
+    cargo build -p sightline-wasm --lib --release \
+      --target wasm32-unknown-unknown --target-dir "$tdir" "$@"
+  local raw="$tdir/wasm32-unknown-unknown/release/sightline_wasm.wasm"
+  # JS bindings for ES modules (`import init from '/pkg/NAME.js'`).
+  rm -f "$OUT/$name.js" "$OUT/$name.d.ts" "$OUT/${name}_bg.wasm" "$OUT/${name}_bg.wasm.d.ts"
+  wasm-bindgen --target web --out-dir "$OUT" --out-name "$name" "$raw"
+  local wasm="$OUT/${name}_bg.wasm"
+  if [[ -n "$WASM_OPT" ]]; then
+    log "$WASM_OPT $OPT_PASSES $name ($("$WASM_OPT" --version 2>/dev/null | head -n1))"
+    "$WASM_OPT" "$OPT_PASSES" "${FEATURES[@]}" --strip-debug --strip-producers \
+      "$wasm" -o "$wasm.opt"
+    mv "$wasm.opt" "$wasm"
+  fi
+  local raw_bytes gz_bytes js_gz
+  raw_bytes="$(wc -c <"$wasm" | tr -d ' ')"
+  gz_bytes="$(gzip -9c "$wasm" | wc -c | tr -d ' ')"
+  js_gz="$(gzip -9c "$OUT/$name.js" | wc -c | tr -d ' ')"
+  printf 'wasm: %s\n' "$wasm"
+  printf '%s size: %s bytes raw (%s KiB), %s bytes gzipped (%s KiB); js glue %s bytes gzipped\n' \
+    "$name" "$raw_bytes" "$((raw_bytes / 1024))" "$gz_bytes" "$((gz_bytes / 1024))" "$js_gz"
+}
 
-RAW_BYTES="$(wc -c <"$WASM" | tr -d ' ')"
-GZ_BYTES="$(gzip -9c "$WASM" | wc -c | tr -d ' ')"
-JS_GZ="$(gzip -9c "$OUT/sightline_wasm.js" | wc -c | tr -d ' ')"
-printf 'wasm: %s\n' "$WASM"
-printf 'wasm size: %s bytes raw (%s KiB), %s bytes gzipped (%s KiB); js glue %s bytes gzipped\n' \
-  "$RAW_BYTES" "$((RAW_BYTES / 1024))" "$GZ_BYTES" "$((GZ_BYTES / 1024))" "$JS_GZ"
+# The first-load module: no decoders; opt-level z everywhere (the workspace's per-package
+# opt-level 3 for the image crates is overridden: none of their pixel code is in it).
+MODULES="${SIGHTLINE_WASM_MODULES:-light full}"
+[[ " $MODULES " == *" light "* ]] && build_module sightline_light "${SIGHTLINE_WASM_LIGHT_OPT_LEVEL:-z}" "$TARGET_DIR-light" \
+  --no-default-features \
+  --config 'profile.release.package."*".opt-level="z"' \
+  --config 'profile.release.package.sightline-core.opt-level="z"' \
+  --config 'profile.release.package.image.opt-level="z"'
+# The full module.
+[[ " $MODULES " == *" full "* ]] && build_module sightline_wasm "$OPT_LEVEL" "$TARGET_DIR"
+exit 0

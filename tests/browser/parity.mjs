@@ -1,6 +1,8 @@
-// Browser ↔ CLI parity: the WASM package's prepareImage estimates for a file equal
-// `sightline estimate --json`'s resized (and original) figures for the same file and models,
-// token for token and to the last bit of the f64 cost.
+// Browser ↔ CLI parity: the widget's prepareImage (wasm-client/www/prepare.js: the small
+// WebAssembly module's rules with the browser's decoder, the full module where it routes there)
+// gives the sizes and estimates of `sightline estimate --json` for the same file and models,
+// token for token and to the last bit of the f64 cost; EXIF orientations 1-8 come out upright
+// (pixels compared with the full module, the server's code) and without metadata.
 //
 //   SIGHTLINE_BIN=target/debug/sightline node tests/browser/parity.mjs [--pkg wasm-client/pkg]
 //
@@ -10,15 +12,15 @@
 // version. A negative control checks that the comparison would catch a widget counting one
 // prompt token more than the server.
 //
-// The resized JPEG's bytes are reported, not compared: for JPEG inputs the browser's and the
-// x86 build's JPEGs differ by a few bytes (same size in pixels, so the same estimate; decoder
-// and resizer SIMD paths differ per target). The server estimates from its own resize anyway.
+// The resized JPEG's bytes are reported, not compared: the browser's encoder is not the
+// server's (same size in pixels, so the same estimate). The server estimates from its own
+// resize anyway.
 import http from 'node:http';
 import { execFileSync } from 'node:child_process';
-import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
-import { PKG, ROOT, SAMPLES, assert, launchChromium, reporter, serveStatic } from './lib.mjs';
+import { PKG, ROOT, SAMPLES, WWW, assert, launchChromium, reporter, serveStatic } from './lib.mjs';
 
 // A 12 MP phone photo stored landscape with EXIF orientation 6 (portrait once upright), a
 // progressive JPEG, two PNGs, a small JPEG, and desktop photos that carry EXIF.
@@ -30,7 +32,12 @@ const FIXTURES = [
   'samples/rocket.jpg',
   'photos/Storm.jpg',
   'photos/Garden.jpg',
+  '../fixtures-icc/cmyk_astronaut.jpg',
+  '../fixtures-icc/p3_patches.png',
 ];
+// Every fixture but these goes through the browser's decoder: CMYK ink is converted through
+// its profile by the server's code (the full module).
+const FULL_MODULE = new Set(['../fixtures-icc/cmyk_astronaut.jpg']);
 
 const args = process.argv.slice(2);
 const opt = (name, dflt) => {
@@ -61,7 +68,22 @@ function cli(...cliArgs) {
 }
 
 const r = reporter();
-const files = FIXTURES.map((f) => path.join(SAMPLES, f));
+// A photo stored under each EXIF orientation 1-8 (an APP1 segment inserted after SOI).
+function withExifOrientation(jpeg, o) {
+  const tiff = Buffer.from([0x4d, 0x4d, 0, 42, 0, 0, 0, 8, 0, 1, 0x01, 0x12, 0, 3, 0, 0, 0, 1, 0, o, 0, 0, 0, 0, 0, 0]);
+  const body = Buffer.concat([Buffer.from('Exif\0\0', 'latin1'), tiff]);
+  const len = Buffer.alloc(2);
+  len.writeUInt16BE(body.length + 2);
+  return Buffer.concat([jpeg.subarray(0, 2), Buffer.from([0xff, 0xe1]), len, body, jpeg.subarray(2)]);
+}
+const ORIENTED = [1, 2, 3, 4, 5, 6, 7, 8].map((o) => `oriented/rocket-exif${o}.jpg`);
+{
+  const rocket = readFileSync(path.join(SAMPLES, 'samples/rocket.jpg')); // no EXIF of its own
+  mkdirSync(path.join(work, 'oriented'), { recursive: true });
+  for (const [i, f] of ORIENTED.entries()) writeFileSync(path.join(work, f), withExifOrientation(rocket, i + 1));
+}
+FIXTURES.push(...ORIENTED);
+const files = FIXTURES.map((f) => (f.startsWith('oriented/') ? path.join(work, f) : path.join(SAMPLES, f)));
 
 const table = JSON.parse(cli('models', '--json'));
 const modelIds = table.models.map((m) => m.id);
@@ -87,23 +109,36 @@ const server = http.createServer((req, res) => {
     res.end('<!doctype html><meta charset="utf-8"><title>sightline parity</title><p>parity</p>');
     return;
   }
-  if (serveStatic(req, res, [['/pkg/', pkgDir], ['/fixtures/', SAMPLES]])) return;
+  if (p.startsWith('/fixtures/oriented/') && serveStatic(req, res, [['/fixtures/', work]])) return;
+  if (serveStatic(req, res, [['/pkg/', pkgDir], ['/www/', WWW], ['/fixtures/', SAMPLES],
+    ['/fixtures-icc/', path.join(SAMPLES, '../fixtures-icc')]])) return;
   res.writeHead(404);
   res.end();
 });
 await new Promise((ok) => server.listen(0, '127.0.0.1', ok));
 const base = `http://127.0.0.1:${server.address().port}`;
 
-/** What a widget showed for one file: everything but the JPEG bytes (their length and hash). */
+const fixtureUrl = (f) => (f.startsWith('../') ? f.slice(2) : `/fixtures/${f}`);
+
+/** What a widget showed for one file: everything but the JPEG bytes (their length, hash and
+ * the metadata segments left in them). */
 async function widgetRun(page, fixture, extraOptions = {}) {
-  return page.evaluate(async ({ fixture, models, extraOptions }) => {
-    const m = await import('/pkg/sightline_wasm.js');
-    await m.default();
-    const bytes = new Uint8Array(await (await fetch(`/fixtures/${fixture}`)).arrayBuffer());
-    const out = m.prepareImage(bytes, { models, ...extraOptions });
+  return page.evaluate(async ({ url, models, extraOptions }) => {
+    const m = await import('/www/prepare.js');
+    const bytes = new Uint8Array(await (await fetch(url)).arrayBuffer());
+    const out = await m.prepareImage(bytes, { models, ...extraOptions });
     const { jpeg, ...rest } = out;
-    return { ...rest, jpegLength: jpeg.length };
-  }, { fixture, models: modelIds, extraOptions });
+    // Marker segments before the first scan: APPn (metadata) ones other than JFIF APP0.
+    const meta = [];
+    for (let i = 2; i + 4 <= jpeg.length && jpeg[i] === 0xff;) {
+      const marker = jpeg[i + 1];
+      const len = (jpeg[i + 2] << 8) | jpeg[i + 3];
+      if (marker === 0xda) break;
+      if (marker >= 0xe1 && marker <= 0xef) meta.push(marker.toString(16));
+      i += 2 + len;
+    }
+    return { ...rest, jpegLength: jpeg.length, meta };
+  }, { url: fixtureUrl(fixture), models: modelIds, extraOptions });
 }
 
 /** Every mismatch between the widget's figures and the CLI's rows for one file. */
@@ -157,8 +192,8 @@ try {
 
   await r.check('the package and the CLI read the same price table', async () => {
     const wasm = await page.evaluate(async () => {
-      const m = await import('/pkg/sightline_wasm.js');
-      await m.default();
+      const m = await import('/www/prepare.js');
+      await m.ready();
       return m.models();
     });
     assert(wasm.version === table.version, `version: package ${wasm.version}, cli ${table.version}`);
@@ -178,15 +213,58 @@ try {
   const runs = new Map();
   for (const [i, fixture] of FIXTURES.entries()) {
     const file = files[i];
-    await r.check(`${fixture}: prepareImage = sightline estimate --json for ${modelIds.length} models`, async () => {
+    const want = FULL_MODULE.has(fixture) ? 'wasm' : 'platform';
+    await r.check(`${fixture}: prepareImage (${want}) = sightline estimate --json for ${modelIds.length} models`, async () => {
       const w = await widgetRun(page, fixture);
       runs.set(fixture, w);
-      const notes = [];
+      const notes = [`path ${w.path}${w.via ? ` via ${w.via}` : ''}${w.reason ? ` (${w.reason})` : ''}`];
       const diffs = compare(file, w, notes);
-      for (const n of notes) console.log(`     note: ${n}`);
+      console.log(`     note: ${notes.join('; ')}`);
+      assert(w.path === want, `path ${w.path}, expected ${want} (${w.reason || ''})`);
+      assert(w.meta.length === 0, `metadata segments left in the JPEG: APP ${w.meta.join(', ')}`);
       assert(diffs.length === 0, `${diffs.length} differences:\n${diffs.slice(0, 12).join('\n')}`);
     });
   }
+
+  await r.check('EXIF orientations 1-8: the browser\'s picture is the server\'s, upright (pixels vs the full module)', async () => {
+    const diffs = await page.evaluate(async (fixtures) => {
+      const m = await import('/www/prepare.js');
+      const pixels = async (jpeg) => {
+        const bmp = await createImageBitmap(new Blob([jpeg], { type: 'image/jpeg' }));
+        const c = new OffscreenCanvas(bmp.width, bmp.height);
+        c.getContext('2d').drawImage(bmp, 0, 0);
+        return { w: bmp.width, h: bmp.height, data: c.getContext('2d').getImageData(0, 0, bmp.width, bmp.height).data };
+      };
+      const meanDiff = (a, b) => {
+        if (a.w !== b.w || a.h !== b.h) return Infinity;
+        let d = 0;
+        for (let i = 0; i < a.data.length; i += 4) {
+          d += Math.abs(a.data[i] - b.data[i]) + Math.abs(a.data[i + 1] - b.data[i + 1]) + Math.abs(a.data[i + 2] - b.data[i + 2]);
+        }
+        return d / (a.data.length * 0.75);
+      };
+      const out = [];
+      let upright1;
+      for (const [i, f] of fixtures.entries()) {
+        const bytes = new Uint8Array(await (await fetch(`/fixtures/${f}`)).arrayBuffer());
+        const platform = await m.prepareImage(bytes, { maxEdge: 256 });
+        const server = await m.prepareImage(bytes, { maxEdge: 256, path: 'wasm' });
+        const a = await pixels(platform.jpeg);
+        const b = await pixels(server.jpeg);
+        if (i === 0) upright1 = b;
+        out.push({ o: i + 1, path: platform.path, size: `${a.w}x${a.h}`, diff: meanDiff(a, b),
+          // The control: the same picture against the unrotated one (orientation 1).
+          vsOne: i === 0 ? 0 : meanDiff(a, upright1.w === a.w ? upright1 : { w: -1 }) });
+      }
+      return out;
+    }, ORIENTED.map((f) => f));
+    for (const d of diffs) {
+      console.log(`     orientation ${d.o}: ${d.path} ${d.size}, mean |diff| vs the full module ${d.diff.toFixed(2)}, vs orientation 1 ${d.vsOne === Infinity ? 'other size' : d.vsOne.toFixed(2)}`);
+      assert(d.path === 'platform', `orientation ${d.o} went to ${d.path}`);
+      assert(d.diff < 8, `orientation ${d.o}: mean difference ${d.diff.toFixed(2)} from the server's picture`);
+      if (d.o > 1) assert(d.vsOne > 10, `orientation ${d.o} looks like orientation 1 (${d.vsOne.toFixed(2)}): the control cannot tell`);
+    }
+  });
 
   for (const i of [0, 2]) {
     await r.check(`${FIXTURES[i]}: detail low in the widget = sightline --detail low estimate`, async () => {

@@ -81,6 +81,7 @@ export async function startStubServer({
   const grants = new Map(); // token -> {id, content_type, content_length, expires}
   const thumbs = new Map(); // id -> uploaded JPEG bytes (served as the thumbnail)
   const searchQueries = []; // GET /v1/search queries, lowercased
+  const served = []; // paths of the static files served (the first-load check reads them)
   const failedPuts = new Set();
   let base = '';
 
@@ -302,7 +303,10 @@ export async function startStubServer({
 
     if (p.startsWith('/v1/')) return apiError(res, 404, 'not_found', 'no such route');
 
-    if (serveStatic(req, res, [['/pkg/', PKG], ['/', WWW]])) return;
+    if (serveStatic(req, res, [['/pkg/', PKG], ['/', WWW]])) {
+      served.push(p);
+      return;
+    }
     apiError(res, 404, 'not_found', 'no such file');
   }
 
@@ -320,6 +324,7 @@ export async function startStubServer({
     uploadRequests,
     searchQueries,
     answerBatches,
+    served,
     close: () => new Promise((resolve) => { server.closeAllConnections?.(); server.close(() => resolve()); }),
   };
 }

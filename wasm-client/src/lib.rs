@@ -3,9 +3,17 @@
 //! A thin wasm-bindgen layer over `sightline-core`: every pixel operation and every
 //! estimate is the core's own code, so the browser shows exactly what the server computes.
 //!
+//! Built twice (see `scripts/wasm-build.sh`): the full module (feature `decoders`, the
+//! default) and the small first-load module without it, which has no image decoder or encoder.
+//!
 //! JS API (see `wasm-client/README.md`):
+//! - `planImage(bytes, options)` — the server's header refusals, upright and output size,
+//!   and whether a browser decoder may prepare the image (both modules).
+//! - `estimateImage(width, height, originalWidth, originalHeight, options)` — the estimates
+//!   `prepareImage` reports (both modules).
 //! - `prepareImage(bytes, {maxEdge?, quality?, models?, maxInputBytes?, maxPixels?, detail?})`
-//! - `probeImage(bytes)` — format and upright size from the header only.
+//!   (full module only)
+//! - `probeImage(bytes)` — format and upright size from the header only (full module only).
 //! - `estimate(width, height, models?, {detail?, promptTokens?, expectedOutputTokens?})`
 //! - `models()` — `{version, models: [...]}` from the built-in price table.
 //! - `version()` — crate and price-table versions.
@@ -14,7 +22,7 @@
 //! property is a stable code (`not_an_image`, `too_many_pixels`, `truncated`, …).
 #![deny(clippy::unwrap_used, clippy::expect_used)]
 
-use js_sys::{Array, Object, Reflect, Uint8Array};
+use js_sys::{Array, Object, Reflect};
 use sightline_core::pricing::{EstimateParams, PriceTable};
 use sightline_core::{Detail, Estimate, PrepareOptions};
 use wasm_bindgen::prelude::*;
@@ -186,39 +194,62 @@ fn estimate_object(
     Ok(o)
 }
 
-/// Decode, orient, resize and re-encode one image, and estimate it for each model.
-///
-/// Returns `{jpeg, width, height, originalWidth, originalHeight, orientation, format,
-/// bytesBefore, bytesAfter, sha256, priceVersion, estimates: [{model, tokens, imageTokens,
-/// inputTokens, outputTokens, costUsd, batchCostUsd, priceVersion, originalTokens,
-/// originalImageTokens, originalCostUsd, originalBatchCostUsd}]}`.
-///
-/// Estimates assume `EstimateParams::default()` (the server's default prompt, output cap and
-/// detail) unless the options override them, so they equal `sightline estimate`'s.
-#[wasm_bindgen(js_name = prepareImage)]
-pub fn prepare_image(bytes: &[u8], options: JsValue) -> Result<JsValue, JsValue> {
-    let opts = prepare_options(&options)?;
-    let models = if is_absent(&options) {
-        model_list(&JsValue::UNDEFINED)?
-    } else {
-        model_list(&get(&options, "models"))?
-    };
-    let params = estimate_params(&options)?;
-    let p = sightline_core::prepare(bytes, &opts).map_err(|e| error(e.code(), &e.to_string()))?;
-
+/// Estimates of the prepared image for each model, with the unresized original's beside them:
+/// `[{model, tokens, imageTokens, inputTokens, outputTokens, costUsd, batchCostUsd,
+/// priceVersion, originalTokens, originalImageTokens, originalCostUsd, originalBatchCostUsd}]`.
+fn prepared_estimates(
+    models: &[String],
+    (width, height): (u32, u32),
+    (original_width, original_height): (u32, u32),
+    params: &EstimateParams,
+) -> Result<Array, JsValue> {
     let estimates = Array::new();
-    for m in &models {
-        let e = estimate_object(m, p.width, p.height, &params)?;
-        let (orig, orig_batch) = core_estimate(m, p.original_width, p.original_height, &params)?;
+    for m in models {
+        let e = estimate_object(m, width, height, params)?;
+        let (orig, orig_batch) = core_estimate(m, original_width, original_height, params)?;
         set(&e, "originalTokens", orig.tokens as f64);
         set(&e, "originalImageTokens", orig.image_tokens as f64);
         set(&e, "originalCostUsd", orig.cost_usd);
         set(&e, "originalBatchCostUsd", orig_batch);
         estimates.push(&e);
     }
+    Ok(estimates)
+}
+
+/// The models of `options.models` (the defaults when absent or `options` is).
+fn option_models(options: &JsValue) -> Result<Vec<String>, JsValue> {
+    if is_absent(options) {
+        model_list(&JsValue::UNDEFINED)
+    } else {
+        model_list(&get(options, "models"))
+    }
+}
+
+/// Decode, orient, resize and re-encode one image, and estimate it for each model.
+///
+/// Returns `{jpeg, width, height, originalWidth, originalHeight, orientation, format,
+/// bytesBefore, bytesAfter, sha256, priceVersion, estimates}` (`estimates` as
+/// [`estimate_image`] gives them).
+///
+/// Estimates assume `EstimateParams::default()` (the server's default prompt, output cap and
+/// detail) unless the options override them, so they equal `sightline estimate`'s.
+/// Only in the full module (feature `decoders`).
+#[cfg(feature = "decoders")]
+#[wasm_bindgen(js_name = prepareImage)]
+pub fn prepare_image(bytes: &[u8], options: JsValue) -> Result<JsValue, JsValue> {
+    let opts = prepare_options(&options)?;
+    let models = option_models(&options)?;
+    let params = estimate_params(&options)?;
+    let p = sightline_core::prepare(bytes, &opts).map_err(|e| error(e.code(), &e.to_string()))?;
+    let estimates = prepared_estimates(
+        &models,
+        (p.width, p.height),
+        (p.original_width, p.original_height),
+        &params,
+    )?;
 
     let out = Object::new();
-    set(&out, "jpeg", Uint8Array::from(p.jpeg.as_slice()));
+    set(&out, "jpeg", js_sys::Uint8Array::from(p.jpeg.as_slice()));
     set(&out, "width", p.width);
     set(&out, "height", p.height);
     set(&out, "originalWidth", p.original_width);
@@ -233,9 +264,11 @@ pub fn prepare_image(bytes: &[u8], options: JsValue) -> Result<JsValue, JsValue>
     Ok(out.into())
 }
 
-/// Format, upright size and EXIF orientation from the header alone (no pixel decoding).
+/// Format, upright size and EXIF orientation from the header alone (no pixel decoding), read
+/// by the real decoders. Only in the full module (feature `decoders`).
 ///
 /// Returns `{format, width, height, orientation}`.
+#[cfg(feature = "decoders")]
 #[wasm_bindgen(js_name = probeImage)]
 pub fn probe_image(bytes: &[u8], options: JsValue) -> Result<JsValue, JsValue> {
     let opts = prepare_options(&options)?;
@@ -246,6 +279,61 @@ pub fn probe_image(bytes: &[u8], options: JsValue) -> Result<JsValue, JsValue> {
     set(&out, "height", info.height);
     set(&out, "orientation", info.orientation);
     Ok(out.into())
+}
+
+/// What `prepareImage` would do with these bytes, from the header alone (no decoder): the
+/// server's refusals are thrown as its errors; otherwise either
+/// `{route: "platform", format, width, height, orientation, storedWidth, storedHeight,
+/// outWidth, outHeight}` (a browser decoder may prepare it: the output must be
+/// `outWidth`×`outHeight`, upright) or `{route: "decoder", reason}` (the full module must).
+/// Options as `prepareImage`'s (`maxEdge`, `maxInputBytes`, `maxPixels`, `maxAllocBytes`).
+#[wasm_bindgen(js_name = planImage)]
+pub fn plan_image(bytes: &[u8], options: JsValue) -> Result<JsValue, JsValue> {
+    use sightline_core::header::{route, Route};
+    let opts = prepare_options(&options)?;
+    // Bad models or estimate options fail first, as in `prepareImage`.
+    option_models(&options)?;
+    estimate_params(&options)?;
+    let out = Object::new();
+    match route(bytes, &opts).map_err(|e| error(e.code(), &e.to_string()))? {
+        Route::Platform(h) => {
+            set(&out, "route", "platform");
+            set(&out, "format", h.format.extension());
+            set(&out, "width", h.width);
+            set(&out, "height", h.height);
+            set(&out, "orientation", h.orientation);
+            set(&out, "storedWidth", h.stored_width);
+            set(&out, "storedHeight", h.stored_height);
+            set(&out, "outWidth", h.out_width);
+            set(&out, "outHeight", h.out_height);
+        }
+        Route::Decoder(reason) => {
+            set(&out, "route", "decoder");
+            set(&out, "reason", reason);
+        }
+    }
+    Ok(out.into())
+}
+
+/// Estimates of a prepared `width`×`height` image whose upright original was
+/// `originalWidth`×`originalHeight`, exactly as `prepareImage` reports them.
+/// `options`: `{models?, detail?, promptTokens?, expectedOutputTokens?}`.
+#[wasm_bindgen(js_name = estimateImage)]
+pub fn estimate_image(
+    width: u32,
+    height: u32,
+    original_width: u32,
+    original_height: u32,
+    options: JsValue,
+) -> Result<Array, JsValue> {
+    let models = option_models(&options)?;
+    let params = estimate_params(&options)?;
+    prepared_estimates(
+        &models,
+        (width, height),
+        (original_width, original_height),
+        &params,
+    )
 }
 
 /// Tokens and cost of one `width`×`height` image for each model (as sent, no resizing).

@@ -162,6 +162,68 @@ fn orientations_one_to_eight_come_out_upright() {
     }
 }
 
+/// `planImage` (the first-load module's header reading) says what `prepareImage` (the server's
+/// decoders) does: sizes, orientation, and the same estimates through `estimateImage`.
+#[wasm_bindgen_test]
+fn plan_image_gives_the_size_and_estimates_prepare_image_gives() {
+    let upright = RgbImage::from_fn(300, 120, |x, y| Rgb([x as u8, y as u8, 90]));
+    let mut inputs: Vec<Vec<u8>> = (1u8..=8)
+        .map(|o| {
+            with_exif_orientation(
+                &encode(
+                    &DynamicImage::ImageRgb8(store_as(&upright, o)),
+                    ImageFormat::Jpeg,
+                ),
+                o,
+            )
+        })
+        .collect();
+    inputs.push(PHONE.to_vec());
+    inputs.push(COFFEE.to_vec());
+    inputs.push(encode(
+        &DynamicImage::ImageRgb8(upright.clone()),
+        ImageFormat::WebP,
+    ));
+    let models: Vec<String> = all_model_ids();
+    let model_refs: Vec<&str> = models.iter().map(String::as_str).collect();
+    for (i, bytes) in inputs.iter().enumerate() {
+        let opts = options(Some(100), &model_refs);
+        let plan = sightline_wasm::plan_image(bytes, opts.clone()).unwrap();
+        assert_eq!(string(&plan, "route"), "platform", "input {i}");
+        let out = sightline_wasm::prepare_image(bytes, opts.clone()).unwrap();
+        for (p, o) in [
+            ("outWidth", "width"),
+            ("outHeight", "height"),
+            ("width", "originalWidth"),
+            ("height", "originalHeight"),
+            ("orientation", "orientation"),
+        ] {
+            assert_eq!(num(&plan, p), num(&out, o), "input {i}: {p} vs {o}");
+        }
+        assert_eq!(string(&plan, "format"), string(&out, "format"));
+        let est = sightline_wasm::estimate_image(
+            num(&plan, "outWidth") as u32,
+            num(&plan, "outHeight") as u32,
+            num(&plan, "width") as u32,
+            num(&plan, "height") as u32,
+            opts,
+        )
+        .unwrap();
+        let want = js_sys::JSON::stringify(&get(&out, "estimates")).unwrap();
+        assert_eq!(
+            String::from(js_sys::JSON::stringify(&est).unwrap()),
+            String::from(want),
+            "input {i}"
+        );
+    }
+    // The server's refusals come from the header, with its codes.
+    let cut = &PHONE[..PHONE.len() / 2];
+    let (code, _) = error_code(sightline_wasm::plan_image(cut, JsValue::UNDEFINED));
+    assert_eq!(code, "truncated");
+    let (code, _) = error_code(sightline_wasm::plan_image(b"<svg/>", JsValue::UNDEFINED));
+    assert_eq!(code, "svg_unsupported");
+}
+
 #[wasm_bindgen_test]
 fn phone_photo_is_portrait_768_by_1024() {
     let out =

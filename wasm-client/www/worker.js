@@ -1,5 +1,7 @@
-// sightline preparation worker (module worker): decodes, orients, resizes and re-encodes
-// images with sightline-core compiled to WebAssembly, off the main thread.
+// sightline preparation worker (module worker): prepares images off the main thread with
+// prepare.js: the server's rules from the small WebAssembly module (sightline_light), the
+// browser's own decoder and canvas, and the full module (sightline_wasm: the server's decoders
+// and encoder) loaded only for what the browser cannot do the server's way.
 //
 // Messages in:  {id, type: 'prepare', bytes: ArrayBuffer, options}
 //               {id, type: 'estimate', width, height, models, params}
@@ -8,7 +10,7 @@
 // `fatal` means the WebAssembly instance trapped (e.g. out of memory): the page should
 // terminate this worker and start a new one.
 
-import init, { prepareImage, estimate, models, version } from '../pkg/sightline_wasm.js';
+import { ready as init, prepareImage, estimate, models, version } from './prepare.js';
 
 const ready = init().then(
   () => ({ ok: true }),
@@ -52,7 +54,7 @@ self.addEventListener('message', async (event) => {
     switch (type) {
       case 'prepare': {
         const bytes = new Uint8Array(msg.bytes);
-        result = prepareImage(bytes, msg.options || {});
+        result = await prepareImage(bytes, msg.options || {});
         transfer.push(result.jpeg.buffer);
         break;
       }

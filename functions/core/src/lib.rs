@@ -5,6 +5,7 @@
 //! - [`budget`]: spending-cap periods (UTC day and month) and reservation maths.
 //! - [`color`]: embedded ICC profiles (Display P3, Adobe RGB, CMYK) converted to sRGB.
 //! - [`embed`]: the offline visual embedding, perceptual hash and near-duplicate rule.
+//! - [`header`]: what `prepare` would do, from the header alone (the browser's first-load module).
 //! - [`generate`]: generation jobs: templates, CSV/JSON rows, requests and idempotency keys.
 //! - [`genjob`]: generation jobs as they run: row and job states, the check by analysis.
 //! - [`pricing`]: the versioned price table and image-token rules (one estimator everywhere).
@@ -21,6 +22,7 @@ pub mod color;
 pub mod embed;
 pub mod generate;
 pub mod genjob;
+pub mod header;
 pub mod keys;
 pub mod limiter;
 pub mod model;

@@ -224,7 +224,7 @@ fn map_image_error(e: image::ImageError, opts: &PrepareOptions) -> PrepareError 
     }
 }
 
-fn check_options(opts: &PrepareOptions) -> Result<(), PrepareError> {
+pub(crate) fn check_options(opts: &PrepareOptions) -> Result<(), PrepareError> {
     if opts.max_edge == 0 || opts.max_edge > 16_384 {
         return Err(PrepareError::Options(format!(
             "max_edge must be 1..=16384, got {}",
@@ -240,7 +240,7 @@ fn check_options(opts: &PrepareOptions) -> Result<(), PrepareError> {
     Ok(())
 }
 
-fn check_size(bytes: &[u8], opts: &PrepareOptions) -> Result<(), PrepareError> {
+pub(crate) fn check_size(bytes: &[u8], opts: &PrepareOptions) -> Result<(), PrepareError> {
     if bytes.is_empty() {
         return Err(PrepareError::Empty);
     }
@@ -254,7 +254,11 @@ fn check_size(bytes: &[u8], opts: &PrepareOptions) -> Result<(), PrepareError> {
     Ok(())
 }
 
-fn check_pixels(width: u32, height: u32, opts: &PrepareOptions) -> Result<(), PrepareError> {
+pub(crate) fn check_pixels(
+    width: u32,
+    height: u32,
+    opts: &PrepareOptions,
+) -> Result<(), PrepareError> {
     if width == 0 || height == 0 {
         return Err(PrepareError::ZeroDimensions);
     }
@@ -284,7 +288,7 @@ fn swaps_axes(o: Orientation) -> bool {
 /// refused before any decoder computes buffer sizes (some overflow on 32-bit targets).
 /// For a GIF this is the larger of the screen and the first frame's extent: the decoder
 /// allocates a frame larger than its screen in full.
-fn header_dimensions(bytes: &[u8], format: SourceFormat) -> Option<(u32, u32)> {
+pub(crate) fn header_dimensions(bytes: &[u8], format: SourceFormat) -> Option<(u32, u32)> {
     match format {
         SourceFormat::Png if bytes.len() >= 24 && &bytes[12..16] == b"IHDR" => Some((
             u32::from_be_bytes([bytes[16], bytes[17], bytes[18], bytes[19]]),
@@ -308,7 +312,7 @@ fn u16_le(bytes: &[u8], at: usize) -> Option<u32> {
 
 /// Right and bottom edge (left + width, top + height) of a GIF's first image descriptor,
 /// walking the block structure without decoding anything. None when the file ends first.
-fn gif_first_frame_extent(bytes: &[u8]) -> Option<(u32, u32)> {
+pub(crate) fn gif_first_frame_extent(bytes: &[u8]) -> Option<(u32, u32)> {
     let packed = *bytes.get(10)?;
     let mut i = 13usize;
     if packed & 0x80 != 0 {

@@ -12,7 +12,12 @@ use serde::{Deserialize, Serialize};
 use crate::generate::{Quality, Size};
 use crate::model::{Detail, Estimate};
 
+/// The source of the built-in table (read by build.rs; the tests compare both readings).
+#[cfg(test)]
 const BUILTIN_TABLE: &str = include_str!("../data/prices.toml");
+/// The same table as JSON, written by build.rs: read without a TOML parser (the browser's
+/// first-load module is half the size without one).
+const BUILTIN_JSON: &str = include_str!(concat!(env!("OUT_DIR"), "/prices.json"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum PricingError {
@@ -564,12 +569,18 @@ impl PriceTable {
         TABLE.get_or_init(|| {
             // The builtin file is checked by a unit test; a broken one is a build bug, not input.
             #[allow(clippy::expect_used)]
-            PriceTable::from_toml(BUILTIN_TABLE).expect("builtin price table parses")
+            let file: TableFile =
+                serde_json::from_str(BUILTIN_JSON).expect("builtin price table parses");
+            #[allow(clippy::expect_used)]
+            PriceTable::from_file(file).expect("builtin price table is valid")
         })
     }
 
     pub fn from_toml(text: &str) -> Result<PriceTable, PricingError> {
-        let file: TableFile = toml::from_str(text)?;
+        PriceTable::from_file(toml::from_str(text)?)
+    }
+
+    fn from_file(file: TableFile) -> Result<PriceTable, PricingError> {
         let mut models = BTreeMap::new();
         for m in file.models {
             if models.contains_key(&m.id) {
@@ -870,6 +881,39 @@ as_of = "2026-01-01"
             .model(model)
             .unwrap()
             .image_tokens(w, h, detail)
+    }
+
+    #[test]
+    fn builtin_table_read_from_json_equals_prices_toml_to_the_bit() {
+        let json = serde_json::to_value(PriceTable::builtin()).unwrap();
+        let toml = serde_json::to_value(PriceTable::from_toml(BUILTIN_TABLE).unwrap()).unwrap();
+        assert_eq!(json, toml);
+        // serde_json's Value compares f64 by value: check the bits of every price too.
+        let from_toml = PriceTable::from_toml(BUILTIN_TABLE).unwrap();
+        for (a, b) in PriceTable::builtin().models().zip(from_toml.models()) {
+            for (x, y) in [
+                (a.input_per_mtok, b.input_per_mtok),
+                (a.cached_input_per_mtok, b.cached_input_per_mtok),
+                (a.output_per_mtok, b.output_per_mtok),
+                (a.batch_input_per_mtok, b.batch_input_per_mtok),
+                (a.batch_output_per_mtok, b.batch_output_per_mtok),
+            ] {
+                assert_eq!(x.to_bits(), y.to_bits(), "{}", a.id);
+            }
+            assert_eq!(a, b);
+        }
+        for (a, b) in PriceTable::builtin()
+            .image_models()
+            .zip(from_toml.image_models())
+        {
+            assert_eq!(a, b);
+        }
+        for (a, b) in PriceTable::builtin()
+            .embedding_models()
+            .zip(from_toml.embedding_models())
+        {
+            assert_eq!(a, b);
+        }
     }
 
     #[test]
