@@ -1801,3 +1801,333 @@ pub async fn vector_store_contract(store: Arc<dyn VectorStore>) {
         .all(|w| w[0].distance <= w[1].distance + 1e-6));
     assert_eq!(hits[0].image_id, "many-002");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Generation jobs
+// ---------------------------------------------------------------------------------------------
+
+fn gen_row(tenant: &str, job_id: &str, row: u32) -> sightline_pipeline::ports::GenerationRow {
+    use sightline_core::generate::{GenerationRequest, OutputFormat, Quality, Size};
+    sightline_pipeline::ports::GenerationRow {
+        job_id: job_id.into(),
+        tenant: tenant.into(),
+        row,
+        request: GenerationRequest {
+            row: row as usize,
+            template: "t".into(),
+            prompt: format!("picture {row}"),
+            model: "local-canvas".into(),
+            size: Size::Pixels {
+                width: 256,
+                height: 256,
+            },
+            quality: Quality::Auto,
+            output_format: OutputFormat::Png,
+            seed: None,
+            output_key: None,
+        },
+        status: sightline_core::genjob::RowStatus::Queued,
+        attempt: 1,
+        image_id: None,
+        output_key: None,
+        generation_cost_usd: 0.0,
+        reused: false,
+        check: None,
+        first_check: None,
+        error: None,
+        updated_at: "2030-01-01T00:00:00.000Z".into(),
+    }
+}
+
+fn gen_job(
+    tenant: &str,
+    job_id: &str,
+    rows: u64,
+    created_at: &str,
+) -> sightline_pipeline::ports::GenerationJob {
+    sightline_pipeline::ports::GenerationJob {
+        job_id: job_id.into(),
+        tenant: tenant.into(),
+        template: "t".into(),
+        rows,
+        webhook_url: Some("https://hooks.example.com/x".into()),
+        regenerate: true,
+        status: sightline_core::genjob::JobStatus::Running,
+        source: "contract".into(),
+        created_at: created_at.into(),
+        finished_at: None,
+    }
+}
+
+fn delivery(
+    tenant: &str,
+    id: &str,
+    job_id: &str,
+    next_at_ms: u64,
+) -> sightline_pipeline::ports::WebhookDelivery {
+    sightline_pipeline::ports::WebhookDelivery {
+        delivery_id: id.into(),
+        tenant: tenant.into(),
+        job_id: job_id.into(),
+        url: "https://hooks.example.com/x".into(),
+        event: "generation.job.finished".into(),
+        body: "{}".into(),
+        status: sightline_pipeline::ports::DeliveryStatus::Pending,
+        attempts: 0,
+        next_at_ms,
+        first_at_ms: next_at_ms,
+        last_status: None,
+        last_error: None,
+        created_at: "2030-01-01T00:00:00.000Z".into(),
+        updated_at: "2030-01-01T00:00:00.000Z".into(),
+    }
+}
+
+/// Jobs and rows: stored together, listed newest first per tenant, rows in order; a row moves
+/// only from the state the mover read; a job finishes once, with its delivery in the same
+/// write; generated images are claimed by one worker and kept first-wins; deliveries come due
+/// by time, move one attempt at a time, and list by status.
+pub async fn generation_store_contract(store: Arc<dyn sightline_pipeline::ports::GenerationStore>) {
+    use sightline_core::genjob::{JobStatus, RowStatus};
+    use sightline_pipeline::ports::{DeliveryStatus, GenClaim, GeneratedObject};
+    let tenant = unique("gt");
+    let other = unique("go");
+    let rows: Vec<_> = (1..=30).map(|r| gen_row(&tenant, "job-a", r)).collect();
+    store
+        .create_job(
+            &gen_job(&tenant, "job-a", 30, "2030-01-01T00:00:00.000Z"),
+            &rows,
+        )
+        .await
+        .unwrap();
+    store
+        .create_job(
+            &gen_job(&tenant, "job-b", 1, "2030-01-02T00:00:00.000Z"),
+            &[gen_row(&tenant, "job-b", 1)],
+        )
+        .await
+        .unwrap();
+    let listed = store.list_jobs(&tenant, 10).await.unwrap();
+    let ids: Vec<&str> = listed.iter().map(|j| j.job_id.as_str()).collect();
+    assert_eq!(ids, ["job-b", "job-a"], "newest first");
+    assert!(store.list_jobs(&other, 10).await.unwrap().is_empty());
+    assert!(store.get_job(&other, "job-a").await.unwrap().is_none());
+    let got = store.rows(&tenant, "job-a").await.unwrap();
+    assert_eq!(got.len(), 30);
+    assert!(got.windows(2).all(|w| w[0].row < w[1].row), "rows in order");
+    assert_eq!(got[4], rows[4]);
+
+    // A row moves only from what the mover read.
+    let mut next = rows[0].clone();
+    next.status = RowStatus::Checking;
+    next.image_id = Some("img-1".into());
+    assert!(store
+        .update_row(&next, (RowStatus::Queued, 1))
+        .await
+        .unwrap());
+    assert!(
+        !store
+            .update_row(&next, (RowStatus::Queued, 1))
+            .await
+            .unwrap(),
+        "stale mover loses"
+    );
+    let stored = store.get_row(&tenant, "job-a", 1).await.unwrap().unwrap();
+    assert_eq!(stored.status, RowStatus::Checking);
+    assert_eq!(stored.image_id.as_deref(), Some("img-1"));
+    let mut regen = stored.clone();
+    regen.status = RowStatus::Queued;
+    regen.attempt = 2;
+    assert!(
+        !store
+            .update_row(&regen, (RowStatus::Checking, 2))
+            .await
+            .unwrap(),
+        "attempt must match"
+    );
+    assert!(store
+        .update_row(&regen, (RowStatus::Checking, 1))
+        .await
+        .unwrap());
+
+    // Running jobs are swept; finishing is once, with its delivery.
+    let running = store.running_jobs(1000).await.unwrap();
+    assert!(running
+        .iter()
+        .any(|j| j.tenant == tenant && j.job_id == "job-a"));
+    let d = delivery(&tenant, "msg_a", "job-a", 1_000);
+    assert!(store
+        .finish_job(&tenant, "job-a", "2030-01-03T00:00:00.000Z", Some(&d))
+        .await
+        .unwrap());
+    assert!(!store
+        .finish_job(
+            &tenant,
+            "job-a",
+            "2030-01-03T00:00:01.000Z",
+            Some(&delivery(&tenant, "msg_b", "job-a", 1_000))
+        )
+        .await
+        .unwrap());
+    let job = store.get_job(&tenant, "job-a").await.unwrap().unwrap();
+    assert_eq!(job.status, JobStatus::Finished);
+    assert_eq!(job.finished_at.as_deref(), Some("2030-01-03T00:00:00.000Z"));
+    assert!(store
+        .get_delivery(&tenant, "msg_b")
+        .await
+        .unwrap()
+        .is_none());
+    // The running list is an index: give it a moment.
+    let mut gone = false;
+    for _ in 0..20 {
+        let running = store.running_jobs(1000).await.unwrap();
+        if !running
+            .iter()
+            .any(|j| j.tenant == tenant && j.job_id == "job-a")
+        {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "a finished job leaves the running list");
+
+    // Generated images: one claim holder, then first record wins for everyone.
+    let key = "k".repeat(64);
+    let lease = Duration::from_secs(60);
+    assert_eq!(
+        store
+            .claim_generation(&tenant, &key, "w1", lease, 1_000)
+            .await
+            .unwrap(),
+        GenClaim::Acquired
+    );
+    assert!(matches!(
+        store
+            .claim_generation(&tenant, &key, "w2", lease, 2_000)
+            .await
+            .unwrap(),
+        GenClaim::Busy { .. }
+    ));
+    // Another tenant's same key is its own.
+    assert_eq!(
+        store
+            .claim_generation(&other, &key, "w2", lease, 2_000)
+            .await
+            .unwrap(),
+        GenClaim::Acquired
+    );
+    // A released claim is free at once; an expired one is free to take over.
+    store.release_generation(&tenant, &key, "w1").await.unwrap();
+    assert_eq!(
+        store
+            .claim_generation(&tenant, &key, "w2", lease, 3_000)
+            .await
+            .unwrap(),
+        GenClaim::Acquired
+    );
+    assert_eq!(
+        store
+            .claim_generation(&tenant, &key, "w3", lease, 3_000 + 61_000)
+            .await
+            .unwrap(),
+        GenClaim::Acquired
+    );
+    let object = GeneratedObject {
+        tenant: tenant.clone(),
+        key: key.clone(),
+        blob_key: "gen-cache/x.png".into(),
+        content_type: "image/png".into(),
+        width: 256,
+        height: 256,
+        provider: "local".into(),
+        model: "local-canvas".into(),
+        usage: None,
+        cost_usd: 0.04,
+        created_at: "2030-01-01T00:00:00.000Z".into(),
+    };
+    store.put_generated(&object).await.unwrap();
+    let second = GeneratedObject {
+        blob_key: "gen-cache/other.png".into(),
+        ..object.clone()
+    };
+    store.put_generated(&second).await.unwrap();
+    match store
+        .claim_generation(&tenant, &key, "w4", lease, 4_000)
+        .await
+        .unwrap()
+    {
+        GenClaim::Done(o) => assert_eq!(*o, object, "the first record stays"),
+        other => panic!("{other:?}"),
+    }
+    // Releasing after completion changes nothing.
+    store.release_generation(&tenant, &key, "w3").await.unwrap();
+    assert!(matches!(
+        store
+            .claim_generation(&tenant, &key, "w5", lease, 5_000)
+            .await
+            .unwrap(),
+        GenClaim::Done(_)
+    ));
+
+    // Deliveries: due by time, one attempt at a time, listed by status.
+    store
+        .put_delivery(&delivery(&tenant, "msg_c", "job-b", 5_000))
+        .await
+        .unwrap();
+    let mut due_ids = Vec::new();
+    for _ in 0..20 {
+        due_ids = store
+            .due_deliveries(2_000, 1000)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|d| d.tenant == tenant)
+            .map(|d| d.delivery_id)
+            .collect::<Vec<_>>();
+        if !due_ids.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(due_ids, ["msg_a"], "msg_c is due at 5 000 only");
+    let d = store.get_delivery(&tenant, "msg_a").await.unwrap().unwrap();
+    let mut attempt = d.clone();
+    attempt.attempts = 1;
+    attempt.status = DeliveryStatus::Dead;
+    attempt.last_status = Some(500);
+    assert!(store.update_delivery(&attempt, 0).await.unwrap());
+    assert!(
+        !store.update_delivery(&attempt, 0).await.unwrap(),
+        "one sender per attempt"
+    );
+    let dead = store
+        .list_deliveries(&tenant, Some(DeliveryStatus::Dead), 10)
+        .await
+        .unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].last_status, Some(500));
+    assert_eq!(
+        store
+            .list_deliveries(&tenant, None, 10)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    assert!(store
+        .list_deliveries(&other, None, 10)
+        .await
+        .unwrap()
+        .is_empty());
+    for _ in 0..20 {
+        let due = store.due_deliveries(10_000, 1000).await.unwrap();
+        let mine: Vec<_> = due.iter().filter(|d| d.tenant == tenant).collect();
+        if mine.len() == 1 {
+            assert_eq!(mine[0].delivery_id, "msg_c", "a dead letter is never due");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("msg_c never came due");
+}

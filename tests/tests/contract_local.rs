@@ -70,3 +70,10 @@ async fn local_vector_store_contract() {
     let db = SqliteDb::open(&dir.path().join("db.sqlite")).unwrap();
     contract::vector_store_contract(Arc::new(SqliteVectorStore::new(db))).await;
 }
+
+#[tokio::test]
+async fn local_generation_store_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = SqliteDb::open(&dir.path().join("db.sqlite")).unwrap();
+    contract::generation_store_contract(Arc::new(SqliteRepository::new(db))).await;
+}

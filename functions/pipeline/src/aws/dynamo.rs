@@ -31,6 +31,7 @@ use sightline_core::model::{AnalysisResult, ExtraSpend, ImageRecord, ImageStatus
 use super::sdk_err;
 
 pub mod batch;
+pub mod generation;
 use crate::ports::{
     api_key_id, day_of, ApiKeyInfo, BudgetCounts, BudgetHold, Claim, Completion, CostRow, Failure,
     ImagePage, LedgerKind, PutImage, Repository, Spend, StoreError, StoreResult,

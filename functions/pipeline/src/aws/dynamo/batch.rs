@@ -149,7 +149,7 @@ impl DynamoRepository {
     /// Every page of a query on partition `pk` of `index` (`gsi1`..`gsi3`, whose partition
     /// attribute is `{index}pk`), in sort order (`forward`), with an optional filter; stops once
     /// `limit` items are read.
-    async fn index_items(
+    pub(super) async fn index_items(
         &self,
         index: &str,
         pk: &str,
