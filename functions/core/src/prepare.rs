@@ -510,7 +510,10 @@ pub(crate) fn decode_fit(bytes: &[u8], opts: &PrepareOptions) -> Result<Decoded,
     {
         // Baseline/progressive RGB or grey JPEG: decode at a reduced DCT scale (1/2, 1/4, 1/8)
         // that still covers the target, which skips most of the decode work for large photos.
-        // A CMYK JPEG with a usable profile comes this way too, converted right after decoding.
+        // On native targets libjpeg-turbo (SIMD) does it when the file is a plain 8-bit
+        // one- or three-component JPEG; otherwise, or when it meets anything it warns about,
+        // jpeg-decoder (pure Rust, the only decoder on wasm32). A CMYK JPEG with a usable
+        // profile comes this way too, through jpeg-decoder, converted right after decoding.
         drop(decoder);
         let cmyk = match &plan {
             Plan::Cmyk(t) => Some(t),
@@ -622,7 +625,9 @@ impl JpegHeader {
     /// FF byte is stuffed (FF 00) or a restart marker, so FF D9 there is the real end.
     fn has_eoi(&self, bytes: &[u8]) -> bool {
         let scan = self.scan_start.min(bytes.len());
-        bytes[scan..].windows(2).any(|w| w == [0xFF, 0xD9])
+        // From the end: a whole file has it in its last bytes (or before trailing padding),
+        // so this stops at once instead of reading megabytes of scan data.
+        bytes[scan..].windows(2).rev().any(|w| w == [0xFF, 0xD9])
     }
 }
 
