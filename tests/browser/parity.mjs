@@ -10,9 +10,11 @@
 // version. A negative control checks that the comparison would catch a widget counting one
 // prompt token more than the server.
 //
-// The resized JPEG's bytes are reported, not compared: for JPEG inputs the browser's and the
-// x86 build's JPEGs differ by a few bytes (same size in pixels, so the same estimate; decoder
-// and resizer SIMD paths differ per target). The server estimates from its own resize anyway.
+// The resized JPEG's bytes are reported, not compared: the native build decodes and encodes
+// JPEGs with libjpeg-turbo (4:2:0 chroma at the default quality), the browser's WASM with the
+// pure-Rust decoder and the image crate's encoder (4:4:4), so the files differ (about a fifth
+// smaller natively) while their size in pixels, and so the estimate, is the same. The server
+// estimates from its own resize anyway.
 import http from 'node:http';
 import { execFileSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
