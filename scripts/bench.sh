@@ -29,6 +29,8 @@ RUNS=${BENCH_RUNS:-21}
 PHOTO=tests/fixtures/large/phone12mp.jpg
 mkdir -p "$OUT"
 
+bash scripts/native-build-deps.sh
+
 echo "== 1. server prepare vs sharp (one core)"
 if [ ! -d "$OUT/sharp/node_modules/sharp" ]; then
   npm install --prefix "$OUT/sharp" --no-audit --no-fund --silent sharp@0.34

@@ -12,6 +12,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 # would resolve features differently and rebuild half the dependency tree).
 BIN="${SIGHTLINE_BIN:-}"
 if [[ -z "$BIN" ]]; then
+  bash scripts/native-build-deps.sh
   cargo build -p sightline --locked
   BIN="${CARGO_TARGET_DIR:-$ROOT/target}/debug/sightline"
 fi

@@ -21,6 +21,7 @@ VENV=${SIGHTLINE_INFRA_VENV:-$TARGET/infra-venv}
 RUNS=${COLD_START_RUNS:-20}
 FUNCTIONS=(resize analyze api reconcile batch)
 
+bash scripts/native-build-deps.sh
 if [ ! -x "$VENV/bin/cargo-lambda" ]; then
   python3 -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check 'cargo-lambda>=1.8'

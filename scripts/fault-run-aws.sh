@@ -34,6 +34,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 export PATH="$HOME/.cargo/bin:$PATH"
 
+bash scripts/native-build-deps.sh
 cargo build --release --locked -p sightline-tests --bin lambda-host --bin fault-run
 bash "$ROOT/scripts/docker-up.sh"
 bash "$ROOT/scripts/build-emulator-image.sh" >/dev/null

@@ -21,6 +21,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 export PATH="$HOME/.cargo/bin:$PATH"
 
+bash scripts/native-build-deps.sh
 cargo build --release --locked -p sightline -p sightline-tests --bin sightline --bin fault-run
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target}"
 mkdir -p "$ROOT/target/fault-run"

@@ -3,8 +3,12 @@
 #   1. cfn-lint on the SAM template (must be clean),
 #   2. openapi-spec-validator on the OpenAPI spec,
 #   3. the Rust tests of infra/ (template safety settings, spec routes and schemas),
-#   4. optional (SIGHTLINE_CHECK_LAMBDA_BUILD=1): `cargo lambda build --release` of the four
-#      function binaries, for arm64 with Zig (default) or natively with SIGHTLINE_LAMBDA_COMPILER=cargo.
+#   4. optional (SIGHTLINE_CHECK_LAMBDA_BUILD=1): `cargo lambda build --release` of the five
+#      function binaries, for arm64 with Zig (default) or natively with SIGHTLINE_LAMBDA_COMPILER=cargo,
+#   5. optional (SIGHTLINE_CHECK_ARM64_BUILD="sightline-resize ..."): `cargo lambda build --release
+#      --arm64` (Zig) of those packages into target/lambda-arm64 (beside the native bootstraps,
+#      which benchmarks run), checked to be aarch64 ELF files, with the build time printed. It
+#      proves the C in the image path (libjpeg-turbo, CMake) cross-compiles as docs/aws.md deploys.
 #
 # Python tools go into a venv (default target/infra-venv; override with SIGHTLINE_INFRA_VENV),
 # installed from PyPI on first use. Skip step 3 with SIGHTLINE_SKIP_CARGO_TEST=1.
@@ -62,20 +66,30 @@ if [ "${SIGHTLINE_SKIP_CARGO_TEST:-0}" != 1 ]; then
   cargo test -p sightline-infra-checks
 fi
 
-if [ "${SIGHTLINE_CHECK_LAMBDA_BUILD:-0}" = 1 ]; then
-  compiler=${SIGHTLINE_LAMBDA_COMPILER:-zig}
+# Zig (the cross compiler and linker cargo-lambda drives, from PyPI) and Rust's aarch64 target.
+ensure_zig() {
+  if ! "$VENV/bin/python" -c 'import ziglang' 2>/dev/null; then
+    log "installing ziglang from PyPI into $VENV"
+    "$VENV/bin/python" -m pip install "${PIP_FLAGS[@]}" ziglang
+  fi
+  rustup target list --installed | grep -qx aarch64-unknown-linux-gnu \
+    || rustup target add aarch64-unknown-linux-gnu
+}
+
+if [ "${SIGHTLINE_CHECK_LAMBDA_BUILD:-0}" = 1 ] || [ -n "${SIGHTLINE_CHECK_ARM64_BUILD:-}" ]; then
   # cargo-lambda's PyPI package ships the binary and depends on ziglang (Zig, the cross linker).
   pip_tool cargo-lambda 'cargo-lambda>=1.8'
+  # CMake and NASM for libjpeg-turbo (sightline-core's native JPEG path).
+  bash "$ROOT/scripts/native-build-deps.sh"
+fi
+
+if [ "${SIGHTLINE_CHECK_LAMBDA_BUILD:-0}" = 1 ]; then
+  compiler=${SIGHTLINE_LAMBDA_COMPILER:-zig}
   args=(lambda build --release -p sightline-resize -p sightline-analyze -p sightline-api
     -p sightline-reconcile -p sightline-batch)
   case "$compiler" in
     zig)
-      if ! "$VENV/bin/python" -c 'import ziglang' 2>/dev/null; then
-        log "installing ziglang from PyPI into $VENV"
-        "$VENV/bin/python" -m pip install "${PIP_FLAGS[@]}" ziglang
-      fi
-      rustup target list --installed | grep -qx aarch64-unknown-linux-gnu \
-        || rustup target add aarch64-unknown-linux-gnu
+      ensure_zig
       args+=(--arm64)
       ;;
     cargo)
@@ -92,6 +106,28 @@ if [ "${SIGHTLINE_CHECK_LAMBDA_BUILD:-0}" = 1 ]; then
   # The venv's bin first: cargo-lambda finds `cargo-lambda` and Zig (python -m ziglang) there.
   PATH="$VENV/bin:$PATH" cargo "${args[@]}"
   ls -l "${CARGO_TARGET_DIR:-target}"/lambda/sightline-{resize,analyze,api,reconcile,batch}/bootstrap
+fi
+
+if [ -n "${SIGHTLINE_CHECK_ARM64_BUILD:-}" ]; then
+  ensure_zig
+  lambda_dir="${CARGO_TARGET_DIR:-$ROOT/target}/lambda-arm64"
+  args=(lambda build --release --arm64 --locked --lambda-dir "$lambda_dir")
+  for pkg in $SIGHTLINE_CHECK_ARM64_BUILD; do args+=(-p "$pkg"); done
+  log "cargo ${args[*]}"
+  start=$(date +%s)
+  PATH="$VENV/bin:$PATH" cargo "${args[@]}"
+  log "arm64 build: $(($(date +%s) - start)) s"
+  for pkg in $SIGHTLINE_CHECK_ARM64_BUILD; do
+    bin="$lambda_dir/$pkg/bootstrap"
+    # ELF e_machine (offset 18, little-endian) 0xB7 is AArch64.
+    machine=$(od -An -tx1 -j18 -N2 "$bin" | tr -d ' ')
+    if [ "$machine" != "b700" ]; then
+      echo "$bin is not an aarch64 ELF (e_machine bytes $machine)" >&2
+      exit 1
+    fi
+    ls -l "$bin"
+    echo "$pkg: aarch64 bootstrap"
+  done
 fi
 
 log "infra checks passed"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Run every sightline test on a fresh machine of this kind. Installs and starts what the
-# tests need: the Docker engine and the offline emulator image, Chromium + ChromeDriver,
-# the wasm32 target, wasm-bindgen-cli (pinned), wasm-opt, Node packages, cfn-lint and
-# cargo-lambda. Nothing is skipped: a missing prerequisite fails the run.
+# tests need: CMake and NASM (libjpeg-turbo's build), the Docker engine and the offline
+# emulator image, Chromium + ChromeDriver, the wasm32 target, wasm-bindgen-cli (pinned),
+# wasm-opt, Node packages, cfn-lint, cargo-lambda, Zig and the aarch64 target (the arm64
+# resize Lambda). Nothing is skipped: a missing prerequisite fails the run.
 #
 #   bash scripts/test.sh            everything
 #   SIGHTLINE_TEST_QUICK=1 ...      Rust unit + local end-to-end tests only (no Docker, no browser)
@@ -22,6 +23,9 @@ step() { printf '\n=== %s ===\n' "$*"; }
 count_cargo() {
   grep -E '^test result:' "$1" | sed -E 's/.* ([0-9]+) passed; ([0-9]+) failed.*/\1 \2/' >> "$LOGDIR/results.txt" || true
 }
+
+step "C build tools (CMake, NASM: libjpeg-turbo in sightline-core's native JPEG path)"
+bash scripts/native-build-deps.sh
 
 step "format and lints"
 cargo fmt --all -- --check
@@ -69,8 +73,11 @@ else
   grep -E '^[0-9]+ passed, [0-9]+ failed' "$LOGDIR/browser-widget.log" | tail -1 | sed -E 's/([0-9]+) passed, ([0-9]+) failed.*/\1 \2/' >> "$LOGDIR/results.txt" || true
 
   step "infrastructure checks (cfn-lint, OpenAPI, template safety, cargo lambda build)"
-  # The infra crate's Rust tests already ran with the workspace above.
+  # The infra crate's Rust tests already ran with the workspace above. The five functions build
+  # natively; the resize Lambda (which links libjpeg-turbo) also builds for arm64 with Zig, as
+  # docs/aws.md deploys it.
   SIGHTLINE_SKIP_CARGO_TEST=1 SIGHTLINE_CHECK_LAMBDA_BUILD=1 SIGHTLINE_LAMBDA_COMPILER=cargo \
+    SIGHTLINE_CHECK_ARM64_BUILD=sightline-resize \
     bash scripts/infra-check.sh 2>&1 | tee "$LOGDIR/infra.log"
 fi
 

@@ -12,9 +12,10 @@
 // version. A negative control checks that the comparison would catch a widget counting one
 // prompt token more than the server.
 //
-// The resized JPEG's bytes are reported, not compared: the browser's encoder is not the
-// server's (same size in pixels, so the same estimate). The server estimates from its own
-// resize anyway.
+// The resized JPEG's bytes are reported, not compared: the browser encodes with its own
+// encoder, the native server with libjpeg-turbo (4:2:0 chroma at the default quality), so the
+// files differ while their size in pixels, and so the estimate, is the same. The server
+// estimates from its own resize anyway.
 import http from 'node:http';
 import { execFileSync } from 'node:child_process';
 import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';

@@ -1,6 +1,7 @@
 //! sightline core: the domain with no AWS and no async runtime. Builds for wasm32.
 //!
-//! - [`prepare`]: limits, decode, EXIF orientation, sRGB, resize, JPEG.
+//! - [`prepare`]: limits, decode, EXIF orientation, sRGB, resize, JPEG (libjpeg-turbo on native
+//!   targets for plain JPEG decode and the encode; pure Rust everywhere else and on wasm32).
 //! - [`batch`]: lanes, batch `custom_id`s, splitting by the providers' limits.
 //! - [`budget`]: spending-cap periods (UTC day and month) and reservation maths.
 //! - [`color`]: embedded ICC profiles (Display P3, Adobe RGB, CMYK) converted to sRGB.
@@ -26,6 +27,9 @@ pub mod header;
 pub mod keys;
 pub mod limiter;
 pub mod model;
+// libjpeg-turbo decode and encode; native targets only (wasm32 stays pure Rust).
+#[cfg(not(target_arch = "wasm32"))]
+mod native_jpeg;
 pub mod prepare;
 pub mod pricing;
 pub mod retry;

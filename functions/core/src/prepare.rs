@@ -7,11 +7,8 @@
 use std::io::Cursor;
 
 use fast_image_resize as fir;
-use image::codecs::jpeg::JpegEncoder;
 use image::metadata::Orientation;
-use image::{
-    DynamicImage, ExtendedColorType, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage,
-};
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits, RgbImage};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -517,13 +514,28 @@ pub(crate) fn decode_fit(bytes: &[u8], opts: &PrepareOptions) -> Result<Decoded,
     {
         // Baseline/progressive RGB or grey JPEG: decode at a reduced DCT scale (1/2, 1/4, 1/8)
         // that still covers the target, which skips most of the decode work for large photos.
-        // A CMYK JPEG with a usable profile comes this way too, converted right after decoding.
+        // On native targets libjpeg-turbo (SIMD) does it when the file is a plain 8-bit
+        // one- or three-component JPEG; otherwise, or when it meets anything it warns about,
+        // jpeg-decoder (pure Rust, the only decoder on wasm32). A CMYK JPEG with a usable
+        // profile comes this way too, through jpeg-decoder, converted right after decoding.
         drop(decoder);
         let cmyk = match &plan {
             Plan::Cmyk(t) => Some(t),
             _ => None,
         };
-        match decode_jpeg_scaled(bytes, target_w, target_h, opts.max_alloc_bytes, cmyk)? {
+        let fast = match (&jpeg, cmyk) {
+            (Some(Some(header)), None) if header.suits_native_decode() => {
+                native_decode(bytes, target_w, target_h, opts.max_alloc_bytes)
+            }
+            _ => None,
+        };
+        let scaled = match fast {
+            Some(rgb) => Some(rgb),
+            // Everything else, and anything the native decoder refused or warned about: the
+            // pure-Rust decoder, with the errors and output it always had.
+            None => decode_jpeg_scaled(bytes, target_w, target_h, opts.max_alloc_bytes, cmyk)?,
+        };
+        match scaled {
             Some(rgb) => rgb,
             // CMYK/YCCK or 12-bit: the general decoder converts those.
             None => {
@@ -589,6 +601,8 @@ fn colour_plan(
 struct JpegHeader {
     /// The SOFn marker of the frame, if one came before the first scan.
     sof: Option<u8>,
+    /// Sample precision of the frame, in bits (8 or 12 in practice).
+    precision: Option<u8>,
     /// Number of components in the frame (3 for YCbCr/RGB, 4 for CMYK/YCCK).
     components: Option<u8>,
     /// APP2 `ICC_PROFILE` chunks before the first scan.
@@ -603,11 +617,21 @@ impl JpegHeader {
         self.sof == Some(0xC2)
     }
 
+    /// True for what the native decoder takes: one frame, 8-bit, Huffman-coded baseline,
+    /// extended sequential or progressive (SOF0/1/2), grey or three-component colour.
+    fn suits_native_decode(&self) -> bool {
+        matches!(self.sof, Some(0xC0..=0xC2))
+            && self.precision == Some(8)
+            && matches!(self.components, Some(1 | 3))
+    }
+
     /// True when the scan data is followed by an EOI marker: inside entropy-coded data every
     /// FF byte is stuffed (FF 00) or a restart marker, so FF D9 there is the real end.
     fn has_eoi(&self, bytes: &[u8]) -> bool {
         let scan = self.scan_start.min(bytes.len());
-        bytes[scan..].windows(2).any(|w| w == [0xFF, 0xD9])
+        // From the end: a whole file has it in its last bytes (or before trailing padding),
+        // so this stops at once instead of reading megabytes of scan data.
+        bytes[scan..].windows(2).rev().any(|w| w == [0xFF, 0xD9])
     }
 }
 
@@ -615,6 +639,7 @@ impl JpegHeader {
 fn jpeg_header(bytes: &[u8]) -> Option<JpegHeader> {
     let mut i = 2; // after SOI
     let mut sof = None;
+    let mut precision = None;
     let mut components = None;
     let mut icc = Vec::new();
     while i + 4 <= bytes.len() {
@@ -629,9 +654,16 @@ fn jpeg_header(bytes: &[u8]) -> Option<JpegHeader> {
         let len = usize::from(u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]));
         // SOF0–SOF15, except DHT (C4), JPG (C8) and DAC (CC).
         if (0xC0..=0xCF).contains(&marker) && !matches!(marker, 0xC4 | 0xC8 | 0xCC) {
+            // Only the first frame header counts: a second SOF is the pure-Rust path's business.
+            if sof.is_none() {
+                precision = bytes.get(i + 4).copied();
+                // Length (2), precision (1), height (2), width (2), then the component count.
+                components = bytes.get(i + 9).copied();
+            } else {
+                // Two frame headers in one image: not a plain JPEG.
+                precision = None;
+            }
             sof = sof.or(Some(marker));
-            // Length (2), precision (1), height (2), width (2), then the component count.
-            components = components.or(bytes.get(i + 9).copied());
         }
         // APP2 "ICC_PROFILE\0", sequence number, chunk count, then the chunk's data.
         const ICC_TAG: &[u8] = b"ICC_PROFILE\0";
@@ -655,6 +687,7 @@ fn jpeg_header(bytes: &[u8]) -> Option<JpegHeader> {
         if marker == 0xDA {
             return Some(JpegHeader {
                 sof,
+                precision,
                 components,
                 icc,
                 scan_start: i.saturating_add(2).saturating_add(len),
@@ -731,6 +764,23 @@ fn decode_jpeg_scaled(
         .ok_or_else(|| PrepareError::Corrupt("short JPEG pixel buffer".into()))
 }
 
+/// The libjpeg-turbo decode at a DCT scale covering the target; `None` sends the file to the
+/// pure-Rust path (always on wasm32, where no C is built).
+#[cfg(not(target_arch = "wasm32"))]
+fn native_decode(bytes: &[u8], target_w: u32, target_h: u32, max_alloc: u64) -> Option<RgbImage> {
+    crate::native_jpeg::decode_scaled(bytes, target_w, target_h, max_alloc)
+}
+
+#[cfg(target_arch = "wasm32")]
+fn native_decode(
+    _bytes: &[u8],
+    _target_w: u32,
+    _target_h: u32,
+    _max_alloc: u64,
+) -> Option<RgbImage> {
+    None
+}
+
 fn div_ceil(n: u16, d: u32) -> u16 {
     // n ≤ u16::MAX and d ≥ 1, so the result fits.
     u16::try_from(u32::from(n).div_ceil(d)).unwrap_or(u16::MAX)
@@ -799,14 +849,21 @@ fn resize_rgb(src: RgbImage, w: u32, h: u32) -> Result<RgbImage, PrepareError> {
         .ok_or_else(|| PrepareError::Corrupt("resize produced a short buffer".into()))
 }
 
+/// The output JPEG: libjpeg-turbo on native targets, the `image` crate's encoder on wasm32.
+#[cfg(not(target_arch = "wasm32"))]
+fn encode_jpeg(img: &RgbImage, quality: u8) -> Result<Vec<u8>, PrepareError> {
+    crate::native_jpeg::encode(img, quality)
+}
+
+#[cfg(target_arch = "wasm32")]
 fn encode_jpeg(img: &RgbImage, quality: u8) -> Result<Vec<u8>, PrepareError> {
     let mut out = Vec::with_capacity(img.as_raw().len() / 8);
-    JpegEncoder::new_with_quality(&mut out, quality)
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality)
         .encode(
             img.as_raw(),
             img.width(),
             img.height(),
-            ExtendedColorType::Rgb8,
+            image::ExtendedColorType::Rgb8,
         )
         .map_err(|e| PrepareError::Encode(e.to_string()))?;
     Ok(out)
@@ -828,7 +885,7 @@ mod tests {
         let img = RgbImage::new(w, h);
         let mut out = Vec::new();
         image::codecs::png::PngEncoder::new(&mut out)
-            .write_image(img.as_raw(), w, h, ExtendedColorType::Rgb8)
+            .write_image(img.as_raw(), w, h, image::ExtendedColorType::Rgb8)
             .unwrap();
         out
     }
