@@ -174,6 +174,10 @@ impl DynamoRepository {
             match &filter {
                 Some((expr, values)) => {
                     q = q.filter_expression(*expr);
+                    if expr.contains("#status") {
+                        // A reserved word, named.
+                        q = q.expression_attribute_names("#status", "status");
+                    }
                     for (k, v) in values {
                         q = q.expression_attribute_values(*k, v.clone());
                     }

@@ -484,57 +484,15 @@ impl GenerationStore for DynamoRepository {
     ) -> StoreResult<Vec<WebhookDelivery>> {
         let filter = status.map(|st| ("#status = :st", vec![(":st", s(st.as_str()))]));
         let raw = self
-            .index_items_named(
+            .index_items(
                 "gsi1",
                 &format!("WHDS#{tenant}"),
+                false,
                 filter,
                 limit,
                 "dynamodb Query deliveries",
             )
             .await?;
         raw.iter().map(of_item).collect()
-    }
-}
-
-impl DynamoRepository {
-    /// Newest first from an index, filtered on `status` (a reserved word, so named).
-    async fn index_items_named(
-        &self,
-        index: &str,
-        pk: &str,
-        filter: Option<(&str, Vec<(&str, AttributeValue)>)>,
-        limit: usize,
-        op: &str,
-    ) -> StoreResult<Vec<Item>> {
-        let mut items = Vec::new();
-        let mut start: Option<Item> = None;
-        while items.len() < limit {
-            let mut q = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .index_name(index)
-                .key_condition_expression("#pk = :pk")
-                .expression_attribute_names("#pk", format!("{index}pk"))
-                .expression_attribute_values(":pk", s(pk))
-                .scan_index_forward(false)
-                .set_exclusive_start_key(start.take());
-            if let Some((expr, values)) = &filter {
-                q = q
-                    .filter_expression(*expr)
-                    .expression_attribute_names("#status", "status");
-                for (k, v) in values {
-                    q = q.expression_attribute_values(*k, v.clone());
-                }
-            }
-            let out = q.send().await.map_err(|e| sdk_err(op, e))?;
-            items.extend(out.items.unwrap_or_default());
-            match out.last_evaluated_key {
-                Some(k) => start = Some(k),
-                None => break,
-            }
-        }
-        items.truncate(limit);
-        Ok(items)
     }
 }
