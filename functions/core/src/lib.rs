@@ -8,7 +8,7 @@
 //! - [`generate`]: generation jobs: templates, CSV/JSON rows, requests and idempotency keys.
 //! - [`pricing`]: the versioned price table and image-token rules (one estimator everywhere).
 //! - [`retry`]: transient vs permanent, backoff.
-//! - [`limiter`]: RPM + TPM reserve-then-correct maths.
+//! - [`limiter`]: RPM + TPM buckets with a short burst, scheduled takes, corrections.
 //! - [`keys`]: blob key layout and S3 event key decoding.
 //! - [`model`]: records, results and queue messages.
 //! - [`webhook`]: Standard Webhooks signing and verification, delivery outcome and retry schedule.
