@@ -49,14 +49,20 @@ async fn aws_adapter_contract() {
         .unwrap();
     let vectors = Arc::new(S3VectorStore::new(s3vectors, &vector_bucket));
 
-    let (r, s, q, b, v) = tokio::join!(
+    // A second client on the same table: another Lambda instance.
+    let other_instance = Arc::new(DynamoRepository::new(
+        Clients::new(&sdk, Some(&emu.endpoint)).dynamodb,
+        &table,
+    ));
+    let (r, s, q, b, v, l) = tokio::join!(
         contract::repository_contract(repo.clone()),
-        contract::batch_store_contract(repo.clone(), repo),
+        contract::batch_store_contract(repo.clone(), repo.clone()),
         contract::queue_contract(queue),
         contract::blob_contract(blobs),
         contract::vector_store_contract(vectors),
+        contract::rate_limit_contract(repo, other_instance),
     );
-    let _ = (r, s, q, b, v);
+    let _ = (r, s, q, b, v, l);
 }
 
 /// What the contract does not reach but S3 Vectors imposes, on an emulator that refuses what
