@@ -112,6 +112,10 @@ impl LocalApp {
         );
         analyzer.instance = instance.clone();
         analyzer.metrics = metrics.recorder("analyze");
+        if config.settings.shared_limit {
+            // Every process on this data dir draws from one limit in its database.
+            analyzer = analyzer.with_shared_limit(sqlite_repo.clone());
+        }
         let analyzer = analyzer.with_search(search.clone());
         let batch =
             build_batch_provider(&config.settings, &config.keys)?.map(|provider| BatchLane {

@@ -691,3 +691,92 @@ async fn a_duplicate_job_of_a_permanently_failed_image_is_not_paid_again() {
         AnalyzeOutcome::Done { .. }
     ));
 }
+
+/// Settings under which one request a second is the whole limit and nothing is waited for in
+/// place: whoever takes the slot goes, the next caller is sent back to the queue.
+fn one_a_second() -> Settings {
+    Settings {
+        rpm: 60,
+        tpm: 0,
+        max_concurrency: 2,
+        max_inline_wait: Duration::ZERO,
+        ..Settings::default()
+    }
+}
+
+fn second_analyzer(f: &Fixture, settings: Settings) -> Analyzer {
+    Analyzer::new(
+        f.blobs.clone(),
+        f.repo.clone(),
+        f.provider.clone(),
+        Arc::new(Settings {
+            model: "gpt-4o".into(),
+            ..settings
+        }),
+        Arc::new(SystemClock),
+    )
+}
+
+#[tokio::test]
+async fn analyzers_sharing_a_store_draw_from_one_limit_instead_of_a_share_each() {
+    // Without the shared limit each of the 2 instances keeps half of 60 RPM: both go.
+    let f = fixture_with(vec![], one_a_second()).await;
+    let other = second_analyzer(&f, one_a_second());
+    assert!(matches!(
+        f.analyzer.handle(&job_of("t", "a"), 1).await,
+        AnalyzeOutcome::Done { .. }
+    ));
+    assert!(matches!(
+        other.handle(&job_of("u", "a"), 1).await,
+        AnalyzeOutcome::Done { .. }
+    ));
+
+    // Sharing one limit through a store: the global 60 RPM, whose one slot the first took.
+    let f = fixture_with(vec![], one_a_second()).await;
+    let store = Arc::new(SqliteRepository::new(SqliteDb::in_memory().unwrap()));
+    let first = f.analyzer.clone().with_shared_limit(store.clone());
+    let other = second_analyzer(&f, one_a_second()).with_shared_limit(store);
+    assert!(matches!(
+        first.handle(&job_of("t", "a"), 1).await,
+        AnalyzeOutcome::Done { .. }
+    ));
+    match other.handle(&job_of("u", "a"), 1).await {
+        AnalyzeOutcome::Retry { delay, reason } => {
+            assert!(reason.contains("rate limit"), "{reason}");
+            assert!(
+                delay > Duration::from_millis(500) && delay <= Duration::from_millis(1_200),
+                "{delay:?}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(f.provider.calls().len(), 1);
+}
+
+#[tokio::test]
+async fn a_429_holds_every_analyzer_sharing_the_limit_until_its_retry_after() {
+    let settings = Settings {
+        max_inline_wait: Duration::ZERO,
+        ..Settings::default()
+    };
+    let f = fixture_with(
+        vec![Step::Fail(FailureKind::Http {
+            status: 429,
+            retry_after: Some(Duration::from_secs(30)),
+        })],
+        settings.clone(),
+    )
+    .await;
+    let store = Arc::new(SqliteRepository::new(SqliteDb::in_memory().unwrap()));
+    let first = f.analyzer.clone().with_shared_limit(store.clone());
+    let other = second_analyzer(&f, settings).with_shared_limit(store);
+    assert!(first.handle(&job_of("t", "a"), 1).await.is_retry());
+    // The other instance never called: the block reached it through the store.
+    match other.handle(&job_of("u", "a"), 1).await {
+        AnalyzeOutcome::Retry { delay, .. } => {
+            assert!(delay >= Duration::from_secs(29), "{delay:?}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(f.provider.calls().len(), 1);
+}
