@@ -10,6 +10,7 @@ use sightline_core::budget::{BudgetCaps, Period, Periods};
 use sightline_core::limiter::{Denied, Grant, Learnt, LimitOp, LimitOutcome, Limits};
 use sightline_core::model::{AnalysisResult, Detail, ImageRecord, ImageStatus};
 use sightline_core::pricing::Usage;
+use sightline_pipeline::ports::Clock;
 use sightline_pipeline::ports::{
     api_key_id, BatchItem, BatchRecord, BatchState, BatchStore, BatchWaiter, BlobStore, BudgetHold,
     Claim, Completion, Enqueued, Failure, ItemEnd, JobDelivery, LedgerKind, LineCounts, PutImage,
@@ -1807,8 +1808,15 @@ pub async fn vector_store_contract(store: Arc<dyn VectorStore>) {
 /// each get a slot of their own, a denied take changes nothing, a block holds everyone, and
 /// what a caller learnt moves the next slot.
 pub async fn rate_limit_contract(a: Arc<dyn RateLimitStore>, b: Arc<dyn RateLimitStore>) {
+    struct At(u64);
+    impl Clock for At {
+        fn now_ms(&self) -> u64 {
+            self.0
+        }
+    }
     let ms = Duration::from_millis;
     let now: u64 = 1_900_000_000_000;
+    let clock: Arc<dyn Clock> = Arc::new(At(now));
     // 600 RPM: one every 100 ms; a 500 ms burst holds 5.
     let limits = Limits::new(600, 0, ms(500));
     let take = |max_wait: u64| LimitOp::Take {
@@ -1823,22 +1831,28 @@ pub async fn rate_limit_contract(a: Arc<dyn RateLimitStore>, b: Arc<dyn RateLimi
     for i in 0..5 {
         let s = if i % 2 == 0 { &a } else { &b };
         assert_eq!(
-            s.apply_limit(&key, &limits, &take(0), now).await.unwrap(),
+            s.apply_limit(&key, &limits, &take(0), clock.clone())
+                .await
+                .unwrap(),
             granted(now)
         );
     }
     // Then one every 100 ms. Denied when the slot is further than the caller waits, and the
     // denial takes nothing: the next caller gets that same slot.
     assert_eq!(
-        b.apply_limit(&key, &limits, &take(50), now).await.unwrap(),
+        b.apply_limit(&key, &limits, &take(50), clock.clone())
+            .await
+            .unwrap(),
         LimitOutcome::Denied(Denied::Wait(ms(100)))
     );
     assert_eq!(
-        b.apply_limit(&key, &limits, &take(100), now).await.unwrap(),
+        b.apply_limit(&key, &limits, &take(100), clock.clone())
+            .await
+            .unwrap(),
         granted(now + 100)
     );
     assert_eq!(
-        a.apply_limit(&key, &limits, &take(1_000), now)
+        a.apply_limit(&key, &limits, &take(1_000), clock.clone())
             .await
             .unwrap(),
         granted(now + 200)
@@ -1847,8 +1861,8 @@ pub async fn rate_limit_contract(a: Arc<dyn RateLimitStore>, b: Arc<dyn RateLimi
     // Twenty takes at once from both handles: twenty distinct slots, 100 ms apart.
     let outcomes = futures_util::future::join_all((0..20).map(|i| {
         let s = if i % 2 == 0 { a.clone() } else { b.clone() };
-        let key = key.clone();
-        async move { s.apply_limit(&key, &limits, &take(60_000), now).await }
+        let (key, clock) = (key.clone(), clock.clone());
+        async move { s.apply_limit(&key, &limits, &take(60_000), clock).await }
     }))
     .await;
     let mut slots: Vec<u64> = outcomes
@@ -1870,14 +1884,14 @@ pub async fn rate_limit_contract(a: Arc<dyn RateLimitStore>, b: Arc<dyn RateLimi
             &LimitOp::Block {
                 until_ms: now + 10_000
             },
-            now
+            clock.clone()
         )
         .await
         .unwrap(),
         LimitOutcome::Blocked
     );
     assert_eq!(
-        b.apply_limit(&key, &limits, &take(60_000), now)
+        b.apply_limit(&key, &limits, &take(60_000), clock.clone())
             .await
             .unwrap(),
         granted(now + 10_000)
@@ -1899,19 +1913,19 @@ pub async fn rate_limit_contract(a: Arc<dyn RateLimitStore>, b: Arc<dyn RateLimi
         other => panic!("{other:?}"),
     };
     let first = a
-        .apply_limit(&token_key, &tokens, &take_tokens(500, 0), now)
+        .apply_limit(&token_key, &tokens, &take_tokens(500, 0), clock.clone())
         .await
         .unwrap();
     assert_eq!(at(first), now);
     let second = b
-        .apply_limit(&token_key, &tokens, &take_tokens(500, 300), now)
+        .apply_limit(&token_key, &tokens, &take_tokens(500, 300), clock.clone())
         .await
         .unwrap();
     assert_eq!(at(second), now + 800);
 
     // Keys are apart: another model's limit is untouched.
     assert_eq!(
-        a.apply_limit(&unique("openai:other-"), &limits, &take(0), now)
+        a.apply_limit(&unique("openai:other-"), &limits, &take(0), clock.clone())
             .await
             .unwrap(),
         granted(now)

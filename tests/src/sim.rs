@@ -507,6 +507,12 @@ pub struct SimStats {
     /// Tokens the TPM limit counted for the admitted requests (prompt + `max_tokens`).
     #[serde(default)]
     pub tokens_admitted: u64,
+    /// When the first and the last admitted request were admitted (ms since the epoch; 0:
+    /// none yet): how long the limits kept the provider busy.
+    #[serde(default)]
+    pub first_admitted_ms: u64,
+    #[serde(default)]
+    pub last_admitted_ms: u64,
     /// Valid, authenticated requests per image sha256 (hex of the decoded image bytes),
     /// whatever their outcome: "how often was the provider called with this image".
     pub requests_per_image: BTreeMap<String, u64>,
@@ -2493,7 +2499,17 @@ async fn gate(
                 .admit(Instant::now(), &lim, estimate);
         match adm {
             Admission::Limited { .. } => g.stats.rate_limited += 1,
-            Admission::Admitted(_) => g.stats.tokens_admitted += estimate,
+            Admission::Admitted(_) => {
+                let at = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                let stats = &mut g.stats;
+                stats.tokens_admitted += estimate;
+                if stats.first_admitted_ms == 0 {
+                    stats.first_admitted_ms = at;
+                }
+                stats.last_admitted_ms = at;
+            }
         }
         adm
     };

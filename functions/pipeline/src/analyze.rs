@@ -159,6 +159,7 @@ enum Keep {
         store: Arc<dyn RateLimitStore>,
         scope: String,
         learnt: Arc<Mutex<HashMap<String, Learnt>>>,
+        clock: Arc<dyn Clock>,
     },
 }
 
@@ -183,13 +184,19 @@ impl Limiters {
 
     /// One limit per model in `store`, shared with everyone using it; `scope` (the provider)
     /// keeps providers apart.
-    pub fn shared(limits: Limits, store: Arc<dyn RateLimitStore>, scope: &str) -> Limiters {
+    pub fn shared(
+        limits: Limits,
+        store: Arc<dyn RateLimitStore>,
+        scope: &str,
+        clock: Arc<dyn Clock>,
+    ) -> Limiters {
         Limiters {
             limits,
             keep: Keep::Shared {
                 store,
                 scope: scope.to_string(),
                 learnt: Arc::new(Mutex::new(HashMap::new())),
+                clock,
             },
         }
     }
@@ -212,16 +219,18 @@ impl Limiters {
             Keep::Shared {
                 store,
                 scope,
-                learnt,
+                clock,
+                ..
             } => {
                 let key = format!("{scope}:{model}");
-                match store.apply_limit(&key, &self.limits, &op, now_ms).await {
+                match store
+                    .apply_limit(&key, &self.limits, &op, clock.clone())
+                    .await
+                {
                     Ok(outcome) => outcome,
+                    // Denied like a full limit (a take's caller keeps what it learnt).
                     Err(e) => {
                         warn!(error = %e, key, "the shared rate limit could not be reached");
-                        if let LimitOp::Take { learnt: mine, .. } = op {
-                            Self::keep_learnt(learnt, model, mine);
-                        }
                         LimitOutcome::Denied(Denied::Wait(LIMIT_STORE_RETRY))
                     }
                 }
@@ -377,7 +386,7 @@ impl Analyzer {
             self.settings.tpm,
             self.settings.limit_burst,
         );
-        self.limiters = Limiters::shared(limits, store, self.provider.name());
+        self.limiters = Limiters::shared(limits, store, self.provider.name(), self.clock.clone());
         self
     }
 
@@ -1089,9 +1098,14 @@ impl Analyzer {
             Err(Denied::Wait(d)) => {
                 // Spread instances that all hit the same limit.
                 let spread = d.mul_f64(1.0 + 0.2 * jitter());
+                let which = if self.limiters.is_shared() {
+                    "shared"
+                } else {
+                    "local"
+                };
                 let step = Step::Retry {
                     delay: spread,
-                    reason: format!("local rate limit for {model}"),
+                    reason: format!("{which} rate limit for {model}"),
                 };
                 return (step, wasted);
             }

@@ -438,13 +438,14 @@ pub use sightline_core::limiter::ProviderView as RateInfo;
 #[async_trait]
 pub trait RateLimitStore: Send + Sync {
     /// Apply `op` to the state under `key` (none yet: a full, open limit) as one atomic step
-    /// and return its outcome. A denied take writes nothing.
+    /// and return its outcome. A denied take writes nothing. The time is read from `clock`
+    /// once the state is in hand (after a lock wait or a lost race), never before.
     async fn apply_limit(
         &self,
         key: &str,
         limits: &Limits,
         op: &LimitOp,
-        now_ms: u64,
+        clock: std::sync::Arc<dyn Clock>,
     ) -> StoreResult<LimitOutcome>;
 }
 

@@ -19,6 +19,7 @@
 //! conditions, and they take precedence over `doc` when read.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -34,8 +35,9 @@ use super::sdk_err;
 
 pub mod batch;
 use crate::ports::{
-    api_key_id, day_of, ApiKeyInfo, BudgetCounts, BudgetHold, Claim, Completion, CostRow, Failure,
-    ImagePage, LedgerKind, PutImage, RateLimitStore, Repository, Spend, StoreError, StoreResult,
+    api_key_id, day_of, ApiKeyInfo, BudgetCounts, BudgetHold, Claim, Clock, Completion, CostRow,
+    Failure, ImagePage, LedgerKind, PutImage, RateLimitStore, Repository, Spend, StoreError,
+    StoreResult,
 };
 
 /// Idempotency items expire after 30 days (TTL attribute `expires_at`).
@@ -1363,10 +1365,11 @@ impl RateLimitStore for DynamoRepository {
         key: &str,
         limits: &Limits,
         op: &LimitOp,
-        now_ms: u64,
+        clock: Arc<dyn Clock>,
     ) -> StoreResult<LimitOutcome> {
         for round in 0..LIMIT_ROUNDS {
             let item = self.get_item(limit_pk(key), "LIMIT").await?;
+            let now_ms = clock.now_ms();
             let mut state = item
                 .as_ref()
                 .map(|i| LimitState {

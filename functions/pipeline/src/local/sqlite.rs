@@ -1275,12 +1275,14 @@ impl RateLimitStore for SqliteRepository {
         key: &str,
         limits: &Limits,
         op: &LimitOp,
-        now_ms: u64,
+        clock: Arc<dyn Clock>,
     ) -> StoreResult<LimitOutcome> {
         let (key, limits, op) = (key.to_string(), *limits, *op);
         self.db
             .with(move |c| {
                 let tx = write_tx(c)?;
+                // The write lock may have been waited for: the time is now, not before it.
+                let now_ms = clock.now_ms();
                 let mut state = tx
                     .query_row(
                         "SELECT requests_full_at, tokens_full_at, not_before FROM rate_limits

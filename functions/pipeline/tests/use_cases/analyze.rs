@@ -6,14 +6,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
+use sightline_core::limiter::{LimitOp, LimitOutcome, Limits};
 use sightline_core::model::{AnalysisJob, Detail, ImageRecord, ImageStatus};
 use sightline_core::pricing::Usage;
 use sightline_core::retry::FailureKind;
 use sightline_pipeline::analyze::{AnalyzeOutcome, Analyzer};
 use sightline_pipeline::local::{FileBlobStore, SqliteDb, SqliteRepository};
 use sightline_pipeline::ports::{
-    BlobStore, ProviderError, RateInfo, Repository, SystemClock, VisionProvider, VisionRequest,
-    VisionResponse,
+    BlobStore, Clock, ProviderError, RateInfo, RateLimitStore, Repository, StoreError, SystemClock,
+    VisionProvider, VisionRequest, VisionResponse,
 };
 use sightline_pipeline::Settings;
 
@@ -779,4 +780,31 @@ async fn a_429_holds_every_analyzer_sharing_the_limit_until_its_retry_after() {
         other => panic!("{other:?}"),
     }
     assert_eq!(f.provider.calls().len(), 1);
+}
+
+/// A store whose shared limit cannot be reached.
+struct DownLimits;
+
+#[async_trait]
+impl RateLimitStore for DownLimits {
+    async fn apply_limit(
+        &self,
+        _key: &str,
+        _limits: &Limits,
+        _op: &LimitOp,
+        _clock: Arc<dyn Clock>,
+    ) -> Result<LimitOutcome, StoreError> {
+        Err(StoreError::Transient("table unreachable".into()))
+    }
+}
+
+#[tokio::test]
+async fn a_shared_limit_that_cannot_be_reached_sends_the_job_back_without_calling() {
+    let f = fixture(vec![], &[]).await;
+    let analyzer = f.analyzer.clone().with_shared_limit(Arc::new(DownLimits));
+    match analyzer.handle(&job("a"), 1).await {
+        AnalyzeOutcome::Retry { reason, .. } => assert!(reason.contains("rate limit"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(f.provider.calls().is_empty());
 }
