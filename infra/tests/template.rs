@@ -1040,6 +1040,7 @@ fn functions_get_the_documented_environment() {
         ("SIGHTLINE_PROMPT_VERSION", "PromptVersion"),
         ("SIGHTLINE_MAX_EDGE", "MaxEdge"),
         ("SIGHTLINE_MAX_CONCURRENCY", "MaxConcurrency"),
+        ("SIGHTLINE_SHARED_LIMIT", "SharedLimit"),
     ] {
         assert_eq!(references(&env[k]), vec![p.to_string()], "{k}");
     }

@@ -61,16 +61,28 @@ for line in cold.splitlines():
 
 limiter = out / "limiter.jsonl"
 cases = [json.loads(l) for l in limiter.read_text().splitlines() if l.strip()] if limiter.exists() else []
+labels = {
+    "one": "1 process",
+    "shared": "4 processes sharing one limit through the store",
+    "split": "4 processes, a quarter of the limit each (no store)",
+}
+by_case = {}
 for c in cases:
-    share = c["rate_limited"] / max(c["requests"], 1)
-    ok = c["ratio"] <= 1.05 and share < 0.001
-    row(f"limiter: {c['images']} images at 600 RPM / 200k TPM, {c['processes']} process(es)",
-        f"{c['wall_s']:.1f} s, {c['rate_limited']} × 429 of {c['requests']}",
-        f"ideal {c['ideal_s']} s (sliding minute); {c.get('steady_s', '?')} s at a steady rate",
-        f"{c['ratio']:.2f} ({c.get('steady_ratio', 0):.2f})", "≤ 1.05, < 0.1% 429", "yes" if ok else "no")
+    by_case.setdefault(c["case"], []).append(c)
+for name, runs in by_case.items():
+    runs.sort(key=lambda c: c["wall_s"])
+    c = runs[len(runs) // 2]
+    limited = sum(r["rate_limited"] for r in runs)
+    calls = sum(r["requests"] for r in runs)
+    ok = c["ratio"] <= 1.05 and limited / max(calls, 1) < 0.001
+    scale = c.get("time_scale", 1)
+    limits = "600 RPM / 200k TPM" if scale == 1 else f"600 RPM / 200k TPM × {scale} (time-scaled)"
+    spread = f", median of {len(runs)}: {runs[0]['wall_s']:.1f}–{runs[-1]['wall_s']:.1f} s" if len(runs) > 1 else ""
+    row(f"limiter: {c['images']} images at {limits}, quantized per second; {labels.get(name, name)}",
+        f"{c['wall_s']:.1f} s{spread}; {limited} × 429 of {calls} calls",
+        f"ideal {c['ideal_s']:.1f} s", f"{c['ratio']:.3f}", "≤ 1.05, < 0.1 % 429", "yes" if ok else "no")
 if not cases:
-    row("limiter", "(not run)", "", "", "≤ 1.05, < 0.1% 429", "?")
-row("  4 processes sharing one limit through the store", "not built (the limit is split statically)", "", "", "", "no")
+    row("limiter", "(not run)", "", "", "≤ 1.05, < 0.1 % 429", "?")
 
 widths = [max(len(str(r[i])) for r in rows + [("metric", "value", "baseline", "ratio", "target", "met")]) for i in range(6)]
 head = ("metric", "value", "baseline", "ratio", "target", "met")

@@ -7,13 +7,15 @@ use std::time::{Duration, Instant};
 
 use sightline_core::batch::custom_id;
 use sightline_core::budget::{BudgetCaps, Period, Periods};
+use sightline_core::limiter::{Denied, Grant, Learnt, LimitOp, LimitOutcome, Limits};
 use sightline_core::model::{AnalysisResult, Detail, ImageRecord, ImageStatus};
 use sightline_core::pricing::Usage;
+use sightline_pipeline::ports::Clock;
 use sightline_pipeline::ports::{
     api_key_id, BatchItem, BatchRecord, BatchState, BatchStore, BatchWaiter, BlobStore, BudgetHold,
     Claim, Completion, Enqueued, Failure, ItemEnd, JobDelivery, LedgerKind, LineCounts, PutImage,
-    Queue, QueueMessage, Repository, Spend, StoreError, VectorIndex, VectorMeta, VectorQuery,
-    VectorRecord, VectorStore, MAX_TOP_K,
+    Queue, QueueMessage, RateLimitStore, Repository, Spend, StoreError, VectorIndex, VectorMeta,
+    VectorQuery, VectorRecord, VectorStore, MAX_TOP_K,
 };
 
 /// A unique suffix so runs and tests never share tenants or keys.
@@ -2130,4 +2132,133 @@ pub async fn generation_store_contract(store: Arc<dyn sightline_pipeline::ports:
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("msg_c never came due");
+}
+
+/// A shared rate limit: `a` and `b` are two handles on one store (two processes on one data
+/// dir, two Lambda instances on one table). Every op sees the others' writes, concurrent takes
+/// each get a slot of their own, a denied take changes nothing, a block holds everyone, and
+/// what a caller learnt moves the next slot.
+pub async fn rate_limit_contract(a: Arc<dyn RateLimitStore>, b: Arc<dyn RateLimitStore>) {
+    struct At(u64);
+    impl Clock for At {
+        fn now_ms(&self) -> u64 {
+            self.0
+        }
+    }
+    let ms = Duration::from_millis;
+    let now: u64 = 1_900_000_000_000;
+    let clock: Arc<dyn Clock> = Arc::new(At(now));
+    // 600 RPM: one every 100 ms; a 500 ms burst holds 5.
+    let limits = Limits::new(600, 0, ms(500));
+    let take = |max_wait: u64| LimitOp::Take {
+        tokens: 0,
+        max_wait: ms(max_wait),
+        learnt: Learnt::default(),
+    };
+    let granted = |at_ms: u64| LimitOutcome::Granted(Grant { at_ms, tokens: 0 });
+    let key = unique("openai:limit-");
+
+    // A key never used is a full limit: its burst goes now, through either handle.
+    for i in 0..5 {
+        let s = if i % 2 == 0 { &a } else { &b };
+        assert_eq!(
+            s.apply_limit(&key, &limits, &take(0), clock.clone())
+                .await
+                .unwrap(),
+            granted(now)
+        );
+    }
+    // Then one every 100 ms. Denied when the slot is further than the caller waits, and the
+    // denial takes nothing: the next caller gets that same slot.
+    assert_eq!(
+        b.apply_limit(&key, &limits, &take(50), clock.clone())
+            .await
+            .unwrap(),
+        LimitOutcome::Denied(Denied::Wait(ms(100)))
+    );
+    assert_eq!(
+        b.apply_limit(&key, &limits, &take(100), clock.clone())
+            .await
+            .unwrap(),
+        granted(now + 100)
+    );
+    assert_eq!(
+        a.apply_limit(&key, &limits, &take(1_000), clock.clone())
+            .await
+            .unwrap(),
+        granted(now + 200)
+    );
+
+    // Twenty takes at once from both handles: twenty distinct slots, 100 ms apart.
+    let outcomes = futures_util::future::join_all((0..20).map(|i| {
+        let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let (key, clock) = (key.clone(), clock.clone());
+        async move { s.apply_limit(&key, &limits, &take(60_000), clock).await }
+    }))
+    .await;
+    let mut slots: Vec<u64> = outcomes
+        .into_iter()
+        .map(|o| match o.expect("a concurrent take") {
+            LimitOutcome::Granted(g) => g.at_ms,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    slots.sort_unstable();
+    let want: Vec<u64> = (3..23).map(|k| now + k * 100).collect();
+    assert_eq!(slots, want);
+
+    // A 429's block holds every holder of the limit until then.
+    assert_eq!(
+        a.apply_limit(
+            &key,
+            &limits,
+            &LimitOp::Block {
+                until_ms: now + 10_000
+            },
+            clock.clone()
+        )
+        .await
+        .unwrap(),
+        LimitOutcome::Blocked
+    );
+    assert_eq!(
+        b.apply_limit(&key, &limits, &take(60_000), clock.clone())
+            .await
+            .unwrap(),
+        granted(now + 10_000)
+    );
+
+    // Tokens: 60,000 TPM, a token a millisecond. Debt learnt by a caller moves the next slot.
+    let tokens = Limits::new(0, 60_000, ms(500));
+    let token_key = unique("openai:limit-tokens-");
+    let take_tokens = |n: u64, delta: i64| LimitOp::Take {
+        tokens: n,
+        max_wait: ms(60_000),
+        learnt: Learnt {
+            tokens_delta: delta,
+            view: None,
+        },
+    };
+    let at = |o: LimitOutcome| match o {
+        LimitOutcome::Granted(g) => g.at_ms,
+        other => panic!("{other:?}"),
+    };
+    let first = a
+        .apply_limit(&token_key, &tokens, &take_tokens(500, 0), clock.clone())
+        .await
+        .unwrap();
+    assert_eq!(at(first), now);
+    let second = b
+        .apply_limit(&token_key, &tokens, &take_tokens(500, 300), clock.clone())
+        .await
+        .unwrap();
+    assert_eq!(at(second), now + 800);
+
+    // Keys are apart: another model's limit is untouched.
+    assert_eq!(
+        a.apply_limit(&unique("openai:other-"), &limits, &take(0), clock.clone())
+            .await
+            .unwrap(),
+        granted(now)
+    );
 }

@@ -186,6 +186,8 @@ pub fn sim_config(o: &Options) -> SimConfig {
         api_key: SIM_KEY.into(),
         rpm: o.rpm,
         tpm: 0,
+        limit_model: Default::default(),
+        quantum_ms: 1_000,
         latency_ms: o.latency_ms,
         jitter_ms: o.jitter_ms,
         seed: o.seed,

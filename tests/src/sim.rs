@@ -30,11 +30,16 @@
 //!   If it does not fit in `max_tokens` it is cut, with `finish_reason: "length"` (OpenAI) or
 //!   `stop_reason: "max_tokens"` (Anthropic). Anthropic answers are
 //!   `{"type":"message","content":[{"type":"text","text":…}],"stop_reason":…,"usage":…}`.
-//! - **Rate limits**: per-key RPM and TPM sliding 60 s windows (0 = unlimited). TPM counts
+//! - **Rate limits**: per-key RPM and TPM (0 = unlimited), enforced by one of two models
+//!   ([`LimitModel`]): sliding 60 s windows (the default), or what OpenAI documents, a bucket
+//!   refilled continuously at the per-minute rate and enforced over a short quantum (1 s:
+//!   600 RPM admits at most 10 at once). TPM counts
 //!   prompt tokens + `max_completion_tokens`/`max_tokens` (or [`DEFAULT_MAX_TOKENS`]) at admission
-//!   like OpenAI's estimate. Requests rejected with 429 do not count. Every response after
+//!   like OpenAI's estimate ([`SimStats::tokens_admitted`]). Requests rejected with 429 do not
+//!   count. Every response after
 //!   authentication carries the limit headers. OpenAI: the six `x-ratelimit-*` headers (`reset`
-//!   = time until capacity frees, Go duration format: `"20ms"`, `"1.5s"`, `"6m0s"`; unlimited
+//!   = time until capacity frees in a sliding window, until the bucket is full in the quantized
+//!   model; Go duration format: `"20ms"`, `"1.5s"`, `"6m0s"`; unlimited
 //!   dimensions report [`UNLIMITED_REPORTED`]); a 429 carries `Retry-After` (decimal seconds) and
 //!   `retry-after-ms`. Anthropic: `anthropic-ratelimit-requests-*` and
 //!   `anthropic-ratelimit-tokens-*` (`-limit`, `-remaining`, `-reset` as an RFC 3339 instant,
@@ -331,6 +336,11 @@ pub struct SimConfig {
     pub rpm: u64,
     /// Tokens per minute per key (0 = unlimited).
     pub tpm: u64,
+    /// How `rpm` and `tpm` are enforced ([`LimitModel`]).
+    pub limit_model: LimitModel,
+    /// The period a [`LimitModel::Quantized`] limit is enforced over: at most
+    /// `limit × quantum_ms / 60,000` at once (at least one request).
+    pub quantum_ms: u64,
     /// Fixed latency added to every admitted request.
     pub latency_ms: u64,
     /// Extra uniformly random latency in `0..=jitter_ms`.
@@ -349,6 +359,8 @@ impl Default for SimConfig {
             api_key: "sk-sim".into(),
             rpm: 0,
             tpm: 0,
+            limit_model: LimitModel::default(),
+            quantum_ms: 1_000,
             latency_ms: 0,
             jitter_ms: 0,
             faults: FaultPlan::default(),
@@ -361,9 +373,62 @@ impl Default for SimConfig {
 
 impl SimConfig {
     pub fn validate(&self) -> Result<(), String> {
+        if self.limit_model == LimitModel::Quantized && self.quantum_ms == 0 {
+            return Err("quantum_ms must be at least 1 with the quantized limit model".into());
+        }
         self.faults.validate()?;
         self.batch.validate()
     }
+
+    fn limits(&self) -> LimitCfg {
+        LimitCfg {
+            model: self.limit_model,
+            rpm: self.rpm,
+            tpm: self.tpm,
+            quantum_ms: self.quantum_ms,
+        }
+    }
+}
+
+/// How the simulator enforces its per-minute limits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitModel {
+    /// A sliding 60 s window: a minute's worth may go at once, then each request waits for
+    /// the oldest to leave the window; `reset` is the time until the oldest leaves.
+    #[default]
+    SlidingMinute,
+    /// What OpenAI documents: limits "can be quantized, meaning they are enforced over shorter
+    /// periods of time (e.g. 60,000 requests/minute may be enforced as 1,000
+    /// requests/second)". Each limit is a bucket refilled continuously at the per-minute rate;
+    /// admission takes from a bucket holding one quantum's share ([`SimConfig::quantum_ms`]),
+    /// so a burst past it is a 429 however little of the minute is used. The headers report
+    /// the minute's bucket as OpenAI's do: `remaining` of the limit, `reset` the time until it
+    /// is full ("resets to its initial state").
+    Quantized,
+}
+
+impl FromStr for LimitModel {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "sliding-minute" | "sliding_minute" => Ok(LimitModel::SlidingMinute),
+            "quantized" => Ok(LimitModel::Quantized),
+            other => Err(format!(
+                "unknown limit model {other:?} (sliding-minute or quantized)"
+            )),
+        }
+    }
+}
+
+/// The limits as admission needs them.
+#[derive(Debug, Clone, Copy)]
+struct LimitCfg {
+    model: LimitModel,
+    rpm: u64,
+    tpm: u64,
+    quantum_ms: u64,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -439,6 +504,15 @@ pub struct SimStats {
     pub completion_tokens: u64,
     /// `prompt_tokens + completion_tokens`: what OpenAI would bill.
     pub tokens_billed: u64,
+    /// Tokens the TPM limit counted for the admitted requests (prompt + `max_tokens`).
+    #[serde(default)]
+    pub tokens_admitted: u64,
+    /// When the first and the last admitted request were admitted (ms since the epoch; 0:
+    /// none yet): how long the limits kept the provider busy.
+    #[serde(default)]
+    pub first_admitted_ms: u64,
+    #[serde(default)]
+    pub last_admitted_ms: u64,
     /// Valid, authenticated requests per image sha256 (hex of the decoded image bytes),
     /// whatever their outcome: "how often was the provider called with this image".
     pub requests_per_image: BTreeMap<String, u64>,
@@ -473,8 +547,21 @@ pub struct SimStats {
 
 #[derive(Debug, Default)]
 struct Window {
-    /// Admitted requests: (time, estimated tokens), oldest first.
+    /// Sliding minute: admitted requests, (time, estimated tokens), oldest first.
     entries: VecDeque<(Instant, u64)>,
+    /// Quantized: the buckets, from the first request on.
+    buckets: Option<Buckets>,
+}
+
+/// The quantized model's buckets as levels at `at`: the minute's (reported in the headers)
+/// and the quantum's (what admission takes from).
+#[derive(Debug, Clone, Copy)]
+struct Buckets {
+    at: Instant,
+    minute_requests: f64,
+    minute_tokens: f64,
+    quantum_requests: f64,
+    quantum_tokens: f64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -507,6 +594,21 @@ enum Admission {
     },
 }
 
+/// Units of a per-minute limit refilled per millisecond.
+fn per_ms(per_minute: u64) -> f64 {
+    per_minute as f64 / 60_000.0
+}
+
+/// The quantum's share of a per-minute limit (at least one unit).
+fn quantum_share(per_minute: u64, quantum_ms: u64) -> f64 {
+    (per_ms(per_minute) * quantum_ms as f64).max(1.0)
+}
+
+/// How long until `needed` more units refill at `per_minute`.
+fn refill_time(needed: f64, per_minute: u64) -> Duration {
+    Duration::from_secs_f64((needed.max(0.0) / per_ms(per_minute)) / 1000.0)
+}
+
 impl Window {
     fn prune(&mut self, now: Instant) {
         while let Some((t, _)) = self.entries.front() {
@@ -529,7 +631,122 @@ impl Window {
             .unwrap_or_default()
     }
 
-    fn snapshot(&mut self, now: Instant, rpm: u64, tpm: u64) -> LimitSnapshot {
+    fn snapshot(&mut self, now: Instant, lim: &LimitCfg) -> LimitSnapshot {
+        match lim.model {
+            LimitModel::SlidingMinute => self.sliding_snapshot(now, lim.rpm, lim.tpm),
+            LimitModel::Quantized => {
+                let b = self.refill(now, lim);
+                Self::bucket_snapshot(&b, lim)
+            }
+        }
+    }
+
+    fn admit(&mut self, now: Instant, lim: &LimitCfg, requested: u64) -> Admission {
+        match lim.model {
+            LimitModel::SlidingMinute => self.admit_sliding(now, lim.rpm, lim.tpm, requested),
+            LimitModel::Quantized => self.admit_quantized(now, lim, requested),
+        }
+    }
+
+    /// The buckets refilled up to `now` (full at the first request).
+    fn refill(&mut self, now: Instant, lim: &LimitCfg) -> Buckets {
+        let (rpm, tpm, q) = (lim.rpm as f64, lim.tpm as f64, lim.quantum_ms);
+        let b = self.buckets.get_or_insert(Buckets {
+            at: now,
+            minute_requests: rpm,
+            minute_tokens: tpm,
+            quantum_requests: quantum_share(lim.rpm, q),
+            quantum_tokens: quantum_share(lim.tpm, q),
+        });
+        let dt = now.saturating_duration_since(b.at).as_secs_f64() * 1000.0;
+        let (dr, dtk) = (dt * per_ms(lim.rpm), dt * per_ms(lim.tpm));
+        b.minute_requests = (b.minute_requests + dr).min(rpm);
+        b.minute_tokens = (b.minute_tokens + dtk).min(tpm);
+        b.quantum_requests = (b.quantum_requests + dr).min(quantum_share(lim.rpm, q));
+        b.quantum_tokens = (b.quantum_tokens + dtk).min(quantum_share(lim.tpm, q));
+        b.at = now;
+        *b
+    }
+
+    fn bucket_snapshot(b: &Buckets, lim: &LimitCfg) -> LimitSnapshot {
+        let report = |limit: u64, level: f64| {
+            if limit == 0 {
+                (UNLIMITED_REPORTED, UNLIMITED_REPORTED, Duration::ZERO)
+            } else {
+                let level = level.max(0.0);
+                (
+                    limit,
+                    level.floor() as u64,
+                    refill_time(limit as f64 - level, limit),
+                )
+            }
+        };
+        let (limit_requests, remaining_requests, reset_requests) =
+            report(lim.rpm, b.minute_requests);
+        let (limit_tokens, remaining_tokens, reset_tokens) = report(lim.tpm, b.minute_tokens);
+        LimitSnapshot {
+            limit_requests,
+            limit_tokens,
+            remaining_requests,
+            remaining_tokens,
+            reset_requests,
+            reset_tokens,
+        }
+    }
+
+    fn admit_quantized(&mut self, now: Instant, lim: &LimitCfg, requested: u64) -> Admission {
+        let b = self.refill(now, lim);
+        let snapshot = Self::bucket_snapshot(&b, lim);
+        if lim.rpm > 0 && b.quantum_requests < 1.0 {
+            return Admission::Limited {
+                kind: LimitKind::Requests,
+                limit: lim.rpm,
+                used: lim.rpm.saturating_sub(snapshot.remaining_requests),
+                requested: 1,
+                wait: Some(refill_time(1.0 - b.quantum_requests, lim.rpm)),
+                snapshot,
+            };
+        }
+        if lim.tpm > 0 {
+            let used = lim.tpm.saturating_sub(snapshot.remaining_tokens);
+            if requested > lim.tpm {
+                return Admission::Limited {
+                    kind: LimitKind::Tokens,
+                    limit: lim.tpm,
+                    used,
+                    requested,
+                    wait: None,
+                    snapshot,
+                };
+            }
+            // A request larger than the quantum's share goes when that bucket is full.
+            let needed = (requested as f64).min(quantum_share(lim.tpm, lim.quantum_ms));
+            if b.quantum_tokens < needed {
+                return Admission::Limited {
+                    kind: LimitKind::Tokens,
+                    limit: lim.tpm,
+                    used,
+                    requested,
+                    wait: Some(refill_time(needed - b.quantum_tokens, lim.tpm)),
+                    snapshot,
+                };
+            }
+        }
+        if let Some(b) = self.buckets.as_mut() {
+            if lim.rpm > 0 {
+                b.quantum_requests -= 1.0;
+                b.minute_requests -= 1.0;
+            }
+            if lim.tpm > 0 {
+                b.quantum_tokens -= requested as f64;
+                b.minute_tokens -= requested as f64;
+            }
+        }
+        let b = self.refill(now, lim);
+        Admission::Admitted(Self::bucket_snapshot(&b, lim))
+    }
+
+    fn sliding_snapshot(&mut self, now: Instant, rpm: u64, tpm: u64) -> LimitSnapshot {
         self.prune(now);
         let count = self.entries.len() as u64;
         let used = self.used_tokens();
@@ -554,13 +771,13 @@ impl Window {
         }
     }
 
-    fn admit(&mut self, now: Instant, rpm: u64, tpm: u64, requested: u64) -> Admission {
+    fn admit_sliding(&mut self, now: Instant, rpm: u64, tpm: u64, requested: u64) -> Admission {
         self.prune(now);
         let count = self.entries.len() as u64;
         if rpm > 0 && count >= rpm {
             // `count - rpm + 1` entries must expire; the last of them is at index count - rpm.
             let wait = self.expiry((count - rpm) as usize, now);
-            let mut snapshot = self.snapshot(now, rpm, tpm);
+            let mut snapshot = self.sliding_snapshot(now, rpm, tpm);
             snapshot.reset_requests = wait;
             return Admission::Limited {
                 kind: LimitKind::Requests,
@@ -573,7 +790,7 @@ impl Window {
         }
         let used = self.used_tokens();
         if tpm > 0 && used + requested > tpm {
-            let snapshot = self.snapshot(now, rpm, tpm);
+            let snapshot = self.sliding_snapshot(now, rpm, tpm);
             if requested > tpm {
                 return Admission::Limited {
                     kind: LimitKind::Tokens,
@@ -606,7 +823,7 @@ impl Window {
             };
         }
         self.entries.push_back((now, requested));
-        Admission::Admitted(self.snapshot(now, rpm, tpm))
+        Admission::Admitted(self.sliding_snapshot(now, rpm, tpm))
     }
 }
 
@@ -717,11 +934,11 @@ impl Shared {
 
     fn snapshot(&self, key: &str) -> LimitSnapshot {
         let mut g = self.lock();
-        let (rpm, tpm) = (g.cfg.rpm, g.cfg.tpm);
+        let lim = g.cfg.limits();
         g.windows
             .entry(key.to_string())
             .or_default()
-            .snapshot(Instant::now(), rpm, tpm)
+            .snapshot(Instant::now(), &lim)
     }
 }
 
@@ -2306,14 +2523,25 @@ async fn gate(
 
     let admission = {
         let mut g = sh.lock();
-        let (rpm, tpm) = (g.cfg.rpm, g.cfg.tpm);
+        let lim = g.cfg.limits();
         let adm =
             g.windows
                 .entry(key.to_string())
                 .or_default()
-                .admit(Instant::now(), rpm, tpm, estimate);
-        if matches!(adm, Admission::Limited { .. }) {
-            g.stats.rate_limited += 1;
+                .admit(Instant::now(), &lim, estimate);
+        match adm {
+            Admission::Limited { .. } => g.stats.rate_limited += 1,
+            Admission::Admitted(_) => {
+                let at = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64);
+                let stats = &mut g.stats;
+                stats.tokens_admitted += estimate;
+                if stats.first_admitted_ms == 0 {
+                    stats.first_admitted_ms = at;
+                }
+                stats.last_admitted_ms = at;
+            }
         }
         adm
     };

@@ -49,15 +49,21 @@ async fn aws_adapter_contract() {
         .unwrap();
     let vectors = Arc::new(S3VectorStore::new(s3vectors, &vector_bucket));
 
-    let (r, s, q, b, v, g) = tokio::join!(
+    // A second client on the same table: another Lambda instance.
+    let other_instance = Arc::new(DynamoRepository::new(
+        Clients::new(&sdk, Some(&emu.endpoint)).dynamodb,
+        &table,
+    ));
+    let (r, s, q, b, v, g, l) = tokio::join!(
         contract::repository_contract(repo.clone()),
         contract::batch_store_contract(repo.clone(), repo.clone()),
         contract::queue_contract(queue),
         contract::blob_contract(blobs),
         contract::vector_store_contract(vectors),
-        contract::generation_store_contract(repo),
+        contract::generation_store_contract(repo.clone()),
+        contract::rate_limit_contract(repo, other_instance),
     );
-    let _ = (r, s, q, b, v, g);
+    let _ = (r, s, q, b, v, g, l);
 }
 
 /// What the contract does not reach but S3 Vectors imposes, on an emulator that refuses what

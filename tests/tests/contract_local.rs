@@ -38,6 +38,16 @@ async fn local_repository_contract_with_its_job_queue() {
     assert_eq!(got[0].body, "{\"job\":4}");
 }
 
+/// Two connections on one database file, as two processes on one data dir.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_rate_limit_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db.sqlite");
+    let a = SqliteRepository::new(SqliteDb::open(&path).unwrap());
+    let b = SqliteRepository::new(SqliteDb::open(&path).unwrap());
+    contract::rate_limit_contract(Arc::new(a), Arc::new(b)).await;
+}
+
 #[tokio::test]
 async fn local_batch_store_contract() {
     let dir = tempfile::tempdir().unwrap();

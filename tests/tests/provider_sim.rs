@@ -13,8 +13,8 @@ use sightline_core::model::Detail;
 use sightline_core::pricing::{text_tokens, PriceTable};
 use sightline_core::retry::{parse_reset, parse_retry_after};
 use sightline_tests::sim::{
-    is_poison, EveryNth, Fault, FaultPlan, SimConfig, SimServer, MESSAGE_OVERHEAD_TOKENS,
-    REPLY_PRIMING_TOKENS,
+    is_poison, EveryNth, Fault, FaultPlan, LimitModel, SimConfig, SimServer,
+    MESSAGE_OVERHEAD_TOKENS, REPLY_PRIMING_TOKENS,
 };
 
 const KEY: &str = "sk-sim-test";
@@ -479,6 +479,89 @@ async fn tpm_counts_prompt_plus_max_tokens() {
         stats.prompt_tokens + stats.completion_tokens
     );
     assert!(stats.completion_tokens > 0 && stats.completion_tokens < 2 * max_tokens);
+}
+
+#[tokio::test]
+async fn a_quantized_limit_refuses_a_burst_past_its_quantum_while_the_minute_has_room() {
+    // 600 RPM enforced per second: 10 at once, then one every 100 ms.
+    let sim = SimServer::start(SimConfig {
+        rpm: 600,
+        limit_model: LimitModel::Quantized,
+        quantum_ms: 1_000,
+        ..cfg()
+    })
+    .await
+    .unwrap();
+    let client = Client::new();
+    let b = body("gpt-4o", &jpeg(64, 64, 10), "low", 50);
+    let started = Instant::now();
+    for i in 0..10 {
+        let r = post(&client, &sim, &b, None).await;
+        assert_eq!(r.status(), StatusCode::OK, "request {i}");
+        if i == 0 {
+            // The headers report the minute's bucket, OpenAI's way: one of 600 used, full
+            // again ("reset to its initial state") in 100 ms.
+            assert_eq!(header(&r, "x-ratelimit-limit-requests"), "600");
+            assert_eq!(header(&r, "x-ratelimit-remaining-requests"), "599");
+            let reset = parse_reset(header(&r, "x-ratelimit-reset-requests")).unwrap();
+            assert!(reset <= Duration::from_millis(100), "{reset:?}");
+        }
+    }
+    let refused = post(&client, &sim, &b, None).await;
+    if started.elapsed() < Duration::from_millis(90) {
+        assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+        // Refused with most of the minute left: the quantum is what is enforced.
+        let remaining: u64 = header(&refused, "x-ratelimit-remaining-requests")
+            .parse()
+            .unwrap();
+        assert!(remaining >= 590, "{remaining}");
+        let retry = parse_retry_after(header(&refused, "retry-after")).unwrap();
+        assert!(retry <= Duration::from_millis(100), "{retry:?}");
+        tokio::time::sleep(retry).await;
+    }
+    assert_eq!(post(&client, &sim, &b, None).await.status(), StatusCode::OK);
+    let stats = sim.stats().await;
+    assert!(stats.completions == 11 || stats.completions == 12);
+}
+
+#[tokio::test]
+async fn a_quantized_token_limit_counts_prompt_plus_max_tokens_and_reports_them() {
+    let img = jpeg(64, 64, 20);
+    let max_tokens = 300;
+    // 60,000 TPM per second: a quantum of 1,000 tokens holds two requests of this size.
+    let sim = SimServer::start(SimConfig {
+        tpm: 60_000,
+        limit_model: LimitModel::Quantized,
+        ..cfg()
+    })
+    .await
+    .unwrap();
+    let client = Client::new();
+    let b = body("gpt-4o", &img, "low", max_tokens);
+    let per_request = 85 + text_part() + max_tokens;
+    assert!(2 * per_request <= 1_000 && 3 * per_request > 1_000);
+    let started = Instant::now();
+    assert_eq!(post(&client, &sim, &b, None).await.status(), StatusCode::OK);
+    assert_eq!(post(&client, &sim, &b, None).await.status(), StatusCode::OK);
+    let third = post(&client, &sim, &b, None).await;
+    if started.elapsed() < Duration::from_millis(100) {
+        assert_eq!(third.status(), StatusCode::TOO_MANY_REQUESTS);
+        let e: Value = third.json().await.unwrap();
+        assert_eq!(e["error"]["type"], "tokens");
+    }
+    let stats = sim.stats().await;
+    assert_eq!(stats.tokens_admitted, stats.completions * per_request);
+}
+
+#[test]
+fn limit_models_parse_by_name() {
+    assert_eq!("quantized".parse::<LimitModel>(), Ok(LimitModel::Quantized));
+    assert_eq!(
+        "sliding-minute".parse::<LimitModel>(),
+        Ok(LimitModel::SlidingMinute)
+    );
+    assert!("fixed".parse::<LimitModel>().is_err());
+    assert_eq!(LimitModel::default(), LimitModel::SlidingMinute);
 }
 
 #[tokio::test]

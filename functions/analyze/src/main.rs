@@ -32,7 +32,11 @@ async fn main() -> Result<(), Error> {
         settings,
         Arc::new(SystemClock),
     )
-    .with_batches(repo);
+    .with_batches(repo.clone());
+    if analyzer.settings.shared_limit {
+        // Every instance draws from one limit per model, kept in the table.
+        analyzer = analyzer.with_shared_limit(repo);
+    }
     if let Some(search) = search {
         analyzer = analyzer.with_search(search);
     }

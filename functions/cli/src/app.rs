@@ -165,6 +165,10 @@ impl LocalApp {
             settings: settings.clone(),
             clock: clock.clone(),
         };
+        if config.settings.shared_limit {
+            // Every process on this data dir draws from one limit in its database.
+            analyzer = analyzer.with_shared_limit(sqlite_repo.clone());
+        }
         let analyzer = analyzer
             .with_search(search.clone())
             .with_generations(generations.clone());

@@ -11,7 +11,7 @@
 //! - [`genjob`]: generation jobs as they run: row and job states, the check by analysis.
 //! - [`pricing`]: the versioned price table and image-token rules (one estimator everywhere).
 //! - [`retry`]: transient vs permanent, backoff.
-//! - [`limiter`]: RPM + TPM reserve-then-correct maths.
+//! - [`limiter`]: RPM + TPM buckets with a short burst, scheduled takes, corrections.
 //! - [`keys`]: blob key layout and S3 event key decoding.
 //! - [`model`]: records, results and queue messages.
 //! - [`webhook`]: Standard Webhooks signing and verification, delivery outcome and retry schedule.

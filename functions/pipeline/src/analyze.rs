@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use sightline_core::budget::{self, BudgetCaps, Period, Periods};
-use sightline_core::limiter::{Denied, RateLimiter, Reservation};
+use sightline_core::limiter::{
+    Denied, Grant, Learnt, LimitOp, LimitOutcome, LimitState, Limits, ProviderView,
+};
 use sightline_core::model::{
     idempotency_key, AnalysisJob, AnalysisResult, Detail, Estimate, ImageRecord, ImageStatus, Lane,
 };
@@ -18,8 +20,8 @@ use tracing::{debug, info, warn};
 
 use crate::ports::{
     day_of, rfc3339, BatchStore, BatchWaiter, BlobStore, BudgetHold, Claim, Clock, Completion,
-    Enqueued, Failure, LedgerKind, ProviderError, Repository, Spend, StoreError, VisionProvider,
-    VisionRequest,
+    Enqueued, Failure, LedgerKind, ProviderError, RateLimitStore, Repository, Spend, StoreError,
+    VisionProvider, VisionRequest,
 };
 use crate::settings::{AnalysisPrompt, OverBudget, Settings};
 
@@ -139,32 +141,189 @@ enum Step {
     Fail(String),
 }
 
-/// Limiters per model (providers limit per model), shared by all workers of an instance.
+/// The provider's limits, per model (providers limit per model): kept in this process for all
+/// its workers, or shared through the store with every process and instance
+/// ([`Limiters::shared`]).
 #[derive(Clone)]
 pub struct Limiters {
-    rpm: u64,
-    tpm: u64,
-    inner: Arc<Mutex<HashMap<String, RateLimiter>>>,
+    limits: Limits,
+    keep: Keep,
+}
+
+#[derive(Clone)]
+enum Keep {
+    Local(Arc<Mutex<HashMap<String, LimitState>>>),
+    /// In the store under `{scope}:{model}`; what the calls of this process learnt (headers,
+    /// corrections) waits here and goes with its next take, in the same write.
+    Shared {
+        store: Arc<dyn RateLimitStore>,
+        scope: String,
+        learnt: Arc<Mutex<HashMap<String, Learnt>>>,
+        clock: Arc<dyn Clock>,
+    },
+}
+
+/// The wait after a shared limit could not be reached: the message comes back a little later.
+const LIMIT_STORE_RETRY: Duration = Duration::from_secs(2);
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
 }
 
 impl Limiters {
-    pub fn new(rpm: u64, tpm: u64) -> Limiters {
+    /// Limits kept in this process.
+    pub fn new(limits: Limits) -> Limiters {
         Limiters {
-            rpm,
-            tpm,
-            inner: Arc::new(Mutex::new(HashMap::new())),
+            limits,
+            keep: Keep::Local(Arc::new(Mutex::new(HashMap::new()))),
         }
     }
 
-    fn with<T>(&self, model: &str, now_ms: u64, f: impl FnOnce(&mut RateLimiter) -> T) -> T {
-        let mut map = match self.inner.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
+    /// One limit per model in `store`, shared with everyone using it; `scope` (the provider)
+    /// keeps providers apart.
+    pub fn shared(
+        limits: Limits,
+        store: Arc<dyn RateLimitStore>,
+        scope: &str,
+        clock: Arc<dyn Clock>,
+    ) -> Limiters {
+        Limiters {
+            limits,
+            keep: Keep::Shared {
+                store,
+                scope: scope.to_string(),
+                learnt: Arc::new(Mutex::new(HashMap::new())),
+                clock,
+            },
+        }
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    pub fn is_shared(&self) -> bool {
+        matches!(self.keep, Keep::Shared { .. })
+    }
+
+    async fn apply(&self, model: &str, op: LimitOp, now_ms: u64) -> LimitOutcome {
+        match &self.keep {
+            Keep::Local(states) => locked(states).entry(model.to_string()).or_default().apply(
+                &self.limits,
+                &op,
+                now_ms,
+            ),
+            Keep::Shared {
+                store,
+                scope,
+                clock,
+                ..
+            } => {
+                let key = format!("{scope}:{model}");
+                match store
+                    .apply_limit(&key, &self.limits, &op, clock.clone())
+                    .await
+                {
+                    Ok(outcome) => outcome,
+                    // Denied like a full limit (a take's caller keeps what it learnt).
+                    Err(e) => {
+                        warn!(error = %e, key, "the shared rate limit could not be reached");
+                        LimitOutcome::Denied(Denied::Wait(LIMIT_STORE_RETRY))
+                    }
+                }
+            }
+        }
+    }
+
+    fn keep_learnt(learnt: &Mutex<HashMap<String, Learnt>>, model: &str, more: Learnt) {
+        if !more.is_empty() {
+            locked(learnt)
+                .entry(model.to_string())
+                .or_default()
+                .merge(more);
+        }
+    }
+
+    /// Schedule one call of `tokens` no further than `max_wait` away.
+    async fn take(
+        &self,
+        model: &str,
+        tokens: u64,
+        now_ms: u64,
+        max_wait: Duration,
+    ) -> Result<Grant, Denied> {
+        if self.limits.is_unlimited() {
+            return Ok(Grant {
+                at_ms: now_ms,
+                tokens,
+            });
+        }
+        let learnt = match &self.keep {
+            Keep::Local(_) => Learnt::default(),
+            Keep::Shared { learnt, .. } => locked(learnt).remove(model).unwrap_or_default(),
         };
-        let l = map
-            .entry(model.to_string())
-            .or_insert_with(|| RateLimiter::new(self.rpm, self.tpm, now_ms));
-        f(l)
+        let op = LimitOp::Take {
+            tokens,
+            max_wait,
+            learnt,
+        };
+        match self.apply(model, op, now_ms).await {
+            LimitOutcome::Granted(grant) => Ok(grant),
+            LimitOutcome::Denied(denied) => {
+                if let Keep::Shared { learnt: kept, .. } = &self.keep {
+                    Self::keep_learnt(kept, model, learnt);
+                }
+                Err(denied)
+            }
+            // A take never blocks.
+            LimitOutcome::Blocked => Err(Denied::Wait(LIMIT_STORE_RETRY)),
+        }
+    }
+
+    /// What a finished call told us: the tokens the provider counted for it (None: unknown,
+    /// the reservation stands) and its rate-limit headers.
+    fn learn(
+        &self,
+        model: &str,
+        grant: Grant,
+        counted: Option<u64>,
+        view: &ProviderView,
+        now_ms: u64,
+    ) {
+        if self.limits.is_unlimited() {
+            return;
+        }
+        let seen = (*view != ProviderView::default()).then_some((*view, now_ms));
+        match &self.keep {
+            Keep::Local(states) => {
+                let mut states = locked(states);
+                let state = states.entry(model.to_string()).or_default();
+                if let Some(counted) = counted {
+                    state.correct(&self.limits, grant, counted);
+                }
+                if let Some((view, at)) = seen {
+                    state.observe(&self.limits, &view, at);
+                }
+            }
+            Keep::Shared { learnt, .. } => {
+                let more = Learnt {
+                    tokens_delta: counted.map_or(0, |c| c as i64 - grant.tokens as i64),
+                    view: seen,
+                };
+                Self::keep_learnt(learnt, model, more);
+            }
+        }
+    }
+
+    /// The provider said wait: nothing goes to `model` before `until_ms` (for every process
+    /// when shared: written at once).
+    async fn block(&self, model: &str, until_ms: u64, now_ms: u64) {
+        if !self.limits.is_unlimited() {
+            self.apply(model, LimitOp::Block { until_ms }, now_ms).await;
+        }
     }
 }
 
@@ -206,21 +365,34 @@ impl Analyzer {
         settings: Arc<Settings>,
         clock: Arc<dyn Clock>,
     ) -> Analyzer {
-        let rpm = RateLimiter::per_instance(settings.rpm, settings.max_concurrency);
-        let tpm = RateLimiter::per_instance(settings.tpm, settings.max_concurrency);
+        // Without a shared limit each instance keeps its share of the global one.
+        let limits = Limits::new(settings.rpm, settings.tpm, settings.limit_burst)
+            .per_instance(settings.max_concurrency);
         Analyzer {
             blobs,
             repo,
             provider,
             settings,
             clock,
-            limiters: Limiters::new(rpm, tpm),
+            limiters: Limiters::new(limits),
             instance: uuid::Uuid::new_v4().simple().to_string(),
             metrics: crate::metrics::no_metrics(),
             batches: None,
             search: None,
             generations: None,
         }
+    }
+
+    /// Draw from one limit kept in `store` (the settings' global `rpm`/`tpm`), shared with every
+    /// process and instance using the same store, instead of this instance's share.
+    pub fn with_shared_limit(mut self, store: Arc<dyn RateLimitStore>) -> Analyzer {
+        let limits = Limits::new(
+            self.settings.rpm,
+            self.settings.tpm,
+            self.settings.limit_burst,
+        );
+        self.limiters = Limiters::shared(limits, store, self.provider.name(), self.clock.clone());
+        self
     }
 
     /// Give done images their vectors, and let near-duplicates reuse analyses when the
@@ -974,9 +1146,14 @@ impl Analyzer {
             Err(Denied::Wait(d)) => {
                 // Spread instances that all hit the same limit.
                 let spread = d.mul_f64(1.0 + 0.2 * jitter());
+                let which = if self.limiters.is_shared() {
+                    "shared"
+                } else {
+                    "local"
+                };
                 let step = Step::Retry {
                     delay: spread,
-                    reason: format!("local rate limit for {model}"),
+                    reason: format!("{which} rate limit for {model}"),
                 };
                 return (step, wasted);
             }
@@ -994,7 +1171,7 @@ impl Analyzer {
                 .unwrap_or(0.0)
         };
         let mut attempt = self.provider.analyze(&request).await;
-        self.finish(model, reservation, &attempt);
+        self.finish(model, reservation, &attempt).await;
         if let Err(e) = &attempt {
             if e.kind == FailureKind::InvalidOutput {
                 // Tokens billed for an invalid answer are real cost.
@@ -1008,7 +1185,7 @@ impl Analyzer {
                     return (step, wasted);
                 };
                 attempt = self.provider.analyze(&request).await;
-                self.finish(model, r2, &attempt);
+                self.finish(model, r2, &attempt).await;
                 if let Err(e2) = &attempt {
                     self.count_failed_call(&mut wasted, e2, model, estimate.as_ref(), &price);
                 }
@@ -1094,46 +1271,49 @@ impl Analyzer {
         }
     }
 
-    /// Reserve against the model's limiter, waiting in place only for short waits.
-    async fn reserve(&self, model: &str, tokens: u64) -> Result<Reservation, Denied> {
-        let deadline = self.clock.now_ms() + self.settings.max_inline_wait.as_millis() as u64;
-        loop {
-            let now = self.clock.now_ms();
-            match self
-                .limiters
-                .with(model, now, |l| l.try_reserve(tokens, now))
-            {
-                Ok(r) => return Ok(r),
-                Err(Denied::Wait(d)) if now + (d.as_millis() as u64) <= deadline => {
-                    tokio::time::sleep(d.max(Duration::from_millis(5))).await;
-                }
-                Err(other) => return Err(other),
-            }
+    /// Take a slot of the model's limit and wait for it, when it is at most `max_inline_wait`
+    /// away. The offline analyzer calls nobody: no limit (None).
+    async fn reserve(&self, model: &str, tokens: u64) -> Result<Option<Grant>, Denied> {
+        if !self.provider.is_paid() {
+            return Ok(None);
         }
+        let now = self.clock.now_ms();
+        let grant = self
+            .limiters
+            .take(model, tokens, now, self.settings.max_inline_wait)
+            .await?;
+        let wait = grant.wait(self.clock.now_ms());
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        Ok(Some(grant))
     }
 
-    fn finish(
+    /// Tell the limit what the call showed: the tokens the provider counted, its headers, and
+    /// a 429's Retry-After (which holds the model's limit for everyone sharing it).
+    async fn finish(
         &self,
         model: &str,
-        reservation: Reservation,
+        grant: Option<Grant>,
         attempt: &Result<crate::ports::VisionResponse, ProviderError>,
     ) {
+        let Some(grant) = grant else {
+            return;
+        };
+        let now = self.clock.now_ms();
+        // A token limit counts the input and the whole `max_tokens` asked for (OpenAI: "usage
+        // needs are estimated from" it), not the output produced. Unknown usage: the
+        // reservation stands (a failed request counts too).
+        let max_output = u64::from(self.settings.max_output_tokens);
+        let counted = |u: &Usage| u.input_tokens + u.output_tokens.max(max_output);
         match attempt {
             Ok(resp) => {
-                // Unknown usage keeps the whole reservation: the call was made and billed.
-                let used = resp
-                    .usage
-                    .map(|u| u.input_tokens + u.output_tokens)
-                    .unwrap_or(reservation.tokens);
-                self.settle(model, reservation, Some(used), &resp.rate)
+                let used = resp.usage.as_ref().map(counted);
+                self.limiters.learn(model, grant, used, &resp.rate, now);
             }
             Err(e) => {
-                self.settle(
-                    model,
-                    reservation,
-                    e.usage.map(|u| u.input_tokens + u.output_tokens),
-                    &e.rate,
-                );
+                let used = e.usage.as_ref().map(counted);
+                self.limiters.learn(model, grant, used, &e.rate, now);
                 if let FailureKind::Http {
                     status: 429,
                     retry_after,
@@ -1142,30 +1322,11 @@ impl Analyzer {
                     let throttled = crate::metrics::Metric::ProviderThrottles;
                     self.metrics.record(throttled, Some(model), 1.0);
                     let wait = retry_after.unwrap_or(Duration::from_secs(1));
-                    let now = self.clock.now_ms();
-                    self.limiters.with(model, now, |l| l.block_for(wait, now));
+                    let until = now.saturating_add(wait.as_millis() as u64);
+                    self.limiters.block(model, until, now).await;
                 }
             }
         }
-    }
-
-    /// Correct the reservation with what was used and follow the provider's headers.
-    fn settle(
-        &self,
-        model: &str,
-        reservation: Reservation,
-        used: Option<u64>,
-        rate: &crate::ports::RateInfo,
-    ) {
-        let now = self.clock.now_ms();
-        self.limiters.with(model, now, |l| {
-            match used {
-                Some(tokens) => l.correct(reservation, tokens, now),
-                // Unknown usage (errors before the model ran): keep the request, refund tokens.
-                None => l.correct(reservation, 0, now),
-            }
-            l.observe(rate, now);
-        });
     }
 }
 

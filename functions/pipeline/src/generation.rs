@@ -529,7 +529,7 @@ impl Generations {
             Err(p) => p.into_inner(),
         };
         map.entry(model.to_string())
-            .or_insert_with(|| RateLimiter::new(ipm, 0, now))
+            .or_insert_with(|| RateLimiter::new(ipm, 0))
             .try_reserve(0, now)
             .map(|_| ())
     }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use sightline_core::budget::{BudgetCaps, Counted, Period, Periods};
+use sightline_core::limiter::{LimitOp, LimitOutcome, Limits};
 use sightline_core::model::{AnalysisResult, Detail, ImageRecord, ImageStatus, Lane};
 use sightline_core::pricing::Usage;
 use sightline_core::retry::FailureKind;
@@ -427,6 +428,26 @@ pub trait Repository: Send + Sync {
 
 /// Rate-limit state reported by a provider (x-ratelimit-* headers); the limiter reads it.
 pub use sightline_core::limiter::ProviderView as RateInfo;
+
+/// A provider's rate limit shared by every process (and every Lambda instance) using the same
+/// store: one [`LimitState`](sightline_core::limiter::LimitState) per key (provider and model),
+/// changed by one [`LimitOp`] at a time. The maths is the core's
+/// ([`LimitState::apply`](sightline_core::limiter::LimitState::apply)); an adapter only reads the
+/// state, applies the op and writes the result back atomically (one transaction, or a write
+/// conditioned on the version it read, retried when another writer came first).
+#[async_trait]
+pub trait RateLimitStore: Send + Sync {
+    /// Apply `op` to the state under `key` (none yet: a full, open limit) as one atomic step
+    /// and return its outcome. A denied take writes nothing. The time is read from `clock`
+    /// once the state is in hand (after a lock wait or a lost race), never before.
+    async fn apply_limit(
+        &self,
+        key: &str,
+        limits: &Limits,
+        op: &LimitOp,
+        clock: std::sync::Arc<dyn Clock>,
+    ) -> StoreResult<LimitOutcome>;
+}
 
 /// One vision call.
 #[derive(Debug, Clone)]

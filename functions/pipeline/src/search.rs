@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use sightline_core::embed::{self, NearDupThreshold, LOCAL_EMBED_DIMS, LOCAL_EMBED_MODEL};
-use sightline_core::limiter::{Denied, RateLimiter};
+use sightline_core::limiter::{Denied, Limits, RateLimiter};
 use sightline_core::model::{AnalysisResult, ImageRecord, ImageStatus};
 use sightline_core::pricing::{PriceTable, Usage};
 use sightline_core::retry::{classify, RetryClass};
@@ -146,10 +146,9 @@ impl Search {
             vectors,
             embedder,
             ensured: Mutex::new(HashSet::new()),
-            limiter: Mutex::new(RateLimiter::new(
-                RateLimiter::per_instance(settings.embedding_rpm, settings.max_concurrency),
-                0,
-                clock.now_ms(),
+            limiter: Mutex::new(RateLimiter::with_limits(
+                Limits::new(settings.embedding_rpm, 0, settings.limit_burst)
+                    .per_instance(settings.max_concurrency),
             )),
             settings,
             clock,

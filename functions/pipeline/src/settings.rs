@@ -221,6 +221,12 @@ pub struct Settings {
     pub max_concurrency: u64,
     /// Longest wait for our own limiter done in place; longer waits go back to the queue.
     pub max_inline_wait: Duration,
+    /// One limit shared through the store by every process and instance (the limits are
+    /// global), instead of each taking `rpm`/`tpm` ÷ `max_concurrency` on its own.
+    pub shared_limit: bool,
+    /// The limiter's burst, as time at the steady rate (see
+    /// [`sightline_core::limiter::DEFAULT_BURST`]).
+    pub limit_burst: Duration,
     /// A Retry-After at least this long switches to the fallback model at once.
     pub fallback_after: Duration,
     /// In-flight claim lease on an idempotency key; never shorter than
@@ -353,6 +359,10 @@ impl Settings {
                 // A Lambda pays for waiting: longer waits go back to the queue.
                 Runtime::Lambda => Duration::from_secs(2),
             },
+            // A Lambda instance is one of many: the store keeps their one limit. A local
+            // process is usually alone (set it when several share a data dir).
+            shared_limit: matches!(runtime, Runtime::Lambda),
+            limit_burst: sightline_core::limiter::DEFAULT_BURST,
             fallback_after: Duration::from_secs(10),
             claim_lease: Duration::from_secs(120),
             max_receives: match runtime {
@@ -974,7 +984,7 @@ pub const SETTINGS: &[SettingDef] = &[
         env: "SIGHTLINE_MAX_CONCURRENCY",
         flag: false,
         applies: Applies::Lambda,
-        help: "analyze instances sharing the limits (the template passes the SQS MaximumConcurrency)",
+        help: "analyze instances that split `rpm`/`tpm` between them when `shared_limit` is off (the template passes the SQS MaximumConcurrency)",
         apply: |s, v| {
             s.max_concurrency = num::<u64>(v)?.max(1);
             Ok(())
@@ -992,6 +1002,30 @@ pub const SETTINGS: &[SettingDef] = &[
             Ok(())
         },
         show: |s| s.max_inline_wait.as_millis().to_string(),
+    },
+    SettingDef {
+        key: "shared_limit",
+        env: "SIGHTLINE_SHARED_LIMIT",
+        flag: false,
+        applies: Applies::Everywhere,
+        help: "one `rpm`/`tpm` limit per model shared through the store (DynamoDB on AWS, the data dir's SQLite locally) by every analyze instance or process, instead of each taking its `max_concurrency` share",
+        apply: |s, v| {
+            s.shared_limit = flag(v)?;
+            Ok(())
+        },
+        show: |s| s.shared_limit.to_string(),
+    },
+    SettingDef {
+        key: "limit_burst_ms",
+        env: "SIGHTLINE_LIMIT_BURST_MS",
+        flag: false,
+        applies: Applies::Everywhere,
+        help: "requests and tokens the limiter lets through at once, as time at the steady rate (providers such as OpenAI enforce per-minute limits over shorter periods, so a minute's burst gets 429s)",
+        apply: |s, v| {
+            s.limit_burst = Duration::from_millis(num(v)?);
+            Ok(())
+        },
+        show: |s| s.limit_burst.as_millis().to_string(),
     },
     SettingDef {
         key: "max_receives",
@@ -1666,6 +1700,17 @@ mod tests {
         assert_eq!((s.rpm, s.tpm, s.max_concurrency), (60, 200_000, 5));
         assert_eq!(s.prepare.max_edge, 512);
         assert_eq!(s.max_inline_wait, Duration::from_secs(2));
+        // Lambda instances share one limit through the table unless told otherwise; a local
+        // process keeps its own.
+        assert!(s.shared_limit && !Settings::default().shared_limit);
+        let s = Settings::for_lambda(&env(&[
+            ("SIGHTLINE_SHARED_LIMIT", "false"),
+            ("SIGHTLINE_LIMIT_BURST_MS", "250"),
+        ]))
+        .unwrap();
+        assert!(!s.shared_limit);
+        assert_eq!(s.limit_burst, Duration::from_millis(250));
+        assert!(Settings::for_lambda(&env(&[("SIGHTLINE_SHARED_LIMIT", "maybe")])).is_err());
         assert!(Settings::for_lambda(&env(&[("SIGHTLINE_MODEL", "nope")])).is_err());
         assert!(Settings::for_lambda(&env(&[("SIGHTLINE_MAX_EDGE", "99999")])).is_err());
     }

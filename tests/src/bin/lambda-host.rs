@@ -438,13 +438,17 @@ async fn analyze(args: Args) -> anyhow::Result<()> {
     let clients = Clients::new(&sdk, env.endpoint_url.as_deref());
     let provider = config::provider_from_env(&env, &sdk, &settings).await?;
     let claim_lease = settings.claim_lease;
-    let analyzer = Analyzer::new(
+    let repo = Arc::new(DynamoRepository::new(clients.dynamodb.clone(), &env.table));
+    let mut analyzer = Analyzer::new(
         Arc::new(S3BlobStore::new(clients.s3.clone(), &env.bucket)),
-        Arc::new(DynamoRepository::new(clients.dynamodb.clone(), &env.table)),
+        repo.clone(),
         provider,
         Arc::new(settings),
         Arc::new(SystemClock),
     );
+    if analyzer.settings.shared_limit {
+        analyzer = analyzer.with_shared_limit(repo);
+    }
     let queue_url = env.require_queue()?.to_string();
     let queue = Arc::new(SqsQueue::new(clients.sqs.clone(), &queue_url));
     let handler = Arc::new(AnalyzeHandler::new(analyzer, queue));

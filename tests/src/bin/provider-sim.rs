@@ -14,7 +14,7 @@
 //! Anthropic's 529 `overloaded_error` on `/v1/messages`).
 
 use clap::Parser;
-use sightline_tests::sim::{EveryNth, Fault, FaultPlan, SimConfig, SimServer};
+use sightline_tests::sim::{EveryNth, Fault, FaultPlan, LimitModel, SimConfig, SimServer};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -34,6 +34,13 @@ struct Args {
     /// Tokens per minute per key (0 = unlimited).
     #[arg(long, default_value_t = 0)]
     tpm: u64,
+    /// How RPM and TPM are enforced: `sliding-minute` (a sliding 60 s window) or `quantized`
+    /// (OpenAI's documented model: a continuously refilled bucket enforced over --quantum-ms).
+    #[arg(long, default_value = "sliding-minute")]
+    limit_model: LimitModel,
+    /// The period a quantized limit is enforced over.
+    #[arg(long, default_value_t = 1_000)]
+    quantum_ms: u64,
     /// Fixed latency per admitted request.
     #[arg(long, default_value_t = 0)]
     latency_ms: u64,
@@ -86,6 +93,8 @@ async fn main() -> anyhow::Result<()> {
         api_key: a.api_key,
         rpm: a.rpm,
         tpm: a.tpm,
+        limit_model: a.limit_model,
+        quantum_ms: a.quantum_ms,
         latency_ms: a.latency_ms,
         jitter_ms: a.jitter_ms,
         faults: FaultPlan {
@@ -108,11 +117,12 @@ async fn main() -> anyhow::Result<()> {
     };
     let server = SimServer::start_on(cfg.clone(), a.port).await?;
     eprintln!(
-        "provider-sim listening: OpenAI base {}, Anthropic and Bedrock base {} (rpm {}, tpm {}, latency {}+{} ms, seed {}); stats at {}",
+        "provider-sim listening: OpenAI base {}, Anthropic and Bedrock base {} (rpm {}, tpm {}, {:?} limits, latency {}+{} ms, seed {}); stats at {}",
         server.base_url,
         server.anthropic_base_url(),
         cfg.rpm,
         cfg.tpm,
+        cfg.limit_model,
         cfg.latency_ms,
         cfg.jitter_ms,
         cfg.seed,

@@ -10,6 +10,7 @@
 //! | budget holds of a period | `T#{tenant}#BUDGET` | `D#{YYYY-MM-DD}` / `M#{YYYY-MM}` |
 //! | batch item | `BITEM#{custom_id}` | `BITEM` (gsi3pk `BPENDING` while pending, `BITEMS#{batchId}` in a batch) |
 //! | batch record | `BATCH#{batchId}` | `BATCH` (gsi1pk `BATCHES#{tenant}`, gsi2pk `BATCHES`, gsi3pk `BOPEN` while open) |
+//! | shared rate limit of a model | `LIMIT#{provider}:{model}` | `LIMIT` (`rq`, `tk`, `nb`: the limit's state; `ver`) |
 //!
 //! The batch lane's items and records are in [`batch`].
 //!
@@ -18,6 +19,7 @@
 //! conditions, and they take precedence over `doc` when read.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -26,6 +28,7 @@ use aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem, Update};
 use aws_sdk_dynamodb::Client;
 use base64::Engine;
 use sightline_core::budget::{self, BudgetCaps, Counted, Periods};
+use sightline_core::limiter::{LimitOp, LimitOutcome, LimitState, Limits};
 use sightline_core::model::{AnalysisResult, ExtraSpend, ImageRecord, ImageStatus};
 
 use super::sdk_err;
@@ -33,8 +36,9 @@ use super::sdk_err;
 pub mod batch;
 pub mod generation;
 use crate::ports::{
-    api_key_id, day_of, ApiKeyInfo, BudgetCounts, BudgetHold, Claim, Completion, CostRow, Failure,
-    ImagePage, LedgerKind, PutImage, Repository, Spend, StoreError, StoreResult,
+    api_key_id, day_of, ApiKeyInfo, BudgetCounts, BudgetHold, Claim, Clock, Completion, CostRow,
+    Failure, ImagePage, LedgerKind, PutImage, RateLimitStore, Repository, Spend, StoreError,
+    StoreResult,
 };
 
 /// Idempotency items expire after 30 days (TTL attribute `expires_at`).
@@ -45,6 +49,11 @@ const SPEND_TTL_SECS: u64 = 90 * 86_400;
 const HOLDS_TTL_SECS: u64 = 40 * 86_400;
 /// Optimistic rounds of a budget reservation before it reports contention as transient.
 const BUDGET_ROUNDS: u32 = 20;
+/// Optimistic rounds of a shared rate-limit op before it reports contention as transient.
+const LIMIT_ROUNDS: u32 = 50;
+/// A shared limit's item outlives its last write by this long (TTL attribute `expires_at`);
+/// one that expires was idle, and a missing item is a full limit anyway.
+const LIMIT_TTL_SECS: u64 = 86_400;
 /// The one partition of the sparse recheck index (gsi3): images not final, by recheck time.
 const RECHECK_PK: &str = "RECHECK";
 
@@ -174,6 +183,10 @@ fn holds_value(holds: &[(String, f64, u64)]) -> AttributeValue {
             })
             .collect(),
     )
+}
+
+pub fn limit_pk(key: &str) -> String {
+    format!("LIMIT#{key}")
 }
 
 pub fn spend_pk(spend_id: &str) -> String {
@@ -1340,6 +1353,67 @@ impl Repository for DynamoRepository {
             .get_item(key_pk(key_sha256), "KEY")
             .await?
             .and_then(|i| get_s(&i, "tenant").map(str::to_string)))
+    }
+}
+
+/// The shared rate limit: one item per key, read consistently, changed by the core's maths and
+/// written back only if nobody wrote it since (its `ver`); a lost race reads again. One read
+/// and one write per grant; a denied take writes nothing.
+#[async_trait]
+impl RateLimitStore for DynamoRepository {
+    async fn apply_limit(
+        &self,
+        key: &str,
+        limits: &Limits,
+        op: &LimitOp,
+        clock: Arc<dyn Clock>,
+    ) -> StoreResult<LimitOutcome> {
+        for round in 0..LIMIT_ROUNDS {
+            let item = self.get_item(limit_pk(key), "LIMIT").await?;
+            let now_ms = clock.now_ms();
+            let mut state = item
+                .as_ref()
+                .map(|i| LimitState {
+                    requests_full_at_ms: get_f64(i, "rq"),
+                    tokens_full_at_ms: get_f64(i, "tk"),
+                    not_before_ms: get_f64(i, "nb"),
+                })
+                .unwrap_or_default();
+            let outcome = state.apply(limits, op, now_ms);
+            if !outcome.changes_state() {
+                return Ok(outcome);
+            }
+            let ver = item.as_ref().map(|i| get_u64(i, "ver"));
+            let mut put = self
+                .client
+                .put_item()
+                .table_name(&self.table)
+                .item("pk", s(limit_pk(key)))
+                .item("sk", s("LIMIT"))
+                .item("rq", nf(state.requests_full_at_ms))
+                .item("tk", nf(state.tokens_full_at_ms))
+                .item("nb", nf(state.not_before_ms))
+                .item("ver", n(ver.unwrap_or(0) + 1))
+                .item("expires_at", n(now_ms / 1000 + LIMIT_TTL_SECS));
+            put = match ver {
+                Some(v) => put
+                    .condition_expression("ver = :ver")
+                    .expression_attribute_values(":ver", n(v)),
+                None => put.condition_expression("attribute_not_exists(pk)"),
+            };
+            match put.send().await {
+                Ok(_) => return Ok(outcome),
+                // Another instance wrote first: read its state and decide again.
+                Err(e) if is_conditional_failure(&e) => {
+                    let spread = 4u64 << round.min(4);
+                    tokio::time::sleep(Duration::from_millis(rand::random::<u64>() % spread)).await;
+                }
+                Err(e) => return Err(sdk_err("dynamodb PutItem rate limit", e)),
+            }
+        }
+        Err(StoreError::Transient(format!(
+            "the shared rate limit {key} kept changing"
+        )))
     }
 }
 

@@ -9,12 +9,13 @@ use async_trait::async_trait;
 use base64::Engine;
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use sightline_core::budget::{self, BudgetCaps, Counted, Periods};
+use sightline_core::limiter::{LimitOp, LimitOutcome, LimitState, Limits};
 use sightline_core::model::{AnalysisResult, ImageRecord, ImageStatus};
 
 use crate::ports::{
     api_key_id, day_of, ApiKeyInfo, BudgetCounts, BudgetHold, Claim, Clock, Completion, CostRow,
-    Failure, ImagePage, JobDelivery, LedgerKind, PutImage, Queue, QueueMessage, Repository, Spend,
-    StoreError, StoreResult,
+    Failure, ImagePage, JobDelivery, LedgerKind, PutImage, Queue, QueueMessage, RateLimitStore,
+    Repository, Spend, StoreError, StoreResult,
 };
 
 /// Connection settings (outside any transaction: journal_mode cannot change inside one).
@@ -88,6 +89,9 @@ CREATE TABLE IF NOT EXISTS webhook_deliveries (
     doc TEXT NOT NULL,
     PRIMARY KEY (tenant, delivery_id));
 CREATE INDEX IF NOT EXISTS webhook_deliveries_due ON webhook_deliveries (status, next_at);
+CREATE TABLE IF NOT EXISTS rate_limits (
+    key TEXT PRIMARY KEY, requests_full_at REAL NOT NULL, tokens_full_at REAL NOT NULL,
+    not_before REAL NOT NULL);
 "#;
 
 /// Columns added after the first release: (table, column, definition). Added at open when an
@@ -1276,6 +1280,62 @@ impl Repository for SqliteRepository {
                 )
                 .optional()
                 .map_err(db_err)
+            })
+            .await
+    }
+}
+
+/// The shared rate limit: every process on the data dir reads and writes the one row of a key
+/// inside one write transaction, so no two ops interleave.
+#[async_trait]
+impl RateLimitStore for SqliteRepository {
+    async fn apply_limit(
+        &self,
+        key: &str,
+        limits: &Limits,
+        op: &LimitOp,
+        clock: Arc<dyn Clock>,
+    ) -> StoreResult<LimitOutcome> {
+        let (key, limits, op) = (key.to_string(), *limits, *op);
+        self.db
+            .with(move |c| {
+                let tx = write_tx(c)?;
+                // The write lock may have been waited for: the time is now, not before it.
+                let now_ms = clock.now_ms();
+                let mut state = tx
+                    .query_row(
+                        "SELECT requests_full_at, tokens_full_at, not_before FROM rate_limits
+                         WHERE key = ?1",
+                        params![key],
+                        |r| {
+                            Ok(LimitState {
+                                requests_full_at_ms: r.get(0)?,
+                                tokens_full_at_ms: r.get(1)?,
+                                not_before_ms: r.get(2)?,
+                            })
+                        },
+                    )
+                    .optional()
+                    .map_err(db_err)?
+                    .unwrap_or_default();
+                let outcome = state.apply(&limits, &op, now_ms);
+                if outcome.changes_state() {
+                    tx.execute(
+                        "INSERT INTO rate_limits (key, requests_full_at, tokens_full_at, not_before)
+                         VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT (key) DO UPDATE SET requests_full_at = ?2,
+                             tokens_full_at = ?3, not_before = ?4",
+                        params![
+                            key,
+                            state.requests_full_at_ms,
+                            state.tokens_full_at_ms,
+                            state.not_before_ms
+                        ],
+                    )
+                    .map_err(db_err)?;
+                    tx.commit().map_err(db_err)?;
+                }
+                Ok(outcome)
             })
             .await
     }

@@ -99,13 +99,16 @@ pub fn rate_info(h: &HeaderMap, now: OffsetDateTime) -> RateInfo {
             Some((
                 remaining,
                 reset(&format!("anthropic-ratelimit-{dim}-reset")),
+                count(&format!("anthropic-ratelimit-{dim}-limit")),
             ))
         })
         // Equal counts: the later reset is the one to wait for.
         .min_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
     RateInfo {
+        limit_requests: count("anthropic-ratelimit-requests-limit"),
         remaining_requests: count("anthropic-ratelimit-requests-remaining"),
         reset_requests: reset("anthropic-ratelimit-requests-reset"),
+        limit_tokens: tightest.and_then(|t| t.2),
         remaining_tokens: tightest.map(|t| t.0),
         reset_tokens: tightest.and_then(|t| t.1),
     }
@@ -267,6 +270,7 @@ mod tests {
                 "anthropic-ratelimit-input-tokens-reset",
                 "2025-08-21T12:40:59Z",
             ),
+            ("anthropic-ratelimit-output-tokens-limit", "8000"),
             ("anthropic-ratelimit-output-tokens-remaining", "0"),
             (
                 "anthropic-ratelimit-output-tokens-reset",
@@ -274,10 +278,13 @@ mod tests {
             ),
         ]);
         let r = rate_info(&h, now);
+        assert_eq!(r.limit_requests, Some(1000));
         assert_eq!(r.remaining_requests, Some(999));
         assert_eq!(r.reset_requests, Some(Duration::from_secs(29)));
-        // The exhausted output dimension is the one the limiter must wait for.
+        // The exhausted output dimension is the one the limiter must wait for (with its limit:
+        // one token refills in reset ÷ limit).
         assert_eq!(r.remaining_tokens, Some(0));
+        assert_eq!(r.limit_tokens, Some(8000));
         assert_eq!(r.reset_tokens, Some(Duration::from_millis(30_500)));
         // A 429 without retry-after waits for that reset.
         assert_eq!(

@@ -62,11 +62,12 @@ impl OpenAiProvider {
 
 /// x-ratelimit-* headers, as OpenAI sends them.
 pub fn rate_info(h: &HeaderMap) -> RateInfo {
+    let count = |name: &str| header_str(h, name).and_then(|v| v.trim().parse().ok());
     RateInfo {
-        remaining_requests: header_str(h, "x-ratelimit-remaining-requests")
-            .and_then(|v| v.trim().parse().ok()),
-        remaining_tokens: header_str(h, "x-ratelimit-remaining-tokens")
-            .and_then(|v| v.trim().parse().ok()),
+        limit_requests: count("x-ratelimit-limit-requests"),
+        limit_tokens: count("x-ratelimit-limit-tokens"),
+        remaining_requests: count("x-ratelimit-remaining-requests"),
+        remaining_tokens: count("x-ratelimit-remaining-tokens"),
         reset_requests: header_str(h, "x-ratelimit-reset-requests").and_then(parse_reset),
         reset_tokens: header_str(h, "x-ratelimit-reset-tokens").and_then(parse_reset),
     }

@@ -6,14 +6,15 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
+use sightline_core::limiter::{LimitOp, LimitOutcome, Limits};
 use sightline_core::model::{AnalysisJob, Detail, ImageRecord, ImageStatus};
 use sightline_core::pricing::Usage;
 use sightline_core::retry::FailureKind;
 use sightline_pipeline::analyze::{AnalyzeOutcome, Analyzer};
 use sightline_pipeline::local::{FileBlobStore, SqliteDb, SqliteRepository};
 use sightline_pipeline::ports::{
-    BlobStore, ProviderError, RateInfo, Repository, SystemClock, VisionProvider, VisionRequest,
-    VisionResponse,
+    BlobStore, Clock, ProviderError, RateInfo, RateLimitStore, Repository, StoreError, SystemClock,
+    VisionProvider, VisionRequest, VisionResponse,
 };
 use sightline_pipeline::Settings;
 
@@ -692,4 +693,120 @@ async fn a_duplicate_job_of_a_permanently_failed_image_is_not_paid_again() {
         f.analyzer.handle(&job("a"), 1).await,
         AnalyzeOutcome::Done { .. }
     ));
+}
+
+/// Settings under which one request a second is the whole limit and nothing is waited for in
+/// place: whoever takes the slot goes, the next caller is sent back to the queue.
+fn one_a_second() -> Settings {
+    Settings {
+        rpm: 60,
+        tpm: 0,
+        max_concurrency: 2,
+        max_inline_wait: Duration::ZERO,
+        ..Settings::default()
+    }
+}
+
+fn second_analyzer(f: &Fixture, settings: Settings) -> Analyzer {
+    Analyzer::new(
+        f.blobs.clone(),
+        f.repo.clone(),
+        f.provider.clone(),
+        Arc::new(Settings {
+            model: "gpt-4o".into(),
+            ..settings
+        }),
+        Arc::new(SystemClock),
+    )
+}
+
+#[tokio::test]
+async fn analyzers_sharing_a_store_draw_from_one_limit_instead_of_a_share_each() {
+    // Without the shared limit each of the 2 instances keeps half of 60 RPM: both go.
+    let f = fixture_with(vec![], one_a_second()).await;
+    let other = second_analyzer(&f, one_a_second());
+    assert!(matches!(
+        f.analyzer.handle(&job_of("t", "a"), 1).await,
+        AnalyzeOutcome::Done { .. }
+    ));
+    assert!(matches!(
+        other.handle(&job_of("u", "a"), 1).await,
+        AnalyzeOutcome::Done { .. }
+    ));
+
+    // Sharing one limit through a store: the global 60 RPM, whose one slot the first took.
+    let f = fixture_with(vec![], one_a_second()).await;
+    let store = Arc::new(SqliteRepository::new(SqliteDb::in_memory().unwrap()));
+    let first = f.analyzer.clone().with_shared_limit(store.clone());
+    let other = second_analyzer(&f, one_a_second()).with_shared_limit(store);
+    assert!(matches!(
+        first.handle(&job_of("t", "a"), 1).await,
+        AnalyzeOutcome::Done { .. }
+    ));
+    match other.handle(&job_of("u", "a"), 1).await {
+        AnalyzeOutcome::Retry { delay, reason } => {
+            assert!(reason.contains("rate limit"), "{reason}");
+            assert!(
+                delay > Duration::from_millis(500) && delay <= Duration::from_millis(1_200),
+                "{delay:?}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(f.provider.calls().len(), 1);
+}
+
+#[tokio::test]
+async fn a_429_holds_every_analyzer_sharing_the_limit_until_its_retry_after() {
+    let settings = Settings {
+        max_inline_wait: Duration::ZERO,
+        ..Settings::default()
+    };
+    let f = fixture_with(
+        vec![Step::Fail(FailureKind::Http {
+            status: 429,
+            retry_after: Some(Duration::from_secs(30)),
+        })],
+        settings.clone(),
+    )
+    .await;
+    let store = Arc::new(SqliteRepository::new(SqliteDb::in_memory().unwrap()));
+    let first = f.analyzer.clone().with_shared_limit(store.clone());
+    let other = second_analyzer(&f, settings).with_shared_limit(store);
+    assert!(first.handle(&job_of("t", "a"), 1).await.is_retry());
+    // The other instance never called: the block reached it through the store.
+    match other.handle(&job_of("u", "a"), 1).await {
+        AnalyzeOutcome::Retry { delay, .. } => {
+            assert!(delay >= Duration::from_secs(29), "{delay:?}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(f.provider.calls().len(), 1);
+}
+
+/// A store whose shared limit cannot be reached.
+struct DownLimits;
+
+#[async_trait]
+impl RateLimitStore for DownLimits {
+    async fn apply_limit(
+        &self,
+        _key: &str,
+        _limits: &Limits,
+        _op: &LimitOp,
+        _clock: Arc<dyn Clock>,
+    ) -> Result<LimitOutcome, StoreError> {
+        Err(StoreError::Transient("table unreachable".into()))
+    }
+}
+
+#[tokio::test]
+async fn a_shared_limit_that_cannot_be_reached_sends_the_job_back_without_calling() {
+    let f = fixture(vec![], &[]).await;
+    let analyzer = f.analyzer.clone().with_shared_limit(Arc::new(DownLimits));
+    match analyzer.handle(&job("a"), 1).await {
+        AnalyzeOutcome::Retry { reason, .. } => assert!(reason.contains("rate limit"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(f.provider.calls().is_empty());
 }

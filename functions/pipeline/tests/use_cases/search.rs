@@ -110,6 +110,10 @@ async fn fixture(errors: Vec<FailureKind>, settings: Settings) -> Fixture {
     let settings = Arc::new(Settings {
         model: "gpt-4o".into(),
         max_inline_wait: Duration::from_millis(300),
+        // The analysis calls are not what these tests limit: with the default 200,000 TPM
+        // the burst holds one 1024-px image's reservation at a time.
+        rpm: 0,
+        tpm: 0,
         ..settings
     });
     let search = Arc::new(Search::new(
