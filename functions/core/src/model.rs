@@ -166,6 +166,43 @@ pub struct ImageRecord {
     pub updated_at: String,
 }
 
+impl ImageRecord {
+    /// A record for bytes announced but not seen yet (an upload URL handed out, a generated
+    /// image about to be stored at `original_key`): everything the resize learns is unset.
+    pub fn pending(
+        tenant: &str,
+        image_id: &str,
+        source: String,
+        original_key: String,
+        now: &str,
+    ) -> ImageRecord {
+        ImageRecord {
+            image_id: image_id.to_string(),
+            tenant: tenant.to_string(),
+            source,
+            status: ImageStatus::Pending,
+            error: None,
+            permanent_failure: false,
+            original: None,
+            resized: None,
+            orientation: None,
+            sha256: None,
+            original_sha256: None,
+            original_key: Some(original_key),
+            resized_key: None,
+            estimate: None,
+            original_estimate: None,
+            result: None,
+            extra_spend: None,
+            detail: None,
+            lane: None,
+            generation: None,
+            created_at: now.to_string(),
+            updated_at: now.to_string(),
+        }
+    }
+}
+
 /// Paid calls of an image outside its result (see [`ImageRecord::extra_spend`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct ExtraSpend {

@@ -335,6 +335,27 @@ struct Target<'a> {
     prompt: &'a AnalysisPrompt,
 }
 
+/// Book a spend, retrying transient store errors in place a few times (the spend id makes a
+/// retried booking count once).
+pub(crate) async fn book_spend_retrying(
+    repo: &dyn Repository,
+    tenant: &str,
+    image_id: &str,
+    spend_id: &str,
+    spend: &Spend,
+) -> Result<(), StoreError> {
+    let mut attempt = 0u32;
+    loop {
+        match repo.book_spend(tenant, image_id, spend_id, spend).await {
+            Err(e) if e.is_transient() && attempt < STORE_RETRIES => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(200 * 2u64.pow(attempt))).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Analyzer {
     pub blobs: Arc<dyn BlobStore>,
@@ -884,23 +905,16 @@ impl Analyzer {
 
     /// Book money that left no result; a failure to book is logged, never fatal to the job.
     async fn book(&self, job: &AnalysisJob, spend_id: &str, spend: &Spend) {
-        let mut attempt = 0u32;
-        loop {
-            match self
-                .repo
-                .book_spend(&job.tenant, &job.image_id, spend_id, spend)
-                .await
-            {
-                Ok(()) => return,
-                Err(e) if e.is_transient() && attempt < STORE_RETRIES => {
-                    attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(200 * 2u64.pow(attempt))).await;
-                }
-                Err(e) => {
-                    warn!(error = %e, image_id = %job.image_id, cost_usd = spend.cost_usd, "could not book a paid call that left no result");
-                    return;
-                }
-            }
+        if let Err(e) = book_spend_retrying(
+            self.repo.as_ref(),
+            &job.tenant,
+            &job.image_id,
+            spend_id,
+            spend,
+        )
+        .await
+        {
+            warn!(error = %e, image_id = %job.image_id, cost_usd = spend.cost_usd, "could not book a paid call that left no result");
         }
     }
 

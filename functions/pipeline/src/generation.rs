@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use sightline_core::generate::{GenerationRequest, OutputFormat};
+use sightline_core::generate::GenerationRequest;
 use sightline_core::genjob::{
     CheckSpec, CheckVerdict, GenerationLink, JobStatus, RowCounts, RowStatus, EVENT_JOB_FINISHED,
 };
@@ -32,6 +32,7 @@ use crate::ports::{
     GenerationCall, GenerationJob, GenerationRow, GenerationStore, ImageGenerator, LedgerKind,
     ProviderError, Queue, Repository, Spend, StoreError, StoreResult, WebhookDelivery,
 };
+use crate::providers::gen_common::content_type;
 use crate::settings::Settings;
 use crate::webhook_url::{validate_webhook_url, Mode, Resolve, UrlError};
 
@@ -173,14 +174,6 @@ pub struct Generations {
 /// (and checked) as a new image.
 pub fn image_id_of(job_id: &str, row: u32, attempt: u32) -> String {
     format!("{job_id}-r{row}-a{attempt}")
-}
-
-fn extension(format: OutputFormat) -> &'static str {
-    match format {
-        OutputFormat::Png => "png",
-        OutputFormat::Jpeg => "jpg",
-        OutputFormat::Webp => "webp",
-    }
 }
 
 fn extension_of_type(content_type: &str) -> &'static str {
@@ -583,21 +576,16 @@ impl Generations {
         let image_id = image_id_of(&row.job_id, row.row, row.attempt);
         // One id per paid call: its booking retries in place never count it twice.
         let spend_id = format!("gen:{owner}:{model}:{}", uuid::Uuid::new_v4().simple());
-        for attempt in 0..4u32 {
-            match self
-                .repo
-                .book_spend(&row.tenant, &image_id, &spend_id, &spend)
-                .await
-            {
-                Ok(()) => return cost,
-                Err(e) if e.is_transient() && attempt < 3 => {
-                    tokio::time::sleep(Duration::from_millis(200 * 2u64.pow(attempt))).await;
-                }
-                Err(e) => {
-                    warn!(error = %e, cost_usd = cost, "could not book a generated image's cost");
-                    return cost;
-                }
-            }
+        if let Err(e) = crate::analyze::book_spend_retrying(
+            self.repo.as_ref(),
+            &row.tenant,
+            &image_id,
+            &spend_id,
+            &spend,
+        )
+        .await
+        {
+            warn!(error = %e, cost_usd = cost, "could not book a generated image's cost");
         }
         cost
     }
@@ -656,7 +644,12 @@ impl Generations {
             width: image.width,
             height: image.height,
             provider: provider.to_string(),
-            model: image.model.clone().if_empty(model),
+            // Providers that do not name the model that answered leave it empty.
+            model: if image.model.is_empty() {
+                model.to_string()
+            } else {
+                image.model.clone()
+            },
             usage: image.usage,
             cost_usd,
             created_at: rfc3339(self.clock.now_ms()),
@@ -686,7 +679,7 @@ impl Generations {
             req.output_key.clone().unwrap_or_else(|| format!(
                 "row-{}.{}",
                 row.row,
-                extension(req.output_format)
+                extension_of_type(content_type(req.output_format))
             ))
         );
         self.blobs
@@ -697,24 +690,6 @@ impl Generations {
         let now_ms = self.clock.now_ms();
         let now = rfc3339(now_ms);
         let record = ImageRecord {
-            image_id: image_id.clone(),
-            tenant: row.tenant.clone(),
-            source: output_key.clone(),
-            status: ImageStatus::Pending,
-            error: None,
-            permanent_failure: false,
-            original: None,
-            resized: None,
-            orientation: None,
-            sha256: None,
-            original_sha256: None,
-            original_key: Some(key.clone()),
-            resized_key: None,
-            estimate: None,
-            original_estimate: None,
-            result: None,
-            extra_spend: None,
-            detail: None,
             lane: Some(Lane::Realtime),
             generation: Some(GenerationLink {
                 job_id: row.job_id.clone(),
@@ -722,8 +697,13 @@ impl Generations {
                 attempt: row.attempt,
                 check: CheckSpec::of_request(&req),
             }),
-            created_at: now.clone(),
-            updated_at: now.clone(),
+            ..ImageRecord::pending(
+                &row.tenant,
+                &image_id,
+                output_key.clone(),
+                key.clone(),
+                &now,
+            )
         };
         // A lost upload event leaves a pending record the reconciler looks at.
         let recheck = now_ms + self.settings.stuck_after.as_millis() as u64;
@@ -766,16 +746,10 @@ impl Generations {
     }
 
     async fn fail_row(&self, msg: &GenerationMessage, reason: &str) -> StoreResult<()> {
-        if let Some(row) = self
-            .store
-            .get_row(&msg.tenant, &msg.job_id, msg.row)
-            .await?
-        {
-            if row.status == RowStatus::Queued && row.attempt == msg.attempt {
-                self.fail_row_now(&row, reason).await?;
-            }
-        }
-        Ok(())
+        let expected = (RowStatus::Queued, msg.attempt);
+        self.fail_row_at(&msg.tenant, &msg.job_id, msg.row, expected, reason)
+            .await
+            .map(|_| ())
     }
 
     async fn fail_row_now(
@@ -783,30 +757,44 @@ impl Generations {
         row: &GenerationRow,
         reason: &str,
     ) -> StoreResult<GenerateOutcome> {
-        // The stored row: costs booked on it since it was read stay on it.
-        let Some(current) = self
-            .store
-            .get_row(&row.tenant, &row.job_id, row.row)
-            .await?
-        else {
-            return Ok(GenerateOutcome::Failed(reason.to_string()));
+        let expected = (row.status, row.attempt);
+        Ok(
+            match self
+                .fail_row_at(&row.tenant, &row.job_id, row.row, expected, reason)
+                .await?
+            {
+                Some(false) => GenerateOutcome::AlreadyDone,
+                _ => GenerateOutcome::Failed(reason.to_string()),
+            },
+        )
+    }
+
+    /// Fail a row that is still at `expected` (status, attempt), reading the stored row so
+    /// costs booked on it since the caller read it stay on it. None: no such row; Some(false):
+    /// it had moved on.
+    async fn fail_row_at(
+        &self,
+        tenant: &str,
+        job_id: &str,
+        row: u32,
+        expected: (RowStatus, u32),
+        reason: &str,
+    ) -> StoreResult<Option<bool>> {
+        let Some(current) = self.store.get_row(tenant, job_id, row).await? else {
+            return Ok(None);
         };
-        if current.status != row.status || current.attempt != row.attempt {
-            return Ok(GenerateOutcome::AlreadyDone);
+        if (current.status, current.attempt) != expected {
+            return Ok(Some(false));
         }
         let mut next = current;
         next.status = RowStatus::Failed;
         next.error = Some(reason.to_string());
         next.updated_at = rfc3339(self.clock.now_ms());
-        warn!(job_id = %row.job_id, row = row.row, reason, "generation row failed");
-        if self
-            .store
-            .update_row(&next, (row.status, row.attempt))
-            .await?
-        {
-            self.maybe_finish(&row.tenant, &row.job_id).await?;
+        warn!(job_id, row, reason, "generation row failed");
+        if self.store.update_row(&next, expected).await? {
+            self.maybe_finish(tenant, job_id).await?;
         }
-        Ok(GenerateOutcome::Failed(reason.to_string()))
+        Ok(Some(true))
     }
 
     // --- after the analysis ---------------------------------------------------------------
@@ -1073,19 +1061,5 @@ impl JobReport {
             "rows": rows,
             "rows_truncated": self.rows.len() > max_rows,
         })
-    }
-}
-
-trait IfEmpty {
-    fn if_empty(self, other: &str) -> String;
-}
-
-impl IfEmpty for String {
-    fn if_empty(self, other: &str) -> String {
-        if self.is_empty() {
-            other.to_string()
-        } else {
-            self
-        }
     }
 }

@@ -318,30 +318,17 @@ async fn create_upload(
         .await?;
     let now = rfc3339(state.clock.now_ms());
     let record = ImageRecord {
-        image_id: image_id.clone(),
-        tenant,
-        source: req.filename.unwrap_or_else(|| key.clone()),
-        status: ImageStatus::Pending,
-        error: None,
-        permanent_failure: false,
-        original: None,
-        resized: None,
-        orientation: None,
-        sha256: None,
-        original_sha256: None,
-        original_key: Some(key.clone()),
-        resized_key: None,
-        estimate: None,
-        original_estimate: None,
-        result: None,
-        extra_spend: None,
         detail: req.detail,
         // Decided now by the one rule (request, key prefix, default), so the record says its
         // lane from the start (the widget follows it).
         lane: Some(state.settings.lane_for(req.lane, &key)),
-        generation: None,
-        created_at: now.clone(),
-        updated_at: now,
+        ..ImageRecord::pending(
+            &tenant,
+            &image_id,
+            req.filename.unwrap_or_else(|| key.clone()),
+            key.clone(),
+            &now,
+        )
     };
     // If no upload ever arrives, or it arrives and its resize is lost, the reconciler looks
     // at the image once the URL has expired.
