@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use sightline_core::generate::{plan_job, Limits, RowsInput, TemplateSet};
-use sightline_core::genjob::JobStatus;
+use sightline_core::genjob::{JobStatus, RowCounts};
 use sightline_core::webhook::{ReceivedHeaders, WebhookSecret, DEFAULT_TOLERANCE};
 use sightline_pipeline::generation::{JobReport, Submission};
 use sightline_pipeline::ports::DeliveryStatus;
@@ -162,30 +162,34 @@ async fn wait_for(
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     let mut last_sweep = std::time::Instant::now();
-    let report = loop {
-        let report = app
-            .generations
-            .job_report(LOCAL_TENANT, job_id)
+    // The progress comes from the rows alone (two reads a tick); the full report, which reads
+    // every image's analysis, is made once the job has finished.
+    let store = &app.generations.store;
+    loop {
+        let job = store
+            .get_job(LOCAL_TENANT, job_id)
             .await?
             .context("the job disappeared")?;
-        let c = report.counts;
+        let rows = store.rows(LOCAL_TENANT, job_id).await?;
+        let mut c = RowCounts::default();
+        for r in &rows {
+            c.add(r.status, r.first_check.is_some(), r.reused);
+        }
+        let generated: f64 = rows.iter().map(|r| r.generation_cost_usd).sum();
         bar.set_position(c.done + c.mismatch + c.failed);
         bar.set_message(format!(
-            "{} done, {} mismatch, {} failed, ${:.4}",
-            c.done,
-            c.mismatch,
-            c.failed,
-            report.generation_cost_usd + report.analysis_cost_usd
+            "{} done, {} mismatch, {} failed, generation ${generated:.4}",
+            c.done, c.mismatch, c.failed
         ));
-        if report.job.status == JobStatus::Finished {
-            break report;
+        if job.status == JobStatus::Finished {
+            break;
         }
         if last_sweep.elapsed() > Duration::from_secs(5) {
             app.generations.sweep().await?;
             last_sweep = std::time::Instant::now();
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    }
     bar.finish_and_clear();
     // The job's webhook: attempted now, and retried here while its next attempt is near (the
     // first steps of the schedule); later ones are `serve`'s.
@@ -194,12 +198,10 @@ async fn wait_for(
     let _ = generators.await;
     let _ = analysts.await;
     let _ = instance.await;
-    // Read again: the delivery's outcome is part of the report.
-    Ok(app
-        .generations
+    app.generations
         .job_report(LOCAL_TENANT, job_id)
         .await?
-        .unwrap_or(report))
+        .context("the job disappeared")
 }
 
 /// How far off a webhook retry `--wait` still waits for.
