@@ -173,7 +173,7 @@ async fn pipeline_end_to_end_on_the_emulator() {
         settings.clone(),
         clock.clone(),
     );
-    let handler = AnalyzeHandler::new(analyzer, analyze_q.clone());
+    let handler = AnalyzeHandler::new(analyzer, analyze_q.clone(), "analyze");
 
     // Uploads: good images under awkward keys, hostile ones, another tenant.
     let good: Vec<(&str, &str)> = vec![
@@ -740,7 +740,7 @@ async fn reconciler_lambda_recovers_what_a_crash_left_on_the_emulator() {
         settings.clone(),
         clock.clone(),
     );
-    let handler = AnalyzeHandler::new(analyzer, analyze_q.clone());
+    let handler = AnalyzeHandler::new(analyzer, analyze_q.clone(), "analyze");
     let resp = handler.handle(sqs_event(&msgs), None).await.unwrap();
     assert!(
         resp.batch_item_failures.is_empty(),
@@ -851,7 +851,7 @@ async fn similarity_search_end_to_end_on_the_emulator() {
         clock.clone(),
     )
     .with_search(search.clone());
-    let handler = AnalyzeHandler::new(analyzer, analyze_q.clone());
+    let handler = AnalyzeHandler::new(analyzer, analyze_q.clone(), "analyze");
 
     // Two rounds: the originals first, then acme's near-copy (it must find Garden analysed).
     let rounds: Vec<Vec<(&str, Vec<u8>)>> = vec![

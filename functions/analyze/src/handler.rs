@@ -1,242 +1,34 @@
 //! sightline-analyze: an SQS batch (event source mapping with `ReportBatchItemFailures`) →
-//! one [`Analyzer::handle`] per record, a few at a time.
-//!
-//! A transient outcome makes the message visible again after the outcome's delay
-//! (ChangeMessageVisibility) and reports it as a batch item failure, so only that message
-//! comes back; everything else is deleted by the event source mapping. A record without a
-//! message id cannot be reported (an empty identifier is invalid), so a retry of one fails
-//! the whole invocation instead: everything comes back, and what was done is `AlreadyDone`.
-//! Near the invocation's deadline no new record is started; those go back at once.
-//!
-//! Every record is handled in a span with its `message_id`, `image_id` and `tenant`, so each
-//! log line of the record carries them. The metrics of an invocation (see
-//! `sightline_pipeline::metrics`) are written as CloudWatch EMF lines when it ends.
+//! one [`Analyzer::handle`] per record, a few at a time, through the pipeline's
+//! [`SqsBatchHandler`] (retries with visibility delays, batch item failures, the deadline, a
+//! span per record with its `message_id`, `image_id` and `tenant`, EMF metrics per invocation).
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
-use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use sightline_pipeline::analyze::Analyzer;
+pub use sightline_pipeline::aws::sqs_batch::{
+    receive_count, record_span, SqsBatchHandler, UnreportableRetry, DEFAULT_CONCURRENCY,
+};
 
-use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
-use sightline_core::model::AnalysisJob;
-use sightline_pipeline::analyze::{AnalyzeOutcome, Analyzer};
-use sightline_pipeline::metrics::emf::{Emf, EmfBatch};
-use sightline_pipeline::metrics::Metric;
-use sightline_pipeline::ports::Queue;
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
-use tracing::{error, error_span, info, warn, Instrument, Span};
-
-/// Records handled at once per invocation.
-pub const DEFAULT_CONCURRENCY: usize = 4;
-
-#[derive(Clone)]
-pub struct AnalyzeHandler {
-    pub analyzer: Analyzer,
-    /// The analyze queue (for ChangeMessageVisibility on retries).
-    pub queue: Arc<dyn Queue>,
-    pub concurrency: usize,
-    /// Time one record may take at worst; a record is not started with less time left.
-    pub record_budget: Duration,
-    /// Where each invocation's metrics are written (stdout in Lambda).
-    pub emf: Emf,
-}
-
-/// A retry the event source mapping cannot be told about (the record has no message id).
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "a record without a message id needs a retry; failing the invocation so the batch comes back"
-)]
-pub struct UnreportableRetry;
-
-/// The receive count of a record (1 when absent or unreadable).
-pub fn receive_count(msg: &SqsMessage) -> u32 {
-    msg.attributes
-        .get("ApproximateReceiveCount")
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(1)
-        .max(1)
-}
-
-/// The span of one record: its message id, and the image id and tenant of its job when the
-/// body reads as one (a malformed body is logged by the analyzer, without them). At ERROR
-/// level so that no log level filters it out: a WARN line must carry the ids too.
-pub fn record_span(record: &SqsMessage) -> Span {
-    let span = error_span!(
-        "record",
-        message_id = record.message_id.as_deref().unwrap_or_default(),
-        image_id = tracing::field::Empty,
-        tenant = tracing::field::Empty,
-    );
-    if let Some(job) = record
-        .body
-        .as_deref()
-        .and_then(|b| AnalysisJob::parse(b).ok())
-    {
-        span.record("image_id", job.image_id.as_str());
-        span.record("tenant", job.tenant.as_str());
-    }
-    span
-}
-
-impl AnalyzeHandler {
-    pub fn new(analyzer: Analyzer, queue: Arc<dyn Queue>) -> AnalyzeHandler {
-        let record_budget = analyzer.settings.record_worst_case();
-        AnalyzeHandler {
-            analyzer,
-            queue,
-            emf: Emf::lambda("analyze"),
-            concurrency: DEFAULT_CONCURRENCY,
-            record_budget,
-        }
-    }
-
-    /// Handle a batch that must end by `deadline` (the Lambda context's); the response lists
-    /// the messages to retry.
-    pub async fn handle(
-        &self,
-        event: SqsEvent,
-        deadline: Option<SystemTime>,
-    ) -> Result<SqsBatchResponse, UnreportableRetry> {
-        let (response, outcomes) = self.handle_with_outcomes(event, deadline).await;
-        if outcomes
-            .iter()
-            .any(|(id, outcome)| id.is_empty() && outcome.is_retry())
-        {
-            error!("{UnreportableRetry}");
-            return Err(UnreportableRetry);
-        }
-        Ok(response)
-    }
-
-    /// Like [`handle`](Self::handle), also returning each record's outcome (by message id;
-    /// records without one are listed with an empty id).
-    pub async fn handle_with_outcomes(
-        &self,
-        event: SqsEvent,
-        deadline: Option<SystemTime>,
-    ) -> (SqsBatchResponse, Vec<(String, AnalyzeOutcome)>) {
-        // This invocation's metric events, written as EMF once every record is done.
-        let batch = Arc::new(EmfBatch::default());
-        let mut me = self.clone();
-        me.analyzer.metrics = batch.clone();
-        let result = me.handle_batch(event, deadline).await;
-        self.emf.flush(&batch);
-        result
-    }
-
-    async fn handle_batch(
-        &self,
-        event: SqsEvent,
-        deadline: Option<SystemTime>,
-    ) -> (SqsBatchResponse, Vec<(String, AnalyzeOutcome)>) {
-        let permits = Arc::new(Semaphore::new(self.concurrency.max(1)));
-        let mut tasks = JoinSet::new();
-        let mut ids = HashMap::new();
-        for record in event.records {
-            let me = self.clone();
-            let permits = permits.clone();
-            let message_id = record.message_id.clone().unwrap_or_default();
-            let span = record_span(&record);
-            let handle = tasks.spawn(
-                async move {
-                    // The semaphore is never closed; a failed acquire just runs unthrottled.
-                    let _permit = permits.acquire_owned().await.ok();
-                    let too_late =
-                        deadline.is_some_and(|d| SystemTime::now() + me.record_budget > d);
-                    if too_late {
-                        return me.not_started(record).await;
-                    }
-                    me.handle_record(record).await
-                }
-                .instrument(span),
-            );
-            ids.insert(handle.id(), message_id);
-        }
-        let mut response = SqsBatchResponse::default();
-        let mut outcomes = Vec::new();
-        while let Some(joined) = tasks.join_next_with_id().await {
-            let (message_id, outcome) = match joined {
-                Ok((_, pair)) => pair,
-                Err(e) => {
-                    // A panic in a record's task: retry that message (Analyzer never panics).
-                    let id = ids.get(&e.id()).cloned().unwrap_or_default();
-                    error!(message_id = %id, error = %e, "record task failed");
-                    self.analyzer.metrics.record(Metric::Retries, None, 1.0);
-                    let outcome = AnalyzeOutcome::Retry {
-                        delay: Duration::from_secs(30),
-                        reason: format!("task failed: {e}"),
-                    };
-                    (id, outcome)
-                }
-            };
-            if outcome.is_retry() && !message_id.is_empty() {
-                response.add_failure(message_id.clone());
-            }
-            outcomes.push((message_id, outcome));
-        }
-        (response, outcomes)
-    }
-
-    /// Too close to the deadline to start: straight back to the queue.
-    async fn not_started(&self, record: SqsMessage) -> (String, AnalyzeOutcome) {
-        let message_id = record.message_id.clone().unwrap_or_default();
-        if let Some(receipt) = record.receipt_handle.as_deref().filter(|r| !r.is_empty()) {
-            if let Err(e) = self.queue.retry_after(receipt, Duration::ZERO).await {
-                warn!(error = %e, "could not change the message visibility");
-            }
-        }
-        info!("not started: the invocation is about to time out");
-        self.analyzer.metrics.record(Metric::Retries, None, 1.0);
-        let outcome = AnalyzeOutcome::Retry {
-            delay: Duration::ZERO,
-            reason: "not started before the invocation deadline".into(),
-        };
-        (message_id, outcome)
-    }
-
-    async fn handle_record(&self, record: SqsMessage) -> (String, AnalyzeOutcome) {
-        let message_id = record.message_id.clone().unwrap_or_default();
-        let count = receive_count(&record);
-        let body = record.body.as_deref().unwrap_or_default();
-        let outcome = self.analyzer.handle(body, count).await;
-        match &outcome {
-            AnalyzeOutcome::Retry { delay, reason } => {
-                info!(
-                    receive_count = count,
-                    delay_ms = delay.as_millis() as u64,
-                    reason,
-                    "retry later"
-                );
-                match record.receipt_handle.as_deref() {
-                    Some(receipt) if !receipt.is_empty() => {
-                        if let Err(e) = self.queue.retry_after(receipt, *delay).await {
-                            // The message still comes back after the queue's visibility timeout.
-                            warn!(error = %e, "could not change the message visibility");
-                        }
-                    }
-                    _ => warn!("record has no receipt handle; default visibility applies"),
-                }
-            }
-            AnalyzeOutcome::Failed(reason) => warn!(reason, "permanent failure"),
-            other => info!(outcome = ?other, "handled"),
-        }
-        (message_id, outcome)
-    }
-}
+/// The analyze function's handler.
+pub type AnalyzeHandler = SqsBatchHandler<Analyzer>;
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use async_trait::async_trait;
+    use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
     use sightline_core::budget::{BudgetCaps, Periods};
     use sightline_core::model::{AnalysisResult, ImageRecord, ImageStatus};
+    use sightline_pipeline::analyze::AnalyzeOutcome;
     use sightline_pipeline::local::FileBlobStore;
+    use sightline_pipeline::metrics::emf::Emf;
     use sightline_pipeline::metrics::emf::MemoryLines;
     use sightline_pipeline::ports::*;
     use sightline_pipeline::providers::local::LocalAnalyzer;
     use sightline_pipeline::Settings;
+    use std::sync::Arc;
     use std::sync::Mutex;
+    use std::time::{Duration, SystemTime};
 
     /// The handler with its EMF lines kept in memory.
     fn quiet(mut handler: AnalyzeHandler) -> (AnalyzeHandler, Arc<MemoryLines>) {
@@ -405,7 +197,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let queue = Arc::new(RecordingQueue::default());
         let analyzer = analyzer_over_down_repo(dir.path());
-        let (handler, lines) = quiet(AnalyzeHandler::new(analyzer, queue.clone()));
+        let (handler, lines) = quiet(AnalyzeHandler::new(analyzer, queue.clone(), "analyze"));
         let mut event = SqsEvent::default();
         event.records = vec![
             record(Some("m1"), "r1", JOB, "2"),
@@ -453,6 +245,7 @@ mod tests {
         let (handler, _) = quiet(AnalyzeHandler::new(
             analyzer,
             Arc::new(RecordingQueue::default()),
+            "analyze",
         ));
         let mut event = SqsEvent::default();
         event.records = vec![record(Some("m1"), "r1", JOB, "1")];
@@ -466,7 +259,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let queue = Arc::new(RecordingQueue::default());
         let analyzer = analyzer_over_down_repo(dir.path());
-        let (handler, lines) = quiet(AnalyzeHandler::new(analyzer, queue.clone()));
+        let (handler, lines) = quiet(AnalyzeHandler::new(analyzer, queue.clone(), "analyze"));
         let mut event = SqsEvent::default();
         event.records = vec![
             record(Some("m1"), "r1", JOB, "1"),
@@ -615,7 +408,7 @@ mod tests {
             settings,
             Arc::new(SystemClock),
         );
-        let (mut handler, lines) = quiet(AnalyzeHandler::new(analyzer, queue));
+        let (mut handler, lines) = quiet(AnalyzeHandler::new(analyzer, queue, "analyze"));
         handler.concurrency = 1;
         Paid {
             handler,

@@ -6,6 +6,7 @@ use aws_lambda_events::event::sqs::SqsEvent;
 use lambda_runtime::{service_fn, Error, LambdaEvent};
 use sightline_analyze::AnalyzeHandler;
 use sightline_pipeline::analyze::Analyzer;
+use sightline_pipeline::aws::generation::{generation_from_env, Role};
 use sightline_pipeline::aws::{config, AwsEnv, Clients, DynamoRepository, S3BlobStore, SqsQueue};
 use sightline_pipeline::ports::SystemClock;
 
@@ -40,8 +41,14 @@ async fn main() -> Result<(), Error> {
     if let Some(search) = search {
         analyzer = analyzer.with_search(search);
     }
+    // A generated image's analysis moves its row on (done, regenerated, mismatch).
+    if let Some(side) =
+        generation_from_env(&env, &sdk, &clients, &analyzer.settings, Role::Coordinate).await?
+    {
+        analyzer = analyzer.with_generations(side.generations);
+    }
     let queue = Arc::new(SqsQueue::new(clients.sqs.clone(), env.require_queue()?));
-    let handler = Arc::new(AnalyzeHandler::new(analyzer, queue));
+    let handler = Arc::new(AnalyzeHandler::new(analyzer, queue, "analyze"));
     lambda_runtime::run(service_fn(move |event: LambdaEvent<SqsEvent>| {
         let handler = handler.clone();
         let deadline = event.context.deadline();

@@ -92,7 +92,7 @@ async fn lambda_log_level_and_json_format_are_honoured_and_lines_carry_the_recor
         settings,
         Arc::new(SystemClock),
     );
-    let mut handler = AnalyzeHandler::new(analyzer, queue);
+    let mut handler = AnalyzeHandler::new(analyzer, queue, "analyze");
     handler.emf = Emf::new("analyze", Arc::new(MemoryLines::default()));
     handler.concurrency = 1;
     let mut event = SqsEvent::default();

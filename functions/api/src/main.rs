@@ -1,6 +1,7 @@
 //! sightline-api Lambda entry point: API Gateway HTTP API (payload v2) → axum router.
 
 use lambda_http::Error;
+use sightline_pipeline::aws::generation::{generation_from_env, Role};
 use sightline_pipeline::aws::{config, AwsEnv, Clients};
 
 #[tokio::main]
@@ -20,6 +21,13 @@ async fn main() -> Result<(), Error> {
         state.blobs.clone(),
     )
     .await?;
+    let settings = state.settings.clone();
+    if let Some(side) =
+        generation_from_env(&env, &sdk, &clients, &settings, Role::Coordinate).await?
+    {
+        state.generations = Some(side.generations);
+        state.deliveries = Some(side.deliveries.as_ref().clone());
+    }
     let app = sightline_api::app(state);
     lambda_http::run(app).await
 }

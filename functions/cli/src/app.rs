@@ -162,6 +162,7 @@ impl LocalApp {
         let deliveries = Deliveries {
             store: sqlite_repo.clone(),
             poster: Arc::new(HttpPoster::new(Mode::Local, resolver)),
+            secrets: settings.clone(),
             settings: settings.clone(),
             clock: clock.clone(),
         };

@@ -127,6 +127,7 @@ pub async fn generate(app: &LocalApp, args: GenerateArgs) -> anyhow::Result<()> 
             webhook_url: args.webhook.clone(),
             regenerate: args.no_regenerate.then_some(false),
             source: "cli".into(),
+            job_id: None,
         })
         .await?;
     if !args.wait {

@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use crate::ports::{
     rfc3339, Clock, DeliveryStatus, GenerationStore, StoreError, StoreResult, WebhookDelivery,
+    WebhookSecrets,
 };
 use crate::settings::Settings;
 use crate::webhook_url::{validate_webhook_url, Mode, Resolve};
@@ -119,6 +120,8 @@ pub struct DeliveryReport {
 pub struct Deliveries {
     pub store: Arc<dyn GenerationStore>,
     pub poster: Arc<dyn WebhookPoster>,
+    /// The tenants' signing secrets (the settings locally, SSM on AWS).
+    pub secrets: Arc<dyn WebhookSecrets>,
     pub settings: Arc<Settings>,
     pub clock: Arc<dyn Clock>,
 }
@@ -158,9 +161,10 @@ impl Deliveries {
             return Ok(None);
         }
         let expected = next.attempts;
-        let outcome = match self.settings.webhook_secret_for(&d.tenant) {
-            None => Err("the tenant has no webhook secret any more".to_string()),
-            Some(secret) => self.post_signed(&d, secret, now_ms).await,
+        let outcome = match self.secrets.secret_for(&d.tenant).await {
+            Ok(None) => Err("the tenant has no webhook secret any more".to_string()),
+            Ok(Some(secret)) => self.post_signed(&d, &secret, now_ms).await,
+            Err(e) => Err(format!("reading the tenant's webhook secret: {e}")),
         };
         let scale = self.settings.webhook_retry_scale;
         let since_first =

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use sightline_core::generate::GenerationRequest;
+use sightline_core::generate::{plan_job, GenerationRequest, Limits, RowsInput, TemplateSet};
 use sightline_core::genjob::{
     CheckSpec, CheckVerdict, GenerationLink, JobStatus, RowCounts, RowStatus, EVENT_JOB_FINISHED,
 };
@@ -27,10 +27,12 @@ use sightline_core::retry::{classify, retry_delay, FailureKind, RetryClass};
 use tracing::{debug, info, warn};
 
 use crate::ingest::Ingest;
+use crate::metrics::{no_metrics, observe_spend, Recorder};
 use crate::ports::{
     day_of, rfc3339, BlobStore, Clock, DeliveryStatus, GenClaim, GeneratedImage, GeneratedObject,
     GenerationCall, GenerationJob, GenerationRow, GenerationStore, ImageGenerator, LedgerKind,
     ProviderError, Queue, Repository, Spend, StoreError, StoreResult, WebhookDelivery,
+    WebhookSecrets,
 };
 use crate::providers::gen_common::content_type;
 use crate::settings::Settings;
@@ -42,8 +44,6 @@ pub const GENERATED_PREFIX: &str = "generated/";
 pub const GENERATION_CACHE_PREFIX: &str = "gen-cache/";
 /// Rows in a webhook summary; a bigger job's receiver reads the rest from the API.
 pub const MAX_SUMMARY_ROWS: usize = 1000;
-/// How long a generation claim holds: a provider call plus the image's storage.
-const GENERATION_LEASE: Duration = Duration::from_secs(300);
 
 /// The queue message of one row's attempt.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,6 +118,9 @@ pub struct Submission {
     /// None: the `regenerate_on_mismatch` setting.
     pub regenerate: Option<bool>,
     pub source: String,
+    /// None: a new random id. A caller that may submit the same job twice (an S3 drop
+    /// delivered again) names it, and checks first that it does not exist.
+    pub job_id: Option<String>,
 }
 
 /// Image generators by model, built on first use (rows may name other models).
@@ -166,6 +169,11 @@ pub struct Generations {
     pub resolver: Arc<dyn Resolve>,
     /// Local: ingest a stored image at once. On AWS the upload's S3 event does it.
     pub ingest: Option<Ingest>,
+    /// The tenants' webhook signing secrets (the settings by default; SSM on AWS).
+    pub secrets: Arc<dyn WebhookSecrets>,
+    /// Where named templates are read from (`templates_file` by default; the bucket on AWS).
+    pub templates: TemplatesSource,
+    pub metrics: Arc<dyn Recorder>,
     limiters: Arc<Mutex<HashMap<String, RateLimiter>>>,
     instance: String,
 }
@@ -203,11 +211,17 @@ impl Generations {
             blobs,
             queue,
             generators,
-            settings,
+            settings: settings.clone(),
             clock,
             mode,
             resolver,
             ingest: None,
+            secrets: settings.clone(),
+            templates: settings
+                .templates_file
+                .clone()
+                .map_or(TemplatesSource::None, TemplatesSource::File),
+            metrics: no_metrics(),
             limiters: Arc::new(Mutex::new(HashMap::new())),
             instance: uuid::Uuid::new_v4().simple().to_string(),
         }
@@ -217,6 +231,23 @@ impl Generations {
     pub fn with_ingest(mut self, ingest: Ingest) -> Generations {
         self.ingest = Some(ingest);
         self
+    }
+
+    /// Sign webhooks with secrets from `secrets` (SSM on AWS).
+    pub fn with_secrets(mut self, secrets: Arc<dyn WebhookSecrets>) -> Generations {
+        self.secrets = secrets;
+        self
+    }
+
+    /// Read named templates from `templates`.
+    pub fn with_templates(mut self, templates: TemplatesSource) -> Generations {
+        self.templates = templates;
+        self
+    }
+
+    /// The longest one message may take (see [`Settings::generation_worst_case`]).
+    pub fn worst_case(&self) -> Duration {
+        self.settings.generation_worst_case()
     }
 
     // --- submit ---------------------------------------------------------------------------
@@ -237,14 +268,16 @@ impl Generations {
             }
         }
         if let Some(url) = &sub.webhook_url {
-            if self.settings.webhook_secret_for(&sub.tenant).is_none() {
+            if self.secrets.secret_for(&sub.tenant).await?.is_none() {
                 return Err(SubmitError::NoWebhookSecret(sub.tenant.clone()));
             }
             validate_webhook_url(url, self.mode, self.resolver.as_ref()).await?;
         }
         let now = rfc3339(self.clock.now_ms());
         let job = GenerationJob {
-            job_id: format!("gj{}", &uuid::Uuid::new_v4().simple().to_string()[..20]),
+            job_id: sub.job_id.clone().unwrap_or_else(|| {
+                format!("gj{}", &uuid::Uuid::new_v4().simple().to_string()[..20])
+            }),
             tenant: sub.tenant.clone(),
             template: sub.template.clone(),
             rows: sub.requests.len() as u64,
@@ -302,6 +335,13 @@ impl Generations {
 
     /// Handle one generation message. Never panics; every error becomes an outcome.
     pub async fn handle(&self, body: &str, receive_count: u32) -> GenerateOutcome {
+        let started = std::time::Instant::now();
+        let outcome = self.handle_message(body, receive_count).await;
+        crate::metrics::observe_generate(&*self.metrics, &outcome, started.elapsed());
+        outcome
+    }
+
+    async fn handle_message(&self, body: &str, receive_count: u32) -> GenerateOutcome {
         let msg = match GenerationMessage::parse(body) {
             Ok(m) => m,
             Err(reason) => {
@@ -360,7 +400,13 @@ impl Generations {
         let now = self.clock.now_ms();
         match self
             .store
-            .claim_generation(&row.tenant, &key, &owner, GENERATION_LEASE, now)
+            .claim_generation(
+                &row.tenant,
+                &key,
+                &owner,
+                self.settings.generation_lease(),
+                now,
+            )
             .await?
         {
             GenClaim::Done(object) => {
@@ -388,17 +434,6 @@ impl Generations {
         outcome
     }
 
-    /// The models tried for a request, in order.
-    fn chain(&self, model: &str) -> Vec<String> {
-        let mut chain = vec![model.to_string()];
-        for m in &self.settings.generation_fallback_models {
-            if !chain.contains(m) {
-                chain.push(m.clone());
-            }
-        }
-        chain
-    }
-
     async fn generate(
         &self,
         row: &GenerationRow,
@@ -407,7 +442,7 @@ impl Generations {
         owner: &str,
         receive_count: u32,
     ) -> StoreResult<GenerateOutcome> {
-        let chain = self.chain(&req.model);
+        let chain = self.settings.generation_chain(&req.model);
         let mut last_retry = None;
         for (i, model) in chain.iter().enumerate() {
             let has_fallback = i + 1 < chain.len();
@@ -573,6 +608,7 @@ impl Generations {
             saved_usd: 0.0,
             kind: LedgerKind::Generation,
         };
+        observe_spend(&*self.metrics, model, &spend.usage, cost);
         let image_id = image_id_of(&row.job_id, row.row, row.attempt);
         // One id per paid call: its booking retries in place never count it twice.
         let spend_id = format!("gen:{owner}:{model}:{}", uuid::Uuid::new_v4().simple());
@@ -1000,11 +1036,285 @@ impl Generations {
                     _ => {}
                 }
             }
-            if self.maybe_finish(&job.tenant, &job.job_id).await? {
+            // Finished here, or by the last row settled above.
+            let finished = self.maybe_finish(&job.tenant, &job.job_id).await?
+                || self
+                    .store
+                    .get_job(&job.tenant, &job.job_id)
+                    .await?
+                    .is_some_and(|j| j.status != JobStatus::Running);
+            if finished {
                 report.finished += 1;
             }
         }
         Ok(report)
+    }
+}
+
+// --- named templates ------------------------------------------------------------------------
+
+/// The largest templates file read.
+const MAX_TEMPLATES_BYTES: u64 = 1 << 20;
+
+/// Where a deployment's named templates live.
+#[derive(Clone, Default)]
+pub enum TemplatesSource {
+    /// None: jobs carry their template inline.
+    #[default]
+    None,
+    /// A file (`templates_file`; the local runtime).
+    File(std::path::PathBuf),
+    /// An object of the blob store (on AWS the bucket's [`TEMPLATES_KEY`]).
+    Blob {
+        blobs: Arc<dyn BlobStore>,
+        key: String,
+    },
+}
+
+/// The templates object in the bucket on AWS (outside the CSV drop's `.csv` suffix).
+pub const TEMPLATES_KEY: &str = "generations/templates.toml";
+
+/// Why named templates could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum TemplatesError {
+    #[error("this deployment has no templates file: send the template inline")]
+    NoTemplates,
+    #[error("the templates file {0} cannot be read: {1}")]
+    Unreadable(String, String),
+    #[error("the templates file {0} is invalid: {1}")]
+    Invalid(String, String),
+}
+
+impl TemplatesSource {
+    /// Read and parse the templates (read at each use: an edited file applies at once).
+    pub async fn load(&self) -> Result<TemplateSet, TemplatesError> {
+        let (name, text) = match self {
+            TemplatesSource::None => return Err(TemplatesError::NoTemplates),
+            TemplatesSource::File(path) => {
+                let name = path.display().to_string();
+                let text = tokio::fs::read_to_string(path)
+                    .await
+                    .map_err(|e| TemplatesError::Unreadable(name.clone(), e.to_string()))?;
+                (name, text)
+            }
+            TemplatesSource::Blob { blobs, key } => {
+                let bytes = match blobs.get(key, MAX_TEMPLATES_BYTES).await {
+                    Ok(b) => b,
+                    Err(StoreError::NotFound(_)) => return Err(TemplatesError::NoTemplates),
+                    Err(e) => return Err(TemplatesError::Unreadable(key.clone(), e.to_string())),
+                };
+                let text = String::from_utf8(bytes)
+                    .map_err(|_| TemplatesError::Invalid(key.clone(), "not UTF-8".into()))?;
+                (key.clone(), text)
+            }
+        };
+        TemplateSet::from_toml(&text).map_err(|e| TemplatesError::Invalid(name, e.to_string()))
+    }
+}
+
+// --- the CSV drop ---------------------------------------------------------------------------
+
+/// Where CSV files start jobs on AWS: `generations/{tenant}/{template}/{name}.csv`.
+pub const DROP_PREFIX: &str = "generations/";
+/// The largest CSV a drop reads.
+const MAX_DROP_BYTES: u64 = 16 << 20;
+
+/// A dropped CSV's tenant and template, from its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DropKey {
+    pub tenant: String,
+    pub template: String,
+}
+
+impl DropKey {
+    /// `generations/{tenant}/{template}/{name}.csv` (the name may hold more `/`).
+    pub fn parse(key: &str) -> Result<DropKey, String> {
+        let rest = key
+            .strip_prefix(DROP_PREFIX)
+            .ok_or_else(|| format!("{key}: not under {DROP_PREFIX}"))?;
+        let mut parts = rest.splitn(3, '/');
+        let (Some(tenant), Some(template), Some(name)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(format!(
+                "{key}: expected {DROP_PREFIX}{{tenant}}/{{template}}/{{name}}.csv"
+            ));
+        };
+        if !name.to_ascii_lowercase().ends_with(".csv") || name.len() <= 4 {
+            return Err(format!("{key}: only .csv files start jobs"));
+        }
+        if tenant.is_empty() || sightline_core::keys::sanitize_id(tenant) != tenant {
+            return Err(format!(
+                "{key}: a tenant is letters, digits, `.`, `_` and `-`"
+            ));
+        }
+        if template.is_empty() {
+            return Err(format!("{key}: no template named"));
+        }
+        Ok(DropKey {
+            tenant: tenant.to_string(),
+            template: template.to_string(),
+        })
+    }
+}
+
+/// The job id of a dropped object: the same object (key and version) is the same job.
+pub fn drop_job_id(key: &str, version: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("{key}\n{version}").as_bytes());
+    let hex: String = digest.iter().take(10).map(|b| format!("{b:02x}")).collect();
+    format!("gj{hex}")
+}
+
+/// The receipt written next to a dropped CSV: `{key}.result.json`.
+pub fn drop_receipt_key(key: &str) -> String {
+    format!("{key}.result.json")
+}
+
+/// What a dropped CSV became.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DropOutcome {
+    /// A new job with its rows queued.
+    Started { job_id: String, rows: u64 },
+    /// The same object started its job before (an event delivered again).
+    AlreadyStarted { job_id: String },
+    /// Refused before anything was stored or paid; the receipt says why.
+    Refused(String),
+}
+
+impl Generations {
+    /// Start the job of a CSV dropped at `key` (`version`: its ETag or version id, so a
+    /// changed file dropped again is a new job). Refusals are written to the receipt
+    /// [`drop_receipt_key`]; only storage errors are errors (the event is retried).
+    pub async fn submit_drop(&self, key: &str, version: &str) -> StoreResult<DropOutcome> {
+        let job_id = drop_job_id(key, version);
+        let outcome = match self.start_drop(key, &job_id).await? {
+            Ok(outcome) => outcome,
+            Err(reason) => {
+                warn!(key, %reason, "dropped CSV refused; nothing was paid");
+                DropOutcome::Refused(reason)
+            }
+        };
+        let receipt = match &outcome {
+            DropOutcome::Started { job_id, rows } => {
+                serde_json::json!({ "job_id": job_id, "rows": rows, "status": "started" })
+            }
+            DropOutcome::AlreadyStarted { job_id } => {
+                serde_json::json!({ "job_id": job_id, "status": "started" })
+            }
+            DropOutcome::Refused(reason) => {
+                serde_json::json!({ "job_id": null, "status": "refused", "error": reason })
+            }
+        };
+        self.blobs
+            .put(
+                &drop_receipt_key(key),
+                receipt.to_string().into_bytes(),
+                "application/json",
+            )
+            .await?;
+        Ok(outcome)
+    }
+
+    async fn start_drop(
+        &self,
+        key: &str,
+        job_id: &str,
+    ) -> StoreResult<Result<DropOutcome, String>> {
+        let drop = match DropKey::parse(key) {
+            Ok(d) => d,
+            Err(e) => return Ok(Err(e)),
+        };
+        if self.store.get_job(&drop.tenant, job_id).await?.is_some() {
+            return Ok(Ok(DropOutcome::AlreadyStarted {
+                job_id: job_id.to_string(),
+            }));
+        }
+        // Two deliveries of one event at once: one creates the job, the other retries later
+        // and finds it.
+        let owner = format!("{}:{}", self.instance, uuid::Uuid::new_v4().simple());
+        let claim_key = format!("drop:{job_id}");
+        match self
+            .store
+            .claim_generation(
+                &drop.tenant,
+                &claim_key,
+                &owner,
+                Duration::from_secs(120),
+                self.clock.now_ms(),
+            )
+            .await?
+        {
+            GenClaim::Acquired => {}
+            GenClaim::Busy { .. } | GenClaim::Done(_) => {
+                return Err(StoreError::Transient(format!(
+                    "job {job_id} of {key} is being started by another delivery"
+                )))
+            }
+        }
+        let started = self.plan_and_submit_drop(key, &drop, job_id).await;
+        if let Err(e) = self
+            .store
+            .release_generation(&drop.tenant, &claim_key, &owner)
+            .await
+        {
+            debug!(error = %e, "could not release a drop claim (it expires)");
+        }
+        started
+    }
+
+    async fn plan_and_submit_drop(
+        &self,
+        key: &str,
+        drop: &DropKey,
+        job_id: &str,
+    ) -> StoreResult<Result<DropOutcome, String>> {
+        let bytes = match self.blobs.get(key, MAX_DROP_BYTES).await {
+            Ok(b) => b,
+            Err(StoreError::TooLarge { .. }) => {
+                return Ok(Err(format!("the CSV is over {} MiB", MAX_DROP_BYTES >> 20)))
+            }
+            Err(e) => return Err(e),
+        };
+        let set = match self.templates.load().await {
+            Ok(set) => set,
+            Err(e) => return Ok(Err(e.to_string())),
+        };
+        let requests = match plan_job(
+            &set,
+            Some(&drop.template),
+            RowsInput::Csv(&bytes),
+            &Limits::default(),
+        ) {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(format!("nothing was paid: {e}"))),
+        };
+        match self
+            .submit(Submission {
+                tenant: drop.tenant.clone(),
+                template: drop.template.clone(),
+                requests,
+                webhook_url: None,
+                regenerate: None,
+                source: format!("s3:{key}"),
+                job_id: Some(job_id.to_string()),
+            })
+            .await
+        {
+            Ok(job) => {
+                info!(
+                    job_id,
+                    key,
+                    rows = job.rows,
+                    "job started from a dropped CSV"
+                );
+                Ok(Ok(DropOutcome::Started {
+                    job_id: job.job_id,
+                    rows: job.rows,
+                }))
+            }
+            Err(SubmitError::Store(e)) => Err(e),
+            Err(e) => Ok(Err(e.to_string())),
+        }
     }
 }
 

@@ -1189,6 +1189,13 @@ pub struct WebhookDelivery {
 
 /// Generation jobs, their rows, the per-tenant cache of generated images, and webhook
 /// deliveries.
+/// The secrets tenants' webhooks are signed with: the settings locally, SSM on AWS.
+#[async_trait]
+pub trait WebhookSecrets: Send + Sync {
+    /// The tenant's `whsec_` secret; None when it has none (its jobs may not name a webhook).
+    async fn secret_for(&self, tenant: &str) -> StoreResult<Option<String>>;
+}
+
 #[async_trait]
 pub trait GenerationStore: Send + Sync {
     /// Store a new job and its rows (all or nothing).

@@ -33,6 +33,9 @@ pub const MAX_EDGE_LIMIT: u32 = 16_384;
 const RECORD_WRITES: Duration = Duration::from_secs(5);
 /// What a claim lease keeps over a record's worst case (clock skew, a slow store).
 const LEASE_MARGIN: Duration = Duration::from_secs(25);
+/// Image generation can take a minute or more at high quality: a call is given at least this
+/// long, whatever the vision calls' timeout.
+pub const MIN_GENERATION_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// Which vision provider analyses images.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -577,6 +580,36 @@ impl Settings {
         self.provider_timeout * 2 + self.max_inline_wait * 2 + RECORD_WRITES
     }
 
+    /// The timeout of one image generation call.
+    pub fn generation_timeout(&self) -> Duration {
+        self.provider_timeout.max(MIN_GENERATION_TIMEOUT)
+    }
+
+    /// Image models tried for a request of `model`, in order.
+    pub fn generation_chain(&self, model: &str) -> Vec<String> {
+        let mut chain = vec![model.to_string()];
+        for m in &self.generation_fallback_models {
+            if !chain.contains(m) {
+                chain.push(m.clone());
+            }
+        }
+        chain
+    }
+
+    /// The longest one generation message can take: two calls (one in-place retry of an
+    /// unusable answer) per model of the longest chain, and the image's writes. The one
+    /// formula behind the generation claim's lease and the generate Lambda's deadline check.
+    pub fn generation_worst_case(&self) -> Duration {
+        let models = 1 + self.generation_fallback_models.len() as u32;
+        self.generation_timeout() * 2 * models + RECORD_WRITES
+    }
+
+    /// How long a generation claim holds: the worst case plus a margin, so a redelivery
+    /// never pays for an image still being made.
+    pub fn generation_lease(&self) -> Duration {
+        self.generation_worst_case() + LEASE_MARGIN
+    }
+
     /// Make the claim lease at least a record's worst case plus a margin (done once the
     /// settings are resolved). A lease that ends while the call is still running would let a
     /// redelivery pay for the same image.
@@ -757,7 +790,8 @@ fn tenant_dedupes(v: &str) -> Result<BTreeMap<String, Dedupe>, &'static str> {
     Ok(map)
 }
 
-fn webhook_secret(v: &str) -> Result<String, &'static str> {
+/// A `whsec_` secret, checked.
+pub fn webhook_secret(v: &str) -> Result<String, &'static str> {
     sightline_core::webhook::WebhookSecret::parse(v)
         .map(|_| v.to_string())
         .map_err(|_| "a whsec_ secret: `whsec_` and 24 to 64 bytes in base64")
@@ -1586,6 +1620,15 @@ pub fn settings_table() -> String {
         ));
     }
     out
+}
+
+/// Secrets from `webhook_secret` and `tenant_webhook_secret` (the local runtime; on AWS the
+/// SSM adapter falls back to them).
+#[async_trait::async_trait]
+impl crate::ports::WebhookSecrets for Settings {
+    async fn secret_for(&self, tenant: &str) -> crate::ports::StoreResult<Option<String>> {
+        Ok(self.webhook_secret_for(tenant).map(str::to_string))
+    }
 }
 
 #[cfg(test)]

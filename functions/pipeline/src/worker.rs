@@ -9,8 +9,11 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
+use sightline_core::model::AnalysisJob;
+
 use crate::analyze::{AnalyzeOutcome, Analyzer};
-use crate::generation::{GenerateOutcome, Generations};
+use crate::generation::{image_id_of, GenerateOutcome, GenerationMessage, Generations};
+use crate::metrics::Recorder;
 use crate::ports::{Queue, QueueMessage};
 
 /// A use-case that handles one queue message.
@@ -20,6 +23,27 @@ pub trait Handler: Clone + Send + Sync + 'static {
     async fn handle(&self, body: &str, receive_count: u32) -> Self::Outcome;
     /// Some(delay): make the message visible again after it; None: delete it.
     fn retry_delay(outcome: &Self::Outcome) -> Option<Duration>;
+    /// The outcome of a message sent back unhandled (too near a deadline, a crashed task).
+    fn unhandled(delay: Duration, reason: String) -> Self::Outcome;
+    /// The reason of a permanent failure, for the log.
+    fn failure(outcome: &Self::Outcome) -> Option<&str>;
+    /// The ids a message's log span carries, read from its body (best effort).
+    fn ids(body: &str) -> MessageIds;
+    /// The longest one message may take: a Lambda starts none with less time left.
+    fn worst_case(&self) -> Duration;
+    /// Where its metric events go.
+    fn recorder(&self) -> Arc<dyn Recorder>;
+    /// A copy whose metric events go to `recorder` (one invocation's EMF batch).
+    fn with_recorder(&self, recorder: Arc<dyn Recorder>) -> Self;
+}
+
+/// What a message names, for its log span.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MessageIds {
+    pub tenant: Option<String>,
+    pub image_id: Option<String>,
+    pub job_id: Option<String>,
+    pub row: Option<u32>,
 }
 
 #[async_trait]
@@ -34,6 +58,37 @@ impl Handler for Analyzer {
             _ => None,
         }
     }
+    fn unhandled(delay: Duration, reason: String) -> AnalyzeOutcome {
+        AnalyzeOutcome::Retry { delay, reason }
+    }
+    fn failure(outcome: &AnalyzeOutcome) -> Option<&str> {
+        match outcome {
+            AnalyzeOutcome::Failed(reason) => Some(reason),
+            _ => None,
+        }
+    }
+    fn ids(body: &str) -> MessageIds {
+        match AnalysisJob::parse(body) {
+            Ok(job) => MessageIds {
+                tenant: Some(job.tenant),
+                image_id: Some(job.image_id),
+                job_id: None,
+                row: None,
+            },
+            Err(_) => MessageIds::default(),
+        }
+    }
+    fn worst_case(&self) -> Duration {
+        self.settings.record_worst_case()
+    }
+    fn recorder(&self) -> Arc<dyn Recorder> {
+        self.metrics.clone()
+    }
+    fn with_recorder(&self, recorder: Arc<dyn Recorder>) -> Self {
+        let mut me = self.clone();
+        me.metrics = recorder;
+        me
+    }
 }
 
 #[async_trait]
@@ -47,6 +102,37 @@ impl Handler for Generations {
             GenerateOutcome::Retry { delay, .. } => Some(*delay),
             _ => None,
         }
+    }
+    fn unhandled(delay: Duration, reason: String) -> GenerateOutcome {
+        GenerateOutcome::Retry { delay, reason }
+    }
+    fn failure(outcome: &GenerateOutcome) -> Option<&str> {
+        match outcome {
+            GenerateOutcome::Failed(reason) => Some(reason),
+            _ => None,
+        }
+    }
+    fn ids(body: &str) -> MessageIds {
+        match GenerationMessage::parse(body) {
+            Ok(m) => MessageIds {
+                image_id: Some(image_id_of(&m.job_id, m.row, m.attempt)),
+                tenant: Some(m.tenant),
+                job_id: Some(m.job_id),
+                row: Some(m.row),
+            },
+            Err(_) => MessageIds::default(),
+        }
+    }
+    fn worst_case(&self) -> Duration {
+        self.worst_case()
+    }
+    fn recorder(&self) -> Arc<dyn Recorder> {
+        self.metrics.clone()
+    }
+    fn with_recorder(&self, recorder: Arc<dyn Recorder>) -> Self {
+        let mut me = self.clone();
+        me.metrics = recorder;
+        me
     }
 }
 

@@ -29,11 +29,20 @@ use std::time::{Duration, SystemTime};
 use anyhow::{bail, Context};
 use aws_lambda_events::event::eventbridge::EventBridgeEvent;
 use serde::Serialize;
+use sightline_pipeline::aws::generation::GenerationSide;
+use sightline_pipeline::delivery::DeliveryReport;
+use sightline_pipeline::generation::SweepReport as GenerationSweep;
 use sightline_pipeline::metrics::emf::{Emf, EmfBatch};
 use sightline_pipeline::metrics::{Metric, Recorder};
 use sightline_pipeline::ports::StoreResult;
 use sightline_pipeline::reconcile::{Reconciler, SweepReport};
 use tracing::{info, warn};
+
+/// The payload of the every-minute schedule: `{"task": "deliveries"}` attempts due webhook
+/// deliveries only.
+pub const DELIVERIES_TASK: &str = "deliveries";
+/// Deliveries attempted per page.
+pub const DELIVERY_PAGE: usize = 50;
 
 /// Environment variable: most images one invocation looks at.
 pub const MAX_ENV: &str = "SIGHTLINE_RECONCILE_MAX";
@@ -86,6 +95,12 @@ pub enum Stop {
 pub struct Run {
     #[serde(flatten)]
     pub report: SweepReport,
+    /// Generation rows and jobs moved on (when generation jobs are on).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub generations: Option<GenerationSweep>,
+    /// Webhook deliveries attempted (when generation jobs are on).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deliveries: Option<DeliveryReport>,
     /// Calls of [`Reconciler::sweep`].
     pub chunks: u32,
     pub stopped: Stop,
@@ -141,6 +156,8 @@ pub struct ReconcileHandler {
     pub reconciler: Reconciler,
     /// Vectors and their embedder, for manual reindex runs (None: no vector bucket here).
     pub search: Option<Arc<sightline_pipeline::search::Search>>,
+    /// Generation jobs and their webhooks (None: generation is off here).
+    pub generation: Option<GenerationSide>,
     /// Most images looked at per invocation.
     pub max: usize,
     /// Images per sweep call.
@@ -156,6 +173,7 @@ impl ReconcileHandler {
         ReconcileHandler {
             reconciler,
             search: None,
+            generation: None,
             max,
             chunk: CHUNK,
             reserve: RESERVE,
@@ -185,7 +203,39 @@ impl ReconcileHandler {
             info!(?run, "reindex finished");
             return Ok(serde_json::to_value(run)?);
         }
+        if event.get("task").and_then(|t| t.as_str()) == Some(DELIVERIES_TASK) {
+            let report = self.deliver(deadline).await?;
+            return Ok(serde_json::to_value(report)?);
+        }
         Ok(serde_json::to_value(self.handle(event, deadline).await?)?)
+    }
+
+    /// Attempt due webhook deliveries, page by page, while no less than the reserve is left
+    /// (the every-minute schedule; the sweep does it too).
+    pub async fn deliver(&self, deadline: Option<SystemTime>) -> StoreResult<DeliveryReport> {
+        let mut total = DeliveryReport::default();
+        let Some(side) = &self.generation else {
+            return Ok(total);
+        };
+        loop {
+            let left = deadline.map(|d| d.duration_since(SystemTime::now()).unwrap_or_default());
+            if left.is_some_and(|t| t < self.reserve) {
+                break;
+            }
+            let r = side.deliveries.deliver_due(DELIVERY_PAGE).await?;
+            total.attempted += r.attempted;
+            total.delivered += r.delivered;
+            total.retrying += r.retrying;
+            total.dead += r.dead;
+            total.gone += r.gone;
+            if (r.attempted as usize) < DELIVERY_PAGE {
+                break;
+            }
+        }
+        if total.attempted > 0 {
+            info!(?total, "webhook deliveries attempted");
+        }
+        Ok(total)
     }
 
     /// Reindex page by page while no less than the reserve is left.
@@ -258,7 +308,13 @@ impl ReconcileHandler {
             batch.record(Metric::JobsRequeued, None, run.report.requeued as f64);
         }
         self.emf.flush(&batch);
-        let run = run?;
+        let mut run = run?;
+        if let Some(side) = &self.generation {
+            // Rows whose analysis ended unseen, rows whose message was lost, jobs to finish;
+            // then their webhooks.
+            run.generations = Some(side.generations.sweep().await?);
+            run.deliveries = Some(self.deliver(deadline).await?);
+        }
         if run.report.errors > 0 {
             warn!(?run, "reconcile finished; some images failed and stay due");
         } else {
@@ -327,6 +383,8 @@ impl ReconcileHandler {
         };
         Ok(Run {
             report: total,
+            generations: None,
+            deliveries: None,
             chunks,
             stopped,
         })
@@ -626,6 +684,8 @@ mod tests {
                 settled: 4,
                 errors: 0,
             },
+            generations: None,
+            deliveries: None,
             chunks: 2,
             stopped: Stop::MaxReached,
         };
@@ -748,5 +808,172 @@ mod tests {
             format!("{err:#}").contains("SIGHTLINE_VECTOR_BUCKET"),
             "{err:#}"
         );
+    }
+
+    // ---- generation jobs: the sweep moves rows and jobs on, the schedule delivers webhooks
+
+    use sightline_pipeline::delivery::{Deliveries, Posted, WebhookPoster};
+    use sightline_pipeline::generation::{Generations, Generators, Submission};
+    use sightline_pipeline::ports::{Failure, GenerationStore};
+    use sightline_pipeline::providers::gen_local::LocalGenerator;
+    use sightline_pipeline::webhook_url::{Mode, SystemResolver};
+    use std::sync::Mutex;
+
+    /// A request's URL and headers.
+    type Post = (String, Vec<(String, String)>);
+
+    /// A receiver that answers from a script (then 200) and keeps what it was sent.
+    struct ScriptedPoster {
+        statuses: Mutex<Vec<u16>>,
+        posts: Mutex<Vec<Post>>,
+    }
+
+    #[async_trait::async_trait]
+    impl WebhookPoster for ScriptedPoster {
+        async fn post(
+            &self,
+            url: &str,
+            headers: &[(&str, &str)],
+            _body: Vec<u8>,
+        ) -> Result<Posted, String> {
+            self.posts.lock().unwrap().push((
+                url.to_string(),
+                headers
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ));
+            let mut statuses = self.statuses.lock().unwrap();
+            let status = if statuses.is_empty() {
+                200
+            } else {
+                statuses.remove(0)
+            };
+            Ok(Posted {
+                status,
+                retry_after: None,
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn the_sweep_finishes_a_job_whose_row_ended_unseen_and_the_minute_task_retries_its_webhook(
+    ) {
+        let f = fixture(10, 100);
+        let db = SqliteDb::in_memory().unwrap();
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let settings = Arc::new(Settings {
+            webhook_secret: Some("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into()),
+            webhook_retry_scale: 0.0001,
+            ..Settings::default()
+        });
+        let store = Arc::new(SqliteRepository::new(db.clone()));
+        let gen_queue: Arc<dyn Queue> =
+            Arc::new(SqliteQueue::new(db, "generate", 5, clock.clone()));
+        let generations = Arc::new(Generations::new(
+            store.clone(),
+            f.repo.clone(),
+            f.blobs.clone(),
+            gen_queue.clone(),
+            Arc::new(Generators::new(Box::new(|_: &str| {
+                Ok(Arc::new(LocalGenerator) as _)
+            }))),
+            settings.clone(),
+            clock.clone(),
+            Mode::Local,
+            Arc::new(SystemResolver::default()),
+        ));
+        let poster = Arc::new(ScriptedPoster {
+            statuses: Mutex::new(vec![503]),
+            posts: Mutex::new(Vec::new()),
+        });
+        let mut handler = f.handler.clone();
+        handler.generation = Some(GenerationSide {
+            generations: generations.clone(),
+            deliveries: Arc::new(Deliveries {
+                store: store.clone(),
+                poster: poster.clone(),
+                secrets: settings.clone(),
+                settings: settings.clone(),
+                clock: clock.clone(),
+            }),
+        });
+        let plan = sightline_core::generate::plan_job(
+            &sightline_core::generate::TemplateSet::from_toml(
+                "[templates.t]\nprompt = \"a {thing}\"\nmodel = \"local-canvas\"\n",
+            )
+            .unwrap(),
+            Some("t"),
+            sightline_core::generate::RowsInput::Csv(b"thing\nmug\n"),
+            &sightline_core::generate::Limits::default(),
+        )
+        .unwrap();
+        let job = generations
+            .submit(Submission {
+                tenant: "acme".into(),
+                template: "t".into(),
+                requests: plan,
+                webhook_url: Some("http://127.0.0.1:9/hook".into()),
+                regenerate: None,
+                source: "test".into(),
+                job_id: None,
+            })
+            .await
+            .unwrap();
+        let msg = gen_queue
+            .receive(1, std::time::Duration::from_secs(30))
+            .await
+            .unwrap()
+            .remove(0);
+        generations.handle(&msg.body, 1).await;
+        let row = store
+            .get_row("acme", &job.job_id, 1)
+            .await
+            .unwrap()
+            .unwrap();
+        // The image's analysis fails, and nothing tells the row (the analyzer crashed).
+        f.repo
+            .mark_failed(
+                "acme",
+                row.image_id.as_deref().unwrap(),
+                "bad image",
+                Failure::Permanent,
+                &rfc3339(clock.now_ms()),
+            )
+            .await
+            .unwrap();
+
+        let event = serde_json::json!({"detail-type": "Scheduled Event", "source": "aws.events"});
+        let run = handler.handle(event, None).await.unwrap();
+        assert_eq!(run.generations.map(|g| g.finished), Some(1), "{run:?}");
+        let finished = store.get_job("acme", &job.job_id).await.unwrap().unwrap();
+        assert_eq!(finished.status, sightline_core::genjob::JobStatus::Finished);
+        // Its webhook was attempted in the same run and answered 503: to be retried.
+        assert_eq!(
+            run.deliveries.map(|d| (d.attempted, d.retrying)),
+            Some((1, 1))
+        );
+
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let out = handler
+            .handle_event(serde_json::json!({"task": "deliveries"}), None)
+            .await
+            .unwrap();
+        assert_eq!(out["delivered"], 1, "{out}");
+        let posts = poster.posts.lock().unwrap();
+        assert_eq!(posts.len(), 2);
+        // Both attempts carry the same message id, signed.
+        let id = |i: usize| {
+            posts[i]
+                .1
+                .iter()
+                .find(|(k, _)| k == "webhook-id")
+                .map(|(_, v)| v.clone())
+        };
+        assert!(id(0).is_some() && id(0) == id(1));
+        assert!(posts[1]
+            .1
+            .iter()
+            .any(|(k, v)| k == "webhook-signature" && v.starts_with("v1,")));
     }
 }

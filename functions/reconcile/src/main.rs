@@ -1,8 +1,10 @@
-//! sightline-reconcile Lambda entry point: an EventBridge schedule (`rate(5 minutes)`).
+//! sightline-reconcile Lambda entry point: an EventBridge schedule (`rate(5 minutes)`), and
+//! with generation jobs on, a second one every minute for webhook deliveries.
 
 use std::sync::Arc;
 
 use lambda_runtime::{service_fn, Error, LambdaEvent};
+use sightline_pipeline::aws::generation::{generation_from_env, Role};
 use sightline_pipeline::aws::{config, AwsEnv, Clients, DynamoRepository, S3BlobStore, SqsQueue};
 use sightline_pipeline::ingest::Ingest;
 use sightline_pipeline::ports::SystemClock;
@@ -24,6 +26,7 @@ async fn main() -> Result<(), Error> {
     // Manual reindex runs (`{"reindex": {...}}`) use the same vectors and embedder as analyze.
     let search =
         config::search_from_env(&env, &sdk, &settings, repo.clone(), blobs.clone()).await?;
+    let generation = generation_from_env(&env, &sdk, &clients, &settings, Role::Coordinate).await?;
     let ingest = Ingest::new(
         blobs,
         repo,
@@ -34,6 +37,7 @@ async fn main() -> Result<(), Error> {
     );
     let mut handler = ReconcileHandler::new(Reconciler::new(ingest), max);
     handler.search = search;
+    handler.generation = generation;
     let handler = Arc::new(handler);
     lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| {
         let handler = handler.clone();

@@ -451,7 +451,7 @@ async fn analyze(args: Args) -> anyhow::Result<()> {
     }
     let queue_url = env.require_queue()?.to_string();
     let queue = Arc::new(SqsQueue::new(clients.sqs.clone(), &queue_url));
-    let handler = Arc::new(AnalyzeHandler::new(analyzer, queue));
+    let handler = Arc::new(AnalyzeHandler::new(analyzer, queue, "analyze"));
     let arn = queue_arn(&clients.sqs, &queue_url).await;
     let region = sdk.region().map(|r| r.to_string());
     let timeout = args.function_timeout();

@@ -29,6 +29,14 @@ pub struct AwsEnv {
     pub vector_bucket: Option<String>,
     pub openai_key_param: Option<String>,
     pub anthropic_key_param: Option<String>,
+    /// The generation queue (`SIGHTLINE_GENERATION_QUEUE_URL`): generation jobs are on when
+    /// it is set (generate, analyze, api, reconcile).
+    pub generation_queue_url: Option<String>,
+    /// SSM path of the tenants' webhook secrets (`SIGHTLINE_WEBHOOK_SECRETS_PATH`): the
+    /// SecureString `{path}{tenant}` signs the tenant's webhooks.
+    pub webhook_secrets_path: Option<String>,
+    /// The templates object in the bucket (`SIGHTLINE_TEMPLATES_KEY`).
+    pub templates_key: String,
     /// `AWS_ENDPOINT_URL` (emulator): S3 then uses path-style addressing.
     pub endpoint_url: Option<String>,
 }
@@ -65,6 +73,17 @@ impl AwsEnv {
                 .and_then(|name| var(get, name)),
             anthropic_key_param: key_param_variable(ProviderKind::Anthropic)
                 .and_then(|name| var(get, name)),
+            generation_queue_url: var(get, "SIGHTLINE_GENERATION_QUEUE_URL"),
+            webhook_secrets_path: var(get, "SIGHTLINE_WEBHOOK_SECRETS_PATH").map(|p| {
+                // `{path}{tenant}` names a parameter: the path ends with its separator.
+                if p.ends_with('/') {
+                    p
+                } else {
+                    format!("{p}/")
+                }
+            }),
+            templates_key: var(get, "SIGHTLINE_TEMPLATES_KEY")
+                .unwrap_or_else(|| crate::generation::TEMPLATES_KEY.into()),
             endpoint_url: var(get, "AWS_ENDPOINT_URL"),
         })
     }
@@ -186,7 +205,7 @@ pub async fn load_admin_key(settings: &mut Settings, sdk: &SdkConfig) -> anyhow:
 }
 
 /// The value of an SSM SecureString (decrypted), named by the variable `variable`.
-async fn read_secure_parameter(
+pub(crate) async fn read_secure_parameter(
     sdk: &SdkConfig,
     name: &str,
     variable: &str,
@@ -307,6 +326,9 @@ mod tests {
         assert_eq!(e.key_param(ProviderKind::Anthropic), None);
         assert_eq!(e.vector_bucket, None);
         assert!(e.require_vector_bucket().is_err());
+        assert_eq!(e.generation_queue_url, None);
+        assert_eq!(e.webhook_secrets_path, None);
+        assert_eq!(e.templates_key, "generations/templates.toml");
         let e = AwsEnv::from_lookup(&lookup(&[
             ("SIGHTLINE_BUCKET", "b"),
             ("SIGHTLINE_TABLE", "t"),

@@ -4,9 +4,12 @@
 
 pub mod config;
 pub mod dynamo;
+pub mod generation;
 pub mod presign;
 pub mod s3;
+pub mod secrets;
 pub mod sqs;
+pub mod sqs_batch;
 pub mod vectors;
 
 pub use config::{sdk_config_from_env, vector_store, AwsEnv, Clients};

@@ -13,7 +13,7 @@ use serde_json::json;
 use sightline_core::generate::{plan_job, Limits, RowsInput, TemplateSet, TemplateSpec};
 
 use super::{path_param, query, tenant, ApiError, ApiState};
-use crate::generation::{Generations, Submission, SubmitError};
+use crate::generation::{Generations, Submission, SubmitError, TemplatesError};
 use crate::ports::DeliveryStatus;
 
 /// A job as a JSON body. `template` names one of the server's templates file, or is a
@@ -53,28 +53,18 @@ fn generations_of(state: &ApiState) -> Result<&Generations, ApiError> {
     })
 }
 
-/// The server's templates file (`templates_file`), if it has one.
-fn server_templates(state: &ApiState) -> Result<TemplateSet, ApiError> {
-    let Some(path) = &state.settings.templates_file else {
-        return Err(ApiError::bad_request(
-            "this server has no templates file: send the template inline",
-        ));
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        tracing::error!(error = %e, path = %path.display(), "templates file unreadable");
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "the templates file cannot be read",
-        )
-    })?;
-    TemplateSet::from_toml(&text).map_err(|e| {
-        tracing::error!(error = %e, "templates file invalid");
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "the templates file is invalid",
-        )
+/// The deployment's named templates.
+async fn server_templates(generations: &Generations) -> Result<TemplateSet, ApiError> {
+    generations.templates.load().await.map_err(|e| match e {
+        TemplatesError::NoTemplates => ApiError::bad_request(e.to_string()),
+        other => {
+            tracing::error!(error = %other, "templates unusable");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the templates file cannot be read or is invalid",
+            )
+        }
     })
 }
 
@@ -148,8 +138,8 @@ pub(super) async fn create(
             TemplateSet::inline(spec).map_err(|e| ApiError::bad_request(e.to_string()))?,
             None,
         ),
-        Some(TemplateRef::Named(n)) => (server_templates(&state)?, Some(n.clone())),
-        None => (server_templates(&state)?, None),
+        Some(TemplateRef::Named(n)) => (server_templates(generations).await?, Some(n.clone())),
+        None => (server_templates(generations).await?, None),
     };
     let rows_json;
     let input = match (&job.rows, &job.csv) {
@@ -188,6 +178,7 @@ pub(super) async fn create(
             webhook_url: job.webhook_url,
             regenerate: job.regenerate,
             source: "api".into(),
+            job_id: None,
         })
         .await
         .map_err(submit_error)?;

@@ -304,10 +304,6 @@ pub fn build_batch_provider(
     })
 }
 
-/// Image generation can take a minute or more at high quality: a call is given at least this
-/// long, whatever the vision calls' timeout.
-pub const MIN_GENERATION_TIMEOUT: Duration = Duration::from_secs(180);
-
 /// The generator for an image model, by its provider in the price table's `[[image_models]]`:
 /// `local` (offline, $0), `openai` (the Images API at `openai_base_url`, needs the OpenAI key)
 /// or `bedrock` (Nova Canvas, Titan Image Generator v2; the AWS chain). A model the table does
@@ -321,7 +317,7 @@ pub fn build_generator(
     let price = prices
         .image_model(model)
         .map_err(|e| ProviderSetupError::Generation(e.to_string()))?;
-    let timeout = settings.provider_timeout.max(MIN_GENERATION_TIMEOUT);
+    let timeout = settings.generation_timeout();
     Ok(match price.provider.as_str() {
         "local" => Arc::new(LocalGenerator),
         "openai" => {

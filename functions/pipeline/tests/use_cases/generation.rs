@@ -178,6 +178,7 @@ fn fixture(paid_errors: Vec<FailureKind>) -> Fixture {
     let deliveries = Deliveries {
         store: repo.clone(),
         poster: Arc::new(HttpPoster::new(Mode::Local, resolver)),
+        secrets: settings.clone(),
         settings: settings.clone(),
         clock,
     };
@@ -274,6 +275,7 @@ async fn submit(f: &Fixture, tenant: &str, csv: &str, webhook: Option<String>) -
             webhook_url: webhook,
             regenerate: None,
             source: "test".into(),
+            job_id: None,
         })
         .await
         .unwrap()
@@ -406,6 +408,7 @@ size = "512x512"
             webhook_url: webhook,
             regenerate: None,
             source: "test".into(),
+            job_id: None,
         })
         .await
         .unwrap()
@@ -618,6 +621,7 @@ async fn a_job_is_refused_before_anything_is_stored_for_an_unsafe_webhook_or_an_
         webhook_url: url.map(str::to_string),
         regenerate: None,
         source: "test".into(),
+        job_id: None,
     };
     for bad in [
         "http://169.254.169.254/latest/meta-data",
