@@ -3,7 +3,7 @@
 #   1. cfn-lint on the SAM template (must be clean),
 #   2. openapi-spec-validator on the OpenAPI spec,
 #   3. the Rust tests of infra/ (template safety settings, spec routes and schemas),
-#   4. optional (SIGHTLINE_CHECK_LAMBDA_BUILD=1): `cargo lambda build --release` of the five
+#   4. optional (SIGHTLINE_CHECK_LAMBDA_BUILD=1): `cargo lambda build --release` of the six
 #      function binaries, for arm64 with Zig (default) or natively with SIGHTLINE_LAMBDA_COMPILER=cargo,
 #   5. optional (SIGHTLINE_CHECK_ARM64_BUILD="sightline-resize ..."): `cargo lambda build --release
 #      --arm64` (Zig) of those packages into target/lambda-arm64 (beside the native bootstraps,
@@ -86,7 +86,7 @@ fi
 if [ "${SIGHTLINE_CHECK_LAMBDA_BUILD:-0}" = 1 ]; then
   compiler=${SIGHTLINE_LAMBDA_COMPILER:-zig}
   args=(lambda build --release -p sightline-resize -p sightline-analyze -p sightline-api
-    -p sightline-reconcile -p sightline-batch)
+    -p sightline-reconcile -p sightline-batch -p sightline-generate)
   case "$compiler" in
     zig)
       ensure_zig
@@ -105,7 +105,7 @@ if [ "${SIGHTLINE_CHECK_LAMBDA_BUILD:-0}" = 1 ]; then
   log "cargo ${args[*]}"
   # The venv's bin first: cargo-lambda finds `cargo-lambda` and Zig (python -m ziglang) there.
   PATH="$VENV/bin:$PATH" cargo "${args[@]}"
-  ls -l "${CARGO_TARGET_DIR:-target}"/lambda/sightline-{resize,analyze,api,reconcile,batch}/bootstrap
+  ls -l "${CARGO_TARGET_DIR:-target}"/lambda/sightline-{resize,analyze,api,reconcile,batch,generate}/bootstrap
 fi
 
 if [ -n "${SIGHTLINE_CHECK_ARM64_BUILD:-}" ]; then

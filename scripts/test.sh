@@ -73,7 +73,7 @@ else
   grep -E '^[0-9]+ passed, [0-9]+ failed' "$LOGDIR/browser-widget.log" | tail -1 | sed -E 's/([0-9]+) passed, ([0-9]+) failed.*/\1 \2/' >> "$LOGDIR/results.txt" || true
 
   step "infrastructure checks (cfn-lint, OpenAPI, template safety, cargo lambda build)"
-  # The infra crate's Rust tests already ran with the workspace above. The five functions build
+  # The infra crate's Rust tests already ran with the workspace above. The six functions build
   # natively; the resize Lambda (which links libjpeg-turbo) also builds for arm64 with Zig, as
   # docs/aws.md deploys it.
   SIGHTLINE_SKIP_CARGO_TEST=1 SIGHTLINE_CHECK_LAMBDA_BUILD=1 SIGHTLINE_LAMBDA_COMPILER=cargo \

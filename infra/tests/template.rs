@@ -213,8 +213,9 @@ const ANALYZE: &str = "sightline-analyze";
 const API: &str = "sightline-api";
 const RECONCILE: &str = "sightline-reconcile";
 const BATCH: &str = "sightline-batch";
+const GENERATE: &str = "sightline-generate";
 /// Every function of the template.
-const ALL: [&str; 5] = [RESIZE, ANALYZE, API, RECONCILE, BATCH];
+const ALL: [&str; 6] = [RESIZE, ANALYZE, API, RECONCILE, BATCH, GENERATE];
 
 #[test]
 fn template_uses_long_form_intrinsics_only() {
@@ -236,8 +237,8 @@ fn functions_are_arm64_al2023_cargo_lambda_binaries() {
     let functions = t.of_type("AWS::Serverless::Function");
     assert_eq!(
         functions.len(),
-        5,
-        "five functions: resize, analyze, api, reconcile, batch"
+        6,
+        "six functions: resize, analyze, api, reconcile, batch, generate"
     );
     for (binary, dir) in [
         (RESIZE, "resize"),
@@ -245,6 +246,7 @@ fn functions_are_arm64_al2023_cargo_lambda_binaries() {
         (API, "api"),
         (RECONCILE, "reconcile"),
         (BATCH, "batch"),
+        (GENERATE, "generate"),
     ] {
         let (id, f) = t.function(binary);
         assert_eq!(f["Metadata"]["BuildMethod"], "rust-cargolambda", "{id}");
@@ -504,10 +506,15 @@ fn s3_permissions_are_prefix_scoped() {
     expect(RECONCILE, "s3:PutObject", "/resized/*");
     let (_, analyze) = t.function(ANALYZE);
     assert!(t.resources_for(analyze, "s3:PutObject").is_empty());
-    // The api reads nothing itself; it signs thumbnail URLs of resized images only.
-    expect(API, "s3:GetObject", "/resized/*");
+    // The api signs thumbnail URLs of resized images, and reads the generation templates.
     let (_, api) = t.function(API);
-    assert_eq!(t.resources_for(api, "s3:GetObject").len(), 1);
+    assert_eq!(
+        t.resources_for(api, "s3:GetObject"),
+        vec![
+            "${Bucket.Arn}/resized/*",
+            "${Bucket.Arn}/generations/templates.toml"
+        ]
+    );
     // The functions that read uploads tell a missing one (404) from a forbidden one (403)
     // only with s3:ListBucket, granted on the bucket itself (no object), by the same name.
     let (_, bucket) = t.of_type("AWS::S3::Bucket")[0];
@@ -599,12 +606,25 @@ fn function_roles_are_least_privilege() {
                 "dynamodb:DeleteItem",
                 "dynamodb:Query",
             ]),
-            // Reads, API keys and tenant budgets (set and removed by the admin routes).
+            // Generation jobs, rows, claims and deliveries, with the analyzer's ledger writes;
+            // a dropped CSV's rows in batches of 25.
+            GENERATE => set(&[
+                "dynamodb:GetItem",
+                "dynamodb:PutItem",
+                "dynamodb:UpdateItem",
+                "dynamodb:DeleteItem",
+                "dynamodb:ConditionCheckItem",
+                "dynamodb:Query",
+                "dynamodb:BatchWriteItem",
+            ]),
+            // Reads, API keys and tenant budgets (set and removed by the admin routes), and a
+            // generation job's rows in batches of 25.
             _ => set(&[
                 "dynamodb:GetItem",
                 "dynamodb:Query",
                 "dynamodb:PutItem",
                 "dynamodb:DeleteItem",
+                "dynamodb:BatchWriteItem",
             ]),
         };
         assert!(
@@ -650,7 +670,16 @@ fn function_roles_are_least_privilege() {
             "analyze {a}"
         );
     }
-    assert!(t.resources_for(api, "sqs:SendMessage").is_empty());
+    // The api queues generation rows, nothing else.
+    assert_eq!(
+        t.resources_for(api, "sqs:SendMessage"),
+        vec!["${GenerationQueue.Arn}"]
+    );
+    // A failed check generates a row again.
+    assert_eq!(
+        t.resources_for(analyze, "sqs:SendMessage"),
+        vec!["${GenerationQueue.Arn}"]
+    );
 
     // The reconciler finds due images through the gsi3 index and re-sends jobs; it consumes
     // nothing from the queue.
@@ -663,7 +692,7 @@ fn function_roles_are_least_privilege() {
     );
     assert_eq!(
         t.resources_for(reconcile, "sqs:SendMessage"),
-        vec!["${AnalyzeQueue.Arn}"]
+        vec!["${AnalyzeQueue.Arn}", "${GenerationQueue.Arn}"]
     );
     for a in [
         "sqs:ReceiveMessage",
@@ -715,6 +744,12 @@ fn no_wildcard_resource_on_data_plane_actions() {
 /// The admin key's variable and parameter (the api function's only secret).
 const ADMIN_KEY_PARAM: (&str, &str) = ("SIGHTLINE_ADMIN_KEY_PARAM", "AdminKeyParameter");
 
+/// The SSM parameters of the tenants' webhook secrets: everything under the path parameter.
+const WEBHOOK_SECRETS: &str =
+    "arn:${AWS::Partition}:ssm:${AWS::Region}:${AWS::AccountId}:parameter${WebhookSecretsPath}*";
+/// The variable naming that path, and its parameter.
+const WEBHOOK_SECRETS_PATH: (&str, &str) = ("SIGHTLINE_WEBHOOK_SECRETS_PATH", "WebhookSecretsPath");
+
 const KEY_PARAMS: [(&str, &str); 2] = [
     ("SIGHTLINE_OPENAI_KEY_PARAM", "OpenAiKeyParameter"),
     ("SIGHTLINE_ANTHROPIC_KEY_PARAM", "AnthropicKeyParameter"),
@@ -726,18 +761,42 @@ fn provider_keys_are_read_each_from_exactly_its_ssm_parameter() {
     for binary in [ANALYZE, BATCH] {
         provider_keys_of(&t, binary);
     }
-    // Only the functions that call the provider read the keys.
+    // Only the functions that call the provider read the keys; generate calls OpenAI's
+    // Images API (or Bedrock, with its role), so it reads the OpenAI key only.
     for b in [RESIZE, API, RECONCILE] {
         let (_, other) = t.function(b);
         for (var, _) in KEY_PARAMS {
             assert!(!t.env(other).contains_key(var));
         }
     }
-    for b in [RESIZE, RECONCILE] {
-        let (_, other) = t.function(b);
-        assert!(t.resources_for(other, "ssm:GetParameter").is_empty());
-        assert!(t.resources_for(other, "kms:Decrypt").is_empty());
-    }
+    let (id, generate) = t.function(GENERATE);
+    let env = t.env(generate);
+    assert_eq!(
+        references(&env[KEY_PARAMS[0].0])
+            .into_iter()
+            .filter(|r| !r.starts_with("AWS::"))
+            .collect::<Vec<_>>(),
+        vec![KEY_PARAMS[0].1.to_string()],
+        "{id}"
+    );
+    assert!(!env.contains_key(KEY_PARAMS[1].0), "{id}");
+    assert_eq!(
+        t.resources_for(generate, "ssm:GetParameter"),
+        vec![format!(
+            "arn:${{AWS::Partition}}:ssm:${{AWS::Region}}:${{AWS::AccountId}}:parameter${{{}}}",
+            KEY_PARAMS[0].1
+        )],
+        "{id}"
+    );
+    let (_, resize) = t.function(RESIZE);
+    assert!(t.resources_for(resize, "ssm:GetParameter").is_empty());
+    assert!(t.resources_for(resize, "kms:Decrypt").is_empty());
+    // The reconciler signs webhooks: it reads the webhook secrets and nothing else secret.
+    let (_, reconcile) = t.function(RECONCILE);
+    assert_eq!(
+        t.resources_for(reconcile, "ssm:GetParameter"),
+        vec![WEBHOOK_SECRETS.to_string()]
+    );
 }
 
 #[test]
@@ -753,12 +812,16 @@ fn the_api_reads_exactly_the_admin_key_parameter_and_nothing_else_secret() {
     assert!(t.parameter(ADMIN_KEY_PARAM.1)["AllowedPattern"]
         .as_str()
         .is_some_and(|s| s.contains('/')));
+    // And the webhook secrets, to refuse a job whose webhook could not be signed.
     assert_eq!(
         t.resources_for(api, "ssm:GetParameter"),
-        vec![format!(
-            "arn:${{AWS::Partition}}:ssm:${{AWS::Region}}:${{AWS::AccountId}}:parameter${{{}}}",
-            ADMIN_KEY_PARAM.1
-        )]
+        vec![
+            format!(
+                "arn:${{AWS::Partition}}:ssm:${{AWS::Region}}:${{AWS::AccountId}}:parameter${{{}}}",
+                ADMIN_KEY_PARAM.1
+            ),
+            WEBHOOK_SECRETS.to_string()
+        ]
     );
     let decrypt: Vec<_> = t
         .role_grants(api)
@@ -835,10 +898,14 @@ fn no_secret_in_any_plain_environment_variable() {
         };
         for (k, v) in vars {
             let upper = k.to_uppercase();
-            let secretish = ["API_KEY", "SECRET", "TOKEN", "PASSWORD"]
-                .iter()
-                .any(|w| upper.contains(w))
-                || upper.ends_with("_KEY");
+            // The webhook secrets' variable names where they are (an SSM path), checked below.
+            let names_a_path = k == WEBHOOK_SECRETS_PATH.0
+                && references(v) == vec![WEBHOOK_SECRETS_PATH.1.to_string()];
+            let secretish = !names_a_path
+                && (["API_KEY", "SECRET", "TOKEN", "PASSWORD"]
+                    .iter()
+                    .any(|w| upper.contains(w))
+                    || upper.ends_with("_KEY"));
             assert!(
                 !secretish,
                 "{owner}: environment variable {k} looks like a secret"
@@ -859,7 +926,8 @@ fn no_secret_in_any_plain_environment_variable() {
                         assert!(
                             !(lname.contains("key") || lname.contains("secret"))
                                 || KEY_PARAMS.iter().any(|(var, _)| k == var)
-                                || k == ADMIN_KEY_PARAM.0,
+                                || k == ADMIN_KEY_PARAM.0
+                                || k == WEBHOOK_SECRETS_PATH.0,
                             "{owner}: {k} from parameter {name}"
                         );
                     }
@@ -867,6 +935,11 @@ fn no_secret_in_any_plain_environment_variable() {
             }
         }
     }
+    // The webhook secrets' path is a path of parameter names.
+    let path = t.parameter(WEBHOOK_SECRETS_PATH.1);
+    assert!(path["AllowedPattern"]
+        .as_str()
+        .is_some_and(|re| re.starts_with("^(/") && re.ends_with("/$")));
     // The key is not a template parameter either.
     for (name, p) in t.t["Parameters"].as_object().expect("Parameters") {
         assert!(
@@ -1244,11 +1317,26 @@ fn reconciler_runs_on_a_schedule() {
     let schedules = t.events(f, "Schedule");
     assert_eq!(
         (schedules.len(), all_events.len()),
-        (1, 1),
-        "{id}: one trigger, a Schedule event"
+        (2, 2),
+        "{id}: two triggers, the sweep's schedule and the deliveries' one"
     );
-    let ev = schedules[0].1;
+    let (_, ev) = schedules
+        .iter()
+        .find(|(_, e)| e["Input"].is_null())
+        .expect("the sweep");
     assert_eq!(references(&ev["Schedule"]), vec!["ReconcileSchedule"]);
+    // Webhook deliveries every minute (the first retry of a failed one is due after 5 s).
+    let (_, deliveries) = schedules
+        .iter()
+        .find(|(_, e)| !e["Input"].is_null())
+        .expect("the deliveries' schedule");
+    assert_eq!(deliveries["Schedule"], "rate(1 minute)");
+    let input: Value =
+        serde_json::from_str(deliveries["Input"].as_str().expect("Input")).expect("JSON input");
+    assert_eq!(
+        input,
+        serde_json::json!({ "task": sightline_reconcile::DELIVERIES_TASK })
+    );
     assert!(
         ev["Enabled"] != false && ev["State"] != "DISABLED",
         "{id}: the schedule is enabled"
@@ -1742,6 +1830,21 @@ fn bedrock_is_invoked_only_under_its_conditions_with_the_functions_roles() {
             .into_iter()
             .filter(|(a, _, _)| a.iter().any(|a| a.starts_with("bedrock:")))
             .collect();
+        if binary == GENERATE {
+            // Rows may name Bedrock's image models whatever the stack's provider: those two
+            // families only, unconditionally.
+            assert_eq!(grants.len(), 1, "{id}");
+            assert_eq!(grants[0].0, vec!["bedrock:InvokeModel".to_string()], "{id}");
+            assert_eq!(
+                grants[0].1,
+                vec![
+                    "arn:${AWS::Partition}:bedrock:*::foundation-model/amazon.nova-canvas-*",
+                    "arn:${AWS::Partition}:bedrock:*::foundation-model/amazon.titan-image-generator-*",
+                ],
+                "{id}"
+            );
+            continue;
+        }
         let expected_condition = match binary {
             ANALYZE | BATCH | RECONCILE => Some("UsesBedrock"),
             API => Some("BedrockEmbedder"),
@@ -1784,4 +1887,154 @@ fn bedrock_is_invoked_only_under_its_conditions_with_the_functions_roles() {
         vec!["EmbeddingDimension"]
     );
     assert!(render(&env["SIGHTLINE_PROVIDER"]).contains("bedrock"));
+}
+
+/// The generate function: the generation queue's records with partial batch responses, a
+/// visibility of at least 6 x its timeout, a timeout that fits a row's worst case with one
+/// fallback model, a dead-letter queue after SIGHTLINE_MAX_RECEIVES receives with an alarm; CSV
+/// drops under generations/ (never a key it writes itself), failed drops to their own queue.
+#[test]
+fn generate_function_consumes_its_queue_and_takes_csv_drops_it_cannot_trigger_itself() {
+    let t = Template::load();
+    let (id, f) = t.function(GENERATE);
+    let sqs = t.events(f, "SQS");
+    assert_eq!(sqs.len(), 1, "{id}: one SQS source");
+    let ev = sqs[0].1;
+    let queue_id = Template::target(&ev["Queue"]);
+    assert_eq!(queue_id, "GenerationQueue");
+    assert!(as_list(&ev["FunctionResponseTypes"]).contains(&Value::from("ReportBatchItemFailures")));
+    let max = &ev["ScalingConfig"]["MaximumConcurrency"];
+    assert!(t.number(max) >= 2.0);
+    let env = t.env(f);
+    assert_eq!(
+        &env["SIGHTLINE_MAX_CONCURRENCY"], max,
+        "the limit is shared by as many"
+    );
+    assert_eq!(
+        references(&env["SIGHTLINE_GENERATION_QUEUE_URL"]),
+        vec!["GenerationQueue"]
+    );
+    assert_eq!(
+        references(&env["SIGHTLINE_GENERATION_IPM"]),
+        vec!["GenerationIpm"]
+    );
+    assert_eq!(
+        references(&env["SIGHTLINE_GENERATION_FALLBACK_MODELS"]),
+        vec!["GenerationFallbackModels"]
+    );
+
+    let timeout = t.number(t.function_prop(f, "Timeout"));
+    let worst = |fallbacks: usize| {
+        let s = sightline_pipeline::Settings {
+            generation_fallback_models: vec!["m".into(); fallbacks],
+            ..sightline_pipeline::Settings::defaults_for(
+                sightline_pipeline::settings::Runtime::Lambda,
+            )
+        };
+        s.generation_worst_case().as_secs_f64()
+    };
+    assert!(
+        worst(1) <= timeout && timeout <= 900.0,
+        "{id}: timeout {timeout} s for a worst case of {} s",
+        worst(1)
+    );
+    let queue = t.resource(&queue_id);
+    let visibility = t.number(&queue["Properties"]["VisibilityTimeout"]);
+    assert!(
+        visibility >= 6.0 * timeout,
+        "{queue_id}: {visibility} < 6 x {timeout}"
+    );
+    let redrive = &queue["Properties"]["RedrivePolicy"];
+    assert_eq!(
+        render(&env["SIGHTLINE_MAX_RECEIVES"]),
+        render(&redrive["maxReceiveCount"]),
+        "the last receive fails the row"
+    );
+    let dlq = Template::target(&redrive["deadLetterTargetArn"]);
+    assert!(t.resource(&dlq)["Properties"]["RedrivePolicy"].is_null());
+    let alarmed = |queue: &str| {
+        t.of_type("AWS::CloudWatch::Alarm").iter().any(|(_, a)| {
+            let p = &a["Properties"];
+            p["Namespace"] == "AWS/SQS"
+                && t.number(&p["Threshold"]) == 0.0
+                && as_list(&p["Dimensions"])
+                    .iter()
+                    .any(|d| Template::target(&d["Value"]) == queue)
+        })
+    };
+    assert!(alarmed(&dlq), "an alarm on {dlq}");
+
+    // CSV drops: the generations/ prefix and the .csv suffix.
+    let s3 = t.events(f, "S3");
+    assert_eq!(s3.len(), 1, "{id}: one S3 event");
+    let rules: BTreeMap<String, String> = as_list(&s3[0].1["Filter"]["S3Key"]["Rules"])
+        .iter()
+        .map(|r| (render(&r["Name"]).to_lowercase(), render(&r["Value"])))
+        .collect();
+    assert_eq!(
+        rules.get("prefix").map(String::as_str),
+        Some(sightline_pipeline::generation::DROP_PREFIX)
+    );
+    assert_eq!(rules.get("suffix").map(String::as_str), Some(".csv"));
+    // What it writes never matches the drop filter (nor does resize's output).
+    let puts = t.resources_for(f, "s3:PutObject");
+    assert_eq!(puts.len(), 4, "{puts:?}");
+    for r in &puts {
+        let key = r.split_once("}/").map(|(_, k)| k).unwrap_or(r);
+        assert!(
+            !key.starts_with("generations/") || key.ends_with(".result.json"),
+            "{id}: s3:PutObject on {r}"
+        );
+    }
+    assert!(
+        puts.iter().any(|r| r.ends_with("/uploads/*")),
+        "generated images are uploads"
+    );
+    // The same object's events go to one function only: the prefixes do not overlap.
+    let (_, resize) = t.function(RESIZE);
+    let resize_prefix =
+        render(&as_list(&t.events(resize, "S3")[0].1["Filter"]["S3Key"]["Rules"])[0]["Value"]);
+    assert!(
+        !resize_prefix.starts_with("generations/") && !"generations/".starts_with(&resize_prefix)
+    );
+    // A drop that keeps failing lands in its own queue, with an alarm.
+    let dest = &f["Properties"]["EventInvokeConfig"]["DestinationConfig"]["OnFailure"];
+    let dest_id = Template::target(&dest["Destination"]);
+    assert_eq!(
+        t.resources_for(f, "sqs:SendMessage"),
+        vec![
+            "${GenerationQueue.Arn}".to_string(),
+            format!("${{{dest_id}.Arn}}")
+        ]
+    );
+    assert!(alarmed(&dest_id), "an alarm on {dest_id}");
+    for a in [
+        "sqs:ReceiveMessage",
+        "sqs:DeleteMessage",
+        "sqs:GetQueueAttributes",
+        "sqs:ChangeMessageVisibility",
+    ] {
+        assert_eq!(
+            t.resources_for(f, a),
+            vec!["${GenerationQueue.Arn}"],
+            "{id} {a}"
+        );
+    }
+    // The functions that move rows on or submit jobs know the generation queue.
+    for binary in [ANALYZE, API, RECONCILE] {
+        let (other, g) = t.function(binary);
+        assert_eq!(
+            references(&t.env(g)["SIGHTLINE_GENERATION_QUEUE_URL"]),
+            vec!["GenerationQueue"],
+            "{other}"
+        );
+    }
+    for binary in [API, RECONCILE] {
+        let (other, g) = t.function(binary);
+        assert_eq!(
+            references(&t.env(g)[WEBHOOK_SECRETS_PATH.0]),
+            vec![WEBHOOK_SECRETS_PATH.1],
+            "{other}"
+        );
+    }
 }
