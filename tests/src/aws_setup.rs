@@ -175,30 +175,47 @@ pub async fn notify_queue_on_prefix(
     queue_arn: &str,
     prefix: &str,
 ) -> Result<()> {
-    let filter = NotificationConfigurationFilter::builder()
-        .key(
-            S3KeyFilter::builder()
-                .filter_rules(
-                    FilterRule::builder()
-                        .name(FilterRuleName::Prefix)
-                        .value(prefix)
-                        .build(),
-                )
+    notify_queue_on(s3, bucket, queue_arn, &[(prefix, None)]).await
+}
+
+/// S3 `ObjectCreated:*` of keys under each prefix (and with its suffix, if any) → the queue
+/// (the bucket's whole notification configuration).
+pub async fn notify_queue_on(
+    s3: &aws_sdk_s3::Client,
+    bucket: &str,
+    queue_arn: &str,
+    filters: &[(&str, Option<&str>)],
+) -> Result<()> {
+    let mut config = NotificationConfiguration::builder();
+    for (prefix, suffix) in filters {
+        let mut key = S3KeyFilter::builder().filter_rules(
+            FilterRule::builder()
+                .name(FilterRuleName::Prefix)
+                .value(*prefix)
                 .build(),
-        )
-        .build();
-    let qc = QueueConfiguration::builder()
-        .queue_arn(queue_arn)
-        .events(Event::from("s3:ObjectCreated:*"))
-        .filter(filter)
-        .build()?;
+        );
+        if let Some(suffix) = suffix {
+            key = key.filter_rules(
+                FilterRule::builder()
+                    .name(FilterRuleName::Suffix)
+                    .value(*suffix)
+                    .build(),
+            );
+        }
+        let filter = NotificationConfigurationFilter::builder()
+            .key(key.build())
+            .build();
+        config = config.queue_configurations(
+            QueueConfiguration::builder()
+                .queue_arn(queue_arn)
+                .events(Event::from("s3:ObjectCreated:*"))
+                .filter(filter)
+                .build()?,
+        );
+    }
     s3.put_bucket_notification_configuration()
         .bucket(bucket)
-        .notification_configuration(
-            NotificationConfiguration::builder()
-                .queue_configurations(qc)
-                .build(),
-        )
+        .notification_configuration(config.build())
         .send()
         .await
         .context("PutBucketNotificationConfiguration")?;

@@ -2262,3 +2262,39 @@ pub async fn rate_limit_contract(a: Arc<dyn RateLimitStore>, b: Arc<dyn RateLimi
         granted(now)
     );
 }
+
+/// A tenant's own webhook secret in the contract's set-up.
+pub const OWN_WEBHOOK_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+/// The deployment's default webhook secret in the contract's set-up.
+pub const DEFAULT_WEBHOOK_SECRET: &str = "whsec_ZGVmYXVsdCBzZWNyZXQgb2YgdGhlIGRlcGxveW1lbnQ=";
+
+/// Webhook secrets, on two adapters set up alike: tenant `acme` has
+/// [`OWN_WEBHOOK_SECRET`]; `with_default` falls back to [`DEFAULT_WEBHOOK_SECRET`] for every
+/// other tenant, `without_default` has nothing else. A tenant's own secret wins, the default
+/// covers the rest (a tenant whose name could not name a secret too), and without one a tenant
+/// has none; asking again gives the same answer.
+pub async fn webhook_secrets_contract(
+    with_default: Arc<dyn sightline_pipeline::ports::WebhookSecrets>,
+    without_default: Arc<dyn sightline_pipeline::ports::WebhookSecrets>,
+) {
+    for secrets in [&with_default, &without_default] {
+        for _ in 0..2 {
+            assert_eq!(
+                secrets.secret_for("acme").await.unwrap().as_deref(),
+                Some(OWN_WEBHOOK_SECRET)
+            );
+        }
+    }
+    for tenant in ["globex", "a/b", ""] {
+        assert_eq!(
+            with_default.secret_for(tenant).await.unwrap().as_deref(),
+            Some(DEFAULT_WEBHOOK_SECRET),
+            "{tenant:?}"
+        );
+        assert_eq!(
+            without_default.secret_for(tenant).await.unwrap(),
+            None,
+            "{tenant:?}"
+        );
+    }
+}

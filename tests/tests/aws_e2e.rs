@@ -1026,3 +1026,7 @@ async fn similarity_search_end_to_end_on_the_emulator() {
         .iter()
         .all(|h| h["image_id"] != copy_id.as_str()));
 }
+
+// Generation jobs on the same stack (a file of its own; one test binary).
+#[path = "aws_e2e/generation.rs"]
+mod generation;

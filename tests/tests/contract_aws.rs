@@ -66,6 +66,47 @@ async fn aws_adapter_contract() {
     let _ = (r, s, q, b, v, g, l);
 }
 
+/// Webhook secrets as SecureStrings under an SSM path; the settings' secret as the fallback.
+/// A parameter that holds no `whsec_` secret is an error naming it, not a silent fallback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssm_webhook_secrets_contract() {
+    use sightline_pipeline::aws::aws_sdk_ssm;
+    use sightline_pipeline::aws::secrets::SsmWebhookSecrets;
+    use sightline_pipeline::ports::WebhookSecrets;
+    use sightline_pipeline::Settings;
+
+    let emu = Emulator::start().await.expect("emulator");
+    let sdk = emu.sdk_config().await;
+    let ssm = aws_sdk_ssm::Client::new(&sdk);
+    let path = format!("/{}/webhook-secrets/", contract::unique("contract"));
+    let put = |tenant: &str, value: &str| {
+        ssm.put_parameter()
+            .name(format!("{path}{tenant}"))
+            .value(value)
+            .r#type(aws_sdk_ssm::types::ParameterType::SecureString)
+            .send()
+    };
+    put("acme", contract::OWN_WEBHOOK_SECRET).await.unwrap();
+    let with_default = SsmWebhookSecrets::new(
+        ssm.clone(),
+        &path,
+        Arc::new(Settings {
+            webhook_secret: Some(contract::DEFAULT_WEBHOOK_SECRET.into()),
+            ..Settings::default()
+        }),
+    );
+    let without_default = SsmWebhookSecrets::new(ssm.clone(), &path, Arc::new(Settings::default()));
+    contract::webhook_secrets_contract(Arc::new(with_default), Arc::new(without_default)).await;
+
+    put("initech", "not a secret").await.unwrap();
+    let fresh = SsmWebhookSecrets::new(ssm.clone(), &path, Arc::new(Settings::default()));
+    let err = fresh.secret_for("initech").await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Permanent(m) if m.contains(&format!("{path}initech"))),
+        "{err}"
+    );
+}
+
 /// What the contract does not reach but S3 Vectors imposes, on an emulator that refuses what
 /// AWS refuses: more than 500 vectors in one PutVectors call, filterable metadata over 2 KB,
 /// an index deleted under the store, keys that could mix tenants.

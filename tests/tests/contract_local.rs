@@ -87,3 +87,22 @@ async fn local_generation_store_contract() {
     let db = SqliteDb::open(&dir.path().join("db.sqlite")).unwrap();
     contract::generation_store_contract(Arc::new(SqliteRepository::new(db))).await;
 }
+
+#[tokio::test]
+async fn settings_webhook_secrets_contract() {
+    use sightline_pipeline::Settings;
+    let own = std::collections::BTreeMap::from([(
+        "acme".to_string(),
+        contract::OWN_WEBHOOK_SECRET.to_string(),
+    )]);
+    let with_default = Settings {
+        webhook_secret: Some(contract::DEFAULT_WEBHOOK_SECRET.into()),
+        tenant_webhook_secret: own.clone(),
+        ..Settings::default()
+    };
+    let without_default = Settings {
+        tenant_webhook_secret: own,
+        ..Settings::default()
+    };
+    contract::webhook_secrets_contract(Arc::new(with_default), Arc::new(without_default)).await;
+}

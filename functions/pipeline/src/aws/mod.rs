@@ -20,6 +20,7 @@ pub use aws_sdk_dynamodb;
 pub use aws_sdk_s3;
 pub use aws_sdk_s3vectors;
 pub use aws_sdk_sqs;
+pub use aws_sdk_ssm;
 pub use dynamo::DynamoRepository;
 pub use presign::S3Presigner;
 pub use s3::S3BlobStore;
