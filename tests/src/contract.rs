@@ -1837,6 +1837,7 @@ fn gen_row(tenant: &str, job_id: &str, row: u32) -> sightline_pipeline::ports::G
         check: None,
         first_check: None,
         error: None,
+        budget_wait_until_ms: None,
         updated_at: "2030-01-01T00:00:00.000Z".into(),
     }
 }
@@ -1853,6 +1854,7 @@ fn gen_job(
         template: "t".into(),
         rows,
         webhook_url: Some("https://hooks.example.com/x".into()),
+        webhook_rows: false,
         regenerate: true,
         status: sightline_core::genjob::JobStatus::Running,
         source: "contract".into(),

@@ -37,6 +37,9 @@ pub struct GenerateArgs {
     /// POST the finished job's summary here, signed with `webhook_secret`.
     #[arg(long)]
     pub webhook: Option<String>,
+    /// Also POST each row to the webhook once it is final (`generation.row.finished`).
+    #[arg(long, requires = "webhook")]
+    pub webhook_rows: bool,
     /// Do not regenerate rows whose check fails (the `regenerate_on_mismatch` setting).
     #[arg(long)]
     pub no_regenerate: bool,
@@ -125,6 +128,7 @@ pub async fn generate(app: &LocalApp, args: GenerateArgs) -> anyhow::Result<()> 
             template,
             requests,
             webhook_url: args.webhook.clone(),
+            webhook_rows: args.webhook_rows,
             regenerate: args.no_regenerate.then_some(false),
             source: "cli".into(),
             job_id: None,
@@ -189,6 +193,8 @@ async fn wait_for(
             app.generations.sweep().await?;
             last_sweep = std::time::Instant::now();
         }
+        // Rows' webhooks (`--webhook-rows`) go out while the job runs.
+        app.deliveries.deliver_due(100).await?;
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     bar.finish_and_clear();

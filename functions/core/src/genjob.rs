@@ -253,6 +253,8 @@ impl RowCounts {
 
 /// The event types a job's webhook sends.
 pub const EVENT_JOB_FINISHED: &str = "generation.job.finished";
+/// The event of a row that reached its final status (jobs with `webhook_rows`).
+pub const EVENT_ROW_FINISHED: &str = "generation.row.finished";
 
 #[cfg(test)]
 mod tests {

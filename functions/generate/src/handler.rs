@@ -347,6 +347,7 @@ output_key = "products/{sku}.png"
                 template: "hero".into(),
                 requests: plan,
                 webhook_url: None,
+                webhook_rows: false,
                 regenerate: None,
                 source: "test".into(),
                 job_id: None,

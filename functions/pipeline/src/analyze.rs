@@ -78,6 +78,34 @@ enum Budgeted {
 /// receipt, so a longer wait would be refused. A daily wait then takes at most three deliveries.
 const MAX_BUDGET_WAIT: Duration = Duration::from_secs(11 * 3600);
 
+/// The caps that apply to a tenant: its own budget item, else the settings' (analyses and
+/// generated images alike).
+pub(crate) async fn caps_for(
+    repo: &dyn Repository,
+    settings: &Settings,
+    tenant: &str,
+) -> Result<BudgetCaps, StoreError> {
+    Ok(repo.tenant_budget(tenant).await?.unwrap_or(settings.budget))
+}
+
+/// The visibility delay and reason of a message waiting for `period` to roll over at
+/// `retry_at_ms` (capped at what one SQS delivery allows; it then simply checks again).
+pub(crate) fn budget_wait(period: Period, retry_at_ms: u64, now_ms: u64) -> (Duration, String) {
+    let which = match period {
+        Period::Day => "daily",
+        Period::Month => "monthly",
+    };
+    let delay =
+        Duration::from_millis(retry_at_ms.saturating_sub(now_ms).max(1000)).min(MAX_BUDGET_WAIT);
+    (
+        delay,
+        format!(
+            "{BUDGET_WAIT} for the {which} budget to roll over at {}",
+            rfc3339(retry_at_ms)
+        ),
+    )
+}
+
 /// How long a provider may take to finish a batch.
 const BATCH_WINDOW: Duration = Duration::from_secs(24 * 3600);
 
@@ -918,13 +946,8 @@ impl Analyzer {
         }
     }
 
-    /// The caps that apply to a tenant: its own budget item, else the settings.
     async fn caps_for(&self, tenant: &str) -> Result<BudgetCaps, StoreError> {
-        Ok(self
-            .repo
-            .tenant_budget(tenant)
-            .await?
-            .unwrap_or(self.settings.budget))
+        caps_for(self.repo.as_ref(), &self.settings, tenant).await
     }
 
     /// Hold one call's estimate of `model` against the tenant's caps. Only paid providers
@@ -999,17 +1022,9 @@ impl Analyzer {
                 self.fail(job, BUDGET_EXCEEDED).await
             }
             OverBudget::Wait => {
-                let now = self.clock.now_ms();
-                let delay = Duration::from_millis(retry_at_ms.saturating_sub(now).max(1000))
-                    .min(MAX_BUDGET_WAIT);
+                let (delay, reason) = budget_wait(period, retry_at_ms, self.clock.now_ms());
                 info!(tenant = %job.tenant, image_id = %job.image_id, wait_s = delay.as_secs(), "{which} budget exceeded; waiting for the next period");
-                AnalyzeOutcome::Retry {
-                    delay,
-                    reason: format!(
-                        "{BUDGET_WAIT} for the {which} budget to roll over at {}",
-                        rfc3339(retry_at_ms)
-                    ),
-                }
+                AnalyzeOutcome::Retry { delay, reason }
             }
         }
     }

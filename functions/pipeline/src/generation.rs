@@ -15,9 +15,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use sightline_core::budget::{self, Period, Periods};
 use sightline_core::generate::{plan_job, GenerationRequest, Limits, RowsInput, TemplateSet};
 use sightline_core::genjob::{
     CheckSpec, CheckVerdict, GenerationLink, JobStatus, RowCounts, RowStatus, EVENT_JOB_FINISHED,
+    EVENT_ROW_FINISHED,
 };
 use sightline_core::keys::upload_key;
 use sightline_core::limiter::{Denied, RateLimiter};
@@ -26,15 +28,17 @@ use sightline_core::pricing::PriceTable;
 use sightline_core::retry::{classify, retry_delay, FailureKind, RetryClass};
 use tracing::{debug, info, warn};
 
+use crate::analyze::{budget_wait, caps_for, BUDGET_EXCEEDED, BUDGET_WAIT};
 use crate::ingest::Ingest;
 use crate::metrics::{no_metrics, observe_spend, Recorder};
 use crate::ports::{
-    day_of, rfc3339, BlobStore, Clock, DeliveryStatus, GenClaim, GeneratedImage, GeneratedObject,
-    GenerationCall, GenerationJob, GenerationRow, GenerationStore, ImageGenerator, LedgerKind,
-    ProviderError, Queue, Repository, Spend, StoreError, StoreResult, WebhookDelivery,
+    day_of, rfc3339, BlobStore, BudgetHold, Clock, DeliveryStatus, GenClaim, GeneratedImage,
+    GeneratedObject, GenerationCall, GenerationJob, GenerationRow, GenerationStore, ImageGenerator,
+    LedgerKind, ProviderError, Queue, Repository, Spend, StoreError, StoreResult, WebhookDelivery,
     WebhookSecrets,
 };
 use crate::providers::gen_common::content_type;
+use crate::settings::OverBudget;
 use crate::settings::Settings;
 use crate::webhook_url::{validate_webhook_url, Mode, Resolve, UrlError};
 
@@ -115,6 +119,8 @@ pub struct Submission {
     pub template: String,
     pub requests: Vec<GenerationRequest>,
     pub webhook_url: Option<String>,
+    /// Also a webhook per row once it is final.
+    pub webhook_rows: bool,
     /// None: the `regenerate_on_mismatch` setting.
     pub regenerate: Option<bool>,
     pub source: String,
@@ -282,6 +288,7 @@ impl Generations {
             template: sub.template.clone(),
             rows: sub.requests.len() as u64,
             webhook_url: sub.webhook_url.clone(),
+            webhook_rows: sub.webhook_rows && sub.webhook_url.is_some(),
             regenerate: sub
                 .regenerate
                 .unwrap_or(self.settings.regenerate_on_mismatch),
@@ -307,6 +314,7 @@ impl Generations {
                 check: None,
                 first_check: None,
                 error: None,
+                budget_wait_until_ms: None,
                 updated_at: now.clone(),
             })
             .collect();
@@ -362,7 +370,11 @@ impl Generations {
             });
         let max = self.settings.max_receives;
         match outcome {
-            GenerateOutcome::Retry { reason, .. } if max > 0 && receive_count >= max => {
+            // Waiting for money is not failing: the row stays queued (the sweep sends it again
+            // after its wait, should the queue dead-letter the message meanwhile).
+            GenerateOutcome::Retry { reason, .. }
+                if max > 0 && receive_count >= max && !reason.starts_with(BUDGET_WAIT) =>
+            {
                 let why = format!("gave up after {receive_count} deliveries: {reason}");
                 match self.fail_row(&msg, &why).await {
                     Ok(()) => GenerateOutcome::Failed(why),
@@ -464,6 +476,15 @@ impl Generations {
                     reason: format!("local rate limit for {model}"),
                 });
             }
+            let hold = match self
+                .hold_budget(row, req, model, generator.is_paid())
+                .await?
+            {
+                Ok(hold) => hold,
+                Err((period, retry_at_ms)) => {
+                    return self.over_budget(row, period, retry_at_ms).await;
+                }
+            };
             let call = GenerationCall {
                 model: model.clone(),
                 ..GenerationCall::of_request(req)
@@ -501,6 +522,8 @@ impl Generations {
                             None,
                         )
                         .await;
+                    // Booked: the money now counts on the ledger, not in the hold.
+                    self.settle_budget(&row.tenant, hold.as_ref()).await;
                     let object = self
                         .keep(row, key, generator.name(), model, &image, cost)
                         .await?;
@@ -517,6 +540,7 @@ impl Generations {
                             .await;
                         self.add_wasted(row, cost).await?;
                     }
+                    self.settle_budget(&row.tenant, hold.as_ref()).await;
                     match classify(&e.kind) {
                         RetryClass::Permanent => {
                             let reason = format!("{model}: {}", e.message);
@@ -543,6 +567,85 @@ impl Generations {
         let (delay, reason) =
             last_retry.unwrap_or((Duration::from_secs(5), "no image model available".into()));
         Ok(GenerateOutcome::Retry { delay, reason })
+    }
+
+    /// Hold one image's price against the tenant's caps before a paid call: Ok(None) when
+    /// nothing is to be held (a free generator, an uncapped tenant), Err when the period's cap
+    /// is spent (with when it rolls over). The hold lasts as long as the generation claim.
+    async fn hold_budget(
+        &self,
+        row: &GenerationRow,
+        req: &GenerationRequest,
+        model: &str,
+        paid: bool,
+    ) -> StoreResult<Result<Option<(Periods, String)>, (Period, u64)>> {
+        if !paid {
+            return Ok(Ok(None));
+        }
+        let caps = caps_for(self.repo.as_ref(), &self.settings, &row.tenant).await?;
+        if !caps.is_capped() {
+            return Ok(Ok(None));
+        }
+        let amount = PriceTable::builtin()
+            .image_model(model)
+            .and_then(|p| p.cost_usd(req.size, req.quality, None))
+            .unwrap_or(0.0);
+        let now = self.clock.now_ms();
+        let periods = Periods::at(now);
+        let expires = now + self.settings.generation_lease().as_millis() as u64;
+        Ok(
+            match self
+                .repo
+                .reserve_budget(&row.tenant, &periods, amount, &caps, now, expires)
+                .await?
+            {
+                BudgetHold::Reserved(id) => Ok(Some((periods, id))),
+                BudgetHold::Over(period) => Err((period, budget::retry_at_ms(&periods, period))),
+            },
+        )
+    }
+
+    /// End a hold once its money is booked; a failure leaves it to expire with the lease.
+    async fn settle_budget(&self, tenant: &str, hold: Option<&(Periods, String)>) {
+        let Some((periods, id)) = hold else { return };
+        if let Err(e) = self.repo.settle_budget(tenant, periods, id).await {
+            debug!(error = %e, "could not settle a budget hold (it expires with the lease)");
+        }
+    }
+
+    /// A row refused by its tenant's budget (`over_budget`): failed for good, or back to the
+    /// queue until the period rolls over, marked so that the sweep leaves it alone until then.
+    async fn over_budget(
+        &self,
+        row: &GenerationRow,
+        period: Period,
+        retry_at_ms: u64,
+    ) -> StoreResult<GenerateOutcome> {
+        match self.settings.over_budget {
+            OverBudget::Fail => {
+                info!(job_id = %row.job_id, row = row.row, "budget exceeded; failing the row");
+                self.fail_row_now(row, BUDGET_EXCEEDED).await
+            }
+            OverBudget::Wait => {
+                let (delay, reason) = budget_wait(period, retry_at_ms, self.clock.now_ms());
+                info!(job_id = %row.job_id, row = row.row, wait_s = delay.as_secs(), "budget exceeded; the row waits for the next period");
+                if let Some(current) = self
+                    .store
+                    .get_row(&row.tenant, &row.job_id, row.row)
+                    .await?
+                {
+                    if (current.status, current.attempt) == (RowStatus::Queued, row.attempt) {
+                        let mut next = current;
+                        next.budget_wait_until_ms = Some(retry_at_ms);
+                        next.updated_at = rfc3339(self.clock.now_ms());
+                        self.store
+                            .update_row(&next, (RowStatus::Queued, row.attempt))
+                            .await?;
+                    }
+                }
+                Ok(GenerateOutcome::Retry { delay, reason })
+            }
+        }
     }
 
     fn reserve(&self, model: &str) -> Result<(), Denied> {
@@ -828,6 +931,7 @@ impl Generations {
         next.updated_at = rfc3339(self.clock.now_ms());
         warn!(job_id, row, reason, "generation row failed");
         if self.store.update_row(&next, expected).await? {
+            self.row_finished(&next).await?;
             self.maybe_finish(tenant, job_id).await?;
         }
         Ok(Some(true))
@@ -891,9 +995,73 @@ impl Generations {
         if regenerate {
             self.queue.send(vec![self.message(&next).body()?]).await?;
         } else {
+            self.row_finished(&next).await?;
             self.maybe_finish(tenant, &row.job_id).await?;
         }
         Ok(())
+    }
+
+    /// The id of a row's `generation.row.finished` delivery: one per row, whoever records it.
+    pub fn row_delivery_id(job_id: &str, row: u32) -> String {
+        format!("msg_{job_id}_r{row}")
+    }
+
+    /// Record a final row's webhook when its job asks for one per row (once: an existing
+    /// delivery is left as it is).
+    async fn row_finished(&self, row: &GenerationRow) -> StoreResult<()> {
+        let Some(job) = self.store.get_job(&row.tenant, &row.job_id).await? else {
+            return Ok(());
+        };
+        self.record_row_delivery(&job, row).await
+    }
+
+    async fn record_row_delivery(
+        &self,
+        job: &GenerationJob,
+        row: &GenerationRow,
+    ) -> StoreResult<()> {
+        let Some(url) = job.webhook_url.as_ref().filter(|_| job.webhook_rows) else {
+            return Ok(());
+        };
+        let delivery_id = Self::row_delivery_id(&row.job_id, row.row);
+        if self
+            .store
+            .get_delivery(&row.tenant, &delivery_id)
+            .await?
+            .is_some()
+        {
+            return Ok(());
+        }
+        let now_ms = self.clock.now_ms();
+        let now = rfc3339(now_ms);
+        let mut data = row_summary(row);
+        if let Some(o) = data.as_object_mut() {
+            o.insert("job_id".into(), serde_json::json!(row.job_id));
+            o.insert("tenant".into(), serde_json::json!(row.tenant));
+        }
+        let body = serde_json::json!({
+            "type": EVENT_ROW_FINISHED,
+            "timestamp": now,
+            "data": data,
+        });
+        self.store
+            .put_delivery(&WebhookDelivery {
+                delivery_id,
+                tenant: row.tenant.clone(),
+                job_id: row.job_id.clone(),
+                url: url.clone(),
+                event: EVENT_ROW_FINISHED.to_string(),
+                body: body.to_string(),
+                status: DeliveryStatus::Pending,
+                attempts: 0,
+                next_at_ms: now_ms,
+                first_at_ms: now_ms,
+                last_status: None,
+                last_error: None,
+                created_at: now.clone(),
+                updated_at: now,
+            })
+            .await
     }
 
     /// [`Generations::settle_image`], logging instead of failing (the sweep retries).
@@ -918,6 +1086,13 @@ impl Generations {
         }
         if !counts.all_final() || counts.total < job.rows {
             return Ok(false);
+        }
+        if job.webhook_rows {
+            // A row webhook lost between the row's write and its own (a crash) is recorded
+            // now, before the job's.
+            for r in &rows {
+                self.record_row_delivery(&job, r).await?;
+            }
         }
         let now_ms = self.clock.now_ms();
         let now = rfc3339(now_ms);
@@ -1028,7 +1203,8 @@ impl Generations {
                         let age = crate::ports::parse_rfc3339_ms(&row.updated_at)
                             .map(|t| now.saturating_sub(t))
                             .unwrap_or(u64::MAX);
-                        if age >= stuck {
+                        let waiting = row.budget_wait_until_ms.is_some_and(|t| t > now);
+                        if age >= stuck && !waiting {
                             self.queue.send(vec![self.message(&row).body()?]).await?;
                             report.resent += 1;
                         }
@@ -1294,6 +1470,7 @@ impl Generations {
                 template: drop.template.clone(),
                 requests,
                 webhook_url: None,
+                webhook_rows: false,
                 regenerate: None,
                 source: format!("s3:{key}"),
                 job_id: Some(job_id.to_string()),
@@ -1325,6 +1502,21 @@ pub struct SweepReport {
     pub finished: u64,
 }
 
+/// A row as webhooks carry it.
+pub fn row_summary(r: &GenerationRow) -> serde_json::Value {
+    serde_json::json!({
+        "row": r.row,
+        "status": r.status,
+        "image_id": r.image_id,
+        "output_key": r.output_key,
+        "regenerated": r.first_check.is_some(),
+        "reused": r.reused,
+        "check": r.check,
+        "error": r.error,
+        "generation_cost_usd": r.generation_cost_usd,
+    })
+}
+
 /// A job, its rows by status, and what it cost.
 #[derive(Debug, Clone, Serialize)]
 pub struct JobReport {
@@ -1338,24 +1530,8 @@ pub struct JobReport {
 impl JobReport {
     /// The summary a webhook carries (rows capped at `max_rows`).
     pub fn summary(&self, max_rows: usize) -> serde_json::Value {
-        let rows: Vec<serde_json::Value> = self
-            .rows
-            .iter()
-            .take(max_rows)
-            .map(|r| {
-                serde_json::json!({
-                    "row": r.row,
-                    "status": r.status,
-                    "image_id": r.image_id,
-                    "output_key": r.output_key,
-                    "regenerated": r.first_check.is_some(),
-                    "reused": r.reused,
-                    "check": r.check,
-                    "error": r.error,
-                    "generation_cost_usd": r.generation_cost_usd,
-                })
-            })
-            .collect();
+        let rows: Vec<serde_json::Value> =
+            self.rows.iter().take(max_rows).map(row_summary).collect();
         serde_json::json!({
             "job_id": self.job.job_id,
             "tenant": self.job.tenant,

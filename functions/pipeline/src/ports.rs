@@ -1050,6 +1050,9 @@ pub struct GenerationJob {
     pub rows: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub webhook_url: Option<String>,
+    /// Also a webhook per row once it is final (`generation.row.finished`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub webhook_rows: bool,
     /// Regenerate a row once when its check fails.
     pub regenerate: bool,
     pub status: sightline_core::genjob::JobStatus,
@@ -1091,6 +1094,10 @@ pub struct GenerationRow {
     pub first_check: Option<sightline_core::genjob::CheckVerdict>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Queued but waiting for its tenant's budget period to roll over (epoch ms): the sweep
+    /// leaves its message alone until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_wait_until_ms: Option<u64>,
     pub updated_at: String,
 }
 

@@ -914,6 +914,7 @@ mod tests {
                 template: "t".into(),
                 requests: plan,
                 webhook_url: Some("http://127.0.0.1:9/hook".into()),
+                webhook_rows: false,
                 regenerate: None,
                 source: "test".into(),
                 job_id: None,

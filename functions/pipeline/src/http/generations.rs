@@ -29,6 +29,9 @@ struct JobBody {
     csv: Option<String>,
     #[serde(default)]
     webhook_url: Option<String>,
+    /// Also a webhook per row once it is final.
+    #[serde(default)]
+    webhook_rows: bool,
     #[serde(default)]
     regenerate: Option<bool>,
     /// Every row with this image model instead of the template's.
@@ -100,19 +103,23 @@ pub(super) async fn create(
         for k in q.keys() {
             if !matches!(
                 k.as_str(),
-                "template" | "webhook_url" | "regenerate" | "model"
+                "template" | "webhook_url" | "webhook_rows" | "regenerate" | "model"
             ) {
                 return Err(ApiError::bad_request(format!(
                     "unknown query parameter {k:?}"
                 )));
             }
         }
-        let regenerate = match q.get("regenerate").map(String::as_str) {
-            None => None,
-            Some("true") => Some(true),
-            Some("false") => Some(false),
-            Some(_) => return Err(ApiError::bad_request("regenerate must be true or false")),
+        let flag = |name: &str| match q.get(name).map(String::as_str) {
+            None => Ok(None),
+            Some("true") => Ok(Some(true)),
+            Some("false") => Ok(Some(false)),
+            Some(_) => Err(ApiError::bad_request(format!(
+                "{name} must be true or false"
+            ))),
         };
+        let regenerate = flag("regenerate")?;
+        let webhook_rows = flag("webhook_rows")?.unwrap_or(false);
         JobBody {
             template: q.get("template").cloned().map(TemplateRef::Named),
             rows: None,
@@ -121,6 +128,7 @@ pub(super) async fn create(
                     .map_err(|_| ApiError::bad_request("the CSV is not UTF-8"))?,
             ),
             webhook_url: q.get("webhook_url").cloned(),
+            webhook_rows,
             regenerate,
             model: q.get("model").cloned(),
         }
@@ -176,6 +184,7 @@ pub(super) async fn create(
             template,
             requests,
             webhook_url: job.webhook_url,
+            webhook_rows: job.webhook_rows,
             regenerate: job.regenerate,
             source: "api".into(),
             job_id: None,

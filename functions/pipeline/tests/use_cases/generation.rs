@@ -3,7 +3,7 @@
 //! once, and the finished job's webhook delivered signed to a receiver on loopback that
 //! fails, recovers, or answers 410.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,7 +16,7 @@ use sightline_core::retry::FailureKind;
 use sightline_core::webhook::{ReceivedHeaders, WebhookSecret, DEFAULT_TOLERANCE};
 use sightline_pipeline::analyze::Analyzer;
 use sightline_pipeline::delivery::{Deliveries, HttpPoster};
-use sightline_pipeline::generation::{Generations, Generators, Submission};
+use sightline_pipeline::generation::{GenerateOutcome, Generations, Generators, Submission};
 use sightline_pipeline::ingest::Ingest;
 use sightline_pipeline::local::{FileBlobStore, SqliteDb, SqliteQueue, SqliteRepository};
 use sightline_pipeline::ports::{
@@ -118,6 +118,10 @@ struct Fixture {
 }
 
 fn fixture(paid_errors: Vec<FailureKind>) -> Fixture {
+    fixture_with(paid_errors, |_| {})
+}
+
+fn fixture_with(paid_errors: Vec<FailureKind>, tweak: impl FnOnce(&mut Settings)) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let db = SqliteDb::open(&dir.path().join("db.sqlite")).unwrap();
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
@@ -127,13 +131,15 @@ fn fixture(paid_errors: Vec<FailureKind>) -> Fixture {
         Arc::new(SqliteQueue::new(db.clone(), "analyze", 5, clock.clone()));
     let generate_queue: Arc<dyn Queue> =
         Arc::new(SqliteQueue::new(db.clone(), "generate", 5, clock.clone()));
-    let settings = Arc::new(Settings {
+    let mut settings = Settings {
         webhook_secret: Some(SECRET.into()),
         // 5 s, 5 min, 30 min … become 0.5 ms, 30 ms, 180 ms.
         webhook_retry_scale: 0.0001,
         max_receives: 5,
         ..Settings::default()
-    });
+    };
+    tweak(&mut settings);
+    let settings = Arc::new(settings);
     let ingest = Ingest::new(
         blobs.clone(),
         repo.clone(),
@@ -273,6 +279,7 @@ async fn submit(f: &Fixture, tenant: &str, csv: &str, webhook: Option<String>) -
             template: "hero".into(),
             requests,
             webhook_url: webhook,
+            webhook_rows: false,
             regenerate: None,
             source: "test".into(),
             job_id: None,
@@ -384,6 +391,15 @@ fn local_templates_csv() -> &'static str {
 }
 
 async fn submit_local(f: &Fixture, tenant: &str, webhook: Option<String>) -> String {
+    submit_local_with(f, tenant, webhook, false).await
+}
+
+async fn submit_local_with(
+    f: &Fixture,
+    tenant: &str,
+    webhook: Option<String>,
+    webhook_rows: bool,
+) -> String {
     let set = TemplateSet::from_toml(
         r#"
 [templates.hero]
@@ -406,6 +422,7 @@ size = "512x512"
             template: "hero".into(),
             requests,
             webhook_url: webhook,
+            webhook_rows,
             regenerate: None,
             source: "test".into(),
             job_id: None,
@@ -619,6 +636,7 @@ async fn a_job_is_refused_before_anything_is_stored_for_an_unsafe_webhook_or_an_
         template: "hero".into(),
         requests,
         webhook_url: url.map(str::to_string),
+        webhook_rows: false,
         regenerate: None,
         source: "test".into(),
         job_id: None,
@@ -717,6 +735,25 @@ async fn the_api_starts_jobs_from_json_or_csv_refuses_bad_rows_and_reports_rows_
     let job_id = body["job"]["job_id"].as_str().unwrap().to_string();
     assert_eq!(body["job"]["rows"], 2);
 
+    assert!(body["job"].get("webhook_rows").is_none(), "{body}");
+    // Per-row webhooks are asked for by a flag; a flag that is not a boolean is refused.
+    let (status, body) = api_call(
+        &app,
+        "POST",
+        "/v1/generations?template=hero&webhook_rows=yes",
+        "text/csv",
+        "product\na lamp\n",
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("webhook_rows must be true or false"),
+        "{body}"
+    );
+
     // A CSV body needs a named template, and this server has no templates file.
     let (status, body) = api_call(
         &app,
@@ -794,4 +831,215 @@ async fn the_api_starts_jobs_from_json_or_csv_refuses_bad_rows_and_reports_rows_
     // An unknown job id is a 404.
     let (status, _) = api_call(&app, "GET", "/v1/generations/nope", "application/json", "").await;
     assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+/// The price table's price of one image of the `hero` template's requests.
+fn hero_image_price() -> f64 {
+    sightline_core::PriceTable::builtin()
+        .image_model(PAID)
+        .unwrap()
+        .cost_usd(
+            sightline_core::generate::Size::parse("1024x1024").unwrap(),
+            sightline_core::generate::Quality::Low,
+            None,
+        )
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_capped_tenant_pays_for_no_image_past_its_cap_and_the_rest_fail_as_set() {
+    let per_image = hero_image_price();
+    assert!(per_image > 0.0);
+    let f = fixture_with(Vec::new(), |s| {
+        // Two images fit, a third would not (a call is admitted while spent + held is under
+        // the cap).
+        s.budget = sightline_core::budget::BudgetCaps::from_amounts(per_image * 2.0, 0.0);
+        s.over_budget = sightline_pipeline::settings::OverBudget::Fail;
+    });
+    let csv = "sku,product\nA1,red lamp\nB2,blue chair\nC3,green vase\nD4,grey desk\n";
+    let job_id = submit(&f, "acme", csv, None).await;
+    run_job(&f, "acme", &job_id).await;
+    let report = f
+        .generations
+        .job_report("acme", &job_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (report.counts.done, report.counts.failed),
+        (2, 2),
+        "{:?}",
+        report.rows
+    );
+    for r in report.rows.iter().filter(|r| r.status == RowStatus::Failed) {
+        assert_eq!(r.error.as_deref(), Some("budget exceeded"), "{r:?}");
+        assert_eq!(r.generation_cost_usd, 0.0);
+    }
+    // Two calls paid and booked, within the cap; nothing was held back.
+    let (calls, usd) = generation_ledger(&f.repo.costs("acme", &today(), &today()).await.unwrap());
+    assert_eq!(calls, 2);
+    assert!((usd - 2.0 * per_image).abs() < 1e-9 && usd <= per_image * 2.0 + 1e-12);
+    assert_eq!(f.paid.calls.load(Ordering::SeqCst), 2);
+    let periods = sightline_core::budget::Periods::at(SystemClock.now_ms());
+    let counts = f
+        .repo
+        .budget_counts("acme", &periods, SystemClock.now_ms())
+        .await
+        .unwrap();
+    assert_eq!(counts.day.reserved_usd, 0.0, "{counts:?}");
+}
+
+#[tokio::test]
+async fn a_row_over_budget_waits_for_the_period_and_the_sweep_leaves_it_alone() {
+    let per_image = hero_image_price();
+    let f = fixture_with(Vec::new(), |s| {
+        s.budget = sightline_core::budget::BudgetCaps::from_amounts(per_image, 0.0);
+        s.over_budget = sightline_pipeline::settings::OverBudget::Wait;
+        // The sweep would resend any queued row older than this.
+        s.stuck_after = Duration::ZERO;
+    });
+    let job_id = submit(
+        &f,
+        "acme",
+        "sku,product\nA1,red lamp\nB2,blue chair\n",
+        None,
+    )
+    .await;
+    let msgs = f
+        .generate_queue
+        .receive(10, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(msgs.len(), 2);
+    let first = f.generations.handle(&msgs[0].body, 1).await;
+    assert!(
+        matches!(first, GenerateOutcome::Generated { .. }),
+        "{first:?}"
+    );
+    // The second waits for tomorrow, even on what would be its last delivery.
+    let second = f.generations.handle(&msgs[1].body, 5).await;
+    let GenerateOutcome::Retry { delay, reason } = &second else {
+        panic!("{second:?}");
+    };
+    assert!(
+        reason.starts_with(sightline_pipeline::analyze::BUDGET_WAIT),
+        "{reason}"
+    );
+    assert!(*delay > Duration::from_secs(1) && *delay <= Duration::from_secs(11 * 3600));
+    let row = f.repo.get_row("acme", &job_id, 2).await.unwrap().unwrap();
+    assert_eq!(row.status, RowStatus::Queued);
+    assert!(row.budget_wait_until_ms.unwrap() > SystemClock.now_ms());
+    for m in &msgs {
+        f.generate_queue.delete(&m.receipt).await.unwrap();
+    }
+    // The sweep sends no copy of the waiting row.
+    let swept = f.generations.sweep().await.unwrap();
+    assert_eq!(swept.resent, 0, "{swept:?}");
+    assert!(f
+        .generate_queue
+        .receive(10, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(f.paid.calls.load(Ordering::SeqCst), 1);
+}
+
+/// The `(headers, body)` pairs a receiver got, each checked against the tenant's secret.
+fn verified_bodies(got: &[Received]) -> Vec<(String, serde_json::Value)> {
+    let secret = WebhookSecret::parse(SECRET).unwrap();
+    let now = (SystemClock.now_ms() / 1000) as i64;
+    got.iter()
+        .map(|(h, body)| {
+            let pairs: Vec<(&str, &str)> = h
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.to_str().unwrap()))
+                .collect();
+            secret
+                .verify(
+                    &ReceivedHeaders::from_pairs(pairs),
+                    body,
+                    now,
+                    DEFAULT_TOLERANCE,
+                )
+                .expect("every delivery verifies");
+            (
+                h.get("webhook-id").unwrap().to_str().unwrap().to_string(),
+                serde_json::from_slice(body).unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn with_webhook_rows_each_row_is_posted_once_when_final_and_then_the_job() {
+    let f = fixture(Vec::new());
+    let (rx, url) = receiver(Vec::new()).await;
+    let job_id = submit_local_with(&f, "acme", Some(url), true).await;
+    run_job(&f, "acme", &job_id).await;
+    let statuses = deliver_until_settled(&f, "acme").await;
+    assert_eq!(statuses.len(), 4, "{statuses:?}");
+    let got = verified_bodies(&rx.got.lock().unwrap().clone());
+    let rows: Vec<&serde_json::Value> = got
+        .iter()
+        .filter(|(_, b)| b["type"] == "generation.row.finished")
+        .map(|(_, b)| &b["data"])
+        .collect();
+    // One event per row, none for the first (failed) check of the regenerated row.
+    let mut numbers: Vec<u64> = rows.iter().map(|r| r["row"].as_u64().unwrap()).collect();
+    numbers.sort();
+    assert_eq!(numbers, [1, 2, 3]);
+    for r in &rows {
+        assert_eq!(r["job_id"], job_id.as_str());
+        assert!(
+            matches!(r["status"].as_str(), Some("done" | "mismatch")),
+            "{r}"
+        );
+    }
+    let regenerated = rows.iter().find(|r| r["row"] == 2).unwrap();
+    assert_eq!(regenerated["regenerated"], true);
+    assert_eq!(regenerated["status"], "done");
+    let ids: BTreeSet<&String> = got.iter().map(|(id, _)| id).collect();
+    assert_eq!(ids.len(), 4, "a message id per event");
+    assert_eq!(
+        got.iter()
+            .filter(|(_, b)| b["type"] == "generation.job.finished")
+            .count(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_row_webhook_lost_between_two_writes_is_recorded_when_the_job_finishes() {
+    let f = fixture(Vec::new());
+    let job_id = submit_local_with(&f, "acme", Some("http://127.0.0.1:9/hook".into()), true).await;
+    // Every row ends without its own webhook being recorded (a crash after the row's write).
+    for row in f.repo.rows("acme", &job_id).await.unwrap() {
+        let mut failed = row.clone();
+        failed.status = RowStatus::Failed;
+        failed.error = Some("lost".into());
+        assert!(f
+            .repo
+            .update_row(&failed, (RowStatus::Queued, 1))
+            .await
+            .unwrap());
+    }
+    assert!(f.generations.maybe_finish("acme", &job_id).await.unwrap());
+    let deliveries = f.repo.list_deliveries("acme", None, 10).await.unwrap();
+    let mut events: Vec<(String, String)> = deliveries
+        .iter()
+        .map(|d| (d.event.clone(), d.delivery_id.clone()))
+        .collect();
+    events.sort();
+    let mut want: Vec<(String, String)> = (1..=3)
+        .map(|r| {
+            (
+                "generation.row.finished".to_string(),
+                Generations::row_delivery_id(&job_id, r),
+            )
+        })
+        .collect();
+    want.sort();
+    assert_eq!(events.len(), 4, "{events:?}");
+    assert_eq!(events[0].0, "generation.job.finished");
+    assert_eq!(events[1..].to_vec(), want);
 }
