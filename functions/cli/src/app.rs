@@ -17,7 +17,6 @@ use sightline_pipeline::metrics::prometheus::Registry;
 use sightline_pipeline::ports::{
     BatchStore, BlobStore, Clock, Queue, Repository, SystemClock, VisionProvider,
 };
-use sightline_pipeline::providers::select::build_generator;
 use sightline_pipeline::providers::select::{build_batch_provider, build_embedder, build_provider};
 use sightline_pipeline::reconcile::Reconciler;
 use sightline_pipeline::search::Search;
@@ -133,18 +132,7 @@ impl LocalApp {
             .with_instance(&instance),
         );
         let resolver: Arc<dyn Resolve> = Arc::new(SystemResolver::default());
-        let generators = {
-            let (settings, keys) = (config.settings.clone(), config.keys.clone());
-            Generators::new(Box::new(move |model: &str| {
-                build_generator(
-                    &settings,
-                    &keys,
-                    sightline_core::PriceTable::builtin(),
-                    model,
-                )
-                .map_err(|e| e.to_string())
-            }))
-        };
+        let generators = Generators::for_settings(settings.clone(), config.keys.clone());
         let generations = Arc::new(
             Generations::new(
                 sqlite_repo.clone(),

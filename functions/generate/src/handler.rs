@@ -11,9 +11,9 @@
 use anyhow::{bail, Context};
 use aws_lambda_events::event::s3::S3Event;
 use aws_lambda_events::event::sqs::SqsEvent;
-use sightline_core::keys::decode_s3_event_key;
+use sightline_pipeline::aws::s3_events::created_objects;
 use sightline_pipeline::generation::{DropOutcome, Generations, DROP_PREFIX};
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{info, info_span, Instrument};
 
 pub use sightline_pipeline::aws::sqs_batch::SqsBatchHandler;
 
@@ -72,26 +72,7 @@ pub async fn handle_drops(
     event: S3Event,
 ) -> anyhow::Result<Vec<(String, DropOutcome)>> {
     let mut outcomes = Vec::new();
-    for record in &event.records {
-        let name = record.event_name.as_deref().unwrap_or_default();
-        if !name.starts_with("ObjectCreated:") && !name.starts_with("s3:ObjectCreated:") {
-            info!(
-                event = name,
-                "skipping a record that is not an object creation"
-            );
-            continue;
-        }
-        let Some(raw) = record.s3.object.key.as_deref() else {
-            warn!("skipping a record without an object key");
-            continue;
-        };
-        let key = match decode_s3_event_key(raw) {
-            Ok(k) => k,
-            Err(e) => {
-                warn!(raw, error = %e, "skipping an undecodable key");
-                continue;
-            }
-        };
+    for (key, record) in created_objects(&event) {
         if !key.starts_with(DROP_PREFIX) || !key.to_ascii_lowercase().ends_with(".csv") {
             info!(key, "skipping a key that is no CSV drop");
             continue;
@@ -177,6 +158,19 @@ output_key = "products/{sku}.png"
         }
     }
 
+    impl Fixture {
+        async fn put_templates(&self) {
+            self.blobs
+                .put(
+                    sightline_pipeline::generation::TEMPLATES_KEY,
+                    TEMPLATES.as_bytes().to_vec(),
+                    "text/plain",
+                )
+                .await
+                .unwrap();
+        }
+    }
+
     fn s3_created(key: &str, etag: &str) -> S3Event {
         serde_json::from_value(serde_json::json!({"Records": [{
             "eventVersion": "2.1", "eventSource": "aws:s3", "awsRegion": "us-east-1",
@@ -207,14 +201,7 @@ output_key = "products/{sku}.png"
     #[tokio::test]
     async fn a_dropped_csv_starts_one_job_even_when_its_event_comes_twice() {
         let f = fixture();
-        f.blobs
-            .put(
-                "generations/templates.toml",
-                TEMPLATES.as_bytes().to_vec(),
-                "text/plain",
-            )
-            .await
-            .unwrap();
+        f.put_templates().await;
         let key = "generations/acme/hero/spring batch.csv";
         f.blobs
             .put(
@@ -263,14 +250,7 @@ output_key = "products/{sku}.png"
     #[tokio::test]
     async fn a_bad_csv_is_refused_with_its_row_number_in_the_receipt_and_nothing_is_queued() {
         let f = fixture();
-        f.blobs
-            .put(
-                "generations/templates.toml",
-                TEMPLATES.as_bytes().to_vec(),
-                "text/plain",
-            )
-            .await
-            .unwrap();
+        f.put_templates().await;
         let key = "generations/acme/hero/bad.csv";
         f.blobs
             .put(key, b"sku,product\nA1,red mug\nA2,\n".to_vec(), "text/csv")

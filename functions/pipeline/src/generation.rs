@@ -38,6 +38,7 @@ use crate::ports::{
     WebhookSecrets,
 };
 use crate::providers::gen_common::content_type;
+use crate::providers::select::{build_generator, ProviderKeys};
 use crate::settings::OverBudget;
 use crate::settings::Settings;
 use crate::webhook_url::{validate_webhook_url, Mode, Resolve, UrlError};
@@ -144,6 +145,14 @@ impl Generators {
             build,
             built: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The generators the settings and keys give (`build_generator` per model, on first use).
+    pub fn for_settings(settings: Arc<Settings>, keys: ProviderKeys) -> Generators {
+        Generators::new(Box::new(move |model: &str| {
+            build_generator(&settings, &keys, PriceTable::builtin(), model)
+                .map_err(|e| e.to_string())
+        }))
     }
 
     fn get(&self, model: &str) -> Result<Arc<dyn ImageGenerator>, String> {
@@ -435,15 +444,16 @@ impl Generations {
         }
         let outcome = self.generate(&row, &req, &key, &owner, receive_count).await;
         if !matches!(outcome, Ok(GenerateOutcome::Generated { .. })) {
-            if let Err(e) = self
-                .store
-                .release_generation(&row.tenant, &key, &owner)
-                .await
-            {
-                debug!(error = %e, "could not release a generation claim (it expires)");
-            }
+            self.release(&row.tenant, &key, &owner).await;
         }
         outcome
+    }
+
+    /// Give a claim back so the next attempt can take it at once (else it expires).
+    async fn release(&self, tenant: &str, key: &str, owner: &str) {
+        if let Err(e) = self.store.release_generation(tenant, key, owner).await {
+            debug!(error = %e, key, "could not release a claim (it expires)");
+        }
     }
 
     async fn generate(
@@ -1428,13 +1438,7 @@ impl Generations {
             }
         }
         let started = self.plan_and_submit_drop(key, &drop, job_id).await;
-        if let Err(e) = self
-            .store
-            .release_generation(&drop.tenant, &claim_key, &owner)
-            .await
-        {
-            debug!(error = %e, "could not release a drop claim (it expires)");
-        }
+        self.release(&drop.tenant, &claim_key, &owner).await;
         started
     }
 

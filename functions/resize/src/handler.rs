@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use aws_lambda_events::event::s3::S3Event;
-use sightline_core::keys::decode_s3_event_key;
+use sightline_pipeline::aws::s3_events::created_objects;
 use sightline_pipeline::ingest::{Ingest, IngestOutcome};
 use sightline_pipeline::metrics::emf::{Emf, EmfBatch};
 use sightline_pipeline::ports::StoreError;
@@ -22,26 +22,7 @@ use tracing::{info, warn};
 /// The decoded keys of the event's object-creation records under `upload_prefix`.
 pub fn keys_from_event(event: &S3Event, upload_prefix: &str) -> Vec<String> {
     let mut keys = Vec::new();
-    for record in &event.records {
-        let name = record.event_name.as_deref().unwrap_or_default();
-        if !name.starts_with("ObjectCreated:") && !name.starts_with("s3:ObjectCreated:") {
-            info!(
-                event = name,
-                "skipping a record that is not an object creation"
-            );
-            continue;
-        }
-        let Some(raw) = record.s3.object.key.as_deref() else {
-            warn!("skipping a record without an object key");
-            continue;
-        };
-        let key = match decode_s3_event_key(raw) {
-            Ok(k) => k,
-            Err(e) => {
-                warn!(raw, error = %e, "skipping an undecodable key");
-                continue;
-            }
-        };
+    for (key, _) in created_objects(event) {
         if !key.starts_with(upload_prefix) {
             info!(key, "skipping a key outside the upload prefix");
             continue;

@@ -15,7 +15,7 @@ use sightline_pipeline::aws::secrets::SsmWebhookSecrets;
 use sightline_pipeline::delivery::{Deliveries, HttpPoster};
 use sightline_pipeline::generation::{drop_receipt_key, Generations, Generators, TemplatesSource};
 use sightline_pipeline::ports::{DeliveryStatus, GenerationStore, WebhookSecrets};
-use sightline_pipeline::providers::select::{build_generator, ProviderKeys};
+use sightline_pipeline::providers::select::ProviderKeys;
 use sightline_pipeline::reconcile::Reconciler;
 use sightline_pipeline::settings::ProviderKind;
 use sightline_pipeline::webhook_url::{Mode, SystemResolver};
@@ -294,18 +294,7 @@ async fn generation_jobs_end_to_end_on_the_emulator() {
         k.set(ProviderKind::OpenAi, Some("sk-e2e".into()));
         k
     };
-    let generators = {
-        let settings = settings.clone();
-        Generators::new(Box::new(move |model: &str| {
-            build_generator(
-                &settings,
-                &keys,
-                sightline_core::PriceTable::builtin(),
-                model,
-            )
-            .map_err(|e| e.to_string())
-        }))
-    };
+    let generators = Generators::for_settings(settings.clone(), keys);
     // Mode::Local: the receivers listen on loopback, which the deployed mode refuses by design
     // (its checks are the webhook_url unit tests).
     let resolver = Arc::new(SystemResolver::default());

@@ -7,6 +7,7 @@ pub mod dynamo;
 pub mod generation;
 pub mod presign;
 pub mod s3;
+pub mod s3_events;
 pub mod secrets;
 pub mod sqs;
 pub mod sqs_batch;
