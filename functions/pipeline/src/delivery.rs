@@ -126,17 +126,50 @@ pub struct Deliveries {
     pub clock: Arc<dyn Clock>,
 }
 
+/// Deliveries attempted at once: one slow receiver does not hold up the others.
+pub const DELIVERY_CONCURRENCY: usize = 8;
+/// The longest one attempt takes: vetting the URL (DNS) and the request's own timeout.
+pub const ATTEMPT_WORST_CASE: Duration =
+    Duration::from_secs(crate::webhook_url::RESOLVE_TIMEOUT.as_secs() + DELIVERY_TIMEOUT.as_secs());
+
 impl Deliveries {
-    /// Attempt every delivery that is due (up to `limit`).
+    /// Attempt every delivery that is due (up to `limit`), [`DELIVERY_CONCURRENCY`] at a time.
+    /// A store error is returned once every started attempt has ended.
     pub async fn deliver_due(&self, limit: usize) -> StoreResult<DeliveryReport> {
         let mut report = DeliveryReport::default();
         let due = self
             .store
             .due_deliveries(self.clock.now_ms(), limit)
             .await?;
+        let permits = Arc::new(tokio::sync::Semaphore::new(DELIVERY_CONCURRENCY));
+        let mut attempts = tokio::task::JoinSet::new();
         for d in due {
+            let me = self.clone();
+            let permits = permits.clone();
             let span = tracing::info_span!("webhook", delivery_id = %d.delivery_id, job_id = %d.job_id, tenant = %d.tenant);
-            let ended = tracing::Instrument::instrument(self.attempt(d), span).await?;
+            attempts.spawn(tracing::Instrument::instrument(
+                async move {
+                    // The semaphore is never closed; a failed acquire just runs unthrottled.
+                    let _permit = permits.acquire_owned().await.ok();
+                    me.attempt(d).await
+                },
+                span,
+            ));
+        }
+        let mut failed = None;
+        while let Some(joined) = attempts.join_next().await {
+            let ended = match joined {
+                Ok(Ok(ended)) => ended,
+                Ok(Err(e)) => {
+                    failed = Some(e);
+                    continue;
+                }
+                Err(e) => {
+                    // The attempt's claim holds its delivery until it comes due again.
+                    warn!(error = %e, "a webhook attempt's task failed");
+                    continue;
+                }
+            };
             report.attempted += 1;
             match ended {
                 Some(DeliveryStatus::Delivered) => report.delivered += 1,
@@ -146,7 +179,10 @@ impl Deliveries {
                 None => {}
             }
         }
-        Ok(report)
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(report),
+        }
     }
 
     /// One attempt; the status it left the delivery in (None: another sender took it).
@@ -248,5 +284,76 @@ impl Deliveries {
             ));
         }
         Ok(next)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::local::{SqliteDb, SqliteRepository};
+    use crate::ports::SystemClock;
+
+    /// A receiver whose every answer waits until `DELIVERY_CONCURRENCY` requests are in flight
+    /// at once: attempts made one after the other would never get past the first.
+    struct AllAtOnce {
+        barrier: tokio::sync::Barrier,
+    }
+
+    #[async_trait]
+    impl WebhookPoster for AllAtOnce {
+        async fn post(&self, _: &str, _: &[(&str, &str)], _: Vec<u8>) -> Result<Posted, String> {
+            self.barrier.wait().await;
+            Ok(Posted {
+                status: 200,
+                retry_after: None,
+            })
+        }
+    }
+
+    fn delivery(n: usize, now_ms: u64) -> WebhookDelivery {
+        WebhookDelivery {
+            delivery_id: format!("msg_{n}"),
+            tenant: "acme".into(),
+            job_id: format!("gj{n}"),
+            url: "https://hooks.example.com/x".into(),
+            event: "generation.job.finished".into(),
+            body: "{}".into(),
+            status: DeliveryStatus::Pending,
+            attempts: 0,
+            next_at_ms: now_ms,
+            first_at_ms: now_ms,
+            last_status: None,
+            last_error: None,
+            created_at: rfc3339(now_ms),
+            updated_at: rfc3339(now_ms),
+        }
+    }
+
+    #[tokio::test]
+    async fn due_deliveries_are_attempted_side_by_side_so_a_slow_receiver_holds_up_no_other() {
+        let store = Arc::new(SqliteRepository::new(SqliteDb::in_memory().unwrap()));
+        let now = SystemClock.now_ms();
+        for n in 0..DELIVERY_CONCURRENCY {
+            store.put_delivery(&delivery(n, now)).await.unwrap();
+        }
+        let settings = Arc::new(Settings {
+            webhook_secret: Some("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into()),
+            ..Settings::default()
+        });
+        let deliveries = Deliveries {
+            store: store.clone(),
+            poster: Arc::new(AllAtOnce {
+                barrier: tokio::sync::Barrier::new(DELIVERY_CONCURRENCY),
+            }),
+            secrets: settings.clone(),
+            settings,
+            clock: Arc::new(SystemClock),
+        };
+        let report = tokio::time::timeout(Duration::from_secs(20), deliveries.deliver_due(50))
+            .await
+            .expect("the attempts ran at once");
+        let report = report.unwrap();
+        assert_eq!(report.attempted, DELIVERY_CONCURRENCY as u64);
+        assert_eq!(report.delivered, DELIVERY_CONCURRENCY as u64);
     }
 }

@@ -45,6 +45,9 @@ pub trait Resolve: Send + Sync {
     async fn resolve(&self, host: &str) -> std::io::Result<Vec<IpAddr>>;
 }
 
+/// How long resolving a webhook's host may take.
+pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The system resolver (getaddrinfo through `tokio::net::lookup_host`), with a time limit so
 /// a slow DNS server cannot hold a request or a worker.
 #[derive(Debug, Clone, Copy)]
@@ -55,7 +58,7 @@ pub struct SystemResolver {
 impl Default for SystemResolver {
     fn default() -> SystemResolver {
         SystemResolver {
-            timeout: Duration::from_secs(5),
+            timeout: RESOLVE_TIMEOUT,
         }
     }
 }

@@ -30,7 +30,7 @@ use anyhow::{bail, Context};
 use aws_lambda_events::event::eventbridge::EventBridgeEvent;
 use serde::Serialize;
 use sightline_pipeline::aws::generation::GenerationSide;
-use sightline_pipeline::delivery::DeliveryReport;
+use sightline_pipeline::delivery::{DeliveryReport, ATTEMPT_WORST_CASE, DELIVERY_CONCURRENCY};
 use sightline_pipeline::generation::SweepReport as GenerationSweep;
 use sightline_pipeline::metrics::emf::{Emf, EmfBatch};
 use sightline_pipeline::metrics::{Metric, Recorder};
@@ -218,17 +218,28 @@ impl ReconcileHandler {
             return Ok(total);
         };
         loop {
-            let left = deadline.map(|d| d.duration_since(SystemTime::now()).unwrap_or_default());
-            if left.is_some_and(|t| t < self.reserve) {
+            // A page is what fits before the reserve even if every receiver hangs.
+            let page = match deadline {
+                None => DELIVERY_PAGE,
+                Some(d) => {
+                    let spare = d
+                        .duration_since(SystemTime::now())
+                        .unwrap_or_default()
+                        .saturating_sub(self.reserve);
+                    let rounds = (spare.as_secs_f64() / ATTEMPT_WORST_CASE.as_secs_f64()) as usize;
+                    DELIVERY_PAGE.min(rounds * DELIVERY_CONCURRENCY)
+                }
+            };
+            if page == 0 {
                 break;
             }
-            let r = side.deliveries.deliver_due(DELIVERY_PAGE).await?;
+            let r = side.deliveries.deliver_due(page).await?;
             total.attempted += r.attempted;
             total.delivered += r.delivered;
             total.retrying += r.retrying;
             total.dead += r.dead;
             total.gone += r.gone;
-            if (r.attempted as usize) < DELIVERY_PAGE {
+            if (r.attempted as usize) < page {
                 break;
             }
         }
