@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem, Update};
+use futures_util::TryStreamExt;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sightline_core::genjob::{JobStatus, RowStatus};
@@ -23,6 +24,8 @@ use crate::ports::{
     DeliveryStatus, GenClaim, GeneratedObject, GenerationJob, GenerationRow, GenerationStore,
     StoreError, StoreResult, WebhookDelivery,
 };
+/// BatchWriteItem calls in flight at once while a job's rows are stored.
+const ROW_WRITE_CONCURRENCY: usize = 8;
 
 const RUNNING_PK: &str = "GRUNNING";
 const DUE_PK: &str = "WHDUE";
@@ -154,52 +157,59 @@ impl DynamoRepository {
             }
         }
     }
+
+    /// One BatchWriteItem of up to 25 rows, its unprocessed items written again (8 rounds).
+    async fn write_rows(&self, chunk: &[GenerationRow]) -> StoreResult<()> {
+        let mut writes = Vec::with_capacity(chunk.len());
+        for row in chunk {
+            writes.push(
+                aws_sdk_dynamodb::types::WriteRequest::builder()
+                    .put_request(
+                        aws_sdk_dynamodb::types::PutRequest::builder()
+                            .set_item(Some(row_item(row)?))
+                            .build()
+                            .map_err(build_err)?,
+                    )
+                    .build(),
+            );
+        }
+        let mut pending = Some(std::collections::HashMap::from([(
+            self.table.clone(),
+            writes,
+        )]));
+        let mut round = 0u32;
+        while let Some(req) = pending.take().filter(|r| !r.is_empty()) {
+            let out = self
+                .client
+                .batch_write_item()
+                .set_request_items(Some(req))
+                .send()
+                .await
+                .map_err(|e| sdk_err("dynamodb BatchWriteItem rows", e))?;
+            pending = out.unprocessed_items;
+            round += 1;
+            if round > 8 {
+                return Err(StoreError::Transient(
+                    "rows left unprocessed after 8 rounds".into(),
+                ));
+            }
+            if pending.as_ref().is_some_and(|p| !p.is_empty()) {
+                tokio::time::sleep(Duration::from_millis(50 * u64::from(round))).await;
+            }
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]
 impl GenerationStore for DynamoRepository {
     async fn create_job(&self, job: &GenerationJob, rows: &[GenerationRow]) -> StoreResult<()> {
         // Rows first, the job last: a job is only listed (and swept) once its rows exist, and
-        // a retried create writes the same items again.
-        for chunk in rows.chunks(25) {
-            let mut writes = Vec::with_capacity(chunk.len());
-            for row in chunk {
-                writes.push(
-                    aws_sdk_dynamodb::types::WriteRequest::builder()
-                        .put_request(
-                            aws_sdk_dynamodb::types::PutRequest::builder()
-                                .set_item(Some(row_item(row)?))
-                                .build()
-                                .map_err(build_err)?,
-                        )
-                        .build(),
-                );
-            }
-            let mut pending = Some(std::collections::HashMap::from([(
-                self.table.clone(),
-                writes,
-            )]));
-            let mut round = 0u32;
-            while let Some(req) = pending.take().filter(|r| !r.is_empty()) {
-                let out = self
-                    .client
-                    .batch_write_item()
-                    .set_request_items(Some(req))
-                    .send()
-                    .await
-                    .map_err(|e| sdk_err("dynamodb BatchWriteItem rows", e))?;
-                pending = out.unprocessed_items;
-                round += 1;
-                if round > 8 {
-                    return Err(StoreError::Transient(
-                        "rows left unprocessed after 8 rounds".into(),
-                    ));
-                }
-                if pending.as_ref().is_some_and(|p| !p.is_empty()) {
-                    tokio::time::sleep(Duration::from_millis(50 * u64::from(round))).await;
-                }
-            }
-        }
+        // a retried create writes the same items again. Batches of 25 (BatchWriteItem's
+        // most), a few in flight.
+        futures_util::stream::iter(rows.chunks(25).map(Ok))
+            .try_for_each_concurrent(ROW_WRITE_CONCURRENCY, |chunk| self.write_rows(chunk))
+            .await?;
         self.put_if(job_item(job)?, None, "dynamodb PutItem job")
             .await
             .map(|_| ())
