@@ -258,6 +258,35 @@ struct LedgerAdd<'a> {
 }
 
 impl DynamoRepository {
+    /// The items of a query, page after page, until it ends or `limit` items were read.
+    /// `page` builds the query of each page from where the last one ended and how many items
+    /// were read so far (to ask no more than is still wanted).
+    pub(super) async fn query_pages(
+        &self,
+        limit: usize,
+        op: &str,
+        page: impl Fn(
+            Option<Item>,
+            usize,
+        ) -> aws_sdk_dynamodb::operation::query::builders::QueryFluentBuilder,
+    ) -> StoreResult<Vec<Item>> {
+        let mut items = Vec::new();
+        let mut start: Option<Item> = None;
+        loop {
+            let out = page(start.take(), items.len())
+                .send()
+                .await
+                .map_err(|e| sdk_err(op, e))?;
+            items.extend(out.items.unwrap_or_default());
+            match out.last_evaluated_key {
+                Some(k) if items.len() < limit => start = Some(k),
+                _ => break,
+            }
+        }
+        items.truncate(limit);
+        Ok(items)
+    }
+
     /// The tenant's ledger rows of days `from..=to` (`YYYY-MM-DD`), all pages. `consistent`
     /// reads see every booking that completed before the query (the budget needs that).
     async fn ledger_rows(
@@ -268,11 +297,8 @@ impl DynamoRepository {
         consistent: bool,
         op: &str,
     ) -> StoreResult<Vec<Item>> {
-        let mut rows = Vec::new();
-        let mut start: Option<Item> = None;
-        loop {
-            let out = self
-                .client
+        self.query_pages(usize::MAX, op, |start, _| {
+            self.client
                 .query()
                 .table_name(&self.table)
                 .consistent_read(consistent)
@@ -280,17 +306,9 @@ impl DynamoRepository {
                 .expression_attribute_values(":pk", s(ledger_pk(tenant)))
                 .expression_attribute_values(":from", s(from))
                 .expression_attribute_values(":to", s(format!("{to}~")))
-                .set_exclusive_start_key(start.take())
-                .send()
-                .await
-                .map_err(|e| sdk_err(op, e))?;
-            rows.extend(out.items().iter().cloned());
-            match out.last_evaluated_key {
-                Some(k) => start = Some(k),
-                None => break,
-            }
-        }
-        Ok(rows)
+                .set_exclusive_start_key(start)
+        })
+        .await
     }
 
     /// Spent per the ledger rows of the tenant's month (consistent reads): (day, month).
@@ -425,27 +443,16 @@ impl DynamoRepository {
 
     /// A tenant's API key items (gsi1, partition `KEYS#{tenant}`).
     async fn key_items(&self, tenant: &str) -> StoreResult<Vec<Item>> {
-        let mut items = Vec::new();
-        let mut start: Option<Item> = None;
-        loop {
-            let out = self
-                .client
+        self.query_pages(usize::MAX, "dynamodb Query api keys", |start, _| {
+            self.client
                 .query()
                 .table_name(&self.table)
                 .index_name("gsi1")
                 .key_condition_expression("gsi1pk = :pk")
                 .expression_attribute_values(":pk", s(keys_pk(tenant)))
-                .set_exclusive_start_key(start.take())
-                .send()
-                .await
-                .map_err(|e| sdk_err("dynamodb Query api keys", e))?;
-            items.extend(out.items.unwrap_or_default());
-            match out.last_evaluated_key {
-                Some(k) => start = Some(k),
-                None => break,
-            }
-        }
-        Ok(items)
+                .set_exclusive_start_key(start)
+        })
+        .await
     }
 
     pub fn new(client: Client, table: impl Into<String>) -> DynamoRepository {
@@ -750,31 +757,20 @@ impl Repository for DynamoRepository {
         let limit = limit.clamp(1, 1000);
         // Every gsi3sk starts with a 13-digit time: below the next millisecond = due.
         let upper = format!("{:013}", now_ms.saturating_add(1));
-        let mut records = Vec::with_capacity(limit);
-        let mut start: Option<Item> = None;
-        loop {
-            let out = self
-                .client
-                .query()
-                .table_name(&self.table)
-                .index_name("gsi3")
-                .key_condition_expression("gsi3pk = :r AND gsi3sk < :upper")
-                .expression_attribute_values(":r", s(RECHECK_PK))
-                .expression_attribute_values(":upper", s(upper.clone()))
-                .limit((limit - records.len()) as i32)
-                .set_exclusive_start_key(start.take())
-                .send()
-                .await
-                .map_err(|e| sdk_err("dynamodb Query rechecks", e))?;
-            for item in out.items() {
-                records.push(record_from_item(item)?);
-            }
-            match out.last_evaluated_key {
-                Some(k) if records.len() < limit => start = Some(k),
-                _ => break,
-            }
-        }
-        Ok(records)
+        let items = self
+            .query_pages(limit, "dynamodb Query rechecks", |start, read| {
+                self.client
+                    .query()
+                    .table_name(&self.table)
+                    .index_name("gsi3")
+                    .key_condition_expression("gsi3pk = :r AND gsi3sk < :upper")
+                    .expression_attribute_values(":r", s(RECHECK_PK))
+                    .expression_attribute_values(":upper", s(upper.clone()))
+                    .limit(i32::try_from(limit - read).unwrap_or(i32::MAX))
+                    .set_exclusive_start_key(start)
+            })
+            .await?;
+        items.iter().map(record_from_item).collect()
     }
 
     async fn expire_pending(&self, tenant: &str, image_id: &str) -> StoreResult<bool> {

@@ -158,9 +158,7 @@ impl DynamoRepository {
         limit: usize,
         op: &str,
     ) -> StoreResult<Vec<Item>> {
-        let mut items = Vec::new();
-        let mut start: Option<Item> = None;
-        loop {
+        self.query_pages(limit, op, |start, read| {
             let mut q = self
                 .client
                 .query()
@@ -170,7 +168,7 @@ impl DynamoRepository {
                 .expression_attribute_names("#pk", format!("{index}pk"))
                 .expression_attribute_values(":pk", s(pk))
                 .scan_index_forward(forward)
-                .set_exclusive_start_key(start.take());
+                .set_exclusive_start_key(start);
             match &filter {
                 Some((expr, values)) => {
                     q = q.filter_expression(*expr);
@@ -184,19 +182,13 @@ impl DynamoRepository {
                 }
                 // Unfiltered, a page need hold no more than what is still wanted.
                 None => {
-                    let left = limit.saturating_sub(items.len());
+                    let left = limit.saturating_sub(read);
                     q = q.limit(i32::try_from(left).unwrap_or(i32::MAX));
                 }
             }
-            let out = q.send().await.map_err(|e| sdk_err(op, e))?;
-            items.extend(out.items.unwrap_or_default());
-            match out.last_evaluated_key {
-                Some(k) if items.len() < limit => start = Some(k),
-                _ => break,
-            }
-        }
-        items.truncate(limit);
-        Ok(items)
+            q
+        })
+        .await
     }
 
     /// A conditional update of one item; false when its condition failed.

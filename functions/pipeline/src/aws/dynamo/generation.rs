@@ -135,27 +135,17 @@ impl DynamoRepository {
     }
 
     async fn query_pk(&self, pk: String, sk_prefix: &str) -> StoreResult<Vec<Item>> {
-        let mut items = Vec::new();
-        let mut start: Option<Item> = None;
-        loop {
-            let out = self
-                .client
+        self.query_pages(usize::MAX, "dynamodb Query rows", |start, _| {
+            self.client
                 .query()
                 .table_name(&self.table)
                 .key_condition_expression("pk = :pk AND begins_with(sk, :p)")
                 .expression_attribute_values(":pk", s(pk.clone()))
                 .expression_attribute_values(":p", s(sk_prefix))
                 .consistent_read(true)
-                .set_exclusive_start_key(start.take())
-                .send()
-                .await
-                .map_err(|e| sdk_err("dynamodb Query rows", e))?;
-            items.extend(out.items.unwrap_or_default());
-            match out.last_evaluated_key {
-                Some(k) => start = Some(k),
-                None => return Ok(items),
-            }
-        }
+                .set_exclusive_start_key(start)
+        })
+        .await
     }
 
     /// One BatchWriteItem of up to 25 rows, its unprocessed items written again (8 rounds).
