@@ -311,22 +311,15 @@ mod tests {
     }
 
     fn delivery(n: usize, now_ms: u64) -> WebhookDelivery {
-        WebhookDelivery {
-            delivery_id: format!("msg_{n}"),
-            tenant: "acme".into(),
-            job_id: format!("gj{n}"),
-            url: "https://hooks.example.com/x".into(),
-            event: "generation.job.finished".into(),
-            body: "{}".into(),
-            status: DeliveryStatus::Pending,
-            attempts: 0,
-            next_at_ms: now_ms,
-            first_at_ms: now_ms,
-            last_status: None,
-            last_error: None,
-            created_at: rfc3339(now_ms),
-            updated_at: rfc3339(now_ms),
-        }
+        WebhookDelivery::new_event(
+            format!("msg_{n}"),
+            "acme",
+            &format!("gj{n}"),
+            "https://hooks.example.com/x",
+            "generation.job.finished",
+            serde_json::json!({}),
+            now_ms,
+        )
     }
 
     #[tokio::test]

@@ -32,9 +32,9 @@ use crate::analyze::{budget_wait, caps_for, BUDGET_EXCEEDED, BUDGET_WAIT};
 use crate::ingest::Ingest;
 use crate::metrics::{no_metrics, observe_spend, Recorder};
 use crate::ports::{
-    day_of, rfc3339, BlobStore, BudgetHold, Clock, DeliveryStatus, GenClaim, GeneratedImage,
-    GeneratedObject, GenerationCall, GenerationJob, GenerationRow, GenerationStore, ImageGenerator,
-    LedgerKind, ProviderError, Queue, Repository, Spend, StoreError, StoreResult, WebhookDelivery,
+    day_of, rfc3339, BlobStore, BudgetHold, Clock, GenClaim, GeneratedImage, GeneratedObject,
+    GenerationCall, GenerationJob, GenerationRow, GenerationStore, ImageGenerator, LedgerKind,
+    ProviderError, Queue, Repository, Spend, StoreError, StoreResult, WebhookDelivery,
     WebhookSecrets,
 };
 use crate::providers::gen_common::content_type;
@@ -964,14 +964,14 @@ impl Generations {
         if row.status != RowStatus::Checking || row.attempt != link.attempt {
             return Ok(());
         }
+        let job = self.store.get_job(tenant, &link.job_id).await?;
         let mut next = row.clone();
         next.updated_at = rfc3339(self.clock.now_ms());
         let mut regenerate = false;
         match (&record.status, &record.result) {
             (ImageStatus::Done, Some(result)) => {
                 let verdict = CheckVerdict::of_analysis(&result.analysis);
-                let job = self.store.get_job(tenant, &link.job_id).await?;
-                let may_regenerate = job.is_some_and(|j| j.regenerate) && row.attempt == 1;
+                let may_regenerate = job.as_ref().is_some_and(|j| j.regenerate) && row.attempt == 1;
                 if verdict.passed() {
                     next.status = RowStatus::Done;
                     next.check = Some(verdict);
@@ -1005,7 +1005,9 @@ impl Generations {
         if regenerate {
             self.queue.send(vec![self.message(&next).body()?]).await?;
         } else {
-            self.row_finished(&next).await?;
+            if let Some(job) = &job {
+                self.record_row_delivery(job, &next).await?;
+            }
             self.maybe_finish(tenant, &row.job_id).await?;
         }
         Ok(())
@@ -1042,35 +1044,21 @@ impl Generations {
         {
             return Ok(());
         }
-        let now_ms = self.clock.now_ms();
-        let now = rfc3339(now_ms);
         let mut data = row_summary(row);
         if let Some(o) = data.as_object_mut() {
             o.insert("job_id".into(), serde_json::json!(row.job_id));
             o.insert("tenant".into(), serde_json::json!(row.tenant));
         }
-        let body = serde_json::json!({
-            "type": EVENT_ROW_FINISHED,
-            "timestamp": now,
-            "data": data,
-        });
         self.store
-            .put_delivery(&WebhookDelivery {
+            .put_delivery(&WebhookDelivery::new_event(
                 delivery_id,
-                tenant: row.tenant.clone(),
-                job_id: row.job_id.clone(),
-                url: url.clone(),
-                event: EVENT_ROW_FINISHED.to_string(),
-                body: body.to_string(),
-                status: DeliveryStatus::Pending,
-                attempts: 0,
-                next_at_ms: now_ms,
-                first_at_ms: now_ms,
-                last_status: None,
-                last_error: None,
-                created_at: now.clone(),
-                updated_at: now,
-            })
+                &row.tenant,
+                &row.job_id,
+                url,
+                EVENT_ROW_FINISHED,
+                data,
+                self.clock.now_ms(),
+            ))
             .await
     }
 
@@ -1109,27 +1097,15 @@ impl Generations {
         let delivery = match &job.webhook_url {
             Some(url) => {
                 let report = self.report(&job, &rows).await?;
-                let body = serde_json::json!({
-                    "type": EVENT_JOB_FINISHED,
-                    "timestamp": now,
-                    "data": report.summary(MAX_SUMMARY_ROWS),
-                });
-                Some(WebhookDelivery {
-                    delivery_id: format!("msg_{}", uuid::Uuid::new_v4().simple()),
-                    tenant: tenant.to_string(),
-                    job_id: job_id.to_string(),
-                    url: url.clone(),
-                    event: EVENT_JOB_FINISHED.to_string(),
-                    body: body.to_string(),
-                    status: DeliveryStatus::Pending,
-                    attempts: 0,
-                    next_at_ms: now_ms,
-                    first_at_ms: now_ms,
-                    last_status: None,
-                    last_error: None,
-                    created_at: now.clone(),
-                    updated_at: now.clone(),
-                })
+                Some(WebhookDelivery::new_event(
+                    format!("msg_{}", uuid::Uuid::new_v4().simple()),
+                    tenant,
+                    job_id,
+                    url,
+                    EVENT_JOB_FINISHED,
+                    report.summary(MAX_SUMMARY_ROWS),
+                    now_ms,
+                ))
             }
             None => None,
         };

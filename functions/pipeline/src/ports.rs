@@ -1194,6 +1194,39 @@ pub struct WebhookDelivery {
     pub updated_at: String,
 }
 
+impl WebhookDelivery {
+    /// A new delivery of `event`, due now: the body is the event envelope
+    /// `{"type", "timestamp", "data"}` every sightline webhook carries.
+    pub fn new_event(
+        delivery_id: String,
+        tenant: &str,
+        job_id: &str,
+        url: &str,
+        event: &str,
+        data: serde_json::Value,
+        now_ms: u64,
+    ) -> WebhookDelivery {
+        let now = rfc3339(now_ms);
+        let body = serde_json::json!({ "type": event, "timestamp": now, "data": data });
+        WebhookDelivery {
+            delivery_id,
+            tenant: tenant.to_string(),
+            job_id: job_id.to_string(),
+            url: url.to_string(),
+            event: event.to_string(),
+            body: body.to_string(),
+            status: DeliveryStatus::Pending,
+            attempts: 0,
+            next_at_ms: now_ms,
+            first_at_ms: now_ms,
+            last_status: None,
+            last_error: None,
+            created_at: now.clone(),
+            updated_at: now,
+        }
+    }
+}
+
 /// Generation jobs, their rows, the per-tenant cache of generated images, and webhook
 /// deliveries.
 /// The secrets tenants' webhooks are signed with: the settings locally, SSM on AWS.
