@@ -6,7 +6,7 @@ use std::sync::Arc;
 use lambda_runtime::{service_fn, Error, LambdaEvent};
 use sightline_generate::{handle_drops, GenerateHandler, Invocation};
 use sightline_pipeline::aws::generation::{generation_from_env, Role};
-use sightline_pipeline::aws::{config, AwsEnv, Clients, SqsQueue};
+use sightline_pipeline::aws::{config, AwsEnv, Clients};
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
@@ -18,14 +18,13 @@ async fn main() -> Result<(), Error> {
     let side = generation_from_env(&env, &sdk, &clients, &settings, Role::Generate)
         .await?
         .ok_or("SIGHTLINE_GENERATION_QUEUE_URL is required")?;
-    let queue_url = env
-        .generation_queue_url
-        .clone()
-        .ok_or("SIGHTLINE_GENERATION_QUEUE_URL is required")?;
-    let queue = Arc::new(SqsQueue::new(clients.sqs.clone(), &queue_url));
-    let generations = side.generations.as_ref().clone();
-    let handler = Arc::new(GenerateHandler::new(generations.clone(), queue, "generate"));
-    let generations = Arc::new(generations);
+    // The handler hands retries back to the queue the use-case sends rows to.
+    let generations = side.generations;
+    let handler = Arc::new(GenerateHandler::new(
+        generations.as_ref().clone(),
+        generations.queue.clone(),
+        "generate",
+    ));
     lambda_runtime::run(service_fn(move |event: LambdaEvent<serde_json::Value>| {
         let handler = handler.clone();
         let generations = generations.clone();
