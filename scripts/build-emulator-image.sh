@@ -11,7 +11,7 @@
 #   3. image       docker build --network=host tests/emulator/Dockerfile
 #        tagged sightline/moto-emulator:5 (SIGHTLINE_EMULATOR_BUILD_TAG),
 #        labelled with a hash of the context's sources (Dockerfile,
-#        requirements.txt, the S3 Vectors QueryVectors patch and its test) and
+#        requirements.txt, serve.py, the DynamoDB and S3 Vectors patches and their tests) and
 #        this script; skipped when a tag with the same hash already exists.
 #
 # Prints the image tag on stdout (last line); progress goes to stderr.
@@ -38,8 +38,9 @@ docker info >/dev/null 2>&1 || die "Docker is not available. Run scripts/docker-
 export DOCKER_BUILDKIT=0
 
 # Every file the image is built from (the build context's sources, this script): a change to
-# any of them, e.g. the S3 Vectors QueryVectors patch, must rebuild the image.
-CTX_FILES=(Dockerfile requirements.txt s3vectors_query.py test_s3vectors_query.py)
+# any of them, e.g. one of the moto patches, must rebuild the image.
+CTX_FILES=(Dockerfile requirements.txt serve.py dynamodb_serial.py test_dynamodb_serial.py
+           s3vectors_query.py test_s3vectors_query.py)
 HASH=$(cat "${CTX_FILES[@]/#/$CTX_SRC/}" "$0" | sha256sum | cut -c1-16)
 
 if [ "${FORCE_REBUILD:-0}" != 1 ] &&

@@ -31,7 +31,7 @@ Not emulated: full-text and hybrid search (``queryTexts`` is refused), paginatio
 results (an exact search returns at most topK hits in one page), approximate-search recall
 (AWS may miss a neighbour; this never does).
 
-Run as a script it installs the patch and starts ``moto_server`` with the same arguments.
+``serve.py`` installs this patch (with the others) and starts ``moto_server``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ import json
 import math
 import re
 import struct
-import sys
 from typing import Any, Callable
 
 from moto.core.exceptions import ServiceException
@@ -468,13 +467,3 @@ def install() -> None:
     )
     s3vectors_urls.url_paths["{0}/QueryVectors$"] = S3VectorsResponse.dispatch
 
-
-def main() -> None:
-    install()
-    from moto.server import main as moto_server_main
-
-    moto_server_main(sys.argv[1:])
-
-
-if __name__ == "__main__":
-    main()
