@@ -10,6 +10,11 @@
 #      which benchmarks run), checked to be aarch64 ELF files, with the build time printed. It
 #      proves the C in the image path (libjpeg-turbo, CMake) cross-compiles as docs/aws.md deploys.
 #
+# SIGHTLINE_LAMBDA_PROFILE=dev makes steps 4 and 5 debug builds into target/lambda-check and
+# target/lambda-check-arm64: the same packaging, features and cross-compilation, in a fraction of
+# the time (the test command uses it; the release profile's LTO and size settings are what
+# scripts/cold-start.sh builds and measures). The default, release, is what docs/aws.md deploys.
+#
 # Python tools go into a venv (default target/infra-venv; override with SIGHTLINE_INFRA_VENV),
 # installed from PyPI on first use. Skip step 3 with SIGHTLINE_SKIP_CARGO_TEST=1.
 set -euo pipefail
@@ -83,9 +88,29 @@ if [ "${SIGHTLINE_CHECK_LAMBDA_BUILD:-0}" = 1 ] || [ -n "${SIGHTLINE_CHECK_ARM64
   bash "$ROOT/scripts/native-build-deps.sh"
 fi
 
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+case "${SIGHTLINE_LAMBDA_PROFILE:-release}" in
+  release)
+    profile_args=(--release)
+    lambda_dir="$TARGET/lambda"
+    arm64_dir="$TARGET/lambda-arm64"
+    ;;
+  dev)
+    # Not into target/lambda: the benchmarks run the release bootstraps found there.
+    profile_args=()
+    lambda_dir="$TARGET/lambda-check"
+    arm64_dir="$TARGET/lambda-check-arm64"
+    ;;
+  *)
+    echo "SIGHTLINE_LAMBDA_PROFILE must be release or dev, not ${SIGHTLINE_LAMBDA_PROFILE}" >&2
+    exit 2
+    ;;
+esac
+
 if [ "${SIGHTLINE_CHECK_LAMBDA_BUILD:-0}" = 1 ]; then
   compiler=${SIGHTLINE_LAMBDA_COMPILER:-zig}
-  args=(lambda build --release -p sightline-resize -p sightline-analyze -p sightline-api
+  args=(lambda build "${profile_args[@]}" --locked --lambda-dir "$lambda_dir"
+    -p sightline-resize -p sightline-analyze -p sightline-api
     -p sightline-reconcile -p sightline-batch -p sightline-generate)
   case "$compiler" in
     zig)
@@ -104,21 +129,22 @@ if [ "${SIGHTLINE_CHECK_LAMBDA_BUILD:-0}" = 1 ]; then
   esac
   log "cargo ${args[*]}"
   # The venv's bin first: cargo-lambda finds `cargo-lambda` and Zig (python -m ziglang) there.
+  start=$(date +%s)
   PATH="$VENV/bin:$PATH" cargo "${args[@]}"
-  ls -l "${CARGO_TARGET_DIR:-target}"/lambda/sightline-{resize,analyze,api,reconcile,batch,generate}/bootstrap
+  log "lambda build: $(($(date +%s) - start)) s"
+  ls -l "$lambda_dir"/sightline-{resize,analyze,api,reconcile,batch,generate}/bootstrap
 fi
 
 if [ -n "${SIGHTLINE_CHECK_ARM64_BUILD:-}" ]; then
   ensure_zig
-  lambda_dir="${CARGO_TARGET_DIR:-$ROOT/target}/lambda-arm64"
-  args=(lambda build --release --arm64 --locked --lambda-dir "$lambda_dir")
+  args=(lambda build "${profile_args[@]}" --arm64 --locked --lambda-dir "$arm64_dir")
   for pkg in $SIGHTLINE_CHECK_ARM64_BUILD; do args+=(-p "$pkg"); done
   log "cargo ${args[*]}"
   start=$(date +%s)
   PATH="$VENV/bin:$PATH" cargo "${args[@]}"
   log "arm64 build: $(($(date +%s) - start)) s"
   for pkg in $SIGHTLINE_CHECK_ARM64_BUILD; do
-    bin="$lambda_dir/$pkg/bootstrap"
+    bin="$arm64_dir/$pkg/bootstrap"
     # ELF e_machine (offset 18, little-endian) 0xB7 is AArch64.
     machine=$(od -An -tx1 -j18 -N2 "$bin" | tr -d ' ')
     if [ "$machine" != "b700" ]; then

@@ -74,10 +74,12 @@ else
 
   step "infrastructure checks (cfn-lint, OpenAPI, template safety, cargo lambda build)"
   # The infra crate's Rust tests already ran with the workspace above. The six functions build
-  # natively; the resize Lambda (which links libjpeg-turbo) also builds for arm64 with Zig, as
-  # docs/aws.md deploys it.
+  # and package natively with cargo lambda; the resize Lambda (which links libjpeg-turbo) also
+  # builds for arm64 with Zig, as docs/aws.md deploys it. Debug builds: they check the same
+  # packaging and cross-compilation without two more optimised builds of the whole dependency
+  # tree (release builds are the benchmarks' business: scripts/cold-start.sh).
   SIGHTLINE_SKIP_CARGO_TEST=1 SIGHTLINE_CHECK_LAMBDA_BUILD=1 SIGHTLINE_LAMBDA_COMPILER=cargo \
-    SIGHTLINE_CHECK_ARM64_BUILD=sightline-resize \
+    SIGHTLINE_CHECK_ARM64_BUILD=sightline-resize SIGHTLINE_LAMBDA_PROFILE=dev \
     bash scripts/infra-check.sh 2>&1 | tee "$LOGDIR/infra.log"
 fi
 
