@@ -18,7 +18,8 @@ LOGDIR="$ROOT/target/test-logs"
 mkdir -p "$LOGDIR"
 : > "$LOGDIR/results.txt"
 
-step() { printf '\n=== %s ===\n' "$*"; }
+# Each step's heading carries the seconds since the start, so a slow step shows in the log.
+step() { printf '\n=== [%d s] %s ===\n' "$SECONDS" "$*"; }
 # Record a stage's pass/fail counts from cargo's "test result:" lines.
 count_cargo() {
   grep -E '^test result:' "$1" | sed -E 's/.* ([0-9]+) passed; ([0-9]+) failed.*/\1 \2/' >> "$LOGDIR/results.txt" || true
@@ -86,5 +87,5 @@ fi
 passed=$(awk '{p+=$1} END {print p+0}' "$LOGDIR/results.txt")
 failed=$(awk '{f+=$2} END {print f+0}' "$LOGDIR/results.txt")
 echo
-echo "${passed} passed, ${failed} failed"
+echo "${passed} passed, ${failed} failed (${SECONDS} s)"
 [[ "$failed" == "0" ]]
