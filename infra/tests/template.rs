@@ -1001,23 +1001,28 @@ fn bucket_cors_and_lifecycle() {
         .iter()
         .any(|h| h.eq_ignore_ascii_case("content-type")));
 
-    // uploads/ originals expire after UploadRetentionDays, unless it is 0 (a Condition).
+    // uploads/ originals expire after UploadRetentionDays and the generation cache after
+    // GenerationCacheRetentionDays, unless the parameter is 0 (a Condition).
     let lifecycle = as_list(&p["LifecycleConfiguration"]["Rules"]);
-    let conditional = lifecycle
-        .iter()
-        .filter_map(|x| x.get("Fn::If").and_then(Value::as_array))
-        .find(|args| args[1]["Prefix"] == "uploads/" || args[1]["Filter"]["Prefix"] == "uploads/")
-        .expect("a conditional uploads/ expiration rule");
-    let cond = conditional[0].as_str().expect("condition name");
-    assert!(
-        t.t["Conditions"][cond].is_object(),
-        "condition {cond} exists"
-    );
-    assert_eq!(
-        references(&conditional[1]["ExpirationInDays"]),
-        vec!["UploadRetentionDays"]
-    );
-    assert!(common::is_no_value(&conditional[2]));
+    for (prefix, days) in [
+        (sightline_core::keys::UPLOAD_PREFIX, "UploadRetentionDays"),
+        (
+            sightline_pipeline::generation::GENERATION_CACHE_PREFIX,
+            "GenerationCacheRetentionDays",
+        ),
+    ] {
+        let conditional = lifecycle
+            .iter()
+            .filter_map(|x| x.get("Fn::If").and_then(Value::as_array))
+            .find(|args| args[1]["Prefix"] == prefix || args[1]["Filter"]["Prefix"] == prefix)
+            .unwrap_or_else(|| panic!("a conditional {prefix} expiration rule"));
+        let cond = conditional[0].as_str().expect("condition name");
+        let condition = &t.t["Conditions"][cond];
+        assert!(condition.is_object(), "condition {cond} exists");
+        assert_eq!(references(condition), vec![days], "{cond} tests {days}");
+        assert_eq!(references(&conditional[1]["ExpirationInDays"]), vec![days]);
+        assert!(common::is_no_value(&conditional[2]));
+    }
     // The list is never empty whatever the parameters are.
     assert!(lifecycle.iter().any(|x| x.get("Fn::If").is_none()));
 }

@@ -2073,6 +2073,56 @@ pub async fn generation_store_contract(store: Arc<dyn sightline_pipeline::ports:
             .unwrap(),
         GenClaim::Done(_)
     ));
+    // A record whose image is gone is forgotten, and only that record: forgetting another
+    // record of the key (or the same one twice) keeps what is stored.
+    store.forget_generated(&second).await.unwrap();
+    assert!(matches!(
+        store
+            .claim_generation(&tenant, &key, "w6", lease, 6_000)
+            .await
+            .unwrap(),
+        GenClaim::Done(_)
+    ));
+    store.forget_generated(&object).await.unwrap();
+    store.forget_generated(&object).await.unwrap();
+    assert_eq!(
+        store
+            .claim_generation(&tenant, &key, "w7", lease, 7_000)
+            .await
+            .unwrap(),
+        GenClaim::Acquired,
+        "a forgotten key is generated again"
+    );
+    let again = GeneratedObject {
+        cost_usd: 0.1 + 0.2,
+        usage: Some(Usage {
+            input_tokens: 12,
+            output_tokens: 4_160,
+            ..Usage::default()
+        }),
+        created_at: "2030-02-01T00:00:00.000Z".into(),
+        ..object.clone()
+    };
+    store.put_generated(&again).await.unwrap();
+    store.forget_generated(&object).await.unwrap();
+    let found = match store
+        .claim_generation(&tenant, &key, "w8", lease, 8_000)
+        .await
+        .unwrap()
+    {
+        GenClaim::Done(o) => *o,
+        other => panic!("the newer record was forgotten by an older one: {other:?}"),
+    };
+    assert_eq!(found, again);
+    // The record read back is the one forgotten (no drift in how it is written and compared).
+    store.forget_generated(&found).await.unwrap();
+    assert_eq!(
+        store
+            .claim_generation(&tenant, &key, "w9", lease, 9_000)
+            .await
+            .unwrap(),
+        GenClaim::Acquired
+    );
 
     // Deliveries: due by time, one attempt at a time, listed by status.
     store

@@ -1282,6 +1282,10 @@ pub trait GenerationStore: Send + Sync {
     /// Record a generated image under its key (ends the claim). A second record of the same
     /// key keeps the first.
     async fn put_generated(&self, object: &GeneratedObject) -> StoreResult<()>;
+    /// Drop the record of `object` whose stored image is gone (the bucket's lifecycle expired
+    /// it, or someone deleted it), so the key can be generated again. Only that record: a
+    /// newer one of the same key stays.
+    async fn forget_generated(&self, object: &GeneratedObject) -> StoreResult<()>;
 
     async fn put_delivery(&self, delivery: &WebhookDelivery) -> StoreResult<()>;
     async fn get_delivery(

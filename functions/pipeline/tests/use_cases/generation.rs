@@ -386,6 +386,57 @@ async fn a_job_generates_checks_and_books_every_row_once_and_a_rerun_pays_nothin
     assert!((theirs.generation_cost_usd - per_image).abs() < 1e-9);
 }
 
+#[tokio::test]
+async fn a_rerun_generates_again_an_image_whose_cached_copy_expired_and_reuses_the_rest() {
+    let f = fixture(Vec::new());
+    let csv = "sku,product\nA1,red lamp\nB2,blue chair\n";
+    let first = submit(&f, "acme", csv, None).await;
+    run_job(&f, "acme", &first).await;
+    let calls_made = f.paid.calls.load(Ordering::SeqCst);
+    assert_eq!(calls_made, 2);
+
+    // The bucket's lifecycle rule expires A1's cached image (locally: someone deleted it).
+    let requests = plan_job(
+        &templates(),
+        Some("hero"),
+        RowsInput::Csv(csv.as_bytes()),
+        &Limits::default(),
+    )
+    .unwrap();
+    let key = requests[0].idempotency_key();
+    let lease = Duration::from_secs(60);
+    let cached = match f
+        .repo
+        .claim_generation("acme", &key, "test", lease, SystemClock.now_ms())
+        .await
+        .unwrap()
+    {
+        sightline_pipeline::ports::GenClaim::Done(o) => o,
+        other => panic!("A1 is not cached: {other:?}"),
+    };
+    f.blobs.delete(&cached.blob_key).await.unwrap();
+
+    let again = submit(&f, "acme", csv, None).await;
+    run_job(&f, "acme", &again).await;
+    let rerun = f
+        .generations
+        .job_report("acme", &again)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rerun.counts.done, 2, "{:?}", rerun.rows);
+    assert_eq!(rerun.counts.reused, 1, "only B2's image is still cached");
+    let a1 = rerun.rows.iter().find(|r| r.row == 1).unwrap();
+    assert!(!a1.reused && a1.generation_cost_usd > 0.0, "{a1:?}");
+    assert_eq!(f.paid.calls.load(Ordering::SeqCst), calls_made + 1);
+    // The new image is cached again under the same key, and its output is there.
+    assert!(f.blobs.get(&cached.blob_key, u64::MAX).await.is_ok());
+    let output = a1.output_key.as_deref().unwrap();
+    assert!(f.blobs.get(output, u64::MAX).await.is_ok());
+    let (calls, _) = generation_ledger(&f.repo.costs("acme", &today(), &today()).await.unwrap());
+    assert_eq!(calls, 3, "two images, then A1 once more");
+}
+
 fn local_templates_csv() -> &'static str {
     "sku,product\nA1,a lamp\nB2,a chair [wrong-once]\nC3,a vase [wrong]\n"
 }

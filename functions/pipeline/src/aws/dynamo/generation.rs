@@ -418,6 +418,27 @@ impl GenerationStore for DynamoRepository {
         }
     }
 
+    async fn forget_generated(&self, object: &GeneratedObject) -> StoreResult<()> {
+        let out = self
+            .client
+            .delete_item()
+            .table_name(&self.table)
+            .set_key(Some(Self::key(
+                object_pk(&object.tenant, &object.key),
+                "GOBJ",
+            )))
+            .condition_expression("doc = :doc")
+            .expression_attribute_values(":doc", s(to_doc(object)?))
+            .send()
+            .await;
+        match out {
+            Ok(_) => Ok(()),
+            // Gone already, or a newer record of the key: keep it.
+            Err(e) if is_conditional_failure(&e) => Ok(()),
+            Err(e) => Err(sdk_err("dynamodb DeleteItem generated image", e)),
+        }
+    }
+
     async fn put_delivery(&self, delivery: &WebhookDelivery) -> StoreResult<()> {
         self.put_if(delivery_item(delivery)?, None, "dynamodb PutItem delivery")
             .await

@@ -315,6 +315,20 @@ impl GenerationStore for SqliteRepository {
             .await
     }
 
+    async fn forget_generated(&self, object: &GeneratedObject) -> StoreResult<()> {
+        let o = object.clone();
+        self.db
+            .with(move |c| {
+                c.execute(
+                    "DELETE FROM gen_objects WHERE tenant = ?1 AND key = ?2 AND doc = ?3",
+                    params![o.tenant, o.key, to_doc(&o)?],
+                )
+                .map_err(db_err)?;
+                Ok(())
+            })
+            .await
+    }
+
     async fn put_delivery(&self, delivery: &WebhookDelivery) -> StoreResult<()> {
         let d = delivery.clone();
         self.db.with(move |c| store_delivery(c, &d)).await
