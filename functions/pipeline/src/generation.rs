@@ -897,7 +897,7 @@ impl Generations {
         }
         let mut next = current;
         next.status = RowStatus::Checking;
-        next.image_id = Some(image_id);
+        next.image_id = Some(image_id.clone());
         next.output_key = Some(output_key);
         next.reused = reused;
         if !reused {
@@ -914,6 +914,22 @@ impl Generations {
         }
         if let Some(ingest) = &self.ingest {
             ingest.ingest_key(&key).await?;
+        }
+        // On AWS the upload above starts the resize and the analysis at once: an analysis that
+        // ended before the row moved found no row in `checking` to settle. Either this read
+        // sees its end, or its own settle saw the row move; both settles are conditional on
+        // the row's state, so one of them settles it, once.
+        let analysed = self
+            .repo
+            .get_image(&row.tenant, &image_id)
+            .await?
+            .is_some_and(|r| matches!(r.status, ImageStatus::Done | ImageStatus::Failed));
+        if analysed {
+            debug!(
+                image_id,
+                "the analysis ended before the row moved; settling it now"
+            );
+            self.settle_image(&row.tenant, &image_id).await?;
         }
         Ok(())
     }

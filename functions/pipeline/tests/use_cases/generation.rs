@@ -437,6 +437,144 @@ async fn a_rerun_generates_again_an_image_whose_cached_copy_expired_and_reuses_t
     assert_eq!(calls, 3, "two images, then A1 once more");
 }
 
+/// A blob store that plays S3 with its upload trigger on AWS at its fastest: writing an
+/// upload ingests and analyses it before the write returns, so the analysis ends before the
+/// generation has moved its row to `checking`.
+struct InstantAnalysis {
+    files: Arc<dyn BlobStore>,
+    then: std::sync::OnceLock<(Ingest, Analyzer, Arc<dyn Queue>)>,
+    analysed: AtomicUsize,
+}
+
+#[async_trait]
+impl BlobStore for InstantAnalysis {
+    async fn put(
+        &self,
+        key: &str,
+        bytes: Vec<u8>,
+        content_type: &str,
+    ) -> sightline_pipeline::ports::StoreResult<()> {
+        self.files.put(key, bytes, content_type).await?;
+        if let (Some((ingest, analyzer, queue)), true) = (
+            self.then.get(),
+            key.starts_with(sightline_core::keys::UPLOAD_PREFIX),
+        ) {
+            ingest.ingest_key(key).await?;
+            for m in queue.receive(10, Duration::from_secs(30)).await? {
+                assert!(!analyzer.handle(&m.body, m.receive_count).await.is_retry());
+                queue.delete(&m.receipt).await?;
+                self.analysed.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        Ok(())
+    }
+    async fn size(&self, key: &str) -> sightline_pipeline::ports::StoreResult<Option<u64>> {
+        self.files.size(key).await
+    }
+    async fn get(
+        &self,
+        key: &str,
+        max_bytes: u64,
+    ) -> sightline_pipeline::ports::StoreResult<Vec<u8>> {
+        self.files.get(key, max_bytes).await
+    }
+    async fn delete(&self, key: &str) -> sightline_pipeline::ports::StoreResult<()> {
+        self.files.delete(key).await
+    }
+}
+
+#[tokio::test]
+async fn an_analysis_that_ends_before_its_row_moves_to_checking_still_settles_the_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = SqliteDb::open(&dir.path().join("db.sqlite")).unwrap();
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let racing = Arc::new(InstantAnalysis {
+        files: Arc::new(FileBlobStore::new(dir.path().join("blobs"))),
+        then: std::sync::OnceLock::new(),
+        analysed: AtomicUsize::new(0),
+    });
+    let blobs: Arc<dyn BlobStore> = racing.clone();
+    let repo = Arc::new(SqliteRepository::with_job_queue(db.clone(), "analyze"));
+    let analyze_queue: Arc<dyn Queue> =
+        Arc::new(SqliteQueue::new(db.clone(), "analyze", 5, clock.clone()));
+    let generate_queue: Arc<dyn Queue> =
+        Arc::new(SqliteQueue::new(db.clone(), "generate", 5, clock.clone()));
+    let settings = Arc::new(Settings::default());
+    // As on AWS: no ingest inside the generation; the upload's trigger does it.
+    let generations = Generations::new(
+        repo.clone(),
+        repo.clone(),
+        blobs.clone(),
+        generate_queue.clone(),
+        Arc::new(Generators::new(Box::new(|_: &str| {
+            Ok(Arc::new(LocalGenerator) as Arc<dyn ImageGenerator>)
+        }))),
+        settings.clone(),
+        clock.clone(),
+        Mode::Local,
+        Arc::new(SystemResolver::default()),
+    );
+    let analyzer = Analyzer::new(
+        blobs.clone(),
+        repo.clone(),
+        Arc::new(LocalAnalyzer),
+        settings.clone(),
+        clock.clone(),
+    )
+    .with_generations(Arc::new(generations.clone()));
+    let ingest = Ingest::new(
+        blobs.clone(),
+        repo.clone(),
+        analyze_queue.clone(),
+        settings.clone(),
+        clock.clone(),
+        sightline_core::keys::UPLOAD_PREFIX,
+    );
+    assert!(racing.then.set((ingest, analyzer, analyze_queue)).is_ok());
+
+    let set = TemplateSet::from_toml(
+        "[templates.hero]\nprompt = \"A photo of {product}\"\nmodel = \"local-canvas\"\nsize = \"512x512\"\n",
+    )
+    .unwrap();
+    let requests = plan_job(
+        &set,
+        Some("hero"),
+        RowsInput::Csv(b"sku,product\nA1,a lamp\n"),
+        &Limits::default(),
+    )
+    .unwrap();
+    let job_id = generations
+        .submit(Submission {
+            tenant: "acme".into(),
+            template: "hero".into(),
+            requests,
+            webhook_url: None,
+            webhook_rows: false,
+            regenerate: None,
+            source: "test".into(),
+            job_id: None,
+        })
+        .await
+        .unwrap()
+        .job_id;
+    let messages = generate_queue
+        .receive(10, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(messages.len(), 1);
+    let out = generations
+        .handle(&messages[0].body, messages[0].receive_count)
+        .await;
+    assert!(matches!(out, GenerateOutcome::Generated { .. }), "{out:?}");
+    assert_eq!(racing.analysed.load(Ordering::SeqCst), 1);
+
+    // No sweep ran and no analysis came after the row's move: the hand-over settled it.
+    let row = repo.get_row("acme", &job_id, 1).await.unwrap().unwrap();
+    assert_eq!(row.status, RowStatus::Done, "{row:?}");
+    let job = repo.get_job("acme", &job_id).await.unwrap().unwrap();
+    assert_eq!(job.status, JobStatus::Finished);
+}
+
 fn local_templates_csv() -> &'static str {
     "sku,product\nA1,a lamp\nB2,a chair [wrong-once]\nC3,a vase [wrong]\n"
 }
