@@ -108,6 +108,7 @@ struct Fixture {
     settings: Arc<Settings>,
     blobs: Arc<dyn BlobStore>,
     repo: Arc<SqliteRepository>,
+    ingest: Ingest,
     generations: Generations,
     analyzer: Analyzer,
     analyze_queue: Arc<dyn Queue>,
@@ -122,10 +123,21 @@ fn fixture(paid_errors: Vec<FailureKind>) -> Fixture {
 }
 
 fn fixture_with(paid_errors: Vec<FailureKind>, tweak: impl FnOnce(&mut Settings)) -> Fixture {
+    fixture_on(paid_errors, tweak, |files| files, true)
+}
+
+/// `blobs` may wrap the file store. `inline_ingest`: the generation ingests its uploads itself
+/// (locally), or leaves that to the upload's trigger (on AWS).
+fn fixture_on(
+    paid_errors: Vec<FailureKind>,
+    tweak: impl FnOnce(&mut Settings),
+    blobs: impl FnOnce(Arc<dyn BlobStore>) -> Arc<dyn BlobStore>,
+    inline_ingest: bool,
+) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let db = SqliteDb::open(&dir.path().join("db.sqlite")).unwrap();
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let blobs: Arc<dyn BlobStore> = Arc::new(FileBlobStore::new(dir.path().join("blobs")));
+    let blobs = blobs(Arc::new(FileBlobStore::new(dir.path().join("blobs"))));
     let repo = Arc::new(SqliteRepository::with_job_queue(db.clone(), "analyze"));
     let analyze_queue: Arc<dyn Queue> =
         Arc::new(SqliteQueue::new(db.clone(), "analyze", 5, clock.clone()));
@@ -171,8 +183,12 @@ fn fixture_with(paid_errors: Vec<FailureKind>, tweak: impl FnOnce(&mut Settings)
         clock.clone(),
         Mode::Local,
         resolver.clone(),
-    )
-    .with_ingest(ingest);
+    );
+    let generations = if inline_ingest {
+        generations.with_ingest(ingest.clone())
+    } else {
+        generations
+    };
     let analyzer = Analyzer::new(
         blobs.clone(),
         repo.clone(),
@@ -192,6 +208,7 @@ fn fixture_with(paid_errors: Vec<FailureKind>, tweak: impl FnOnce(&mut Settings)
         settings,
         blobs,
         repo,
+        ingest,
         generations,
         analyzer,
         analyze_queue,
@@ -485,94 +502,51 @@ impl BlobStore for InstantAnalysis {
 
 #[tokio::test]
 async fn an_analysis_that_ends_before_its_row_moves_to_checking_still_settles_the_row() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = SqliteDb::open(&dir.path().join("db.sqlite")).unwrap();
-    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let racing = Arc::new(InstantAnalysis {
-        files: Arc::new(FileBlobStore::new(dir.path().join("blobs"))),
-        then: std::sync::OnceLock::new(),
-        analysed: AtomicUsize::new(0),
-    });
-    let blobs: Arc<dyn BlobStore> = racing.clone();
-    let repo = Arc::new(SqliteRepository::with_job_queue(db.clone(), "analyze"));
-    let analyze_queue: Arc<dyn Queue> =
-        Arc::new(SqliteQueue::new(db.clone(), "analyze", 5, clock.clone()));
-    let generate_queue: Arc<dyn Queue> =
-        Arc::new(SqliteQueue::new(db.clone(), "generate", 5, clock.clone()));
-    let settings = Arc::new(Settings::default());
-    // As on AWS: no ingest inside the generation; the upload's trigger does it.
-    let generations = Generations::new(
-        repo.clone(),
-        repo.clone(),
-        blobs.clone(),
-        generate_queue.clone(),
-        Arc::new(Generators::new(Box::new(|_: &str| {
-            Ok(Arc::new(LocalGenerator) as Arc<dyn ImageGenerator>)
-        }))),
-        settings.clone(),
-        clock.clone(),
-        Mode::Local,
-        Arc::new(SystemResolver::default()),
+    let mut racing = None;
+    let f = fixture_on(
+        Vec::new(),
+        |_| {},
+        |files| {
+            let store = Arc::new(InstantAnalysis {
+                files,
+                then: std::sync::OnceLock::new(),
+                analysed: AtomicUsize::new(0),
+            });
+            racing = Some(store.clone());
+            store
+        },
+        false,
     );
-    let analyzer = Analyzer::new(
-        blobs.clone(),
-        repo.clone(),
-        Arc::new(LocalAnalyzer),
-        settings.clone(),
-        clock.clone(),
-    )
-    .with_generations(Arc::new(generations.clone()));
-    let ingest = Ingest::new(
-        blobs.clone(),
-        repo.clone(),
-        analyze_queue.clone(),
-        settings.clone(),
-        clock.clone(),
-        sightline_core::keys::UPLOAD_PREFIX,
+    let racing = racing.unwrap();
+    let then = (
+        f.ingest.clone(),
+        f.analyzer.clone(),
+        f.analyze_queue.clone(),
     );
-    assert!(racing.then.set((ingest, analyzer, analyze_queue)).is_ok());
+    assert!(racing.then.set(then).is_ok());
 
-    let set = TemplateSet::from_toml(
-        "[templates.hero]\nprompt = \"A photo of {product}\"\nmodel = \"local-canvas\"\nsize = \"512x512\"\n",
-    )
-    .unwrap();
-    let requests = plan_job(
-        &set,
-        Some("hero"),
-        RowsInput::Csv(b"sku,product\nA1,a lamp\n"),
-        &Limits::default(),
-    )
-    .unwrap();
-    let job_id = generations
-        .submit(Submission {
-            tenant: "acme".into(),
-            template: "hero".into(),
-            requests,
-            webhook_url: None,
-            webhook_rows: false,
-            regenerate: None,
-            source: "test".into(),
-            job_id: None,
-        })
+    // No sweep runs, and every analysis ends inside the upload's write, before its row moves:
+    // only the hand-over can settle the rows, regenerations included.
+    let job_id = submit_local(&f, "acme", None).await;
+    run_job(&f, "acme", &job_id).await;
+    let report = f
+        .generations
+        .job_report("acme", &job_id)
         .await
         .unwrap()
-        .job_id;
-    let messages = generate_queue
-        .receive(10, Duration::from_secs(30))
-        .await
         .unwrap();
-    assert_eq!(messages.len(), 1);
-    let out = generations
-        .handle(&messages[0].body, messages[0].receive_count)
-        .await;
-    assert!(matches!(out, GenerateOutcome::Generated { .. }), "{out:?}");
-    assert_eq!(racing.analysed.load(Ordering::SeqCst), 1);
-
-    // No sweep ran and no analysis came after the row's move: the hand-over settled it.
-    let row = repo.get_row("acme", &job_id, 1).await.unwrap().unwrap();
-    assert_eq!(row.status, RowStatus::Done, "{row:?}");
-    let job = repo.get_job("acme", &job_id).await.unwrap().unwrap();
-    assert_eq!(job.status, JobStatus::Finished);
+    assert_eq!(
+        (report.counts.done, report.counts.mismatch),
+        (2, 1),
+        "{:?}",
+        report.rows
+    );
+    assert_eq!(report.counts.regenerated, 2);
+    assert_eq!(
+        racing.analysed.load(Ordering::SeqCst),
+        5,
+        "one analysis per picture: rows 2 and 3 were drawn twice"
+    );
 }
 
 fn local_templates_csv() -> &'static str {
