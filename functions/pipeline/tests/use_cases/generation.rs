@@ -268,6 +268,20 @@ async fn run_job(f: &Fixture, tenant: &str, job_id: &str) {
     panic!("job {job_id} did not finish");
 }
 
+/// Run a job to its end, then its report.
+async fn run_to_report(
+    f: &Fixture,
+    tenant: &str,
+    job_id: &str,
+) -> sightline_pipeline::generation::JobReport {
+    run_job(f, tenant, job_id).await;
+    f.generations
+        .job_report(tenant, job_id)
+        .await
+        .unwrap()
+        .unwrap()
+}
+
 fn templates() -> TemplateSet {
     TemplateSet::from_toml(
         r#"
@@ -282,14 +296,19 @@ output_key = "products/{sku}.png"
     .unwrap()
 }
 
-async fn submit(f: &Fixture, tenant: &str, csv: &str, webhook: Option<String>) -> String {
-    let requests = plan_job(
+/// The requests of `csv`'s rows with the paid `hero` template.
+fn plan(csv: &str) -> Vec<sightline_core::generate::GenerationRequest> {
+    plan_job(
         &templates(),
         Some("hero"),
         RowsInput::Csv(csv.as_bytes()),
         &Limits::default(),
     )
-    .unwrap();
+    .unwrap()
+}
+
+async fn submit(f: &Fixture, tenant: &str, csv: &str, webhook: Option<String>) -> String {
+    let requests = plan(csv);
     f.generations
         .submit(Submission {
             tenant: tenant.into(),
@@ -374,13 +393,7 @@ async fn a_job_generates_checks_and_books_every_row_once_and_a_rerun_pays_nothin
 
     // The same CSV again: every image found by its key, nothing paid, nothing called.
     let again = submit(&f, "acme", csv, None).await;
-    run_job(&f, "acme", &again).await;
-    let rerun = f
-        .generations
-        .job_report("acme", &again)
-        .await
-        .unwrap()
-        .unwrap();
+    let rerun = run_to_report(&f, "acme", &again).await;
     assert_eq!(rerun.counts.done, 3);
     assert_eq!(rerun.counts.reused, 3);
     assert_eq!(rerun.generation_cost_usd, 0.0);
@@ -392,13 +405,7 @@ async fn a_job_generates_checks_and_books_every_row_once_and_a_rerun_pays_nothin
 
     // Another tenant's identical rows are its own to pay for.
     let other = submit(&f, "globex", "sku,product\nA1,red lamp\n", None).await;
-    run_job(&f, "globex", &other).await;
-    let theirs = f
-        .generations
-        .job_report("globex", &other)
-        .await
-        .unwrap()
-        .unwrap();
+    let theirs = run_to_report(&f, "globex", &other).await;
     assert_eq!(theirs.counts.reused, 0);
     assert!((theirs.generation_cost_usd - per_image).abs() < 1e-9);
 }
@@ -413,14 +420,7 @@ async fn a_rerun_generates_again_an_image_whose_cached_copy_expired_and_reuses_t
     assert_eq!(calls_made, 2);
 
     // The bucket's lifecycle rule expires A1's cached image (locally: someone deleted it).
-    let requests = plan_job(
-        &templates(),
-        Some("hero"),
-        RowsInput::Csv(csv.as_bytes()),
-        &Limits::default(),
-    )
-    .unwrap();
-    let key = requests[0].idempotency_key();
+    let key = plan(csv)[0].idempotency_key();
     let lease = Duration::from_secs(60);
     let cached = match f
         .repo
@@ -434,13 +434,7 @@ async fn a_rerun_generates_again_an_image_whose_cached_copy_expired_and_reuses_t
     f.blobs.delete(&cached.blob_key).await.unwrap();
 
     let again = submit(&f, "acme", csv, None).await;
-    run_job(&f, "acme", &again).await;
-    let rerun = f
-        .generations
-        .job_report("acme", &again)
-        .await
-        .unwrap()
-        .unwrap();
+    let rerun = run_to_report(&f, "acme", &again).await;
     assert_eq!(rerun.counts.done, 2, "{:?}", rerun.rows);
     assert_eq!(rerun.counts.reused, 1, "only B2's image is still cached");
     let a1 = rerun.rows.iter().find(|r| r.row == 1).unwrap();
@@ -528,13 +522,7 @@ async fn an_analysis_that_ends_before_its_row_moves_to_checking_still_settles_th
     // No sweep runs, and every analysis ends inside the upload's write, before its row moves:
     // only the hand-over can settle the rows, regenerations included.
     let job_id = submit_local(&f, "acme", None).await;
-    run_job(&f, "acme", &job_id).await;
-    let report = f
-        .generations
-        .job_report("acme", &job_id)
-        .await
-        .unwrap()
-        .unwrap();
+    let report = run_to_report(&f, "acme", &job_id).await;
     assert_eq!(
         (report.counts.done, report.counts.mismatch),
         (2, 1),
@@ -599,13 +587,7 @@ size = "512x512"
 async fn a_row_whose_check_fails_is_regenerated_once_and_then_reported_as_a_mismatch() {
     let f = fixture(Vec::new());
     let job_id = submit_local(&f, "acme", None).await;
-    run_job(&f, "acme", &job_id).await;
-    let report = f
-        .generations
-        .job_report("acme", &job_id)
-        .await
-        .unwrap()
-        .unwrap();
+    let report = run_to_report(&f, "acme", &job_id).await;
     let row = |n: u32| report.rows.iter().find(|r| r.row == n).unwrap().clone();
     assert_eq!(row(1).status, RowStatus::Done);
     assert_eq!(row(1).check.as_ref().unwrap().matches, Some(true));
@@ -1021,13 +1003,7 @@ async fn a_capped_tenant_pays_for_no_image_past_its_cap_and_the_rest_fail_as_set
     });
     let csv = "sku,product\nA1,red lamp\nB2,blue chair\nC3,green vase\nD4,grey desk\n";
     let job_id = submit(&f, "acme", csv, None).await;
-    run_job(&f, "acme", &job_id).await;
-    let report = f
-        .generations
-        .job_report("acme", &job_id)
-        .await
-        .unwrap()
-        .unwrap();
+    let report = run_to_report(&f, "acme", &job_id).await;
     assert_eq!(
         (report.counts.done, report.counts.failed),
         (2, 2),
