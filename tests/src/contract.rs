@@ -1521,8 +1521,15 @@ pub async fn blob_contract(blobs: Arc<dyn BlobStore>) {
     assert_eq!(blobs.size(&empty).await.unwrap(), Some(0));
     assert_eq!(blobs.get(&empty, 0).await.unwrap(), Vec::<u8>::new());
 
+    // What this port writes carries no user metadata; an absent object has none at all.
+    assert_eq!(
+        blobs.metadata(&key).await.unwrap(),
+        Some(Default::default())
+    );
+
     let missing = format!("{dir}/missing.jpg");
     assert_eq!(blobs.size(&missing).await.unwrap(), None);
+    assert_eq!(blobs.metadata(&missing).await.unwrap(), None);
     assert!(matches!(
         blobs.get(&missing, 10).await,
         Err(StoreError::NotFound(_))

@@ -299,6 +299,41 @@ output_key = "products/{sku}.png"
         assert!(out.is_empty());
     }
 
+    #[test]
+    fn a_drop_names_its_webhook_in_its_metadata_and_a_meaningless_value_is_refused() {
+        use sightline_pipeline::generation::{
+            DropOptions, DROP_WEBHOOK_ROWS_META, DROP_WEBHOOK_URL_META,
+        };
+        let meta = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<std::collections::BTreeMap<_, _>>()
+        };
+        assert_eq!(
+            DropOptions::from_metadata(&meta(&[("owner", "ops")])),
+            Ok(DropOptions::default()),
+            "other metadata is not ours"
+        );
+        assert_eq!(
+            DropOptions::from_metadata(&meta(&[
+                (DROP_WEBHOOK_URL_META, " https://hooks.example.com/x "),
+                (DROP_WEBHOOK_ROWS_META, "TRUE"),
+            ])),
+            Ok(DropOptions {
+                webhook_url: Some("https://hooks.example.com/x".into()),
+                webhook_rows: true,
+            })
+        );
+        let no_url = DropOptions::from_metadata(&meta(&[(DROP_WEBHOOK_ROWS_META, "true")]));
+        assert!(no_url.unwrap_err().contains(DROP_WEBHOOK_URL_META));
+        let maybe = DropOptions::from_metadata(&meta(&[
+            (DROP_WEBHOOK_URL_META, "https://hooks.example.com/x"),
+            (DROP_WEBHOOK_ROWS_META, "maybe"),
+        ]));
+        assert!(maybe.unwrap_err().contains("maybe"));
+    }
+
     fn sqs_record(id: &str, body: &str) -> SqsMessage {
         let mut m = SqsMessage::default();
         m.message_id = Some(id.into());

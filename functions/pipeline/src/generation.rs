@@ -10,7 +10,7 @@
 //! per call), whatever happens after; analyses book themselves as usual. A rerun of the same
 //! rows finds every image by its key and pays nothing.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -1359,6 +1359,47 @@ impl DropKey {
     }
 }
 
+/// The S3 user metadata a dropped CSV may carry (`aws s3 cp --metadata webhook-url=…`): the
+/// job's webhook URL, and whether each row is posted too.
+pub const DROP_WEBHOOK_URL_META: &str = "webhook-url";
+pub const DROP_WEBHOOK_ROWS_META: &str = "webhook-rows";
+
+/// A drop's job options, from its object's metadata.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DropOptions {
+    pub webhook_url: Option<String>,
+    pub webhook_rows: bool,
+}
+
+impl DropOptions {
+    /// Unknown metadata is left alone; a value of ours that means nothing is refused.
+    pub fn from_metadata(meta: &BTreeMap<String, String>) -> Result<DropOptions, String> {
+        let webhook_url = meta
+            .get(DROP_WEBHOOK_URL_META)
+            .map(|u| u.trim().to_string())
+            .filter(|u| !u.is_empty());
+        let webhook_rows = match meta.get(DROP_WEBHOOK_ROWS_META).map(|v| v.trim()) {
+            None | Some("") => false,
+            Some(v) if v.eq_ignore_ascii_case("true") => true,
+            Some(v) if v.eq_ignore_ascii_case("false") => false,
+            Some(v) => {
+                return Err(format!(
+                    "metadata {DROP_WEBHOOK_ROWS_META} must be true or false, not {v:?}"
+                ))
+            }
+        };
+        if webhook_rows && webhook_url.is_none() {
+            return Err(format!(
+                "metadata {DROP_WEBHOOK_ROWS_META} needs {DROP_WEBHOOK_URL_META}"
+            ));
+        }
+        Ok(DropOptions {
+            webhook_url,
+            webhook_rows,
+        })
+    }
+}
+
 /// The job id of a dropped object: the same object (key and version) is the same job.
 pub fn drop_job_id(key: &str, version: &str) -> String {
     use sha2::Digest;
@@ -1471,6 +1512,11 @@ impl Generations {
             }
             Err(e) => return Err(e),
         };
+        let meta = self.blobs.metadata(key).await?.unwrap_or_default();
+        let options = match DropOptions::from_metadata(&meta) {
+            Ok(o) => o,
+            Err(e) => return Ok(Err(format!("nothing was paid: {e}"))),
+        };
         let set = match self.templates.load().await {
             Ok(set) => set,
             Err(e) => return Ok(Err(e.to_string())),
@@ -1489,8 +1535,8 @@ impl Generations {
                 tenant: drop.tenant.clone(),
                 template: drop.template.clone(),
                 requests,
-                webhook_url: None,
-                webhook_rows: false,
+                webhook_url: options.webhook_url,
+                webhook_rows: options.webhook_rows,
                 regenerate: None,
                 source: format!("s3:{key}"),
                 job_id: Some(job_id.to_string()),

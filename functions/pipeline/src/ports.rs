@@ -1,6 +1,7 @@
 //! Ports: the small traits the use-cases need. `local` (files + SQLite) and `aws`
 //! (S3, SQS, DynamoDB) adapters implement them; the use-cases know neither.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -45,6 +46,9 @@ pub trait BlobStore: Send + Sync {
     /// Read an object, refusing (StoreError::TooLarge) anything over `max_bytes`.
     async fn get(&self, key: &str, max_bytes: u64) -> StoreResult<Vec<u8>>;
     async fn delete(&self, key: &str) -> StoreResult<()>;
+    /// The user metadata the object was written with (S3's `x-amz-meta-*`, names in lower
+    /// case), or None when it is absent. Objects put through this port have none.
+    async fn metadata(&self, key: &str) -> StoreResult<Option<BTreeMap<String, String>>>;
 }
 
 /// One received queue message.

@@ -13,7 +13,10 @@ use sightline_pipeline::aws::aws_sdk_ssm;
 use sightline_pipeline::aws::generation::GenerationSide;
 use sightline_pipeline::aws::secrets::SsmWebhookSecrets;
 use sightline_pipeline::delivery::{Deliveries, HttpPoster};
-use sightline_pipeline::generation::{drop_receipt_key, Generations, Generators, TemplatesSource};
+use sightline_pipeline::generation::{
+    drop_receipt_key, Generations, Generators, TemplatesSource, DROP_WEBHOOK_ROWS_META,
+    DROP_WEBHOOK_URL_META,
+};
 use sightline_pipeline::ports::{DeliveryStatus, GenerationStore, WebhookSecrets};
 use sightline_pipeline::providers::select::ProviderKeys;
 use sightline_pipeline::reconcile::Reconciler;
@@ -553,14 +556,41 @@ async fn generation_jobs_end_to_end_on_the_emulator() {
     }
     assert_eq!(globex_hook.deliveries().len(), 1, "a 410 stops delivery");
 
-    // The same CSV dropped under generations/: a job of its own that generates nothing,
-    // analyses nothing and pays nothing.
+    // A drop whose metadata means nothing is refused in its receipt, before anything is
+    // stored or paid.
+    let put_drop = |key: &'static str, body: String, meta: Vec<(&'static str, String)>| {
+        let mut put = clients
+            .s3
+            .put_object()
+            .bucket(&bucket)
+            .key(key)
+            .content_type("text/csv")
+            .body(body.into_bytes().into());
+        for (k, v) in meta {
+            put = put.metadata(k, v);
+        }
+        put.send()
+    };
+    let bad_key = "generations/acme/hero/bad metadata.csv";
+    put_drop(
+        bad_key,
+        "sku,product\nX1,a mug\n".into(),
+        vec![(DROP_WEBHOOK_ROWS_META, "maybe".into())],
+    )
+    .await
+    .unwrap();
+
+    // The same CSV dropped under generations/, naming acme's webhook in its metadata: a job
+    // of its own that generates nothing, analyses nothing and pays nothing.
     let images_before = sim.stats().await.images.images;
     let drop_key = "generations/acme/hero/rerun of spring.csv";
-    blobs
-        .put(drop_key, csv.into_bytes(), "text/csv")
-        .await
-        .unwrap();
+    put_drop(
+        drop_key,
+        csv,
+        vec![(DROP_WEBHOOK_URL_META, acme_hook.url.clone())],
+    )
+    .await
+    .unwrap();
     let started = Instant::now();
     let rerun = loop {
         assert!(
@@ -594,4 +624,38 @@ async fn generation_jobs_end_to_end_on_the_emulator() {
     assert_eq!(again.analysis_cost_usd, 0.0);
     assert_eq!(sim.stats().await.images.images, images_before);
     assert!((ledger().await - ledger_total).abs() < 1e-9);
+
+    // The drop's webhook arrives, signed with acme's secret (its receiver answers 200 now).
+    let started = Instant::now();
+    while acme_hook.deliveries().len() < 5 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the drop's webhook did not arrive"
+        );
+        stack.tick(false).await;
+    }
+    let got = acme_hook.deliveries();
+    assert_eq!(got.len(), 5, "one delivery for the drop's job");
+    assert_signed(&got[4..], ACME_SECRET);
+    let summary: serde_json::Value = serde_json::from_slice(&got[4].body).unwrap();
+    assert_eq!(summary["type"], "generation.job.finished");
+    assert_eq!(summary["data"]["job_id"], rerun.as_str());
+
+    let refused: serde_json::Value = serde_json::from_slice(
+        &blobs
+            .get(&drop_receipt_key(bad_key), 1 << 20)
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(refused["status"], "refused", "{refused}");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains(DROP_WEBHOOK_ROWS_META),
+        "{refused}"
+    );
+    let jobs = repo.list_jobs("acme", 10).await.unwrap();
+    assert!(!jobs.iter().any(|j| j.source == format!("s3:{bad_key}")));
 }

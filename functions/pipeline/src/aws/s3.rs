@@ -1,6 +1,9 @@
 //! S3 blob store.
 
+use std::collections::BTreeMap;
+
 use async_trait::async_trait;
+use aws_sdk_s3::operation::head_object::HeadObjectOutput;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::Client;
 
@@ -37,6 +40,23 @@ impl S3BlobStore {
     pub fn bucket(&self) -> &str {
         &self.bucket
     }
+
+    /// HeadObject, or None when the object is absent.
+    async fn head(&self, key: &str) -> StoreResult<Option<HeadObjectOutput>> {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(h) => Ok(Some(h)),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(None),
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => Ok(None),
+            Err(e) => Err(sdk_err("s3 HeadObject", e)),
+        }
+    }
 }
 
 #[async_trait]
@@ -55,19 +75,20 @@ impl BlobStore for S3BlobStore {
     }
 
     async fn size(&self, key: &str) -> StoreResult<Option<u64>> {
-        match self
-            .client
-            .head_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await
-        {
-            Ok(h) => Ok(Some(h.content_length().unwrap_or(0).max(0) as u64)),
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(None),
-            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 404) => Ok(None),
-            Err(e) => Err(sdk_err("s3 HeadObject", e)),
-        }
+        Ok(self
+            .head(key)
+            .await?
+            .map(|h| h.content_length().unwrap_or(0).max(0) as u64))
+    }
+
+    async fn metadata(&self, key: &str) -> StoreResult<Option<BTreeMap<String, String>>> {
+        Ok(self.head(key).await?.map(|h| {
+            h.metadata()
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+                .collect()
+        }))
     }
 
     async fn get(&self, key: &str, max_bytes: u64) -> StoreResult<Vec<u8>> {

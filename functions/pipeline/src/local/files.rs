@@ -1,5 +1,6 @@
 //! Blob store on the local file system (the embedded default).
 
+use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 
 use async_trait::async_trait;
@@ -99,6 +100,10 @@ impl BlobStore for FileBlobStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io_err(key, e)),
         }
+    }
+    /// Files keep no user metadata.
+    async fn metadata(&self, key: &str) -> StoreResult<Option<BTreeMap<String, String>>> {
+        Ok(self.size(key).await?.map(|_| BTreeMap::new()))
     }
 }
 

@@ -492,6 +492,13 @@ impl BlobStore for InstantAnalysis {
     async fn delete(&self, key: &str) -> sightline_pipeline::ports::StoreResult<()> {
         self.files.delete(key).await
     }
+    async fn metadata(
+        &self,
+        key: &str,
+    ) -> sightline_pipeline::ports::StoreResult<Option<std::collections::BTreeMap<String, String>>>
+    {
+        self.files.metadata(key).await
+    }
 }
 
 #[tokio::test]
