@@ -101,6 +101,7 @@ impl BlobStore for FileBlobStore {
             Err(e) => Err(io_err(key, e)),
         }
     }
+
     /// Files keep no user metadata.
     async fn metadata(&self, key: &str) -> StoreResult<Option<BTreeMap<String, String>>> {
         Ok(self.size(key).await?.map(|_| BTreeMap::new()))
