@@ -515,14 +515,15 @@ fn s3_permissions_are_prefix_scoped() {
             "${Bucket.Arn}/generations/templates.toml"
         ]
     );
-    // The functions that read uploads tell a missing one (404) from a forbidden one (403)
-    // only with s3:ListBucket, granted on the bucket itself (no object), by the same name.
+    // The functions that read uploads (and the generate function, cached images that may have
+    // expired) tell a missing one (404) from a forbidden one (403) only with s3:ListBucket,
+    // granted on the bucket itself (no object), by the same name.
     let (_, bucket) = t.of_type("AWS::S3::Bucket")[0];
     let bucket_arn = format!(
         "arn:${{AWS::Partition}}:s3:::{}",
         render(&bucket["Properties"]["BucketName"])
     );
-    for binary in [RESIZE, RECONCILE] {
+    for binary in [RESIZE, RECONCILE, GENERATE] {
         let (id, f) = t.function(binary);
         assert_eq!(
             t.resources_for(f, "s3:ListBucket"),
