@@ -81,6 +81,15 @@ async fn api_call(app: axum::Router, uri: &str, key: Option<&str>) -> (u16, serd
     )
 }
 
+/// The pipeline test's maxReceiveCount. Each delivery of a good image fails with probability
+/// about 0.47 under its fault plan (0.2 5xx + 0.2 429, and a malformed answer's second call),
+/// so with 3 receives a good image ended in the DLQ in about one run in three whenever the
+/// timing of retries changed which image drew the faults. With 12 the chance is about 1e-4 per
+/// image. The poison job still reaches the DLQ (12 redeliveries of about 2 s); the garbage body,
+/// whose redeliveries back off exponentially, gets a queue of its own with 3 receives.
+const MAX_RECEIVES: u32 = 12;
+const GARBAGE_RECEIVES: u32 = 3;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipeline_end_to_end_on_the_emulator() {
     let emu = Emulator::start().await.expect("emulator");
@@ -113,7 +122,16 @@ async fn pipeline_end_to_end_on_the_emulator() {
         &clients.sqs,
         &unique("e2e-analyze-"),
         Duration::from_secs(30),
-        3,
+        MAX_RECEIVES,
+    )
+    .await
+    .unwrap();
+
+    let (garbage_url, garbage_dlq_url) = aws_setup::create_queue_with_dlq(
+        &clients.sqs,
+        &unique("e2e-garbage-"),
+        Duration::from_secs(30),
+        GARBAGE_RECEIVES,
     )
     .await
     .unwrap();
@@ -143,7 +161,7 @@ async fn pipeline_end_to_end_on_the_emulator() {
         claim_lease: Duration::from_secs(5),
         max_concurrency: 1,
         // The analyze queue's maxReceiveCount.
-        max_receives: 3,
+        max_receives: MAX_RECEIVES,
         ..Settings::default()
     });
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
@@ -173,7 +191,12 @@ async fn pipeline_end_to_end_on_the_emulator() {
         settings.clone(),
         clock.clone(),
     );
-    let handler = AnalyzeHandler::new(analyzer, analyze_q.clone(), "analyze");
+    let handler = AnalyzeHandler::new(analyzer.clone(), analyze_q.clone(), "analyze");
+    let garbage_q =
+        Arc::new(SqsQueue::new(clients.sqs.clone(), &garbage_url).with_wait(Duration::ZERO));
+    let garbage_dlq =
+        SqsQueue::new(clients.sqs.clone(), &garbage_dlq_url).with_wait(Duration::ZERO);
+    let garbage_handler = AnalyzeHandler::new(analyzer, garbage_q.clone(), "analyze");
 
     // Uploads: good images under awkward keys, hostile ones, another tenant.
     let good: Vec<(&str, &str)> = vec![
@@ -254,10 +277,8 @@ async fn pipeline_end_to_end_on_the_emulator() {
     .unwrap();
     // And a body that is no job at all: never dropped, it must reach the DLQ too.
     let garbage_body = "{\"this is\": \"not a job\"".to_string();
-    analyze_q
-        .send(vec![poison_body.clone(), garbage_body.clone()])
-        .await
-        .unwrap();
+    analyze_q.send(vec![poison_body.clone()]).await.unwrap();
+    garbage_q.send(vec![garbage_body.clone()]).await.unwrap();
 
     // The harness plays both event source mappings.
     let mut test_events = 0;
@@ -268,10 +289,23 @@ async fn pipeline_end_to_end_on_the_emulator() {
     let mut dead = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(240);
     loop {
-        assert!(
-            Instant::now() < deadline,
-            "pipeline did not settle; jobs seen {jobs_seen:?}"
-        );
+        if Instant::now() >= deadline {
+            let mut states = Vec::new();
+            for (key, _) in &good {
+                let k = id(key);
+                let rec = repo.get_image(&k.tenant, &k.image_id).await.unwrap();
+                states.push((key.to_string(), rec.map(|r| (r.status, r.error))));
+            }
+            let dead_bodies: Vec<&str> = dead
+                .iter()
+                .map(|m: &QueueMessage| m.body.as_str())
+                .collect();
+            panic!(
+                "pipeline did not settle: good images {states:?}; dead letters {dead_bodies:?}; \
+                 failures reported {failures_reported}; jobs seen {:?}",
+                jobs_seen.keys().collect::<Vec<_>>()
+            );
+        }
         // The stuck worker renews its lease.
         repo.claim(
             &poison_key,
@@ -328,6 +362,34 @@ async fn pipeline_end_to_end_on_the_emulator() {
             }
         }
         dead.extend(dlq.receive(10, Duration::from_secs(300)).await.unwrap());
+        let msgs = garbage_q
+            .receive(10, Duration::from_secs(30))
+            .await
+            .unwrap();
+        if !msgs.is_empty() {
+            let resp = garbage_handler
+                .handle(sqs_event(&msgs), None)
+                .await
+                .unwrap();
+            failures_reported += resp.batch_item_failures.len();
+            let failed: BTreeSet<&str> = resp
+                .batch_item_failures
+                .iter()
+                .map(|f| f.item_identifier.as_str())
+                .collect();
+            for m in msgs
+                .iter()
+                .filter(|m| !failed.contains(m.message_id.as_str()))
+            {
+                garbage_q.delete(&m.receipt).await.unwrap();
+            }
+        }
+        dead.extend(
+            garbage_dlq
+                .receive(10, Duration::from_secs(300))
+                .await
+                .unwrap(),
+        );
 
         let mut all_done = !jobs_seen.is_empty();
         for (key, _) in &good {
@@ -358,13 +420,16 @@ async fn pipeline_end_to_end_on_the_emulator() {
     expected_dead.sort();
     assert_eq!(dead_bodies, expected_dead);
     assert!(
-        failures_reported >= 6,
+        failures_reported >= (MAX_RECEIVES + GARBAGE_RECEIVES) as usize,
         "failures reported: {failures_reported}"
     );
     let p = repo.get_image("acme", "poison").await.unwrap().unwrap();
     assert_eq!((p.status, p.result.is_none()), (ImageStatus::Failed, true));
     let why = p.error.unwrap_or_default();
-    assert!(why.contains("gave up after 3 deliveries"), "{why}");
+    assert!(
+        why.contains(&format!("gave up after {MAX_RECEIVES} deliveries")),
+        "{why}"
+    );
 
     // Every good image: exactly one result, one successful provider answer per image.
     let stats = sim.stats().await;
