@@ -145,7 +145,8 @@ impl LocalApp {
                 Mode::Local,
                 resolver.clone(),
             )
-            .with_ingest(ingest.clone()),
+            .with_ingest(ingest.clone())
+            .with_instance(&instance),
         );
         let deliveries = Deliveries {
             store: sqlite_repo.clone(),
@@ -256,7 +257,9 @@ impl LocalApp {
             handler: (*self.generations).clone(),
             workers: self.config.settings.workers,
             batch_size: 1,
-            visibility: self.config.settings.claim_lease,
+            // Hidden as long as its generation claim may be held (a row's worst case with its
+            // limiter waits, and a margin): a row still being made is not received again.
+            visibility: self.config.settings.generation_lease(),
             idle_poll: Duration::from_millis(100),
             on_outcome,
         }

@@ -276,7 +276,7 @@ impl Limiters {
     }
 
     /// Schedule one call of `tokens` no further than `max_wait` away.
-    async fn take(
+    pub(crate) async fn take(
         &self,
         model: &str,
         tokens: u64,
@@ -313,7 +313,7 @@ impl Limiters {
 
     /// What a finished call told us: the tokens the provider counted for it (None: unknown,
     /// the reservation stands) and its rate-limit headers.
-    fn learn(
+    pub(crate) fn learn(
         &self,
         model: &str,
         grant: Grant,
@@ -348,9 +348,39 @@ impl Limiters {
 
     /// The provider said wait: nothing goes to `model` before `until_ms` (for every process
     /// when shared: written at once).
-    async fn block(&self, model: &str, until_ms: u64, now_ms: u64) {
+    pub(crate) async fn block(&self, model: &str, until_ms: u64, now_ms: u64) {
         if !self.limits.is_unlimited() {
             self.apply(model, LimitOp::Block { until_ms }, now_ms).await;
+        }
+    }
+}
+
+/// How often a handling that found its key claimed by another worker looks again.
+const CLAIM_POLL: Duration = Duration::from_millis(250);
+
+/// Take a claim with `take`, and while another worker holds it (`busy` gives the rest of its
+/// lease) look again every [`CLAIM_POLL`] for up to `max_wait`: the holder is usually seconds
+/// from done (the same image uploaded twice, two jobs asking for one picture) while its lease
+/// runs for minutes. What is still busy after that goes back to the queue.
+pub(crate) async fn claim_waiting<T, E, F, Fut>(
+    max_wait: Duration,
+    busy: impl Fn(&T) -> Option<Duration>,
+    mut take: F,
+) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut waited = Duration::ZERO;
+    loop {
+        let claim = take().await?;
+        match busy(&claim) {
+            Some(retry_in) if waited < max_wait => {
+                let step = CLAIM_POLL.min(retry_in).max(Duration::from_millis(1));
+                tokio::time::sleep(step).await;
+                waited += step;
+            }
+            _ => return Ok(claim),
         }
     }
 }
@@ -749,12 +779,20 @@ impl Analyzer {
                 .settings
                 .answer_params_with(model, detail, &prompt.version);
             let key = idempotency_key(scope, &job.sha256, model, &answer);
-            let now = self.clock.now_ms();
-            match self
-                .repo
-                .claim(&key, &owner, self.settings.claim_lease, now)
-                .await?
-            {
+            let claim = claim_waiting(
+                self.settings.max_inline_wait,
+                |c| match c {
+                    Claim::Busy { retry_in } => Some(*retry_in),
+                    _ => None,
+                },
+                || {
+                    let now = self.clock.now_ms();
+                    self.repo
+                        .claim(&key, &owner, self.settings.claim_lease, now)
+                },
+            )
+            .await?;
+            match claim {
                 Claim::Cached(prev) => return self.store_cached(job, *prev).await,
                 Claim::Busy { retry_in } => {
                     return Ok(AnalyzeOutcome::Retry {

@@ -596,12 +596,13 @@ impl Settings {
         chain
     }
 
-    /// The longest one generation message can take: two calls (one in-place retry of an
-    /// unusable answer) per model of the longest chain, and the image's writes. The one
-    /// formula behind the generation claim's lease and the generate Lambda's deadline check.
+    /// The longest one generation message can take: per model of the longest chain, an
+    /// in-place limiter wait and two calls (one in-place retry of an unusable answer), and the
+    /// image's writes. The one formula behind the generation claim's lease and the generate
+    /// Lambda's deadline check.
     pub fn generation_worst_case(&self) -> Duration {
         let models = 1 + self.generation_fallback_models.len() as u32;
-        self.generation_timeout() * 2 * models + RECORD_WRITES
+        (self.generation_timeout() * 2 + self.max_inline_wait) * models + RECORD_WRITES
     }
 
     /// How long a generation claim holds: the worst case plus a margin, so a redelivery

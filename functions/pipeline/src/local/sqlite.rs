@@ -321,8 +321,8 @@ impl SqliteDb {
         .await
     }
 
-    /// Give back what instances that died left behind: their in-flight claims (so the next
-    /// delivery may call the provider at once) and the messages they had received (visible
+    /// Give back what instances that died left behind: their in-flight claims, analysis and
+    /// generation (so the next delivery may call the provider at once) and the messages they had received (visible
     /// again now, not after the visibility timeout). An instance is dead when its process is
     /// gone (it was killed) or its heartbeat is older than `stale_after_ms`. Returns the ids
     /// of the instances recovered.
@@ -353,6 +353,13 @@ impl SqliteDb {
                     let prefix = format!("{id}:%");
                     tx.execute(
                         "DELETE FROM idempotency WHERE state = 'inflight' AND owner LIKE ?1",
+                        params![prefix],
+                    )
+                    .map_err(db_err)?;
+                    // Its generation claims too: an image it was making is not on record, so
+                    // the row's next delivery may generate it at once.
+                    tx.execute(
+                        "DELETE FROM gen_objects WHERE doc IS NULL AND owner LIKE ?1",
                         params![prefix],
                     )
                     .map_err(db_err)?;
@@ -1684,6 +1691,16 @@ mod tests {
             repo.claim("k2", "live:h2", lease, 1_000_000).await.unwrap(),
             Claim::Acquired
         );
+        // Generation claims: an image the dead process was making, one the live one is.
+        use crate::ports::{GenClaim, GenerationStore};
+        for (key, owner) in [("g1", "dead:h5"), ("g2", "live:h6")] {
+            assert_eq!(
+                repo.claim_generation("acme", key, owner, lease, 1_000_000)
+                    .await
+                    .unwrap(),
+                GenClaim::Acquired
+            );
+        }
         let gone = db
             .recover_dead_instances("live", 1_000_100, 30_000)
             .await
@@ -1697,6 +1714,18 @@ mod tests {
         assert!(matches!(
             repo.claim("k2", "live:h4", lease, 1_000_200).await.unwrap(),
             Claim::Busy { .. }
+        ));
+        assert_eq!(
+            repo.claim_generation("acme", "g1", "live:h7", lease, 1_000_200)
+                .await
+                .unwrap(),
+            GenClaim::Acquired
+        );
+        assert!(matches!(
+            repo.claim_generation("acme", "g2", "live:h8", lease, 1_000_200)
+                .await
+                .unwrap(),
+            GenClaim::Busy { .. }
         ));
         // Its received message is visible again at once, not after 300 s.
         clock.0.store(1_000_200, Ordering::SeqCst);

@@ -410,6 +410,78 @@ async fn a_job_generates_checks_and_books_every_row_once_and_a_rerun_pays_nothin
     assert!((theirs.generation_cost_usd - per_image).abs() < 1e-9);
 }
 
+/// A job of more rows than the images-per-minute limit lets through at once: each row waits
+/// for its slot in hand (as analyses do) instead of going back to the queue, where every
+/// denial spent one of its few deliveries and a large job failed most rows "gave up".
+#[tokio::test]
+async fn rows_beyond_the_images_per_minute_limit_wait_for_their_slot_instead_of_failing() {
+    let f = fixture_with(Vec::new(), |s| {
+        // 10 images a second, a burst of 5; two deliveries per row.
+        s.generation_ipm = 600;
+        s.max_receives = 2;
+    });
+    let mut csv = String::from("sku,product\n");
+    for i in 0..15 {
+        csv.push_str(&format!("S{i},lamp number {i}\n"));
+    }
+    let began = std::time::Instant::now();
+    let job_id = submit(&f, "acme", &csv, None).await;
+    let report = run_to_report(&f, "acme", &job_id).await;
+    assert_eq!(report.counts.done, 15, "{:?}", report.rows);
+    assert_eq!(report.counts.failed, 0);
+    assert_eq!(f.paid.calls.load(Ordering::SeqCst), 15, "one call per row");
+    // The limit held: past the burst, the other ten images came at 10 a second.
+    assert!(
+        began.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        began.elapsed()
+    );
+}
+
+/// Two jobs asking for the same image at once (a rerun started while the first still runs):
+/// the row that finds the other's claim waits for it in hand and goes on the moment it is let
+/// go, instead of going back to the queue until the claim's lease (minutes) runs out.
+#[tokio::test]
+async fn a_row_that_finds_its_image_being_made_waits_for_it_in_hand_not_for_the_lease() {
+    let f = fixture(Vec::new());
+    let job_id = submit(&f, "acme", "sku,product\nA1,red lamp\n", None).await;
+    let row = f.repo.get_row("acme", &job_id, 1).await.unwrap().unwrap();
+    let key = row.current_request().idempotency_key();
+    // Another worker holds the image's claim for the whole lease.
+    let lease = f.settings.generation_lease();
+    let now = SystemClock.now_ms();
+    assert_eq!(
+        f.repo
+            .claim_generation("acme", &key, "other:worker", lease, now)
+            .await
+            .unwrap(),
+        sightline_pipeline::ports::GenClaim::Acquired
+    );
+    let msg = f
+        .generate_queue
+        .receive(1, Duration::from_secs(30))
+        .await
+        .unwrap()
+        .remove(0);
+    let let_go = {
+        let repo = f.repo.clone();
+        let key = key.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            repo.release_generation("acme", &key, "other:worker")
+                .await
+                .unwrap();
+        })
+    };
+    let began = std::time::Instant::now();
+    let out = f.generations.handle(&msg.body, msg.receive_count).await;
+    let_go.await.unwrap();
+    assert!(matches!(out, GenerateOutcome::Generated { .. }), "{out:?}");
+    assert!(began.elapsed() >= Duration::from_millis(500));
+    assert!(began.elapsed() < lease, "{:?}", began.elapsed());
+    assert_eq!(f.paid.calls.load(Ordering::SeqCst), 1);
+}
+
 #[tokio::test]
 async fn a_rerun_generates_again_an_image_whose_cached_copy_expired_and_reuses_the_rest() {
     let f = fixture(Vec::new());
