@@ -559,7 +559,7 @@ impl Generations {
                     // an analysis it gets one more call in place, then it is permanent.
                     if e.billed && generator.is_paid() {
                         let cost = self.book(row, owner, model, req, true, None, Some(e)).await;
-                        self.add_wasted(row, cost).await?;
+                        self.add_cost(row, cost).await?;
                     }
                     warn!(model, error = %e.message, "unusable image answer; asking once more");
                     answer = generator.generate(&call).await;
@@ -579,6 +579,9 @@ impl Generations {
                             None,
                         )
                         .await;
+                    // On its row at once: a kill between the two writes is the only way the
+                    // ledger can hold a call its job does not show.
+                    self.add_cost(row, cost).await?;
                     // Booked: the money now counts on the ledger, not in the hold.
                     self.settle_budget(&row.tenant, hold.as_ref()).await;
                     let object = self
@@ -595,7 +598,7 @@ impl Generations {
                         let cost = self
                             .book(row, owner, model, req, true, None, Some(&e))
                             .await;
-                        self.add_wasted(row, cost).await?;
+                        self.add_cost(row, cost).await?;
                     }
                     self.settle_budget(&row.tenant, hold.as_ref()).await;
                     match classify(&e.kind) {
@@ -803,9 +806,9 @@ impl Generations {
         cost
     }
 
-    /// Put money of a billed call that gave no image on its row, so the row's cost (and the
-    /// job's) equals what the ledger booked for it.
-    async fn add_wasted(&self, row: &GenerationRow, cost_usd: f64) -> StoreResult<()> {
+    /// Put the money of a booked call on its row (right after the booking, whether the call
+    /// gave an image or not), so the row's cost, and the job's, equals what the ledger booked.
+    async fn add_cost(&self, row: &GenerationRow, cost_usd: f64) -> StoreResult<()> {
         if cost_usd == 0.0 {
             return Ok(());
         }
@@ -951,9 +954,6 @@ impl Generations {
         next.image_id = Some(image_id.clone());
         next.output_key = Some(output_key);
         next.reused = reused;
-        if !reused {
-            next.generation_cost_usd += object.cost_usd;
-        }
         next.updated_at = now;
         if !self
             .store
