@@ -44,7 +44,7 @@ pub const MODEL: &str = "gpt-4.1-mini";
 /// Key the simulator accepts and serve sends.
 const SIM_KEY: &str = "sk-fault-run";
 /// Key of serve's API for the local tenant.
-const API_KEY: &str = "fault-run-key";
+pub(crate) const API_KEY: &str = "fault-run-key";
 /// The local runtime's queue name (table `queue`, column `queue`).
 const QUEUE: &str = "analyze";
 
@@ -362,9 +362,10 @@ impl Run {
 // serve
 // ---------------------------------------------------------------------------------------------
 
-struct Serve {
+/// A `sightline serve` process the run starts, kills and restarts on one data dir and port.
+pub(crate) struct Serve {
     bin: PathBuf,
-    port: u16,
+    pub(crate) port: u16,
     data_dir: PathBuf,
     log: PathBuf,
     env: Vec<(String, String)>,
@@ -375,6 +376,25 @@ struct Serve {
 }
 
 impl Serve {
+    pub(crate) fn new(
+        bin: PathBuf,
+        port: u16,
+        data_dir: PathBuf,
+        log: PathBuf,
+        env: Vec<(String, String)>,
+    ) -> Serve {
+        Serve {
+            bin,
+            port,
+            data_dir,
+            log,
+            env,
+            child: Mutex::new(None),
+            starts: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+        }
+    }
+
     fn spawn(&self) -> anyhow::Result<Child> {
         let n = self.starts.fetch_add(1, Ordering::SeqCst) + 1;
         let mut log = OpenOptions::new()
@@ -404,7 +424,7 @@ impl Serve {
     }
 
     /// Start serve and wait until `GET /v1/health` answers; retried a few times.
-    async fn start(&self, http: &reqwest::Client) -> anyhow::Result<Duration> {
+    pub(crate) async fn start(&self, http: &reqwest::Client) -> anyhow::Result<Duration> {
         let began = Instant::now();
         let health = format!("http://127.0.0.1:{}/v1/health", self.port);
         for _attempt in 0..5 {
@@ -455,7 +475,7 @@ impl Serve {
     }
 
     /// SIGKILL (std's `Child::kill` on unix) and reap.
-    fn kill(&self) -> bool {
+    pub(crate) fn kill(&self) -> bool {
         let mut g = lock(&self.child);
         match g.take() {
             Some(mut c) => {
@@ -468,7 +488,7 @@ impl Serve {
     }
 
     /// Kill for good: later starts fail.
-    fn shutdown(&self) {
+    pub(crate) fn shutdown(&self) {
         self.closed.store(true, Ordering::SeqCst);
         self.kill();
     }
@@ -480,7 +500,7 @@ impl Drop for Serve {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
     Ok(l.local_addr()?.port())
 }
@@ -1187,16 +1207,13 @@ pub async fn run(opts: Options) -> anyhow::Result<bool> {
         .timeout(Duration::from_secs(30))
         .pool_max_idle_per_host(opts.uploaders + 4)
         .build()?;
-    let serve = Serve {
-        bin: bin.clone(),
+    let serve = Serve::new(
+        bin.clone(),
         port,
-        data_dir: data_dir.clone(),
-        log: log.clone(),
-        env: env.clone(),
-        child: Mutex::new(None),
-        starts: AtomicUsize::new(0),
-        closed: AtomicBool::new(false),
-    };
+        data_dir.clone(),
+        log.clone(),
+        env.clone(),
+    );
     serve.start(&http).await?;
     eprintln!(
         "fault-run: serve on 127.0.0.1:{port} (data {}), simulator at {}; {n} images, {kills_planned} kills, seed {}",
@@ -2113,7 +2130,7 @@ fn evaluate(x: &Inputs<'_>) -> Report {
 }
 
 /// WARN/ERROR lines of serve's log, counted by message (timestamps, fields and colours cut).
-fn log_summary(path: &Path) -> (u64, u64, Vec<(String, u64)>) {
+pub(crate) fn log_summary(path: &Path) -> (u64, u64, Vec<(String, u64)>) {
     let Ok(text) = std::fs::read_to_string(path) else {
         return (0, 0, Vec::new());
     };

@@ -7,5 +7,6 @@ pub mod contract;
 pub mod emulator;
 pub mod fault_run;
 pub mod fault_run_aws;
+pub mod gen_fault_run;
 pub mod sim;
 pub mod webhook_receiver;

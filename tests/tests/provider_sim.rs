@@ -1934,6 +1934,8 @@ mod images {
         assert_eq!(stats.images.images, 3);
         assert_eq!(stats.images.output_tokens, 3 * 408);
         assert_eq!(stats.images.per_model["gpt-image-1"], 3);
+        assert_eq!(stats.images.billed, 3);
+        assert_eq!(stats.images.usable_per_prompt[prompt], 3);
         assert_eq!(stats.requests, 0, "image calls are not vision calls");
     }
 
@@ -2011,7 +2013,11 @@ mod images {
         assert!(e.billed);
         // The usage was reported with the bad image, so it is booked at its tokens.
         assert_eq!(e.usage.map(|u| u.output_tokens), Some(1584));
-        assert_eq!(sim.stats().await.images.images, 0);
+        let stats = sim.stats().await;
+        assert_eq!(stats.images.images, 0);
+        // Paid all the same, and not counted as a usable image of its prompt.
+        assert_eq!(stats.images.billed, 1);
+        assert!(stats.images.usable_per_prompt.is_empty());
     }
 
     #[tokio::test]

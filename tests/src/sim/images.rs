@@ -68,6 +68,13 @@ pub struct ImageStats {
     pub output_tokens: u64,
     /// Images answered per model.
     pub per_model: BTreeMap<String, u64>,
+    /// Every 200 on either route, usable or not (a cut body or a picture that does not
+    /// decode is paid all the same): what the provider bills for.
+    #[serde(default)]
+    pub billed: u64,
+    /// Usable images answered per prompt: how often a request was paid for in full.
+    #[serde(default)]
+    pub usable_per_prompt: BTreeMap<String, u64>,
 }
 
 /// Whether a Bedrock model id is an image model this module answers.
@@ -424,11 +431,13 @@ pub(super) async fn handle(
         let s = &mut g.stats.images;
         s.input_tokens += billed_tokens.0;
         s.output_tokens += billed_tokens.1;
+        s.billed += 1;
         match fault {
             Some(f) => g.stats.faults.bump(f),
             None => {
                 s.images += 1;
                 *s.per_model.entry(call.model.clone()).or_default() += 1;
+                *s.usable_per_prompt.entry(call.prompt.clone()).or_default() += 1;
             }
         }
     }
