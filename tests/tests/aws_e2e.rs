@@ -280,6 +280,23 @@ async fn pipeline_end_to_end_on_the_emulator() {
     analyze_q.send(vec![poison_body.clone()]).await.unwrap();
     garbage_q.send(vec![garbage_body.clone()]).await.unwrap();
 
+    // The stuck worker renews its short lease the whole time, beside the handlers (which wait
+    // in place for a busy claim, up to max_inline_wait, before handing the job back).
+    let stuck_worker = {
+        let (repo, clock, key) = (repo.clone(), clock.clone(), poison_key.clone());
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = repo
+                    .claim(&key, "stuck-worker", Duration::from_secs(2), clock.now_ms())
+                    .await
+                {
+                    eprintln!("the stuck worker could not renew its claim: {e}");
+                }
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        })
+    };
+
     // The harness plays both event source mappings.
     let mut test_events = 0;
     let mut upload_keys_seen = BTreeSet::new();
@@ -306,16 +323,6 @@ async fn pipeline_end_to_end_on_the_emulator() {
                 jobs_seen.keys().collect::<Vec<_>>()
             );
         }
-        // The stuck worker renews its lease.
-        repo.claim(
-            &poison_key,
-            "stuck-worker",
-            Duration::from_secs(2),
-            clock.now_ms(),
-        )
-        .await
-        .unwrap();
-
         for m in notif_q.receive(10, Duration::from_secs(30)).await.unwrap() {
             if m.body.contains("s3:TestEvent") {
                 test_events += 1;
@@ -402,6 +409,7 @@ async fn pipeline_end_to_end_on_the_emulator() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    stuck_worker.abort();
 
     // Only uploads triggered the resize function; the test event came first and was skipped.
     assert!(test_events >= 1);

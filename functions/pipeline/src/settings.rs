@@ -1031,7 +1031,7 @@ pub const SETTINGS: &[SettingDef] = &[
         env: "SIGHTLINE_MAX_INLINE_WAIT_MS",
         flag: false,
         applies: Applies::Everywhere,
-        help: "longest limiter wait done in place; longer waits go back to the queue",
+        help: "longest wait done in place for a limiter slot or another worker's claim; longer waits go back to the queue",
         apply: |s, v| {
             s.max_inline_wait = Duration::from_millis(num(v)?);
             Ok(())
