@@ -276,7 +276,7 @@ impl Limiters {
     }
 
     /// Schedule one call of `tokens` no further than `max_wait` away.
-    pub(crate) async fn take(
+    async fn take(
         &self,
         model: &str,
         tokens: u64,
@@ -348,11 +348,42 @@ impl Limiters {
 
     /// The provider said wait: nothing goes to `model` before `until_ms` (for every process
     /// when shared: written at once).
-    pub(crate) async fn block(&self, model: &str, until_ms: u64, now_ms: u64) {
+    async fn block(&self, model: &str, until_ms: u64, now_ms: u64) {
         if !self.limits.is_unlimited() {
             self.apply(model, LimitOp::Block { until_ms }, now_ms).await;
         }
     }
+
+    /// Take a slot of `model`'s limit for `tokens` and wait for it, when it is at most
+    /// `max_wait` away: a job waits in hand instead of going back to the queue, where each
+    /// denial would spend one of its deliveries.
+    pub(crate) async fn wait_for_slot(
+        &self,
+        model: &str,
+        tokens: u64,
+        max_wait: Duration,
+        clock: &dyn Clock,
+    ) -> Result<Grant, Denied> {
+        let grant = self.take(model, tokens, clock.now_ms(), max_wait).await?;
+        let wait = grant.wait(clock.now_ms());
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        Ok(grant)
+    }
+
+    /// A 429: nothing goes to `model` before its Retry-After (1 s when it named none).
+    pub(crate) async fn throttled(&self, model: &str, retry_after: Option<Duration>, now_ms: u64) {
+        let wait = retry_after.unwrap_or(Duration::from_secs(1));
+        let until = now_ms.saturating_add(wait.as_millis() as u64);
+        self.block(model, until, now_ms).await;
+    }
+}
+
+/// The wait before a job the limit denied comes back, spread so that the instances all denied
+/// by one full limit do not come back at once.
+pub(crate) fn spread_limit_wait(wait: Duration) -> Duration {
+    wait.mul_f64(1.0 + 0.2 * jitter())
 }
 
 /// How often a handling that found its key claimed by another worker looks again.
@@ -1211,8 +1242,7 @@ impl Analyzer {
                 return (step, wasted);
             }
             Err(Denied::Wait(d)) => {
-                // Spread instances that all hit the same limit.
-                let spread = d.mul_f64(1.0 + 0.2 * jitter());
+                let spread = spread_limit_wait(d);
                 let which = if self.limiters.is_shared() {
                     "shared"
                 } else {
@@ -1344,15 +1374,10 @@ impl Analyzer {
         if !self.provider.is_paid() {
             return Ok(None);
         }
-        let now = self.clock.now_ms();
         let grant = self
             .limiters
-            .take(model, tokens, now, self.settings.max_inline_wait)
+            .wait_for_slot(model, tokens, self.settings.max_inline_wait, &*self.clock)
             .await?;
-        let wait = grant.wait(self.clock.now_ms());
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
-        }
         Ok(Some(grant))
     }
 
@@ -1388,9 +1413,7 @@ impl Analyzer {
                 {
                     let throttled = crate::metrics::Metric::ProviderThrottles;
                     self.metrics.record(throttled, Some(model), 1.0);
-                    let wait = retry_after.unwrap_or(Duration::from_secs(1));
-                    let until = now.saturating_add(wait.as_millis() as u64);
-                    self.limiters.block(model, until, now).await;
+                    self.limiters.throttled(model, *retry_after, now).await;
                 }
             }
         }

@@ -29,7 +29,7 @@ use sightline_core::retry::{classify, retry_delay, FailureKind, RetryClass};
 use tracing::{debug, info, warn};
 
 use crate::analyze::{
-    budget_wait, caps_for, claim_waiting, Limiters, BUDGET_EXCEEDED, BUDGET_WAIT,
+    budget_wait, caps_for, claim_waiting, spread_limit_wait, Limiters, BUDGET_EXCEEDED, BUDGET_WAIT,
 };
 use crate::ingest::Ingest;
 use crate::metrics::{no_metrics, observe_spend, Recorder};
@@ -525,16 +525,19 @@ impl Generations {
                 }
                 Err(e) => return self.fail_row_now(row, &e).await,
             };
-            let grant = match self.reserve(model).await {
+            let grant = match self
+                .limiters
+                .wait_for_slot(model, 0, self.settings.max_inline_wait, &*self.clock)
+                .await
+            {
                 Ok(grant) => grant,
                 Err(Denied::Wait(d)) => {
                     if has_fallback {
                         last_retry = Some((d, format!("rate limit for {model}")));
                         continue;
                     }
-                    // Spread the rows that all wait for the same limit.
                     return Ok(GenerateOutcome::Retry {
-                        delay: d.mul_f64(1.0 + 0.2 * rand::random::<f64>()),
+                        delay: spread_limit_wait(d),
                         reason: format!("local rate limit for {model}"),
                     });
                 }
@@ -708,22 +711,6 @@ impl Generations {
         }
     }
 
-    /// Take a slot of the image model's limit and wait for it when it is at most
-    /// `max_inline_wait` away (as analyses do): a row waits in hand instead of going back to
-    /// the queue, where every denial would spend one of its deliveries.
-    async fn reserve(&self, model: &str) -> Result<Grant, Denied> {
-        let now = self.clock.now_ms();
-        let grant = self
-            .limiters
-            .take(model, 0, now, self.settings.max_inline_wait)
-            .await?;
-        let wait = grant.wait(self.clock.now_ms());
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
-        }
-        Ok(grant)
-    }
-
     /// Tell the limit what the call showed: its rate-limit headers, and a 429's Retry-After
     /// (nothing goes to the model before it).
     async fn finish(
@@ -745,9 +732,7 @@ impl Generations {
                     retry_after,
                 } = &e.kind
                 {
-                    let wait = retry_after.unwrap_or(Duration::from_secs(1));
-                    let until = now.saturating_add(wait.as_millis() as u64);
-                    self.limiters.block(model, until, now).await;
+                    self.limiters.throttled(model, *retry_after, now).await;
                 }
             }
         }
