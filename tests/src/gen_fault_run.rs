@@ -32,6 +32,9 @@ use clap::Parser;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
+use sightline_core::generate::{
+    plan_job, Limits as JobLimits, RowsInput, TemplateSet, TemplateSpec,
+};
 use sightline_core::webhook::{ReceivedHeaders, WebhookSecret, DEFAULT_TOLERANCE};
 
 use crate::fault_run::{billed_calls, free_port, log_summary, Invariant, Serve, API_KEY};
@@ -227,24 +230,41 @@ pub fn plan_rows(o: &Options) -> Vec<(Value, Expect)> {
         .collect()
 }
 
-/// The prompt a row renders to (what the simulator counts images by).
+/// The jobs' inline template.
+fn template() -> TemplateSpec {
+    TemplateSpec {
+        prompt: Some(PROMPT.into()),
+        model: Some(IMAGE_MODEL.into()),
+        size: Some("1024x1024".into()),
+        quality: Some("low".into()),
+        output_key: Some("products/{sku}.png".into()),
+        ..TemplateSpec::default()
+    }
+}
+
+/// The prompt a row renders to, by the renderer serve uses (what the simulator counts images
+/// by); empty when the row does not render.
 pub fn prompt_of(row: &Value) -> String {
-    let var = |k: &str| row.get(k).and_then(Value::as_str).unwrap_or("").to_string();
-    PROMPT
-        .replace("{product}", &var("product"))
-        .replace("{colour}", &var("colour"))
+    let Ok(set) = TemplateSet::inline(&template()) else {
+        return String::new();
+    };
+    let rows = json!([row]).to_string();
+    plan_job(
+        &set,
+        None,
+        RowsInput::Json(rows.as_bytes()),
+        &JobLimits::default(),
+    )
+    .ok()
+    .and_then(|mut requests| requests.pop())
+    .map(|request| request.prompt)
+    .unwrap_or_default()
 }
 
 /// The job's JSON body: the inline template, the rows, the webhook.
 fn job_body(rows: &[(Value, Expect)], webhook_url: &str) -> Value {
     json!({
-        "template": {
-            "prompt": PROMPT,
-            "model": IMAGE_MODEL,
-            "size": "1024x1024",
-            "quality": "low",
-            "output_key": "products/{sku}.png",
-        },
+        "template": template(),
         "rows": rows.iter().map(|(r, _)| r.clone()).collect::<Vec<_>>(),
         "webhook_url": webhook_url,
     })
