@@ -322,10 +322,10 @@ impl SqliteDb {
     }
 
     /// Give back what instances that died left behind: their in-flight claims, analysis and
-    /// generation (so the next delivery may call the provider at once) and the messages they had received (visible
-    /// again now, not after the visibility timeout). An instance is dead when its process is
-    /// gone (it was killed) or its heartbeat is older than `stale_after_ms`. Returns the ids
-    /// of the instances recovered.
+    /// generation (so the next delivery may call the provider at once), and the messages they
+    /// had received (visible again now, not after the visibility timeout). An instance is dead
+    /// when its process is gone (it was killed) or its heartbeat is older than
+    /// `stale_after_ms`. Returns the ids of the instances recovered.
     pub async fn recover_dead_instances(
         &self,
         me: &str,
